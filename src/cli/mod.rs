@@ -1,0 +1,55 @@
+//! The command line: one file per command group. Each parses its flags into a
+//! typed configuration and calls the library; nothing here does the work itself.
+
+mod node;
+mod proto;
+
+use clap::{Parser, Subcommand};
+
+/// sgl: an open confidential inference grid.
+///
+/// A node proves with hardware evidence that it runs inside an enclave, serves
+/// chat completions from an in-process engine and seals every reply end to end.
+#[derive(Debug, Parser)]
+#[command(name = "sgl", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    /// More log output (-v info, -vv debug, -vvv trace). RUST_LOG overrides it.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run and manage a node: identity, keys, serving.
+    #[command(subcommand)]
+    Node(node::NodeCommand),
+    /// The SGL wire protocol: self-tests of the E2E crypto.
+    #[command(subcommand)]
+    Proto(proto::ProtoCommand),
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Node(cmd) => node::run(cmd),
+        Command::Proto(cmd) => proto::run(cmd),
+    }
+}
+
+/// Logs go to stderr; stdout is for the command's output.
+pub fn init_tracing(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

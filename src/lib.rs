@@ -1,0 +1,25 @@
+//! `sgl`: an open confidential inference grid.
+//!
+//! The library holds every room of the house; the `sgl` binary (`src/main.rs`,
+//! `src/cli/`) is a thin command line over it. See DESIGN.md for the map.
+//!
+//! - [`proto`]: the SGL wire protocol and its E2E crypto, as a pure library.
+//! - [`attest`]: TEE evidence sources and the verifier.
+//! - [`engine`]: in-process inference (candle) with continuous batching.
+//! - [`node`]: the node agent: identity files, job runner, local server.
+//! - [`coordinator`]: registry, router, relay, billing (feature `coordinator`).
+//! - [`payments`]: x402, MPP, credits and wallet auth.
+//! - [`compute`]: the Machines API and pay-per-request code (feature `compute-plane`).
+//! - [`store`]: database access, SQLite and PostgreSQL.
+#![deny(unsafe_code)]
+
+pub mod attest;
+#[cfg(feature = "compute-plane")]
+pub mod compute;
+#[cfg(feature = "coordinator")]
+pub mod coordinator;
+pub mod engine;
+pub mod node;
+pub mod payments;
+pub mod proto;
+pub mod store;

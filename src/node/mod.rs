@@ -1,0 +1,4 @@
+//! The node agent: identity files and config, the job runner (unseal → engine
+//! → seal → sign → post), the local OpenAI server and the systemd service.
+//!
+//! Takes its listener and shutdown from outside; never falls back to plaintext.
