@@ -64,4 +64,9 @@ pub enum ProtoError {
     NotJsonObject,
     #[error("invalid keypair file: {0}")]
     Keypair(&'static str),
+    #[error("request nonce must be 1 to {max} base58 characters")]
+    BadRequestNonce { max: usize },
+    /// A state the code rules out; kept as an error rather than a panic.
+    #[error("internal error: {0}")]
+    Unreachable(&'static str),
 }

@@ -7,8 +7,13 @@
 //! point has a `_with_rng` twin). Every decoder is total: it checks size caps
 //! first, returns a typed [`ProtoError`], and never panics on peer input.
 
+pub mod api;
 pub mod b58;
+pub mod e2e;
+pub mod envelope;
 mod error;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod identity;
 pub mod openai;
 
