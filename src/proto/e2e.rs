@@ -43,8 +43,14 @@ const NONCE_LEN: usize = 24;
 const TAG_LEN: usize = 16;
 /// nonce(24) ‖ tag(16): the smallest blob that can be genuine.
 pub const MIN_BLOB_LEN: usize = NONCE_LEN + TAG_LEN;
-/// A sealed input or output `ciphertext` string over this is refused before decoding.
-pub const MAX_CIPHERTEXT_CHARS: usize = 8 * 1024 * 1024;
+/// The protocol's cap on a sealed `ciphertext` string (§3.7): 8 MiB of b58.
+pub const PROTOCOL_MAX_CIPHERTEXT_CHARS: usize = 8 * 1024 * 1024;
+/// The cap sgl enforces before decoding a sealed input or output, stricter
+/// than the protocol's (sgl choice). base58 decoding is quadratic: at the
+/// protocol's 8 MiB one request would cost minutes of CPU, at 512 KiB it costs
+/// about two seconds at worst. 512 KiB of b58 is about 375 KB of payload,
+/// roughly 90,000 tokens, more than the context of any model served.
+pub const MAX_CIPHERTEXT_CHARS: usize = 512 * 1024;
 /// A stream chunk `ciphertext` string over this is refused (§3.7).
 pub const MAX_CHUNK_CIPHERTEXT_CHARS: usize = 256_000;
 /// The longest request nonce accepted (the SDKs send b58 of 16 bytes, ≤ 22 chars).
@@ -147,10 +153,21 @@ impl AeadKey {
         Ok(AeadKey(okm))
     }
 
-    fn seal_with_nonce(&self, nonce: &[u8; NONCE_LEN], plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, ProtoError> {
+    fn seal_with_nonce(
+        &self,
+        nonce: &[u8; NONCE_LEN],
+        plaintext: &[u8],
+        aad: &[u8],
+    ) -> Result<Vec<u8>, ProtoError> {
         let cipher = XChaCha20Poly1305::new(self.0.as_ref().into());
         let ct = cipher
-            .encrypt(XNonce::from_slice(nonce), Payload { msg: plaintext, aad })
+            .encrypt(
+                XNonce::from_slice(nonce),
+                Payload {
+                    msg: plaintext,
+                    aad,
+                },
+            )
             .map_err(|_| ProtoError::Unreachable("AEAD seal"))?;
         let mut blob = Vec::with_capacity(NONCE_LEN + ct.len());
         blob.extend_from_slice(nonce);
@@ -158,7 +175,12 @@ impl AeadKey {
         Ok(blob)
     }
 
-    fn seal<R: RngCore + CryptoRng>(&self, rng: &mut R, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, ProtoError> {
+    fn seal<R: RngCore + CryptoRng>(
+        &self,
+        rng: &mut R,
+        plaintext: &[u8],
+        aad: &[u8],
+    ) -> Result<Vec<u8>, ProtoError> {
         let mut nonce = [0u8; NONCE_LEN];
         rng.fill_bytes(&mut nonce);
         self.seal_with_nonce(&nonce, plaintext, aad)
@@ -166,7 +188,11 @@ impl AeadKey {
 
     fn open(&self, blob: &[u8], aad: &[u8]) -> Result<Zeroizing<Vec<u8>>, ProtoError> {
         if blob.len() < MIN_BLOB_LEN {
-            return Err(ProtoError::TooShort { what: "sealed blob", min: MIN_BLOB_LEN, got: blob.len() });
+            return Err(ProtoError::TooShort {
+                what: "sealed blob",
+                min: MIN_BLOB_LEN,
+                got: blob.len(),
+            });
         }
         let (nonce, ct) = blob.split_at(NONCE_LEN);
         let cipher = XChaCha20Poly1305::new(self.0.as_ref().into());
@@ -196,9 +222,17 @@ pub fn output_aad(resp_b58: &str, eph_b58: &str) -> String {
 }
 
 /// `sgl-aad/v2/stream|resp={resp}|eph={eph}|nonce={nonce}|seq={seq}|final={0|1}`
-pub fn stream_aad(resp_b58: &str, eph_b58: &str, request_nonce: &str, seq: u64, is_final: bool) -> String {
+pub fn stream_aad(
+    resp_b58: &str,
+    eph_b58: &str,
+    request_nonce: &str,
+    seq: u64,
+    is_final: bool,
+) -> String {
     let f = if is_final { 1 } else { 0 };
-    format!("sgl-aad/v2/stream|resp={resp_b58}|eph={eph_b58}|nonce={request_nonce}|seq={seq}|final={f}")
+    format!(
+        "sgl-aad/v2/stream|resp={resp_b58}|eph={eph_b58}|nonce={request_nonce}|seq={seq}|final={f}"
+    )
 }
 
 fn random_secret<R: RngCore + CryptoRng>(rng: &mut R) -> StaticSecret {
@@ -210,7 +244,11 @@ fn random_secret<R: RngCore + CryptoRng>(rng: &mut R) -> StaticSecret {
 fn decode_blob(s: &str, max_chars: usize) -> Result<Vec<u8>, ProtoError> {
     let blob = b58::decode_vec(s, "ciphertext", max_chars)?;
     if blob.len() < MIN_BLOB_LEN {
-        return Err(ProtoError::TooShort { what: "sealed blob", min: MIN_BLOB_LEN, got: blob.len() });
+        return Err(ProtoError::TooShort {
+            what: "sealed blob",
+            min: MIN_BLOB_LEN,
+            got: blob.len(),
+        });
     }
     Ok(blob)
 }
@@ -224,7 +262,9 @@ pub fn check_request_nonce(nonce: &str) -> Result<(), ProtoError> {
     if ok {
         Ok(())
     } else {
-        Err(ProtoError::BadRequestNonce { max: MAX_REQUEST_NONCE_CHARS })
+        Err(ProtoError::BadRequestNonce {
+            max: MAX_REQUEST_NONCE_CHARS,
+        })
     }
 }
 
@@ -253,14 +293,19 @@ impl ResponseKey {
     pub fn open_output(&self, sealed: &SealedResult) -> Result<Zeroizing<Vec<u8>>, ProtoError> {
         Algorithm::V2.expect(sealed.algorithm.as_deref())?;
         let blob = match sealed.encoding.as_deref() {
-            None | Some("b58") | Some("base58") => decode_blob(&sealed.ciphertext, MAX_CIPHERTEXT_CHARS)?,
+            None | Some("b58") | Some("base58") => {
+                decode_blob(&sealed.ciphertext, MAX_CIPHERTEXT_CHARS)?
+            }
             Some("base64") => decode_canonical_base64(&sealed.ciphertext, MAX_CIPHERTEXT_CHARS)?,
             Some(other) => return Err(ProtoError::UnsupportedEncoding(truncate(other))),
         };
         let eph = X25519Public::from_b58(&sealed.ephemeral_public_key)?;
         let key = AeadKey::agree(&self.secret, &eph, HKDF_INFO_OUTPUT)?;
         // The sender re-encodes the decoded keys: canonical b58 of both.
-        key.open(&blob, output_aad(&self.public.to_b58(), &eph.to_b58()).as_bytes())
+        key.open(
+            &blob,
+            output_aad(&self.public.to_b58(), &eph.to_b58()).as_bytes(),
+        )
     }
 
     /// A stream opener bound to this key and the request nonce sent in the payload.
@@ -276,28 +321,44 @@ impl ResponseKey {
 
 impl fmt::Debug for ResponseKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ResponseKey").field("public", &self.public).field("secret", &"<redacted>").finish()
+        f.debug_struct("ResponseKey")
+            .field("public", &self.public)
+            .field("secret", &"<redacted>")
+            .finish()
     }
 }
 
 fn decode_canonical_base64(s: &str, max_chars: usize) -> Result<Vec<u8>, ProtoError> {
     if s.len() > max_chars {
-        return Err(ProtoError::TooLarge { what: "ciphertext", max: max_chars, got: s.len() });
+        return Err(ProtoError::TooLarge {
+            what: "ciphertext",
+            max: max_chars,
+            got: s.len(),
+        });
     }
     let engine = base64::engine::general_purpose::STANDARD;
-    let bytes = engine.decode(s).map_err(|_| ProtoError::Base64 { what: "ciphertext" })?;
+    let bytes = engine
+        .decode(s)
+        .map_err(|_| ProtoError::Base64 { what: "ciphertext" })?;
     if engine.encode(&bytes) != s {
         return Err(ProtoError::Base64 { what: "ciphertext" });
     }
     if bytes.len() < MIN_BLOB_LEN {
-        return Err(ProtoError::TooShort { what: "sealed blob", min: MIN_BLOB_LEN, got: bytes.len() });
+        return Err(ProtoError::TooShort {
+            what: "sealed blob",
+            min: MIN_BLOB_LEN,
+            got: bytes.len(),
+        });
     }
     Ok(bytes)
 }
 
 /// Seal a request payload to a node (§3.4). Returns the `enc` object and the
 /// response key that opens the reply.
-pub fn seal_input(node: &X25519Public, plaintext: &[u8]) -> Result<(EncEnvelope, ResponseKey), ProtoError> {
+pub fn seal_input(
+    node: &X25519Public,
+    plaintext: &[u8],
+) -> Result<(EncEnvelope, ResponseKey), ProtoError> {
     seal_input_with_rng(&mut rand_core::OsRng, node, plaintext)
 }
 
@@ -314,14 +375,24 @@ pub fn seal_input_with_rng<R: RngCore + CryptoRng>(
     let resp_pub = X25519Public(PublicKey::from(&resp).to_bytes());
     let key = AeadKey::agree(&eph, node, HKDF_INFO_INPUT)?;
     let (eph_b58, resp_b58) = (eph_pub.to_b58(), resp_pub.to_b58());
-    let blob = key.seal(rng, plaintext, input_aad(&node.to_b58(), &eph_b58, &resp_b58).as_bytes())?;
+    let blob = key.seal(
+        rng,
+        plaintext,
+        input_aad(&node.to_b58(), &eph_b58, &resp_b58).as_bytes(),
+    )?;
     let envelope = EncEnvelope {
         ciphertext: b58::encode(&blob),
         client_ephemeral_pubkey: eph_b58,
         client_response_pubkey: resp_b58,
         algorithm: Some(ALG_V2.to_string()),
     };
-    Ok((envelope, ResponseKey { secret: resp, public: resp_pub }))
+    Ok((
+        envelope,
+        ResponseKey {
+            secret: resp,
+            public: resp_pub,
+        },
+    ))
 }
 
 // ------------------------------------------------------------------ node side
@@ -346,7 +417,10 @@ impl OpenedInput {
 impl fmt::Debug for OpenedInput {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("OpenedInput")
-            .field("plaintext", &format_args!("<{} bytes>", self.plaintext.len()))
+            .field(
+                "plaintext",
+                &format_args!("<{} bytes>", self.plaintext.len()),
+            )
             .field("reply_to", &self.reply_to)
             .finish()
     }
@@ -361,9 +435,16 @@ pub fn open_input(node: &NodeIdentity, enc: &EncEnvelope) -> Result<OpenedInput,
     let eph = X25519Public::from_b58(&enc.client_ephemeral_pubkey)?;
     let reply_to = X25519Public::from_b58(&enc.client_response_pubkey)?;
     let key = AeadKey::agree(node.x25519_secret(), &eph, HKDF_INFO_INPUT)?;
-    let aad = input_aad(&node.x25519_public().to_b58(), &enc.client_ephemeral_pubkey, &enc.client_response_pubkey);
+    let aad = input_aad(
+        &node.x25519_public().to_b58(),
+        &enc.client_ephemeral_pubkey,
+        &enc.client_response_pubkey,
+    );
     let plaintext = key.open(&blob, aad.as_bytes())?;
-    Ok(OpenedInput { plaintext, reply_to })
+    Ok(OpenedInput {
+        plaintext,
+        reply_to,
+    })
 }
 
 /// Seal a non-stream reply to the client's response key (§3.5).
@@ -381,7 +462,11 @@ pub fn seal_output_with_rng<R: RngCore + CryptoRng>(
     let eph = random_secret(rng);
     let eph_pub = X25519Public(PublicKey::from(&eph).to_bytes());
     let key = AeadKey::agree(&eph, reply_to, HKDF_INFO_OUTPUT)?;
-    let blob = key.seal(rng, plaintext, output_aad(&reply_to.to_b58(), &eph_pub.to_b58()).as_bytes())?;
+    let blob = key.seal(
+        rng,
+        plaintext,
+        output_aad(&reply_to.to_b58(), &eph_pub.to_b58()).as_bytes(),
+    )?;
     Ok(SealedResult {
         ciphertext: b58::encode(&blob),
         ephemeral_public_key: eph_pub.to_b58(),
@@ -411,7 +496,11 @@ impl StreamSealer<rand_core::OsRng> {
 impl<R: RngCore + CryptoRng> StreamSealer<R> {
     /// Draw order: the stream ephemeral secret (32 bytes), then one 24-byte
     /// nonce per chunk.
-    pub fn with_rng(mut rng: R, reply_to: &X25519Public, request_nonce: &str) -> Result<Self, ProtoError> {
+    pub fn with_rng(
+        mut rng: R,
+        reply_to: &X25519Public,
+        request_nonce: &str,
+    ) -> Result<Self, ProtoError> {
         check_request_nonce(request_nonce)?;
         let eph = random_secret(&mut rng);
         let eph_pub = X25519Public(PublicKey::from(&eph).to_bytes());
@@ -448,8 +537,16 @@ impl<R: RngCore + CryptoRng> StreamSealer<R> {
     fn seal_chunk(&mut self, text: &str, is_final: bool) -> Result<SealedChunk, ProtoError> {
         let seq = self.next_seq;
         let next = seq.checked_add(1).ok_or(ProtoError::StreamExhausted)?;
-        let aad = stream_aad(&self.resp_b58, &self.eph_b58, &self.request_nonce, seq, is_final);
-        let blob = self.key.seal(&mut self.rng, text.as_bytes(), aad.as_bytes())?;
+        let aad = stream_aad(
+            &self.resp_b58,
+            &self.eph_b58,
+            &self.request_nonce,
+            seq,
+            is_final,
+        );
+        let blob = self
+            .key
+            .seal(&mut self.rng, text.as_bytes(), aad.as_bytes())?;
         self.next_seq = next;
         Ok(SealedChunk {
             seq,
@@ -462,7 +559,11 @@ impl<R: RngCore + CryptoRng> StreamSealer<R> {
 
 enum OpenerState {
     AwaitingFirst,
-    Open { key: AeadKey, eph_b58: String, next_seq: u64 },
+    Open {
+        key: AeadKey,
+        eph_b58: String,
+        next_seq: u64,
+    },
     Finished,
     Failed,
 }
@@ -479,7 +580,13 @@ pub struct StreamOpener<'k> {
 
 impl StreamOpener<'_> {
     /// Open the next chunk; `eph` is the `eph` field (required on seq 0).
-    pub fn open(&mut self, seq: u64, is_final: bool, eph: Option<&str>, ct: &str) -> Result<Zeroizing<String>, ProtoError> {
+    pub fn open(
+        &mut self,
+        seq: u64,
+        is_final: bool,
+        eph: Option<&str>,
+        ct: &str,
+    ) -> Result<Zeroizing<String>, ProtoError> {
         let result = self.open_inner(seq, is_final, eph, ct);
         if result.is_err() {
             self.state = OpenerState::Failed;
@@ -487,24 +594,46 @@ impl StreamOpener<'_> {
         result
     }
 
-    fn open_inner(&mut self, seq: u64, is_final: bool, eph: Option<&str>, ct: &str) -> Result<Zeroizing<String>, ProtoError> {
+    fn open_inner(
+        &mut self,
+        seq: u64,
+        is_final: bool,
+        eph: Option<&str>,
+        ct: &str,
+    ) -> Result<Zeroizing<String>, ProtoError> {
         if let OpenerState::AwaitingFirst = self.state {
             if seq != 0 {
-                return Err(ProtoError::StreamOutOfOrder { expected: 0, got: seq });
+                return Err(ProtoError::StreamOutOfOrder {
+                    expected: 0,
+                    got: seq,
+                });
             }
             let eph_b58 = eph.ok_or(ProtoError::Missing("stream ephemeral key on seq 0"))?;
             let eph_key = X25519Public::from_b58(eph_b58)?;
             let key = AeadKey::agree(&self.response.secret, &eph_key, HKDF_INFO_OUTPUT)?;
-            self.state = OpenerState::Open { key, eph_b58: eph_key.to_b58(), next_seq: 0 };
+            self.state = OpenerState::Open {
+                key,
+                eph_b58: eph_key.to_b58(),
+                next_seq: 0,
+            };
         }
         let (key, eph_b58, next_seq) = match &mut self.state {
-            OpenerState::Open { key, eph_b58, next_seq } => (key, eph_b58, next_seq),
+            OpenerState::Open {
+                key,
+                eph_b58,
+                next_seq,
+            } => (key, eph_b58, next_seq),
             OpenerState::Finished => return Err(ProtoError::StreamAfterFinal),
             OpenerState::Failed => return Err(ProtoError::Decrypt),
-            OpenerState::AwaitingFirst => return Err(ProtoError::Unreachable("stream opener state")),
+            OpenerState::AwaitingFirst => {
+                return Err(ProtoError::Unreachable("stream opener state"))
+            }
         };
         if seq != *next_seq {
-            return Err(ProtoError::StreamOutOfOrder { expected: *next_seq, got: seq });
+            return Err(ProtoError::StreamOutOfOrder {
+                expected: *next_seq,
+                got: seq,
+            });
         }
         // The key travels on seq 0 only; a later chunk naming another key is spliced.
         if let Some(e) = eph {
@@ -513,7 +642,13 @@ impl StreamOpener<'_> {
             }
         }
         let blob = decode_blob(ct, MAX_CHUNK_CIPHERTEXT_CHARS)?;
-        let aad = stream_aad(&self.response.public.to_b58(), eph_b58, &self.request_nonce, seq, is_final);
+        let aad = stream_aad(
+            &self.response.public.to_b58(),
+            eph_b58,
+            &self.request_nonce,
+            seq,
+            is_final,
+        );
         let plain = key.open(&blob, aad.as_bytes())?;
         let text = String::from_utf8(plain.to_vec()).map_err(|_| ProtoError::StreamNotUtf8)?;
         *next_seq = seq.checked_add(1).ok_or(ProtoError::StreamExhausted)?;

@@ -40,7 +40,11 @@ impl ResultKind {
                 let rest = s.strip_prefix("stream:")?;
                 let (seq, f) = rest.split_once(':')?;
                 let canonical = !seq.is_empty() && (seq == "0" || !seq.starts_with('0'));
-                let seq: u64 = if canonical && seq.bytes().all(|b| b.is_ascii_digit()) { seq.parse().ok()? } else { return None };
+                let seq: u64 = if canonical && seq.bytes().all(|b| b.is_ascii_digit()) {
+                    seq.parse().ok()?
+                } else {
+                    return None;
+                };
                 let is_final = match f {
                     "1" => true,
                     "0" => false,
@@ -58,7 +62,9 @@ impl fmt::Display for ResultKind {
             ResultKind::Plain => f.write_str("plain"),
             ResultKind::Sealed => f.write_str("sealed"),
             ResultKind::Transcription => f.write_str("transcription"),
-            ResultKind::Stream { seq, is_final } => write!(f, "stream:{seq}:{}", if *is_final { 1 } else { 0 }),
+            ResultKind::Stream { seq, is_final } => {
+                write!(f, "stream:{seq}:{}", if *is_final { 1 } else { 0 })
+            }
         }
     }
 }
@@ -69,7 +75,12 @@ pub fn result_message(job_id: &str, kind: ResultKind, payload: &str) -> String {
     format!("sgl-result-v1\n{job_id}\n{kind}\n{digest}")
 }
 
-pub fn sign_result(node: &NodeIdentity, job_id: &str, kind: ResultKind, payload: &str) -> Signature {
+pub fn sign_result(
+    node: &NodeIdentity,
+    job_id: &str,
+    kind: ResultKind,
+    payload: &str,
+) -> Signature {
     node.sign(result_message(job_id, kind, payload).as_bytes())
 }
 
@@ -84,7 +95,9 @@ pub fn verify_result(
     version: Option<&str>,
 ) -> Result<(), ProtoError> {
     check_version(version)?;
-    let sig = Signature::from_b58(signature_b58.ok_or(ProtoError::Missing("result_envelope_signature"))?)?;
+    let sig = Signature::from_b58(
+        signature_b58.ok_or(ProtoError::Missing("result_envelope_signature"))?,
+    )?;
     if job_id.is_empty() {
         return Err(ProtoError::Missing("job id"));
     }
@@ -100,7 +113,10 @@ fn check_version(version: Option<&str>) -> Result<(), ProtoError> {
 
 /// `sgl-usage-v1\n{job_id}\n{model}\n{prompt_tokens}\n{completion_tokens}` (§7d).
 pub fn usage_message(job_id: &str, model: &str, usage: &Usage) -> String {
-    format!("sgl-usage-v1\n{job_id}\n{model}\n{}\n{}", usage.prompt_tokens, usage.completion_tokens)
+    format!(
+        "sgl-usage-v1\n{job_id}\n{model}\n{}\n{}",
+        usage.prompt_tokens, usage.completion_tokens
+    )
 }
 
 pub fn sign_usage(node: &NodeIdentity, job_id: &str, model: &str, usage: &Usage) -> Signature {
@@ -132,12 +148,19 @@ pub fn verify_sealed_reply(
     reservation_ed25519_b58: Option<&str>,
     reply: &serde_json::Value,
 ) -> Result<(), ProtoError> {
-    let signer = Ed25519Public::from_b58(reservation_ed25519_b58.ok_or(ProtoError::Missing("node_ed25519_pubkey"))?)?;
+    let signer = Ed25519Public::from_b58(
+        reservation_ed25519_b58.ok_or(ProtoError::Missing("node_ed25519_pubkey"))?,
+    )?;
     let job_id = reply
         .get("job_id")
         .and_then(|v| v.as_str())
         .filter(|s| !s.is_empty())
-        .or_else(|| reply.get("id").and_then(|v| v.as_str()).and_then(|id| id.strip_prefix("chatcmpl-")))
+        .or_else(|| {
+            reply
+                .get("id")
+                .and_then(|v| v.as_str())
+                .and_then(|id| id.strip_prefix("chatcmpl-"))
+        })
         .ok_or(ProtoError::Missing("job id"))?;
     let ciphertext = reply
         .get("sealed_result")
@@ -203,8 +226,15 @@ mod tests {
         let pk = node.ed25519_public();
         verify_usage(&pk, JOB, "smollm2-135m", &usage, Some(&sig)).unwrap();
         assert!(verify_usage(&pk, JOB, "smollm2-135m", &Usage::new(12, 35), Some(&sig)).is_err());
-        let bad_total = Usage { prompt_tokens: 12, completion_tokens: 34, total_tokens: 47 };
-        assert_eq!(verify_usage(&pk, JOB, "smollm2-135m", &bad_total, Some(&sig)), Err(ProtoError::UsageInconsistent));
+        let bad_total = Usage {
+            prompt_tokens: 12,
+            completion_tokens: 34,
+            total_tokens: 47,
+        };
+        assert_eq!(
+            verify_usage(&pk, JOB, "smollm2-135m", &bad_total, Some(&sig)),
+            Err(ProtoError::UsageInconsistent)
+        );
         assert!(verify_usage(&pk, JOB, "smollm2-135m", &usage, None).is_err());
     }
 
@@ -226,10 +256,23 @@ mod tests {
 
     #[test]
     fn kind_text_round_trips() {
-        for s in ["plain", "sealed", "transcription", "stream:0:0", "stream:12:1"] {
+        for s in [
+            "plain",
+            "sealed",
+            "transcription",
+            "stream:0:0",
+            "stream:12:1",
+        ] {
             assert_eq!(ResultKind::parse(s).unwrap().to_string(), s);
         }
-        for s in ["stream:01:0", "stream:1:2", "stream::0", "stream:-1:0", "Sealed", "stream:1"] {
+        for s in [
+            "stream:01:0",
+            "stream:1:2",
+            "stream::0",
+            "stream:-1:0",
+            "Sealed",
+            "stream:1",
+        ] {
             assert!(ResultKind::parse(s).is_none(), "{s}");
         }
     }

@@ -75,16 +75,26 @@ fn cross_language_input_vector_opens() {
     let v = &d["cross_language_input_vector"];
     let id = node(v);
     assert_eq!(id.x25519_public().to_b58(), s(v, "node_x25519_pub_b58"));
-    assert_eq!(hex::encode(id.x25519_secret().to_bytes()), s(v, "node_x25519_secret_hex"));
+    assert_eq!(
+        hex::encode(id.x25519_secret().to_bytes()),
+        s(v, "node_x25519_secret_hex")
+    );
     let env: EncEnvelope = serde_json::from_value(v["enc_envelope"].clone()).unwrap();
     assert_eq!(
-        input_aad(s(v, "node_x25519_pub_b58"), &env.client_ephemeral_pubkey, &env.client_response_pubkey),
+        input_aad(
+            s(v, "node_x25519_pub_b58"),
+            &env.client_ephemeral_pubkey,
+            &env.client_response_pubkey
+        ),
         s(v, "aad_utf8")
     );
     let opened = open_input(&id, &env).unwrap();
     assert_eq!(&opened.plaintext[..], &hx(v, "plaintext_hex")[..]);
     assert_eq!(opened.reply_to.to_b58(), s(v, "client_resp_pub_b58"));
-    assert_eq!(serde_json::Value::Object(opened.json_object().unwrap()), v["expected_plaintext_json"]);
+    assert_eq!(
+        serde_json::Value::Object(opened.json_object().unwrap()),
+        v["expected_plaintext_json"]
+    );
     // The intermediate key, from the published shared secret.
     let key = AeadKey::from_shared(&h32(v, "shared_secret_hex"), HKDF_INFO_INPUT).unwrap();
     assert_eq!(hex::encode(*key.0), s(v, "key_hex"));
@@ -100,7 +110,9 @@ fn input_seals_reproduce_byte_for_byte() {
         let mut script = hx(v, "client_eph_secret_hex");
         script.extend(hx(v, "client_resp_secret_hex"));
         script.extend(hx(v, "xchacha_nonce_hex"));
-        let (env, resp) = seal_input_with_rng(&mut ScriptedRng(script), &node_pub, &hx(v, "plaintext_hex")).unwrap();
+        let (env, resp) =
+            seal_input_with_rng(&mut ScriptedRng(script), &node_pub, &hx(v, "plaintext_hex"))
+                .unwrap();
         assert_eq!(env.ciphertext, s(v, "blob_b58"), "{}", s(v, "name"));
         assert_eq!(env.client_ephemeral_pubkey, s(v, "client_eph_pub_b58"));
         assert_eq!(env.client_response_pubkey, s(v, "client_resp_pub_b58"));
@@ -121,10 +133,15 @@ fn output_seals_reproduce_and_open_in_both_encodings() {
         let resp_pub = X25519Public::from_b58(s(v, "client_resp_pub_b58")).unwrap();
         let mut script = hx(v, "node_eph_secret_hex");
         script.extend(hx(v, "xchacha_nonce_hex"));
-        let sealed = seal_output_with_rng(&mut ScriptedRng(script), &resp_pub, &hx(v, "plaintext_hex")).unwrap();
+        let sealed =
+            seal_output_with_rng(&mut ScriptedRng(script), &resp_pub, &hx(v, "plaintext_hex"))
+                .unwrap();
         assert_eq!(sealed.ciphertext, s(v, "blob_b58"));
         assert_eq!(sealed.ephemeral_public_key, s(v, "node_eph_pub_b58"));
-        assert_eq!(output_aad(s(v, "client_resp_pub_b58"), s(v, "node_eph_pub_b58")), s(v, "aad_utf8"));
+        assert_eq!(
+            output_aad(s(v, "client_resp_pub_b58"), s(v, "node_eph_pub_b58")),
+            s(v, "aad_utf8")
+        );
         let key = ResponseKey::from_secret_bytes(h32(v, "client_resp_secret_hex"));
         for form in ["sealed_result_b58", "sealed_result_base64"] {
             let sr: SealedResult = serde_json::from_value(v[form].clone()).unwrap();
@@ -169,7 +186,10 @@ fn stream_reproduces_and_opens_in_order() {
         script.extend(hx(c, "xchacha_nonce_hex"));
     }
     let mut sealer = StreamSealer::with_rng(ScriptedRng(script), &resp_pub, nonce).unwrap();
-    assert_eq!(sealer.ephemeral_public_b58(), s(v, "node_stream_eph_pub_b58"));
+    assert_eq!(
+        sealer.ephemeral_public_b58(),
+        s(v, "node_stream_eph_pub_b58")
+    );
     let mut produced = Vec::new();
     let last = chunks.len() - 1;
     for c in &chunks[..last] {
@@ -186,21 +206,51 @@ fn stream_reproduces_and_opens_in_order() {
         assert_eq!(p.seq, seq(c));
         assert_eq!(p.is_final, flag(c));
         assert_eq!(p.ciphertext, s(c, "blob_b58"));
-        assert_eq!(stream_aad(&resp_pub.to_b58(), s(v, "node_stream_eph_pub_b58"), nonce, p.seq, p.is_final), s(c, "aad_utf8"));
+        assert_eq!(
+            stream_aad(
+                &resp_pub.to_b58(),
+                s(v, "node_stream_eph_pub_b58"),
+                nonce,
+                p.seq,
+                p.is_final
+            ),
+            s(c, "aad_utf8")
+        );
         let sse = &c["sse_data_json"];
         assert_eq!(sse["ct"], s(c, "blob_b58"));
         assert_eq!(p.ephemeral_public_key.as_deref(), sse["eph"].as_str());
         // The client checks the signature before decrypting.
         let kind = ResultKind::parse(s(c, "envelope_kind")).unwrap();
-        assert_eq!(kind, ResultKind::Stream { seq: p.seq, is_final: p.is_final });
-        verify_result(&signer, job, kind, s(sse, "ct"), sse["sig"].as_str(), sse["sigv"].as_str()).unwrap();
-        let out = opener.open(seq(sse), flag(sse), sse["eph"].as_str(), s(sse, "ct")).unwrap();
+        assert_eq!(
+            kind,
+            ResultKind::Stream {
+                seq: p.seq,
+                is_final: p.is_final
+            }
+        );
+        verify_result(
+            &signer,
+            job,
+            kind,
+            s(sse, "ct"),
+            sse["sig"].as_str(),
+            sse["sigv"].as_str(),
+        )
+        .unwrap();
+        let out = opener
+            .open(seq(sse), flag(sse), sse["eph"].as_str(), s(sse, "ct"))
+            .unwrap();
         assert_eq!(out.as_bytes(), &hx(c, "plaintext_hex")[..]);
         text.push_str(&out);
     }
     opener.finish().unwrap();
     assert_eq!(text, s(v, "concatenated_text"));
-    let k = AeadKey::agree(&key.secret, &X25519Public::from_b58(s(v, "node_stream_eph_pub_b58")).unwrap(), HKDF_INFO_OUTPUT).unwrap();
+    let k = AeadKey::agree(
+        &key.secret,
+        &X25519Public::from_b58(s(v, "node_stream_eph_pub_b58")).unwrap(),
+        HKDF_INFO_OUTPUT,
+    )
+    .unwrap();
     assert_eq!(hex::encode(*k.0), s(v, "out_key_hex"));
 }
 
@@ -214,12 +264,32 @@ fn keybind_signatures_verify() {
         let x = X25519Public::from_b58(s(v, "node_x25519_pub_b58")).unwrap();
         let version = v["key_version"].as_u64().unwrap() as u32;
         assert_eq!(id.ed25519_public(), ed);
-        assert_eq!(hex::encode(keybind_message(&node_id, &ed, &x, version)), s(v, "message_hex"));
-        assert_eq!(id.sign(&keybind_message(&node_id, &ed, &x, version)).to_b58(), s(v, "signature_b58"));
-        verify_keybind(s(v, "node_id"), &ed, &x, version, &Signature::from_b58(s(v, "signature_b58")).unwrap()).unwrap();
+        assert_eq!(
+            hex::encode(keybind_message(&node_id, &ed, &x, version)),
+            s(v, "message_hex")
+        );
+        assert_eq!(
+            id.sign(&keybind_message(&node_id, &ed, &x, version))
+                .to_b58(),
+            s(v, "signature_b58")
+        );
+        verify_keybind(
+            s(v, "node_id"),
+            &ed,
+            &x,
+            version,
+            &Signature::from_b58(s(v, "signature_b58")).unwrap(),
+        )
+        .unwrap();
         // Upper case is accepted, as by the SDK.
-        verify_keybind(&s(v, "node_id").to_uppercase(), &ed, &x, version, &Signature::from_b58(s(v, "signature_b58")).unwrap())
-            .unwrap();
+        verify_keybind(
+            &s(v, "node_id").to_uppercase(),
+            &ed,
+            &x,
+            version,
+            &Signature::from_b58(s(v, "signature_b58")).unwrap(),
+        )
+        .unwrap();
     }
 }
 
@@ -229,10 +299,21 @@ fn result_envelope_signatures_verify() {
     for v in d["result_envelope_signatures"].as_array().unwrap() {
         let signer = Ed25519Public::from_b58(s(v, "signer_ed25519_pub_b58")).unwrap();
         let kind = ResultKind::parse(s(v, "kind")).unwrap();
-        let msg = crate::proto::envelope::result_message(s(v, "job_id"), kind, s(v, "signed_payload_string"));
+        let msg = crate::proto::envelope::result_message(
+            s(v, "job_id"),
+            kind,
+            s(v, "signed_payload_string"),
+        );
         assert_eq!(msg, s(v, "message_utf8"));
-        verify_result(&signer, s(v, "job_id"), kind, s(v, "signed_payload_string"), Some(s(v, "signature_b58")), Some("v1"))
-            .unwrap();
+        verify_result(
+            &signer,
+            s(v, "job_id"),
+            kind,
+            s(v, "signed_payload_string"),
+            Some(s(v, "signature_b58")),
+            Some("v1"),
+        )
+        .unwrap();
     }
 }
 
@@ -241,7 +322,10 @@ fn run_negative(v: &Value) -> Result<(), ProtoError> {
     match s(v, "operation") {
         "open_input" => {
             let id_secret = StaticSecret::from(h32(v, "node_x25519_secret_hex"));
-            assert_eq!(X25519Public(PublicKey::from(&id_secret).to_bytes()).to_b58(), s(v, "node_x25519_pub_b58"));
+            assert_eq!(
+                X25519Public(PublicKey::from(&id_secret).to_bytes()).to_b58(),
+                s(v, "node_x25519_pub_b58")
+            );
             // open_input needs a NodeIdentity; every open_input case uses node A.
             let id = NodeIdentity::from_seed(&[0x42; 32]);
             assert_eq!(id.x25519_secret().to_bytes(), id_secret.to_bytes());
@@ -253,7 +337,11 @@ fn run_negative(v: &Value) -> Result<(), ProtoError> {
             };
             if let Some(aad) = v["aad_utf8"].as_str() {
                 // The case names the AAD the opener would use; ours must be built from the envelope.
-                let ours = input_aad(&id.x25519_public().to_b58(), &env.client_ephemeral_pubkey, &env.client_response_pubkey);
+                let ours = input_aad(
+                    &id.x25519_public().to_b58(),
+                    &env.client_ephemeral_pubkey,
+                    &env.client_response_pubkey,
+                );
                 if ours != aad {
                     let blob = b58::decode_vec(&env.ciphertext, "ct", MAX_CIPHERTEXT_CHARS)?;
                     let eph = X25519Public::from_b58(&env.client_ephemeral_pubkey)?;
@@ -266,9 +354,18 @@ fn run_negative(v: &Value) -> Result<(), ProtoError> {
         "check_algorithm_then_open_input" => {
             let env: EncEnvelope = serde_json::from_value(v["enc_envelope"].clone()).unwrap();
             let id = NodeIdentity::from_seed(&[0x42; 32]);
-            assert_eq!(hex::encode(id.x25519_secret().to_bytes()), s(v, "node_x25519_secret_hex"));
+            assert_eq!(
+                hex::encode(id.x25519_secret().to_bytes()),
+                s(v, "node_x25519_secret_hex")
+            );
             let r = open_input(&id, &env).map(|_| ());
-            assert!(matches!(r, Err(ProtoError::UnsupportedAlgorithm(_)) | Err(ProtoError::MissingAlgorithm)), "{r:?}");
+            assert!(
+                matches!(
+                    r,
+                    Err(ProtoError::UnsupportedAlgorithm(_)) | Err(ProtoError::MissingAlgorithm)
+                ),
+                "{r:?}"
+            );
             r
         }
         "open_output" | "open_output_base64" => {
@@ -312,9 +409,19 @@ fn run_negative(v: &Value) -> Result<(), ProtoError> {
         "verify_result_envelope" => {
             let signer = Ed25519Public::from_b58(s(v, "signer_ed25519_pub_b58"))?;
             let kind = ResultKind::parse(s(v, "kind")).unwrap();
-            verify_result(&signer, s(v, "job_id"), kind, s(v, "signed_payload_string"), Some(s(v, "signature_b58")), Some("v1"))
+            verify_result(
+                &signer,
+                s(v, "job_id"),
+                kind,
+                s(v, "signed_payload_string"),
+                Some(s(v, "signature_b58")),
+                Some("v1"),
+            )
         }
-        "require_verified_reply" => verify_sealed_reply(v["reservation"]["node_ed25519_pubkey"].as_str(), &v["response"]),
+        "require_verified_reply" => verify_sealed_reply(
+            v["reservation"]["node_ed25519_pubkey"].as_str(),
+            &v["response"],
+        ),
         other => panic!("unknown operation {other}"),
     }
 }
@@ -336,7 +443,12 @@ fn low_order_cases_fail_as_low_order_not_as_bad_tags() {
     let d = vectors();
     for v in d["negative_cases"].as_array().unwrap() {
         if s(v, "name").contains("low_order") {
-            assert_eq!(run_negative(v), Err(ProtoError::LowOrderPoint), "{}", s(v, "name"));
+            assert_eq!(
+                run_negative(v),
+                Err(ProtoError::LowOrderPoint),
+                "{}",
+                s(v, "name")
+            );
         }
     }
 }
@@ -345,14 +457,29 @@ fn low_order_cases_fail_as_low_order_not_as_bad_tags() {
 fn stream_opener_refuses_splices() {
     let d = vectors();
     let v = &d["stream"];
-    let chunks: Vec<&Value> = v["chunks"].as_array().unwrap().iter().map(|c| &c["sse_data_json"]).collect();
+    let chunks: Vec<&Value> = v["chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| &c["sse_data_json"])
+        .collect();
     let key = ResponseKey::from_secret_bytes(h32(v, "client_resp_secret_hex"));
     let nonce = s(v, "request_nonce_b58");
-    let open = |o: &mut StreamOpener<'_>, c: &Value| o.open(seq(c), flag(c), c["eph"].as_str(), s(c, "ct")).map(|_| ());
+    let open = |o: &mut StreamOpener<'_>, c: &Value| {
+        o.open(seq(c), flag(c), c["eph"].as_str(), s(c, "ct"))
+            .map(|_| ())
+    };
 
     // Chunk 1 as seq 0: no eph and wrong AAD.
     let mut o = key.stream_opener(nonce).unwrap();
-    assert!(o.open(0, false, Some(s(v, "node_stream_eph_pub_b58")), s(chunks[1], "ct")).is_err());
+    assert!(o
+        .open(
+            0,
+            false,
+            Some(s(v, "node_stream_eph_pub_b58")),
+            s(chunks[1], "ct")
+        )
+        .is_err());
     // Chunk 1 marked final.
     let mut o = key.stream_opener(nonce).unwrap();
     open(&mut o, chunks[0]).unwrap();
@@ -360,7 +487,13 @@ fn stream_opener_refuses_splices() {
     // A gap.
     let mut o = key.stream_opener(nonce).unwrap();
     open(&mut o, chunks[0]).unwrap();
-    assert_eq!(open(&mut o, chunks[2]), Err(ProtoError::StreamOutOfOrder { expected: 1, got: 2 }));
+    assert_eq!(
+        open(&mut o, chunks[2]),
+        Err(ProtoError::StreamOutOfOrder {
+            expected: 1,
+            got: 2
+        })
+    );
     // A duplicate.
     let mut o = key.stream_opener(nonce).unwrap();
     open(&mut o, chunks[0]).unwrap();
