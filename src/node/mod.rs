@@ -2,3 +2,5 @@
 //! → seal → sign → post), the local OpenAI server and the systemd service.
 //!
 //! Takes its listener and shutdown from outside; never falls back to plaintext.
+
+pub mod identity_files;
