@@ -196,3 +196,15 @@ fn a_large_payload_round_trips() {
     let sealed = seal_output(&opened.reply_to, &plain).unwrap();
     assert_eq!(&resp.open_output(&sealed).unwrap()[..], &plain[..]);
 }
+
+#[test]
+fn a_ciphertext_at_the_cap_is_decoded_not_refused() {
+    // Exactly the cap: decoded (the cost this cap bounds), then refused by the tag check.
+    let id = node();
+    let (env, _) = seal_input(&id.x25519_public(), b"{}").unwrap();
+    let at_cap = EncEnvelope {
+        ciphertext: "z".repeat(MAX_CIPHERTEXT_CHARS),
+        ..env
+    };
+    assert_eq!(open_input(&id, &at_cap).unwrap_err(), ProtoError::Decrypt);
+}
