@@ -4,3 +4,4 @@
 //! Takes its listener and shutdown from outside; never falls back to plaintext.
 
 pub mod identity_files;
+pub mod jobs;

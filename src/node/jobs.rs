@@ -1,0 +1,675 @@
+//! A job's protocol side on the node (PROTOCOL.md §3.6, §6.7–§6.10): turn a
+//! [`PendingJob`] into a validated chat request, and the engine's output into
+//! the signed `/complete` and `/chunk` bodies. No I/O and no engine here: the
+//! agent feeds text in and posts what comes out.
+//!
+//! Fail-closed rules: a sealed job that does not open fails with a reason
+//! starting `decrypt failed:` and never falls back to plaintext; a stream job
+//! without a request nonce fails; only `inference` jobs run.
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+use thiserror::Error;
+
+use crate::proto::api::{
+    ChunkRequest, CompleteRequest, PendingJob, SealedInputPayload, SealedReplyPlaintext,
+};
+use crate::proto::e2e::{self, Algorithm, StreamSealer};
+use crate::proto::envelope::{self, ResultKind, ENVELOPE_VERSION};
+use crate::proto::identity::{NodeIdentity, X25519Public};
+use crate::proto::openai::{FinishReason, Usage};
+use crate::proto::ProtoError;
+
+/// At most this many messages (§6.7).
+pub const MAX_MESSAGES: usize = 256;
+/// At most this many bytes of roles plus contents (§6.7).
+pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+pub const DEFAULT_TEMPERATURE: f64 = 0.7;
+pub const DEFAULT_MAX_TOKENS: u64 = 2048;
+pub const MAX_MAX_TOKENS: u64 = 8192;
+/// The node posts a delta about every this many decoded tokens (§6.9).
+pub const TOKENS_PER_CHUNK: usize = 6;
+
+/// Why a job cannot run; the text goes to `/fail` as the reason.
+#[derive(Debug, Error, PartialEq)]
+pub enum JobError {
+    #[error("Unsupported job type: {0}")]
+    UnsupportedJobType(String),
+    #[error("decrypt failed: {0}")]
+    Decrypt(ProtoError),
+    #[error("invalid input: {0}")]
+    Invalid(String),
+    #[error("stream job without a request nonce")]
+    MissingNonce,
+    #[error("sealing failed: {0}")]
+    Seal(ProtoError),
+}
+
+/// One chat message as the engine takes it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+/// The validated request of a job, whatever its transport.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatJob {
+    pub job_id: String,
+    pub model: String,
+    pub messages: Vec<Message>,
+    /// Clamped to [0, 2]; default 0.7.
+    pub temperature: f64,
+    /// Clamped to [1, 8192]; default 2048.
+    pub max_tokens: u64,
+    /// sgl reads these OpenAI parameters too; the public node ignores them.
+    pub top_p: Option<f64>,
+    pub seed: Option<u64>,
+    pub stop: Vec<String>,
+    pub reply: Reply,
+}
+
+/// How the result travels back.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    /// Plain payload: `/complete` with `encrypted_result` text (not encrypted).
+    Plain,
+    /// Sealed, non-stream: `/complete` with `sealed_result`.
+    Sealed { reply_to: X25519Public },
+    /// Sealed stream: `/chunk` calls.
+    Stream {
+        reply_to: X25519Public,
+        request_nonce: String,
+    },
+}
+
+/// Parse and validate a job. `node_streams` says whether this node streams;
+/// the stream path runs only when the coordinator marked the job, the sealed
+/// payload asks for it, and the input was v2 (§3.6).
+pub fn parse_job(
+    node: &NodeIdentity,
+    job: &PendingJob,
+    node_streams: bool,
+) -> Result<ChatJob, JobError> {
+    if job.job_type != "inference" {
+        return Err(JobError::UnsupportedJobType(
+            job.job_type.chars().take(64).collect(),
+        ));
+    }
+    let payload = job
+        .input_payload
+        .as_object()
+        .ok_or_else(|| JobError::Invalid("input_payload is not an object".into()))?;
+    if payload.contains_key("enc") {
+        let sealed: SealedInputPayload = serde_json::from_value(job.input_payload.clone())
+            .map_err(|e| JobError::Decrypt(ProtoError::Json(e.to_string())))?;
+        let opened = e2e::open_input(node, &sealed.enc).map_err(JobError::Decrypt)?;
+        let inner = opened.json_object().map_err(JobError::Decrypt)?;
+        let wants_stream = node_streams
+            && sealed.stream == Some(true)
+            && inner.get("stream") == Some(&Value::Bool(true));
+        let reply = if wants_stream {
+            let nonce = inner.get("nonce").and_then(Value::as_str).unwrap_or("");
+            if nonce.is_empty() {
+                return Err(JobError::MissingNonce);
+            }
+            e2e::check_request_nonce(nonce).map_err(|e| JobError::Invalid(e.to_string()))?;
+            Reply::Stream {
+                reply_to: opened.reply_to,
+                request_nonce: nonce.to_string(),
+            }
+        } else {
+            Reply::Sealed {
+                reply_to: opened.reply_to,
+            }
+        };
+        chat_job(job, &inner, reply)
+    } else {
+        chat_job(job, payload, Reply::Plain)
+    }
+}
+
+fn chat_job(
+    job: &PendingJob,
+    body: &Map<String, Value>,
+    reply: Reply,
+) -> Result<ChatJob, JobError> {
+    let messages = match (body.get("messages"), body.get("prompt")) {
+        (Some(m), _) => parse_messages(m)?,
+        (None, Some(Value::String(p))) => vec![Message {
+            role: "user".into(),
+            content: p.clone(),
+        }],
+        (None, Some(_)) => return Err(JobError::Invalid("prompt is not a string".into())),
+        (None, None) => return Err(JobError::Invalid("neither messages nor prompt".into())),
+    };
+    let temperature = match body.get("temperature") {
+        None | Some(Value::Null) => DEFAULT_TEMPERATURE,
+        Some(v) => v
+            .as_f64()
+            .ok_or_else(|| JobError::Invalid("temperature is not a number".into()))?,
+    };
+    let temperature = if temperature.is_finite() {
+        temperature.clamp(0.0, 2.0)
+    } else {
+        DEFAULT_TEMPERATURE
+    };
+    let max_tokens = match body
+        .get("max_tokens")
+        .or_else(|| body.get("max_completion_tokens"))
+    {
+        None | Some(Value::Null) => DEFAULT_MAX_TOKENS,
+        Some(v) => match (v.as_u64(), v.as_i64(), v.as_f64()) {
+            (Some(n), _, _) => n,
+            (None, Some(_), _) => 1, // negative: clamped up
+            (None, None, Some(f)) if f.is_finite() => f.max(1.0) as u64,
+            _ => return Err(JobError::Invalid("max_tokens is not a number".into())),
+        },
+    }
+    .clamp(1, MAX_MAX_TOKENS);
+    let top_p = body
+        .get("top_p")
+        .and_then(Value::as_f64)
+        .filter(|p| p.is_finite() && *p > 0.0 && *p <= 1.0);
+    let seed = body.get("seed").and_then(Value::as_u64);
+    let stop = match body.get("stop") {
+        Some(Value::String(s)) if !s.is_empty() => vec![s.clone()],
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .take(4)
+            .map(String::from)
+            .collect(),
+        _ => Vec::new(),
+    };
+    Ok(ChatJob {
+        job_id: job.id.clone(),
+        model: job.model.clone(),
+        messages,
+        temperature,
+        max_tokens,
+        top_p,
+        seed,
+        stop,
+        reply,
+    })
+}
+
+fn parse_messages(v: &Value) -> Result<Vec<Message>, JobError> {
+    let list = v
+        .as_array()
+        .ok_or_else(|| JobError::Invalid("messages is not an array".into()))?;
+    if list.is_empty() {
+        return Err(JobError::Invalid("messages is empty".into()));
+    }
+    if list.len() > MAX_MESSAGES {
+        return Err(JobError::Invalid(format!(
+            "more than {MAX_MESSAGES} messages"
+        )));
+    }
+    let mut total = 0usize;
+    let mut out = Vec::with_capacity(list.len());
+    for m in list {
+        let role = m
+            .get("role")
+            .and_then(Value::as_str)
+            .ok_or_else(|| JobError::Invalid("a message has no role".into()))?;
+        let content = match m.get("content") {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Array(parts)) => text_parts(parts)?,
+            Some(Value::Null) | None => String::new(),
+            Some(_) => return Err(JobError::Invalid("message content is not a string".into())),
+        };
+        total = total
+            .saturating_add(role.len())
+            .saturating_add(content.len());
+        if total > MAX_MESSAGE_BYTES {
+            return Err(JobError::Invalid(format!(
+                "messages exceed {MAX_MESSAGE_BYTES} bytes"
+            )));
+        }
+        out.push(Message {
+            role: role.to_string(),
+            content,
+        });
+    }
+    Ok(out)
+}
+
+/// Text parts are joined; any other part (an image) is refused: this node has
+/// no vision model.
+fn text_parts(parts: &[Value]) -> Result<String, JobError> {
+    let mut s = String::new();
+    for p in parts {
+        match (
+            p.get("type").and_then(Value::as_str),
+            p.get("text").and_then(Value::as_str),
+        ) {
+            (Some("text"), Some(t)) => s.push_str(t),
+            _ => {
+                return Err(JobError::Invalid(
+                    "only text content parts are supported".into(),
+                ))
+            }
+        }
+    }
+    Ok(s)
+}
+
+/// The `/complete` body for a finished non-stream job, signed, with the usage receipt.
+pub fn complete_body(
+    node: &NodeIdentity,
+    job: &ChatJob,
+    content: &str,
+    usage: Usage,
+    finish: FinishReason,
+) -> Result<CompleteRequest, JobError> {
+    let result = SealedReplyPlaintext {
+        content: content.to_string(),
+        model: job.model.clone(),
+        usage,
+        finish_reason: Some(finish_text(finish).to_string()),
+    };
+    let text = serde_json::to_string(&result)
+        .map_err(|e| JobError::Seal(ProtoError::Json(e.to_string())))?;
+    let usage_signature =
+        Some(envelope::sign_usage(node, &job.job_id, &job.model, &usage).to_b58());
+    match &job.reply {
+        Reply::Plain => Ok(CompleteRequest {
+            result_envelope_signature: Some(
+                envelope::sign_result(node, &job.job_id, ResultKind::Plain, &text).to_b58(),
+            ),
+            result_envelope_version: Some(ENVELOPE_VERSION.into()),
+            encrypted_result: Some(text),
+            sealed_result: None,
+            usage: Some(usage),
+            usage_signature,
+        }),
+        // A stream job that ended up answered in one piece still goes sealed.
+        Reply::Sealed { reply_to } | Reply::Stream { reply_to, .. } => {
+            let sealed = e2e::seal_output(reply_to, text.as_bytes()).map_err(JobError::Seal)?;
+            let sig =
+                envelope::sign_result(node, &job.job_id, ResultKind::Sealed, &sealed.ciphertext);
+            Ok(CompleteRequest {
+                encrypted_result: None,
+                sealed_result: Some(sealed),
+                usage: Some(usage),
+                result_envelope_signature: Some(sig.to_b58()),
+                result_envelope_version: Some(ENVELOPE_VERSION.into()),
+                usage_signature,
+            })
+        }
+    }
+}
+
+fn finish_text(f: FinishReason) -> &'static str {
+    match f {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+    }
+}
+
+/// Builds the `/chunk` bodies of one stream job: deltas batched every
+/// [`TOKENS_PER_CHUNK`] tokens, each sealed and signed; the final chunk empty
+/// with the signed usage. `finish` consumes the stream.
+pub struct StreamChunks<'n> {
+    node: &'n NodeIdentity,
+    job_id: String,
+    model: String,
+    sealer: StreamSealer,
+    pending: String,
+    pending_tokens: usize,
+    tokens_sent: u64,
+}
+
+impl<'n> StreamChunks<'n> {
+    pub fn new(node: &'n NodeIdentity, job: &ChatJob) -> Result<Self, JobError> {
+        let Reply::Stream {
+            reply_to,
+            request_nonce,
+        } = &job.reply
+        else {
+            return Err(JobError::Invalid("not a stream job".into()));
+        };
+        Ok(StreamChunks {
+            node,
+            job_id: job.job_id.clone(),
+            model: job.model.clone(),
+            sealer: StreamSealer::new(reply_to, request_nonce).map_err(JobError::Seal)?,
+            pending: String::new(),
+            pending_tokens: 0,
+            tokens_sent: 0,
+        })
+    }
+
+    /// Add one decoded token's text; returns a chunk to post when one is due.
+    pub fn push_token(&mut self, text: &str) -> Result<Option<ChunkRequest>, JobError> {
+        self.pending.push_str(text);
+        self.pending_tokens += 1;
+        if self.pending_tokens >= TOKENS_PER_CHUNK {
+            return self.flush();
+        }
+        Ok(None)
+    }
+
+    /// Seal whatever is buffered (nothing when the buffer is empty).
+    pub fn flush(&mut self) -> Result<Option<ChunkRequest>, JobError> {
+        if self.pending.is_empty() {
+            self.tokens_sent += self.pending_tokens as u64;
+            self.pending_tokens = 0;
+            return Ok(None);
+        }
+        let text = std::mem::take(&mut self.pending);
+        let chunk = self.sealer.seal(&text).map_err(JobError::Seal)?;
+        self.tokens_sent += std::mem::take(&mut self.pending_tokens) as u64;
+        Ok(Some(self.body(chunk, None)))
+    }
+
+    /// Completion tokens carried by the chunks built so far (for settling a
+    /// client abort: only delivered completion tokens are billed, §6.12).
+    pub fn tokens_sent(&self) -> u64 {
+        self.tokens_sent
+    }
+
+    /// The final chunk: empty text, the usage and its signature.
+    pub fn finish(self, usage: Usage) -> Result<ChunkRequest, JobError> {
+        let node = self.node;
+        let (job_id, model) = (self.job_id.clone(), self.model.clone());
+        let chunk = self.sealer.finish("").map_err(JobError::Seal)?;
+        let usage_sig = envelope::sign_usage(node, &job_id, &model, &usage).to_b58();
+        let mut body = chunk_body(node, &job_id, chunk);
+        body.usage = Some(usage);
+        body.usage_signature = Some(usage_sig);
+        Ok(body)
+    }
+
+    fn body(&self, chunk: e2e::SealedChunk, usage: Option<Usage>) -> ChunkRequest {
+        let mut b = chunk_body(self.node, &self.job_id, chunk);
+        b.usage = usage;
+        b
+    }
+}
+
+fn chunk_body(node: &NodeIdentity, job_id: &str, chunk: e2e::SealedChunk) -> ChunkRequest {
+    let kind = ResultKind::Stream {
+        seq: chunk.seq,
+        is_final: chunk.is_final,
+    };
+    let sig = envelope::sign_result(node, job_id, kind, &chunk.ciphertext);
+    ChunkRequest {
+        seq: Some(chunk.seq),
+        is_final: Some(chunk.is_final),
+        ciphertext: Some(chunk.ciphertext),
+        algorithm: Some(Algorithm::V2Stream.as_str().into()),
+        ephemeral_public_key: chunk.ephemeral_public_key,
+        usage: None,
+        result_envelope_signature: Some(sig.to_b58()),
+        result_envelope_version: Some(ENVELOPE_VERSION.into()),
+        usage_signature: None,
+        error: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::proto::e2e::seal_input;
+
+    fn node() -> NodeIdentity {
+        NodeIdentity::from_seed(&[0x42; 32])
+    }
+
+    fn job(payload: Value) -> PendingJob {
+        PendingJob {
+            id: "job-1".into(),
+            job_type: "inference".into(),
+            model: "smollm2-135m".into(),
+            input_payload: payload,
+        }
+    }
+
+    fn sealed_job(
+        node: &NodeIdentity,
+        inner: Value,
+        marker: Option<bool>,
+    ) -> (PendingJob, e2e::ResponseKey) {
+        let (enc, key) = seal_input(&node.x25519_public(), inner.to_string().as_bytes()).unwrap();
+        let mut payload = json!({ "enc": enc });
+        if let Some(m) = marker {
+            payload["stream"] = json!(m);
+        }
+        (job(payload), key)
+    }
+
+    #[test]
+    fn plain_defaults_and_clamps() {
+        let n = node();
+        let j = parse_job(&n, &job(json!({"prompt": "hi"})), true).unwrap();
+        assert_eq!(
+            j.messages,
+            vec![Message {
+                role: "user".into(),
+                content: "hi".into()
+            }]
+        );
+        assert_eq!(
+            (j.temperature, j.max_tokens, j.reply.clone()),
+            (0.7, 2048, Reply::Plain)
+        );
+        let j = parse_job(&n, &job(json!({"messages": [{"role":"user","content":"x"}], "temperature": 9, "max_tokens": 100000})), true)
+            .unwrap();
+        assert_eq!((j.temperature, j.max_tokens), (2.0, 8192));
+        let j = parse_job(
+            &n,
+            &job(json!({"prompt": "x", "temperature": -1, "max_tokens": 0})),
+            true,
+        )
+        .unwrap();
+        assert_eq!((j.temperature, j.max_tokens), (0.0, 1));
+    }
+
+    #[test]
+    fn limits_fail_the_job() {
+        let n = node();
+        let many: Vec<Value> = (0..257)
+            .map(|_| json!({"role":"user","content":"x"}))
+            .collect();
+        assert!(matches!(
+            parse_job(&n, &job(json!({"messages": many})), true),
+            Err(JobError::Invalid(_))
+        ));
+        let big = "x".repeat(MAX_MESSAGE_BYTES);
+        assert!(matches!(
+            parse_job(
+                &n,
+                &job(json!({"messages": [{"role":"user","content": big}]})),
+                true
+            ),
+            Err(JobError::Invalid(_))
+        ));
+        assert!(matches!(
+            parse_job(&n, &job(json!({"temperature": 1})), true),
+            Err(JobError::Invalid(_))
+        ));
+        let mut other = job(json!({"prompt": "x"}));
+        other.job_type = "embedding".into();
+        assert_eq!(
+            parse_job(&n, &other, true).unwrap_err().to_string(),
+            "Unsupported job type: embedding"
+        );
+        let img = json!({"messages": [{"role":"user","content":[{"type":"image_url","image_url":{"url":"x"}}]}]});
+        assert!(parse_job(&n, &job(img), true).is_err());
+    }
+
+    #[test]
+    fn sealed_job_opens_and_answers_sealed() {
+        let n = node();
+        let (j, key) = sealed_job(
+            &n,
+            json!({"messages":[{"role":"user","content":"hello"}],"temperature":0.2,"max_tokens":16}),
+            None,
+        );
+        let chat = parse_job(&n, &j, true).unwrap();
+        assert!(matches!(chat.reply, Reply::Sealed { .. }));
+        assert_eq!((chat.temperature, chat.max_tokens), (0.2, 16));
+        let body = complete_body(&n, &chat, "Paris", Usage::new(5, 1), FinishReason::Stop).unwrap();
+        let sealed = body.sealed_result.clone().unwrap();
+        envelope::verify_result(
+            &n.ed25519_public(),
+            "job-1",
+            ResultKind::Sealed,
+            &sealed.ciphertext,
+            body.result_envelope_signature.as_deref(),
+            body.result_envelope_version.as_deref(),
+        )
+        .unwrap();
+        envelope::verify_usage(
+            &n.ed25519_public(),
+            "job-1",
+            "smollm2-135m",
+            &Usage::new(5, 1),
+            body.usage_signature.as_deref(),
+        )
+        .unwrap();
+        let plain: SealedReplyPlaintext =
+            serde_json::from_slice(&key.open_output(&sealed).unwrap()).unwrap();
+        assert_eq!(plain.content, "Paris");
+        assert!(body.encrypted_result.is_none());
+    }
+
+    #[test]
+    fn a_sealed_job_that_does_not_open_fails_with_decrypt_failed() {
+        let n = node();
+        let other = NodeIdentity::from_seed(&[7; 32]);
+        let (j, _) = sealed_job(&other, json!({"prompt":"x"}), None);
+        let err = parse_job(&n, &j, true).unwrap_err();
+        assert!(err.to_string().starts_with("decrypt failed:"), "{err}");
+        // A v1 or missing tag is refused, never read as plaintext.
+        let (mut j, _) = sealed_job(&n, json!({"prompt":"x"}), None);
+        j.input_payload["enc"]["algorithm"] = json!("x25519-xchacha20poly1305");
+        assert!(parse_job(&n, &j, true)
+            .unwrap_err()
+            .to_string()
+            .starts_with("decrypt failed:"));
+        j.input_payload["enc"]
+            .as_object_mut()
+            .unwrap()
+            .remove("algorithm");
+        assert!(parse_job(&n, &j, true)
+            .unwrap_err()
+            .to_string()
+            .starts_with("decrypt failed:"));
+        // A sealed payload that is not a JSON object.
+        let (enc, _) = seal_input(&n.x25519_public(), b"[1,2]").unwrap();
+        assert!(parse_job(&n, &job(json!({"enc": enc})), true)
+            .unwrap_err()
+            .to_string()
+            .starts_with("decrypt failed:"));
+    }
+
+    #[test]
+    fn stream_path_needs_every_condition_and_a_nonce() {
+        let n = node();
+        let inner = json!({"messages":[{"role":"user","content":"x"}],"stream":true,"nonce":"12drXXUifSrRnXLGbXg8E"});
+        let (j, _) = sealed_job(&n, inner.clone(), Some(true));
+        assert!(matches!(
+            parse_job(&n, &j, true).unwrap().reply,
+            Reply::Stream { .. }
+        ));
+        // No marker, or a node that does not stream: the sealed non-stream path.
+        let (j, _) = sealed_job(&n, inner.clone(), None);
+        assert!(matches!(
+            parse_job(&n, &j, true).unwrap().reply,
+            Reply::Sealed { .. }
+        ));
+        let (j, _) = sealed_job(&n, inner, Some(true));
+        assert!(matches!(
+            parse_job(&n, &j, false).unwrap().reply,
+            Reply::Sealed { .. }
+        ));
+        // Marker and payload agree, but no nonce: fail.
+        let (j, _) = sealed_job(&n, json!({"prompt":"x","stream":true}), Some(true));
+        assert_eq!(parse_job(&n, &j, true).unwrap_err(), JobError::MissingNonce);
+    }
+
+    #[test]
+    fn stream_chunks_batch_tokens_and_end_with_signed_usage() {
+        let n = node();
+        let nonce = "12drXXUifSrRnXLGbXg8E";
+        let inner = json!({"messages":[{"role":"user","content":"x"}],"stream":true,"nonce":nonce});
+        let (j, key) = sealed_job(&n, inner, Some(true));
+        let chat = parse_job(&n, &j, true).unwrap();
+        let mut s = StreamChunks::new(&n, &chat).unwrap();
+        let mut bodies = Vec::new();
+        let tokens = [
+            "Pa", "ris", " is", " the", " cap", "ital", " of", " Fr", "ance", "é",
+        ];
+        for t in tokens {
+            if let Some(b) = s.push_token(t).unwrap() {
+                bodies.push(b);
+            }
+        }
+        bodies.extend(s.flush().unwrap());
+        assert_eq!(s.tokens_sent(), tokens.len() as u64);
+        bodies.push(s.finish(Usage::new(3, 10)).unwrap());
+        assert_eq!(bodies.len(), 3);
+        let mut opener = key.stream_opener(nonce).unwrap();
+        let mut text = String::new();
+        for b in &bodies {
+            let (seq, fin, ct) = (
+                b.seq.unwrap(),
+                b.is_final.unwrap(),
+                b.ciphertext.as_deref().unwrap(),
+            );
+            assert_eq!(b.algorithm.as_deref(), Some(e2e::ALG_V2_STREAM));
+            assert_eq!(b.ephemeral_public_key.is_some(), seq == 0);
+            envelope::verify_result(
+                &n.ed25519_public(),
+                "job-1",
+                ResultKind::Stream { seq, is_final: fin },
+                ct,
+                b.result_envelope_signature.as_deref(),
+                Some("v1"),
+            )
+            .unwrap();
+            text.push_str(
+                &opener
+                    .open(seq, fin, b.ephemeral_public_key.as_deref(), ct)
+                    .unwrap(),
+            );
+        }
+        opener.finish().unwrap();
+        assert_eq!(text, tokens.concat());
+        let last = bodies.last().unwrap();
+        envelope::verify_usage(
+            &n.ed25519_public(),
+            "job-1",
+            "smollm2-135m",
+            &Usage::new(3, 10),
+            last.usage_signature.as_deref(),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn plain_completion_signs_the_exact_text() {
+        let n = node();
+        let chat = parse_job(&n, &job(json!({"prompt":"x"})), true).unwrap();
+        let body = complete_body(&n, &chat, "ok", Usage::new(1, 1), FinishReason::Length).unwrap();
+        let text = body.encrypted_result.as_deref().unwrap();
+        assert!(text
+            .starts_with(r#"{"content":"ok","model":"smollm2-135m","usage":{"prompt_tokens":1"#));
+        envelope::verify_result(
+            &n.ed25519_public(),
+            "job-1",
+            ResultKind::Plain,
+            text,
+            body.result_envelope_signature.as_deref(),
+            Some("v1"),
+        )
+        .unwrap();
+    }
+}
