@@ -1,6 +1,8 @@
 //! The command line: one file per command group. Each parses its flags into a
 //! typed configuration and calls the library; nothing here does the work itself.
 
+#[cfg(feature = "coordinator")]
+mod coordinator;
 mod node;
 mod proto;
 
@@ -29,12 +31,18 @@ pub enum Command {
     /// The SGL wire protocol: self-tests of the E2E crypto.
     #[command(subcommand)]
     Proto(proto::ProtoCommand),
+    /// Run the coordinator that nodes register with and clients call.
+    #[cfg(feature = "coordinator")]
+    #[command(subcommand)]
+    Coordinator(coordinator::CoordinatorCommand),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Node(cmd) => node::run(cmd),
         Command::Proto(cmd) => proto::run(cmd),
+        #[cfg(feature = "coordinator")]
+        Command::Coordinator(cmd) => coordinator::run(cmd),
     }
 }
 

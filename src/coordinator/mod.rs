@@ -2,4 +2,72 @@
 //! relay and billing.
 //!
 //! Owns: the client and node APIs of PROTOCOL.md §5–§6. Never reads a sealed
-//! prompt or a sealed reply.
+//! prompt or a sealed reply: `enc` goes to the node unchanged and sealed
+//! results and chunks come back verified against the node's key, unopened.
+//!
+//! This build keeps its state in memory and serves sealed requests; billing,
+//! persistence, plain OpenAI mode and the WebSocket push are still to come.
+
+pub mod client_api;
+pub mod error;
+pub mod node_api;
+pub mod state;
+
+use std::future::Future;
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+
+pub use state::{Config, Grid};
+
+/// The whole HTTP surface.
+pub fn router(grid: Grid) -> Router {
+    Router::new()
+        .route("/v1/reserve", post(client_api::reserve))
+        .route("/v1/chat/completions", post(client_api::chat))
+        .route("/v1/models", get(client_api::models))
+        .route("/grid/capacity", get(client_api::capacity))
+        .route("/grid/nodes/register", post(node_api::register))
+        .route("/grid/nodes/heartbeat", post(node_api::heartbeat))
+        .route("/grid/nodes/{id}", get(node_api::node_info))
+        .route("/grid/nodes/{id}/challenge", post(node_api::challenge))
+        .route(
+            "/grid/nodes/{id}/verify-attestation",
+            post(node_api::verify_attestation),
+        )
+        .route("/grid/nodes/{id}/status", post(node_api::set_status))
+        .route("/grid/jobs/{id}/complete", post(node_api::complete))
+        .route("/grid/jobs/{id}/chunk", post(node_api::chunk))
+        .route("/grid/jobs/{id}/fail", post(node_api::fail))
+        .route("/grid/allowed-binaries", get(node_api::allowed_binaries))
+        .route("/health", get(|| async { "ok" }))
+        .layer(DefaultBodyLimit::max(client_api::MAX_BODY_BYTES))
+        .with_state(grid)
+}
+
+/// Serve until `shutdown` resolves. The caller owns the listener, so tests
+/// bind 127.0.0.1:0 and pass it in.
+pub async fn run(
+    config: Config,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let grid = Grid::new(config);
+    let reaper = {
+        let grid = grid.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                grid.reap();
+            }
+        })
+    };
+    let result = axum::serve(listener, router(grid))
+        .with_graceful_shutdown(shutdown)
+        .await;
+    reaper.abort();
+    result
+}

@@ -1,0 +1,141 @@
+//! The two error edges of the coordinator: the OpenAI shape for clients
+//! (`{"error": {"message", "type", "code"}}`) and `{"error", "code"}` for nodes
+//! (PROTOCOL.md §1.5). Internal details go to the log, never into a body.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use crate::proto::api::NodeError;
+use crate::proto::openai::ErrorResponse;
+
+/// An error answered to a client.
+#[derive(Debug)]
+pub struct ClientError {
+    pub status: StatusCode,
+    pub kind: &'static str,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ClientError {
+    pub fn new(
+        status: StatusCode,
+        kind: &'static str,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
+        ClientError {
+            status,
+            kind,
+            code,
+            message: message.into(),
+        }
+    }
+    pub fn invalid(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            code,
+            message,
+        )
+    }
+    pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            code,
+            message,
+        )
+    }
+    pub fn no_capacity() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "no_capacity",
+            "every eligible node is busy; retry shortly",
+        )
+    }
+    pub fn node_failed(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::BAD_GATEWAY,
+            "server_error",
+            "node_failed",
+            message,
+        )
+    }
+    pub fn node_timeout() -> Self {
+        Self::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "server_error",
+            "node_timeout",
+            "the node did not answer in time",
+        )
+    }
+    pub fn internal(detail: impl std::fmt::Display) -> Self {
+        tracing::error!(%detail, "internal error");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "internal_error",
+            "internal error",
+        )
+    }
+}
+
+impl IntoResponse for ClientError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(ErrorResponse::new(self.message, self.kind, self.code)),
+        )
+            .into_response()
+    }
+}
+
+/// An error answered to a node.
+#[derive(Debug)]
+pub struct NodeApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl NodeApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        NodeApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+    pub fn bad(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+    pub fn unauthorized() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or invalid X-Node-Auth",
+        )
+    }
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "conflict", message)
+    }
+}
+
+impl IntoResponse for NodeApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(NodeError {
+                error: self.message,
+                code: Some(self.code.to_string()),
+            }),
+        )
+            .into_response()
+    }
+}

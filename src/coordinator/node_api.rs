@@ -1,0 +1,545 @@
+//! The node-facing API (PROTOCOL.md §6): register, challenge,
+//! verify-attestation, heartbeat, complete, chunk, fail, status. Every
+//! signature is checked before anything is relayed or counted.
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::Json;
+
+use super::error::NodeApiError;
+use super::state::{Grid, JobEvent};
+use crate::proto::api::{
+    AllowedBinaries, AttestationLevel, ChunkRequest, ChunkResponse, CompleteRequest, FailRequest,
+    HeartbeatRequest, HeartbeatResponse, NodeInfoResponse, OkResponse, RegisterRequest,
+    RegisterResponse, StatusRequest, StatusResponse, VerifyAttestationRequest,
+    VerifyAttestationResponse,
+};
+use crate::proto::e2e::{Algorithm, ALG_V2};
+use crate::proto::envelope::{self, ResultKind};
+use crate::proto::identity::{verify_keybind, Ed25519Public, NodeId, Signature, X25519Public};
+use crate::proto::openai::Usage;
+
+type NodeResult<T> = Result<Json<T>, NodeApiError>;
+
+fn header<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn parse_node_id(s: &str) -> Result<NodeId, NodeApiError> {
+    NodeId::parse(s).map_err(|_| NodeApiError::not_found("unknown node"))
+}
+
+/// Check `X-Node-Auth` for `node_id`; unknown nodes and bad tokens look alike.
+fn authorize(grid: &Grid, headers: &HeaderMap, node_id: &NodeId) -> Result<(), NodeApiError> {
+    let token = header(headers, "x-node-auth").ok_or_else(NodeApiError::unauthorized)?;
+    let inner = grid.lock();
+    if grid.authenticate(&inner, node_id, token) {
+        Ok(())
+    } else {
+        Err(NodeApiError::unauthorized())
+    }
+}
+
+pub async fn register(
+    State(grid): State<Grid>,
+    Json(req): Json<RegisterRequest>,
+) -> NodeResult<RegisterResponse> {
+    let ed25519 = Ed25519Public::from_b58(&req.public_key)
+        .map_err(|e| NodeApiError::bad("invalid_public_key", e.to_string()))?;
+    let (node_id, auth_token) = grid
+        .register(
+            ed25519,
+            req.wallet_address,
+            req.tee_type,
+            req.available_models,
+            req.registration_code.as_deref(),
+        )
+        .map_err(|why| NodeApiError::new(StatusCode::FORBIDDEN, "registration_refused", why))?;
+    tracing::info!(%node_id, "node registered");
+    Ok(Json(RegisterResponse {
+        node_id: node_id.to_string(),
+        auth_token,
+    }))
+}
+
+pub async fn challenge(
+    State(grid): State<Grid>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> NodeResult<crate::proto::api::ChallengeResponse> {
+    let node_id = parse_node_id(&id)?;
+    authorize(&grid, &headers, &node_id)?;
+    let mut inner = grid.lock();
+    let challenge = grid
+        .issue_challenge(&mut inner, &node_id)
+        .ok_or_else(|| NodeApiError::not_found("unknown node"))?;
+    Ok(Json(crate::proto::api::ChallengeResponse {
+        challenge,
+        expires_at: None,
+        expires_in_seconds: Some(grid.config.challenge_ttl.as_secs()),
+    }))
+}
+
+pub async fn verify_attestation(
+    State(grid): State<Grid>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Json(req): Json<VerifyAttestationRequest>,
+) -> NodeResult<VerifyAttestationResponse> {
+    let node_id = parse_node_id(&id)?;
+    authorize(&grid, &headers, &node_id)?;
+    let mut inner = grid.lock();
+    let challenge = Grid::take_challenge(&mut inner, &node_id).ok_or_else(|| {
+        NodeApiError::bad("challenge_expired", "no live challenge: request a new one")
+    })?;
+    let node = inner
+        .nodes
+        .get_mut(&node_id)
+        .ok_or_else(|| NodeApiError::not_found("unknown node"))?;
+    let sig = Signature::from_b58(&req.signature)
+        .map_err(|e| NodeApiError::bad("bad_signature", e.to_string()))?;
+    node.ed25519
+        .verify(challenge.as_bytes(), &sig)
+        .map_err(|_| {
+            NodeApiError::bad("bad_signature", "the challenge signature does not verify")
+        })?;
+    let x25519 = X25519Public::from_b58(&req.encryption_public_key)
+        .map_err(|e| NodeApiError::bad("invalid_encryption_key", e.to_string()))?;
+    let report = &req.hardware_report;
+    if !report.report_hash.is_empty() && report.compute_report_hash() != report.report_hash {
+        return Err(NodeApiError::bad(
+            "report_hash_mismatch",
+            "hardware_report.report_hash does not match its fields",
+        ));
+    }
+    if req.evidence.is_some() {
+        // Fail closed: never downgrade rejected evidence to self-reported.
+        return Err(NodeApiError::bad(
+            "evidence_rejected",
+            "hardware evidence cannot be verified by this coordinator",
+        ));
+    }
+    let key_version = req.key_version.unwrap_or(1);
+    if let Some(kb) = &req.encryption_public_key_signature {
+        let kb =
+            Signature::from_b58(kb).map_err(|e| NodeApiError::bad("bad_keybind", e.to_string()))?;
+        verify_keybind(
+            &node_id.to_string(),
+            &node.ed25519,
+            &x25519,
+            key_version,
+            &kb,
+        )
+        .map_err(|_| NodeApiError::bad("bad_keybind", "the keybind signature does not verify"))?;
+        node.keybind = Some(kb);
+        node.key_version = key_version;
+    }
+    node.x25519 = Some(x25519);
+    node.level = AttestationLevel::SelfReported;
+    node.last_seen = Instant::now();
+    tracing::info!(%node_id, level = "self_reported", "node attested");
+    Ok(Json(VerifyAttestationResponse {
+        verified: true,
+        status: "active".into(),
+        attestation_level: Some(AttestationLevel::SelfReported),
+        verified_at: None,
+        policy_digest: None,
+    }))
+}
+
+pub async fn heartbeat(
+    State(grid): State<Grid>,
+    headers: HeaderMap,
+    Json(req): Json<HeartbeatRequest>,
+) -> NodeResult<HeartbeatResponse> {
+    let node_id =
+        parse_node_id(header(&headers, "x-node-id").ok_or_else(NodeApiError::unauthorized)?)?;
+    authorize(&grid, &headers, &node_id)?;
+    let mut inner = grid.lock();
+    let node = inner
+        .nodes
+        .get_mut(&node_id)
+        .ok_or_else(|| NodeApiError::not_found("unknown node"))?;
+    if let Some(key) = &req.encryption_public_key {
+        let x = X25519Public::from_b58(key)
+            .map_err(|e| NodeApiError::bad("invalid_encryption_key", e.to_string()))?;
+        let version = req.key_version.unwrap_or(1);
+        if node.keybind.is_some() && version < node.key_version {
+            return Err(NodeApiError::bad(
+                "key_version_regressed",
+                "key_version is lower than the one on record",
+            ));
+        }
+        match &req.encryption_public_key_signature {
+            Some(sig) => {
+                let sig = Signature::from_b58(sig)
+                    .map_err(|e| NodeApiError::bad("bad_keybind", e.to_string()))?;
+                verify_keybind(&node_id.to_string(), &node.ed25519, &x, version, &sig).map_err(
+                    |_| NodeApiError::bad("bad_keybind", "the keybind signature does not verify"),
+                )?;
+                node.keybind = Some(sig);
+                node.key_version = version;
+                node.x25519 = Some(x);
+            }
+            None => {
+                // An unsigned key is not published.
+                if node.x25519 != Some(x) {
+                    node.keybind = None;
+                    node.x25519 = Some(x);
+                }
+            }
+        }
+    }
+    node.models = req.available_models.clone();
+    node.capabilities = req.capabilities.clone();
+    node.max_concurrent_jobs = req.max_concurrent_jobs.max(1);
+    node.last_seen = Instant::now();
+    let active: HashSet<&str> = req.active_job_ids.iter().map(String::as_str).collect();
+    let mut ghosts = Vec::new();
+    let mut pending = Vec::new();
+    for job in inner.jobs.values_mut().filter(|j| j.node_id == node_id) {
+        if active.contains(job.id.as_str()) {
+            job.acked = true;
+        } else if job.acked {
+            ghosts.push(job.id.clone());
+        } else if job.next_seq == 0 {
+            pending.push(job.pending());
+        }
+    }
+    for id in ghosts {
+        tracing::warn!(job_id = %id, %node_id, "ghost job: acknowledged, then missing from active_job_ids");
+        Grid::finish_job(
+            &mut inner,
+            &id,
+            Some(JobEvent::Failed("the node dropped the job".into())),
+            false,
+        );
+    }
+    Ok(Json(HeartbeatResponse {
+        status: "ok".into(),
+        pending_jobs: pending,
+        new_auth_token: None,
+        token_expires_at: None,
+    }))
+}
+
+/// Find a job, check it belongs to the calling node, and return the node's key.
+fn job_owner(
+    grid: &Grid,
+    headers: &HeaderMap,
+    job_id: &str,
+) -> Result<(NodeId, Ed25519Public, String, bool), NodeApiError> {
+    let token = header(headers, "x-node-auth").ok_or_else(NodeApiError::unauthorized)?;
+    let inner = grid.lock();
+    let job = inner
+        .jobs
+        .get(job_id)
+        .ok_or_else(|| NodeApiError::conflict("unknown or finished job"))?;
+    if !grid.authenticate(&inner, &job.node_id, token) {
+        // Either a bad token, or a job of another node: neither learns which.
+        return Err(NodeApiError::unauthorized());
+    }
+    let node = inner
+        .nodes
+        .get(&job.node_id)
+        .ok_or_else(|| NodeApiError::conflict("unknown node"))?;
+    Ok((
+        job.node_id,
+        node.ed25519,
+        job.model.clone(),
+        node.capabilities.signed_usage == Some(true),
+    ))
+}
+
+fn check_usage(
+    signer: &Ed25519Public,
+    job_id: &str,
+    model: &str,
+    usage: Option<&Usage>,
+    signature: Option<&str>,
+    required: bool,
+) -> Result<(), String> {
+    match usage {
+        Some(u) if !u.is_consistent() => {
+            Err("usage total_tokens is not prompt + completion".into())
+        }
+        Some(u) if required => {
+            envelope::verify_usage(signer, job_id, model, u, signature).map_err(|e| e.to_string())
+        }
+        Some(_) => Ok(()),
+        None if required => Err("missing usage".into()),
+        None => Ok(()),
+    }
+}
+
+/// Fail a job after a bad call from its node, and answer the node 400.
+fn reject(grid: &Grid, job_id: &str, code: &'static str, why: String) -> NodeApiError {
+    tracing::warn!(job_id, code, why = %why, "rejecting a node result");
+    let mut inner = grid.lock();
+    Grid::finish_job(
+        &mut inner,
+        job_id,
+        Some(JobEvent::Failed(format!(
+            "node sent an invalid result: {why}"
+        ))),
+        false,
+    );
+    NodeApiError::bad(code, why)
+}
+
+pub async fn complete(
+    State(grid): State<Grid>,
+    Path(job_id): Path<String>,
+    headers: HeaderMap,
+    Json(req): Json<CompleteRequest>,
+) -> NodeResult<OkResponse> {
+    let (_, signer, model, signed_usage) = job_owner(&grid, &headers, &job_id)?;
+    let sig = req.result_envelope_signature.as_deref();
+    let version = req.result_envelope_version.as_deref();
+    let checked = match (&req.sealed_result, &req.encrypted_result) {
+        (Some(sealed), None) => Algorithm::V2
+            .expect(sealed.algorithm.as_deref())
+            .and_then(|_| {
+                envelope::verify_result(
+                    &signer,
+                    &job_id,
+                    ResultKind::Sealed,
+                    &sealed.ciphertext,
+                    sig,
+                    version,
+                )
+            })
+            .map_err(|e| e.to_string()),
+        (None, Some(text)) => {
+            envelope::verify_result(&signer, &job_id, ResultKind::Plain, text, sig, version)
+                .map_err(|e| e.to_string())
+        }
+        _ => Err("exactly one of sealed_result and encrypted_result is required".into()),
+    };
+    if let Err(why) = checked {
+        return Err(reject(&grid, &job_id, "bad_signature", why));
+    }
+    let usage = req.usage.or_else(|| {
+        req.encrypted_result
+            .as_deref()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(t).ok())
+            .and_then(|v| serde_json::from_value(v.get("usage")?.clone()).ok())
+    });
+    if let Err(why) = check_usage(
+        &signer,
+        &job_id,
+        &model,
+        usage.as_ref(),
+        req.usage_signature.as_deref(),
+        signed_usage,
+    ) {
+        return Err(reject(&grid, &job_id, "bad_usage", why));
+    }
+    let mut inner = grid.lock();
+    Grid::finish_job(&mut inner, &job_id, Some(JobEvent::Complete(req)), true)
+        .ok_or_else(|| NodeApiError::conflict("job already finished"))?;
+    Ok(Json(OkResponse { ok: true }))
+}
+
+pub async fn chunk(
+    State(grid): State<Grid>,
+    Path(job_id): Path<String>,
+    headers: HeaderMap,
+    Json(req): Json<ChunkRequest>,
+) -> NodeResult<ChunkResponse> {
+    let (_, signer, model, signed_usage) = job_owner(&grid, &headers, &job_id)?;
+    if req.is_abort() {
+        let mut inner = grid.lock();
+        Grid::finish_job(
+            &mut inner,
+            &job_id,
+            Some(JobEvent::Failed("the node aborted the stream".into())),
+            false,
+        );
+        return Ok(Json(ChunkResponse {
+            ok: true,
+            closed: true,
+        }));
+    }
+    let (Some(seq), Some(is_final), Some(ct)) = (req.seq, req.is_final, req.ciphertext.as_deref())
+    else {
+        return Err(reject(
+            &grid,
+            &job_id,
+            "invalid_chunk",
+            "seq, final and ciphertext are required".into(),
+        ));
+    };
+    if req.algorithm.as_deref() != Some(Algorithm::V2Stream.as_str()) {
+        let alg = req.algorithm.clone().unwrap_or_default();
+        return Err(reject(
+            &grid,
+            &job_id,
+            "unsupported_algorithm",
+            format!("chunk algorithm {alg:?} (expected the v2 stream tag)"),
+        ));
+    }
+    if ct.len() > crate::proto::e2e::MAX_CHUNK_CIPHERTEXT_CHARS {
+        return Err(reject(
+            &grid,
+            &job_id,
+            "chunk_too_large",
+            "chunk ciphertext over 256000 characters".into(),
+        ));
+    }
+    // Idempotent repeat of the last accepted chunk, or the settlement after close.
+    let (expected, closed, repeat) = {
+        let inner = grid.lock();
+        let job = inner
+            .jobs
+            .get(&job_id)
+            .ok_or_else(|| NodeApiError::conflict("unknown or finished job"))?;
+        (
+            job.next_seq,
+            job.closed,
+            job.last_chunk.as_ref() == Some(&req),
+        )
+    };
+    if repeat {
+        return Ok(Json(ChunkResponse { ok: true, closed }));
+    }
+    let settlement = closed && is_final && (seq + 1 == expected || seq == expected);
+    if seq != expected && !settlement {
+        return Err(NodeApiError::conflict(format!(
+            "chunk seq {seq} out of order (expected {expected})"
+        )));
+    }
+    let kind = ResultKind::Stream { seq, is_final };
+    if let Err(e) = envelope::verify_result(
+        &signer,
+        &job_id,
+        kind,
+        ct,
+        req.result_envelope_signature.as_deref(),
+        req.result_envelope_version.as_deref(),
+    ) {
+        return Err(reject(&grid, &job_id, "bad_signature", e.to_string()));
+    }
+    if is_final {
+        if let Err(why) = check_usage(
+            &signer,
+            &job_id,
+            &model,
+            req.usage.as_ref(),
+            req.usage_signature.as_deref(),
+            signed_usage,
+        ) {
+            return Err(reject(&grid, &job_id, "bad_usage", why));
+        }
+    }
+    if settlement {
+        let mut inner = grid.lock();
+        Grid::finish_job(&mut inner, &job_id, None, true);
+        return Ok(Json(ChunkResponse {
+            ok: true,
+            closed: true,
+        }));
+    }
+    let tx = {
+        let mut inner = grid.lock();
+        let job = inner
+            .jobs
+            .get_mut(&job_id)
+            .ok_or_else(|| NodeApiError::conflict("unknown or finished job"))?;
+        job.acked = true;
+        job.next_seq = seq + 1;
+        job.last_chunk = Some(req.clone());
+        job.events.clone()
+    };
+    // In order: the node waits for this answer before posting the next chunk.
+    let delivered = tx.send(JobEvent::Chunk(req)).await.is_ok();
+    let mut inner = grid.lock();
+    if is_final {
+        Grid::finish_job(&mut inner, &job_id, None, true);
+        return Ok(Json(ChunkResponse {
+            ok: true,
+            closed: !delivered,
+        }));
+    }
+    if !delivered {
+        if let Some(job) = inner.jobs.get_mut(&job_id) {
+            job.closed = true;
+        }
+    }
+    Ok(Json(ChunkResponse {
+        ok: true,
+        closed: !delivered,
+    }))
+}
+
+pub async fn fail(
+    State(grid): State<Grid>,
+    Path(job_id): Path<String>,
+    headers: HeaderMap,
+    Json(req): Json<FailRequest>,
+) -> NodeResult<OkResponse> {
+    job_owner(&grid, &headers, &job_id)?;
+    let reason: String = req.reason.chars().take(500).collect();
+    tracing::info!(%job_id, reason = %reason, "node failed a job");
+    let mut inner = grid.lock();
+    Grid::finish_job(&mut inner, &job_id, Some(JobEvent::Failed(reason)), false);
+    Ok(Json(OkResponse { ok: true }))
+}
+
+pub async fn set_status(
+    State(grid): State<Grid>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Json(req): Json<StatusRequest>,
+) -> NodeResult<StatusResponse> {
+    let node_id = parse_node_id(&id)?;
+    authorize(&grid, &headers, &node_id)?;
+    let mut inner = grid.lock();
+    let node = inner
+        .nodes
+        .get_mut(&node_id)
+        .ok_or_else(|| NodeApiError::not_found("unknown node"))?;
+    node.off_grid = req.off_grid;
+    Ok(Json(StatusResponse {
+        ok: true,
+        off_grid: req.off_grid,
+    }))
+}
+
+pub async fn node_info(
+    State(grid): State<Grid>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> NodeResult<NodeInfoResponse> {
+    let node_id = parse_node_id(&id)?;
+    authorize(&grid, &headers, &node_id)?;
+    let inner = grid.lock();
+    let node = inner
+        .nodes
+        .get(&node_id)
+        .ok_or_else(|| NodeApiError::not_found("unknown node"))?;
+    let status = if node.off_grid {
+        "off_grid"
+    } else if node.level == AttestationLevel::None {
+        "pending_attestation"
+    } else {
+        "active"
+    };
+    Ok(Json(NodeInfoResponse {
+        status: status.into(),
+        attestation_verified: node.level != AttestationLevel::None,
+        reputation_score: 80,
+        jobs_completed: node.jobs_completed,
+        jobs_failed: node.jobs_failed,
+    }))
+}
+
+pub async fn allowed_binaries() -> Json<AllowedBinaries> {
+    Json(AllowedBinaries::default())
+}
+
+/// The v2 tag a sealed chat must carry (§5.3).
+pub const SEALED_TAG: &str = ALG_V2;
