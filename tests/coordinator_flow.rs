@@ -644,3 +644,130 @@ async fn node_auth_is_checked() {
     assert_eq!(reg(Some("code-1")).await, 200);
     assert_eq!(reg(Some("code-1")).await, 403);
 }
+
+fn plain_body(stream: bool) -> Value {
+    json!({"model": MODEL, "messages": [{"role": "system", "content": "Be brief."},
+                                        {"role": "user", "content": "What is the capital of France?"}],
+           "max_tokens": 32, "stream": stream, "stream_options": {"include_usage": true}})
+}
+
+#[tokio::test]
+async fn plain_openai_mode_non_stream_and_stream() {
+    let base = start(dev()).await;
+    let mut node = TestNode::join(&base).await;
+
+    let client = tokio::spawn(chat(base.clone(), plain_body(false)));
+    let job_id = node.serve(&["Paris", "."]).await;
+    let resp = client.await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["id"], format!("chatcmpl-{job_id}"));
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["choices"][0]["message"]["content"], "Paris.");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert_eq!(v["usage"]["completion_tokens"], 2);
+
+    let client = tokio::spawn(chat(base.clone(), plain_body(true)));
+    let tokens = ["The", " capital", " of", " France", " is", " Paris", "."];
+    node.serve(&tokens).await;
+    let resp = client.await.unwrap();
+    assert!(resp.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let events = sse_events(&resp.text().await.unwrap());
+    assert_eq!(events.last().unwrap().1, "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|(_, d)| serde_json::from_str(d).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| {
+            c["choices"]
+                .get(0)?
+                .get("delta")?
+                .get("content")?
+                .as_str()
+                .map(String::from)
+        })
+        .collect();
+    assert_eq!(text, tokens.concat());
+    let finish = &chunks[chunks.len() - 2];
+    assert_eq!(finish["choices"][0]["finish_reason"], "stop");
+    let usage = chunks.last().unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"]["completion_tokens"], tokens.len() as u64);
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk"));
+}
+
+#[tokio::test]
+async fn plain_mode_retries_once_on_another_node() {
+    let base = start(dev()).await;
+    let mut a = TestNode::join(&base).await;
+    let mut b = TestNode::join(&base).await;
+    let client = tokio::spawn(chat(base.clone(), plain_body(false)));
+    // Whichever node got it fails it; the other must then get the retry.
+    let (first, a_failed) = tokio::select! {
+        j = a.next_job() => (j, true),
+        j = b.next_job() => (j, false),
+    };
+    let (failing, second) = if a_failed { (&a, &mut b) } else { (&b, &mut a) };
+    let r = failing
+        .post(
+            &format!("/grid/jobs/{}/fail", first.id),
+            &json!({"reason": "engine wedged"}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    second.serve(&["Paris"]).await;
+    let v: Value = client.await.unwrap().json().await.unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], "Paris");
+}
+
+#[tokio::test]
+async fn plain_mode_validates_like_openai() {
+    let base = start(dev()).await;
+    let _node = TestNode::join(&base).await;
+    for (body, needle) in [
+        (json!({"model": MODEL, "messages": []}), "messages"),
+        (
+            json!({"messages": [{"role": "user", "content": "x"}]}),
+            "model",
+        ),
+        (
+            json!({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}),
+            "role",
+        ),
+        (
+            json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}),
+            "max_tokens",
+        ),
+        (
+            json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 100000}),
+            "max_tokens",
+        ),
+        (
+            json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": 3}),
+            "temperature",
+        ),
+    ] {
+        let r = chat(base.clone(), body).await;
+        assert_eq!(r.status(), 400);
+        let v: Value = r.json().await.unwrap();
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(needle),
+            "{v}"
+        );
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+    }
+    let r = chat(
+        base.clone(),
+        json!({"model": "nope", "messages": [{"role": "user", "content": "x"}]}),
+    )
+    .await;
+    assert_eq!(r.status(), 404);
+}

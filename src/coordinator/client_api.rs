@@ -45,11 +45,12 @@ fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ClientEr
 /// Pick a node for a model (§5.1): served, attested, on grid, online, with a
 /// published keybind, a free slot and a blended price under the cap; the
 /// cheapest, then the least loaded.
-fn choose_node(
+pub(crate) fn choose_node(
     grid: &Grid,
     inner: &Inner,
     req: &ReserveRequest,
     model: &str,
+    exclude: Option<NodeId>,
 ) -> Result<NodeId, ClientError> {
     let now = Instant::now();
     let require_hardware = match req.require_attestation.as_deref() {
@@ -89,6 +90,7 @@ fn choose_node(
                 && n.x25519.is_some()
                 && n.keybind.is_some()
                 && pin.is_none_or(|p| p == n.id)
+                && exclude != Some(n.id)
         })
         .collect();
     let attested: Vec<_> = usable
@@ -150,7 +152,7 @@ pub async fn reserve(
         ));
     }
     let mut inner = grid.lock();
-    let node_id = choose_node(&grid, &inner, &req, &model)?;
+    let node_id = choose_node(&grid, &inner, &req, &model, None)?;
     let token = format!("rsv_{}", super::state::random_token());
     inner.reservations.insert(
         token.clone(),
@@ -186,7 +188,7 @@ pub async fn reserve(
 }
 
 /// Create a job for a reserved node and offer it; returns its id and events.
-fn dispatch(
+pub(crate) fn dispatch(
     grid: &Grid,
     node_id: NodeId,
     model: &str,
@@ -217,15 +219,13 @@ fn dispatch(
     (id, rx)
 }
 
-/// `POST /v1/chat/completions`. Sealed mode only in this build; plain OpenAI
-/// mode needs the coordinator to seal on the caller's behalf.
+/// `POST /v1/chat/completions`: sealed mode when the body has `enc`, plain
+/// OpenAI mode otherwise (§5.2).
 pub async fn chat(State(grid): State<Grid>, body: Bytes) -> Result<Response, ClientError> {
     let value: Value = parse_body(&body)?;
     if value.get("enc").is_none() {
-        return Err(ClientError::invalid(
-            "plain_mode_unavailable",
-            "this coordinator serves sealed requests only: reserve a node and send reservation_token and enc",
-        ));
+        let req = parse_body(&body)?;
+        return super::plain::chat(grid, req).await;
     }
     let req: SealedChatRequest = parse_body(&body)?;
     if req.enc.algorithm.as_deref() != Some(ALG_V2) {

@@ -5,12 +5,13 @@
 //! prompt or a sealed reply: `enc` goes to the node unchanged and sealed
 //! results and chunks come back verified against the node's key, unopened.
 //!
-//! This build keeps its state in memory and serves sealed requests; billing,
-//! persistence, plain OpenAI mode and the WebSocket push are still to come.
+//! This build keeps its state in memory and runs in development mode only;
+//! billing, persistence and the WebSocket push are still to come.
 
 pub mod client_api;
 pub mod error;
 pub mod node_api;
+mod plain;
 pub mod state;
 
 use std::future::Future;

@@ -309,10 +309,13 @@ impl ResponseKey {
     }
 
     /// A stream opener bound to this key and the request nonce sent in the payload.
-    pub fn stream_opener(&self, request_nonce: &str) -> Result<StreamOpener<'_>, ProtoError> {
+    pub fn stream_opener(&self, request_nonce: &str) -> Result<StreamOpener, ProtoError> {
         check_request_nonce(request_nonce)?;
         Ok(StreamOpener {
-            response: self,
+            // A copy, zeroized on drop like the original, so the opener can
+            // outlive a borrow (an SSE relay task owns it).
+            secret: self.secret.clone(),
+            resp_b58: self.public.to_b58(),
             request_nonce: request_nonce.to_string(),
             state: OpenerState::AwaitingFirst,
         })
@@ -572,13 +575,23 @@ enum OpenerState {
 /// key is derived once from the seq-0 ephemeral key; nothing is accepted after
 /// the final chunk; any failure ends the stream; [`StreamOpener::finish`]
 /// fails when no final chunk came (truncation).
-pub struct StreamOpener<'k> {
-    response: &'k ResponseKey,
+pub struct StreamOpener {
+    secret: StaticSecret,
+    resp_b58: String,
     request_nonce: String,
     state: OpenerState,
 }
 
-impl StreamOpener<'_> {
+impl fmt::Debug for StreamOpener {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StreamOpener")
+            .field("resp", &self.resp_b58)
+            .field("secret", &"<redacted>")
+            .finish()
+    }
+}
+
+impl StreamOpener {
     /// Open the next chunk; `eph` is the `eph` field (required on seq 0).
     pub fn open(
         &mut self,
@@ -610,7 +623,7 @@ impl StreamOpener<'_> {
             }
             let eph_b58 = eph.ok_or(ProtoError::Missing("stream ephemeral key on seq 0"))?;
             let eph_key = X25519Public::from_b58(eph_b58)?;
-            let key = AeadKey::agree(&self.response.secret, &eph_key, HKDF_INFO_OUTPUT)?;
+            let key = AeadKey::agree(&self.secret, &eph_key, HKDF_INFO_OUTPUT)?;
             self.state = OpenerState::Open {
                 key,
                 eph_b58: eph_key.to_b58(),
@@ -642,13 +655,7 @@ impl StreamOpener<'_> {
             }
         }
         let blob = decode_blob(ct, MAX_CHUNK_CIPHERTEXT_CHARS)?;
-        let aad = stream_aad(
-            &self.response.public.to_b58(),
-            eph_b58,
-            &self.request_nonce,
-            seq,
-            is_final,
-        );
+        let aad = stream_aad(&self.resp_b58, eph_b58, &self.request_nonce, seq, is_final);
         let plain = key.open(&blob, aad.as_bytes())?;
         let text = String::from_utf8(plain.to_vec()).map_err(|_| ProtoError::StreamNotUtf8)?;
         *next_seq = seq.checked_add(1).ok_or(ProtoError::StreamExhausted)?;

@@ -465,7 +465,7 @@ fn stream_opener_refuses_splices() {
         .collect();
     let key = ResponseKey::from_secret_bytes(h32(v, "client_resp_secret_hex"));
     let nonce = s(v, "request_nonce_b58");
-    let open = |o: &mut StreamOpener<'_>, c: &Value| {
+    let open = |o: &mut StreamOpener, c: &Value| {
         o.open(seq(c), flag(c), c["eph"].as_str(), s(c, "ct"))
             .map(|_| ())
     };

@@ -1,0 +1,391 @@
+//! Plain OpenAI mode (PROTOCOL.md §5.4): a standard chat request, routed as a
+//! reservation would be, which the coordinator seals to the node on the
+//! caller's behalf, then opens and answers as `chat.completion` or
+//! `chat.completion.chunk` SSE. Not end to end: the coordinator sees the text.
+//! A node that fails before any output is replaced once by another.
+
+use std::convert::Infallible;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::http::header;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::stream::{self, Stream, StreamExt};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use super::client_api::{choose_node, dispatch};
+use super::error::ClientError;
+use super::state::{Grid, JobEvent};
+use crate::node::jobs::{MAX_MAX_TOKENS, MAX_MESSAGES};
+use crate::proto::api::{ReserveRequest, SealedReplyPlaintext};
+use crate::proto::e2e::{self, ResponseKey, StreamOpener};
+use crate::proto::identity::{NodeId, X25519Public};
+use crate::proto::openai::{
+    AssistantMessage, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, Choice,
+    FinishReason, Usage,
+};
+
+const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Validate what OpenAI would refuse with 400.
+fn validate(req: &ChatCompletionRequest) -> Result<u64, ClientError> {
+    if req.model.is_empty() {
+        return Err(ClientError::invalid("invalid_request", "model is required"));
+    }
+    if req.messages.is_empty() {
+        return Err(ClientError::invalid(
+            "invalid_request",
+            "messages must not be empty",
+        ));
+    }
+    if req.messages.len() > MAX_MESSAGES {
+        return Err(ClientError::invalid(
+            "invalid_request",
+            format!("at most {MAX_MESSAGES} messages"),
+        ));
+    }
+    if let Some(m) = req
+        .messages
+        .iter()
+        .find(|m| !ROLES.contains(&m.role.as_str()))
+    {
+        return Err(ClientError::invalid(
+            "invalid_request",
+            format!(
+                "unknown role {:?}",
+                m.role.chars().take(32).collect::<String>()
+            ),
+        ));
+    }
+    if req.messages.iter().any(|m| m.content.has_non_text_parts()) {
+        return Err(ClientError::invalid(
+            "invalid_request",
+            "only text content is supported",
+        ));
+    }
+    if let Some(t) = req.temperature {
+        if !(0.0..=2.0).contains(&t) {
+            return Err(ClientError::invalid(
+                "invalid_request",
+                "temperature must be in [0, 2]",
+            ));
+        }
+    }
+    match req.requested_max_tokens() {
+        Some(0) => Err(ClientError::invalid(
+            "invalid_request",
+            "max_tokens must be at least 1",
+        )),
+        Some(n) if n > MAX_MAX_TOKENS => Err(ClientError::invalid(
+            "invalid_request",
+            format!("max_tokens must be at most {MAX_MAX_TOKENS}"),
+        )),
+        Some(n) => Ok(n),
+        None => Ok(crate::node::jobs::DEFAULT_MAX_TOKENS),
+    }
+}
+
+/// The sealed payload the node opens (§3.4), with sgl's extra sampling fields.
+fn inner_payload(req: &ChatCompletionRequest, max_tokens: u64, nonce: Option<&str>) -> Value {
+    let messages: Vec<Value> = req
+        .messages
+        .iter()
+        .map(|m| json!({"role": m.role, "content": m.content.text()}))
+        .collect();
+    let mut p = json!({"messages": messages, "temperature": req.temperature.unwrap_or(0.7), "max_tokens": max_tokens});
+    if let Some(t) = req.top_p {
+        p["top_p"] = json!(t);
+    }
+    if let Some(s) = req.seed {
+        p["seed"] = json!(s);
+    }
+    if let Some(stop) = &req.stop {
+        p["stop"] = json!(stop.to_vec());
+    }
+    if let Some(n) = nonce {
+        p["stream"] = json!(true);
+        p["nonce"] = json!(n);
+    }
+    p
+}
+
+fn random_nonce() -> String {
+    use rand_core::RngCore;
+    let mut b = [0u8; 16];
+    rand_core::OsRng.fill_bytes(&mut b);
+    crate::proto::b58::encode(&b)
+}
+
+struct Dispatched {
+    job_id: String,
+    model: String,
+    rx: mpsc::Receiver<JobEvent>,
+    key: ResponseKey,
+    nonce: Option<String>,
+    first: JobEvent,
+}
+
+/// Route, seal and dispatch; wait for the first event. A node that fails
+/// before any output is excluded and the request tried once more elsewhere.
+async fn run_once(
+    grid: &Grid,
+    req: &ChatCompletionRequest,
+    max_tokens: u64,
+    exclude: Option<NodeId>,
+) -> Result<(Dispatched, NodeId), ClientError> {
+    let route = ReserveRequest {
+        model: Some(req.model.clone()),
+        node: req
+            .extra
+            .get("node")
+            .and_then(Value::as_str)
+            .map(String::from),
+        max_price: req.extra.get("max_price").and_then(Value::as_f64),
+        require_attestation: req
+            .extra
+            .get("require_attestation")
+            .and_then(Value::as_str)
+            .map(String::from),
+        ..Default::default()
+    };
+    let (node_id, x25519, streams) = {
+        let inner = grid.lock();
+        let node_id = choose_node(grid, &inner, &route, &req.model, exclude)?;
+        let node = inner
+            .nodes
+            .get(&node_id)
+            .ok_or_else(|| ClientError::internal("chosen node vanished"))?;
+        let x: X25519Public = node
+            .x25519
+            .ok_or_else(|| ClientError::internal("chosen node has no key"))?;
+        (node_id, x, node.capabilities.streaming)
+    };
+    let nonce = (req.is_stream() && streams).then(random_nonce);
+    let inner = inner_payload(req, max_tokens, nonce.as_deref());
+    let (enc, key) =
+        e2e::seal_input(&x25519, inner.to_string().as_bytes()).map_err(ClientError::internal)?;
+    let mut payload = json!({"enc": enc});
+    if nonce.is_some() {
+        payload["stream"] = json!(true);
+    }
+    let (job_id, mut rx) = dispatch(grid, node_id, &req.model, payload, nonce.is_some());
+    tracing::info!(%job_id, %node_id, stream = nonce.is_some(), "plain job dispatched");
+    let wait = grid.config.stuck_job_timeout + Duration::from_secs(5);
+    let first = tokio::time::timeout(wait, rx.recv())
+        .await
+        .map_err(|_| ClientError::node_timeout())?;
+    let first = first.unwrap_or(JobEvent::Failed("the job ended without a result".into()));
+    Ok((
+        Dispatched {
+            job_id,
+            model: req.model.clone(),
+            rx,
+            key,
+            nonce,
+            first,
+        },
+        node_id,
+    ))
+}
+
+pub async fn chat(grid: Grid, req: ChatCompletionRequest) -> Result<Response, ClientError> {
+    let max_tokens = validate(&req)?;
+    let (mut d, node_id) = run_once(&grid, &req, max_tokens, None).await?;
+    if let JobEvent::Failed(why) = &d.first {
+        tracing::warn!(job_id = %d.job_id, why = %why, "node failed before any output; retrying on another node");
+        match run_once(&grid, &req, max_tokens, Some(node_id)).await {
+            Ok((again, _)) => d = again,
+            Err(_) => return Err(ClientError::node_failed(format!("the node failed: {why}"))),
+        }
+    }
+    let created = now_unix();
+    let id = format!("chatcmpl-{}", d.job_id);
+    match d.first {
+        JobEvent::Failed(why) => Err(ClientError::node_failed(format!("the node failed: {why}"))),
+        JobEvent::Complete(done) => {
+            let sealed = done
+                .sealed_result
+                .ok_or_else(|| ClientError::node_failed("the node answered in plain"))?;
+            let plain = d
+                .key
+                .open_output(&sealed)
+                .map_err(|e| ClientError::node_failed(format!("reply does not open: {e}")))?;
+            let reply: SealedReplyPlaintext = serde_json::from_slice(&plain)
+                .map_err(|e| ClientError::node_failed(format!("reply is not a result: {e}")))?;
+            let finish = finish_reason(reply.finish_reason.as_deref(), reply.usage, max_tokens);
+            if req.is_stream() {
+                let events = vec![
+                    ChatCompletionChunk::role(&id, created, &d.model),
+                    ChatCompletionChunk::content(&id, created, &d.model, &reply.content),
+                    ChatCompletionChunk::finish(&id, created, &d.model, finish),
+                ];
+                let usage = req
+                    .include_usage()
+                    .then(|| ChatCompletionChunk::usage(&id, created, &d.model, reply.usage));
+                let all = events
+                    .into_iter()
+                    .chain(usage)
+                    .map(|c| data(&c))
+                    .collect::<Vec<_>>();
+                return Ok(sse(Box::pin(stream::iter(all).chain(done_marker())), true));
+            }
+            let body = ChatCompletionResponse {
+                id,
+                object: "chat.completion".into(),
+                created,
+                model: d.model,
+                choices: vec![Choice {
+                    index: 0,
+                    message: AssistantMessage {
+                        role: "assistant".into(),
+                        content: reply.content,
+                    },
+                    finish_reason: Some(finish),
+                }],
+                usage: Some(reply.usage),
+                usage_signature: done.usage_signature,
+            };
+            Ok(Json(body).into_response())
+        }
+        JobEvent::Chunk(first) => {
+            let nonce = d.nonce.clone().unwrap_or_default();
+            let opener = d.key.stream_opener(&nonce).map_err(ClientError::internal)?;
+            let include_usage = req.include_usage();
+            let model = d.model.clone();
+            let head = stream::iter(vec![data(&ChatCompletionChunk::role(&id, created, &model))]);
+            let state = StreamState {
+                id,
+                model,
+                created,
+                max_tokens,
+                include_usage,
+                opener,
+                rx: d.rx,
+                pending: Some(first),
+                done: false,
+            };
+            let body = stream::unfold(state, |mut s| async move {
+                if s.done {
+                    return None;
+                }
+                let ev = match s.pending.take() {
+                    Some(c) => Some(JobEvent::Chunk(c)),
+                    None => s.rx.recv().await,
+                };
+                let events = s.translate(ev);
+                Some((events, s))
+            })
+            .flat_map(stream::iter);
+            Ok(sse(Box::pin(head.chain(body).chain(done_marker())), true))
+        }
+    }
+}
+
+fn finish_reason(reported: Option<&str>, usage: Usage, max_tokens: u64) -> FinishReason {
+    match reported {
+        Some("length") => FinishReason::Length,
+        Some("stop") => FinishReason::Stop,
+        _ if usage.completion_tokens >= max_tokens => FinishReason::Length,
+        _ => FinishReason::Stop,
+    }
+}
+
+fn data(c: &ChatCompletionChunk) -> Result<Event, Infallible> {
+    Ok(Event::default().data(serde_json::to_string(c).unwrap_or_default()))
+}
+
+fn done_marker() -> impl Stream<Item = Result<Event, Infallible>> {
+    stream::once(async { Ok(Event::default().data("[DONE]")) })
+}
+
+fn sse(
+    body: std::pin::Pin<Box<dyn Stream<Item = Result<Event, Infallible>> + Send>>,
+    _: bool,
+) -> Response {
+    (
+        [(header::CACHE_CONTROL, "no-cache")],
+        Sse::new(body).keep_alive(
+            KeepAlive::new()
+                .interval(Duration::from_secs(15))
+                .text("ping"),
+        ),
+    )
+        .into_response()
+}
+
+struct StreamState {
+    id: String,
+    model: String,
+    created: u64,
+    max_tokens: u64,
+    include_usage: bool,
+    opener: StreamOpener,
+    rx: mpsc::Receiver<JobEvent>,
+    pending: Option<crate::proto::api::ChunkRequest>,
+    done: bool,
+}
+
+impl StreamState {
+    fn error(&mut self, message: &str) -> Vec<Result<Event, Infallible>> {
+        self.done = true;
+        let body = json!({"error": {"message": message, "type": "server_error", "code": "stream_aborted"}});
+        vec![Ok(Event::default().event("error").data(body.to_string()))]
+    }
+
+    /// Open each chunk in order (the opener is rebuilt per chunk from the
+    /// running seq, since it borrows the key) and turn it into OpenAI events.
+    fn translate(&mut self, ev: Option<JobEvent>) -> Vec<Result<Event, Infallible>> {
+        let c = match ev {
+            Some(JobEvent::Chunk(c)) => c,
+            Some(JobEvent::Failed(why)) => return self.error(&format!("the node failed: {why}")),
+            Some(JobEvent::Complete(_)) | None => {
+                return self.error("the stream ended without a final chunk")
+            }
+        };
+        let (Some(seq), Some(fin), Some(ct)) = (c.seq, c.is_final, c.ciphertext.as_deref()) else {
+            return self.error("malformed chunk");
+        };
+        let text = match self
+            .opener
+            .open(seq, fin, c.ephemeral_public_key.as_deref(), ct)
+        {
+            Ok(t) => t.to_string(),
+            Err(e) => return self.error(&format!("chunk does not open: {e}")),
+        };
+        let mut out = Vec::new();
+        if !text.is_empty() {
+            out.push(data(&ChatCompletionChunk::content(
+                &self.id,
+                self.created,
+                &self.model,
+                &text,
+            )));
+        }
+        if fin {
+            self.done = true;
+            let usage = c.usage.unwrap_or_default();
+            let finish = finish_reason(None, usage, self.max_tokens);
+            out.push(data(&ChatCompletionChunk::finish(
+                &self.id,
+                self.created,
+                &self.model,
+                finish,
+            )));
+            if self.include_usage {
+                let mut u = ChatCompletionChunk::usage(&self.id, self.created, &self.model, usage);
+                u.usage_signature = c.usage_signature;
+                out.push(data(&u));
+            }
+        }
+        out
+    }
+}
