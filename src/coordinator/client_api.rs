@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::error::ClientError;
+use super::pricing::PerM;
 use super::state::{Grid, Inner, Job, JobEvent, Reservation};
 use crate::proto::api::{
     AttestationLevel, CapacityResponse, ChunkRequest, CompleteRequest, ReserveRequest,
@@ -105,13 +106,22 @@ pub(crate) fn choose_node(
             "no node serving this model meets the attestation requirement",
         ));
     }
-    let price = |_: &NodeId| {
-        let (i, o) = grid.reference_price(model);
-        (i + o) / 2.0
+    let cap = match req.max_price {
+        None => None,
+        Some(usd) => Some(PerM::from_usd(usd).ok_or_else(|| {
+            ClientError::invalid("invalid_request", "max_price must be a non-negative number")
+        })?),
+    };
+    let price = |id: &NodeId| {
+        inner
+            .nodes
+            .get(id)
+            .map(|n| grid.effective_price(n, model).blended())
+            .unwrap_or(PerM(u64::MAX))
     };
     let affordable: Vec<_> = attested
         .iter()
-        .filter(|n| req.max_price.is_none_or(|cap| price(&n.id) <= cap))
+        .filter(|n| cap.is_none_or(|cap| price(&n.id) <= cap))
         .collect();
     if affordable.is_empty() && !attested.is_empty() {
         return Err(ClientError::new(
@@ -127,9 +137,7 @@ pub(crate) fn choose_node(
         .min_by(|a, b| {
             let la = Grid::load(inner, &a.id, now) as f64 / a.max_concurrent_jobs as f64;
             let lb = Grid::load(inner, &b.id, now) as f64 / b.max_concurrent_jobs as f64;
-            price(&a.id)
-                .total_cmp(&price(&b.id))
-                .then(la.total_cmp(&lb))
+            price(&a.id).cmp(&price(&b.id)).then(la.total_cmp(&lb))
         })
         .map(|n| n.id)
         .ok_or_else(ClientError::no_capacity)

@@ -6,13 +6,16 @@
 //! results and chunks come back verified against the node's key, unopened.
 //!
 //! This build keeps its state in memory and runs in development mode only;
-//! billing, persistence and the WebSocket push are still to come.
+//! billing and persistence are still to come.
 
 pub mod client_api;
 pub mod error;
+pub mod market;
 pub mod node_api;
 mod plain;
+pub mod pricing;
 pub mod state;
+pub mod ws;
 
 use std::future::Future;
 use std::time::Duration;
@@ -30,6 +33,17 @@ pub fn router(grid: Grid) -> Router {
         .route("/v1/chat/completions", post(client_api::chat))
         .route("/v1/models", get(client_api::models))
         .route("/grid/capacity", get(client_api::capacity))
+        .route("/v1/providers", get(market::providers))
+        .route("/grid/models", get(market::grid_models))
+        .route("/grid/pricing", get(market::grid_pricing))
+        .route(
+            "/grid/nodes/{id}/prices",
+            get(market::get_prices).post(market::set_price),
+        )
+        .route(
+            "/grid/nodes/{id}/attestation/evidence",
+            get(market::evidence),
+        )
         .route("/grid/nodes/register", post(node_api::register))
         .route("/grid/nodes/heartbeat", post(node_api::heartbeat))
         .route("/grid/nodes/{id}", get(node_api::node_info))
@@ -39,6 +53,7 @@ pub fn router(grid: Grid) -> Router {
             post(node_api::verify_attestation),
         )
         .route("/grid/nodes/{id}/status", post(node_api::set_status))
+        .route("/grid/nodes/{id}/ws", get(ws::upgrade))
         .route("/grid/jobs/{id}/complete", post(node_api::complete))
         .route("/grid/jobs/{id}/chunk", post(node_api::chunk))
         .route("/grid/jobs/{id}/fail", post(node_api::fail))

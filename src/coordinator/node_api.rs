@@ -139,13 +139,21 @@ pub async fn verify_attestation(
     }
     node.x25519 = Some(x25519);
     node.level = AttestationLevel::SelfReported;
+    let verified_at = super::market::humantime_rfc3339(std::time::SystemTime::now());
+    node.attestation = Some(super::state::AttestationRecord {
+        challenge,
+        evidence: None,
+        verified_at: verified_at.clone(),
+        policy_digest: None,
+        report_hash: report.compute_report_hash(),
+    });
     node.last_seen = Instant::now();
     tracing::info!(%node_id, level = "self_reported", "node attested");
     Ok(Json(VerifyAttestationResponse {
         verified: true,
         status: "active".into(),
         attestation_level: Some(AttestationLevel::SelfReported),
-        verified_at: None,
+        verified_at: Some(verified_at),
         policy_digest: None,
     }))
 }
@@ -197,6 +205,10 @@ pub async fn heartbeat(
     node.capabilities = req.capabilities.clone();
     node.max_concurrent_jobs = req.max_concurrent_jobs.max(1);
     node.last_seen = Instant::now();
+    let new_auth_token = grid.maybe_rotate_token(node, node.last_seen);
+    if new_auth_token.is_some() {
+        tracing::info!(%node_id, "node token rotated");
+    }
     let active: HashSet<&str> = req.active_job_ids.iter().map(String::as_str).collect();
     let mut ghosts = Vec::new();
     let mut pending = Vec::new();
@@ -221,8 +233,12 @@ pub async fn heartbeat(
     Ok(Json(HeartbeatResponse {
         status: "ok".into(),
         pending_jobs: pending,
-        new_auth_token: None,
-        token_expires_at: None,
+        token_expires_at: new_auth_token.as_ref().map(|_| {
+            super::market::humantime_rfc3339(
+                std::time::SystemTime::now() + grid.config.token_lifetime,
+            )
+        }),
+        new_auth_token,
     }))
 }
 

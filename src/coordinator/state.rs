@@ -11,8 +11,9 @@ use serde_json::Value;
 use subtle::ConstantTimeEq;
 use tokio::sync::mpsc;
 
+use super::pricing::Price;
 use crate::proto::api::{
-    AttestationLevel, Capabilities, ChunkRequest, CompleteRequest, PendingJob,
+    AttestationLevel, Capabilities, ChunkRequest, CompleteRequest, Evidence, PendingJob,
 };
 use crate::proto::b58;
 use crate::proto::identity::{Ed25519Public, NodeId, Signature, X25519Public};
@@ -35,9 +36,16 @@ pub struct Config {
     pub challenge_ttl: Duration,
     /// Single-use registration codes accepted outside development mode.
     pub registration_codes: Vec<String>,
-    /// Reference price per model, USD per 1M tokens (input, output).
-    pub reference_prices: HashMap<String, (f64, f64)>,
-    pub default_reference_price: (f64, f64),
+    /// Reference price per model (the model catalogue's).
+    pub reference_prices: HashMap<String, Price>,
+    /// For models the catalogue does not know: 0.005 USD per 1M tokens.
+    pub default_reference_price: Price,
+    /// Between two price changes of the same (node, model) (§5.8).
+    pub price_cooldown: Duration,
+    /// A node token older than this is rotated on the next heartbeat.
+    pub token_lifetime: Duration,
+    /// The previous token stays valid this long after a rotation (§6.5).
+    pub token_grace: Duration,
 }
 
 impl Default for Config {
@@ -53,7 +61,10 @@ impl Default for Config {
             challenge_ttl: Duration::from_secs(300),
             registration_codes: Vec::new(),
             reference_prices: HashMap::new(),
-            default_reference_price: (0.005, 0.005),
+            default_reference_price: Price::new(5_000, 5_000),
+            price_cooldown: Duration::from_secs(60),
+            token_lifetime: Duration::from_secs(24 * 3600),
+            token_grace: Duration::from_secs(600),
         }
     }
 }
@@ -73,6 +84,9 @@ pub struct Node {
     pub tee_type: String,
     pub ed25519: Ed25519Public,
     token: String,
+    token_issued: Instant,
+    /// The token before the last rotation, valid until the instant given.
+    previous_token: Option<(String, Instant)>,
     pub x25519: Option<X25519Public>,
     pub keybind: Option<Signature>,
     pub key_version: u32,
@@ -86,6 +100,21 @@ pub struct Node {
     pub jobs_completed: u64,
     pub jobs_failed: u64,
     pub push: Option<mpsc::UnboundedSender<PendingJob>>,
+    /// Custom prices per model and when each last changed.
+    pub custom_prices: HashMap<String, Price>,
+    pub price_changed: HashMap<String, Instant>,
+    /// What the last successful attestation rested on (§7b).
+    pub attestation: Option<AttestationRecord>,
+}
+
+/// The facts of a node's last successful attestation, served publicly.
+#[derive(Debug, Clone)]
+pub struct AttestationRecord {
+    pub challenge: String,
+    pub evidence: Option<Evidence>,
+    pub verified_at: String,
+    pub policy_digest: Option<String>,
+    pub report_hash: String,
 }
 
 #[derive(Debug)]
@@ -158,12 +187,33 @@ impl Grid {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn reference_price(&self, model: &str) -> (f64, f64) {
+    pub fn reference_price(&self, model: &str) -> Price {
         self.config
             .reference_prices
             .get(model)
             .copied()
             .unwrap_or(self.config.default_reference_price)
+    }
+
+    /// What a node bills for a model: its custom price, else the reference.
+    pub fn effective_price(&self, node: &Node, model: &str) -> Price {
+        node.custom_prices
+            .get(model)
+            .copied()
+            .unwrap_or_else(|| self.reference_price(model))
+    }
+
+    /// Rotate a node's token when it is older than the configured lifetime;
+    /// returns the new token. The old one stays valid for the grace period.
+    pub fn maybe_rotate_token(&self, node: &mut Node, now: Instant) -> Option<String> {
+        if now.duration_since(node.token_issued) < self.config.token_lifetime {
+            return None;
+        }
+        let new = random_token();
+        let old = std::mem::replace(&mut node.token, new.clone());
+        node.previous_token = Some((old, now + self.config.token_grace));
+        node.token_issued = now;
+        Some(new)
     }
 
     /// Whether a node is still heard from.
@@ -204,6 +254,8 @@ impl Grid {
                 tee_type,
                 ed25519,
                 token: token.clone(),
+                token_issued: Instant::now(),
+                previous_token: None,
                 x25519: None,
                 keybind: None,
                 key_version: 0,
@@ -217,6 +269,9 @@ impl Grid {
                 jobs_completed: 0,
                 jobs_failed: 0,
                 push: None,
+                custom_prices: HashMap::new(),
+                price_changed: HashMap::new(),
+                attestation: None,
             },
         );
         Ok((id, token))
@@ -224,10 +279,14 @@ impl Grid {
 
     /// Check a node token in constant time.
     pub fn authenticate(&self, inner: &Inner, node_id: &NodeId, token: &str) -> bool {
-        match inner.nodes.get(node_id) {
-            Some(n) => bool::from(n.token.as_bytes().ct_eq(token.as_bytes())),
-            None => false,
-        }
+        let Some(n) = inner.nodes.get(node_id) else {
+            return false;
+        };
+        let current = bool::from(n.token.as_bytes().ct_eq(token.as_bytes()));
+        let previous = n.previous_token.as_ref().is_some_and(|(old, until)| {
+            Instant::now() <= *until && bool::from(old.as_bytes().ct_eq(token.as_bytes()))
+        });
+        current | previous
     }
 
     /// Issue a single-use challenge (64 hex characters, §6.3).

@@ -1,0 +1,364 @@
+//! What the grid offers and at what price (PROTOCOL.md §5.5, §5.8, §5.9,
+//! §7b): `/v1/providers`, `/grid/models`, `/grid/pricing`, the node prices
+//! and the public attestation evidence of a node.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::Json;
+use serde_json::{json, Map};
+
+use super::error::ClientError;
+use super::pricing::{PerM, Price};
+use super::state::{Grid, Node};
+use crate::proto::api::{
+    AttestationLevel, EvidenceResponse, GridModel, GridModelPricing, GridModelsResponse,
+    GridPricingEntry, GridPricingResponse, NodePriceEntry, NodePricesResponse, Provider,
+    ProvidersResponse, SetPriceRequest, SetPriceResponse,
+};
+use crate::proto::identity::NodeId;
+
+/// The tee type clients see: the hardware's only when it was proven.
+fn shown_tee_type(n: &Node) -> String {
+    match n.level {
+        AttestationLevel::Hardware => n.tee_type.clone(),
+        _ if n.tee_type == "sev-snp" || n.tee_type == "tdx" => "self_reported".into(),
+        _ => n.tee_type.clone(),
+    }
+}
+
+/// 0–100 from the node's record: completed over finished, 80 for a new node.
+fn reputation(n: &Node) -> i64 {
+    let done = n.jobs_completed + n.jobs_failed;
+    (n.jobs_completed * 100)
+        .checked_div(done)
+        .map_or(80, |r| r as i64)
+}
+
+#[derive(Debug, serde::Deserialize)]
+pub struct ProvidersQuery {
+    model: Option<String>,
+    cluster: Option<String>,
+}
+
+/// `GET /v1/providers?model=M`: nodes serving M, cheapest first (§5.5).
+pub async fn providers(
+    State(grid): State<Grid>,
+    Query(q): Query<ProvidersQuery>,
+) -> Result<Json<ProvidersResponse>, ClientError> {
+    let model = q
+        .model
+        .filter(|m| !m.is_empty())
+        .ok_or_else(|| ClientError::invalid("invalid_request", "model is required"))?;
+    let inner = grid.lock();
+    let now = Instant::now();
+    let mut rows: Vec<(PerM, Provider)> = inner
+        .nodes
+        .values()
+        .filter(|n| n.level != AttestationLevel::None && n.models.iter().any(|m| m == &model))
+        .map(|n| {
+            let p = grid.effective_price(n, &model);
+            let slots = n.max_concurrent_jobs.max(1);
+            let load = f64::from(Grid::load(&inner, &n.id, now)) / f64::from(slots);
+            let blended = p.blended();
+            (
+                blended,
+                Provider {
+                    node_id: n.id.to_string(),
+                    input_per_m: p.input.usd(),
+                    output_per_m: p.output.usd(),
+                    blended_per_1k: blended.usd() / 1000.0,
+                    is_custom: n.custom_prices.contains_key(&model),
+                    reputation: reputation(n),
+                    load,
+                    max_concurrent_jobs: n.max_concurrent_jobs,
+                    tee_type: shown_tee_type(n),
+                    online: !n.off_grid && grid.is_online(n, now),
+                },
+            )
+        })
+        .collect();
+    rows.sort_by(|a, b| {
+        a.0.cmp(&b.0)
+            .then(b.1.online.cmp(&a.1.online))
+            .then(a.1.load.total_cmp(&b.1.load))
+    });
+    let providers: Vec<Provider> = rows.into_iter().map(|(_, p)| p).collect();
+    Ok(Json(ProvidersResponse {
+        model,
+        cluster: q.cluster,
+        count: providers.len(),
+        providers,
+    }))
+}
+
+/// Per model: the active nodes serving it and their tee types.
+fn served_models(grid: &Grid) -> BTreeMap<String, (u64, Vec<String>, u64)> {
+    let inner = grid.lock();
+    let now = Instant::now();
+    let mut out: BTreeMap<String, (u64, Vec<String>, u64)> = BTreeMap::new();
+    for n in inner
+        .nodes
+        .values()
+        .filter(|n| n.level != AttestationLevel::None && !n.off_grid && grid.is_online(n, now))
+    {
+        for m in &n.models {
+            let e = out.entry(m.clone()).or_default();
+            e.0 += 1;
+            let t = shown_tee_type(n);
+            if !e.1.contains(&t) {
+                e.1.push(t);
+            }
+            e.2 += u64::from(n.custom_prices.contains_key(m));
+        }
+    }
+    out
+}
+
+fn per_1k(p: PerM) -> f64 {
+    p.usd() / 1000.0
+}
+
+/// `GET /grid/models`: always the object form PYSDK parses (§5.9).
+pub async fn grid_models(State(grid): State<Grid>) -> Json<GridModelsResponse> {
+    let models = served_models(&grid)
+        .into_iter()
+        .map(|(id, (count, tee_types, custom))| {
+            let r = grid.reference_price(&id);
+            let mut extra = Map::new();
+            extra.insert("model".into(), json!(id));
+            extra.insert("node_count".into(), json!(count));
+            extra.insert("providers_count".into(), json!(count));
+            extra.insert("custom_providers_count".into(), json!(custom));
+            extra.insert("price_input_per_m".into(), json!(r.input.usd()));
+            extra.insert("price_output_per_m".into(), json!(r.output.usd()));
+            GridModel {
+                id,
+                owned_by: "sgl".into(),
+                sgl_node_count: count,
+                sgl_tee_types: tee_types,
+                sgl_pricing: GridModelPricing {
+                    price_per_1k_input_tokens_usd: per_1k(r.input),
+                    price_per_1k_output_tokens_usd: per_1k(r.output),
+                },
+                extra,
+            }
+        })
+        .collect();
+    Json(GridModelsResponse { models })
+}
+
+/// `GET /grid/pricing`: the reference price of every served model.
+pub async fn grid_pricing(State(grid): State<Grid>) -> Json<GridPricingResponse> {
+    let pricing = served_models(&grid)
+        .into_keys()
+        .map(|model| {
+            let r = grid.reference_price(&model);
+            GridPricingEntry {
+                model,
+                price_per_1k_input_tokens_usd: per_1k(r.input),
+                price_per_1k_output_tokens_usd: per_1k(r.output),
+            }
+        })
+        .collect();
+    Json(GridPricingResponse { pricing })
+}
+
+fn rfc3339_in(d: Duration) -> String {
+    let at = std::time::SystemTime::now() + d;
+    humantime_rfc3339(at)
+}
+
+/// RFC 3339 UTC with second precision, without pulling in a date crate.
+pub fn humantime_rfc3339(t: std::time::SystemTime) -> String {
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (h, m, s) = (rem / 3600, rem % 3600 / 60, rem % 60);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(mo <= 2);
+    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}Z")
+}
+
+fn price_entry(grid: &Grid, n: &Node, model: &str, now: Instant) -> NodePriceEntry {
+    let r = grid.reference_price(model);
+    let custom = n.custom_prices.get(model).copied();
+    let cooldown_until = n.price_changed.get(model).and_then(|at| {
+        let until = *at + grid.config.price_cooldown;
+        (until > now).then(|| rfc3339_in(until - now))
+    });
+    NodePriceEntry {
+        model: model.to_string(),
+        reference: r.to_wire(),
+        floor: r.floor().to_wire(),
+        ceiling: r.ceiling().to_wire(),
+        custom: custom.map(Price::to_wire),
+        effective: custom.unwrap_or(r).to_wire(),
+        cooldown_until,
+    }
+}
+
+fn node_or_404(id: &str) -> Result<NodeId, ClientError> {
+    NodeId::parse(id).map_err(|_| ClientError::not_found("node_not_found", "no such node"))
+}
+
+/// `GET /grid/nodes/{id}/prices` (public).
+pub async fn get_prices(
+    State(grid): State<Grid>,
+    Path(id): Path<String>,
+) -> Result<Json<NodePricesResponse>, ClientError> {
+    let node_id = node_or_404(&id)?;
+    let inner = grid.lock();
+    let n = inner
+        .nodes
+        .get(&node_id)
+        .ok_or_else(|| ClientError::not_found("node_not_found", "no such node"))?;
+    let now = Instant::now();
+    Ok(Json(NodePricesResponse {
+        node_id: node_id.to_string(),
+        prices: n
+            .models
+            .iter()
+            .map(|m| price_entry(&grid, n, m, now))
+            .collect(),
+    }))
+}
+
+fn unauthorized() -> ClientError {
+    ClientError::new(
+        StatusCode::UNAUTHORIZED,
+        "authentication_error",
+        "unauthorized",
+        "X-Node-Auth does not hold this node's token",
+    )
+}
+
+/// `POST /grid/nodes/{id}/prices`: set or reset a custom price (§5.8).
+/// Auth: the node's token in `X-Node-Auth`.
+pub async fn set_price(
+    State(grid): State<Grid>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<SetPriceResponse>, ClientError> {
+    let node_id = node_or_404(&id)?;
+    let token = headers
+        .get("x-node-auth")
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(unauthorized)?;
+    let req: SetPriceRequest = serde_json::from_slice(&body)
+        .map_err(|e| ClientError::invalid("invalid_request", format!("invalid JSON body: {e}")))?;
+    let mut inner = grid.lock();
+    if !grid.authenticate(&inner, &node_id, token) {
+        return Err(unauthorized());
+    }
+    let now = Instant::now();
+    let reference = grid.reference_price(&req.model);
+    let n = inner
+        .nodes
+        .get_mut(&node_id)
+        .ok_or_else(|| ClientError::not_found("node_not_found", "no such node"))?;
+    if !n.models.iter().any(|m| m == &req.model) {
+        return Err(ClientError::invalid(
+            "model_not_advertised",
+            format!("this node does not advertise {}", req.model),
+        ));
+    }
+    if let Some(at) = n.price_changed.get(&req.model) {
+        let until = *at + grid.config.price_cooldown;
+        if until > now {
+            let wait = (until - now).as_secs().max(1);
+            return Err(ClientError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "price_cooldown",
+                format!("prices of this model can change again in {wait} s"),
+            )
+            .with_extra("retry_after_s", json!(wait)));
+        }
+    }
+    if req.reset == Some(true) {
+        n.custom_prices.remove(&req.model);
+    } else {
+        let (Some(i), Some(o)) = (req.input_per_m, req.output_per_m) else {
+            return Err(ClientError::invalid(
+                "invalid_request",
+                "give input_per_m and output_per_m, or reset: true",
+            ));
+        };
+        let (Some(i), Some(o)) = (PerM::from_usd(i), PerM::from_usd(o)) else {
+            return Err(ClientError::invalid(
+                "price_out_of_band",
+                "prices must be non-negative numbers",
+            ));
+        };
+        let price = Price {
+            input: i,
+            output: o,
+        };
+        if !price.within_band(reference) {
+            let (lo, hi) = (reference.floor(), reference.ceiling());
+            return Err(ClientError::invalid(
+                "price_out_of_band",
+                format!(
+                    "prices must lie within [{}, {}] (input) and [{}, {}] (output) USD per 1M tokens",
+                    lo.input.usd(),
+                    hi.input.usd(),
+                    lo.output.usd(),
+                    hi.output.usd()
+                ),
+            ));
+        }
+        n.custom_prices.insert(req.model.clone(), price);
+    }
+    n.price_changed.insert(req.model.clone(), now);
+    tracing::info!(%node_id, model = %req.model, reset = req.reset == Some(true), "node price changed");
+    let n = &*n;
+    Ok(Json(SetPriceResponse {
+        ok: true,
+        price: price_entry(&grid, n, &req.model, now),
+    }))
+}
+
+/// `GET /grid/nodes/{id}/attestation/evidence` (§7b): no auth.
+pub async fn evidence(
+    State(grid): State<Grid>,
+    Path(id): Path<String>,
+) -> Result<Json<EvidenceResponse>, ClientError> {
+    let node_id = node_or_404(&id)?;
+    let inner = grid.lock();
+    let n = inner
+        .nodes
+        .get(&node_id)
+        .ok_or_else(|| ClientError::not_found("node_not_found", "no such node"))?;
+    let (Some(x), Some(att)) = (n.x25519, n.attestation.as_ref()) else {
+        return Err(ClientError::not_found(
+            "not_attested",
+            "this node has not attested",
+        ));
+    };
+    Ok(Json(EvidenceResponse {
+        node_id: node_id.to_string(),
+        key_version: n.key_version,
+        ed25519_pubkey: n.ed25519.to_b58(),
+        x25519_pubkey: x.to_b58(),
+        keybind_signature: n.keybind.map(|k| k.to_b58()),
+        challenge: Some(att.challenge.clone()),
+        evidence: att.evidence.clone(),
+        verified_at: Some(att.verified_at.clone()),
+        attestation_level: n.level,
+        policy_digest: att.policy_digest.clone(),
+    }))
+}
