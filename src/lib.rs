@@ -14,6 +14,8 @@
 #![deny(unsafe_code)]
 
 pub mod attest;
+#[cfg(feature = "node")]
+pub mod client;
 #[cfg(feature = "compute-plane")]
 pub mod compute;
 #[cfg(feature = "coordinator")]

@@ -1,6 +1,8 @@
 //! The command line: one file per command group. Each parses its flags into a
 //! typed configuration and calls the library; nothing here does the work itself.
 
+#[cfg(feature = "node")]
+mod chat;
 #[cfg(feature = "coordinator")]
 mod coordinator;
 mod node;
@@ -28,6 +30,9 @@ pub enum Command {
     /// Run and manage a node: identity, keys, serving.
     #[command(subcommand)]
     Node(node::NodeCommand),
+    /// Ask the grid: a sealed chat request, every signature verified.
+    #[cfg(feature = "node")]
+    Chat(chat::ChatArgs),
     /// The SGL wire protocol: self-tests of the E2E crypto.
     #[command(subcommand)]
     Proto(proto::ProtoCommand),
@@ -41,6 +46,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Node(cmd) => node::run(cmd),
         Command::Proto(cmd) => proto::run(cmd),
+        #[cfg(feature = "node")]
+        Command::Chat(args) => chat::run(args),
         #[cfg(feature = "coordinator")]
         Command::Coordinator(cmd) => coordinator::run(cmd),
     }
@@ -60,4 +67,26 @@ pub fn init_tracing(verbose: u8) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub(crate) async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
 }

@@ -15,6 +15,89 @@ pub enum NodeCommand {
     Init(InitArgs),
     /// Print the node's public keys (and the keybind signature once registered).
     Keys(KeysArgs),
+    /// Join the grid and take jobs until SIGTERM or Ctrl-C: attest, register
+    /// (or re-attach with node.json), heartbeat, hold the WebSocket, run jobs.
+    Start(StartArgs),
+    /// Show this node's standing on its coordinator.
+    Status(RemoteArgs),
+    /// Stop receiving new jobs (in-flight jobs finish).
+    OffGrid(RemoteArgs),
+    /// Receive jobs again after `off-grid`.
+    OnGrid(RemoteArgs),
+    /// The systemd service.
+    #[command(subcommand)]
+    Service(ServiceCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServiceCommand {
+    /// Write the hardened sgl-node.service unit for this binary, then
+    /// `systemctl daemon-reload` and `systemctl enable --now sgl-node`.
+    Install(ServiceInstallArgs),
+    /// Print the unit that `install` would write.
+    Print,
+}
+
+#[derive(Debug, Args)]
+pub struct ServiceInstallArgs {
+    /// Where units go.
+    #[arg(long, default_value = "/etc/systemd/system")]
+    pub unit_dir: PathBuf,
+    /// Only write the unit; do not reload, enable or start it.
+    #[arg(long)]
+    pub no_enable: bool,
+}
+
+/// Which engine runs the jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EngineKind {
+    /// The in-process candle engine with continuous batching.
+    Candle,
+    /// Load-test engine: echoes the prompt back instantly. Only for measuring
+    /// the coordinator (`sgl bench`); never for real work.
+    Echo,
+}
+
+#[derive(Debug, Args)]
+pub struct StartArgs {
+    #[command(flatten)]
+    pub dir: DirArgs,
+    /// Coordinator base URL (default: orchestrator_url in node.json).
+    #[arg(long, env = "SGL_COORDINATOR_URL")]
+    pub coordinator: Option<String>,
+    /// Single-use registration code from `sgl coordinator nodes invite`.
+    #[arg(long, env = "SGL_REGISTRATION_CODE", hide_env_values = true)]
+    pub registration_code: Option<String>,
+    /// Model to serve: a catalogue id (see `sgl model list`) or a GGUF path.
+    #[arg(long, default_value = "smollm2-135m")]
+    pub model: String,
+    /// The engine that runs the jobs.
+    #[arg(long, value_enum, default_value = "candle")]
+    pub engine: EngineKind,
+    /// Parallel generation slots offered to the grid.
+    #[arg(long, default_value_t = 8)]
+    pub slots: u32,
+    /// Seconds between heartbeats.
+    #[arg(long, default_value_t = 5)]
+    pub heartbeat_interval: u64,
+    /// Seconds in-flight jobs get to finish on shutdown.
+    #[arg(long, default_value_t = 60)]
+    pub drain_timeout: u64,
+    /// Poll with heartbeats only; no WebSocket push.
+    #[arg(long)]
+    pub no_websocket: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RemoteArgs {
+    #[command(flatten)]
+    pub dir: DirArgs,
+    /// Coordinator base URL (default: orchestrator_url in node.json).
+    #[arg(long, env = "SGL_COORDINATOR_URL")]
+    pub coordinator: Option<String>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -88,6 +171,11 @@ pub fn run(cmd: NodeCommand) -> anyhow::Result<()> {
     match cmd {
         NodeCommand::Init(args) => init(args),
         NodeCommand::Keys(args) => keys(args),
+        NodeCommand::Start(args) => start(args),
+        NodeCommand::Status(args) => remote(args, None),
+        NodeCommand::OffGrid(args) => remote(args, Some(true)),
+        NodeCommand::OnGrid(args) => remote(args, Some(false)),
+        NodeCommand::Service(cmd) => service(cmd),
     }
 }
 
@@ -134,5 +222,137 @@ fn print_keys(k: &PublicKeys) {
             println!("keybind signature:   {sig}");
         }
         _ => println!("node id:             (not registered yet)"),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn executor(args: &StartArgs) -> anyhow::Result<std::sync::Arc<dyn sgl::node::executor::Executor>> {
+    use sgl::node::executor::EchoExecutor;
+    match args.engine {
+        EngineKind::Echo => {
+            tracing::warn!("running the echo load-test engine: answers are not model output");
+            Ok(std::sync::Arc::new(EchoExecutor::new(
+                &args.model,
+                args.slots,
+            )))
+        }
+        EngineKind::Candle => anyhow::bail!(
+            "the candle engine is not part of this build yet; use --engine echo for load tests"
+        ),
+    }
+}
+
+fn start(args: StartArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use sgl::node::agent::{self, AgentConfig};
+    let dir = args.dir.resolve()?;
+    let mut config = AgentConfig::new(dir.clone());
+    config.coordinator = args.coordinator.clone();
+    config.registration_code = args.registration_code.clone();
+    config.heartbeat_interval = std::time::Duration::from_secs(args.heartbeat_interval.max(1));
+    config.drain_timeout = std::time::Duration::from_secs(args.drain_timeout);
+    config.websocket = !args.no_websocket;
+    let rt = runtime()?;
+    rt.block_on(async {
+        let executor = executor(&args)?;
+        agent::run(config, executor, None, super::shutdown_signal())
+            .await
+            .with_context(|| format!("node agent (config dir {})", dir.display()))
+    })
+}
+
+fn remote(args: RemoteArgs, off_grid: Option<bool>) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let dir = args.dir.resolve()?;
+    let file = identity_files::load_node_file(&dir)?;
+    let base = args
+        .coordinator
+        .clone()
+        .unwrap_or_else(|| file.orchestrator_url.clone());
+    identity_files::check_coordinator_url(&base)?;
+    let base = base.trim_end_matches('/').to_string();
+    let (Some(id), Some(token)) = (file.node_id.clone(), file.auth_token.clone()) else {
+        anyhow::bail!("this node is not registered yet; run `sgl node start` first");
+    };
+    let rt = runtime()?;
+    let value: serde_json::Value = rt.block_on(async {
+        let http = reqwest::Client::new();
+        let req = match off_grid {
+            None => http.get(format!("{base}/grid/nodes/{id}")),
+            Some(off) => http
+                .post(format!("{base}/grid/nodes/{id}/status"))
+                .json(&serde_json::json!({ "off_grid": off })),
+        };
+        let resp = req
+            .header("X-Node-Auth", &token)
+            .header("X-Node-Id", &id)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {base}"))?;
+        let status = resp.status();
+        let text = resp.text().await?;
+        if !status.is_success() {
+            anyhow::bail!("the coordinator answered {status}: {text}");
+        }
+        Ok::<_, anyhow::Error>(serde_json::from_str(&text)?)
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else if let Some(off) = off_grid {
+        println!(
+            "node {id} is now {}",
+            if off { "off-grid" } else { "on-grid" }
+        );
+    } else {
+        println!("node id:         {id}");
+        for (k, label) in [
+            ("status", "status:          "),
+            ("attestation_verified", "attested:        "),
+            ("reputation_score", "reputation:      "),
+            ("jobs_completed", "jobs completed:  "),
+            ("jobs_failed", "jobs failed:     "),
+        ] {
+            println!("{label}{}", value.get(k).cloned().unwrap_or_default());
+        }
+    }
+    Ok(())
+}
+
+fn service(cmd: ServiceCommand) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use sgl::node::service;
+    let bin = std::env::current_exe().context("locating this binary")?;
+    match cmd {
+        ServiceCommand::Print => {
+            print!("{}", service::render(service::NODE_UNIT, &bin)?);
+            Ok(())
+        }
+        ServiceCommand::Install(args) => {
+            let path = service::install_node_unit(&args.unit_dir, &bin)
+                .with_context(|| format!("writing the unit into {}", args.unit_dir.display()))?;
+            println!("wrote {}", path.display());
+            if args.no_enable {
+                return Ok(());
+            }
+            for cmd in [
+                vec!["daemon-reload"],
+                vec!["enable", "--now", service::NODE_UNIT_NAME],
+            ] {
+                let status = std::process::Command::new("systemctl")
+                    .args(&cmd)
+                    .status()
+                    .context("running systemctl")?;
+                if !status.success() {
+                    anyhow::bail!("systemctl {} failed ({status})", cmd.join(" "));
+                }
+            }
+            println!("enabled and started {}", service::NODE_UNIT_NAME);
+            Ok(())
+        }
     }
 }

@@ -3,5 +3,9 @@
 //!
 //! Takes its listener and shutdown from outside; never falls back to plaintext.
 
+#[cfg(feature = "node")]
+pub mod agent;
+pub mod executor;
 pub mod identity_files;
 pub mod jobs;
+pub mod service;

@@ -1,0 +1,356 @@
+//! A sealed-mode grid client (PROTOCOL.md §5.1, §5.3): reserve a node, seal
+//! the prompt to its key, and open and verify the reply — every signature,
+//! the usage receipt, the stream order — failing closed at the first fault.
+//! `sgl chat` is a thin command over it.
+
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use thiserror::Error;
+
+use crate::proto::api::{EvidenceResponse, ReserveResponse};
+use crate::proto::e2e::{self, ResponseKey};
+use crate::proto::envelope::{self, ResultKind};
+use crate::proto::identity::{
+    attestation_report_data, verify_keybind, Ed25519Public, NodeId, Signature, X25519Public,
+};
+use crate::proto::openai::Usage;
+use crate::proto::ProtoError;
+
+/// A reply larger than this is refused.
+const MAX_REPLY_BYTES: usize = 16 * 1024 * 1024;
+
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error("cannot reach the coordinator: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error("the coordinator answered {status}: {body}")]
+    Status { status: u16, body: String },
+    #[error("verification failed: {0}")]
+    Proto(#[from] ProtoError),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("the stream was aborted: {0}")]
+    Aborted(String),
+}
+
+/// One chat request.
+#[derive(Debug, Clone)]
+pub struct ChatRequest {
+    pub model: String,
+    pub messages: Vec<(String, String)>,
+    pub max_tokens: u64,
+    pub temperature: f64,
+    pub stream: bool,
+    pub node: Option<String>,
+    pub max_price: Option<f64>,
+    pub require_attestation: Option<String>,
+}
+
+/// A verified, opened answer.
+#[derive(Debug, Clone)]
+pub struct ChatOutcome {
+    pub job_id: String,
+    pub node_id: String,
+    pub content: String,
+    pub usage: Option<Usage>,
+    /// Whether the node's signed usage receipt verified.
+    pub usage_signed: bool,
+}
+
+pub struct GridClient {
+    http: reqwest::Client,
+    base: String,
+    api_key: Option<String>,
+}
+
+fn random_nonce() -> String {
+    use rand_core::{OsRng, RngCore};
+    let mut b = [0u8; 16];
+    OsRng.fill_bytes(&mut b);
+    // The request nonce is 1–64 base58 characters (§3.6).
+    crate::proto::b58::encode(&b)
+}
+
+async fn check(resp: reqwest::Response) -> Result<reqwest::Response, ClientError> {
+    if resp.status().is_success() {
+        return Ok(resp);
+    }
+    let status = resp.status().as_u16();
+    let body = resp.text().await.unwrap_or_default();
+    Err(ClientError::Status {
+        status,
+        body: body.chars().take(1000).collect(),
+    })
+}
+
+impl GridClient {
+    pub fn new(base: &str, api_key: Option<String>) -> Result<Self, ClientError> {
+        Ok(GridClient {
+            http: reqwest::Client::builder()
+                .connect_timeout(std::time::Duration::from_secs(10))
+                .build()?,
+            base: base.trim_end_matches('/').to_string(),
+            api_key,
+        })
+    }
+
+    fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        let mut r = self.http.post(format!("{}{path}", self.base));
+        if let Some(k) = &self.api_key {
+            r = r.bearer_auth(k);
+        }
+        r
+    }
+
+    /// Reserve a node and check the keybind of the key it will seal to.
+    pub async fn reserve(&self, req: &ChatRequest) -> Result<ReserveResponse, ClientError> {
+        let mut body = json!({ "model": req.model });
+        if let Some(n) = &req.node {
+            body["node"] = json!(n);
+        }
+        if let Some(p) = req.max_price {
+            body["max_price"] = json!(p);
+        }
+        if let Some(a) = &req.require_attestation {
+            body["require_attestation"] = json!(a);
+        }
+        let resp = check(self.post("/v1/reserve").json(&body).send().await?).await?;
+        let res: ReserveResponse = resp.json().await?;
+        let ed = Ed25519Public::from_b58(&res.node_ed25519_pubkey)?;
+        let x = X25519Public::from_b58(&res.node_x25519_pubkey)?;
+        let sig = Signature::from_b58(
+            res.node_x25519_pubkey_sig
+                .as_deref()
+                .ok_or(ProtoError::Missing("node_x25519_pubkey_sig"))?,
+        )?;
+        verify_keybind(&res.node_id, &ed, &x, res.key_version.unwrap_or(1), &sig)?;
+        Ok(res)
+    }
+
+    /// Seal, send, open and verify. `on_delta` sees stream text as it opens.
+    pub async fn chat(
+        &self,
+        res: &ReserveResponse,
+        req: &ChatRequest,
+        mut on_delta: impl FnMut(&str),
+    ) -> Result<ChatOutcome, ClientError> {
+        let x = X25519Public::from_b58(&res.node_x25519_pubkey)?;
+        let ed = Ed25519Public::from_b58(&res.node_ed25519_pubkey)?;
+        let messages: Vec<Value> = req
+            .messages
+            .iter()
+            .map(|(r, c)| json!({"role": r, "content": c}))
+            .collect();
+        let nonce = random_nonce();
+        let mut inner = json!({"messages": messages, "temperature": req.temperature,
+                               "max_tokens": req.max_tokens});
+        if req.stream {
+            inner["stream"] = json!(true);
+            inner["nonce"] = json!(nonce);
+        }
+        let (enc, key) = e2e::seal_input(&x, inner.to_string().as_bytes())?;
+        let body = json!({"reservation_token": res.reservation_token, "max_tokens": req.max_tokens,
+                          "stream": req.stream, "enc": enc});
+        let resp = check(self.post("/v1/chat/completions").json(&body).send().await?).await?;
+        let is_sse = resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        if is_sse {
+            self.read_stream(res, &req.model, &ed, &key, &nonce, resp, &mut on_delta)
+                .await
+        } else {
+            let bytes = resp.bytes().await?;
+            if bytes.len() > MAX_REPLY_BYTES {
+                return Err(ClientError::Protocol("reply too large".into()));
+            }
+            let reply: Value =
+                serde_json::from_slice(&bytes).map_err(|e| ProtoError::Json(e.to_string()))?;
+            let out = open_whole(res, &ed, &key, &reply)?;
+            on_delta(&out.content);
+            Ok(out)
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn read_stream(
+        &self,
+        res: &ReserveResponse,
+        model: &str,
+        ed: &Ed25519Public,
+        key: &ResponseKey,
+        nonce: &str,
+        resp: reqwest::Response,
+        on_delta: &mut impl FnMut(&str),
+    ) -> Result<ChatOutcome, ClientError> {
+        let mut opener = key.stream_opener(nonce)?;
+        let mut body = resp.bytes_stream();
+        let mut buf = String::new();
+        let mut content = String::new();
+        let mut job_id = String::new();
+        let mut usage = None;
+        let mut usage_signed = false;
+        let mut error_event = false;
+        while let Some(piece) = body.next().await {
+            let piece = piece?;
+            buf.push_str(&String::from_utf8_lossy(&piece));
+            if buf.len() > MAX_REPLY_BYTES {
+                return Err(ClientError::Protocol("stream too large".into()));
+            }
+            while let Some(end) = buf.find('\n') {
+                let line: String = buf.drain(..=end).collect();
+                let line = line.trim_end();
+                if line == "event: error" {
+                    error_event = true;
+                    continue;
+                }
+                let Some(data) = line.strip_prefix("data: ") else {
+                    continue;
+                };
+                if error_event {
+                    return Err(ClientError::Aborted(data.to_string()));
+                }
+                if data == "[DONE]" {
+                    continue;
+                }
+                let c: Value =
+                    serde_json::from_str(data).map_err(|e| ProtoError::Json(e.to_string()))?;
+                let seq = c["seq"].as_u64().ok_or(ProtoError::Missing("seq"))?;
+                let is_final = c["final"] == Value::Bool(true);
+                let ct = c["ct"].as_str().ok_or(ProtoError::Missing("ct"))?;
+                let job = c["job"].as_str().ok_or(ProtoError::Missing("job"))?;
+                if job_id.is_empty() {
+                    job_id = job.to_string();
+                } else if job_id != job {
+                    return Err(ClientError::Protocol(
+                        "chunks of two jobs in one stream".into(),
+                    ));
+                }
+                envelope::verify_result(
+                    ed,
+                    job,
+                    ResultKind::Stream { seq, is_final },
+                    ct,
+                    c["sig"].as_str(),
+                    c["sigv"].as_str(),
+                )?;
+                let text = opener.open(seq, is_final, c["eph"].as_str(), ct)?;
+                content.push_str(&text);
+                on_delta(&text);
+                if is_final {
+                    if let Some(u) = c.get("usage").filter(|u| !u.is_null()) {
+                        let u: Usage = serde_json::from_value(u.clone())
+                            .map_err(|e| ProtoError::Json(e.to_string()))?;
+                        // The receipt names the node's model: the one reserved.
+                        usage_signed = envelope::verify_usage(
+                            ed,
+                            job,
+                            model,
+                            &u,
+                            c["usage_signature"].as_str(),
+                        )
+                        .is_ok();
+                        usage = Some(u);
+                    }
+                    opener.finish()?;
+                    return Ok(ChatOutcome {
+                        job_id,
+                        node_id: res.node_id.clone(),
+                        content,
+                        usage,
+                        usage_signed,
+                    });
+                }
+            }
+        }
+        opener.finish()?;
+        Err(ClientError::Protocol("stream ended early".into()))
+    }
+}
+
+fn open_whole(
+    res: &ReserveResponse,
+    ed: &Ed25519Public,
+    key: &ResponseKey,
+    reply: &Value,
+) -> Result<ChatOutcome, ClientError> {
+    envelope::verify_sealed_reply(Some(&res.node_ed25519_pubkey), reply)?;
+    let sealed = serde_json::from_value(reply["sealed_result"].clone())
+        .map_err(|e| ProtoError::Json(e.to_string()))?;
+    let plain = key.open_output(&sealed)?;
+    let result: Value =
+        serde_json::from_slice(&plain).map_err(|e| ProtoError::Json(e.to_string()))?;
+    let job_id = reply["job_id"].as_str().unwrap_or_default().to_string();
+    let usage: Option<Usage> = serde_json::from_value(reply["usage"].clone()).ok();
+    let model = result["model"].as_str().unwrap_or_default();
+    let usage_signed = usage.as_ref().is_some_and(|u| {
+        envelope::verify_usage(ed, &job_id, model, u, reply["usage_signature"].as_str()).is_ok()
+    });
+    Ok(ChatOutcome {
+        job_id,
+        node_id: res.node_id.clone(),
+        content: result["content"].as_str().unwrap_or_default().to_string(),
+        usage,
+        usage_signed,
+    })
+}
+
+/// The first three steps of the §7b client procedure, which need no vendor
+/// roots: the evidence names the keys the client sealed to, the keybind
+/// verifies, and the binding the report must carry is recomputed. Returns
+/// that 64-byte binding for the report check.
+pub fn check_evidence_binding(
+    res: &ReserveResponse,
+    doc: &EvidenceResponse,
+) -> Result<[u8; 64], ClientError> {
+    if doc.node_id != res.node_id {
+        return Err(ClientError::Protocol(
+            "the evidence is for another node".into(),
+        ));
+    }
+    if doc.ed25519_pubkey != res.node_ed25519_pubkey || doc.x25519_pubkey != res.node_x25519_pubkey
+    {
+        return Err(ClientError::Protocol(
+            "the evidence binds other keys than the ones the prompt was sealed to".into(),
+        ));
+    }
+    let ed = Ed25519Public::from_b58(&doc.ed25519_pubkey)?;
+    let x = X25519Public::from_b58(&doc.x25519_pubkey)?;
+    let kb = Signature::from_b58(
+        doc.keybind_signature
+            .as_deref()
+            .ok_or(ProtoError::Missing("keybind_signature"))?,
+    )?;
+    verify_keybind(&doc.node_id, &ed, &x, doc.key_version, &kb)?;
+    let node_id = NodeId::parse(&doc.node_id)?;
+    let challenge = doc
+        .challenge
+        .as_deref()
+        .ok_or(ProtoError::Missing("challenge"))?;
+    Ok(attestation_report_data(
+        &node_id,
+        &ed,
+        &x,
+        doc.key_version,
+        challenge,
+    ))
+}
+
+impl GridClient {
+    /// Fetch the node's public evidence document (§7b).
+    pub async fn fetch_evidence(
+        &self,
+        res: &ReserveResponse,
+    ) -> Result<EvidenceResponse, ClientError> {
+        let url = match &res.evidence_url {
+            Some(u) => u.clone(),
+            None => format!(
+                "{}/grid/nodes/{}/attestation/evidence",
+                self.base, res.node_id
+            ),
+        };
+        let resp = check(self.http.get(url).send().await?).await?;
+        Ok(resp.json().await?)
+    }
+}

@@ -1,0 +1,125 @@
+//! What runs a job's tokens: the seam between the agent and an engine.
+//!
+//! The agent speaks the protocol (unseal, seal, sign, post) and knows nothing
+//! of models; an [`Executor`] turns a validated [`ChatJob`] into a stream of
+//! text deltas and a final count. The real engine implements it; so does
+//! [`EchoExecutor`], the load-test engine that answers instantly so that a
+//! benchmark measures the coordinator rather than the model.
+
+use tokio::sync::mpsc;
+
+use super::jobs::ChatJob;
+use crate::proto::openai::FinishReason;
+
+/// One model a node advertises.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServedModel {
+    pub name: String,
+    pub context_size: u64,
+}
+
+/// What an executor sends while it runs a job. Dropping the receiver cancels
+/// the job; the executor frees its slot within one step.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ExecEvent {
+    /// The text of one decoded token (may be empty for partial UTF-8).
+    Token(String),
+    /// Generation ended; the counts are exact, for metering.
+    Done {
+        finish: FinishReason,
+        prompt_tokens: u64,
+        completion_tokens: u64,
+    },
+    /// Generation failed; the reason goes to `/fail`.
+    Failed(String),
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ExecError {
+    /// The executor is at capacity; the coordinator offers the job again.
+    #[error("at capacity")]
+    Busy,
+    #[error("model {0} is not served here")]
+    UnknownModel(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub trait Executor: Send + Sync + 'static {
+    fn models(&self) -> Vec<ServedModel>;
+    /// Parallel slots this executor offers.
+    fn slots(&self) -> u32;
+    /// Start a job. Events arrive on the receiver until `Done` or `Failed`.
+    fn start(&self, job: &ChatJob) -> Result<mpsc::Receiver<ExecEvent>, ExecError>;
+}
+
+/// The load-test engine (`--engine echo`): repeats the last user message
+/// back word by word, instantly. Never used for real work; a node running it
+/// says so in its logs.
+#[derive(Debug, Clone)]
+pub struct EchoExecutor {
+    pub model: String,
+    pub slots: u32,
+}
+
+impl EchoExecutor {
+    pub fn new(model: impl Into<String>, slots: u32) -> Self {
+        EchoExecutor {
+            model: model.into(),
+            slots: slots.max(1),
+        }
+    }
+}
+
+impl Executor for EchoExecutor {
+    fn models(&self) -> Vec<ServedModel> {
+        vec![ServedModel {
+            name: self.model.clone(),
+            context_size: 8192,
+        }]
+    }
+
+    fn slots(&self) -> u32 {
+        self.slots
+    }
+
+    fn start(&self, job: &ChatJob) -> Result<mpsc::Receiver<ExecEvent>, ExecError> {
+        if job.model != self.model {
+            return Err(ExecError::UnknownModel(job.model.clone()));
+        }
+        let last = job
+            .messages
+            .iter()
+            .rev()
+            .find(|m| m.role == "user")
+            .map(|m| m.content.clone())
+            .unwrap_or_default();
+        let prompt_tokens: u64 = job
+            .messages
+            .iter()
+            .map(|m| m.content.split_whitespace().count() as u64 + 1)
+            .sum();
+        let words: Vec<String> = last
+            .split_inclusive(' ')
+            .take(job.max_tokens as usize)
+            .map(str::to_string)
+            .collect();
+        let finish = if (words.len() as u64) < job.max_tokens {
+            FinishReason::Stop
+        } else {
+            FinishReason::Length
+        };
+        let (tx, rx) = mpsc::channel(words.len() + 1);
+        let completion_tokens = words.len() as u64;
+        for w in words {
+            // The channel holds every event, so these sends cannot fail.
+            let _ = tx.try_send(ExecEvent::Token(w));
+        }
+        let _ = tx.try_send(ExecEvent::Done {
+            finish,
+            prompt_tokens,
+            completion_tokens,
+        });
+        Ok(rx)
+    }
+}
