@@ -22,6 +22,8 @@ pub mod compute;
 pub mod coordinator;
 pub mod engine;
 pub mod node;
+#[cfg(feature = "payments")]
 pub mod payments;
 pub mod proto;
+#[cfg(feature = "store")]
 pub mod store;

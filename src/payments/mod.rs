@@ -1,4 +1,36 @@
-//! Payments and wallet auth: x402 (v1 and v2, exact EVM), MPP, the facilitator
-//! client, credits, request signatures (EIP-191, Solana ed25519) and API keys.
+//! Payments and wallet auth: x402 (v1 and v2, scheme `exact` on EVM), MPP
+//! (`Payment` HTTP auth, `evm/charge`), the x402 facilitator client, credits,
+//! request signatures (EVM EIP-191, Solana ed25519) and API keys.
 //!
-//! Money is integer micro-units everywhere; no floats on a money path.
+//! Owns: verifying what a client presents (payments, signatures, keys),
+//! settling payments through the facilitator, and the credits position of
+//! each wallet (through [`crate::store`]). Does not own routing, pricing or
+//! jobs: the coordinator and the compute plane decide what a request costs
+//! and call the gate API of [`service::Payments`]; [`http::router`] serves
+//! the key and credits endpoints both of them mount.
+//!
+//! Money is integer micro-USD ([`Micros`]) everywhere; no floats on a money
+//! path. Payments fail closed: anything unverifiable is refused, and a
+//! refused or failed payment consumes nothing.
+
+pub mod apikey;
+pub mod config;
+pub mod error;
+pub mod evm;
+pub mod facilitator;
+pub mod grid;
+pub mod http;
+pub mod mpp;
+pub mod service;
+pub mod time;
+pub mod x402;
+pub mod xauth;
+
+pub use config::{EvmNetwork, MppConfig, PaymentsConfig};
+pub use error::PaymentError;
+pub use service::{
+    Clock, Payer, PaymentMethod, Payments, PendingPayment, RequestParts, Settlement,
+};
+pub use x402::Offer;
+
+pub use crate::store::{CreditBalance, HoldId, Micros, WalletId};

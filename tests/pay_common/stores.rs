@@ -1,0 +1,90 @@
+//! Run one test body against every reachable store backend.
+
+use std::future::Future;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sgl::store::Store;
+
+/// The PostgreSQL the tests use (trust auth on loopback).
+pub fn postgres_url() -> String {
+    std::env::var("SGL_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+/// A store under test, with whatever keeps it alive.
+pub struct TestStore {
+    pub store: Store,
+    pub _dir: Option<tempfile::TempDir>,
+    pub pg_schema: Option<String>,
+}
+
+/// A fresh SQLite store in a temp dir.
+pub async fn sqlite_store() -> TestStore {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sgl.db");
+    let store = Store::open(path.to_str().unwrap()).await.unwrap();
+    TestStore {
+        store,
+        _dir: Some(dir),
+        pg_schema: None,
+    }
+}
+
+/// A fresh PostgreSQL store in its own schema, or None (with a printed
+/// reason) when PostgreSQL is unreachable and not required.
+pub async fn postgres_store(tag: &str) -> Option<TestStore> {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let schema = format!("sgl_t_{tag}_{}_{nanos}", std::process::id());
+    let url = postgres_url();
+    let opened = tokio::time::timeout(
+        Duration::from_secs(10),
+        Store::open_in_schema(&url, Some(&schema)),
+    )
+    .await;
+    match opened {
+        Ok(Ok(store)) => Some(TestStore {
+            store,
+            _dir: None,
+            pg_schema: Some(schema),
+        }),
+        other => {
+            let why = match other {
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "timed out".to_owned(),
+                Ok(Ok(_)) => unreachable!(),
+            };
+            if std::env::var("SGL_REQUIRE_POSTGRES").as_deref() == Ok("1") {
+                panic!(
+                    "PostgreSQL required (SGL_REQUIRE_POSTGRES=1) but unreachable at {url}: {why}"
+                );
+            }
+            eprintln!("skipping PostgreSQL backend: {url} unreachable: {why}");
+            None
+        }
+    }
+}
+
+/// Drop what a test store made.
+pub async fn cleanup(t: TestStore) {
+    t.store.close().await;
+    if let Some(schema) = t.pg_schema {
+        let _ = Store::drop_postgres_schema(&postgres_url(), &schema).await;
+    }
+}
+
+/// Run `body` on SQLite, then on PostgreSQL when reachable.
+pub async fn each_backend<F, Fut>(tag: &str, body: F)
+where
+    F: Fn(TestStore) -> Fut,
+    Fut: Future<Output = TestStore>,
+{
+    let t = body(sqlite_store().await).await;
+    cleanup(t).await;
+    if let Some(pg) = postgres_store(tag).await {
+        let t = body(pg).await;
+        cleanup(t).await;
+    }
+}

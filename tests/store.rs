@@ -1,0 +1,255 @@
+//! The store on both backends: SQLite (a temp file, WAL) and PostgreSQL
+//! (127.0.0.1:5432, database `test`, a fresh schema per store). PostgreSQL is
+//! skipped with a message when unreachable, unless SGL_REQUIRE_POSTGRES=1.
+#![cfg(feature = "store")]
+
+mod pay_common;
+
+use std::sync::Arc;
+
+use pay_common::stores::{each_backend, TestStore};
+use sgl::store::{Micros, PaymentNonceKey, PendingPayment, StoreError, WalletId};
+
+fn wallet(s: &str) -> WalletId {
+    WalletId::new_unchecked(s)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn top_up_and_debit_are_exact_and_never_negative() {
+    each_backend("topup", |t: TestStore| async move {
+        let s = &t.store;
+        let w = wallet("0xaaaa000000000000000000000000000000000001");
+        assert_eq!(s.balance(&w).await.unwrap().balance, Micros::ZERO);
+        let b = s.top_up(&w, Micros(1_500_000), "tx-1").await.unwrap();
+        assert_eq!(b.balance, Micros(1_500_000));
+        assert_eq!(b.total_deposited, Micros(1_500_000));
+        // The same payment reference is never credited twice.
+        assert!(matches!(
+            s.top_up(&w, Micros(1_500_000), "tx-1").await,
+            Err(StoreError::DuplicateReference)
+        ));
+        let b = s.debit(&w, Micros(1_234_567), "job-1").await.unwrap();
+        assert_eq!(b.balance, Micros(265_433));
+        assert_eq!(b.total_spent, Micros(1_234_567));
+        match s.debit(&w, Micros(265_434), "job-2").await {
+            Err(StoreError::InsufficientCredits { balance, needed }) => {
+                assert_eq!(balance, Micros(265_433));
+                assert_eq!(needed, Micros(265_434));
+            }
+            other => panic!("overdraw allowed: {other:?}"),
+        }
+        let b = s.debit(&w, Micros(265_433), "job-3").await.unwrap();
+        assert_eq!(b.balance, Micros::ZERO);
+        // A wallet that never had credits cannot be debited.
+        assert!(matches!(
+            s.debit(&wallet("nobody"), Micros(1), "x").await,
+            Err(StoreError::InsufficientCredits { .. })
+        ));
+        let ledger = s.ledger(&w, 10).await.unwrap();
+        let kinds: Vec<_> = ledger.iter().map(|e| e.kind.as_str()).collect();
+        assert_eq!(kinds, ["debit", "debit", "topup"]);
+        assert_eq!(ledger[0].balance_after, Micros::ZERO);
+        t
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn holds_settle_at_actual_cost_or_release() {
+    each_backend("holds", |t: TestStore| async move {
+        let s = &t.store;
+        let w = wallet("0xbbbb000000000000000000000000000000000002");
+        s.top_up(&w, Micros(1_000_000), "dep").await.unwrap();
+        let h1 = s.hold(&w, Micros(600_000), "job-a").await.unwrap();
+        let b = s.balance(&w).await.unwrap();
+        assert_eq!((b.balance, b.held), (Micros(400_000), Micros(600_000)));
+        // The rest of the balance cannot be held twice.
+        assert!(matches!(
+            s.hold(&w, Micros(400_001), "job-b").await,
+            Err(StoreError::InsufficientCredits { .. })
+        ));
+        assert!(matches!(
+            s.settle_hold(&h1, Micros(600_001)).await,
+            Err(StoreError::ChargeExceedsHold { .. })
+        ));
+        let b = s.settle_hold(&h1, Micros(123_456)).await.unwrap();
+        assert_eq!(b.balance, Micros(876_544));
+        assert_eq!(b.held, Micros::ZERO);
+        assert_eq!(b.total_spent, Micros(123_456));
+        assert!(matches!(
+            s.release_hold(&h1).await,
+            Err(StoreError::HoldClosed)
+        ));
+        let h2 = s.hold(&w, Micros(876_544), "job-c").await.unwrap();
+        let b = s.release_hold(&h2).await.unwrap();
+        assert_eq!((b.balance, b.held), (Micros(876_544), Micros::ZERO));
+        assert_eq!(b.total_spent, Micros(123_456));
+        t
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+async fn concurrent_debits_never_overdraw() {
+    each_backend("race", |t: TestStore| async move {
+        let s = Arc::new(t.store.clone());
+        let w = wallet("0xcccc000000000000000000000000000000000003");
+        s.top_up(&w, Micros(1_000_000), "dep").await.unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..100 {
+            let s = s.clone();
+            let w = w.clone();
+            tasks.push(tokio::spawn(async move {
+                if i % 2 == 0 {
+                    s.debit(&w, Micros(30_000), &format!("d{i}"))
+                        .await
+                        .map(|_| ())
+                } else {
+                    s.hold(&w, Micros(30_000), &format!("h{i}"))
+                        .await
+                        .map(|_| ())
+                }
+            }));
+        }
+        let mut ok = 0;
+        for task in tasks {
+            match task.await.unwrap() {
+                Ok(()) => ok += 1,
+                Err(StoreError::InsufficientCredits { .. }) => {}
+                Err(e) => panic!("unexpected error: {e}"),
+            }
+        }
+        // 1_000_000 / 30_000 = 33 whole debits fit, and no more.
+        assert_eq!(ok, 33);
+        let b = s.balance(&w).await.unwrap();
+        assert_eq!(b.balance.0 + b.held.0 + b.total_spent.0, 1_000_000);
+        assert_eq!(b.balance, Micros(10_000));
+        t
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+async fn payment_nonce_is_consumed_once_under_concurrency() {
+    each_backend("nonce", |t: TestStore| async move {
+        let s = Arc::new(t.store.clone());
+        let key = PaymentNonceKey {
+            chain_id: 8453,
+            asset: "0x833589fcd6edb6e08f4c7c32d4f71b54bda02913".into(),
+            payer: "0xf39fd6e51aad88f6f4ce6ab8827279cfffb92266".into(),
+            nonce: format!("0x{}", "ab".repeat(32)),
+        };
+        let mut tasks = Vec::new();
+        for _ in 0..50 {
+            let s = s.clone();
+            let key = key.clone();
+            tasks.push(tokio::spawn(async move {
+                s.reserve_payment_nonce(&PendingPayment {
+                    key: &key,
+                    scheme: "x402-v2",
+                    resource: "https://x/y",
+                    amount: "1000000",
+                })
+                .await
+                .unwrap()
+            }));
+        }
+        let mut won = 0;
+        for task in tasks {
+            won += usize::from(task.await.unwrap());
+        }
+        assert_eq!(won, 1);
+        // A failed settlement gives the nonce back.
+        s.release_payment_nonce(&key).await.unwrap();
+        assert_eq!(s.payment_nonce_state(&key).await.unwrap(), None);
+        let p = PendingPayment {
+            key: &key,
+            scheme: "x402-v2",
+            resource: "https://x/y",
+            amount: "1000000",
+        };
+        assert!(s.reserve_payment_nonce(&p).await.unwrap());
+        let w = wallet(&key.payer);
+        let b = s
+            .settle_payment_nonce(&key, "0xfeed", Some((&w, Micros(1_000_000))))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(b.balance, Micros(1_000_000));
+        assert_eq!(
+            s.payment_nonce_state(&key).await.unwrap().as_deref(),
+            Some("settled")
+        );
+        // Settled nonces are never released or reserved again.
+        s.release_payment_nonce(&key).await.unwrap();
+        assert!(!s.reserve_payment_nonce(&p).await.unwrap());
+        t
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn auth_nonces_and_mpp_challenges_are_single_use() {
+    each_backend("single", |t: TestStore| async move {
+        let s = &t.store;
+        let far = i64::MAX / 2;
+        assert!(s
+            .consume_auth_nonce("base", "0xabc", "n1", far)
+            .await
+            .unwrap());
+        assert!(!s
+            .consume_auth_nonce("base", "0xabc", "n1", far)
+            .await
+            .unwrap());
+        assert!(s
+            .consume_auth_nonce("base", "0xabd", "n1", far)
+            .await
+            .unwrap());
+        assert!(s.reserve_mpp_challenge("id-1", far).await.unwrap());
+        assert!(!s.reserve_mpp_challenge("id-1", far).await.unwrap());
+        s.release_mpp_challenge("id-1").await.unwrap();
+        assert!(s.reserve_mpp_challenge("id-1", far).await.unwrap());
+        s.confirm_mpp_challenge("id-1").await.unwrap();
+        s.release_mpp_challenge("id-1").await.unwrap();
+        assert!(!s.reserve_mpp_challenge("id-1", far).await.unwrap());
+        t
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn api_keys_are_stored_hashed_and_revocable() {
+    each_backend("keys", |t: TestStore| async move {
+        let s = &t.store;
+        let w = wallet("0xdddd000000000000000000000000000000000004");
+        let other = wallet("0xeeee000000000000000000000000000000000005");
+        let h = [7u8; 32];
+        let rec = s.insert_api_key(&w, "agent", &h, "wxyz").await.unwrap();
+        assert_eq!(s.find_api_key(&h).await.unwrap().unwrap().wallet, w);
+        assert_eq!(s.list_api_keys(&w).await.unwrap().len(), 1);
+        assert!(s.list_api_keys(&other).await.unwrap().is_empty());
+        // Another wallet cannot revoke it.
+        assert!(!s.revoke_api_key(&other, &rec.id).await.unwrap());
+        assert!(s.revoke_api_key(&w, &rec.id).await.unwrap());
+        assert!(!s.revoke_api_key(&w, &rec.id).await.unwrap());
+        assert!(s.find_api_key(&h).await.unwrap().is_none());
+        let listed = s.list_api_keys(&w).await.unwrap();
+        assert!(listed[0].revoked_at_ms.is_some());
+        t
+    })
+    .await;
+}
+
+#[test]
+fn usd_amounts_parse_exactly() {
+    assert_eq!(Micros::parse_usd("1"), Some(Micros(1_000_000)));
+    assert_eq!(Micros::parse_usd("1.5"), Some(Micros(1_500_000)));
+    assert_eq!(Micros::parse_usd("0.000001"), Some(Micros(1)));
+    assert_eq!(Micros::parse_usd("0.0000001"), None);
+    assert_eq!(Micros::parse_usd("-1"), None);
+    assert_eq!(Micros::parse_usd("1e3"), None);
+    assert_eq!(Micros::parse_usd("1."), None);
+    assert_eq!(Micros::parse_usd(".5"), None);
+    assert_eq!(Micros(150_000_000).to_usd_string(), "150.00");
+    assert_eq!(Micros(123).to_usd_string(), "0.000123");
+}
