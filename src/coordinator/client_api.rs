@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::{Query, State};
-use axum::http::header;
+use axum::http::{header, HeaderMap, Method, Uri};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -15,6 +15,7 @@ use futures_util::stream::{self, Stream, StreamExt};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
+use super::billing::{self, JobBilling};
 use super::error::ClientError;
 use super::pricing::PerM;
 use super::state::{Grid, Inner, Job, JobEvent, Reservation};
@@ -195,18 +196,19 @@ pub async fn reserve(
     }))
 }
 
-/// Create a job for a reserved node and offer it; returns its id and events.
+/// Create a job for a reserved node and offer it; returns its events.
 pub(crate) fn dispatch(
     grid: &Grid,
+    job_id: &str,
     node_id: NodeId,
     model: &str,
     payload: Value,
     stream: bool,
-) -> (String, mpsc::Receiver<JobEvent>) {
+    billing: JobBilling,
+) -> mpsc::Receiver<JobEvent> {
     let (tx, rx) = mpsc::channel(64);
-    let id = uuid::Uuid::new_v4().to_string();
     let job = Job {
-        id: id.clone(),
+        id: job_id.to_string(),
         node_id,
         model: model.to_string(),
         payload,
@@ -217,23 +219,37 @@ pub(crate) fn dispatch(
         next_seq: 0,
         last_chunk: None,
         closed: false,
+        billing: Some(billing),
     };
     let mut inner = grid.lock();
     let pending = job.pending();
-    inner.jobs.insert(id.clone(), job);
+    inner.jobs.insert(job_id.to_string(), job);
     if let Some(push) = inner.nodes.get(&node_id).and_then(|n| n.push.clone()) {
         let _ = push.send(pending);
     }
-    (id, rx)
+    rx
+}
+
+/// The clear `max_tokens` of a sealed request, as the node will clamp it (§6.7).
+fn sealed_max_tokens(requested: Option<u64>) -> u64 {
+    requested
+        .unwrap_or(crate::node::jobs::DEFAULT_MAX_TOKENS)
+        .clamp(1, crate::node::jobs::MAX_MAX_TOKENS)
 }
 
 /// `POST /v1/chat/completions`: sealed mode when the body has `enc`, plain
 /// OpenAI mode otherwise (§5.2).
-pub async fn chat(State(grid): State<Grid>, body: Bytes) -> Result<Response, ClientError> {
+pub async fn chat(
+    State(grid): State<Grid>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ClientError> {
     let value: Value = parse_body(&body)?;
     if value.get("enc").is_none() {
         let req = parse_body(&body)?;
-        return super::plain::chat(grid, req).await;
+        return super::plain::chat(grid, &method, &uri, &headers, &body, req).await;
     }
     let req: SealedChatRequest = parse_body(&body)?;
     if req.enc.algorithm.as_deref() != Some(ALG_V2) {
@@ -242,31 +258,60 @@ pub async fn chat(State(grid): State<Grid>, body: Bytes) -> Result<Response, Cli
             "enc.algorithm must be the v2 tag",
         ));
     }
-    let (node_id, model, streams) = {
-        let mut inner = grid.lock();
+    let bad_reservation = || {
+        ClientError::invalid(
+            "invalid_reservation",
+            "the reservation is unknown, expired or used",
+        )
+    };
+    // Quote from the reservation without spending it: a 402 leaves it usable.
+    let (node_id, model, streams, price) = {
+        let inner = grid.lock();
         let r = inner
             .reservations
-            .remove(&req.reservation_token)
+            .get(&req.reservation_token)
             .filter(|r| r.expires > Instant::now())
-            .ok_or_else(|| {
-                ClientError::invalid(
-                    "invalid_reservation",
-                    "the reservation is unknown, expired or used",
-                )
-            })?;
-        let streams = inner
-            .nodes
-            .get(&r.node_id)
-            .is_some_and(|n| n.capabilities.streaming);
-        (r.node_id, r.model, streams)
+            .ok_or_else(bad_reservation)?;
+        let node = inner.nodes.get(&r.node_id).ok_or_else(bad_reservation)?;
+        (
+            r.node_id,
+            r.model.clone(),
+            node.capabilities.streaming,
+            grid.effective_price(node, &r.model),
+        )
     };
+    let max_tokens = sealed_max_tokens(req.max_tokens);
+    let prompt_bound = crate::payments::grid::sealed_prompt_bound(billing::sealed_bytes_bound(
+        req.enc.ciphertext.len(),
+    ));
+    let quote = price.cost(prompt_bound, max_tokens);
+    let job_id = uuid::Uuid::new_v4().to_string();
+    let parts = crate::payments::RequestParts {
+        method: &method,
+        uri: &uri,
+        headers: &headers,
+        body: &body,
+    };
+    let bill = match billing::authorize(&grid, &parts, price, quote, &job_id).await {
+        Ok(b) => b,
+        Err(resp) => return Ok(resp),
+    };
+    let taken = grid
+        .lock()
+        .reservations
+        .remove(&req.reservation_token)
+        .filter(|r| r.expires > Instant::now() && r.node_id == node_id);
+    if taken.is_none() {
+        billing::release(&grid, bill).await;
+        return Err(bad_reservation());
+    }
     let stream = req.stream == Some(true) && streams;
     let mut payload = json!({ "enc": req.enc });
     if stream {
         payload["stream"] = json!(true);
     }
-    let (job_id, mut rx) = dispatch(&grid, node_id, &model, payload, stream);
-    tracing::info!(%job_id, %node_id, stream, "sealed job dispatched");
+    let mut rx = dispatch(&grid, &job_id, node_id, &model, payload, stream, bill);
+    tracing::info!(%job_id, %node_id, stream, quote, "sealed job dispatched");
     let wait = grid.config.stuck_job_timeout + Duration::from_secs(5);
     let first = tokio::time::timeout(wait, rx.recv())
         .await
@@ -277,7 +322,11 @@ pub async fn chat(State(grid): State<Grid>, body: Bytes) -> Result<Response, Cli
         Some(JobEvent::Failed(why)) => {
             Err(ClientError::node_failed(format!("the node failed: {why}")))
         }
-        Some(JobEvent::Complete(done)) => sealed_json(&job_id, &model, created, done),
+        Some(JobEvent::Complete(done, receipt)) => {
+            let mut resp = sealed_json(&job_id, &model, created, done)?;
+            resp.headers_mut().extend(receipt);
+            Ok(resp)
+        }
         Some(JobEvent::Chunk(first)) => Ok(sse_relay(job_id, first, rx).into_response()),
     }
 }
@@ -367,7 +416,7 @@ fn sse_relay(
                     vec![sse_error(&format!("the node failed: {why}"))],
                     Relay::Done,
                 )),
-                Some(JobEvent::Complete(_)) | None => Some((
+                Some(JobEvent::Complete(..)) | None => Some((
                     vec![sse_error("the stream ended without a final chunk")],
                     Relay::Done,
                 )),

@@ -8,6 +8,7 @@
 //! This build keeps its state in memory and runs in development mode only;
 //! billing and persistence are still to come.
 
+pub mod billing;
 pub mod client_api;
 pub mod error;
 pub mod market;
@@ -28,7 +29,7 @@ pub use state::{Config, Grid};
 
 /// The whole HTTP surface.
 pub fn router(grid: Grid) -> Router {
-    Router::new()
+    let router = Router::new()
         .route("/v1/reserve", post(client_api::reserve))
         .route("/v1/chat/completions", post(client_api::chat))
         .route("/v1/models", get(client_api::models))
@@ -44,6 +45,7 @@ pub fn router(grid: Grid) -> Router {
             "/grid/nodes/{id}/attestation/evidence",
             get(market::evidence),
         )
+        .route("/grid/jobs/{id}/attestation", get(market::job_attestation))
         .route("/grid/nodes/register", post(node_api::register))
         .route("/grid/nodes/heartbeat", post(node_api::heartbeat))
         .route("/grid/nodes/{id}", get(node_api::node_info))
@@ -59,8 +61,14 @@ pub fn router(grid: Grid) -> Router {
         .route("/grid/jobs/{id}/fail", post(node_api::fail))
         .route("/grid/allowed-binaries", get(node_api::allowed_binaries))
         .route("/health", get(|| async { "ok" }))
-        .layer(DefaultBodyLimit::max(client_api::MAX_BODY_BYTES))
-        .with_state(grid)
+        .layer(DefaultBodyLimit::max(client_api::MAX_BODY_BYTES));
+    let payments = grid.payments.clone();
+    let router: Router = router.with_state(grid);
+    match payments {
+        // API keys and credits, the same routes the compute plane serves.
+        Some(p) => router.merge(crate::payments::http::router(p)),
+        None => router,
+    }
 }
 
 /// Serve until `shutdown` resolves. The caller owns the listener, so tests
@@ -70,7 +78,15 @@ pub async fn run(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let grid = Grid::new(config);
+    serve(Grid::new(config), listener, shutdown).await
+}
+
+/// Serve a grid (with its store and payments, see [`Grid::with_store`]).
+pub async fn serve(
+    grid: Grid,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let reaper = {
         let grid = grid.clone();
         tokio::spawn(async move {

@@ -9,6 +9,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 
+use super::billing::Outcome;
 use super::error::NodeApiError;
 use super::state::{Grid, JobEvent};
 use crate::proto::api::{
@@ -49,15 +50,55 @@ pub async fn register(
 ) -> NodeResult<RegisterResponse> {
     let ed25519 = Ed25519Public::from_b58(&req.public_key)
         .map_err(|e| NodeApiError::bad("invalid_public_key", e.to_string()))?;
-    let (node_id, auth_token) = grid
-        .register(
-            ed25519,
-            req.wallet_address,
-            req.tee_type,
-            req.available_models,
-            req.registration_code.as_deref(),
-        )
-        .map_err(|why| NodeApiError::new(StatusCode::FORBIDDEN, "registration_refused", why))?;
+    if req.wallet_address.trim().is_empty() || req.wallet_address.len() > 128 {
+        return Err(NodeApiError::bad(
+            "invalid_wallet",
+            "wallet_address is required (at most 128 characters)",
+        ));
+    }
+    if req.available_models.len() > 64 || req.tee_type.len() > 32 {
+        return Err(NodeApiError::bad(
+            "invalid_request",
+            "too many models or a bad tee_type",
+        ));
+    }
+    let refused = |why: &str| NodeApiError::new(StatusCode::FORBIDDEN, "registration_refused", why);
+    // The id is chosen before the code is spent, so the code records its node.
+    let code_ok = match (&req.registration_code, grid.config.dev) {
+        (_, true) => true,
+        (None, false) => return Err(refused("registration needs a registration code")),
+        (Some(code), false) => {
+            if grid.take_configured_code(code) {
+                true
+            } else if let Some(store) = grid.store() {
+                let hash = hex::encode(super::state::secret_hash(code));
+                store
+                    .use_registration_code(&hash, &req.wallet_address, "pending")
+                    .await
+                    .map_err(|e| {
+                        tracing::error!(error = %e, "registration code lookup failed");
+                        NodeApiError::new(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "internal_error",
+                            "internal error",
+                        )
+                    })?
+            } else {
+                false
+            }
+        }
+    };
+    if !code_ok {
+        return Err(refused(
+            "unknown or used registration code, or one made for another wallet",
+        ));
+    }
+    let (node_id, auth_token) = grid.register(
+        ed25519,
+        req.wallet_address,
+        req.tee_type,
+        req.available_models,
+    );
     tracing::info!(%node_id, "node registered");
     Ok(Json(RegisterResponse {
         node_id: node_id.to_string(),
@@ -148,6 +189,7 @@ pub async fn verify_attestation(
         report_hash: report.compute_report_hash(),
     });
     node.last_seen = Instant::now();
+    grid.persist(&mut inner, &node_id);
     tracing::info!(%node_id, level = "self_reported", "node attested");
     Ok(Json(VerifyAttestationResponse {
         verified: true,
@@ -188,6 +230,13 @@ pub async fn heartbeat(
                 verify_keybind(&node_id.to_string(), &node.ed25519, &x, version, &sig).map_err(
                     |_| NodeApiError::bad("bad_keybind", "the keybind signature does not verify"),
                 )?;
+                // Hardware evidence bound the old key: it lapses (§7a).
+                if node.level == AttestationLevel::Hardware
+                    && (node.x25519 != Some(x) || node.key_version != version)
+                {
+                    tracing::warn!(%node_id, "serving key changed; hardware attestation lapses");
+                    node.level = AttestationLevel::SelfReported;
+                }
                 node.keybind = Some(sig);
                 node.key_version = version;
                 node.x25519 = Some(x);
@@ -221,14 +270,11 @@ pub async fn heartbeat(
             pending.push(job.pending());
         }
     }
+    grid.persist(&mut inner, &node_id);
+    drop(inner);
     for id in ghosts {
         tracing::warn!(job_id = %id, %node_id, "ghost job: acknowledged, then missing from active_job_ids");
-        Grid::finish_job(
-            &mut inner,
-            &id,
-            Some(JobEvent::Failed("the node dropped the job".into())),
-            false,
-        );
+        grid.fail_job_later(&id, "the node dropped the job".into());
     }
     Ok(Json(HeartbeatResponse {
         status: "ok".into(),
@@ -294,15 +340,7 @@ fn check_usage(
 /// Fail a job after a bad call from its node, and answer the node 400.
 fn reject(grid: &Grid, job_id: &str, code: &'static str, why: String) -> NodeApiError {
     tracing::warn!(job_id, code, why = %why, "rejecting a node result");
-    let mut inner = grid.lock();
-    Grid::finish_job(
-        &mut inner,
-        job_id,
-        Some(JobEvent::Failed(format!(
-            "node sent an invalid result: {why}"
-        ))),
-        false,
-    );
+    grid.fail_job_later(job_id, format!("node sent an invalid result: {why}"));
     NodeApiError::bad(code, why)
 }
 
@@ -354,9 +392,19 @@ pub async fn complete(
     ) {
         return Err(reject(&grid, &job_id, "bad_usage", why));
     }
-    let mut inner = grid.lock();
-    Grid::finish_job(&mut inner, &job_id, Some(JobEvent::Complete(req)), true)
-        .ok_or_else(|| NodeApiError::conflict("job already finished"))?;
+    let outcome = Outcome::Completed {
+        usage: usage.unwrap_or_default(),
+        usage_signature: req.usage_signature.clone(),
+        result_signature: req.result_envelope_signature.clone(),
+    };
+    grid.end_job(
+        &job_id,
+        Some(JobEvent::Complete(req, HeaderMap::new())),
+        true,
+        outcome,
+    )
+    .await
+    .ok_or_else(|| NodeApiError::conflict("job already finished"))?;
     Ok(Json(OkResponse { ok: true }))
 }
 
@@ -368,13 +416,13 @@ pub async fn chunk(
 ) -> NodeResult<ChunkResponse> {
     let (_, signer, model, signed_usage) = job_owner(&grid, &headers, &job_id)?;
     if req.is_abort() {
-        let mut inner = grid.lock();
-        Grid::finish_job(
-            &mut inner,
+        grid.end_job(
             &job_id,
             Some(JobEvent::Failed("the node aborted the stream".into())),
             false,
-        );
+            Outcome::Failed,
+        )
+        .await;
         return Ok(Json(ChunkResponse {
             ok: true,
             closed: true,
@@ -452,8 +500,12 @@ pub async fn chunk(
         }
     }
     if settlement {
-        let mut inner = grid.lock();
-        Grid::finish_job(&mut inner, &job_id, None, true);
+        // The client left: bill only the completion tokens delivered (§6.12).
+        let outcome = Outcome::Aborted {
+            completion_tokens: req.usage.map(|u| u.completion_tokens).unwrap_or(0),
+            usage_signature: req.usage_signature.clone(),
+        };
+        grid.end_job(&job_id, None, true, outcome).await;
         return Ok(Json(ChunkResponse {
             ok: true,
             closed: true,
@@ -470,16 +522,26 @@ pub async fn chunk(
         job.last_chunk = Some(req.clone());
         job.events.clone()
     };
-    // In order: the node waits for this answer before posting the next chunk.
-    let delivered = tx.send(JobEvent::Chunk(req)).await.is_ok();
-    let mut inner = grid.lock();
     if is_final {
-        Grid::finish_job(&mut inner, &job_id, None, true);
+        // Bill (and settle a per-request payment) before the final chunk,
+        // which completes the client's stream, is released.
+        let outcome = Outcome::Completed {
+            usage: req.usage.unwrap_or_default(),
+            usage_signature: req.usage_signature.clone(),
+            result_signature: req.result_envelope_signature.clone(),
+        };
+        let delivered = grid
+            .end_job(&job_id, Some(JobEvent::Chunk(req)), true, outcome)
+            .await
+            .unwrap_or(false);
         return Ok(Json(ChunkResponse {
             ok: true,
             closed: !delivered,
         }));
     }
+    // In order: the node waits for this answer before posting the next chunk.
+    let delivered = tx.send(JobEvent::Chunk(req)).await.is_ok();
+    let mut inner = grid.lock();
     if !delivered {
         if let Some(job) = inner.jobs.get_mut(&job_id) {
             job.closed = true;
@@ -500,8 +562,13 @@ pub async fn fail(
     job_owner(&grid, &headers, &job_id)?;
     let reason: String = req.reason.chars().take(500).collect();
     tracing::info!(%job_id, reason = %reason, "node failed a job");
-    let mut inner = grid.lock();
-    Grid::finish_job(&mut inner, &job_id, Some(JobEvent::Failed(reason)), false);
+    grid.end_job(
+        &job_id,
+        Some(JobEvent::Failed(reason)),
+        false,
+        Outcome::Failed,
+    )
+    .await;
     Ok(Json(OkResponse { ok: true }))
 }
 
@@ -519,6 +586,8 @@ pub async fn set_status(
         .get_mut(&node_id)
         .ok_or_else(|| NodeApiError::not_found("unknown node"))?;
     node.off_grid = req.off_grid;
+    grid.persist(&mut inner, &node_id);
+    tracing::info!(%node_id, off_grid = req.off_grid, "node status changed");
     Ok(Json(StatusResponse {
         ok: true,
         off_grid: req.off_grid,

@@ -7,7 +7,7 @@
 use std::convert::Infallible;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::http::header;
+use axum::http::{header, HeaderMap, Method, Uri};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -15,10 +15,12 @@ use futures_util::stream::{self, Stream, StreamExt};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
+use super::billing;
 use super::client_api::{choose_node, dispatch};
 use super::error::ClientError;
 use super::state::{Grid, JobEvent};
 use crate::node::jobs::{MAX_MAX_TOKENS, MAX_MESSAGES};
+use crate::payments::RequestParts;
 use crate::proto::api::{ReserveRequest, SealedReplyPlaintext};
 use crate::proto::e2e::{self, ResponseKey, StreamOpener};
 use crate::proto::identity::{NodeId, X25519Public};
@@ -136,12 +138,28 @@ struct Dispatched {
 
 /// Route, seal and dispatch; wait for the first event. A node that fails
 /// before any output is excluded and the request tried once more elsewhere.
+/// A bound on the prompt's tokens: a token covers at least one byte, plus
+/// the chat template's few tokens per message.
+fn prompt_bound(req: &ChatCompletionRequest) -> u64 {
+    req.messages
+        .iter()
+        .map(|m| (m.role.len() + m.content.text().len()) as u64 + 16)
+        .sum()
+}
+
+enum Attempt {
+    Sent(Box<Dispatched>, NodeId),
+    /// Billing refused (402, 401): answer this.
+    Refused(Response),
+}
+
 async fn run_once(
     grid: &Grid,
+    http: &RequestParts<'_>,
     req: &ChatCompletionRequest,
     max_tokens: u64,
     exclude: Option<NodeId>,
-) -> Result<(Dispatched, NodeId), ClientError> {
+) -> Result<Attempt, ClientError> {
     let route = ReserveRequest {
         model: Some(req.model.clone()),
         node: req
@@ -157,7 +175,7 @@ async fn run_once(
             .map(String::from),
         ..Default::default()
     };
-    let (node_id, x25519, streams) = {
+    let (node_id, x25519, streams, price) = {
         let inner = grid.lock();
         let node_id = choose_node(grid, &inner, &route, &req.model, exclude)?;
         let node = inner
@@ -167,7 +185,18 @@ async fn run_once(
         let x: X25519Public = node
             .x25519
             .ok_or_else(|| ClientError::internal("chosen node has no key"))?;
-        (node_id, x, node.capabilities.streaming)
+        (
+            node_id,
+            x,
+            node.capabilities.streaming,
+            grid.effective_price(node, &req.model),
+        )
+    };
+    let job_id = uuid::Uuid::new_v4().to_string();
+    let quote = price.cost(prompt_bound(req), max_tokens);
+    let bill = match billing::authorize(grid, http, price, quote, &job_id).await {
+        Ok(b) => b,
+        Err(resp) => return Ok(Attempt::Refused(resp)),
     };
     let nonce = (req.is_stream() && streams).then(random_nonce);
     let inner = inner_payload(req, max_tokens, nonce.as_deref());
@@ -177,33 +206,58 @@ async fn run_once(
     if nonce.is_some() {
         payload["stream"] = json!(true);
     }
-    let (job_id, mut rx) = dispatch(grid, node_id, &req.model, payload, nonce.is_some());
+    let mut rx = dispatch(
+        grid,
+        &job_id,
+        node_id,
+        &req.model,
+        payload,
+        nonce.is_some(),
+        bill,
+    );
     tracing::info!(%job_id, %node_id, stream = nonce.is_some(), "plain job dispatched");
     let wait = grid.config.stuck_job_timeout + Duration::from_secs(5);
     let first = tokio::time::timeout(wait, rx.recv())
         .await
         .map_err(|_| ClientError::node_timeout())?;
     let first = first.unwrap_or(JobEvent::Failed("the job ended without a result".into()));
-    Ok((
-        Dispatched {
+    Ok(Attempt::Sent(
+        Box::new(Dispatched {
             job_id,
             model: req.model.clone(),
             rx,
             key,
             nonce,
             first,
-        },
+        }),
         node_id,
     ))
 }
 
-pub async fn chat(grid: Grid, req: ChatCompletionRequest) -> Result<Response, ClientError> {
+pub async fn chat(
+    grid: Grid,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+    req: ChatCompletionRequest,
+) -> Result<Response, ClientError> {
     let max_tokens = validate(&req)?;
-    let (mut d, node_id) = run_once(&grid, &req, max_tokens, None).await?;
+    let http = RequestParts {
+        method,
+        uri,
+        headers,
+        body,
+    };
+    let (mut d, node_id) = match run_once(&grid, &http, &req, max_tokens, None).await? {
+        Attempt::Sent(d, n) => (*d, n),
+        Attempt::Refused(resp) => return Ok(resp),
+    };
     if let JobEvent::Failed(why) = &d.first {
         tracing::warn!(job_id = %d.job_id, why = %why, "node failed before any output; retrying on another node");
-        match run_once(&grid, &req, max_tokens, Some(node_id)).await {
-            Ok((again, _)) => d = again,
+        match run_once(&grid, &http, &req, max_tokens, Some(node_id)).await {
+            Ok(Attempt::Sent(again, _)) => d = *again,
+            Ok(Attempt::Refused(resp)) => return Ok(resp),
             Err(_) => return Err(ClientError::node_failed(format!("the node failed: {why}"))),
         }
     }
@@ -211,7 +265,7 @@ pub async fn chat(grid: Grid, req: ChatCompletionRequest) -> Result<Response, Cl
     let id = format!("chatcmpl-{}", d.job_id);
     match d.first {
         JobEvent::Failed(why) => Err(ClientError::node_failed(format!("the node failed: {why}"))),
-        JobEvent::Complete(done) => {
+        JobEvent::Complete(done, receipt) => {
             let sealed = done
                 .sealed_result
                 .ok_or_else(|| ClientError::node_failed("the node answered in plain"))?;
@@ -236,7 +290,9 @@ pub async fn chat(grid: Grid, req: ChatCompletionRequest) -> Result<Response, Cl
                     .chain(usage)
                     .map(|c| data(&c))
                     .collect::<Vec<_>>();
-                return Ok(sse(Box::pin(stream::iter(all).chain(done_marker())), true));
+                let mut resp = sse(Box::pin(stream::iter(all).chain(done_marker())), true);
+                resp.headers_mut().extend(receipt);
+                return Ok(resp);
             }
             let body = ChatCompletionResponse {
                 id,
@@ -254,7 +310,9 @@ pub async fn chat(grid: Grid, req: ChatCompletionRequest) -> Result<Response, Cl
                 usage: Some(reply.usage),
                 usage_signature: done.usage_signature,
             };
-            Ok(Json(body).into_response())
+            let mut resp = Json(body).into_response();
+            resp.headers_mut().extend(receipt);
+            Ok(resp)
         }
         JobEvent::Chunk(first) => {
             let nonce = d.nonce.clone().unwrap_or_default();
@@ -347,7 +405,7 @@ impl StreamState {
         let c = match ev {
             Some(JobEvent::Chunk(c)) => c,
             Some(JobEvent::Failed(why)) => return self.error(&format!("the node failed: {why}")),
-            Some(JobEvent::Complete(_)) | None => {
+            Some(JobEvent::Complete(..)) | None => {
                 return self.error("the stream ended without a final chunk")
             }
         };

@@ -7,9 +7,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rand_core::{OsRng, RngCore};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::sync::mpsc;
+
+use super::billing::{self, JobBilling, JobMeta, Outcome};
+use crate::payments::Payments;
+use crate::store::Store;
 
 use super::pricing::Price;
 use crate::proto::api::{
@@ -17,6 +23,11 @@ use crate::proto::api::{
 };
 use crate::proto::b58;
 use crate::proto::identity::{Ed25519Public, NodeId, Signature, X25519Public};
+
+/// SHA-256 of a bearer secret: what is kept of node tokens and codes.
+pub fn secret_hash(secret: &str) -> [u8; 32] {
+    Sha256::digest(secret.as_bytes()).into()
+}
 
 /// Settings of the coordinator.
 #[derive(Debug, Clone)]
@@ -73,7 +84,8 @@ impl Default for Config {
 #[derive(Debug, Clone)]
 pub enum JobEvent {
     Chunk(ChunkRequest),
-    Complete(CompleteRequest),
+    /// The result and the headers to add to the answer (payment receipts).
+    Complete(CompleteRequest, axum::http::HeaderMap),
     Failed(String),
 }
 
@@ -83,10 +95,11 @@ pub struct Node {
     pub wallet_address: String,
     pub tee_type: String,
     pub ed25519: Ed25519Public,
-    token: String,
+    /// Only the hash of the bearer token is kept.
+    token_hash: [u8; 32],
     token_issued: Instant,
-    /// The token before the last rotation, valid until the instant given.
-    previous_token: Option<(String, Instant)>,
+    /// The token before the last rotation (hash), valid until the instant given.
+    previous_token: Option<([u8; 32], Instant)>,
     pub x25519: Option<X25519Public>,
     pub keybind: Option<Signature>,
     pub key_version: u32,
@@ -105,10 +118,34 @@ pub struct Node {
     pub price_changed: HashMap<String, Instant>,
     /// What the last successful attestation rested on (§7b).
     pub attestation: Option<AttestationRecord>,
+    /// The document last written to the store (writes only on change).
+    saved_doc: Option<String>,
+}
+
+/// What survives a coordinator restart of a node (its row in `grid_nodes`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct NodeDoc {
+    wallet_address: String,
+    tee_type: String,
+    ed25519: String,
+    token_hash: String,
+    x25519: Option<String>,
+    keybind: Option<String>,
+    key_version: u32,
+    level: AttestationLevel,
+    models: Vec<String>,
+    context_size: Option<u64>,
+    max_concurrent_jobs: u32,
+    off_grid: bool,
+    jobs_completed: u64,
+    jobs_failed: u64,
+    /// model → [input, output] micro-USD per 1M tokens.
+    custom_prices: HashMap<String, [u64; 2]>,
+    attestation: Option<AttestationRecord>,
 }
 
 /// The facts of a node's last successful attestation, served publicly.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AttestationRecord {
     pub challenge: String,
     pub evidence: Option<Evidence>,
@@ -131,6 +168,8 @@ pub struct Job {
     pub last_chunk: Option<ChunkRequest>,
     /// The client has gone: one settlement chunk is still accepted.
     pub closed: bool,
+    /// Who pays, and what is held; closed when the job ends.
+    pub billing: Option<JobBilling>,
 }
 
 impl Job {
@@ -159,11 +198,16 @@ pub struct Inner {
     pub used_codes: Vec<String>,
 }
 
-/// Shared handle to the state and the configuration.
+/// Shared handle to the state, the configuration and the services.
 #[derive(Clone)]
 pub struct Grid {
     pub config: Arc<Config>,
     inner: Arc<Mutex<Inner>>,
+    /// Billing; `None` only in development mode without a store.
+    pub payments: Option<Payments>,
+    store: Option<Store>,
+    /// Node documents to write, in order, by one writer task.
+    saver: Option<mpsc::UnboundedSender<(String, String, String)>>,
 }
 
 /// 32 random bytes as b58: tokens and opaque ids.
@@ -174,11 +218,79 @@ pub fn random_token() -> String {
 }
 
 impl Grid {
+    /// A grid that keeps everything in memory (development and tests).
     pub fn new(config: Config) -> Self {
         Grid {
             config: Arc::new(config),
             inner: Arc::new(Mutex::new(Inner::default())),
+            payments: None,
+            store: None,
+            saver: None,
         }
+    }
+
+    /// A grid over a store: nodes are restored from it and written back on
+    /// change; usage rows go to it. Must run inside a tokio runtime.
+    pub async fn with_store(
+        config: Config,
+        store: Store,
+        payments: Option<Payments>,
+    ) -> Result<Self, crate::store::StoreError> {
+        let grid = Grid {
+            config: Arc::new(config),
+            inner: Arc::new(Mutex::new(Inner::default())),
+            payments,
+            store: Some(store.clone()),
+            saver: None,
+        };
+        let rows = store.load_nodes().await?;
+        {
+            let mut inner = grid.lock();
+            // Restored nodes count as silent until they heartbeat again.
+            let stale = Instant::now()
+                .checked_sub(grid.config.heartbeat_interval * (grid.config.missed_heartbeats + 1))
+                .unwrap_or_else(Instant::now);
+            for (id, doc) in rows {
+                match Node::from_doc(&id, &doc, stale) {
+                    Some(node) => {
+                        inner.nodes.insert(node.id, node);
+                    }
+                    None => tracing::error!(node_id = %id, "unreadable node row; skipped"),
+                }
+            }
+            tracing::info!(nodes = inner.nodes.len(), "nodes restored from the store");
+        }
+        let (tx, mut rx) = mpsc::unbounded_channel::<(String, String, String)>();
+        tokio::spawn(async move {
+            while let Some((id, wallet, doc)) = rx.recv().await {
+                if let Err(e) = store.save_node(&id, &wallet, &doc).await {
+                    tracing::error!(node_id = %id, error = %e, "could not save the node");
+                }
+            }
+        });
+        Ok(Grid {
+            saver: Some(tx),
+            ..grid
+        })
+    }
+
+    /// The store, when the grid has one.
+    pub fn store(&self) -> Option<&Store> {
+        self.store.as_ref()
+    }
+
+    /// Write a node's document if it changed since the last write.
+    pub fn persist(&self, inner: &mut Inner, node_id: &NodeId) {
+        let Some(saver) = &self.saver else { return };
+        let Some(node) = inner.nodes.get_mut(node_id) else {
+            return;
+        };
+        let doc = node.to_doc();
+        if node.saved_doc.as_deref() == Some(doc.as_str()) {
+            return;
+        }
+        node.saved_doc = Some(doc.clone());
+        let _ = saver.send((node.id.to_string(), node.wallet_address.clone(), doc));
     }
 
     /// Lock the state. A poisoned lock means a handler panicked mid-update;
@@ -210,7 +322,7 @@ impl Grid {
             return None;
         }
         let new = random_token();
-        let old = std::mem::replace(&mut node.token, new.clone());
+        let old = std::mem::replace(&mut node.token_hash, secret_hash(&new));
         node.previous_token = Some((old, now + self.config.token_grace));
         node.token_issued = now;
         Some(new)
@@ -222,28 +334,16 @@ impl Grid {
             <= self.config.heartbeat_interval * self.config.missed_heartbeats
     }
 
-    /// Register a node; returns its id and token.
+    /// Register a node; returns its id and token. The caller has checked
+    /// the registration code (or that the grid runs in development mode).
     pub fn register(
         &self,
         ed25519: Ed25519Public,
         wallet_address: String,
         tee_type: String,
         models: Vec<String>,
-        code: Option<&str>,
-    ) -> Result<(NodeId, String), &'static str> {
+    ) -> (NodeId, String) {
         let mut inner = self.lock();
-        if !self.config.dev {
-            let code = code.ok_or("registration needs a registration code")?;
-            let known = self
-                .config
-                .registration_codes
-                .iter()
-                .any(|c| bool::from(c.as_bytes().ct_eq(code.as_bytes())));
-            if !known || inner.used_codes.iter().any(|c| c == code) {
-                return Err("unknown or used registration code");
-            }
-            inner.used_codes.push(code.to_string());
-        }
         let id = NodeId::new_random();
         let token = random_token();
         inner.nodes.insert(
@@ -253,7 +353,7 @@ impl Grid {
                 wallet_address,
                 tee_type,
                 ed25519,
-                token: token.clone(),
+                token_hash: secret_hash(&token),
                 token_issued: Instant::now(),
                 previous_token: None,
                 x25519: None,
@@ -272,9 +372,27 @@ impl Grid {
                 custom_prices: HashMap::new(),
                 price_changed: HashMap::new(),
                 attestation: None,
+                saved_doc: None,
             },
         );
-        Ok((id, token))
+        self.persist(&mut inner, &id);
+        (id, token)
+    }
+
+    /// Whether a code is one of the configured single-use codes, unused;
+    /// marks it used.
+    pub fn take_configured_code(&self, code: &str) -> bool {
+        let mut inner = self.lock();
+        let known = self
+            .config
+            .registration_codes
+            .iter()
+            .any(|c| bool::from(c.as_bytes().ct_eq(code.as_bytes())));
+        if !known || inner.used_codes.iter().any(|c| c == code) {
+            return false;
+        }
+        inner.used_codes.push(code.to_string());
+        true
     }
 
     /// Check a node token in constant time.
@@ -282,10 +400,12 @@ impl Grid {
         let Some(n) = inner.nodes.get(node_id) else {
             return false;
         };
-        let current = bool::from(n.token.as_bytes().ct_eq(token.as_bytes()));
-        let previous = n.previous_token.as_ref().is_some_and(|(old, until)| {
-            Instant::now() <= *until && bool::from(old.as_bytes().ct_eq(token.as_bytes()))
-        });
+        let given = secret_hash(token);
+        let current = bool::from(n.token_hash.ct_eq(&given));
+        let previous = n
+            .previous_token
+            .as_ref()
+            .is_some_and(|(old, until)| Instant::now() <= *until && bool::from(old.ct_eq(&given)));
         current | previous
     }
 
@@ -323,27 +443,66 @@ impl Grid {
         (jobs + res) as u32
     }
 
-    /// End a job: remove it and tell the waiting client.
-    pub fn finish_job(
-        inner: &mut Inner,
-        job_id: &str,
-        outcome: Option<JobEvent>,
-        ok: bool,
-    ) -> Option<mpsc::Sender<JobEvent>> {
+    /// Remove a job and count its end on the node; returns the job and
+    /// what billing needs to know of it.
+    pub fn take_job(&self, inner: &mut Inner, job_id: &str, ok: bool) -> Option<(Job, JobMeta)> {
         let job = inner.jobs.remove(job_id)?;
+        let mut operator_wallet = String::new();
         if let Some(n) = inner.nodes.get_mut(&job.node_id) {
             if ok {
                 n.jobs_completed += 1;
             } else {
                 n.jobs_failed += 1;
             }
+            operator_wallet = n.wallet_address.clone();
         }
-        let tx = job.events;
-        if let Some(ev) = outcome {
-            // The client may be gone; nothing to do then.
-            let _ = tx.try_send(ev);
+        self.persist(inner, &job.node_id);
+        let meta = JobMeta {
+            job_id: job.id.clone(),
+            node_id: job.node_id.to_string(),
+            operator_wallet,
+            model: job.model.clone(),
+        };
+        Some((job, meta))
+    }
+
+    /// End a job: bill it, then tell the waiting client. A per-request
+    /// payment that cannot be settled turns the result into a failure (the
+    /// output is withheld). `None` when the job had already ended;
+    /// otherwise whether the client received the event.
+    pub async fn end_job(
+        &self,
+        job_id: &str,
+        event: Option<JobEvent>,
+        ok: bool,
+        outcome: Outcome,
+    ) -> Option<bool> {
+        let (mut job, meta) = {
+            let mut inner = self.lock();
+            self.take_job(&mut inner, job_id, ok)?
+        };
+        let billed = billing::close(self, &meta, job.billing.take(), outcome).await;
+        let event = match (billed, event) {
+            (Err(why), Some(_)) => Some(JobEvent::Failed(why)),
+            (Ok(headers), Some(JobEvent::Complete(done, _))) => {
+                Some(JobEvent::Complete(done, headers))
+            }
+            (_, event) => event,
+        };
+        match event {
+            Some(ev) => Some(job.events.send(ev).await.is_ok()),
+            None => Some(false),
         }
-        Some(tx)
+    }
+
+    /// [`Grid::end_job`] as a failure, from code that cannot wait.
+    pub fn fail_job_later(&self, job_id: &str, why: String) {
+        let grid = self.clone();
+        let job_id = job_id.to_string();
+        tokio::spawn(async move {
+            grid.end_job(&job_id, Some(JobEvent::Failed(why)), false, Outcome::Failed)
+                .await;
+        });
     }
 
     /// Periodic upkeep: expire reservations, fail jobs nobody picked up or that
@@ -369,14 +528,78 @@ impl Grid {
                 fail.push((j.id.clone(), "the node stopped heartbeating"));
             }
         }
+        drop(inner);
         for (id, why) in fail {
             tracing::warn!(job_id = %id, why, "failing job");
-            Self::finish_job(
-                &mut inner,
-                &id,
-                Some(JobEvent::Failed(why.to_string())),
-                false,
-            );
+            self.fail_job_later(&id, why.to_string());
         }
+    }
+}
+
+impl Node {
+    fn to_doc(&self) -> String {
+        let doc = NodeDoc {
+            wallet_address: self.wallet_address.clone(),
+            tee_type: self.tee_type.clone(),
+            ed25519: self.ed25519.to_b58(),
+            token_hash: hex::encode(self.token_hash),
+            x25519: self.x25519.map(|x| x.to_b58()),
+            keybind: self.keybind.map(|k| k.to_b58()),
+            key_version: self.key_version,
+            level: self.level,
+            models: self.models.clone(),
+            context_size: self.capabilities.context_size,
+            max_concurrent_jobs: self.max_concurrent_jobs,
+            off_grid: self.off_grid,
+            jobs_completed: self.jobs_completed,
+            jobs_failed: self.jobs_failed,
+            custom_prices: self
+                .custom_prices
+                .iter()
+                .map(|(m, p)| (m.clone(), [p.input.0, p.output.0]))
+                .collect(),
+            attestation: self.attestation.clone(),
+        };
+        serde_json::to_string(&doc).unwrap_or_default()
+    }
+
+    fn from_doc(id: &str, text: &str, last_seen: Instant) -> Option<Node> {
+        let d: NodeDoc = serde_json::from_str(text).ok()?;
+        let mut token_hash = [0u8; 32];
+        hex::decode_to_slice(&d.token_hash, &mut token_hash).ok()?;
+        Some(Node {
+            id: NodeId::parse(id).ok()?,
+            wallet_address: d.wallet_address,
+            tee_type: d.tee_type,
+            ed25519: Ed25519Public::from_b58(&d.ed25519).ok()?,
+            token_hash,
+            token_issued: Instant::now(),
+            previous_token: None,
+            x25519: d.x25519.and_then(|x| X25519Public::from_b58(&x).ok()),
+            keybind: d.keybind.and_then(|k| Signature::from_b58(&k).ok()),
+            key_version: d.key_version,
+            level: d.level,
+            models: d.models,
+            capabilities: Capabilities {
+                streaming: true,
+                context_size: d.context_size,
+                signed_usage: Some(true),
+            },
+            max_concurrent_jobs: d.max_concurrent_jobs.max(1),
+            last_seen,
+            off_grid: d.off_grid,
+            challenge: None,
+            jobs_completed: d.jobs_completed,
+            jobs_failed: d.jobs_failed,
+            push: None,
+            custom_prices: d
+                .custom_prices
+                .into_iter()
+                .map(|(m, [i, o])| (m, Price::new(i, o)))
+                .collect(),
+            price_changed: HashMap::new(),
+            attestation: d.attestation,
+            saved_doc: Some(text.to_string()),
+        })
     }
 }

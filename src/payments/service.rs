@@ -76,7 +76,7 @@ pub enum PaymentMethod {
 }
 
 impl PaymentMethod {
-    fn scheme(self) -> &'static str {
+    pub fn scheme(self) -> &'static str {
         match self {
             PaymentMethod::X402V1 => "x402-v1",
             PaymentMethod::X402V2 => "x402-v2",

@@ -231,16 +231,30 @@ pub struct Store {
 #[derive(Debug)]
 struct Embedded(&'static [(i64, &'static str, &'static str)]);
 
-const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "payments",
-    include_str!("../../migrations/sqlite/0001_payments.sql"),
-)];
-const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "payments",
-    include_str!("../../migrations/postgres/0001_payments.sql"),
-)];
+const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "payments",
+        include_str!("../../migrations/sqlite/0001_payments.sql"),
+    ),
+    (
+        2,
+        "grid",
+        include_str!("../../migrations/sqlite/0002_grid.sql"),
+    ),
+];
+const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "payments",
+        include_str!("../../migrations/postgres/0001_payments.sql"),
+    ),
+    (
+        2,
+        "grid",
+        include_str!("../../migrations/postgres/0002_grid.sql"),
+    ),
+];
 
 impl<'s> MigrationSource<'s> for Embedded {
     fn resolve(
@@ -307,6 +321,9 @@ macro_rules! with_pool {
         }
     };
 }
+
+mod grid;
+pub use grid::UsageRow;
 
 /// Append one ledger row inside the transaction `$tx`. A second top-up with
 /// the same reference trips the ledger's unique index.
