@@ -124,7 +124,27 @@ async fn x402_v1_pays() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fifty_concurrent_copies_of_one_payment_pay_once() {
-    let s = Arc::new(server::start().await);
+    fifty_copies(server::start().await).await;
+}
+
+/// The same race with the server's store on PostgreSQL (skipped with a
+/// message when unreachable, unless SGL_REQUIRE_POSTGRES=1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_concurrent_copies_of_one_payment_pay_once_on_postgres() {
+    let Some(pg) = pay_common::stores::postgres_store("http50").await else {
+        return;
+    };
+    let schema = pg.pg_schema.clone();
+    fifty_copies(server::start_with(pg).await).await;
+    if let Some(schema) = schema {
+        let _ =
+            sgl::store::Store::drop_postgres_schema(&pay_common::stores::postgres_url(), &schema)
+                .await;
+    }
+}
+
+async fn fifty_copies(s: TestServer) {
+    let s = Arc::new(s);
     let k = key(ANVIL0);
     let pay = PayParams::new(PAY_TO, ECHO_PRICE.0).x402_v2(&k, &echo_url(&s));
     let mut tasks = Vec::new();
@@ -523,6 +543,14 @@ async fn facilitator_client_speaks_the_api() {
     assert_eq!(st.network, "eip155:8453");
     let again = c.settle(2, &payload, &req).await.unwrap();
     assert!(!again.success);
+    // The startup check against the stand-in, and against a facilitator
+    // that does not list the configured network.
+    let s = server::start().await;
+    s.payments.check_facilitator().await.unwrap();
+    let mut cfg = s.payments.config().clone();
+    cfg.networks = vec![sgl::payments::EvmNetwork::base_sepolia_usdc()];
+    let other = sgl::payments::Payments::new(cfg, s.payments.store().clone()).unwrap();
+    assert!(other.check_facilitator().await.is_err());
     // Unreachable facilitator: an error, never a success.
     let dead = FacilitatorClient::new("http://127.0.0.1:9").unwrap();
     assert!(dead.supported().await.is_err());

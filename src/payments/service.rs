@@ -121,6 +121,9 @@ pub struct Settlement {
 }
 
 /// Who is making a request.
+// One short-lived value per request, moved a couple of times: boxing the
+// payment variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Payer {
     /// An API key (`X-API-Key` or `Authorization: Bearer`).
@@ -203,6 +206,26 @@ impl Payments {
 
     pub fn facilitator(&self) -> &FacilitatorClient {
         &self.inner.facilitator
+    }
+
+    /// A startup check: the facilitator (`GET /supported`) settles `exact`
+    /// on every configured network, for x402 v1 and v2.
+    pub async fn check_facilitator(&self) -> Result<(), PaymentError> {
+        let sup = self.inner.facilitator.supported().await?;
+        for net in &self.inner.cfg.networks {
+            for (version, name) in [(1u8, net.v1_name.clone()), (2, net.caip2())] {
+                let listed = sup
+                    .kinds
+                    .iter()
+                    .any(|k| k.x402_version == version && k.scheme == "exact" && k.network == name);
+                if !listed {
+                    return Err(PaymentError::FacilitatorUnavailable(format!(
+                        "the facilitator does not settle exact on {name} (x402 v{version})"
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     fn now_ms(&self) -> i64 {
