@@ -124,7 +124,27 @@ async fn x402_v1_pays() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fifty_concurrent_copies_of_one_payment_pay_once() {
-    let s = Arc::new(server::start().await);
+    fifty_copies(server::start().await).await;
+}
+
+/// The same race with the server's store on PostgreSQL (skipped with a
+/// message when unreachable, unless SGL_REQUIRE_POSTGRES=1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_concurrent_copies_of_one_payment_pay_once_on_postgres() {
+    let Some(pg) = pay_common::stores::postgres_store("http50").await else {
+        return;
+    };
+    let schema = pg.pg_schema.clone();
+    fifty_copies(server::start_with(pg).await).await;
+    if let Some(schema) = schema {
+        let _ =
+            sgl::store::Store::drop_postgres_schema(&pay_common::stores::postgres_url(), &schema)
+                .await;
+    }
+}
+
+async fn fifty_copies(s: TestServer) {
+    let s = Arc::new(s);
     let k = key(ANVIL0);
     let pay = PayParams::new(PAY_TO, ECHO_PRICE.0).x402_v2(&k, &echo_url(&s));
     let mut tasks = Vec::new();
@@ -523,8 +543,89 @@ async fn facilitator_client_speaks_the_api() {
     assert_eq!(st.network, "eip155:8453");
     let again = c.settle(2, &payload, &req).await.unwrap();
     assert!(!again.success);
+    // The startup check against the stand-in, and against a facilitator
+    // that does not list the configured network.
+    let s = server::start().await;
+    s.payments.check_facilitator().await.unwrap();
+    let mut cfg = s.payments.config().clone();
+    cfg.networks = vec![sgl::payments::EvmNetwork::base_sepolia_usdc()];
+    let other = sgl::payments::Payments::new(cfg, s.payments.store().clone()).unwrap();
+    assert!(other.check_facilitator().await.is_err());
     // Unreachable facilitator: an error, never a success.
     let dead = FacilitatorClient::new("http://127.0.0.1:9").unwrap();
     assert!(dead.supported().await.is_err());
     assert!(dead.settle(2, &payload, &req).await.is_err());
+}
+
+async fn metered(s: &TestServer, body: Value, headers: &[(&str, String)]) -> reqwest::Response {
+    let mut r = http().post(format!("{}/paid/metered", s.base)).json(&body);
+    for (k, v) in headers {
+        r = r.header(*k, v);
+    }
+    r.send().await.unwrap()
+}
+
+#[tokio::test]
+async fn metered_requests_charge_actual_cost_and_nothing_on_failure() {
+    let s = server::start().await;
+    let k = key(ANVIL0);
+    let wallet = sgl::store::WalletId::new_unchecked("0xf39fd6e51aad88f6f4ce6ab8827279cfffb92266");
+    s.payments
+        .store()
+        .top_up(&wallet, sgl::store::Micros(1_000_000), "seed")
+        .await
+        .unwrap();
+    let (api_key, _) = s.payments.create_api_key(&wallet, "m").await.unwrap();
+    let key_h = [("X-API-Key", api_key.secret.to_string())];
+    // Credits: held at the quote, charged at the actual cost.
+    let r = metered(&s, json!({"actual": 12_345}), &key_h).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.json::<Value>().await.unwrap()["charged"], 12_345);
+    let b = s.payments.balance(&wallet).await.unwrap();
+    assert_eq!((b.balance.0, b.held.0), (1_000_000 - 12_345, 0));
+    // A failed job costs nothing.
+    let r = metered(&s, json!({"fail": true}), &key_h).await;
+    assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(
+        s.payments.balance(&wallet).await.unwrap().balance.0,
+        1_000_000 - 12_345
+    );
+    // The actual cost never exceeds the quote.
+    let r = metered(&s, json!({"actual": 999_999}), &key_h).await;
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["charged"],
+        server::METERED_QUOTE.0
+    );
+    let ledger = s.payments.store().ledger(&wallet, 20).await.unwrap();
+    let settled: Vec<u64> = ledger
+        .iter()
+        .filter(|e| e.kind == "settle")
+        .map(|e| e.amount.0)
+        .collect();
+    assert_eq!(settled, [server::METERED_QUOTE.0, 12_345]);
+    // A per-request payment of the quote: released on failure, so the same
+    // authorization pays the next attempt; settled on success.
+    let url = format!("{}/paid/metered", s.base);
+    let pay = PayParams::new(PAY_TO, server::METERED_QUOTE.0).x402_v2(&k, &url);
+    let r = metered(
+        &s,
+        json!({"fail": true}),
+        &[("PAYMENT-SIGNATURE", pay.clone())],
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(s.facilitator.state.settle_calls.load(Ordering::SeqCst), 0);
+    let r = metered(
+        &s,
+        json!({"actual": 1}),
+        &[("PAYMENT-SIGNATURE", pay.clone())],
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.headers().contains_key("payment-response"));
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["charged"], server::METERED_QUOTE.0);
+    assert_eq!(v["method"], "x402-v2");
+    let r = metered(&s, json!({"actual": 1}), &[("PAYMENT-SIGNATURE", pay)]).await;
+    assert_eq!(r.status(), StatusCode::PAYMENT_REQUIRED);
 }

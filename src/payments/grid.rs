@@ -22,13 +22,20 @@
 //! let price = TokenPrice::from_wire(node.effective_in, node.effective_out)?;
 //! let quote = quote_sealed(price, ciphertext_len, max_tokens);   // or quote_plain
 //! let offer = payments.offer(&headers, &uri, quote, "SGL grid chat completion");
-//! match payments.authorize(&RequestParts{..}, Some(&offer)).await {
-//!     Ok(None) => return payments::http::challenge(&payments, &offer, "payment required"),
-//!     Err(e)   => return payments::http::refusal(&payments, &e, Some(&offer)),
-//!     Ok(Some(Payer::Payment(p))) => { /* per-request x402 / MPP */ }
-//!     Ok(Some(account))           => { /* API key or X-Auth: credits */ }
-//! }
+//! let charge = match payments.begin_charge(&RequestParts{..}, &offer, &job_id).await {
+//!     Ok(c) => c,
+//!     Err(ChargeRefused::PaymentRequired) => return http::challenge(&payments, &offer, "payment required"),
+//!     Err(ChargeRefused::Refused(e)) => return http::refusal(&payments, &e, Some(&offer)),
+//! };
+//! // … push the job; on billable output:
+//! let charged = payments.finish_charge(charge, cost(price, usage.prompt, usage.completion)).await?;
+//! //   add charged.headers to the response; record charged.amount with the job
+//! // … on failure (fail, ghost, timeout, bad signature):
+//! payments.abort_charge(charge).await;
 //! ```
+//!
+//! `begin_charge` returns either branch below; `finish_charge` and
+//! `abort_charge` do the right thing for each.
 //!
 //! - **Credits** (API key): `hold_credits(wallet, quote, job_id)` before
 //!   dispatch (402 `insufficient_credits` via `refusal` when short); on

@@ -29,7 +29,8 @@ pub mod xauth;
 pub use config::{EvmNetwork, MppConfig, PaymentsConfig};
 pub use error::PaymentError;
 pub use service::{
-    Clock, Payer, PaymentMethod, Payments, PendingPayment, RequestParts, Settlement,
+    Charge, ChargeRefused, Charged, Clock, Payer, PaymentMethod, Payments, PendingPayment,
+    RequestParts, Settlement,
 };
 pub use x402::Offer;
 

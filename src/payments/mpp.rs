@@ -9,7 +9,8 @@
 //! serialisation of `{amount, currency, methodDetails{chainId,
 //! credentialTypes, decimals}, recipient}`. `opaque` carries the SHA-256 of
 //! the resource URL, so a challenge bought for one resource cannot pay for
-//! another. Ids are single use: the store records each redeemed id.
+//! another, and a random salt, so every challenge has its own id. Ids are
+//! single use: the store records each redeemed id.
 //!
 //! The credential (`Authorization: Payment <base64url(JCS(credential))>`)
 //! echoes the challenge and carries the authorization, whose EIP-3009 nonce
@@ -179,9 +180,28 @@ pub fn charge_request(net: &EvmNetwork, pay_to: &Address, amount: u64) -> Value 
     })
 }
 
+fn resource_hash(resource_url: &str) -> String {
+    hex::encode(Sha256::digest(resource_url.as_bytes()))
+}
+
+/// `opaque`: the resource hash, and a random salt so that two challenges
+/// for the same resource in the same second still get distinct ids.
 fn resource_opaque(resource_url: &str) -> String {
-    let h = hex::encode(Sha256::digest(resource_url.as_bytes()));
-    b64url(jcs(&serde_json::json!({ "resource": h })).as_bytes())
+    let mut salt = [0u8; 16];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut salt);
+    let obj = serde_json::json!({ "resource": resource_hash(resource_url), "salt": b64url(&salt) });
+    b64url(jcs(&obj).as_bytes())
+}
+
+/// Whether an echoed `opaque` names `resource_url`.
+fn opaque_names(opaque_b64: Option<&str>, resource_url: &str) -> bool {
+    let Some(bytes) = opaque_b64.and_then(b64url_decode) else {
+        return false;
+    };
+    serde_json::from_slice::<Value>(&bytes)
+        .ok()
+        .and_then(|v| v.get("resource").and_then(Value::as_str).map(str::to_owned))
+        .is_some_and(|h| h == resource_hash(resource_url))
 }
 
 /// Issue a challenge for `offer`, valid until `now + cfg.validity`.
@@ -323,7 +343,7 @@ pub fn verify(
     if now >= expires_at {
         return Err(PaymentError::MppChallengeExpired);
     }
-    if ch.opaque.as_deref() != Some(resource_opaque(&offer.resource_url).as_str()) {
+    if !opaque_names(ch.opaque.as_deref(), &offer.resource_url) {
         return Err(PaymentError::RequirementsMismatch("resource"));
     }
     let expected_request = b64url(jcs(&charge_request(net, pay_to, offer.price.0)).as_bytes());

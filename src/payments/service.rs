@@ -21,6 +21,11 @@
 //!      work failed: nothing is consumed and the client is not charged.
 //!    - `Err(e)`: refuse with `payments.refusal(&e, Some(&offer))`.
 //!
+//! For metered requests (grid chat), [`Payments::begin_charge`],
+//! [`Payments::finish_charge`] and [`Payments::abort_charge`] wrap both
+//! branches: a credit hold of the quote settled at the actual cost, or a
+//! payment of the quote settled when the work succeeded.
+//!
 //! `authenticate` is the account-only half (API key or X-Auth signature),
 //! for management calls. All clocks come from the injected [`Clock`].
 
@@ -121,6 +126,9 @@ pub struct Settlement {
 }
 
 /// Who is making a request.
+// One short-lived value per request, moved a couple of times: boxing the
+// payment variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Payer {
     /// An API key (`X-API-Key` or `Authorization: Bearer`).
@@ -203,6 +211,26 @@ impl Payments {
 
     pub fn facilitator(&self) -> &FacilitatorClient {
         &self.inner.facilitator
+    }
+
+    /// A startup check: the facilitator (`GET /supported`) settles `exact`
+    /// on every configured network, for x402 v1 and v2.
+    pub async fn check_facilitator(&self) -> Result<(), PaymentError> {
+        let sup = self.inner.facilitator.supported().await?;
+        for net in &self.inner.cfg.networks {
+            for (version, name) in [(1u8, net.v1_name.clone()), (2, net.caip2())] {
+                let listed = sup
+                    .kinds
+                    .iter()
+                    .any(|k| k.x402_version == version && k.scheme == "exact" && k.network == name);
+                if !listed {
+                    return Err(PaymentError::FacilitatorUnavailable(format!(
+                        "the facilitator does not settle exact on {name} (x402 v{version})"
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     fn now_ms(&self) -> i64 {
@@ -681,6 +709,135 @@ impl Payments {
 
     pub async fn revoke_api_key(&self, wallet: &WalletId, id: &str) -> Result<bool, PaymentError> {
         Ok(self.inner.store.revoke_api_key(wallet, id).await?)
+    }
+}
+
+/// A metered request's charge in progress: credits held for the quote, or
+/// a reserved per-request payment of the quote. Made by
+/// [`Payments::begin_charge`]; finished with [`Payments::finish_charge`]
+/// (the work produced billable output) or [`Payments::abort_charge`] (it
+/// failed: nothing is charged).
+#[derive(Debug)]
+pub enum Charge {
+    Credits {
+        wallet: WalletId,
+        hold: HoldId,
+        quote: Micros,
+    },
+    /// Boxed: a charge is held for the whole job.
+    Payment(Box<PendingPayment>),
+}
+
+impl Charge {
+    pub fn wallet(&self) -> &WalletId {
+        match self {
+            Charge::Credits { wallet, .. } => wallet,
+            Charge::Payment(p) => &p.wallet,
+        }
+    }
+}
+
+/// What a finished charge took.
+#[derive(Debug)]
+pub struct Charged {
+    pub wallet: WalletId,
+    /// The amount charged: the actual cost (credits, at most the quote) or
+    /// the quote (an `exact` payment).
+    pub amount: Micros,
+    /// `credits`, `x402-v1`, `x402-v2` or `mpp`.
+    pub method: &'static str,
+    /// The settlement transaction of a payment.
+    pub transaction: Option<String>,
+    /// Headers for the success response (`PAYMENT-RESPONSE`, …).
+    pub headers: HeaderMap,
+}
+
+/// Why a charge could not begin.
+#[derive(Debug)]
+pub enum ChargeRefused {
+    /// No credentials: answer the 402 challenge for the offer.
+    PaymentRequired,
+    /// Refused (bad payment, bad auth, insufficient credits, …).
+    Refused(PaymentError),
+}
+
+impl Payments {
+    /// Gate a metered request quoted at `offer.price`: a presented payment
+    /// is verified and reserved; an account (API key or X-Auth) gets a
+    /// credit hold of the quote, keyed by `reference` (a job id).
+    pub async fn begin_charge(
+        &self,
+        req: &RequestParts<'_>,
+        offer: &Offer,
+        reference: &str,
+    ) -> Result<Charge, ChargeRefused> {
+        match self.authorize(req, Some(offer)).await {
+            Ok(None) => Err(ChargeRefused::PaymentRequired),
+            Err(e) => Err(ChargeRefused::Refused(e)),
+            Ok(Some(Payer::Payment(p))) => Ok(Charge::Payment(Box::new(p))),
+            Ok(Some(account)) => {
+                let wallet = account.wallet().clone();
+                match self.hold_credits(&wallet, offer.price, reference).await {
+                    Ok(hold) => Ok(Charge::Credits {
+                        wallet,
+                        hold,
+                        quote: offer.price,
+                    }),
+                    Err(e) => Err(ChargeRefused::Refused(e)),
+                }
+            }
+        }
+    }
+
+    /// The work produced billable output costing `actual`: charge credits
+    /// at the actual cost (capped at the quote; the rest returns to the
+    /// balance), or settle the payment (an `exact` payment is the quote).
+    pub async fn finish_charge(
+        &self,
+        charge: Charge,
+        actual: Micros,
+    ) -> Result<Charged, PaymentError> {
+        match charge {
+            Charge::Credits {
+                wallet,
+                hold,
+                quote,
+            } => {
+                let amount = actual.min(quote);
+                self.settle_credits(&hold, amount).await?;
+                Ok(Charged {
+                    wallet,
+                    amount,
+                    method: "credits",
+                    transaction: None,
+                    headers: HeaderMap::new(),
+                })
+            }
+            Charge::Payment(p) => {
+                let wallet = p.wallet.clone();
+                let method = p.method.scheme();
+                let s = self.settle(*p, None).await?;
+                Ok(Charged {
+                    wallet,
+                    amount: s.amount,
+                    method,
+                    transaction: Some(s.transaction),
+                    headers: s.headers,
+                })
+            }
+        }
+    }
+
+    /// The work failed: release the hold or the payment; nothing is charged.
+    pub async fn abort_charge(&self, charge: Charge) {
+        match charge {
+            Charge::Credits { hold, .. } => {
+                if let Err(e) = self.release_credits(&hold).await {
+                    tracing::warn!(error = %e, "could not release a credit hold");
+                }
+            }
+            Charge::Payment(p) => self.release(*p).await,
+        }
     }
 }
 

@@ -147,6 +147,8 @@ pub struct PaymentPayloadV2 {
 }
 
 /// A presented x402 payment, by version.
+// Parsed once per request and dropped after verification.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
 pub enum Presented {
     V1(PaymentPayloadV1),

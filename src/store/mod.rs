@@ -965,6 +965,12 @@ impl Store {
     pub async fn reserve_mpp_challenge(&self, id: &str, expires_at_ms: i64) -> Result<bool> {
         let now = now_ms();
         let n = with_pool!(self, |pool| {
+            // An expired challenge is refused before the store is asked, so
+            // its id need not be remembered any longer.
+            sqlx::query("DELETE FROM mpp_challenges WHERE expires_at < $1")
+                .bind(now)
+                .execute(pool)
+                .await?;
             sqlx::query(
                 "INSERT INTO mpp_challenges (id, state, expires_at, created_at) VALUES ($1, 'pending', $2, $3) \
                  ON CONFLICT DO NOTHING",

@@ -14,7 +14,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::{json, Value};
-use sgl::payments::{http, Micros, MppConfig, Payer, Payments, PaymentsConfig, RequestParts};
+use sgl::payments::{
+    http, ChargeRefused, Micros, MppConfig, Payer, Payments, PaymentsConfig, RequestParts,
+};
 
 use zeroize::Zeroizing;
 
@@ -91,6 +93,56 @@ async fn paid_echo(
     }
 }
 
+/// The quote of `/paid/metered`: five cents.
+pub const METERED_QUOTE: Micros = Micros(50_000);
+
+/// A metered resource, as the grid's chat is: quoted up front, charged at
+/// the actual cost (`{"actual": µUSD}` in the body stands in for the
+/// engine's usage), nothing charged when the work fails (`{"fail": true}`).
+async fn paid_metered(
+    State(p): State<Payments>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let offer = p.offer(&headers, &uri, METERED_QUOTE, "metered");
+    let req = RequestParts {
+        method: &method,
+        uri: &uri,
+        headers: &headers,
+        body: &body,
+    };
+    let job: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let charge = match p.begin_charge(&req, &offer, "job-1").await {
+        Ok(c) => c,
+        Err(ChargeRefused::PaymentRequired) => {
+            return http::challenge(&p, &offer, "payment required")
+        }
+        Err(ChargeRefused::Refused(e)) => return http::refusal(&p, &e, Some(&offer)),
+    };
+    if job["fail"] == true {
+        p.abort_charge(charge).await;
+        return http::error_response(
+            axum::http::StatusCode::BAD_GATEWAY,
+            "server_error",
+            "job_failed",
+            "the job failed; nothing was charged",
+        );
+    }
+    let actual = Micros(job["actual"].as_u64().unwrap_or(0));
+    match p.finish_charge(charge, actual).await {
+        Ok(c) => {
+            let mut resp = Json(json!({"charged": c.amount.0, "method": c.method,
+                "wallet": c.wallet.as_str()}))
+            .into_response();
+            resp.headers_mut().extend(c.headers);
+            resp
+        }
+        Err(e) => http::refusal(&p, &e, Some(&offer)),
+    }
+}
+
 /// Start a server over `store`, with MPP enabled and a loopback facilitator.
 pub async fn start_with(store: TestStore) -> TestServer {
     let fac = facilitator::start().await;
@@ -116,6 +168,7 @@ pub async fn start_with(store: TestStore) -> TestServer {
     .unwrap();
     let app = Router::new()
         .route("/paid/echo", post(paid_echo))
+        .route("/paid/metered", post(paid_metered))
         .with_state(payments.clone())
         .merge(http::router(payments.clone()));
     tokio::spawn(async move { axum::serve(listener, app).await });

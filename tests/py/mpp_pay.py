@@ -18,6 +18,7 @@ import sys
 
 import httpx
 from eth_account import Account
+from eth_utils.crypto import keccak
 from mpp.client import Mpp, PaymentTransport
 from mpp.methods.evm import BASE_USDC
 from mpp.methods.evm import client as evm
@@ -74,6 +75,15 @@ async def main(base: str) -> None:
         check(r.status_code == 200, "second MPP payment accepted")
     sent = recorder.sent
     check(len(sent) == 1, "captured the credential")
+    # Which binding nonce did the client sign?
+    token = sent[-1].split(" ", 1)[1]
+    cred = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    cid, realm = cred["challenge"]["id"], cred["challenge"]["realm"]
+    concat = "0x" + keccak(text=cid + realm).hex()
+    as_json = "0x" + keccak(text=json.dumps([cid, realm], separators=(",", ":"))).hex()
+    nonce = cred["payload"]["nonce"].lower()
+    form = "keccak256(id || realm)" if nonce == concat else "keccak256(JSON([id, realm]))" if nonce == as_json else None
+    check(form is not None, f"client nonce binds the challenge, as {form}")
     async with httpx.AsyncClient() as plain:
         r = await plain.post(url, json={"hi": "again"}, headers={"Authorization": sent[-1]})
         check(r.status_code == 402, "reused MPP credential refused")
