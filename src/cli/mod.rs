@@ -1,6 +1,7 @@
 //! The command line: one file per command group. Each parses its flags into a
 //! typed configuration and calls the library; nothing here does the work itself.
 
+mod attest;
 #[cfg(feature = "coordinator")]
 mod coordinator;
 mod node;
@@ -28,6 +29,9 @@ pub enum Command {
     /// Run and manage a node: identity, keys, serving.
     #[command(subcommand)]
     Node(node::NodeCommand),
+    /// Hardware attestation: produce evidence bound to this node's keys and a
+    /// challenge, verify evidence against a policy, detect evidence sources.
+    Attest(attest::AttestArgs),
     /// The SGL wire protocol: self-tests of the E2E crypto.
     #[command(subcommand)]
     Proto(proto::ProtoCommand),
@@ -40,6 +44,7 @@ pub enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Node(cmd) => node::run(cmd),
+        Command::Attest(args) => attest::run(args),
         Command::Proto(cmd) => proto::run(cmd),
         #[cfg(feature = "coordinator")]
         Command::Coordinator(cmd) => coordinator::run(cmd),
