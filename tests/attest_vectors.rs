@@ -638,3 +638,27 @@ fn report_data_binding_matches_the_protocol_vector() {
         "dba94ac570f795af9e50a0fe75316bfb0b786cdaca096ab99ed00c201b18daacd33f374d346f094fa8af9b3e90479a84daf9fdc1ab8419bf5db2918a592d3fc3"
     );
 }
+
+#[tokio::test]
+async fn gpu_evidence_is_carried_but_never_claimed() {
+    let key = SimKey::generate();
+    let b = node_binding("c");
+    let mut ev = sim_evidence(&key, &b);
+    ev.gpu = vec![sgl::attest::GpuEvidence {
+        vendor: "nvidia".into(),
+        arch: "hopper".into(),
+        evidence: B64Bytes(vec![1, 2, 3]),
+        certificate_chain: B64Bytes(vec![4]),
+    }];
+    let mut opts = VerifyOptions::new(NOW_2025);
+    opts.dev_mode = true;
+    opts.simulated_keys = vec![key.public()];
+    let binding = Binding::Node {
+        binding: b,
+        challenge_expires_at: None,
+    };
+    let v = verify_evidence(&ev, &binding, &Policy::default_policy(), &opts).await;
+    assert!(v.verified, "{}", v.render());
+    assert!(!v.gpu_verified);
+    assert_eq!(v.status(Step::Gpu), Some(CheckStatus::Skipped));
+}

@@ -223,6 +223,15 @@ pub enum VekKind {
     Vlek,
 }
 
+impl VekKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VekKind::Vcek => "VCEK",
+            VekKind::Vlek => "VLEK",
+        }
+    }
+}
+
 /// The outcome of the chain step.
 #[derive(Debug, Clone)]
 pub struct VerifiedChain {
@@ -301,10 +310,7 @@ pub fn verify_chain(
             kind,
             detail: format!(
                 "{} {} ← {inter_cn} ({origin}) ← ARK-{} (pinned); all valid at {}",
-                match kind {
-                    VekKind::Vcek => "VCEK",
-                    VekKind::Vlek => "VLEK",
-                },
+                kind.as_str(),
                 common_name(&vek.tbs_certificate.subject),
                 p.name,
                 super::verdict::rfc3339(now)

@@ -43,6 +43,8 @@ pub enum Step {
     ReportData,
     /// The challenge in the binding is current.
     Freshness,
+    /// GPU evidence: carried, not verified by this version (never claimed).
+    Gpu,
 }
 
 impl Step {
@@ -64,6 +66,7 @@ impl Step {
             Step::Measurement => "measurement",
             Step::ReportData => "report_data",
             Step::Freshness => "freshness",
+            Step::Gpu => "gpu",
         }
     }
 }

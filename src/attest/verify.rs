@@ -160,6 +160,18 @@ pub async fn verify_evidence(
             };
         }
     }
+    if !evidence.gpu.is_empty() {
+        // §7a: a verifier that does not verify GPU evidence must not claim it.
+        let n = evidence.gpu.len();
+        run.push(
+            Step::Gpu,
+            CheckStatus::Skipped,
+            format!(
+                "{n} GPU evidence entr{} carried but not verified by this version; no GPU attestation is claimed",
+                if n == 1 { "y" } else { "ies" }
+            ),
+        );
+    }
     let verified =
         !run.checks.is_empty() && run.checks.iter().all(|c| c.status != CheckStatus::Fail);
     Verdict {
@@ -415,14 +427,14 @@ async fn verify_snp(
             };
             let r = if reported != Some(c.kind) {
                 Err(format!(
-                    "the report's SIGNING_KEY is {} but the certificate is a {:?}",
+                    "the report's SIGNING_KEY is {} but the certificate is a {}",
                     report.signing_key(),
-                    c.kind
+                    c.kind.as_str()
                 ))
             } else if c.kind == VekKind::Vlek && !policy.snp.allow_vlek {
                 Err("signed with a VLEK and the policy does not allow VLEKs".into())
             } else {
-                Ok(format!("signed with a {:?}", c.kind).to_uppercase())
+                Ok(format!("signed with a {}", c.kind.as_str()))
             };
             run.result(Step::KeyKind, r);
         }
@@ -646,7 +658,7 @@ async fn verify_tdx(
         None => run.fail(Step::Signature, "not evaluated: no collateral"),
     }
     match status {
-        Some(s) if s != "Revoked" && policy.tdx.accepted_tcb_status.iter().any(|a| *a == s) => {
+        Some(s) if s != "Revoked" && policy.tdx.accepted_tcb_status.contains(&s) => {
             run.pass(Step::Tcb, format!("TCB status {s} is accepted"))
         }
         Some(s) => run.fail(
