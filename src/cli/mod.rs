@@ -3,6 +3,7 @@
 
 #[cfg(feature = "node")]
 mod chat;
+mod attest;
 #[cfg(feature = "coordinator")]
 mod coordinator;
 mod node;
@@ -33,6 +34,9 @@ pub enum Command {
     /// Ask the grid: a sealed chat request, every signature verified.
     #[cfg(feature = "node")]
     Chat(chat::ChatArgs),
+    /// Hardware attestation: produce evidence bound to this node's keys and a
+    /// challenge, verify evidence against a policy, detect evidence sources.
+    Attest(attest::AttestArgs),
     /// The SGL wire protocol: self-tests of the E2E crypto.
     #[command(subcommand)]
     Proto(proto::ProtoCommand),
@@ -45,6 +49,7 @@ pub enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Node(cmd) => node::run(cmd),
+        Command::Attest(args) => attest::run(args),
         Command::Proto(cmd) => proto::run(cmd),
         #[cfg(feature = "node")]
         Command::Chat(args) => chat::run(args),
