@@ -18,6 +18,7 @@ pub mod attest;
 pub mod compute;
 #[cfg(feature = "coordinator")]
 pub mod coordinator;
+#[cfg(feature = "node")]
 pub mod engine;
 pub mod node;
 pub mod payments;

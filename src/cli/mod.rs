@@ -1,8 +1,12 @@
 //! The command line: one file per command group. Each parses its flags into a
 //! typed configuration and calls the library; nothing here does the work itself.
 
+#[cfg(feature = "node")]
+mod bench;
 #[cfg(feature = "coordinator")]
 mod coordinator;
+#[cfg(feature = "node")]
+mod model;
 mod node;
 mod proto;
 
@@ -28,6 +32,14 @@ pub enum Command {
     /// Run and manage a node: identity, keys, serving.
     #[command(subcommand)]
     Node(node::NodeCommand),
+    /// Models: the catalogue, fetching and the local cache.
+    #[cfg(feature = "node")]
+    #[command(subcommand)]
+    Model(model::ModelCommand),
+    /// Measure the engine: TTFT, decode and prompt throughput, and the ratio to
+    /// the memory-bandwidth bound.
+    #[cfg(feature = "node")]
+    Bench(bench::BenchArgs),
     /// The SGL wire protocol: self-tests of the E2E crypto.
     #[command(subcommand)]
     Proto(proto::ProtoCommand),
@@ -41,6 +53,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Node(cmd) => node::run(cmd),
         Command::Proto(cmd) => proto::run(cmd),
+        #[cfg(feature = "node")]
+        Command::Model(cmd) => model::run(cmd),
+        #[cfg(feature = "node")]
+        Command::Bench(args) => bench::run(args),
         #[cfg(feature = "coordinator")]
         Command::Coordinator(cmd) => coordinator::run(cmd),
     }

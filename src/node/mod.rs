@@ -5,3 +5,5 @@
 
 pub mod identity_files;
 pub mod jobs;
+#[cfg(feature = "node")]
+pub mod local_server;
