@@ -20,6 +20,7 @@ pub mod client;
 pub mod compute;
 #[cfg(feature = "coordinator")]
 pub mod coordinator;
+#[cfg(feature = "node")]
 pub mod engine;
 pub mod node;
 #[cfg(feature = "payments")]

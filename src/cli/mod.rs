@@ -4,8 +4,12 @@
 #[cfg(feature = "node")]
 mod chat;
 mod attest;
+#[cfg(feature = "node")]
+mod bench;
 #[cfg(feature = "coordinator")]
 mod coordinator;
+#[cfg(feature = "node")]
+mod model;
 mod node;
 mod proto;
 
@@ -37,6 +41,14 @@ pub enum Command {
     /// Hardware attestation: produce evidence bound to this node's keys and a
     /// challenge, verify evidence against a policy, detect evidence sources.
     Attest(attest::AttestArgs),
+    /// Models: the catalogue, fetching and the local cache.
+    #[cfg(feature = "node")]
+    #[command(subcommand)]
+    Model(model::ModelCommand),
+    /// Measure the engine: TTFT, decode and prompt throughput, and the ratio to
+    /// the memory-bandwidth bound.
+    #[cfg(feature = "node")]
+    Bench(bench::BenchArgs),
     /// The SGL wire protocol: self-tests of the E2E crypto.
     #[command(subcommand)]
     Proto(proto::ProtoCommand),
@@ -53,6 +65,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Proto(cmd) => proto::run(cmd),
         #[cfg(feature = "node")]
         Command::Chat(args) => chat::run(args),
+        Command::Model(cmd) => model::run(cmd),
+        #[cfg(feature = "node")]
+        Command::Bench(args) => bench::run(args),
         #[cfg(feature = "coordinator")]
         Command::Coordinator(cmd) => coordinator::run(cmd),
     }

@@ -17,6 +17,7 @@ pub enum NodeCommand {
     Keys(KeysArgs),
     /// Join the grid and take jobs until SIGTERM or Ctrl-C: attest, register
     /// (or re-attach with node.json), heartbeat, hold the WebSocket, run jobs.
+    #[cfg(feature = "node")]
     Start(StartArgs),
     /// Show this node's standing on its coordinator.
     Status(RemoteArgs),
@@ -27,6 +28,9 @@ pub enum NodeCommand {
     /// The systemd service.
     #[command(subcommand)]
     Service(ServiceCommand),
+    /// Serve a model locally as an OpenAI-compatible API (no coordinator).
+    #[cfg(feature = "node")]
+    Serve(ServeArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -58,6 +62,7 @@ pub enum EngineKind {
     Echo,
 }
 
+#[cfg(feature = "node")]
 #[derive(Debug, Args)]
 pub struct StartArgs {
     #[command(flatten)]
@@ -68,15 +73,11 @@ pub struct StartArgs {
     /// Single-use registration code from `sgl coordinator nodes invite`.
     #[arg(long, env = "SGL_REGISTRATION_CODE", hide_env_values = true)]
     pub registration_code: Option<String>,
-    /// Model to serve: a catalogue id (see `sgl model list`) or a GGUF path.
-    #[arg(long, default_value = "smollm2-135m")]
-    pub model: String,
     /// The engine that runs the jobs.
     #[arg(long, value_enum, default_value = "candle")]
     pub engine: EngineKind,
-    /// Parallel generation slots offered to the grid.
-    #[arg(long, default_value_t = 8)]
-    pub slots: u32,
+    #[command(flatten)]
+    pub engine_args: EngineArgs,
     /// Seconds between heartbeats.
     #[arg(long, default_value_t = 5)]
     pub heartbeat_interval: u64,
@@ -98,6 +99,92 @@ pub struct RemoteArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+
+/// How to load the engine; shared by `node serve` and `bench`.
+#[cfg(feature = "node")]
+#[derive(Debug, Clone, Args)]
+pub struct EngineArgs {
+    /// Catalogue id (fetched with `sgl model fetch`) or a path to a GGUF file.
+    #[arg(long, default_value = "smollm2-135m")]
+    pub model: String,
+    /// The model id to report to clients instead of the catalogue id or file stem.
+    #[arg(long)]
+    pub served_name: Option<String>,
+    /// Requantise linear layers at load: native, q8_0, q4_0, q4_1, q4k, q6k, f16, f32.
+    #[arg(long, default_value = "native")]
+    pub requant: String,
+    /// cpu, or cuda:N (needs the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Sequences decoded together.
+    #[arg(long, default_value_t = 8)]
+    pub max_batch: usize,
+    /// Requests waiting for a slot before new ones get HTTP 429.
+    #[arg(long, default_value_t = 64)]
+    pub max_queue: usize,
+    /// Prompt tokens per prefill chunk.
+    #[arg(long, default_value_t = 256)]
+    pub prefill_chunk: usize,
+    /// Cap on the context length.
+    #[arg(long)]
+    pub max_context: Option<usize>,
+    /// A tokenizer.json to use instead of the GGUF's vocabulary.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// A file holding a Jinja chat template to use instead of the model's.
+    #[arg(long)]
+    pub chat_template: Option<PathBuf>,
+}
+
+#[cfg(feature = "node")]
+impl EngineArgs {
+    pub fn to_config(&self) -> anyhow::Result<sgl::engine::EngineConfig> {
+        use anyhow::Context;
+        use sgl::engine::{DeviceChoice, EngineConfig, WeightFormat};
+        let mut c = EngineConfig::new(self.model.clone());
+        c.served_name = self.served_name.clone();
+        c.weight_format = WeightFormat::parse(&self.requant)
+            .with_context(|| format!("unknown --requant {}", self.requant))?;
+        c.device = match self.device.as_str() {
+            "cpu" => DeviceChoice::Cpu,
+            d => match d.strip_prefix("cuda") {
+                Some("") => DeviceChoice::Cuda(0),
+                Some(n) => DeviceChoice::Cuda(
+                    n.trim_start_matches(':')
+                        .parse()
+                        .with_context(|| format!("bad --device {d}"))?,
+                ),
+                None => anyhow::bail!("--device must be cpu or cuda:N"),
+            },
+        };
+        c.max_batch = self.max_batch;
+        c.max_queue = self.max_queue;
+        c.prefill_chunk = self.prefill_chunk;
+        c.max_context = self.max_context;
+        c.tokenizer_json = self.tokenizer.clone();
+        if let Some(p) = &self.chat_template {
+            c.chat_template = Some(
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+            );
+        }
+        Ok(c)
+    }
+}
+
+#[cfg(feature = "node")]
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Address to listen on. Anything but loopback exposes an unauthenticated API.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0 picks a free one; the address is printed).
+    #[arg(long, default_value_t = 8081)]
+    pub port: u16,
+    /// Largest request body accepted.
+    #[arg(long, default_value_t = sgl::node::local_server::DEFAULT_MAX_BODY_BYTES)]
+    pub max_body_bytes: usize,
 }
 
 #[derive(Debug, Args)]
@@ -171,12 +258,48 @@ pub fn run(cmd: NodeCommand) -> anyhow::Result<()> {
     match cmd {
         NodeCommand::Init(args) => init(args),
         NodeCommand::Keys(args) => keys(args),
+        #[cfg(feature = "node")]
         NodeCommand::Start(args) => start(args),
         NodeCommand::Status(args) => remote(args, None),
         NodeCommand::OffGrid(args) => remote(args, Some(true)),
         NodeCommand::OnGrid(args) => remote(args, Some(false)),
         NodeCommand::Service(cmd) => service(cmd),
+        #[cfg(feature = "node")]
+        NodeCommand::Serve(args) => serve(args),
     }
+}
+
+#[cfg(feature = "node")]
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::io::Write;
+    let config = args.engine.to_config()?;
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let addr = format!("{}:{}", args.host, args.port);
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        let local = listener.local_addr()?;
+        // Tests and scripts read this line to find the port.
+        println!("listening on http://{local}");
+        let _ = std::io::stdout().flush();
+        let shutdown = async {
+            let ctrl_c = tokio::signal::ctrl_c();
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut term) => {
+                    tokio::select! {
+                        _ = ctrl_c => {}
+                        _ = term.recv() => {}
+                    }
+                }
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                }
+            }
+        };
+        sgl::node::local_server::serve(listener, config, args.max_body_bytes, shutdown).await
+    })
 }
 
 fn init(args: InitArgs) -> anyhow::Result<()> {
@@ -231,22 +354,36 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-fn executor(args: &StartArgs) -> anyhow::Result<std::sync::Arc<dyn sgl::node::executor::Executor>> {
+#[cfg(feature = "node")]
+async fn executor(args: &StartArgs) -> anyhow::Result<std::sync::Arc<dyn sgl::node::executor::Executor>> {
+    use anyhow::Context;
+    use sgl::node::engine_executor::EngineExecutor;
     use sgl::node::executor::EchoExecutor;
     match args.engine {
         EngineKind::Echo => {
             tracing::warn!("running the echo load-test engine: answers are not model output");
+            let name = args
+                .engine_args
+                .served_name
+                .clone()
+                .unwrap_or_else(|| args.engine_args.model.clone());
             Ok(std::sync::Arc::new(EchoExecutor::new(
-                &args.model,
-                args.slots,
+                name,
+                args.engine_args.max_batch as u32,
             )))
         }
-        EngineKind::Candle => anyhow::bail!(
-            "the candle engine is not part of this build yet; use --engine echo for load tests"
-        ),
+        EngineKind::Candle => {
+            let config = args.engine_args.to_config()?;
+            let engine = tokio::task::spawn_blocking(move || sgl::engine::Engine::load(config))
+                .await
+                .context("loading the model")??;
+            tracing::info!(model = %engine.info().id, "model loaded");
+            Ok(std::sync::Arc::new(EngineExecutor::new(engine)))
+        }
     }
 }
 
+#[cfg(feature = "node")]
 fn start(args: StartArgs) -> anyhow::Result<()> {
     use anyhow::Context;
     use sgl::node::agent::{self, AgentConfig};
@@ -259,7 +396,7 @@ fn start(args: StartArgs) -> anyhow::Result<()> {
     config.websocket = !args.no_websocket;
     let rt = runtime()?;
     rt.block_on(async {
-        let executor = executor(&args)?;
+        let executor = executor(&args).await?;
         agent::run(config, executor, None, super::shutdown_signal())
             .await
             .with_context(|| format!("node agent (config dir {})", dir.display()))

@@ -1,4 +1,258 @@
-//! In-process inference on candle: model loading (GGUF, safetensors), tokenizer,
-//! chat template, sampler, continuous-batching scheduler, KV cache, metering.
+//! In-process inference on candle: model loading (GGUF), tokenizer, chat
+//! template, sampler, continuous-batching scheduler, KV cache, metering.
 //!
 //! Owns: tokens in, tokens out. May not touch: HTTP, keys, the wire protocol.
+//!
+//! # The contract with the node agent
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use sgl::engine::{Engine, EngineConfig, GenerationEvent, GenerationRequest};
+//! use sgl::proto::openai::ChatMessage;
+//!
+//! let engine = Engine::load(EngineConfig::new("smollm2-135m"))?; // blocking: call from spawn_blocking
+//! let req = GenerationRequest::chat(vec![ChatMessage::new("user", "Hi")]).max_tokens(32);
+//! let mut events = engine.submit(req)?;
+//! while let Some(ev) = events.recv().await {
+//!     match ev {
+//!         GenerationEvent::Token { text } => print!("{text}"),
+//!         GenerationEvent::Done { finish_reason, prompt_tokens, completion_tokens } => {
+//!             println!("\n{finish_reason:?} {prompt_tokens}+{completion_tokens}");
+//!         }
+//!         GenerationEvent::Error { message } => eprintln!("{message}"),
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! - [`EngineHandle::submit`] never blocks: it validates, renders and tokenises
+//!   the prompt, then queues it; a full queue is [`SubmitError::QueueFull`].
+//! - Events arrive in order: zero or more `Token`, then exactly one `Done` or
+//!   `Error`. `Token` texts concatenated are the completion.
+//! - Dropping the receiver cancels the request; its batch slot is freed before
+//!   the next step.
+//! - `Done` carries exact token counts: the prompt as tokenised, and every
+//!   sampled token except an end-of-turn token.
+
+pub mod catalogue;
+pub mod metrics;
+pub mod model;
+pub mod qlinear;
+pub mod sampler;
+mod scheduler;
+pub mod template;
+pub mod tokenizer;
+
+use std::path::PathBuf;
+
+pub use metrics::Metrics;
+pub use model::WeightFormat;
+pub use scheduler::{Engine, EngineHandle, EventReceiver, ModelInfo};
+
+use crate::proto::openai::{ChatCompletionRequest, ChatMessage, FinishReason};
+
+/// Everything that can go wrong loading or running a model.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("catalogue: {0}")]
+    Catalogue(String),
+    #[error("model not found: {0}")]
+    ModelNotFound(String),
+    #[error("fetch: {0}")]
+    Fetch(String),
+    #[error("model: {0}")]
+    Model(String),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("chat template: {0}")]
+    Template(String),
+}
+
+/// Where the model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceChoice {
+    #[default]
+    Cpu,
+    /// A CUDA device by ordinal; needs the `cuda` feature.
+    Cuda(usize),
+}
+
+/// How to load and run a model.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// A catalogue id (fetched into the cache) or a path to a GGUF file.
+    pub model: String,
+    /// The id to report instead of the catalogue id or file stem.
+    pub served_name: Option<String>,
+    pub device: DeviceChoice,
+    /// Requantise the linear layers at load.
+    pub weight_format: WeightFormat,
+    /// Sequences decoded together in one step.
+    pub max_batch: usize,
+    /// Requests waiting for a slot before submit answers `QueueFull`.
+    pub max_queue: usize,
+    /// Prompt tokens per prefill chunk; longer prompts take several steps so
+    /// that running streams keep getting tokens.
+    pub prefill_chunk: usize,
+    /// Cap on the context (defaults to the model's).
+    pub max_context: Option<usize>,
+    /// A `tokenizer.json` to use instead of the GGUF's vocabulary.
+    pub tokenizer_json: Option<PathBuf>,
+    /// A Jinja chat template to use instead of the model's.
+    pub chat_template: Option<String>,
+}
+
+impl EngineConfig {
+    pub fn new(model: impl Into<String>) -> Self {
+        EngineConfig {
+            model: model.into(),
+            served_name: None,
+            device: DeviceChoice::Cpu,
+            weight_format: WeightFormat::Native,
+            max_batch: 8,
+            max_queue: 64,
+            prefill_chunk: 256,
+            max_context: None,
+            tokenizer_json: None,
+            chat_template: None,
+        }
+    }
+}
+
+/// The prompt of a request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompt {
+    /// OpenAI chat messages, rendered with the model's chat template.
+    Chat(Vec<ChatMessage>),
+    /// Text given to the model as is (tokenised without a template).
+    Raw(String),
+}
+
+/// One generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationRequest {
+    pub prompt: Prompt,
+    /// Completion budget; `None` runs to the end of the context.
+    pub max_tokens: Option<u32>,
+    /// 0 is greedy; OpenAI's default is 1.
+    pub temperature: f32,
+    pub top_p: f32,
+    /// Fixes the sampler's RNG; `None` draws a random seed.
+    pub seed: Option<u64>,
+    /// Generation ends before the first occurrence of any of these.
+    pub stop: Vec<String>,
+    /// Keep generating past end-of-turn tokens (benchmarks want a fixed
+    /// length). OpenAI has no such parameter; the server reads `ignore_eos`.
+    pub ignore_eos: bool,
+}
+
+/// Caps on request parameters (OpenAI's where it has them).
+pub const MAX_STOP_SEQUENCES: usize = 4;
+pub const MAX_STOP_LEN: usize = 256;
+
+impl GenerationRequest {
+    pub fn chat(messages: Vec<ChatMessage>) -> Self {
+        GenerationRequest {
+            prompt: Prompt::Chat(messages),
+            max_tokens: None,
+            temperature: 1.0,
+            top_p: 1.0,
+            seed: None,
+            stop: Vec::new(),
+            ignore_eos: false,
+        }
+    }
+
+    pub fn raw(text: impl Into<String>) -> Self {
+        let mut r = Self::chat(Vec::new());
+        r.prompt = Prompt::Raw(text.into());
+        r
+    }
+
+    pub fn max_tokens(mut self, n: u32) -> Self {
+        self.max_tokens = Some(n);
+        self
+    }
+
+    pub fn temperature(mut self, t: f32) -> Self {
+        self.temperature = t;
+        self
+    }
+
+    pub fn top_p(mut self, p: f32) -> Self {
+        self.top_p = p;
+        self
+    }
+
+    pub fn seed(mut self, s: u64) -> Self {
+        self.seed = Some(s);
+        self
+    }
+
+    pub fn stop(mut self, s: impl Into<String>) -> Self {
+        self.stop.push(s.into());
+        self
+    }
+
+    /// The generation an OpenAI chat completion body asks for. The model name
+    /// is the caller's business and is not checked here.
+    pub fn from_openai(req: &ChatCompletionRequest) -> Result<Self, SubmitError> {
+        let bad = |m: String| SubmitError::InvalidRequest(m);
+        let max_tokens = match req.requested_max_tokens() {
+            None => None,
+            Some(n) => {
+                Some(u32::try_from(n).map_err(|_| bad(format!("max_tokens {n} is out of range")))?)
+            }
+        };
+        Ok(GenerationRequest {
+            prompt: Prompt::Chat(req.messages.clone()),
+            max_tokens,
+            temperature: req.temperature.unwrap_or(1.0) as f32,
+            top_p: req.top_p.unwrap_or(1.0) as f32,
+            seed: req.seed,
+            stop: req.stop.as_ref().map(|s| s.to_vec()).unwrap_or_default(),
+            ignore_eos: req
+                .extra
+                .get("ignore_eos")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false),
+        })
+    }
+}
+
+/// What a request's receiver gets.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GenerationEvent {
+    /// The next piece of the completion (whole UTF-8 characters).
+    Token { text: String },
+    /// The end, with exact token counts.
+    Done {
+        finish_reason: FinishReason,
+        prompt_tokens: u32,
+        completion_tokens: u32,
+    },
+    /// The engine failed this request; nothing more follows.
+    Error { message: String },
+}
+
+/// Why a request was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    /// The queue is full; try again after about this many seconds (HTTP 429).
+    #[error("the engine's queue is full; retry in {retry_after_secs}s")]
+    QueueFull { retry_after_secs: u64 },
+    /// Bad parameters or messages (HTTP 400).
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// The prompt leaves no room to generate (HTTP 400, `context_length_exceeded`).
+    #[error("the prompt has {prompt_tokens} tokens; the context holds {context_length}")]
+    ContextLengthExceeded {
+        prompt_tokens: usize,
+        context_length: usize,
+    },
+    /// The engine has stopped.
+    #[error("the engine has stopped")]
+    Stopped,
+}

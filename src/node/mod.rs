@@ -5,7 +5,11 @@
 
 #[cfg(feature = "node")]
 pub mod agent;
+#[cfg(feature = "node")]
+pub mod engine_executor;
 pub mod executor;
 pub mod identity_files;
 pub mod jobs;
 pub mod service;
+#[cfg(feature = "node")]
+pub mod local_server;

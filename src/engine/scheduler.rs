@@ -1,0 +1,648 @@
+//! The scheduler: one engine thread owns the model and runs steps. Between
+//! steps it admits queued requests (continuous batching), drops requests whose
+//! receiver is gone, and builds the next step from every decoding sequence plus
+//! prefill chunks of new prompts.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::Device;
+use rand_core::{OsRng, RngCore};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+use super::catalogue;
+use super::metrics::Metrics;
+use super::model::{self, KvCache, Model, StepItem};
+use super::sampler::{self, Rng, SamplingParams};
+use super::template::{ChatTemplate, TemplateMessage, ROLES};
+use super::tokenizer::{Detokenizer, TextTokenizer};
+use super::{
+    DeviceChoice, EngineConfig, EngineError, GenerationEvent, GenerationRequest, Prompt,
+    SubmitError, MAX_STOP_LEN, MAX_STOP_SEQUENCES,
+};
+use crate::proto::openai::{ChatMessage, FinishReason};
+
+/// The events of one request.
+pub type EventReceiver = UnboundedReceiver<GenerationEvent>;
+
+/// What a loaded engine serves.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    /// The id clients name in `model`.
+    pub id: String,
+    pub path: PathBuf,
+    pub architecture: String,
+    pub context_length: usize,
+    pub vocab_size: usize,
+    /// Formats of the linear layers after loading (`Q4_1`, `Q8_0`, …).
+    pub weight_formats: Vec<String>,
+    /// Weight bytes read per decode step, for the bandwidth bound.
+    pub weight_bytes_per_token: u64,
+    pub max_batch: usize,
+    pub max_queue: usize,
+    /// Seconds the load took.
+    pub load_seconds: f64,
+}
+
+/// Loads models.
+pub struct Engine;
+
+impl Engine {
+    /// Load the model and start the engine thread. Blocking (seconds); call it
+    /// from `spawn_blocking` in async code.
+    pub fn load(cfg: EngineConfig) -> Result<EngineHandle, EngineError> {
+        let t0 = Instant::now();
+        let resolved = catalogue::resolve(&cfg.model)?;
+        let device = match cfg.device {
+            DeviceChoice::Cpu => Device::Cpu,
+            DeviceChoice::Cuda(i) => {
+                Device::new_cuda(i).map_err(|e| EngineError::Model(e.to_string()))?
+            }
+        };
+        let (model, content) =
+            Model::load_gguf(&resolved.path, &device, cfg.weight_format, cfg.max_context)?;
+        let sibling = resolved.path.with_file_name("tokenizer.json");
+        let tokenizer = match &cfg.tokenizer_json {
+            Some(p) => TextTokenizer::from_file(p)?,
+            None => match TextTokenizer::from_gguf(&content.metadata) {
+                Ok(t) => t,
+                Err(_) if sibling.is_file() => TextTokenizer::from_file(&sibling)?,
+                Err(e) => return Err(e),
+            },
+        };
+        let source = match &cfg.chat_template {
+            Some(s) => s.clone(),
+            None => match content
+                .metadata
+                .get("tokenizer.chat_template")
+                .and_then(|v| v.to_string().ok())
+            {
+                Some(s) => s.clone(),
+                None => ChatTemplate::fallback_source(&model.cfg.architecture, &|t| {
+                    tokenizer.token_id(t).is_some()
+                })
+                .to_string(),
+            },
+        };
+        let template = ChatTemplate::new(
+            &source,
+            tokenizer.bos_token.as_deref().unwrap_or(""),
+            tokenizer.eos_token.as_deref().unwrap_or(""),
+        )?;
+        drop(content);
+        let max_batch = cfg.max_batch.max(1);
+        let max_queue = cfg.max_queue.max(1);
+        let info = ModelInfo {
+            id: cfg.served_name.clone().unwrap_or(resolved.id),
+            path: resolved.path,
+            architecture: model.cfg.architecture.clone(),
+            context_length: model.cfg.context_length,
+            vocab_size: model.cfg.vocab_size,
+            weight_formats: model.weight_formats.clone(),
+            weight_bytes_per_token: model.weight_bytes_per_token,
+            max_batch,
+            max_queue,
+            load_seconds: t0.elapsed().as_secs_f64(),
+        };
+        let tokenizer = Arc::new(tokenizer);
+        let metrics = Arc::new(Metrics::default());
+        let (tx, rx) = sync_channel::<Job>(max_queue);
+        let worker = Worker {
+            model,
+            tokenizer: tokenizer.clone(),
+            metrics: metrics.clone(),
+            rx,
+            max_batch,
+            prefill_chunk: cfg.prefill_chunk.max(1),
+            active: Vec::new(),
+        };
+        std::thread::Builder::new()
+            .name("sgl-engine".into())
+            .spawn(move || worker.run())?;
+        Ok(EngineHandle {
+            shared: Arc::new(Shared {
+                tokenizer,
+                template,
+                info,
+                metrics,
+            }),
+            tx,
+        })
+    }
+}
+
+struct Shared {
+    tokenizer: Arc<TextTokenizer>,
+    template: ChatTemplate,
+    info: ModelInfo,
+    metrics: Arc<Metrics>,
+}
+
+/// The engine as its callers see it. Cheap to clone; the engine thread ends
+/// when the last handle is dropped and its running requests are done.
+#[derive(Clone)]
+pub struct EngineHandle {
+    shared: Arc<Shared>,
+    tx: SyncSender<Job>,
+}
+
+impl std::fmt::Debug for EngineHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineHandle")
+            .field("model", &self.shared.info.id)
+            .finish()
+    }
+}
+
+struct Job {
+    prompt: Vec<u32>,
+    max_tokens: usize,
+    params: SamplingParams,
+    stop: Vec<String>,
+    ignore_eos: bool,
+    tx: UnboundedSender<GenerationEvent>,
+    submitted: Instant,
+}
+
+impl EngineHandle {
+    /// The models this engine serves (one).
+    pub fn models(&self) -> Vec<ModelInfo> {
+        vec![self.shared.info.clone()]
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        &self.shared.info
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.shared.metrics
+    }
+
+    pub fn tokenizer(&self) -> &TextTokenizer {
+        &self.shared.tokenizer
+    }
+
+    /// Render OpenAI messages with the model's chat template, ready to
+    /// tokenise. Checks roles and content kinds.
+    pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, SubmitError> {
+        let bad = |m: String| SubmitError::InvalidRequest(m);
+        if messages.is_empty() {
+            return Err(bad("messages must not be empty".into()));
+        }
+        let mut msgs = Vec::with_capacity(messages.len());
+        for (i, m) in messages.iter().enumerate() {
+            if !ROLES.contains(&m.role.as_str()) {
+                return Err(bad(format!(
+                    "messages[{i}].role {:?} is not one of {}",
+                    m.role,
+                    ROLES.join(", ")
+                )));
+            }
+            if m.content.has_non_text_parts() {
+                return Err(bad(format!(
+                    "messages[{i}] has non-text content; this model reads text only"
+                )));
+            }
+            // `developer` is OpenAI's new name for `system`; templates know the old one.
+            let role = if m.role == "developer" {
+                "system"
+            } else {
+                &m.role
+            };
+            msgs.push(TemplateMessage {
+                role: role.to_string(),
+                content: m.content.text(),
+            });
+        }
+        self.shared
+            .template
+            .render(&msgs)
+            .map_err(|e| bad(e.to_string()))
+    }
+
+    /// The prompt tokens a request would use.
+    pub fn prompt_tokens(&self, prompt: &Prompt) -> Result<Vec<u32>, SubmitError> {
+        let text = match prompt {
+            Prompt::Chat(m) => self.render_chat(m)?,
+            Prompt::Raw(s) => s.clone(),
+        };
+        self.shared
+            .tokenizer
+            .encode(&text)
+            .map_err(|e| SubmitError::InvalidRequest(e.to_string()))
+    }
+
+    /// Queue a generation. Never blocks; see the module documentation.
+    pub fn submit(&self, req: GenerationRequest) -> Result<EventReceiver, SubmitError> {
+        let bad = |m: String| SubmitError::InvalidRequest(m);
+        if !(req.temperature.is_finite() && (0.0..=2.0).contains(&req.temperature)) {
+            return Err(bad("temperature must be between 0 and 2".into()));
+        }
+        if !(req.top_p.is_finite() && req.top_p > 0.0 && req.top_p <= 1.0) {
+            return Err(bad("top_p must be in (0, 1]".into()));
+        }
+        if req.stop.len() > MAX_STOP_SEQUENCES {
+            return Err(bad(format!(
+                "at most {MAX_STOP_SEQUENCES} stop sequences are allowed"
+            )));
+        }
+        if req
+            .stop
+            .iter()
+            .any(|s| s.is_empty() || s.len() > MAX_STOP_LEN)
+        {
+            return Err(bad(format!(
+                "stop sequences must be 1 to {MAX_STOP_LEN} bytes"
+            )));
+        }
+        let ctx = self.shared.info.context_length;
+        if let Some(n) = req.max_tokens {
+            if n == 0 || n as usize > ctx {
+                return Err(bad(format!("max_tokens must be between 1 and {ctx}")));
+            }
+        }
+        let prompt = self.prompt_tokens(&req.prompt)?;
+        if prompt.is_empty() {
+            return Err(bad("the prompt is empty".into()));
+        }
+        if prompt.len() >= ctx {
+            return Err(SubmitError::ContextLengthExceeded {
+                prompt_tokens: prompt.len(),
+                context_length: ctx,
+            });
+        }
+        let room = ctx - prompt.len();
+        let max_tokens = req.max_tokens.map_or(room, |n| (n as usize).min(room));
+        let seed = req.seed.unwrap_or_else(|| OsRng.next_u64());
+        let (tx, rx) = unbounded_channel();
+        let job = Job {
+            prompt,
+            max_tokens,
+            params: SamplingParams {
+                temperature: req.temperature,
+                top_p: req.top_p,
+                seed,
+            },
+            stop: req.stop,
+            ignore_eos: req.ignore_eos,
+            tx,
+            submitted: Instant::now(),
+        };
+        let m = &self.shared.metrics;
+        m.queue_depth.fetch_add(1, Ordering::Relaxed);
+        match self.tx.try_send(job) {
+            Ok(()) => Ok(rx),
+            Err(TrySendError::Full(_)) => {
+                m.queue_depth.fetch_sub(1, Ordering::Relaxed);
+                m.requests_rejected.fetch_add(1, Ordering::Relaxed);
+                Err(SubmitError::QueueFull {
+                    retry_after_secs: 1,
+                })
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                m.queue_depth.fetch_sub(1, Ordering::Relaxed);
+                Err(SubmitError::Stopped)
+            }
+        }
+    }
+}
+
+/// A sequence in the running batch.
+struct Seq {
+    prompt: Vec<u32>,
+    prefilled: usize,
+    cache: KvCache,
+    /// The last sampled token, fed in the next step.
+    input: Vec<u32>,
+    generated: u32,
+    detok: Detokenizer,
+    /// Text not yet sent because it might begin a stop string.
+    held: String,
+    params: SamplingParams,
+    rng: Rng,
+    stop: Vec<String>,
+    ignore_eos: bool,
+    max_tokens: usize,
+    tx: UnboundedSender<GenerationEvent>,
+    submitted: Instant,
+    last_token: Option<Instant>,
+    gone: bool,
+}
+
+impl Seq {
+    fn send(&mut self, ev: GenerationEvent) {
+        if self.tx.send(ev).is_err() {
+            self.gone = true;
+        }
+    }
+
+    fn emit(&mut self, text: String) {
+        if !text.is_empty() {
+            self.send(GenerationEvent::Token { text });
+        }
+    }
+
+    fn finish(&mut self, reason: FinishReason) {
+        let held = std::mem::take(&mut self.held);
+        self.emit(held);
+        let ev = GenerationEvent::Done {
+            finish_reason: reason,
+            prompt_tokens: self.prompt.len() as u32,
+            completion_tokens: self.generated,
+        };
+        self.send(ev);
+    }
+}
+
+struct Worker {
+    model: Model,
+    tokenizer: Arc<TextTokenizer>,
+    metrics: Arc<Metrics>,
+    rx: Receiver<Job>,
+    max_batch: usize,
+    prefill_chunk: usize,
+    active: Vec<Seq>,
+}
+
+enum Outcome {
+    Continue,
+    Finished,
+}
+
+impl Worker {
+    fn run(mut self) {
+        loop {
+            if !self.admit() {
+                return;
+            }
+            let before = self.active.len();
+            self.active.retain(|s| !(s.gone || s.tx.is_closed()));
+            let cancelled = before - self.active.len();
+            if cancelled > 0 {
+                self.metrics
+                    .requests_cancelled
+                    .fetch_add(cancelled as u64, Ordering::Relaxed);
+            }
+            self.metrics
+                .active_sequences
+                .store(self.active.len() as u64, Ordering::Relaxed);
+            if !self.active.is_empty() {
+                self.step();
+            }
+        }
+    }
+
+    /// Take queued requests into free slots. Blocks only when nothing is
+    /// running. Returns false when every handle is gone and nothing runs.
+    fn admit(&mut self) -> bool {
+        while self.active.len() < self.max_batch {
+            let job = if self.active.is_empty() {
+                match self.rx.recv() {
+                    Ok(j) => j,
+                    Err(_) => return false,
+                }
+            } else {
+                match self.rx.try_recv() {
+                    Ok(j) => j,
+                    Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => break,
+                }
+            };
+            self.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+            if job.tx.is_closed() {
+                self.metrics
+                    .requests_cancelled
+                    .fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let ctx = self.model.cfg.context_length;
+            let cap = (job.prompt.len() + job.max_tokens.min(256)).min(ctx);
+            let cache = match KvCache::new(&self.model, cap) {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = job.tx.send(GenerationEvent::Error {
+                        message: e.to_string(),
+                    });
+                    continue;
+                }
+            };
+            self.metrics
+                .prompt_tokens
+                .fetch_add(job.prompt.len() as u64, Ordering::Relaxed);
+            self.metrics
+                .requests_started
+                .fetch_add(1, Ordering::Relaxed);
+            self.active.push(Seq {
+                prompt: job.prompt,
+                prefilled: 0,
+                cache,
+                input: Vec::new(),
+                generated: 0,
+                detok: Detokenizer::new(),
+                held: String::new(),
+                rng: Rng::new(job.params.seed),
+                params: job.params,
+                stop: job.stop,
+                ignore_eos: job.ignore_eos,
+                max_tokens: job.max_tokens,
+                tx: job.tx,
+                submitted: job.submitted,
+                last_token: None,
+                gone: false,
+            });
+        }
+        true
+    }
+
+    fn step(&mut self) {
+        let ctx = self.model.cfg.context_length;
+        // Decide what each sequence brings. Prefill chunks start at multiples
+        // of `prefill_chunk`, whatever else runs, so a sequence is computed the
+        // same way alone or in a batch.
+        let mut plan: Vec<(usize, usize, usize, bool)> = Vec::new(); // (seq, from, to, logits)
+        let mut prefill_used = 0;
+        for (i, s) in self.active.iter().enumerate() {
+            if s.prefilled < s.prompt.len() {
+                let n = (s.prompt.len() - s.prefilled).min(self.prefill_chunk);
+                if prefill_used == 0 || prefill_used + n <= self.prefill_chunk {
+                    prefill_used += n;
+                    let to = s.prefilled + n;
+                    plan.push((i, s.prefilled, to, to == s.prompt.len()));
+                }
+            } else if !s.input.is_empty() {
+                plan.push((i, 0, 1, true));
+            }
+        }
+        if plan.is_empty() {
+            return;
+        }
+        let mut failed: Option<String> = None;
+        for &(i, from, to, _) in &plan {
+            let s = &mut self.active[i];
+            let n = if s.prefilled < s.prompt.len() {
+                to - from
+            } else {
+                1
+            };
+            if let Err(e) = s.cache.reserve(s.cache.len() + n, ctx) {
+                failed = Some(e.to_string());
+            }
+        }
+        let logits = if failed.is_none() {
+            let mut planned = plan.iter().peekable();
+            let mut items = Vec::with_capacity(plan.len());
+            for (i, s) in self.active.iter_mut().enumerate() {
+                let Some(&&(pi, from, to, want)) = planned.peek() else {
+                    break;
+                };
+                if pi != i {
+                    continue;
+                }
+                planned.next();
+                let tokens: &[u32] = if s.prefilled < s.prompt.len() {
+                    &s.prompt[from..to]
+                } else {
+                    &s.input
+                };
+                items.push(StepItem {
+                    tokens,
+                    cache: &mut s.cache,
+                    want_logits: want,
+                });
+            }
+            match self.model.forward(&mut items) {
+                Ok(l) => l,
+                Err(e) => {
+                    failed = Some(e.to_string());
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        if let Some(message) = failed {
+            tracing::error!(%message, "engine step failed");
+            for &(i, ..) in &plan {
+                let s = &mut self.active[i];
+                s.send(GenerationEvent::Error {
+                    message: message.clone(),
+                });
+                s.gone = true;
+            }
+            return;
+        }
+        let mut row = 0;
+        let mut finished = Vec::new();
+        for &(i, _, to, want) in &plan {
+            let s = &mut self.active[i];
+            if s.prefilled < s.prompt.len() {
+                s.prefilled = to;
+            }
+            if !want {
+                continue;
+            }
+            let r = match logits.as_ref().map(|l| model::row(l, row)) {
+                Some(Ok(r)) => r,
+                Some(Err(e)) => {
+                    s.send(GenerationEvent::Error {
+                        message: e.to_string(),
+                    });
+                    s.gone = true;
+                    continue;
+                }
+                None => {
+                    s.send(GenerationEvent::Error {
+                        message: "the step returned no logits".into(),
+                    });
+                    s.gone = true;
+                    continue;
+                }
+            };
+            row += 1;
+            let id = sampler::sample(&r, &s.params, &mut s.rng);
+            match accept(s, id, &self.tokenizer, &self.metrics) {
+                Ok(Outcome::Continue) => {}
+                Ok(Outcome::Finished) => finished.push(i),
+                Err(e) => {
+                    s.send(GenerationEvent::Error {
+                        message: e.to_string(),
+                    });
+                    s.gone = true;
+                }
+            }
+        }
+        if !finished.is_empty() {
+            self.metrics
+                .requests_finished
+                .fetch_add(finished.len() as u64, Ordering::Relaxed);
+            // Removing in descending order keeps the other indices valid.
+            for i in finished.into_iter().rev() {
+                self.active.remove(i);
+            }
+        }
+    }
+}
+
+/// Take a sampled token into the sequence: stream its text, apply stop
+/// strings and the budget.
+fn accept(
+    s: &mut Seq,
+    id: u32,
+    tok: &TextTokenizer,
+    metrics: &Metrics,
+) -> Result<Outcome, EngineError> {
+    let now = Instant::now();
+    match s.last_token {
+        None => metrics
+            .ttft
+            .observe(now.duration_since(s.submitted).as_secs_f64()),
+        Some(t) => metrics
+            .inter_token
+            .observe(now.duration_since(t).as_secs_f64()),
+    }
+    s.last_token = Some(now);
+    s.input.clear();
+    if tok.is_stop(id) && !s.ignore_eos {
+        s.finish(FinishReason::Stop);
+        return Ok(Outcome::Finished);
+    }
+    s.generated += 1;
+    metrics.completion_tokens.fetch_add(1, Ordering::Relaxed);
+    let delta = s.detok.push(tok, id)?;
+    s.held.push_str(&delta);
+    if s.stop.is_empty() {
+        let held = std::mem::take(&mut s.held);
+        s.emit(held);
+    } else if let Some(at) = s
+        .stop
+        .iter()
+        .filter_map(|st| s.held.find(st.as_str()))
+        .min()
+    {
+        s.held.truncate(at);
+        s.finish(FinishReason::Stop);
+        return Ok(Outcome::Finished);
+    } else {
+        // Hold back the longest tail that could still grow into a stop string.
+        let keep = s
+            .held
+            .char_indices()
+            .map(|(i, _)| i)
+            .find(|&i| {
+                let tail = &s.held[i..];
+                s.stop.iter().any(|st| st.starts_with(tail))
+            })
+            .unwrap_or(s.held.len());
+        let rest = s.held.split_off(keep);
+        let out = std::mem::replace(&mut s.held, rest);
+        s.emit(out);
+    }
+    if s.generated as usize >= s.max_tokens {
+        s.finish(FinishReason::Length);
+        return Ok(Outcome::Finished);
+    }
+    s.input.push(id);
+    Ok(Outcome::Continue)
+}

@@ -1,0 +1,92 @@
+//! The candle engine as the agent's [`Executor`]: a job's validated request
+//! becomes a [`GenerationRequest`], the engine's events become the agent's.
+//! Dropping the agent's receiver drops the engine's, which frees the batch
+//! slot before the next step.
+
+use tokio::sync::mpsc;
+
+use super::executor::{ExecError, ExecEvent, Executor, ServedModel};
+use super::jobs::ChatJob;
+use crate::engine::{EngineHandle, GenerationEvent, GenerationRequest, SubmitError};
+use crate::proto::openai::ChatMessage;
+
+pub struct EngineExecutor {
+    engine: EngineHandle,
+}
+
+impl EngineExecutor {
+    pub fn new(engine: EngineHandle) -> Self {
+        EngineExecutor { engine }
+    }
+}
+
+impl Executor for EngineExecutor {
+    fn models(&self) -> Vec<ServedModel> {
+        self.engine
+            .models()
+            .into_iter()
+            .map(|m| ServedModel {
+                name: m.id,
+                context_size: m.context_length as u64,
+            })
+            .collect()
+    }
+
+    fn slots(&self) -> u32 {
+        self.engine.info().max_batch.max(1) as u32
+    }
+
+    fn start(&self, job: &ChatJob) -> Result<mpsc::Receiver<ExecEvent>, ExecError> {
+        if job.model != self.engine.info().id {
+            return Err(ExecError::UnknownModel(job.model.clone()));
+        }
+        let messages = job
+            .messages
+            .iter()
+            .map(|m| ChatMessage::new(&m.role, &m.content))
+            .collect();
+        let mut req = GenerationRequest::chat(messages)
+            .max_tokens(u32::try_from(job.max_tokens).unwrap_or(u32::MAX))
+            .temperature(job.temperature as f32);
+        if let Some(p) = job.top_p {
+            req = req.top_p(p as f32);
+        }
+        if let Some(s) = job.seed {
+            req = req.seed(s);
+        }
+        for s in &job.stop {
+            req = req.stop(s.clone());
+        }
+        let mut events = self.engine.submit(req).map_err(|e| match e {
+            SubmitError::QueueFull { .. } => ExecError::Busy,
+            other => ExecError::Invalid(other.to_string()),
+        })?;
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            while let Some(ev) = events.recv().await {
+                let (out, last) = match ev {
+                    GenerationEvent::Token { text } => (ExecEvent::Token(text), false),
+                    GenerationEvent::Done {
+                        finish_reason,
+                        prompt_tokens,
+                        completion_tokens,
+                    } => (
+                        ExecEvent::Done {
+                            finish: finish_reason,
+                            prompt_tokens: u64::from(prompt_tokens),
+                            completion_tokens: u64::from(completion_tokens),
+                        },
+                        true,
+                    ),
+                    GenerationEvent::Error { message } => (ExecEvent::Failed(message), true),
+                };
+                // The agent dropped its receiver: the job is cancelled, and
+                // dropping `events` here frees the engine's slot.
+                if tx.send(out).await.is_err() || last {
+                    break;
+                }
+            }
+        });
+        Ok(rx)
+    }
+}

@@ -1,0 +1,426 @@
+//! The node's local OpenAI-compatible server (`sgl node serve`): chat
+//! completions (JSON and SSE), the model list, health and Prometheus metrics,
+//! straight from the in-process engine. No coordinator, no sealing: it listens
+//! on loopback by default.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use tokio::net::TcpListener;
+
+use crate::engine::{
+    Engine, EngineConfig, EngineHandle, EventReceiver, GenerationEvent, GenerationRequest,
+    SubmitError,
+};
+use crate::proto::openai::{
+    AssistantMessage, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, Choice,
+    ErrorResponse, ModelEntry, ModelList, Usage,
+};
+
+/// Default cap on a request body.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 4 << 20;
+
+/// The server's state: the engine once it has loaded.
+#[derive(Default)]
+pub struct LocalState {
+    engine: OnceLock<EngineHandle>,
+    load_error: Mutex<Option<String>>,
+}
+
+impl LocalState {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Hand the loaded engine to the server; `/health` turns 200.
+    pub fn set_engine(&self, engine: EngineHandle) {
+        let _ = self.engine.set(engine);
+    }
+
+    pub fn engine(&self) -> Option<&EngineHandle> {
+        self.engine.get()
+    }
+
+    fn set_error(&self, e: String) {
+        if let Ok(mut g) = self.load_error.lock() {
+            *g = Some(e);
+        }
+    }
+}
+
+fn error(status: StatusCode, kind: &str, code: &str, message: impl Into<String>) -> Response {
+    (status, Json(ErrorResponse::new(message, kind, code))).into_response()
+}
+
+fn bad_request(code: &str, message: impl Into<String>) -> Response {
+    error(
+        StatusCode::BAD_REQUEST,
+        "invalid_request_error",
+        code,
+        message,
+    )
+}
+
+fn loading() -> Response {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "server_error",
+        "model_loading",
+        "the model is still loading",
+    )
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The routes, for embedding in another server or a test.
+pub fn router(state: Arc<LocalState>, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(state)
+}
+
+/// Serve on `listener`: the routes answer at once (503 while loading) and the
+/// model loads in the background. Returns when `shutdown` resolves, or with an
+/// error if the model cannot be loaded.
+pub async fn serve(
+    listener: TcpListener,
+    config: EngineConfig,
+    max_body_bytes: usize,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let state = LocalState::new();
+    let app = router(state.clone(), max_body_bytes);
+    let loader = {
+        let state = state.clone();
+        tokio::task::spawn_blocking(move || match Engine::load(config) {
+            Ok(engine) => {
+                tracing::info!(model = %engine.info().id, secs = engine.info().load_seconds, "model loaded");
+                state.set_engine(engine);
+                Ok(())
+            }
+            Err(e) => {
+                state.set_error(e.to_string());
+                Err(e)
+            }
+        })
+    };
+    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown);
+    let server = tokio::spawn(async move { server.await });
+    match loader.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            server.abort();
+            return Err(anyhow::Error::new(e).context("loading the model"));
+        }
+        Err(e) => {
+            server.abort();
+            return Err(anyhow::anyhow!("the model loader failed: {e}"));
+        }
+    }
+    server.await??;
+    Ok(())
+}
+
+async fn health(State(state): State<Arc<LocalState>>) -> Response {
+    match state.engine() {
+        Some(e) => (
+            StatusCode::OK,
+            Json(serde_json::json!({"status": "ok", "model": e.info().id})),
+        )
+            .into_response(),
+        None => {
+            let err = state.load_error.lock().ok().and_then(|g| g.clone());
+            let body = match err {
+                Some(e) => serde_json::json!({"status": "error", "error": e}),
+                None => serde_json::json!({"status": "loading"}),
+            };
+            (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+        }
+    }
+}
+
+async fn models(State(state): State<Arc<LocalState>>) -> Response {
+    let Some(engine) = state.engine() else {
+        return loading();
+    };
+    let data = engine
+        .models()
+        .into_iter()
+        .map(|m| ModelEntry {
+            id: m.id,
+            object: "model".into(),
+            created: 0,
+            owned_by: "sgl".into(),
+            context_window: Some(m.context_length as u64),
+        })
+        .collect();
+    Json(ModelList {
+        object: "list".into(),
+        data,
+    })
+    .into_response()
+}
+
+async fn metrics(State(state): State<Arc<LocalState>>) -> Response {
+    let body = match state.engine() {
+        Some(e) => {
+            let mut s = e.metrics().render_prometheus(&e.info().id);
+            s.push_str("# HELP sgl_engine_ready 1 once the model has loaded.\n# TYPE sgl_engine_ready gauge\nsgl_engine_ready 1\n");
+            s
+        }
+        None => "# HELP sgl_engine_ready 1 once the model has loaded.\n# TYPE sgl_engine_ready gauge\nsgl_engine_ready 0\n".to_string(),
+    };
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        body,
+    )
+        .into_response()
+}
+
+fn submit_error(e: SubmitError) -> Response {
+    match e {
+        SubmitError::QueueFull { retry_after_secs } => {
+            let mut r = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "queue_full",
+                e.to_string(),
+            );
+            if let Ok(v) = HeaderValue::from_str(&retry_after_secs.to_string()) {
+                r.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            r
+        }
+        SubmitError::InvalidRequest(m) => bad_request("invalid_request", m),
+        e @ SubmitError::ContextLengthExceeded { .. } => {
+            bad_request("context_length_exceeded", e.to_string())
+        }
+        SubmitError::Stopped => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "engine_stopped",
+            "the engine has stopped",
+        ),
+    }
+}
+
+async fn chat_completions(
+    State(state): State<Arc<LocalState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => {
+            return bad_request("invalid_body", format!("cannot read the body: {e}"));
+        }
+    };
+    let Some(engine) = state.engine() else {
+        return loading();
+    };
+    let req: ChatCompletionRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return bad_request("invalid_json", format!("invalid JSON body: {e}")),
+    };
+    let id = engine.info().id.clone();
+    if !req.model.is_empty() && req.model != id {
+        return bad_request(
+            "model_not_found",
+            format!(
+                "model {:?} is not served here; this node serves {id:?}",
+                req.model
+            ),
+        );
+    }
+    if let Some(n) = req.extra.get("n").and_then(|v| v.as_u64()) {
+        if n != 1 {
+            return bad_request("invalid_request", "only n = 1 is supported");
+        }
+    }
+    let gen = match GenerationRequest::from_openai(&req) {
+        Ok(g) => g,
+        Err(e) => return submit_error(e),
+    };
+    let rx = match engine.submit(gen) {
+        Ok(rx) => rx,
+        Err(e) => return submit_error(e),
+    };
+    let completion_id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
+    let created = now_secs();
+    if req.is_stream() {
+        stream_response(rx, completion_id, created, id, req.include_usage())
+    } else {
+        json_response(rx, completion_id, created, id).await
+    }
+}
+
+async fn json_response(
+    mut rx: EventReceiver,
+    cid: String,
+    created: u64,
+    model: String,
+) -> Response {
+    let mut text = String::new();
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            GenerationEvent::Token { text: t } => text.push_str(&t),
+            GenerationEvent::Done {
+                finish_reason,
+                prompt_tokens,
+                completion_tokens,
+            } => {
+                let resp = ChatCompletionResponse {
+                    id: cid,
+                    object: "chat.completion".into(),
+                    created,
+                    model,
+                    choices: vec![Choice {
+                        index: 0,
+                        message: AssistantMessage {
+                            role: "assistant".into(),
+                            content: text,
+                        },
+                        finish_reason: Some(finish_reason),
+                    }],
+                    usage: Some(Usage::new(
+                        u64::from(prompt_tokens),
+                        u64::from(completion_tokens),
+                    )),
+                    usage_signature: None,
+                };
+                return Json(resp).into_response();
+            }
+            GenerationEvent::Error { message } => {
+                return error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "server_error",
+                    "engine_error",
+                    message,
+                );
+            }
+        }
+    }
+    error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "server_error",
+        "engine_error",
+        "the engine ended the request without an answer",
+    )
+}
+
+struct StreamState {
+    rx: EventReceiver,
+    cid: String,
+    created: u64,
+    model: String,
+    include_usage: bool,
+    queue: VecDeque<Event>,
+    finished: bool,
+}
+
+impl StreamState {
+    fn chunk(&mut self, c: &ChatCompletionChunk) {
+        match serde_json::to_string(c) {
+            Ok(s) => self.queue.push_back(Event::default().data(s)),
+            Err(e) => tracing::error!(%e, "cannot encode a chunk"),
+        }
+    }
+
+    fn fail(&mut self, message: String) {
+        let body = ErrorResponse::new(message, "server_error", "engine_error");
+        if let Ok(s) = serde_json::to_string(&body) {
+            self.queue.push_back(Event::default().data(s));
+        }
+        self.queue.push_back(Event::default().data("[DONE]"));
+        self.finished = true;
+    }
+
+    fn on_event(&mut self, ev: Option<GenerationEvent>) {
+        match ev {
+            Some(GenerationEvent::Token { text }) => {
+                let c = ChatCompletionChunk::content(&self.cid, self.created, &self.model, &text);
+                self.chunk(&c);
+            }
+            Some(GenerationEvent::Done {
+                finish_reason,
+                prompt_tokens,
+                completion_tokens,
+            }) => {
+                let c = ChatCompletionChunk::finish(
+                    &self.cid,
+                    self.created,
+                    &self.model,
+                    finish_reason,
+                );
+                self.chunk(&c);
+                if self.include_usage {
+                    let usage = Usage::new(u64::from(prompt_tokens), u64::from(completion_tokens));
+                    let c = ChatCompletionChunk::usage(&self.cid, self.created, &self.model, usage);
+                    self.chunk(&c);
+                }
+                self.queue.push_back(Event::default().data("[DONE]"));
+                self.finished = true;
+            }
+            Some(GenerationEvent::Error { message }) => self.fail(message),
+            None => self.fail("the engine ended the request without an answer".into()),
+        }
+    }
+}
+
+/// SSE: the role chunk, content chunks, the finish chunk, the usage chunk when
+/// asked for, then `[DONE]`. When the client goes away the body stream is
+/// dropped, with it the receiver, and the engine frees the slot.
+fn stream_response(
+    rx: EventReceiver,
+    cid: String,
+    created: u64,
+    model: String,
+    include_usage: bool,
+) -> Response {
+    let mut st = StreamState {
+        rx,
+        cid,
+        created,
+        model,
+        include_usage,
+        queue: VecDeque::new(),
+        finished: false,
+    };
+    let role = ChatCompletionChunk::role(&st.cid, st.created, &st.model);
+    st.chunk(&role);
+    let stream = futures_util::stream::unfold(st, |mut st| async move {
+        loop {
+            if let Some(ev) = st.queue.pop_front() {
+                return Some((Ok::<Event, Infallible>(ev), st));
+            }
+            if st.finished {
+                return None;
+            }
+            let ev = st.rx.recv().await;
+            st.on_event(ev);
+        }
+    });
+    Sse::new(stream).into_response()
+}

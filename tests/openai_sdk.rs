@@ -1,0 +1,49 @@
+//! The official OpenAI Python SDK against `sgl node serve`, streaming and not.
+//! Skipped unless `openai` is importable (SGL_REQUIRE_OPENAI=1 makes that a
+//! failure) or the model is not cached (SGL_REQUIRE_MODEL=1 likewise).
+#![cfg(feature = "node")]
+
+mod engine_support;
+
+use std::process::Command;
+
+fn openai_importable() -> bool {
+    let ok = Command::new("python3")
+        .args(["-c", "import openai"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        if std::env::var("SGL_REQUIRE_OPENAI").as_deref() == Ok("1") {
+            panic!("SGL_REQUIRE_OPENAI=1 but `import openai` fails (pip install openai)");
+        }
+        eprintln!("skipping: the openai Python package is not installed");
+    }
+    ok
+}
+
+#[tokio::test]
+async fn openai_python_sdk_streams_and_non_streams() {
+    if !openai_importable() || engine_support::model_path().is_none() {
+        return;
+    }
+    let server = engine_support::Server::start(&[]).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/openai_sdk_check.py");
+    let out = tokio::task::spawn_blocking({
+        let base = server.base.clone();
+        move || {
+            Command::new("python3")
+                .args([script, &base, engine_support::MODEL_ID])
+                .output()
+                .expect("run python3")
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "SDK check failed:\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
