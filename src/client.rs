@@ -354,3 +354,65 @@ impl GridClient {
         Ok(resp.json().await?)
     }
 }
+
+/// How `--verify-evidence` judges a node's evidence: the client's own policy
+/// and roots, never the coordinator's word.
+#[derive(Debug, Clone)]
+pub struct EvidencePolicy {
+    pub policy: crate::attest::Policy,
+    /// Simulated-TEE keys to accept (a development grid); empty in production.
+    pub simulated_keys: Vec<Ed25519Public>,
+    pub allow_any_measurement: bool,
+}
+
+impl GridClient {
+    /// The §7b client procedure: the evidence binds the very keys the prompt
+    /// is sealed to (keybind, report data), and the report verifies against
+    /// the client's pinned vendor roots and policy.
+    pub async fn verify_node_evidence(
+        &self,
+        res: &ReserveResponse,
+        how: &EvidencePolicy,
+    ) -> Result<crate::attest::Verdict, ClientError> {
+        use crate::attest::{self, Binding, VerifyOptions};
+        let doc = self.fetch_evidence(res).await?;
+        let expected = check_evidence_binding(res, &doc)?;
+        let wire = doc.evidence.as_ref().ok_or_else(|| {
+            ClientError::Protocol(format!(
+                "the node is {:?}: it has no hardware evidence",
+                doc.attestation_level
+            ))
+        })?;
+        let bytes = serde_json::to_vec(wire).map_err(|e| ProtoError::Json(e.to_string()))?;
+        let evidence = attest::Evidence::from_json(&bytes)
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let mut opts = VerifyOptions::new(now);
+        opts.simulated_keys = how.simulated_keys.clone();
+        opts.dev_mode = !how.simulated_keys.is_empty();
+        opts.allow_any_measurement = how.allow_any_measurement;
+        let verdict = attest::verify_evidence(
+            &evidence,
+            &Binding::ReportData(expected),
+            &how.policy,
+            &opts,
+        )
+        .await;
+        if !verdict.verified {
+            let failed: Vec<String> = verdict
+                .checks
+                .iter()
+                .filter(|c| c.status == attest::CheckStatus::Fail)
+                .map(|c| format!("{:?}: {}", c.step, c.detail))
+                .collect();
+            return Err(ClientError::Protocol(format!(
+                "the node's evidence does not verify: {}",
+                failed.join("; ")
+            )));
+        }
+        Ok(verdict)
+    }
+}

@@ -41,6 +41,20 @@ pub struct ChatArgs {
     /// A system message put before the prompt.
     #[arg(long)]
     pub system: Option<String>,
+    /// Before sending, fetch the node's evidence and verify it with this
+    /// machine's policy and pinned vendor roots: the chain, the policy, and
+    /// that the keys the prompt is sealed to are the ones the evidence binds.
+    #[arg(long)]
+    pub verify_evidence: bool,
+    /// Attestation policy for --verify-evidence (default: the shipped one).
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<std::path::PathBuf>,
+    /// Accept simulated evidence signed by this key (a development grid only).
+    #[arg(long = "simulated-tee-key", value_name = "B58")]
+    pub simulated_tee_keys: Vec<String>,
+    /// Skip only the measurement allow-list in --verify-evidence.
+    #[arg(long)]
+    pub allow_any_measurement: bool,
     /// Print a JSON summary (content, job id, node, usage, checks) instead of text.
     #[arg(long)]
     pub json: bool,
@@ -84,6 +98,39 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
         let client = GridClient::new(&args.coordinator, args.api_key.clone())?;
         let res = client.reserve(&req).await.context("reserving a node")?;
         tracing::info!(node_id = %res.node_id, level = ?res.attestation_level, "reserved");
+        let verdict = if args.verify_evidence {
+            let policy = match &args.policy {
+                Some(p) => sgl::attest::Policy::load(p)
+                    .with_context(|| format!("loading {}", p.display()))?,
+                None => sgl::attest::Policy::default_policy(),
+            };
+            let simulated_keys = args
+                .simulated_tee_keys
+                .iter()
+                .map(|k| sgl::proto::identity::Ed25519Public::from_b58(k))
+                .collect::<Result<Vec<_>, _>>()
+                .context("--simulated-tee-key")?;
+            let how = sgl::client::EvidencePolicy {
+                policy,
+                simulated_keys,
+                allow_any_measurement: args.allow_any_measurement,
+            };
+            let v = client
+                .verify_node_evidence(&res, &how)
+                .await
+                .context("verifying the node's evidence")?;
+            if !args.json {
+                eprintln!(
+                    "evidence verified: {} ({:?}), policy {}",
+                    v.format.as_str(),
+                    v.attestation_level,
+                    v.policy_digest
+                );
+            }
+            Some(v)
+        } else {
+            None
+        };
         let print_live = args.stream && !args.json;
         let out = client
             .chat(&res, &req, |delta| {
@@ -105,6 +152,12 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
                     "usage_signed": out.usage_signed,
                     "attestation_level": res.attestation_level,
                     "signatures_verified": true,
+                    "evidence": verdict.as_ref().map(|v| serde_json::json!({
+                        "verified": v.verified,
+                        "format": v.format.as_str(),
+                        "attestation_level": v.attestation_level,
+                        "policy_digest": v.policy_digest,
+                    })),
                 }))?
             );
         } else if print_live {

@@ -122,6 +122,20 @@ pub struct ServeArgs {
     /// Seconds between two price changes of the same node and model.
     #[arg(long, default_value_t = 60)]
     pub price_cooldown: u64,
+    /// Attestation policy (TOML); default: the one shipped in attestation/policy.toml.
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
+    /// A simulated-TEE public key (b58) whose evidence is accepted at the
+    /// `simulated` level; development mode only (repeatable). A node prints
+    /// its key with `sgl attest simulated-key`.
+    #[arg(long = "simulated-tee-key", value_name = "B58")]
+    pub simulated_tee_keys: Vec<String>,
+    /// AMD KDS base URL to fetch a VCEK that evidence lacks (e.g. https://kdsintf.amd.com).
+    #[arg(long)]
+    pub kds_url: Option<String>,
+    /// Intel PCS/PCCS base URL for TDX collateral (e.g. https://api.trustedservices.intel.com).
+    #[arg(long)]
+    pub pcs_url: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -348,7 +362,36 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .public_url
         .clone()
         .unwrap_or_else(|| format!("http://{}", args.listen));
+    if !args.dev && !args.simulated_tee_keys.is_empty() {
+        bail!("--simulated-tee-key is for development mode only (--dev)");
+    }
+    let policy = match &args.policy {
+        Some(p) => sgl::attest::Policy::load(p)
+            .with_context(|| format!("loading the policy {}", p.display()))?,
+        None => sgl::attest::Policy::default_policy(),
+    };
+    let simulated_tee_keys = args
+        .simulated_tee_keys
+        .iter()
+        .map(|k| sgl::proto::identity::Ed25519Public::from_b58(k))
+        .collect::<Result<Vec<_>, _>>()
+        .context("--simulated-tee-key")?;
+    let vendor_services = match (&args.kds_url, &args.pcs_url) {
+        (None, None) => None,
+        (kds, pcs) => Some(sgl::coordinator::attestation::VendorServices {
+            kds_url: kds.clone().unwrap_or_else(|| "https://kdsintf.amd.com".into()),
+            pcs_url: pcs
+                .clone()
+                .unwrap_or_else(|| "https://api.trustedservices.intel.com".into()),
+            root_crl_url: "https://certificates.trustedservices.intel.com/IntelSGXRootCA.der"
+                .into(),
+            cache_dir: dirs::cache_dir().map(|d| d.join("sgl").join("attestation")),
+        }),
+    };
     let config = Config {
+        policy: std::sync::Arc::new(policy),
+        simulated_tee_keys,
+        vendor_services,
         dev: args.dev,
         public_url: public_url.clone(),
         heartbeat_interval: Duration::from_secs(args.heartbeat_interval.max(1)),

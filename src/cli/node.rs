@@ -87,6 +87,54 @@ pub struct StartArgs {
     /// Poll with heartbeats only; no WebSocket push.
     #[arg(long)]
     pub no_websocket: bool,
+    /// Hardware evidence sent with each attestation: `auto` uses SEV-SNP or
+    /// TDX when this machine has them (else the node self-reports), `none`
+    /// never sends any, `simulated` signs with a local development key that
+    /// only coordinators in --dev mode accept.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub evidence: EvidenceMode,
+}
+
+#[cfg(feature = "node")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EvidenceMode {
+    Auto,
+    None,
+    Simulated,
+}
+
+/// The agent's evidence source for `mode` (see [`StartArgs::evidence`]).
+#[cfg(feature = "node")]
+fn evidence_fn(
+    mode: EvidenceMode,
+    dir: &std::path::Path,
+) -> anyhow::Result<Option<std::sync::Arc<sgl::node::agent::EvidenceFn>>> {
+    use sgl::attest::source::{best_source, SourceConfig};
+    let mut cfg = SourceConfig::default();
+    match mode {
+        EvidenceMode::None => return Ok(None),
+        EvidenceMode::Simulated => {
+            cfg.simulated_key = Some(dir.join(sgl::attest::sim::KEY_FILE));
+        }
+        EvidenceMode::Auto => {}
+    }
+    let source = match best_source(&cfg) {
+        Ok(s) => s,
+        Err(e) if mode == EvidenceMode::Auto => {
+            tracing::warn!(reason = %e, "no hardware evidence source; the node self-reports");
+            return Ok(None);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    tracing::info!(source = source.kind().as_str(), "evidence source");
+    let f = move |rd: &[u8; 64]| -> Result<Option<sgl::proto::api::Evidence>, String> {
+        let ev = source.collect(rd).map_err(|e| e.to_string())?;
+        let wire = serde_json::to_value(&ev)
+            .and_then(serde_json::from_value)
+            .map_err(|e| e.to_string())?;
+        Ok(Some(wire))
+    };
+    Ok(Some(std::sync::Arc::new(f)))
 }
 
 #[derive(Debug, Args)]
@@ -397,7 +445,8 @@ fn start(args: StartArgs) -> anyhow::Result<()> {
     let rt = runtime()?;
     rt.block_on(async {
         let executor = executor(&args).await?;
-        agent::run(config, executor, None, super::shutdown_signal())
+        let evidence = evidence_fn(args.evidence, &dir)?;
+        agent::run(config, executor, evidence, super::shutdown_signal())
             .await
             .with_context(|| format!("node agent (config dir {})", dir.display()))
     })

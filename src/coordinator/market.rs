@@ -422,3 +422,12 @@ pub async fn job_attestation(
         verified_at: att.map(|a| a.verified_at.clone()),
     }))
 }
+
+/// `GET /grid/attestation/policy` (§7b): the policy evidence is verified
+/// against, as canonical JSON, and its digest.
+pub async fn policy(State(grid): State<Grid>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let body: serde_json::Value =
+        serde_json::from_str(&grid.config.policy.canonical_json()).unwrap_or_default();
+    Json(json!({"policy": body, "policy_digest": grid.config.policy.digest()})).into_response()
+}

@@ -8,6 +8,7 @@
 //! This build keeps its state in memory and runs in development mode only;
 //! billing and persistence are still to come.
 
+pub mod attestation;
 pub mod billing;
 pub mod client_api;
 pub mod error;
@@ -46,6 +47,7 @@ pub fn router(grid: Grid) -> Router {
             get(market::evidence),
         )
         .route("/grid/jobs/{id}/attestation", get(market::job_attestation))
+        .route("/grid/attestation/policy", get(market::policy))
         .route("/grid/nodes/register", post(node_api::register))
         .route("/grid/nodes/heartbeat", post(node_api::heartbeat))
         .route("/grid/nodes/{id}", get(node_api::node_info))

@@ -132,21 +132,23 @@ pub async fn verify_attestation(
 ) -> NodeResult<VerifyAttestationResponse> {
     let node_id = parse_node_id(&id)?;
     authorize(&grid, &headers, &node_id)?;
-    let mut inner = grid.lock();
-    let challenge = Grid::take_challenge(&mut inner, &node_id).ok_or_else(|| {
-        NodeApiError::bad("challenge_expired", "no live challenge: request a new one")
-    })?;
-    let node = inner
-        .nodes
-        .get_mut(&node_id)
-        .ok_or_else(|| NodeApiError::not_found("unknown node"))?;
+    // Everything the node claims is checked before anything is recorded.
+    let (challenge, ed25519) = {
+        let mut inner = grid.lock();
+        let challenge = Grid::take_challenge(&mut inner, &node_id).ok_or_else(|| {
+            NodeApiError::bad("challenge_expired", "no live challenge: request a new one")
+        })?;
+        let node = inner
+            .nodes
+            .get(&node_id)
+            .ok_or_else(|| NodeApiError::not_found("unknown node"))?;
+        (challenge, node.ed25519)
+    };
     let sig = Signature::from_b58(&req.signature)
         .map_err(|e| NodeApiError::bad("bad_signature", e.to_string()))?;
-    node.ed25519
-        .verify(challenge.as_bytes(), &sig)
-        .map_err(|_| {
-            NodeApiError::bad("bad_signature", "the challenge signature does not verify")
-        })?;
+    ed25519.verify(challenge.as_bytes(), &sig).map_err(|_| {
+        NodeApiError::bad("bad_signature", "the challenge signature does not verify")
+    })?;
     let x25519 = X25519Public::from_b58(&req.encryption_public_key)
         .map_err(|e| NodeApiError::bad("invalid_encryption_key", e.to_string()))?;
     let report = &req.hardware_report;
@@ -156,47 +158,75 @@ pub async fn verify_attestation(
             "hardware_report.report_hash does not match its fields",
         ));
     }
-    if req.evidence.is_some() {
-        // Fail closed: never downgrade rejected evidence to self-reported.
-        return Err(NodeApiError::bad(
-            "evidence_rejected",
-            "hardware evidence cannot be verified by this coordinator",
-        ));
-    }
     let key_version = req.key_version.unwrap_or(1);
-    if let Some(kb) = &req.encryption_public_key_signature {
-        let kb =
-            Signature::from_b58(kb).map_err(|e| NodeApiError::bad("bad_keybind", e.to_string()))?;
-        verify_keybind(
-            &node_id.to_string(),
-            &node.ed25519,
-            &x25519,
-            key_version,
-            &kb,
+    let keybind = match &req.encryption_public_key_signature {
+        Some(kb) => {
+            let kb = Signature::from_b58(kb)
+                .map_err(|e| NodeApiError::bad("bad_keybind", e.to_string()))?;
+            verify_keybind(&node_id.to_string(), &ed25519, &x25519, key_version, &kb).map_err(
+                |_| NodeApiError::bad("bad_keybind", "the keybind signature does not verify"),
+            )?;
+            Some(kb)
+        }
+        None => None,
+    };
+    // Hardware evidence (§7a): verified, or the request fails — a node is
+    // never silently downgraded to self-reported.
+    let mut level = AttestationLevel::SelfReported;
+    let mut evidence_kept = None;
+    let mut policy_digest = None;
+    if let Some(ev) = &req.evidence {
+        if keybind.is_none() {
+            return Err(NodeApiError::bad(
+                "evidence_rejected",
+                "evidence needs the keybind signature (encryption_public_key_signature)",
+            ));
+        }
+        let verdict = super::attestation::verify(
+            &grid,
+            ev,
+            crate::attest::NodeBinding {
+                node_id,
+                ed25519,
+                x25519,
+                key_version,
+                challenge: challenge.clone(),
+            },
         )
-        .map_err(|_| NodeApiError::bad("bad_keybind", "the keybind signature does not verify"))?;
+        .await
+        .map_err(|why| NodeApiError::bad("evidence_rejected", why))?;
+        level = verdict.level;
+        policy_digest = Some(verdict.policy_digest);
+        evidence_kept = Some(verdict.evidence);
+    }
+    let mut inner = grid.lock();
+    let node = inner
+        .nodes
+        .get_mut(&node_id)
+        .ok_or_else(|| NodeApiError::not_found("unknown node"))?;
+    if let Some(kb) = keybind {
         node.keybind = Some(kb);
         node.key_version = key_version;
     }
     node.x25519 = Some(x25519);
-    node.level = AttestationLevel::SelfReported;
+    node.level = level;
     let verified_at = super::market::humantime_rfc3339(std::time::SystemTime::now());
     node.attestation = Some(super::state::AttestationRecord {
         challenge,
-        evidence: None,
+        evidence: evidence_kept,
         verified_at: verified_at.clone(),
-        policy_digest: None,
+        policy_digest: policy_digest.clone(),
         report_hash: report.compute_report_hash(),
     });
     node.last_seen = Instant::now();
     grid.persist(&mut inner, &node_id);
-    tracing::info!(%node_id, level = "self_reported", "node attested");
+    tracing::info!(%node_id, ?level, "node attested");
     Ok(Json(VerifyAttestationResponse {
         verified: true,
         status: "active".into(),
-        attestation_level: Some(AttestationLevel::SelfReported),
+        attestation_level: Some(level),
         verified_at: Some(verified_at),
-        policy_digest: None,
+        policy_digest,
     }))
 }
 

@@ -57,6 +57,12 @@ pub struct Config {
     pub token_lifetime: Duration,
     /// The previous token stays valid this long after a rotation (§6.5).
     pub token_grace: Duration,
+    /// The attestation policy evidence is verified against.
+    pub policy: Arc<crate::attest::Policy>,
+    /// Simulated-TEE keys trusted in development mode (never otherwise).
+    pub simulated_tee_keys: Vec<Ed25519Public>,
+    /// Fetch VCEKs and TDX collateral the evidence lacks; `None`: never fetch.
+    pub vendor_services: Option<super::attestation::VendorServices>,
 }
 
 impl Default for Config {
@@ -76,6 +82,9 @@ impl Default for Config {
             price_cooldown: Duration::from_secs(60),
             token_lifetime: Duration::from_secs(24 * 3600),
             token_grace: Duration::from_secs(600),
+            policy: Arc::new(crate::attest::Policy::default_policy()),
+            simulated_tee_keys: Vec::new(),
+            vendor_services: None,
         }
     }
 }
