@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh checkout: installs what the tests need
-# (Python clients, the test model), then format, lint and test.
+# (Python clients, the test model, PostgreSQL running), then format, lint,
+# test, and the GPU build's compile check.
 #
 # Environment:
-#   CARGO_TARGET_DIR  build directory, kept between runs (default ~/.cache/sgl-target)
-#   SGL_MODEL_DIR     model cache (default ~/.cache/sgl/models)
+#   CARGO_TARGET_DIR     build directory, kept between runs (default ~/.cache/sgl-target)
+#   SGL_MODEL_DIR        model cache (default ~/.cache/sgl/models)
+#   SGL_CUDA_CHECK=0     skip the `--features full,cuda` compile check (default: run it)
+#   SGL_TEST_POSTGRES_URL  PostgreSQL for the store tests (default postgres://postgres@127.0.0.1:5432/test)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/sgl-target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 FEATURES=full
+started=$(date +%s)
 
-step() { printf '\n== %s\n' "$*"; }
+step() { printf '\n== %s (%ss)\n' "$*" "$(( $(date +%s) - started ))"; }
 
 step "toolchain"
 cargo --version
@@ -20,6 +24,14 @@ rustc --version
 
 step "python packages for the client-compatibility tests"
 python3 -m pip install --quiet --disable-pip-version-check -r tests/py/requirements.txt
+
+step "PostgreSQL"
+if ! pg_isready -h 127.0.0.1 -p 5432 >/dev/null 2>&1; then
+  if command -v pg_ctlcluster >/dev/null 2>&1 && [ -d /etc/postgresql ]; then
+    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start || true
+  fi
+fi
+pg_isready -h 127.0.0.1 -p 5432
 
 step "format"
 cargo fmt --all -- --check
@@ -30,5 +42,21 @@ cargo clippy --all-targets --features "$FEATURES" -- -D warnings
 step "build"
 cargo build --features "$FEATURES" --bins
 
+step "model"
+"$CARGO_TARGET_DIR/debug/sgl" model fetch smollm2-135m
+
 step "tests"
-cargo test --features "$FEATURES" --no-fail-fast
+# What the tests may skip elsewhere is required here: the model, the Python
+# clients and PostgreSQL.
+SGL_REQUIRE_MODEL=1 SGL_REQUIRE_OPENAI=1 SGL_REQUIRE_PY_CLIENTS=1 SGL_REQUIRE_POSTGRES=1 \
+  cargo test --features "$FEATURES" --no-fail-fast
+
+if [ "${SGL_CUDA_CHECK:-1}" != 0 ]; then
+  step "GPU build (compile check, no GPU needed)"
+  # shellcheck source=scripts/cuda-toolchain.sh
+  source scripts/cuda-toolchain.sh
+  CARGO_TARGET_DIR="${SGL_CUDA_TARGET_DIR:-$CARGO_TARGET_DIR-cuda}" \
+    cargo build --release --features full,cuda --bin sgl
+fi
+
+step "done"
