@@ -479,3 +479,74 @@ pub fn named_source(
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(name: &str) -> Vec<u8> {
+        std::fs::read(format!(
+            "{}/tests/data/tee/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap()
+    }
+
+    /// The auxblob path: a certificate table as the host hands it out (VCEK,
+    /// ASK, ARK, each padded) becomes the evidence's `certs`.
+    #[test]
+    fn auxblob_certificate_table_becomes_certs() {
+        let report = hex::decode(
+            String::from_utf8(sample("report_milan.hex"))
+                .unwrap()
+                .trim(),
+        )
+        .unwrap();
+        let vcek = sample("vcek_milan.der");
+        let entries = [
+            (snp::GUID_VCEK, vcek.clone()),
+            (snp::GUID_ASK, vec![0x30, 0x00]),
+        ];
+        let mut table = Vec::new();
+        let mut data = Vec::new();
+        let header_len = 24 * (entries.len() + 1);
+        for (guid, bytes) in &entries {
+            let mut padded = bytes.clone();
+            padded.resize(bytes.len().div_ceil(64) * 64, 0);
+            table.extend_from_slice(&snp::guid_bytes(guid));
+            table.extend_from_slice(&((header_len + data.len()) as u32).to_le_bytes());
+            table.extend_from_slice(&(padded.len() as u32).to_le_bytes());
+            data.extend_from_slice(&padded);
+        }
+        table.extend_from_slice(&[0u8; 24]);
+        table.extend_from_slice(&data);
+        let ev = snp_evidence(report, &table).unwrap();
+        let certs = ev.certs.unwrap();
+        assert_eq!(certs.vcek.unwrap().0, vcek);
+        assert_eq!(certs.ask.unwrap().0, vec![0x30, 0x00]);
+        assert!(certs.ark.is_none());
+        assert!(snp_evidence(vec![0; 10], &[]).is_err());
+    }
+
+    #[test]
+    fn detect_without_hardware_explains_and_best_source_refuses() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = SourceConfig {
+            configfs_tsm: dir.path().join("tsm"),
+            sev_guest: dir.path().join("sev-guest"),
+            tdx_guest: dir.path().join("tdx_guest"),
+            simulated_key: None,
+        };
+        let found = detect(&cfg);
+        assert!(found.iter().all(|d| !d.available));
+        assert!(matches!(best_source(&cfg), Err(AttestError::NoSource(_))));
+        let sim = SourceConfig {
+            simulated_key: Some(dir.path().join("k.json")),
+            ..cfg
+        };
+        let src = best_source(&sim).unwrap();
+        assert_eq!(src.kind(), SourceKind::Simulated);
+        let ev = src.collect(&[5; 64]).unwrap();
+        assert_eq!(ev.format, EvidenceFormat::Simulated);
+    }
+}

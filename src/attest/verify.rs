@@ -74,6 +74,20 @@ impl VerifyOptions {
             pcs: None,
         }
     }
+
+    /// Fetch what evidence lacks from the vendors' services (or stand-ins at
+    /// these base URLs), caching answers under `cache_dir`.
+    pub fn with_vendor_services(
+        mut self,
+        kds_url: &str,
+        pcs_url: &str,
+        root_crl_url: &str,
+        cache_dir: Option<std::path::PathBuf>,
+    ) -> Self {
+        self.kds = Some(KdsClient::new(kds_url, cache_dir.clone()));
+        self.pcs = Some(PcsClient::new(pcs_url, root_crl_url, cache_dir));
+        self
+    }
 }
 
 struct Run {

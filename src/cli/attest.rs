@@ -6,8 +6,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
-use sgl::attest::kds::{KdsClient, DEFAULT_KDS_URL};
-use sgl::attest::pcs::{PcsClient, DEFAULT_PCS_URL, DEFAULT_ROOT_CRL_URL};
+use sgl::attest::kds::DEFAULT_KDS_URL;
+use sgl::attest::pcs::{DEFAULT_PCS_URL, DEFAULT_ROOT_CRL_URL};
 use sgl::attest::source::{self, SourceConfig, SourceKind};
 use sgl::attest::{self, Binding, Evidence, NodeBinding, Policy, VerifyOptions};
 use sgl::node::identity_files;
@@ -308,8 +308,7 @@ fn verify(args: VerifyArgs) -> anyhow::Result<()> {
             Some(d) => Some(d.clone()),
             None => dirs::cache_dir().map(|d| d.join("sgl").join("attest")),
         };
-        opts.kds = Some(KdsClient::new(&args.kds_url, cache.clone()));
-        opts.pcs = Some(PcsClient::new(&args.pcs_url, &args.root_crl_url, cache));
+        opts = opts.with_vendor_services(&args.kds_url, &args.pcs_url, &args.root_crl_url, cache);
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
