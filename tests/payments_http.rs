@@ -661,7 +661,9 @@ async fn credits_top_up_with_mpp() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::PAYMENT_REQUIRED);
-    // A challenge for $1.25 does not pay a $2 top-up.
+    // A fresh challenge for $1.25 does not pay a $2 top-up.
+    let r = http().post(&url).json(&body).send().await.unwrap();
+    let www = r.headers()["www-authenticate"].to_str().unwrap().to_owned();
     let r = http()
         .post(&url)
         .json(&json!({"amount": 2}))
