@@ -629,3 +629,64 @@ async fn metered_requests_charge_actual_cost_and_nothing_on_failure() {
     let r = metered(&s, json!({"actual": 1}), &[("PAYMENT-SIGNATURE", pay)]).await;
     assert_eq!(r.status(), StatusCode::PAYMENT_REQUIRED);
 }
+
+#[tokio::test]
+async fn credits_top_up_with_mpp() {
+    let s = server::start().await;
+    let k = key(ANVIL1);
+    let url = format!("{}/compute/credits/topup", s.base);
+    let body = json!({"amount": "1.25", "network": "base"});
+    let r = http().post(&url).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::PAYMENT_REQUIRED);
+    let www = r.headers()["www-authenticate"].to_str().unwrap().to_owned();
+    let cred = mpp_credential(&k, &www, None);
+    let r = http()
+        .post(&url)
+        .header("Authorization", cred.clone())
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.headers().contains_key("payment-receipt"));
+    let t: Value = r.json().await.unwrap();
+    assert_eq!(t["deposited_micros"], 1_250_000);
+    assert_eq!(t["wallet"], "0x70997970c51812dc3a010c7d01b50e0d17dc79c8");
+    // The same credential cannot top up twice.
+    let r = http()
+        .post(&url)
+        .header("Authorization", cred)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::PAYMENT_REQUIRED);
+    // A fresh challenge for $1.25 does not pay a $2 top-up.
+    let r = http().post(&url).json(&body).send().await.unwrap();
+    let www = r.headers()["www-authenticate"].to_str().unwrap().to_owned();
+    let r = http()
+        .post(&url)
+        .json(&json!({"amount": 2}))
+        .send()
+        .await
+        .unwrap();
+    let www2 = r.headers()["www-authenticate"].to_str().unwrap().to_owned();
+    let r = http()
+        .post(&url)
+        .header("Authorization", mpp_credential(&k, &www, None))
+        .json(&json!({"amount": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::PAYMENT_REQUIRED);
+    let r = http()
+        .post(&url)
+        .header("Authorization", mpp_credential(&k, &www2, None))
+        .json(&json!({"amount": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let w = sgl::store::WalletId::new_unchecked("0x70997970c51812dc3a010c7d01b50e0d17dc79c8");
+    assert_eq!(s.payments.balance(&w).await.unwrap().balance.0, 3_250_000);
+}

@@ -253,3 +253,27 @@ fn usd_amounts_parse_exactly() {
     assert_eq!(Micros(150_000_000).to_usd_string(), "150.00");
     assert_eq!(Micros(123).to_usd_string(), "0.000123");
 }
+
+#[cfg(unix)]
+#[tokio::test]
+async fn sqlite_file_is_private_and_reopens() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    let p = path.to_str().unwrap();
+    let store = sgl::store::Store::open(p).await.unwrap();
+    let w = wallet("0xffff000000000000000000000000000000000006");
+    store.top_up(&w, Micros(7), "r").await.unwrap();
+    store.close().await;
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    // Migrations are idempotent and the data survives a reopen.
+    let store = sgl::store::Store::open(&format!("sqlite://{p}"))
+        .await
+        .unwrap();
+    assert_eq!(store.balance(&w).await.unwrap().balance, Micros(7));
+    assert!(matches!(
+        sgl::store::Store::open("mysql://x").await,
+        Err(StoreError::UnsupportedUrl)
+    ));
+}

@@ -576,9 +576,23 @@ impl Payments {
             }
         };
         let store = &self.inner.store;
-        let balance = store
+        let balance = match store
             .settle_payment_nonce(&p.key, &settled.transaction, credit)
-            .await?;
+            .await
+        {
+            Ok(b) => b,
+            Err(e) => {
+                // The money moved but the record did not: an operator must
+                // reconcile this transaction by hand.
+                tracing::error!(
+                    transaction = %settled.transaction,
+                    payer = %evm::lower(&p.payer),
+                    error = %e,
+                    "payment settled but not recorded"
+                );
+                return Err(e.into());
+            }
+        };
         if let Some(id) = &p.mpp_challenge {
             store.confirm_mpp_challenge(id).await?;
         }

@@ -211,6 +211,8 @@ pub enum StoreError {
     DuplicateReference,
     #[error("corrupt row: {0}")]
     Corrupt(&'static str),
+    #[error("cannot create the database file: {0}")]
+    Io(#[from] std::io::Error),
 }
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -392,6 +394,28 @@ macro_rules! top_up_in_tx {
     }};
 }
 
+/// Create a missing SQLite file readable by its owner only (it holds the
+/// ledger and API key hashes); SQLite gives its `-wal` and `-shm` files the
+/// same mode. An empty file is a valid empty database.
+fn create_private(path: &std::path::Path) -> Result<()> {
+    if path.as_os_str().is_empty() || path.as_os_str() == ":memory:" || path.exists() {
+        return Ok(());
+    }
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        o.mode(0o600);
+    }
+    match o.open(path) {
+        Ok(_) => Ok(()),
+        // Another opener won the race; its file is as good.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -458,6 +482,7 @@ impl Store {
         } else {
             SqliteConnectOptions::new().filename(url)
         };
+        create_private(opts.get_filename())?;
         let opts = opts
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
