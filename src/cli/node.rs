@@ -147,6 +147,7 @@ pub struct RemoteArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+}
 
 /// How to load the engine; shared by `node serve` and `bench`.
 #[cfg(feature = "node")]
