@@ -331,7 +331,10 @@ async fn full_queue_is_429_and_a_disconnect_frees_the_slot() {
         if r.status() != 429 {
             break r;
         }
-        assert!(std::time::Instant::now() < deadline, "the slot was not freed");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slot was not freed"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert_eq!(r.status(), 200);

@@ -77,31 +77,37 @@ impl Q8Linear {
         // Results go to a transposed scratch `[n, m]` so tiles own disjoint
         // slices.
         const COLS: usize = 16;
+        // A few tasks per thread: enough to balance, few enough that the
+        // pool's wake-ups do not dominate a single-row product.
+        let threads = rayon::current_num_threads().max(1);
+        let task_cols = n.div_ceil(threads * 4).div_ceil(COLS).max(1) * COLS;
         let mut t = vec![0f32; n * m];
-        t.par_chunks_mut(COLS * m)
+        t.par_chunks_mut(task_cols * m)
             .enumerate()
-            .for_each(|(ti, tile)| {
-                let j0 = ti * COLS;
-                let nc = tile.len() / m;
-                let mut wf = vec![0f32; nc * k];
-                for c in 0..nc {
-                    let j = j0 + c;
-                    widen(
-                        &self.q[j * k..(j + 1) * k],
-                        &self.d[j * k / BLOCK..(j + 1) * k / BLOCK],
-                        &mut wf[c * k..(c + 1) * k],
-                    );
-                }
-                let mut r0 = 0;
-                while r0 < m {
-                    let rn = (m - r0).min(4);
-                    let xs = &x[r0 * k..(r0 + rn) * k];
+            .for_each(|(ti, task)| {
+                let mut wf = vec![0f32; COLS * k];
+                for (si, tile) in task.chunks_mut(COLS * m).enumerate() {
+                    let j0 = ti * task_cols + si * COLS;
+                    let nc = tile.len() / m;
                     for c in 0..nc {
-                        let mut out = [0f32; 4];
-                        dot_rows(&wf[c * k..(c + 1) * k], xs, rn, &mut out);
-                        tile[c * m + r0..c * m + r0 + rn].copy_from_slice(&out[..rn]);
+                        let j = j0 + c;
+                        widen(
+                            &self.q[j * k..(j + 1) * k],
+                            &self.d[j * k / BLOCK..(j + 1) * k / BLOCK],
+                            &mut wf[c * k..(c + 1) * k],
+                        );
                     }
-                    r0 += rn;
+                    let mut r0 = 0;
+                    while r0 < m {
+                        let rn = (m - r0).min(4);
+                        let xs = &x[r0 * k..(r0 + rn) * k];
+                        for c in 0..nc {
+                            let mut out = [0f32; 4];
+                            dot_rows(&wf[c * k..(c + 1) * k], xs, rn, &mut out);
+                            tile[c * m + r0..c * m + r0 + rn].copy_from_slice(&out[..rn]);
+                        }
+                        r0 += rn;
+                    }
                 }
             });
         if m == 1 {
