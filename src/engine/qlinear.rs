@@ -8,9 +8,9 @@
 //! it carries.
 //!
 //! Format: Q8_0 semantics (blocks of 32 signed bytes with one scale, the scale
-//! kept as f32). Activations are quantised the same way per row. Each output
-//! value is computed in the same order whatever the batch holds, so a row's
-//! result does not depend on its neighbours.
+//! kept as f32); activations stay f32. Each output value is computed in the
+//! same order whatever the batch holds, so a row's result does not depend on
+//! its neighbours.
 
 use rayon::prelude::*;
 
@@ -70,24 +70,44 @@ impl Q8Linear {
     /// `x` is `[m, k]` row-major; returns `[m, n]`.
     pub fn forward(&self, x: &[f32], m: usize) -> Vec<f32> {
         let (n, k) = (self.n, self.k);
-        let kb = k / BLOCK;
         debug_assert_eq!(x.len(), m * k);
-        let mut aq = vec![0i8; m * k];
-        let mut ad = vec![0f32; m * kb];
-        quantize_into(x, &mut aq, &mut ad);
-        // Work in column tiles; each tile writes its columns for every row
-        // into a transposed scratch, `[n, m]`, so tiles own disjoint slices.
-        let cols_per_task = (4096 / kb.max(1)).clamp(8, 256);
+        // Tiles of output columns run in parallel. A tile's weights are
+        // widened to f32 once (they stay in L2), then every group of four
+        // input rows is multiplied against them while that group sits in L1.
+        // Results go to a transposed scratch `[n, m]` so tiles own disjoint
+        // slices.
+        const COLS: usize = 16;
+        // A few tasks per thread: enough to balance, few enough that the
+        // pool's wake-ups do not dominate a single-row product.
+        let threads = rayon::current_num_threads().max(1);
+        let task_cols = n.div_ceil(threads * 4).div_ceil(COLS).max(1) * COLS;
         let mut t = vec![0f32; n * m];
-        t.par_chunks_mut(cols_per_task * m)
+        t.par_chunks_mut(task_cols * m)
             .enumerate()
-            .for_each(|(ti, tile)| {
-                let j0 = ti * cols_per_task;
-                for (jj, outs) in tile.chunks_exact_mut(m).enumerate() {
-                    let j = j0 + jj;
-                    let wq = &self.q[j * k..(j + 1) * k];
-                    let wd = &self.d[j * kb..(j + 1) * kb];
-                    column(wq, wd, &aq, &ad, m, kb, outs);
+            .for_each(|(ti, task)| {
+                let mut wf = vec![0f32; COLS * k];
+                for (si, tile) in task.chunks_mut(COLS * m).enumerate() {
+                    let j0 = ti * task_cols + si * COLS;
+                    let nc = tile.len() / m;
+                    for c in 0..nc {
+                        let j = j0 + c;
+                        widen(
+                            &self.q[j * k..(j + 1) * k],
+                            &self.d[j * k / BLOCK..(j + 1) * k / BLOCK],
+                            &mut wf[c * k..(c + 1) * k],
+                        );
+                    }
+                    let mut r0 = 0;
+                    while r0 < m {
+                        let rn = (m - r0).min(4);
+                        let xs = &x[r0 * k..(r0 + rn) * k];
+                        for c in 0..nc {
+                            let mut out = [0f32; 4];
+                            dot_rows(&wf[c * k..(c + 1) * k], xs, rn, &mut out);
+                            tile[c * m + r0..c * m + r0 + rn].copy_from_slice(&out[..rn]);
+                        }
+                        r0 += rn;
+                    }
                 }
             });
         if m == 1 {
@@ -103,50 +123,58 @@ impl Q8Linear {
     }
 }
 
-/// One output column for up to every row, four rows at a time so that a
-/// weight block is reused from registers.
+/// Dequantise one weight row.
 #[inline]
-fn column(wq: &[i8], wd: &[f32], aq: &[i8], ad: &[f32], m: usize, kb: usize, outs: &mut [f32]) {
-    let k = kb * BLOCK;
-    let mut r0 = 0;
-    while r0 < m {
-        let rn = (m - r0).min(4);
-        let mut acc = [[0f32; 16]; 4];
-        for b in 0..kb {
-            let w: &[i8; BLOCK] = match wq[b * BLOCK..(b + 1) * BLOCK].try_into() {
-                Ok(w) => w,
+fn widen(q: &[i8], d: &[f32], out: &mut [f32]) {
+    for ((qb, db), ob) in q
+        .chunks_exact(BLOCK)
+        .zip(d)
+        .zip(out.chunks_exact_mut(BLOCK))
+    {
+        for (o, v) in ob.iter_mut().zip(qb) {
+            *o = f32::from(*v) * db;
+        }
+    }
+}
+
+#[inline(always)]
+fn fma(a: f32, b: f32, c: f32) -> f32 {
+    // `mul_add` is one instruction with FMA and a slow libm call without it.
+    if cfg!(target_feature = "fma") {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// Dot products of one weight row with up to four input rows, 16 lanes each;
+/// the lanes are summed in a fixed order, so a row's result does not depend
+/// on which rows share the group.
+#[inline]
+fn dot_rows(w: &[f32], xs: &[f32], rn: usize, out: &mut [f32; 4]) {
+    let k = w.len();
+    let mut acc = [[0f32; 16]; 4];
+    for (b, wv) in w.chunks_exact(16).enumerate() {
+        let wv: &[f32; 16] = match wv.try_into() {
+            Ok(v) => v,
+            Err(_) => return,
+        };
+        for (r, acc_r) in acc.iter_mut().enumerate().take(rn) {
+            let xv: &[f32; 16] = match xs[r * k + b * 16..r * k + b * 16 + 16].try_into() {
+                Ok(v) => v,
                 Err(_) => return,
             };
-            let mut wi = [0i16; BLOCK];
-            for (o, v) in wi.iter_mut().zip(w) {
-                *o = i16::from(*v);
-            }
-            for (r, acc_r) in acc.iter_mut().enumerate().take(rn) {
-                let row = r0 + r;
-                let a: &[i8; BLOCK] =
-                    match aq[row * k + b * BLOCK..row * k + (b + 1) * BLOCK].try_into() {
-                        Ok(a) => a,
-                        Err(_) => return,
-                    };
-                let s = wd[b] * ad[row * kb + b];
-                let mut p = [0i32; 16];
-                for (t, pt) in p.iter_mut().enumerate() {
-                    *pt = i32::from(wi[2 * t]) * i32::from(a[2 * t])
-                        + i32::from(wi[2 * t + 1]) * i32::from(a[2 * t + 1]);
-                }
-                for (av, pv) in acc_r.iter_mut().zip(p.iter()) {
-                    *av += *pv as f32 * s;
-                }
+            for i in 0..16 {
+                acc_r[i] = fma(wv[i], xv[i], acc_r[i]);
             }
         }
-        for (r, acc_r) in acc.iter().enumerate().take(rn) {
-            let mut s = 0f32;
-            for v in acc_r {
-                s += v;
-            }
-            outs[r0 + r] = s;
+    }
+    for (o, acc_r) in out.iter_mut().zip(acc.iter()).take(rn) {
+        let mut s = 0f32;
+        for v in acc_r {
+            s += v;
         }
-        r0 += rn;
+        *o = s;
     }
 }
 
