@@ -389,6 +389,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }),
     };
     let config = Config {
+        reference_prices: catalogue_prices(),
         policy: std::sync::Arc::new(policy),
         simulated_tee_keys,
         vendor_services,
@@ -434,4 +435,31 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .await
             .context("serving")
     })
+}
+
+/// Reference prices from the model catalogue (models/catalogue.json).
+#[cfg(feature = "node")]
+fn catalogue_prices() -> std::collections::HashMap<String, sgl::coordinator::pricing::Price> {
+    match sgl::engine::catalogue::catalogue() {
+        Ok(c) => c
+            .models
+            .iter()
+            .map(|e| {
+                let p = &e.price_per_million_micro_usd;
+                (
+                    e.id.clone(),
+                    sgl::coordinator::pricing::Price::new(p.input, p.output),
+                )
+            })
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "no model catalogue; default reference prices apply");
+            Default::default()
+        }
+    }
+}
+
+#[cfg(not(feature = "node"))]
+fn catalogue_prices() -> std::collections::HashMap<String, sgl::coordinator::pricing::Price> {
+    Default::default()
 }
