@@ -70,10 +70,11 @@ async fn public_sdks_and_sgl_chat_against_a_local_grid() {
         .output()
         .unwrap());
     // The development coordinator trusts this node's simulated-TEE key.
-    let sim = sgl::attest::sim::SimKey::load_or_create(&dir.path().join(sgl::attest::sim::KEY_FILE))
-        .unwrap()
-        .public()
-        .to_b58();
+    let sim =
+        sgl::attest::sim::SimKey::load_or_create(&dir.path().join(sgl::attest::sim::KEY_FILE))
+            .unwrap()
+            .public()
+            .to_b58();
     let _coordinator = Proc(
         Command::new(SGL)
             .args(["coordinator", "serve", "--dev", "--in-memory"])
@@ -85,8 +86,20 @@ async fn public_sdks_and_sgl_chat_against_a_local_grid() {
     );
     let _node = Proc(
         Command::new(SGL)
-            .args(["node", "start", "--config-dir", d, "--evidence", "simulated"])
-            .args(["--model", engine_support::MODEL_ID, "--heartbeat-interval", "1"])
+            .args([
+                "node",
+                "start",
+                "--config-dir",
+                d,
+                "--evidence",
+                "simulated",
+            ])
+            .args([
+                "--model",
+                engine_support::MODEL_ID,
+                "--heartbeat-interval",
+                "1",
+            ])
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap(),
@@ -100,7 +113,10 @@ async fn public_sdks_and_sgl_chat_against_a_local_grid() {
         if out.status.success() && String::from_utf8_lossy(&out.stdout).contains("\"active\"") {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(180), "the node never became active");
+        assert!(
+            start.elapsed() < Duration::from_secs(180),
+            "the node never became active"
+        );
         std::thread::sleep(Duration::from_millis(250));
     }
     // The node attested with (simulated) evidence, published for clients.
@@ -126,7 +142,13 @@ async fn public_sdks_and_sgl_chat_against_a_local_grid() {
     assert_eq!(text.lines().count(), 4);
 
     let answer = ok(Command::new(SGL)
-        .args(["chat", "--coordinator", &base, "--stream", "--verify-evidence"])
+        .args([
+            "chat",
+            "--coordinator",
+            &base,
+            "--stream",
+            "--verify-evidence",
+        ])
         .args(["--simulated-tee-key", &sim, "--allow-any-measurement"])
         .args(["--temperature", "0", "--max-tokens", "48"])
         .arg("What is the capital of France?")

@@ -379,7 +379,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let vendor_services = match (&args.kds_url, &args.pcs_url) {
         (None, None) => None,
         (kds, pcs) => Some(sgl::coordinator::attestation::VendorServices {
-            kds_url: kds.clone().unwrap_or_else(|| "https://kdsintf.amd.com".into()),
+            kds_url: kds
+                .clone()
+                .unwrap_or_else(|| "https://kdsintf.amd.com".into()),
             pcs_url: pcs
                 .clone()
                 .unwrap_or_else(|| "https://api.trustedservices.intel.com".into()),

@@ -1,11 +1,11 @@
 //! The command line: one file per command group. Each parses its flags into a
 //! typed configuration and calls the library; nothing here does the work itself.
 
-#[cfg(feature = "node")]
-mod chat;
 mod attest;
 #[cfg(feature = "node")]
 mod bench;
+#[cfg(feature = "node")]
+mod chat;
 #[cfg(feature = "coordinator")]
 mod coordinator;
 #[cfg(feature = "node")]

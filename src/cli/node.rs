@@ -405,7 +405,9 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 #[cfg(feature = "node")]
-async fn executor(args: &StartArgs) -> anyhow::Result<std::sync::Arc<dyn sgl::node::executor::Executor>> {
+async fn executor(
+    args: &StartArgs,
+) -> anyhow::Result<std::sync::Arc<dyn sgl::node::executor::Executor>> {
     use anyhow::Context;
     use sgl::node::engine_executor::EngineExecutor;
     use sgl::node::executor::EchoExecutor;

@@ -47,7 +47,8 @@ pub async fn verify(
     opts.allow_any_measurement = grid.config.dev;
     opts.simulated_keys = grid.config.simulated_tee_keys.clone();
     if let Some(v) = &grid.config.vendor_services {
-        opts = opts.with_vendor_services(&v.kds_url, &v.pcs_url, &v.root_crl_url, v.cache_dir.clone());
+        opts =
+            opts.with_vendor_services(&v.kds_url, &v.pcs_url, &v.root_crl_url, v.cache_dir.clone());
     }
     let binding = attest::Binding::Node {
         binding,

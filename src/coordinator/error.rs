@@ -18,12 +18,15 @@ pub struct ClientError {
     pub message: String,
     /// Keys added beside `error` at the top of the body (e.g. `retry_after_s`,
     /// the x402 `accepts` of a 402).
-    pub extra: serde_json::Map<String, serde_json::Value>,
+    /// Boxed: it is rare, and keeps `Result<_, ClientError>` small.
+    pub extra: Option<Box<serde_json::Map<String, serde_json::Value>>>,
 }
 
 impl ClientError {
     pub fn with_extra(mut self, key: &str, value: serde_json::Value) -> Self {
-        self.extra.insert(key.to_string(), value);
+        self.extra
+            .get_or_insert_with(Default::default)
+            .insert(key.to_string(), value);
         self
     }
 
@@ -38,7 +41,7 @@ impl ClientError {
             kind,
             code,
             message: message.into(),
-            extra: serde_json::Map::new(),
+            extra: None,
         }
     }
     pub fn invalid(code: &'static str, message: impl Into<String>) -> Self {
@@ -95,15 +98,15 @@ impl ClientError {
 impl IntoResponse for ClientError {
     fn into_response(self) -> Response {
         let body = ErrorResponse::new(self.message, self.kind, self.code);
-        if self.extra.is_empty() {
+        let Some(extra) = self.extra else {
             return (self.status, Json(body)).into_response();
-        }
+        };
         let mut value = serde_json::to_value(body).unwrap_or_default();
         if let Some(obj) = value.as_object_mut() {
-            obj.extend(self.extra.clone());
+            obj.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
         }
         let mut resp = (self.status, Json(value)).into_response();
-        if let Some(secs) = self.extra.get("retry_after_s").and_then(|v| v.as_u64()) {
+        if let Some(secs) = extra.get("retry_after_s").and_then(|v| v.as_u64()) {
             if let Ok(v) = axum::http::HeaderValue::from_str(&secs.to_string()) {
                 resp.headers_mut()
                     .insert(axum::http::header::RETRY_AFTER, v);

@@ -55,13 +55,20 @@ impl Engine {
     /// from `spawn_blocking` in async code.
     pub fn load(cfg: EngineConfig) -> Result<EngineHandle, EngineError> {
         let t0 = Instant::now();
-        let resolved = catalogue::resolve(&cfg.model)?;
+        // The device first: a wrong --device fails at once, before any loading.
         let device = match cfg.device {
             DeviceChoice::Cpu => Device::Cpu,
-            DeviceChoice::Cuda(i) => {
-                Device::new_cuda(i).map_err(|e| EngineError::Model(e.to_string()))?
+            DeviceChoice::Cuda(i) if !cfg!(feature = "cuda") => {
+                return Err(EngineError::Model(format!(
+                    "--device cuda:{i}: this sgl was built without CUDA support; \
+                     rebuild with `--features cuda` (README: Running on a GPU)"
+                )))
             }
+            DeviceChoice::Cuda(i) => Device::new_cuda(i).map_err(|e| {
+                EngineError::Model(format!("--device cuda:{i}: no usable CUDA device: {e}"))
+            })?,
         };
+        let resolved = catalogue::resolve(&cfg.model)?;
         let (model, content) =
             Model::load_gguf(&resolved.path, &device, cfg.weight_format, cfg.max_context)?;
         let sibling = resolved.path.with_file_name("tokenizer.json");

@@ -10,6 +10,6 @@ pub mod engine_executor;
 pub mod executor;
 pub mod identity_files;
 pub mod jobs;
-pub mod service;
 #[cfg(feature = "node")]
 pub mod local_server;
+pub mod service;
