@@ -126,8 +126,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "FILE")]
     pub policy: Option<PathBuf>,
     /// A simulated-TEE public key (b58) whose evidence is accepted at the
-    /// `simulated` level; development mode only (repeatable). A node prints
-    /// its key with `sgl attest simulated-key`.
+    /// `simulated` level; development mode only (repeatable). A node's key
+    /// lives in its config directory (simulated-tee-key.json).
     #[arg(long = "simulated-tee-key", value_name = "B58")]
     pub simulated_tee_keys: Vec<String>,
     /// AMD KDS base URL to fetch a VCEK that evidence lacks (e.g. https://kdsintf.amd.com).
