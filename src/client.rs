@@ -63,14 +63,6 @@ pub struct GridClient {
     api_key: Option<String>,
 }
 
-fn random_nonce() -> String {
-    use rand_core::{OsRng, RngCore};
-    let mut b = [0u8; 16];
-    OsRng.fill_bytes(&mut b);
-    // The request nonce is 1–64 base58 characters (§3.6).
-    crate::proto::b58::encode(&b)
-}
-
 async fn check(resp: reqwest::Response) -> Result<reqwest::Response, ClientError> {
     if resp.status().is_success() {
         return Ok(resp);
@@ -141,7 +133,7 @@ impl GridClient {
             .iter()
             .map(|(r, c)| json!({"role": r, "content": c}))
             .collect();
-        let nonce = random_nonce();
+        let nonce = e2e::random_request_nonce();
         let mut inner = json!({"messages": messages, "temperature": req.temperature,
                                "max_tokens": req.max_tokens});
         if req.stream {

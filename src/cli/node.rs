@@ -334,21 +334,13 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         // Tests and scripts read this line to find the port.
         println!("listening on http://{local}");
         let _ = std::io::stdout().flush();
-        let shutdown = async {
-            let ctrl_c = tokio::signal::ctrl_c();
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(mut term) => {
-                    tokio::select! {
-                        _ = ctrl_c => {}
-                        _ = term.recv() => {}
-                    }
-                }
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                }
-            }
-        };
-        sgl::node::local_server::serve(listener, config, args.max_body_bytes, shutdown).await
+        sgl::node::local_server::serve(
+            listener,
+            config,
+            args.max_body_bytes,
+            super::shutdown_signal(),
+        )
+        .await
     })
 }
 

@@ -84,12 +84,6 @@ pub fn split(cost: u64) -> (u64, u64, u64, u64) {
     (operator, cost - operator - stakers - burn, stakers, burn)
 }
 
-/// The prompt-token bound of a sealed prompt from its base58 length: a blob
-/// of `n` base58 characters holds at most `ceil(n × log 58 / log 256)` bytes.
-pub fn sealed_bytes_bound(ciphertext_chars: usize) -> u64 {
-    crate::proto::b58::max_decoded_len(ciphertext_chars) as u64
-}
-
 fn payments(grid: &Grid) -> Option<&Payments> {
     grid.payments.as_ref()
 }
@@ -301,7 +295,8 @@ mod tests {
     #[test]
     fn sealed_bound_is_an_upper_bound() {
         // 32 bytes of 0xff encode to 44 base58 characters.
-        assert!(sealed_bytes_bound(44) >= 32);
-        assert_eq!(sealed_bytes_bound(0), 0);
+        use crate::proto::b58::max_decoded_len;
+        assert!(max_decoded_len(44) >= 32);
+        assert_eq!(max_decoded_len(0), 0);
     }
 }

@@ -32,7 +32,7 @@ use crate::proto::openai::{ModelEntry, ModelList};
 /// 512 KiB of b58; the rest is small).
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 
-fn now_unix() -> u64 {
+pub(crate) fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -281,9 +281,9 @@ pub async fn chat(
         )
     };
     let max_tokens = sealed_max_tokens(req.max_tokens);
-    let prompt_bound = crate::payments::grid::sealed_prompt_bound(billing::sealed_bytes_bound(
-        req.enc.ciphertext.len(),
-    ));
+    let prompt_bound = crate::payments::grid::sealed_prompt_bound(
+        crate::proto::b58::max_decoded_len(req.enc.ciphertext.len()) as u64,
+    );
     let quote = price.cost(prompt_bound, max_tokens);
     let job_id = uuid::Uuid::new_v4().to_string();
     let parts = crate::payments::RequestParts {

@@ -5,7 +5,7 @@
 //! A node that fails before any output is replaced once by another.
 
 use std::convert::Infallible;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::http::{header, HeaderMap, Method, Uri};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::billing;
-use super::client_api::{choose_node, dispatch};
+use super::client_api::{choose_node, dispatch, now_unix};
 use super::error::ClientError;
 use super::state::{Grid, JobEvent};
 use crate::node::jobs::{MAX_MAX_TOKENS, MAX_MESSAGES};
@@ -30,13 +30,6 @@ use crate::proto::openai::{
 };
 
 const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
-
-fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
 
 /// Validate what OpenAI would refuse with 400.
 fn validate(req: &ChatCompletionRequest) -> Result<u64, ClientError> {
@@ -120,13 +113,6 @@ fn inner_payload(req: &ChatCompletionRequest, max_tokens: u64, nonce: Option<&st
     p
 }
 
-fn random_nonce() -> String {
-    use rand_core::RngCore;
-    let mut b = [0u8; 16];
-    rand_core::OsRng.fill_bytes(&mut b);
-    crate::proto::b58::encode(&b)
-}
-
 struct Dispatched {
     job_id: String,
     model: String,
@@ -198,7 +184,7 @@ async fn run_once(
         Ok(b) => b,
         Err(resp) => return Ok(Attempt::Refused(resp)),
     };
-    let nonce = (req.is_stream() && streams).then(random_nonce);
+    let nonce = (req.is_stream() && streams).then(e2e::random_request_nonce);
     let inner = inner_payload(req, max_tokens, nonce.as_deref());
     let (enc, key) =
         e2e::seal_input(&x25519, inner.to_string().as_bytes()).map_err(ClientError::internal)?;

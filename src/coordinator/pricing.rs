@@ -83,9 +83,11 @@ impl Price {
     /// The cost of a job in micro-USD (§6.12), rounded up to the micro-USD:
     /// the ledger is integer, and a job that produced tokens is never free.
     pub fn cost(self, prompt_tokens: u64, completion_tokens: u64) -> u64 {
-        let pico = u128::from(prompt_tokens) * u128::from(self.input.0)
-            + u128::from(completion_tokens) * u128::from(self.output.0);
-        u64::try_from(pico.div_ceil(1_000_000)).unwrap_or(u64::MAX)
+        let price = crate::payments::grid::TokenPrice {
+            input_per_m: crate::store::Micros(self.input.0),
+            output_per_m: crate::store::Micros(self.output.0),
+        };
+        crate::payments::grid::cost(price, prompt_tokens, completion_tokens).0
     }
 
     pub fn to_wire(self) -> PricePair {

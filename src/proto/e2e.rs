@@ -254,6 +254,13 @@ fn decode_blob(s: &str, max_chars: usize) -> Result<Vec<u8>, ProtoError> {
 }
 
 /// Validate a stream request nonce: non-empty b58 text of bounded length.
+/// A fresh request nonce for a sealed stream (§3.6): 16 random bytes as b58.
+pub fn random_request_nonce() -> String {
+    let mut b = [0u8; 16];
+    rand_core::OsRng.fill_bytes(&mut b);
+    super::b58::encode(&b)
+}
+
 pub fn check_request_nonce(nonce: &str) -> Result<(), ProtoError> {
     const ALPHABET: &str = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz";
     let ok = !nonce.is_empty()
