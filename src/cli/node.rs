@@ -159,8 +159,12 @@ pub struct EngineArgs {
     /// The model id to report to clients instead of the catalogue id or file stem.
     #[arg(long)]
     pub served_name: Option<String>,
-    /// Weight format of the linear layers: auto (q8_0 on CPU), native (as in
-    /// the file), q8_0 (batched kernel), q8_0-candle, q4_0, q4_1, q4k, q6k, f16, f32.
+    /// Weight format of the linear layers. On the CPU: auto or q4_1 (the
+    /// engine's own forward with the file's Q4_1/Q8_0 blocks, others as Q8_0),
+    /// q8_0 (the same, every matrix requantised to Q8_0), native (candle's
+    /// matmuls in the file's formats),
+    /// q8_0-batched (candle with the older f32 batched kernel); q8_0-candle,
+    /// q4_0, q4k, q6k, f16, f32 requantise for candle. Elsewhere auto is native.
     #[arg(long, default_value = "auto")]
     pub requant: String,
     /// cpu, or cuda:N (needs the `cuda` feature).

@@ -115,7 +115,9 @@ pub fn resolve(spec: &str) -> Result<ResolvedModel, EngineError> {
         });
     }
     let path = PathBuf::from(spec);
-    if path.is_file() {
+    // A GGUF file, or a Hugging Face checkpoint directory (config.json,
+    // *.safetensors, tokenizer.json).
+    if path.is_file() || super::safetensors::is_checkpoint(&path) {
         let id = path
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
@@ -127,7 +129,7 @@ pub fn resolve(spec: &str) -> Result<ResolvedModel, EngineError> {
         });
     }
     Err(EngineError::ModelNotFound(format!(
-        "{spec} is neither a catalogue model nor a file"
+        "{spec} is neither a catalogue model, a GGUF file nor a checkpoint directory"
     )))
 }
 

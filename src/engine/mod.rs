@@ -35,9 +35,14 @@
 //!   sampled token except an end-of-turn token.
 
 pub mod catalogue;
+// The one place the crate allows `unsafe`: the SIMD matmul kernels and the
+// thread team of the CPU forward, each use with its safety argument.
+#[allow(unsafe_code)]
+pub mod cpu;
 pub mod metrics;
 pub mod model;
 pub mod qlinear;
+pub mod safetensors;
 pub mod sampler;
 mod scheduler;
 pub mod template;

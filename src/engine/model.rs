@@ -14,6 +14,7 @@ use std::path::Path;
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
+use super::cpu::{CpuFormats, CpuModel, HostCache, HostItem};
 use super::qlinear::Q8Linear;
 use super::EngineError;
 
@@ -24,6 +25,9 @@ pub enum Arch {
     Llama,
     /// Qwen2: q/k/v biases, NeoX-style RoPE.
     Qwen2,
+    /// A Llama-family checkpoint in Hugging Face layout (safetensors): q/k
+    /// rows not permuted, so RoPE rotates halves as for Qwen2.
+    LlamaHf,
 }
 
 #[derive(Debug, Clone)]
@@ -45,16 +49,21 @@ pub struct ModelConfig {
 /// The weight format to requantise linear layers to at load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WeightFormat {
-    /// Q8_0 with the batched kernel on the CPU (measured faster there than
-    /// candle's Q4_1 and Q8_0 paths), the file's formats elsewhere.
+    /// On the CPU, the engine's own forward with the file's Q4_1 and Q8_0
+    /// blocks as they are (anything else requantised to Q8_0); elsewhere
+    /// candle with the file's formats.
     Auto,
-    /// Keep the file's formats.
+    /// candle's quantised matmuls in the file's formats (the reference path).
     Native,
-    /// Q8_0 through the engine's batched kernel (CPU).
+    /// The engine's own CPU forward with every matrix requantised to Q8_0.
     Q8_0,
+    /// The earlier candle forward with a batched f32 kernel over Q8_0 weights.
+    Q8_0Batched,
     /// Q8_0 through candle's quantised matmul, for comparison.
     Q8_0Candle,
     Q4_0,
+    /// On the CPU, the same as `Auto` (Q4_1 blocks kept: half the bytes of
+    /// Q8_0); elsewhere candle requantised to Q4_1.
     Q4_1,
     Q4K,
     Q6K,
@@ -68,6 +77,7 @@ impl WeightFormat {
             "auto" => Self::Auto,
             "native" | "none" => Self::Native,
             "q8_0" | "q8" => Self::Q8_0,
+            "q8_0-batched" => Self::Q8_0Batched,
             "q8_0-candle" => Self::Q8_0Candle,
             "q4_0" => Self::Q4_0,
             "q4_1" => Self::Q4_1,
@@ -82,7 +92,7 @@ impl WeightFormat {
     fn dtype(self) -> Option<GgmlDType> {
         Some(match self {
             Self::Native | Self::Auto => return None,
-            Self::Q8_0 | Self::Q8_0Candle => GgmlDType::Q8_0,
+            Self::Q8_0 | Self::Q8_0Batched | Self::Q8_0Candle => GgmlDType::Q8_0,
             Self::Q4_0 => GgmlDType::Q4_0,
             Self::Q4_1 => GgmlDType::Q4_1,
             Self::Q4K => GgmlDType::Q4K,
@@ -133,15 +143,26 @@ struct Layer {
     down: Linear,
 }
 
-/// A loaded model.
-pub struct Model {
-    pub cfg: ModelConfig,
+/// The forward on candle tensors (any device).
+struct CandleWeights {
     embed: Tensor,
     layers: Vec<Layer>,
     norm: Tensor,
     lm_head: Linear,
     cos: Tensor,
     sin: Tensor,
+}
+
+enum Backend {
+    Candle(CandleWeights),
+    /// The engine's own CPU forward (`cpu.rs`).
+    Cpu(Box<CpuModel>),
+}
+
+/// A loaded model.
+pub struct Model {
+    pub cfg: ModelConfig,
+    backend: Backend,
     device: Device,
     /// Bytes of weights one decode step reads (every linear layer and norm;
     /// the embedding contributes one row only).
@@ -162,28 +183,38 @@ fn ce(e: candle_core::Error) -> EngineError {
     EngineError::Model(e.to_string())
 }
 
-/// One sequence's KV cache: per layer a K and a V buffer of
-/// `[kv_heads, capacity, head_dim]`, allocated once and written in place.
+/// One sequence's KV cache, allocated for a capacity and written in place:
+/// on the model's device, per layer a K and a V tensor of
+/// `[kv_heads, capacity, head_dim]`; for the CPU forward, host buffers.
 pub struct KvCache {
-    k: Vec<Tensor>,
-    v: Vec<Tensor>,
+    store: KvStore,
     len: usize,
     cap: usize,
+}
+
+enum KvStore {
+    Tensors { k: Vec<Tensor>, v: Vec<Tensor> },
+    Host(HostCache),
 }
 
 impl KvCache {
     pub fn new(model: &Model, capacity: usize) -> Result<Self, EngineError> {
         let c = &model.cfg;
-        let shape = (c.n_kv_head, capacity, c.head_dim);
-        let mut k = Vec::with_capacity(c.n_layer);
-        let mut v = Vec::with_capacity(c.n_layer);
-        for _ in 0..c.n_layer {
-            k.push(Tensor::zeros(shape, DType::F32, &model.device).map_err(ce)?);
-            v.push(Tensor::zeros(shape, DType::F32, &model.device).map_err(ce)?);
-        }
+        let store = match &model.backend {
+            Backend::Cpu(_) => KvStore::Host(HostCache::new(c, capacity)),
+            Backend::Candle(_) => {
+                let shape = (c.n_kv_head, capacity, c.head_dim);
+                let mut k = Vec::with_capacity(c.n_layer);
+                let mut v = Vec::with_capacity(c.n_layer);
+                for _ in 0..c.n_layer {
+                    k.push(Tensor::zeros(shape, DType::F32, &model.device).map_err(ce)?);
+                    v.push(Tensor::zeros(shape, DType::F32, &model.device).map_err(ce)?);
+                }
+                KvStore::Tensors { k, v }
+            }
+        };
         Ok(KvCache {
-            k,
-            v,
+            store,
             len: 0,
             cap: capacity,
         })
@@ -213,7 +244,15 @@ impl KvCache {
             return Err(EngineError::Model("sequence exceeds the context".into()));
         }
         let new_cap = needed.max(self.cap.saturating_mul(2)).min(max);
-        for buf in self.k.iter_mut().chain(self.v.iter_mut()) {
+        let (k, v) = match &mut self.store {
+            KvStore::Host(h) => {
+                h.grow(new_cap);
+                self.cap = new_cap;
+                return Ok(());
+            }
+            KvStore::Tensors { k, v } => (k, v),
+        };
+        for buf in k.iter_mut().chain(v.iter_mut()) {
             let (h, _, d) = buf.dims3().map_err(ce)?;
             let grown = Tensor::zeros((h, new_cap, d), DType::F32, buf.device()).map_err(ce)?;
             if self.len > 0 {
@@ -255,9 +294,14 @@ impl Model {
         format: WeightFormat,
         max_context: Option<usize>,
     ) -> Result<(Self, gguf_file::Content), EngineError> {
+        let cpu_formats = match format {
+            WeightFormat::Auto | WeightFormat::Q4_1 if device.is_cpu() => Some(CpuFormats::Native),
+            WeightFormat::Q8_0 if device.is_cpu() => Some(CpuFormats::AllQ8),
+            _ => None,
+        };
         let format = match format {
-            WeightFormat::Auto if device.is_cpu() => WeightFormat::Q8_0,
             WeightFormat::Auto => WeightFormat::Native,
+            WeightFormat::Q8_0 => WeightFormat::Q8_0Batched,
             f => f,
         };
         let mut file = std::fs::File::open(path)?;
@@ -297,6 +341,44 @@ impl Model {
         if n_head == 0 || n_kv_head == 0 || n_head % n_kv_head != 0 || head_dim % 2 != 0 {
             return Err(EngineError::Model("inconsistent head counts".into()));
         }
+        if let Some(formats) = cpu_formats {
+            let info = |name: &str| {
+                content
+                    .tensor_infos
+                    .get(name)
+                    .and_then(|t| t.shape.dims2().ok())
+                    .ok_or_else(|| EngineError::Model(format!("GGUF lacks tensor {name}")))
+            };
+            let (vocab_size, _) = info("token_embd.weight")?;
+            let (ffn, _) = info("blk.0.ffn_gate.weight")?;
+            let cfg = ModelConfig {
+                arch,
+                architecture,
+                n_layer,
+                n_head,
+                n_kv_head,
+                head_dim,
+                hidden,
+                ffn,
+                eps,
+                rope_theta,
+                context_length,
+                vocab_size,
+            };
+            let mut src = super::cpu::GgufSource {
+                content: &content,
+                file: &mut file,
+            };
+            let cpu = CpuModel::load(&mut src, cfg.clone(), formats)?;
+            let model = Model {
+                cfg,
+                weight_bytes_per_token: cpu.weight_bytes_per_token,
+                weight_formats: cpu.formats.clone(),
+                backend: Backend::Cpu(Box::new(cpu)),
+                device: device.clone(),
+            };
+            return Ok((model, content));
+        }
 
         let cpu = Device::Cpu;
         let mut read = |name: &str| -> Result<QTensor, EngineError> {
@@ -321,7 +403,8 @@ impl Model {
             // the file holds when keeping native formats.
             let all_q8 = parts.iter().all(|p| p.dtype() == GgmlDType::Q8_0);
             let use_kernel = device.is_cpu()
-                && (format == WeightFormat::Q8_0 || (format == WeightFormat::Native && all_q8));
+                && (format == WeightFormat::Q8_0Batched
+                    || (format == WeightFormat::Native && all_q8));
             if use_kernel {
                 let f: Vec<Tensor> = parts
                     .iter()
@@ -425,17 +508,44 @@ impl Model {
         let (cos, sin) = rope_tables(&cfg, device)?;
         let model = Model {
             cfg,
-            embed,
-            layers,
-            norm,
-            lm_head,
-            cos,
-            sin,
+            backend: Backend::Candle(CandleWeights {
+                embed,
+                layers,
+                norm,
+                lm_head,
+                cos,
+                sin,
+            }),
             device: device.clone(),
             weight_bytes_per_token: weight_bytes,
             weight_formats: formats.into_iter().collect(),
         };
         Ok((model, content))
+    }
+
+    /// Load a Hugging Face checkpoint directory (see `safetensors.rs`). It
+    /// runs on the CPU forward with Q8_0 weights; other devices take GGUF.
+    pub fn load_safetensors(
+        dir: &Path,
+        device: &Device,
+        max_context: Option<usize>,
+    ) -> Result<(Self, super::safetensors::HfCheckpoint), EngineError> {
+        if !device.is_cpu() {
+            return Err(EngineError::Model(
+                "safetensors checkpoints run on the CPU; convert to GGUF for a GPU".into(),
+            ));
+        }
+        let mut ck = super::safetensors::HfCheckpoint::open(dir, max_context)?;
+        let cfg = ck.cfg.clone();
+        let cpu = CpuModel::load(&mut ck, cfg.clone(), CpuFormats::AllQ8)?;
+        let model = Model {
+            cfg,
+            weight_bytes_per_token: cpu.weight_bytes_per_token,
+            weight_formats: cpu.formats.clone(),
+            backend: Backend::Cpu(Box::new(cpu)),
+            device: device.clone(),
+        };
+        Ok((model, ck))
     }
 
     pub fn device(&self) -> &Device {
@@ -445,10 +555,48 @@ impl Model {
     /// Run one step. Returns logits `[n, vocab]` for the items that want them,
     /// in order.
     pub fn forward(&self, items: &mut [StepItem<'_>]) -> Result<Option<Tensor>, EngineError> {
-        self.forward_inner(items).map_err(ce)
+        match &self.backend {
+            Backend::Candle(w) => self.forward_candle(w, items).map_err(ce),
+            Backend::Cpu(m) => {
+                let mut host = Vec::with_capacity(items.len());
+                for it in items.iter_mut() {
+                    let past = it.cache.len;
+                    if past + it.tokens.len() > it.cache.cap {
+                        return Err(EngineError::Model("sequence exceeds its KV cache".into()));
+                    }
+                    let KvStore::Host(cache) = &mut it.cache.store else {
+                        return Err(EngineError::Model("KV cache of another backend".into()));
+                    };
+                    host.push(HostItem {
+                        tokens: it.tokens,
+                        cache,
+                        past,
+                        want_logits: it.want_logits,
+                    });
+                }
+                let logits = m.forward(&mut host)?;
+                drop(host);
+                for it in items.iter_mut() {
+                    it.cache.len += it.tokens.len();
+                }
+                match logits {
+                    None => Ok(None),
+                    Some(l) => {
+                        let rows = l.len() / self.cfg.vocab_size;
+                        Tensor::from_vec(l, (rows, self.cfg.vocab_size), &Device::Cpu)
+                            .map(Some)
+                            .map_err(ce)
+                    }
+                }
+            }
+        }
     }
 
-    fn forward_inner(&self, items: &mut [StepItem<'_>]) -> candle_core::Result<Option<Tensor>> {
+    fn forward_candle(
+        &self,
+        w: &CandleWeights,
+        items: &mut [StepItem<'_>],
+    ) -> candle_core::Result<Option<Tensor>> {
         let c = &self.cfg;
         let (nh, nkv, hd) = (c.n_head, c.n_kv_head, c.head_dim);
         let groups = nh / nkv;
@@ -475,12 +623,12 @@ impl Model {
         }
         let ids = Tensor::from_vec(ids, t, &self.device)?;
         let pos = Tensor::from_vec(pos, t, &self.device)?;
-        let cos = self.cos.index_select(&pos, 0)?;
-        let sin = self.sin.index_select(&pos, 0)?;
-        let mut x = self.embed.index_select(&ids, 0)?;
+        let cos = w.cos.index_select(&pos, 0)?;
+        let sin = w.sin.index_select(&pos, 0)?;
+        let mut x = w.embed.index_select(&ids, 0)?;
         let scale = 1.0 / (hd as f64).sqrt();
 
-        for (li, layer) in self.layers.iter().enumerate() {
+        for (li, layer) in w.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.eps as f32)?;
             let mut qkv = layer.qkv.forward(&h)?;
             if let Some(b) = &layer.qkv_bias {
@@ -508,7 +656,7 @@ impl Model {
                     candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?,
                     candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?,
                 ),
-                Arch::Qwen2 => (
+                Arch::Qwen2 | Arch::LlamaHf => (
                     candle_nn::rotary_emb::rope(&q, &cos, &sin)?,
                     candle_nn::rotary_emb::rope(&k, &cos, &sin)?,
                 ),
@@ -520,14 +668,16 @@ impl Model {
                 if n == 0 {
                     continue;
                 }
-                let cache = &mut *it.cache;
+                let KvStore::Tensors { k: ck, v: cv } = &mut it.cache.store else {
+                    candle_core::bail!("KV cache of another backend");
+                };
                 let k_new = k.narrow(1, start, n)?.contiguous()?;
                 let v_new = v.narrow(1, start, n)?.contiguous()?;
-                cache.k[li].slice_set(&k_new, 1, p0)?;
-                cache.v[li].slice_set(&v_new, 1, p0)?;
+                ck[li].slice_set(&k_new, 1, p0)?;
+                cv[li].slice_set(&v_new, 1, p0)?;
                 let l = p0 + n;
-                let kk = cache.k[li].narrow(1, 0, l)?;
-                let vv = cache.v[li].narrow(1, 0, l)?;
+                let kk = ck[li].narrow(1, 0, l)?;
+                let vv = cv[li].narrow(1, 0, l)?;
                 // Query heads that share a KV head are stacked as extra rows, so
                 // GQA needs no copy of K/V.
                 let qi = q
@@ -577,8 +727,8 @@ impl Model {
         let nw = want_rows.len();
         let rows = Tensor::from_vec(want_rows, nw, &self.device)?;
         let last = x.index_select(&rows, 0)?;
-        let last = candle_nn::ops::rms_norm(&last, &self.norm, c.eps as f32)?;
-        Ok(Some(self.lm_head.forward(&last)?))
+        let last = candle_nn::ops::rms_norm(&last, &w.norm, c.eps as f32)?;
+        Ok(Some(w.lm_head.forward(&last)?))
     }
 }
 

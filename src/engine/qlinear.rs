@@ -45,7 +45,7 @@ fn quantize_into(x: &[f32], q: &mut [i8], d: &mut [f32]) {
 impl Q8Linear {
     /// Quantise a row-major `[n, k]` f32 matrix; `k` must be a multiple of 32.
     pub fn from_f32(w: &[f32], n: usize, k: usize) -> Option<Self> {
-        if k % BLOCK != 0 || w.len() != n * k {
+        if !k.is_multiple_of(BLOCK) || w.len() != n * k {
             return None;
         }
         let mut q = vec![0i8; n * k];

@@ -69,25 +69,37 @@ impl Engine {
             })?,
         };
         let resolved = catalogue::resolve(&cfg.model)?;
-        let (model, content) =
-            Model::load_gguf(&resolved.path, &device, cfg.weight_format, cfg.max_context)?;
-        let sibling = resolved.path.with_file_name("tokenizer.json");
-        let tokenizer = match &cfg.tokenizer_json {
-            Some(p) => TextTokenizer::from_file(p)?,
-            None => match TextTokenizer::from_gguf(&content.metadata) {
-                Ok(t) => t,
-                Err(_) if sibling.is_file() => TextTokenizer::from_file(&sibling)?,
-                Err(e) => return Err(e),
-            },
-        };
-        let source = match &cfg.chat_template {
-            Some(s) => s.clone(),
-            None => match content
+        // A GGUF file, or a Hugging Face checkpoint directory; each brings
+        // its tokenizer and chat template.
+        let (model, tokenizer, file_template) = if resolved.path.is_dir() {
+            let (model, ck) = Model::load_safetensors(&resolved.path, &device, cfg.max_context)?;
+            let tok = TextTokenizer::from_file(
+                cfg.tokenizer_json.as_ref().unwrap_or(&ck.tokenizer_json),
+            )?;
+            (model, tok, ck.chat_template)
+        } else {
+            let (model, content) =
+                Model::load_gguf(&resolved.path, &device, cfg.weight_format, cfg.max_context)?;
+            let sibling = resolved.path.with_file_name("tokenizer.json");
+            let tokenizer = match &cfg.tokenizer_json {
+                Some(p) => TextTokenizer::from_file(p)?,
+                None => match TextTokenizer::from_gguf(&content.metadata) {
+                    Ok(t) => t,
+                    Err(_) if sibling.is_file() => TextTokenizer::from_file(&sibling)?,
+                    Err(e) => return Err(e),
+                },
+            };
+            let template = content
                 .metadata
                 .get("tokenizer.chat_template")
                 .and_then(|v| v.to_string().ok())
-            {
-                Some(s) => s.clone(),
+                .cloned();
+            (model, tokenizer, template)
+        };
+        let source = match &cfg.chat_template {
+            Some(s) => s.clone(),
+            None => match file_template {
+                Some(s) => s,
                 None => ChatTemplate::fallback_source(&model.cfg.architecture, &|t| {
                     tokenizer.token_id(t).is_some()
                 })
@@ -99,7 +111,6 @@ impl Engine {
             tokenizer.bos_token.as_deref().unwrap_or(""),
             tokenizer.eos_token.as_deref().unwrap_or(""),
         )?;
-        drop(content);
         let max_batch = cfg.max_batch.max(1);
         let max_queue = cfg.max_queue.max(1);
         let info = ModelInfo {

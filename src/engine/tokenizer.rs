@@ -196,6 +196,11 @@ impl TextTokenizer {
         Ok(t)
     }
 
+    /// The vocabulary as a Hugging Face `tokenizer.json` document.
+    pub fn to_json(&self) -> Result<String, EngineError> {
+        self.inner.to_string(false).map_err(tok_err)
+    }
+
     fn collect_stop_ids(&mut self, eos: Option<u32>) {
         let mut ids: Vec<u32> = eos.into_iter().collect();
         for name in END_OF_TURN {
