@@ -2,12 +2,15 @@
 //! candle engine) is SIGKILLed while it streams a long answer to a paying
 //! client (an API key with credits). The client's SSE stream ends with
 //! `event: error`, the key's wallet is charged nothing, the job is recorded
-//! failed, and the node leaves routing after its missed heartbeats.
+//! failed, and the node leaves routing after its missed heartbeats. Runs on
+//! SQLite and on a fresh PostgreSQL database (SGL_TEST_POSTGRES_URL; skipped
+//! when unreachable unless SGL_REQUIRE_POSTGRES=1).
 //!
 //! Skipped with a message when the model is missing, unless SGL_REQUIRE_MODEL=1.
 #![cfg(all(feature = "coordinator", unix))]
 
 mod engine_support;
+mod pay_common;
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Output, Stdio};
@@ -61,6 +64,14 @@ async fn killed_node_mid_stream_costs_nothing_and_leaves_routing() {
     if engine_support::model_path().is_none() {
         return;
     }
+    let dir = tempfile::tempdir().unwrap();
+    for db in pay_common::stores::cli_databases("kill", dir.path()) {
+        eprintln!("backend: {}", db.backend);
+        killed_node_on(&db.url).await;
+    }
+}
+
+async fn killed_node_on(db: &str) {
     let port = TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -68,8 +79,6 @@ async fn killed_node_mid_stream_costs_nothing_and_leaves_routing() {
         .port();
     let base = format!("http://127.0.0.1:{port}");
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("coordinator.db");
-    let db = db.to_str().unwrap();
     let nd = dir.path().join("node");
     let nd = nd.to_str().unwrap();
 

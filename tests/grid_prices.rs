@@ -3,7 +3,9 @@
 //! owner-wallet signature path of `POST /grid/nodes/{id}/prices` — a
 //! signature by the node's wallet accepted, one by another wallet refused,
 //! a replayed one refused. The node agent runs the echo load-test engine:
-//! these tests change prices, they run no inference.
+//! these tests change prices, they run no inference. Each runs on SQLite
+//! and on a fresh PostgreSQL database (SGL_TEST_POSTGRES_URL; skipped when
+//! unreachable unless SGL_REQUIRE_POSTGRES=1).
 #![cfg(all(feature = "coordinator", feature = "payments", unix))]
 
 mod pay_common;
@@ -86,9 +88,8 @@ struct Grid {
     _node: Proc,
 }
 
-fn grid(price_cooldown: &str) -> Grid {
+fn grid(price_cooldown: &str, db: &str) -> Grid {
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("coordinator.db");
     let node_dir = dir.path().join("node");
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
@@ -99,7 +100,7 @@ fn grid(price_cooldown: &str) -> Grid {
                 "serve",
                 "--dev",
                 "--database-url",
-                db.to_str().unwrap(),
+                db,
                 "--listen",
                 &format!("127.0.0.1:{port}"),
                 "--heartbeat-interval",
@@ -166,9 +167,21 @@ fn show(g: &Grid) -> Value {
     .unwrap()
 }
 
+fn each_database(tag: &str, body: impl Fn(&str)) {
+    let dir = tempfile::tempdir().unwrap();
+    for db in pay_common::stores::cli_databases(tag, dir.path()) {
+        eprintln!("backend: {}", db.backend);
+        body(&db.url);
+    }
+}
+
 #[test]
 fn price_cli_shows_sets_and_resets_on_a_real_coordinator() {
-    let g = grid("0");
+    each_database("price_cli", price_cli_on);
+}
+
+fn price_cli_on(db: &str) {
+    let g = grid("0", db);
     let prices = show(&g);
     let e = entry(&prices, MODEL);
     assert!(e["custom"].is_null(), "{e}");
@@ -260,7 +273,11 @@ fn price_cli_shows_sets_and_resets_on_a_real_coordinator() {
 
 #[test]
 fn price_cli_reports_the_cooldown() {
-    let g = grid("60");
+    each_database("price_cooldown", price_cooldown_on);
+}
+
+fn price_cooldown_on(db: &str) {
+    let g = grid("60", db);
     let prices = show(&g);
     let r_in = entry(&prices, MODEL)["reference"]["inputPerM"]
         .as_f64()
@@ -296,7 +313,17 @@ fn price_cli_reports_the_cooldown() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn owner_wallet_signature_sets_prices_and_is_single_use() {
-    let g = tokio::task::spawn_blocking(|| grid("0")).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for db in pay_common::stores::cli_databases("price_owner", dir.path()) {
+        eprintln!("backend: {}", db.backend);
+        owner_signature_on(db.url.clone()).await;
+    }
+}
+
+async fn owner_signature_on(db: String) {
+    let g = tokio::task::spawn_blocking(move || grid("0", &db))
+        .await
+        .unwrap();
     let prices = show(&g);
     let node_id = prices["node_id"].as_str().unwrap().to_string();
     let r = &entry(&prices, MODEL)["reference"];
