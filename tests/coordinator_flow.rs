@@ -400,9 +400,11 @@ async fn a_node_abort_mid_stream_is_an_sse_error() {
     assert_eq!(r, json!({"ok": true, "closed": true}));
     let text = client.await.unwrap().text().await.unwrap();
     let events = sse_events(&text);
-    assert_eq!(events.len(), 3, "{text}");
+    // The error event, then the stream closes: no `[DONE]` (§5.6).
+    assert_eq!(events.len(), 2, "{text}");
     assert!(events[0].0.is_none());
     assert_eq!(events[1].0.as_deref(), Some("error"));
+    assert!(!text.contains("[DONE]"), "{text}");
     let err: Value = serde_json::from_str(&events[1].1).unwrap();
     assert_eq!(err["error"]["code"], "stream_aborted");
     assert!(!text.contains("\"final\":true"));

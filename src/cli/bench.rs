@@ -40,6 +40,20 @@ pub struct BenchArgs {
     /// Size of the buffer the bandwidth probe reads, in MiB.
     #[arg(long, default_value_t = 1024)]
     pub bandwidth_mib: usize,
+    /// Latency comparison: a second OpenAI-compatible endpoint serving the
+    /// same model as --url, typically the coordinator in front of the node
+    /// whose local server is --url. Both get the same plain (OpenAI-mode,
+    /// non-stream) requests; p50/p99 latency, requests/s and the difference
+    /// (the coordinator's added latency) are reported. Uses the first
+    /// --concurrency value and --max-tokens.
+    #[arg(long, value_name = "URL", requires = "url")]
+    pub compare_url: Option<String>,
+    /// API key sent (as a bearer token) to --compare-url.
+    #[arg(long, env = "SGL_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Requests sent to each endpoint in the latency comparison.
+    #[arg(long, default_value_t = 200)]
+    pub requests: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -105,6 +119,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 async fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    if let (Some(url), Some(other)) = (&args.url, &args.compare_url) {
+        return compare(&args, url, other).await;
+    }
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     eprintln!(
         "measuring memory read bandwidth ({} MiB, {threads} threads)…",
@@ -458,4 +475,158 @@ fn read_bandwidth(bytes: usize, threads: usize) -> f64 {
         best = best.max(bytes as f64 / secs);
     }
     best
+}
+
+#[derive(Debug, Serialize)]
+struct LatencyRun {
+    url: String,
+    requests: usize,
+    concurrency: usize,
+    p50_ms: f64,
+    p99_ms: f64,
+    mean_ms: f64,
+    requests_per_s: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct CompareReport {
+    model: String,
+    max_tokens: u32,
+    direct: LatencyRun,
+    compared: LatencyRun,
+    added_p50_ms: f64,
+    added_p99_ms: f64,
+}
+
+/// The model an OpenAI-compatible server lists first.
+async fn first_model(
+    client: &reqwest::Client,
+    base: &str,
+    key: Option<&str>,
+) -> anyhow::Result<String> {
+    let mut req = client.get(format!("{base}/v1/models"));
+    if let Some(k) = key {
+        req = req.bearer_auth(k);
+    }
+    let models: serde_json::Value = req
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {base}"))?
+        .error_for_status()?
+        .json()
+        .await?;
+    Ok(models["data"][0]["id"]
+        .as_str()
+        .with_context(|| format!("{base} lists no model"))?
+        .to_string())
+}
+
+/// `requests` plain non-stream chat completions at `concurrency`; each must
+/// answer 2xx.
+async fn latency_run(
+    client: &reqwest::Client,
+    base: &str,
+    key: Option<&str>,
+    model: &str,
+    args: &BenchArgs,
+    concurrency: usize,
+) -> anyhow::Result<LatencyRun> {
+    let url = format!("{base}/v1/chat/completions");
+    let body = serde_json::json!({
+        "model": model,
+        "messages": [{"role": "user", "content": "Say hello."}],
+        "max_tokens": args.max_tokens,
+        "temperature": 0.0,
+        "stream": false,
+    });
+    let url = url.as_str();
+    let one = || {
+        let mut req = client.post(url).json(&body);
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        async move {
+            let t = Instant::now();
+            let resp = req.send().await.context("request failed")?;
+            let status = resp.status();
+            let text = resp.text().await.context("reading the answer")?;
+            if !status.is_success() {
+                bail!("{url} answered {status}: {text}");
+            }
+            Ok::<f64, anyhow::Error>(t.elapsed().as_secs_f64())
+        }
+    };
+    // Warm the connections first; not counted.
+    for _ in 0..concurrency.min(4) {
+        one().await?;
+    }
+    let start = Instant::now();
+    let mut times: Vec<f64> = futures_util::stream::iter((0..args.requests).map(|_| one()))
+        .buffer_unordered(concurrency)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<anyhow::Result<_>>()?;
+    let wall = start.elapsed().as_secs_f64();
+    times.sort_by(f64::total_cmp);
+    let mean = times.iter().sum::<f64>() / times.len().max(1) as f64;
+    Ok(LatencyRun {
+        url: base.to_string(),
+        requests: args.requests,
+        concurrency,
+        p50_ms: percentile(&times, 0.5) * 1e3,
+        p99_ms: percentile(&times, 0.99) * 1e3,
+        mean_ms: mean * 1e3,
+        requests_per_s: args.requests as f64 / wall,
+    })
+}
+
+/// `--url` against `--compare-url`: the same plain requests to both.
+async fn compare(args: &BenchArgs, url: &str, other: &str) -> anyhow::Result<()> {
+    if args.requests == 0 {
+        bail!("--requests must be at least 1");
+    }
+    let concurrency = args.concurrency.first().copied().unwrap_or(1).max(1);
+    let client = reqwest::Client::new();
+    let direct_base = url.trim_end_matches('/').to_string();
+    let other_base = other.trim_end_matches('/').to_string();
+    let key = args.api_key.as_deref();
+    let model = first_model(&client, &direct_base, None).await?;
+    eprintln!(
+        "{} plain requests of {model} (max_tokens {}, concurrency {concurrency}) to each endpoint…",
+        args.requests, args.max_tokens
+    );
+    let direct = latency_run(&client, &direct_base, None, &model, args, concurrency).await?;
+    let compared = latency_run(&client, &other_base, key, &model, args, concurrency).await?;
+    let report = CompareReport {
+        model,
+        max_tokens: args.max_tokens,
+        added_p50_ms: compared.p50_ms - direct.p50_ms,
+        added_p99_ms: compared.p99_ms - direct.p99_ms,
+        direct,
+        compared,
+    };
+    println!(
+        "{:<40} {:>10} {:>10} {:>10} {:>10}",
+        "endpoint", "p50 ms", "p99 ms", "mean ms", "req/s"
+    );
+    for r in [&report.direct, &report.compared] {
+        println!(
+            "{:<40} {:>10.2} {:>10.2} {:>10.2} {:>10.1}",
+            r.url, r.p50_ms, r.p99_ms, r.mean_ms, r.requests_per_s
+        );
+    }
+    println!(
+        "added by {}: p50 {:+.2} ms, p99 {:+.2} ms",
+        report.compared.url, report.added_p50_ms, report.added_p99_ms
+    );
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&report)?;
+        if path == "-" {
+            println!("{text}");
+        } else {
+            std::fs::write(path, text).with_context(|| format!("writing {path}"))?;
+        }
+    }
+    Ok(())
 }

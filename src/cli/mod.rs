@@ -11,6 +11,7 @@ mod coordinator;
 #[cfg(feature = "node")]
 mod model;
 mod node;
+mod price;
 mod proto;
 
 use clap::{Parser, Subcommand};
@@ -35,6 +36,9 @@ pub enum Command {
     /// Run and manage a node: identity, keys, serving.
     #[command(subcommand)]
     Node(node::NodeCommand),
+    /// This node's custom prices on its coordinator: show, set, reset.
+    #[command(subcommand)]
+    Price(price::PriceCommand),
     /// Ask the grid: a sealed chat request, every signature verified.
     #[cfg(feature = "node")]
     Chat(chat::ChatArgs),
@@ -61,6 +65,7 @@ pub enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Node(cmd) => node::run(cmd),
+        Command::Price(cmd) => price::run(cmd),
         Command::Attest(args) => attest::run(args),
         Command::Proto(cmd) => proto::run(cmd),
         #[cfg(feature = "node")]

@@ -394,7 +394,7 @@ fn print_keys(k: &PublicKeys) {
     }
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(super) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?)
@@ -452,8 +452,16 @@ fn start(args: StartArgs) -> anyhow::Result<()> {
     })
 }
 
-fn remote(args: RemoteArgs, off_grid: Option<bool>) -> anyhow::Result<()> {
-    use anyhow::Context;
+/// A registered node as its own commands see it: the coordinator base URL
+/// (without a trailing slash), the node id and its auth token.
+pub(super) struct Registered {
+    pub base: String,
+    pub id: String,
+    pub token: String,
+}
+
+/// Read node.json and name the coordinator these commands talk to.
+pub(super) fn registered(args: &RemoteArgs) -> anyhow::Result<Registered> {
     let dir = args.dir.resolve()?;
     let file = identity_files::load_node_file(&dir)?;
     let base = args
@@ -465,6 +473,12 @@ fn remote(args: RemoteArgs, off_grid: Option<bool>) -> anyhow::Result<()> {
     let (Some(id), Some(token)) = (file.node_id.clone(), file.auth_token.clone()) else {
         anyhow::bail!("this node is not registered yet; run `sgl node start` first");
     };
+    Ok(Registered { base, id, token })
+}
+
+fn remote(args: RemoteArgs, off_grid: Option<bool>) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let Registered { base, id, token } = registered(&args)?;
     let rt = runtime()?;
     let value: serde_json::Value = rt.block_on(async {
         let http = reqwest::Client::new();

@@ -390,7 +390,16 @@ fn sse_relay(
     rx: mpsc::Receiver<JobEvent>,
 ) -> impl IntoResponse {
     let first_final = first.is_final == Some(true);
-    let head = stream::iter(vec![Ok::<_, Infallible>(sse_chunk(&job_id, first))]);
+    // `[DONE]` follows the final chunk only: a failed stream ends with
+    // `event: error` and closes.
+    fn done() -> Event {
+        Event::default().data("[DONE]")
+    }
+    let mut head = vec![Ok::<_, Infallible>(sse_chunk(&job_id, first))];
+    if first_final {
+        head.push(Ok(done()));
+    }
+    let head = stream::iter(head);
     let state = if first_final {
         Relay::Done
     } else {
@@ -402,9 +411,12 @@ fn sse_relay(
             Relay::Open(job_id, mut rx) => match rx.recv().await {
                 Some(JobEvent::Chunk(c)) => {
                     let fin = c.is_final == Some(true);
-                    let ev = sse_chunk(&job_id, c);
+                    let mut evs = vec![sse_chunk(&job_id, c)];
+                    if fin {
+                        evs.push(done());
+                    }
                     Some((
-                        vec![ev],
+                        evs,
                         if fin {
                             Relay::Done
                         } else {
@@ -424,9 +436,8 @@ fn sse_relay(
         }
     })
     .flat_map(|events| stream::iter(events.into_iter().map(Ok::<_, Infallible>)));
-    let done_marker = stream::once(async { Ok::<_, Infallible>(Event::default().data("[DONE]")) });
     let body: std::pin::Pin<Box<dyn Stream<Item = Result<Event, Infallible>> + Send>> =
-        Box::pin(head.chain(rest).chain(done_marker));
+        Box::pin(head.chain(rest));
     (
         [(header::CACHE_CONTROL, "no-cache")],
         Sse::new(body).keep_alive(

@@ -233,24 +233,97 @@ fn unauthorized() -> ClientError {
     )
 }
 
+/// Who asked for a price change.
+enum PriceAuth {
+    /// `X-Node-Auth`: the node's token.
+    Node(String),
+    /// `X-Auth-*`: the wallet whose signature was verified (nonce consumed).
+    Owner(crate::store::WalletId),
+}
+
+fn signature_refused(e: &crate::payments::PaymentError) -> ClientError {
+    ClientError::new(
+        StatusCode::UNAUTHORIZED,
+        "authentication_error",
+        match e {
+            crate::payments::PaymentError::AuthExpired => "signature_expired",
+            crate::payments::PaymentError::AuthNonceUsed => "nonce_reused",
+            _ => "invalid_signature",
+        },
+        e.to_string(),
+    )
+}
+
+/// Same wallet: `0x…` addresses compare case-insensitively, others exactly.
+fn same_wallet(a: &str, b: &str) -> bool {
+    if a.starts_with("0x") || a.starts_with("0X") {
+        a.eq_ignore_ascii_case(b)
+    } else {
+        a == b
+    }
+}
+
 /// `POST /grid/nodes/{id}/prices`: set or reset a custom price (§5.8).
-/// Auth: the node's token in `X-Node-Auth`.
+/// Auth: the node's token in `X-Node-Auth`, or an owner wallet signature
+/// (`X-Auth-*`, the X402-COMPUTE-AUTH v1 message) whose address is the
+/// node's `wallet_address`.
 pub async fn set_price(
     State(grid): State<Grid>,
     Path(id): Path<String>,
+    method: axum::http::Method,
+    uri: axum::http::Uri,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Json<SetPriceResponse>, ClientError> {
     let node_id = node_or_404(&id)?;
-    let token = headers
-        .get("x-node-auth")
-        .and_then(|v| v.to_str().ok())
-        .ok_or_else(unauthorized)?;
+    let auth = if let Some(token) = headers.get("x-node-auth") {
+        PriceAuth::Node(token.to_str().map_err(|_| unauthorized())?.to_string())
+    } else if headers.contains_key("x-auth-signature") || headers.contains_key("x-auth-address") {
+        let Some(payments) = grid.payments.as_ref() else {
+            return Err(ClientError::new(
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                "unauthorized",
+                "wallet signatures need a coordinator with payments enabled; use X-Node-Auth",
+            ));
+        };
+        let parts = crate::payments::RequestParts {
+            method: &method,
+            uri: &uri,
+            headers: &headers,
+            body: &body,
+        };
+        let wallet = payments
+            .signed_wallet(&parts)
+            .await
+            .map_err(|e| signature_refused(&e))?;
+        PriceAuth::Owner(wallet)
+    } else {
+        return Err(unauthorized());
+    };
     let req: SetPriceRequest = serde_json::from_slice(&body)
         .map_err(|e| ClientError::invalid("invalid_request", format!("invalid JSON body: {e}")))?;
     let mut inner = grid.lock();
-    if !grid.authenticate(&inner, &node_id, token) {
-        return Err(unauthorized());
+    match &auth {
+        PriceAuth::Node(token) => {
+            if !grid.authenticate(&inner, &node_id, token) {
+                return Err(unauthorized());
+            }
+        }
+        PriceAuth::Owner(wallet) => {
+            let n = inner
+                .nodes
+                .get(&node_id)
+                .ok_or_else(|| ClientError::not_found("node_not_found", "no such node"))?;
+            if n.wallet_address.is_empty() || !same_wallet(&n.wallet_address, wallet.as_str()) {
+                return Err(ClientError::new(
+                    StatusCode::FORBIDDEN,
+                    "permission_error",
+                    "not_node_owner",
+                    "the signing wallet is not this node's wallet_address",
+                ));
+            }
+        }
     }
     let now = Instant::now();
     let reference = grid.reference_price(&req.model);
@@ -312,7 +385,13 @@ pub async fn set_price(
         n.custom_prices.insert(req.model.clone(), price);
     }
     n.price_changed.insert(req.model.clone(), now);
-    tracing::info!(%node_id, model = %req.model, reset = req.reset == Some(true), "node price changed");
+    tracing::info!(
+        %node_id,
+        model = %req.model,
+        reset = req.reset == Some(true),
+        by_owner = matches!(auth, PriceAuth::Owner(_)),
+        "node price changed"
+    );
     let price = price_entry(&grid, n, &req.model, now);
     grid.persist(&mut inner, &node_id);
     Ok(Json(SetPriceResponse { ok: true, price }))

@@ -329,7 +329,9 @@ pub async fn chat(
                 Some((events, s))
             })
             .flat_map(stream::iter);
-            Ok(sse(Box::pin(head.chain(body).chain(done_marker())), true))
+            // `[DONE]` comes after the final chunk only: a stream that fails
+            // ends with `event: error` and closes (PROTOCOL.md §5.6).
+            Ok(sse(Box::pin(head.chain(body)), true))
         }
     }
 }
@@ -429,6 +431,7 @@ impl StreamState {
                 u.usage_signature = c.usage_signature;
                 out.push(data(&u));
             }
+            out.push(Ok(Event::default().data("[DONE]")));
         }
         out
     }

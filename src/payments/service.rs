@@ -326,6 +326,13 @@ impl Payments {
         })
     }
 
+    /// The wallet that signed a request with `X-Auth-*` headers (§5.8
+    /// owner price changes): signature, time window and nonce checked, the
+    /// nonce consumed. API keys are not looked at.
+    pub async fn signed_wallet(&self, req: &RequestParts<'_>) -> Result<WalletId, PaymentError> {
+        self.check_signature(req).await.map(|p| p.wallet().clone())
+    }
+
     async fn check_signature(&self, req: &RequestParts<'_>) -> Result<Payer, PaymentError> {
         let h = req.headers;
         let get = |n: &str| header(h, n).ok_or(PaymentError::AuthInvalid("missing X-Auth header"));

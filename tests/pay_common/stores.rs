@@ -88,3 +88,71 @@ where
         cleanup(t).await;
     }
 }
+
+/// A database for a coordinator process (`--database-url`): a SQLite file,
+/// or a PostgreSQL database made for one test and dropped on drop.
+pub struct CliDatabase {
+    pub url: String,
+    pub backend: &'static str,
+    pg_name: Option<String>,
+}
+
+impl Drop for CliDatabase {
+    fn drop(&mut self) {
+        if let Some(name) = &self.pg_name {
+            let _ = std::process::Command::new("psql")
+                .args([
+                    &postgres_url(),
+                    "-qc",
+                    &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+                ])
+                .output();
+        }
+    }
+}
+
+/// The databases a process-level test runs on: SQLite in `dir`, then a
+/// fresh PostgreSQL database (its own, so parallel tests never share one)
+/// when PostgreSQL is reachable; with SGL_REQUIRE_POSTGRES=1 an unreachable
+/// PostgreSQL fails the test instead of being skipped.
+pub fn cli_databases(tag: &str, dir: &std::path::Path) -> Vec<CliDatabase> {
+    let mut out = vec![CliDatabase {
+        url: dir.join("coordinator.db").to_str().unwrap().to_string(),
+        backend: "sqlite",
+        pg_name: None,
+    }];
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let name = format!("sgl_t_{tag}_{}_{nanos}", std::process::id());
+    let base = postgres_url();
+    let made = std::process::Command::new("psql")
+        .args([&base, "-qc", &format!("CREATE DATABASE {name}")])
+        .output();
+    match made {
+        Ok(o) if o.status.success() => {
+            let (prefix, _) = base
+                .rsplit_once('/')
+                .expect("a postgres:// URL with a database");
+            out.push(CliDatabase {
+                url: format!("{prefix}/{name}"),
+                backend: "postgres",
+                pg_name: Some(name),
+            });
+        }
+        other => {
+            let why = match other {
+                Ok(o) => String::from_utf8_lossy(&o.stderr).into_owned(),
+                Err(e) => e.to_string(),
+            };
+            if std::env::var("SGL_REQUIRE_POSTGRES").as_deref() == Ok("1") {
+                panic!(
+                    "PostgreSQL required (SGL_REQUIRE_POSTGRES=1) but unusable at {base}: {why}"
+                );
+            }
+            eprintln!("skipping PostgreSQL backend: {base}: {why}");
+        }
+    }
+    out
+}
