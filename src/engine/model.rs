@@ -341,30 +341,28 @@ impl Model {
         if n_head == 0 || n_kv_head == 0 || n_head % n_kv_head != 0 || head_dim % 2 != 0 {
             return Err(EngineError::Model("inconsistent head counts".into()));
         }
+        let info = |name: &str| {
+            content
+                .tensor_infos
+                .get(name)
+                .and_then(|t| t.shape.dims2().ok())
+                .ok_or_else(|| EngineError::Model(format!("GGUF lacks tensor {name}")))
+        };
+        let cfg = ModelConfig {
+            arch,
+            architecture,
+            n_layer,
+            n_head,
+            n_kv_head,
+            head_dim,
+            hidden,
+            ffn: info("blk.0.ffn_gate.weight")?.0,
+            eps,
+            rope_theta,
+            context_length,
+            vocab_size: info("token_embd.weight")?.0,
+        };
         if let Some(formats) = cpu_formats {
-            let info = |name: &str| {
-                content
-                    .tensor_infos
-                    .get(name)
-                    .and_then(|t| t.shape.dims2().ok())
-                    .ok_or_else(|| EngineError::Model(format!("GGUF lacks tensor {name}")))
-            };
-            let (vocab_size, _) = info("token_embd.weight")?;
-            let (ffn, _) = info("blk.0.ffn_gate.weight")?;
-            let cfg = ModelConfig {
-                arch,
-                architecture,
-                n_layer,
-                n_head,
-                n_kv_head,
-                head_dim,
-                hidden,
-                ffn,
-                eps,
-                rope_theta,
-                context_length,
-                vocab_size,
-            };
             let mut src = super::cpu::GgufSource {
                 content: &content,
                 file: &mut file,
@@ -491,19 +489,11 @@ impl Model {
         };
         weight_bytes += norm_bytes + (hidden * 4) as u64;
 
+        // The shapes as read from the tensors themselves.
         let cfg = ModelConfig {
-            arch,
-            architecture,
-            n_layer,
-            n_head,
-            n_kv_head,
-            head_dim,
-            hidden,
             ffn,
-            eps,
-            rope_theta,
-            context_length,
             vocab_size,
+            ..cfg
         };
         let (cos, sin) = rope_tables(&cfg, device)?;
         let model = Model {
