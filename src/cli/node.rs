@@ -167,8 +167,9 @@ pub struct EngineArgs {
     /// q4_0, q4k, q6k, f16, f32 requantise for candle. Elsewhere auto is native.
     #[arg(long, default_value = "auto")]
     pub requant: String,
-    /// cpu, or cuda:N (needs the `cuda` feature).
-    #[arg(long, default_value = "cpu")]
+    /// cpu, cuda (the first GPU) or cuda:N (needs a build with the `cuda`
+    /// feature). A service sets it with `Environment=SGL_DEVICE=cuda`.
+    #[arg(long, env = "SGL_DEVICE", default_value = "cpu")]
     pub device: String,
     /// Sequences decoded together.
     #[arg(long, default_value_t = 8)]
@@ -208,7 +209,7 @@ impl EngineArgs {
                         .parse()
                         .with_context(|| format!("bad --device {d}"))?,
                 ),
-                None => anyhow::bail!("--device must be cpu or cuda:N"),
+                None => anyhow::bail!("--device must be cpu, cuda or cuda:N, not {d:?}"),
             },
         };
         c.max_batch = self.max_batch;
