@@ -368,14 +368,7 @@ impl Model {
                 file: &mut file,
             };
             let cpu = CpuModel::load(&mut src, cfg.clone(), formats)?;
-            let model = Model {
-                cfg,
-                weight_bytes_per_token: cpu.weight_bytes_per_token,
-                weight_formats: cpu.formats.clone(),
-                backend: Backend::Cpu(Box::new(cpu)),
-                device: device.clone(),
-            };
-            return Ok((model, content));
+            return Ok((Model::on_cpu(cfg, cpu), content));
         }
 
         let cpu = Device::Cpu;
@@ -528,14 +521,17 @@ impl Model {
         let mut ck = super::safetensors::HfCheckpoint::open(dir, max_context)?;
         let cfg = ck.cfg.clone();
         let cpu = CpuModel::load(&mut ck, cfg.clone(), CpuFormats::AllQ8)?;
-        let model = Model {
+        Ok((Model::on_cpu(cfg, cpu), ck))
+    }
+
+    fn on_cpu(cfg: ModelConfig, cpu: CpuModel) -> Self {
+        Model {
             cfg,
             weight_bytes_per_token: cpu.weight_bytes_per_token,
             weight_formats: cpu.formats.clone(),
             backend: Backend::Cpu(Box::new(cpu)),
-            device: device.clone(),
-        };
-        Ok((model, ck))
+            device: Device::Cpu,
+        }
     }
 
     pub fn device(&self) -> &Device {
