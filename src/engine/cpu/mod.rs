@@ -10,6 +10,7 @@
 //! computed independently of the others, so a sequence's logits do not depend
 //! on what else is in the batch.
 
+mod attn;
 pub mod pool;
 pub mod qmat;
 
@@ -446,13 +447,22 @@ impl CpuModel {
                 }
             }
         }
+        // The costliest units (the last rows of a prefill) first.
+        units.reverse();
         let out_ptr = OutPtr(out.as_mut_ptr());
         let threads = self.pool.threads();
         let units = &units;
-        self.pool.run(threads, &|tid| {
+        // Units are claimed as threads come free (later rows of a prefill
+        // cost more, and the cores of a shared machine run unevenly).
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        self.pool.run(threads, &|_| {
             let mut scores = Vec::new();
             let mut acc = vec![0f32; groups * hd];
-            for &(ii, kvh, i0, i1) in units.iter().skip(tid).step_by(threads) {
+            loop {
+                let u = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(&(ii, kvh, i0, i1)) = units.get(u) else {
+                    break;
+                };
                 let (start, _, p0) = spans[ii];
                 let kc = &items[ii].cache.k[li];
                 let vc = &items[ii].cache.v[li];
@@ -462,25 +472,16 @@ impl CpuModel {
                     let q = &qkv[(start + i) * qkv_n..];
                     scores.clear();
                     scores.resize(groups * len, 0.0);
-                    for j in 0..len {
-                        let kr = &kc[j * row + kvh * hd..j * row + kvh * hd + hd];
-                        for g in 0..groups {
-                            let h = kvh * groups + g;
-                            scores[g * len + j] = dot(&q[h * hd..h * hd + hd], kr) * scale;
-                        }
-                    }
                     for g in 0..groups {
-                        softmax(&mut scores[g * len..(g + 1) * len]);
+                        let h = kvh * groups + g;
+                        let sg = &mut scores[g * len..(g + 1) * len];
+                        attn::scores(&q[h * hd..h * hd + hd], kc, row, kvh * hd, scale, sg);
+                        softmax(sg);
                     }
                     acc.fill(0.0);
-                    for j in 0..len {
-                        let vr = &vc[j * row + kvh * hd..j * row + kvh * hd + hd];
-                        for g in 0..groups {
-                            let w = scores[g * len + j];
-                            for (a, v) in acc[g * hd..(g + 1) * hd].iter_mut().zip(vr) {
-                                *a += w * v;
-                            }
-                        }
+                    for g in 0..groups {
+                        let sg = &scores[g * len..(g + 1) * len];
+                        attn::weighted_sum(sg, vc, row, kvh * hd, &mut acc[g * hd..(g + 1) * hd]);
                     }
                     for g in 0..groups {
                         let h = kvh * groups + g;

@@ -12,6 +12,8 @@
 //! does not depend on the number of rows. The scheduler relies on that for
 //! seeded requests that reproduce alone and inside a batch.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use half::f16;
 
 use super::pool::Pool;
@@ -403,22 +405,32 @@ pub fn matmul(w: &QMatrix, x: &ActQ, out: &mut [f32], pool: &Pool) {
     assert!(out.len() >= m * n, "output size");
     let out_ptr = SyncPtr(out.as_mut_ptr());
     let simd = simd_available();
-    // Column ranges, one per task, multiples of the column tile.
+    // Column ranges, multiples of the column tile, claimed by the threads as
+    // they come free: on a shared machine one core is often slower than the
+    // other, and a fixed half each would leave the faster one waiting. Eight
+    // ranges a thread keeps each range long enough to stream from memory.
     let tasks = pool.threads();
-    let per = n.div_ceil(tasks).div_ceil(COL_TILE) * COL_TILE;
-    pool.run(tasks, &|t| {
-        let j0 = t * per;
-        let j1 = ((t + 1) * per).min(n);
-        if j0 >= j1 {
+    let per = n.div_ceil(tasks * 8).div_ceil(COL_TILE).max(1) * COL_TILE;
+    let ranges = n.div_ceil(per);
+    let next = AtomicUsize::new(0);
+    pool.run(tasks, &|_| loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        if i >= ranges {
             return;
         }
-        // SAFETY: tasks own disjoint column ranges of `out`, which outlives
-        // `run` (it returns only when every task is done).
+        let j0 = i * per;
+        let j1 = (j0 + per).min(n);
+        // SAFETY: each range is claimed by one task only, so tasks write
+        // disjoint columns of `out`, which outlives `run` (it returns only
+        // when every task is done). Which task computes a column does not
+        // change its value.
         unsafe { columns(w, x, j0, j1, out_ptr, simd) };
     });
 }
 
+/// Weight rows (output columns) one kernel call computes.
 const COL_TILE: usize = 4;
+/// Activation rows one kernel call computes.
 const ROW_TILE: usize = 4;
 
 #[derive(Clone, Copy)]
@@ -427,47 +439,38 @@ struct SyncPtr(*mut f32);
 unsafe impl Send for SyncPtr {}
 unsafe impl Sync for SyncPtr {}
 
-/// Columns `j0..j1`, tiled: a few weight rows stay in L1 while groups of
-/// activation rows pass over them.
+/// Columns `j0..j1`, in tiles of up to 4 weight rows by 4 activation rows:
+/// the weight rows of a tile are unpacked once for all its activation rows,
+/// and the activation vectors loaded once for all its weight rows. The
+/// weight tile stays in L1 while the activation rows pass over it.
+///
+/// Every output value gets the same sequence of operations whatever the tile
+/// shape: a sequence alone, inside a batch, or inside a prefill chunk gives
+/// bit-identical results.
 unsafe fn columns(w: &QMatrix, x: &ActQ, j0: usize, j1: usize, out: SyncPtr, simd: bool) {
     let (n, m) = (w.n, x.m);
-    let mut jt = j0;
-    while jt < j1 {
-        let je = (jt + COL_TILE).min(j1);
-        let mut r0 = 0;
-        while r0 < m {
-            let rn = (m - r0).min(ROW_TILE);
-            for j in jt..je {
-                let mut acc = [0f32; ROW_TILE];
-                dot_col(w, j, x, r0, rn, &mut acc, simd);
-                for (r, v) in acc.iter().enumerate().take(rn) {
-                    *out.0.add((r0 + r) * n + j) = *v;
-                }
-            }
-            r0 += rn;
-        }
-        jt = je;
-    }
-}
-
-#[inline]
-fn dot_col(w: &QMatrix, j: usize, x: &ActQ, r0: usize, rn: usize, acc: &mut [f32; 4], simd: bool) {
     #[cfg(target_arch = "x86_64")]
     if simd {
-        // SAFETY: `simd` is true only when the CPU has the features.
-        unsafe {
-            match rn {
-                1 => avx512::dot_col::<1>(w, j, x, r0, acc),
-                2 => avx512::dot_col::<2>(w, j, x, r0, acc),
-                3 => avx512::dot_col::<3>(w, j, x, r0, acc),
-                _ => avx512::dot_col::<4>(w, j, x, r0, acc),
+        let mut jt = j0;
+        while jt < j1 {
+            let cols = (j1 - jt).min(COL_TILE);
+            let mut r0 = 0;
+            while r0 < m {
+                let rows = (m - r0).min(ROW_TILE);
+                // SAFETY: `simd` is true only when the CPU has the features;
+                // the tile lies inside `w`, `x` and `out`.
+                avx512::tile(w, jt, cols, x, r0, rows, out.0, n);
+                r0 += rows;
             }
+            jt += cols;
         }
         return;
     }
     let _ = simd;
-    for (r, a) in acc.iter_mut().enumerate().take(rn) {
-        *a = dot_scalar(w, j, x, r0 + r);
+    for j in j0..j1 {
+        for r in 0..m {
+            *out.0.add(r * n + j) = dot_scalar(w, j, x, r);
+        }
     }
 }
 
@@ -528,155 +531,350 @@ fn dot_scalar(w: &QMatrix, j: usize, x: &ActQ, r: usize) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{ActQ, QFormat, QMatrix, QK};
+    use super::{ActQ, QFormat, QMatrix, COL_TILE, QK};
     use std::arch::x86_64::*;
 
-    /// One weight row against `R` activation rows.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub unsafe fn dot_col<const R: usize>(
+    /// For each row and column, `(sum(a) + sum(b)) + sum(c)` over the lanes,
+    /// stored for the first `cols` columns. A macro, not a function: vector
+    /// arguments of a call that is not inlined go through memory, and
+    /// `#[inline(always)]` cannot be combined with `#[target_feature]`.
+    macro_rules! store {
+        ($a:expr, $b:expr, $c:expr, $cols:expr, $r0:expr, $j:expr, $out:expr, $n:expr) => {{
+            let mask: __mmask8 = (1u8 << $cols) - 1;
+            for r in 0..$a.len() {
+                let sa = reduce4!($a[r]);
+                let sb = reduce4!($b[r]);
+                let sc = reduce4!($c[r]);
+                let sums = _mm_add_ps(_mm_add_ps(sa, sb), sc);
+                _mm_mask_storeu_ps($out.add(($r0 + r) * $n + $j), mask, sums);
+            }
+        }};
+    }
+
+    /// The lane sums of four vectors, as one 4-lane vector, each added in
+    /// the order of `_mm512_reduce_add_ps`: lane `i` with `i + 8`, then with
+    /// `i + 4`, then `i + 2`, then `i + 1`. A macro for the reason `store` is.
+    macro_rules! reduce4 {
+        ($v:expr) => {{
+            let [a, b, c, d] = $v;
+            // 128-bit quarters: [a0+a2, a1+a3, b0+b2, b1+b3], the same for c, d.
+            let ab = _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0b01_00_01_00>(a, b),
+                _mm512_shuffle_f32x4::<0b11_10_11_10>(a, b),
+            );
+            let cd = _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0b01_00_01_00>(c, d),
+                _mm512_shuffle_f32x4::<0b11_10_11_10>(c, d),
+            );
+            // One quarter per vector: [a, b, c, d].
+            let s = _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0b10_00_10_00>(ab, cd),
+                _mm512_shuffle_f32x4::<0b11_01_11_01>(ab, cd),
+            );
+            // Within each quarter: lanes (2,3,0,1), then (1,0,3,2).
+            let s = _mm512_add_ps(s, _mm512_permute_ps::<0b01_00_11_10>(s));
+            let s = _mm512_add_ps(s, _mm512_permute_ps::<0b10_11_00_01>(s));
+            let first = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0);
+            _mm512_castps512_ps128(_mm512_permutexvar_ps(first, s))
+        }};
+    }
+
+    /// Output `[r0 + r, j + c]` for `r < rows`, `c < cols` (both at most 4)
+    /// into `out`, a row-major matrix `n` wide.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F/BW/VL/VNNI; the tile must lie inside `w`,
+    /// `x` and `out`.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn tile(
         w: &QMatrix,
         j: usize,
+        cols: usize,
         x: &ActQ,
         r0: usize,
-        out: &mut [f32; 4],
+        rows: usize,
+        out: *mut f32,
+        n: usize,
     ) {
-        match w.format {
-            QFormat::Q8 => q8::<R>(w, j, x, r0, out),
-            QFormat::Q4_1 => q41::<R>(w, j, x, r0, out),
+        match (w.format, rows) {
+            (QFormat::Q8, 1) => q8::<1>(w, j, cols, x, r0, out, n),
+            (QFormat::Q8, 2) => q8::<2>(w, j, cols, x, r0, out, n),
+            (QFormat::Q8, 3) => q8::<3>(w, j, cols, x, r0, out, n),
+            (QFormat::Q8, _) => q8::<4>(w, j, cols, x, r0, out, n),
+            (QFormat::Q4_1, 1) => q41::<1>(w, j, cols, x, r0, out, n),
+            (QFormat::Q4_1, 2) => q41::<2>(w, j, cols, x, r0, out, n),
+            (QFormat::Q4_1, 3) => q41::<3>(w, j, cols, x, r0, out, n),
+            (QFormat::Q4_1, _) => q41::<4>(w, j, cols, x, r0, out, n),
         }
     }
 
+    /// How far ahead, in weight rows, the kernels ask for weights: a matrix
+    /// larger than the caches streams from memory, and the hardware
+    /// prefetchers alone keep too few lines in flight for four interleaved
+    /// row streams.
+    const PREFETCH_ROWS: usize = 8;
+
+    #[inline(always)]
+    fn prefetch<T>(p: *const T) {
+        // SAFETY: a prefetch never faults, whatever the address.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p as *const i8) }
+    }
+
+    /// The weight row a tile column reads: a short last tile repeats its last
+    /// row (never stored), so the kernel always runs four columns.
+    #[inline(always)]
+    fn row_of(j: usize, c: usize, cols: usize) -> usize {
+        j + c.min(cols - 1)
+    }
+
+    /// Q8_0: each 64-byte step covers two blocks (8 lanes each). An odd
+    /// last block is summed as an integer and scaled on its own, as the
+    /// one-row kernel this replaced did, so results stay bit-identical.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn q8<const R: usize>(w: &QMatrix, j: usize, x: &ActQ, r0: usize, out: &mut [f32; 4]) {
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn q8<const R: usize>(
+        w: &QMatrix,
+        j: usize,
+        cols: usize,
+        x: &ActQ,
+        r0: usize,
+        out: *mut f32,
+        n: usize,
+    ) {
         let k = w.k;
         let nb = k / QK;
-        let wq = w.qs.as_ptr().add(j * k);
-        let wd = w.d.as_ptr().add(j * nb);
+        let zero = _mm512_setzero_si512();
+        let bias = _mm512_set1_epi8(-128);
+        let mut wq = [std::ptr::null::<u8>(); COL_TILE];
+        let mut wd = [std::ptr::null::<f32>(); COL_TILE];
+        for c in 0..COL_TILE {
+            let jr = row_of(j, c, cols);
+            wq[c] = w.qs.as_ptr().add(jr * k);
+            wd[c] = w.d.as_ptr().add(jr * nb);
+        }
+        let mut acc = [[_mm512_setzero_ps(); COL_TILE]; R];
+        if R == 1 {
+            // One activation row (a decode step): each weight row is read
+            // through from start to end, the pattern memory streams best.
+            for c in 0..COL_TILE {
+                let mut one = [[_mm512_setzero_ps(); 1]; R];
+                for p in 0..nb / 2 {
+                    q8_step::<R, 1>(&mut one, &[wq[c]], &[wd[c]], x, r0, p, k, nb);
+                }
+                acc[0][c] = one[0][0];
+            }
+        } else {
+            for p in 0..nb / 2 {
+                q8_step::<R, COL_TILE>(&mut acc, &wq, &wd, x, r0, p, k, nb);
+            }
+        }
+        let mut tail = [[_mm512_setzero_ps(); COL_TILE]; R];
+        if nb % 2 == 1 {
+            let b = nb - 1;
+            let qmask: __mmask64 = (1 << 32) - 1;
+            for (r, t) in tail.iter_mut().enumerate() {
+                let row = r0 + r;
+                let xv =
+                    _mm512_maskz_loadu_epi8(qmask, x.q.as_ptr().add(row * k + b * QK) as *const i8);
+                for c in 0..COL_TILE {
+                    let v = _mm512_maskz_loadu_epi8(qmask, wq[c].add(b * QK) as *const i8);
+                    let neg = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, bias, v));
+                    let s = _mm512_reduce_add_epi32(_mm512_dpbusd_epi32(neg, xv, v));
+                    let d = *wd[c].add(b) * x.d[row * nb + b];
+                    t[c] = _mm512_castps128_ps512(_mm_set_ss(s as f32 * d));
+                }
+            }
+        }
+        let none = [[_mm512_setzero_ps(); COL_TILE]; R];
+        store!(acc, tail, none, cols, r0, j, out, n);
+    }
+
+    /// Q4_1: each 64-byte step covers four blocks (4 lanes each), low
+    /// nibbles against the first halves of the activation blocks, high
+    /// nibbles against the second. Two last blocks (`k` = 64 mod 128) and
+    /// the minimum term `sum(m * d_x * sum(q_x))` are summed apart and added
+    /// at the end, in the order the one-row kernel this replaced used, so
+    /// results stay bit-identical.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn q41<const R: usize>(
+        w: &QMatrix,
+        j: usize,
+        cols: usize,
+        x: &ActQ,
+        r0: usize,
+        out: *mut f32,
+        n: usize,
+    ) {
+        let k = w.k;
+        let nb = k / QK;
+        debug_assert!(nb.is_multiple_of(2), "Q4_1 rows must be a multiple of 64");
+        let mut wq = [std::ptr::null::<u8>(); COL_TILE];
+        let mut wd = [std::ptr::null::<f32>(); COL_TILE];
+        let mut wm = [std::ptr::null::<f32>(); COL_TILE];
+        for c in 0..COL_TILE {
+            let jr = row_of(j, c, cols);
+            wq[c] = w.qs.as_ptr().add(jr * k / 2);
+            wd[c] = w.d.as_ptr().add(jr * nb);
+            wm[c] = w.m.as_ptr().add(jr * nb);
+        }
+        let groups = nb / 4;
+        let mut acc = [[_mm512_setzero_ps(); COL_TILE]; R];
+        if R == 1 {
+            // One activation row: each weight row read through, as in `q8`.
+            for c in 0..COL_TILE {
+                let mut one = [[_mm512_setzero_ps(); 1]; R];
+                for g in 0..groups {
+                    q41_step::<R, 1, false>(&mut one, &[wq[c]], &[wd[c]], x, r0, g, k, nb);
+                }
+                acc[0][c] = one[0][0];
+            }
+        } else {
+            for g in 0..groups {
+                q41_step::<R, COL_TILE, false>(&mut acc, &wq, &wd, x, r0, g, k, nb);
+            }
+        }
+        // Two blocks left: one half step, summed apart.
+        let mut tail = [[_mm512_setzero_ps(); COL_TILE]; R];
+        if !nb.is_multiple_of(4) {
+            q41_step::<R, COL_TILE, true>(&mut tail, &wq, &wd, x, r0, groups, k, nb);
+        }
+        // The minimum term, 16 blocks at a time.
+        let mut mins = [[_mm512_setzero_ps(); COL_TILE]; R];
+        for (r, mr) in mins.iter_mut().enumerate() {
+            let xs = x.s.as_ptr().add((r0 + r) * nb);
+            for c in 0..COL_TILE {
+                let mut macc = _mm512_setzero_ps();
+                let mut b = 0;
+                while b < nb {
+                    let left = (nb - b).min(16);
+                    let mask: __mmask16 = if left == 16 {
+                        0xffff
+                    } else {
+                        (1u16 << left) - 1
+                    };
+                    let mv = _mm512_maskz_loadu_ps(mask, wm[c].add(b));
+                    let sv = _mm512_maskz_loadu_ps(mask, xs.add(b));
+                    macc = _mm512_fmadd_ps(mv, sv, macc);
+                    b += 16;
+                }
+                mr[c] = macc;
+            }
+        }
+        store!(acc, tail, mins, cols, r0, j, out, n);
+    }
+
+    /// One step of [`q8`]: blocks `2p` and `2p + 1` of `CS` weight rows
+    /// against `R` activation rows.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[inline]
+    #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+    unsafe fn q8_step<const R: usize, const CS: usize>(
+        acc: &mut [[__m512; CS]; R],
+        wq: &[*const u8; CS],
+        wd: &[*const f32; CS],
+        x: &ActQ,
+        r0: usize,
+        p: usize,
+        k: usize,
+        nb: usize,
+    ) {
         let zero = _mm512_setzero_si512();
         let bias = _mm512_set1_epi8(-128);
         // Lanes 0..8 take the first block's scale, 8..16 the second's.
         let idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-        let mut acc = [_mm512_setzero_ps(); R];
-        let pairs = nb / 2;
-        for p in 0..pairs {
-            let v = _mm512_loadu_si512(wq.add(p * 64) as *const _);
-            // -128 * w summed per lane: the activations' offset, taken off
-            // by starting each row's dot product from it.
-            let neg = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, bias, v));
-            let d2 =
-                _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_loadu_ps(wd.add(p * 2))));
-            for (r, a) in acc.iter_mut().enumerate() {
-                let row = r0 + r;
-                let xv = _mm512_loadu_si512(x.q.as_ptr().add(row * k + p * 64) as *const _);
-                let dot = _mm512_dpbusd_epi32(neg, xv, v);
-                let dx = _mm512_loadu_ps(x.dexp.as_ptr().add((row * nb + p * 2) * 8));
-                *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d2, dx), *a);
+        let mut v = [zero; CS];
+        let mut neg = [zero; CS];
+        let mut d2 = [_mm512_setzero_ps(); CS];
+        for c in 0..CS {
+            if CS > 1 {
+                prefetch(wq[c].wrapping_add(p * 64 + PREFETCH_ROWS * k));
+                prefetch(wd[c].wrapping_add(p * 2 + PREFETCH_ROWS * nb));
             }
-        }
-        let mut tail = [0f32; R];
-        if nb % 2 == 1 {
-            let b = nb - 1;
-            let v = _mm256_loadu_si256(wq.add(b * QK) as *const _);
-            let z = _mm256_setzero_si256();
-            let neg = _mm256_sub_epi32(z, _mm256_dpbusd_epi32(z, _mm256_set1_epi8(-128), v));
-            for (r, t) in tail.iter_mut().enumerate() {
-                let row = r0 + r;
-                let xv = _mm256_loadu_si256(x.q.as_ptr().add(row * k + b * QK) as *const _);
-                let dot = _mm256_dpbusd_epi32(neg, xv, v);
-                let s = hsum256_epi32(dot);
-                *t = s as f32 * (*wd.add(b) * x.d[row * nb + b]);
-            }
+            v[c] = _mm512_loadu_si512(wq[c].add(p * 64) as *const _);
+            // -128 * w summed per lane: the activations' offset, taken off by
+            // starting each dot product from it.
+            neg[c] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, bias, v[c]));
+            d2[c] =
+                _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_loadu_ps(wd[c].add(p * 2))));
         }
         for r in 0..R {
-            out[r] = _mm512_reduce_add_ps(acc[r]) + tail[r];
+            let row = r0 + r;
+            let xv = _mm512_loadu_si512(x.q.as_ptr().add(row * k + p * 64) as *const _);
+            let dx = _mm512_loadu_ps(x.dexp.as_ptr().add((row * nb + p * 2) * 8));
+            for c in 0..CS {
+                let dot = _mm512_dpbusd_epi32(neg[c], xv, v[c]);
+                acc[r][c] =
+                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d2[c], dx), acc[r][c]);
+            }
         }
     }
 
+    /// One step of [`q41`]: blocks `4g..4g+4` (`HALF`: `4g..4g+2`, under
+    /// masks: 32 weight bytes, 32 activation bytes a half, 8 lanes).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn q41<const R: usize>(w: &QMatrix, j: usize, x: &ActQ, r0: usize, out: &mut [f32; 4]) {
-        let k = w.k;
-        let nb = k / QK;
-        let wq = w.qs.as_ptr().add(j * k / 2);
-        let wd = w.d.as_ptr().add(j * nb);
-        let wm = w.m.as_ptr().add(j * nb);
+    #[inline]
+    #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+    unsafe fn q41_step<const R: usize, const CS: usize, const HALF: bool>(
+        acc: &mut [[__m512; CS]; R],
+        wq: &[*const u8; CS],
+        wd: &[*const f32; CS],
+        x: &ActQ,
+        r0: usize,
+        g: usize,
+        k: usize,
+        nb: usize,
+    ) {
         let zero = _mm512_setzero_si512();
         let low = _mm512_set1_epi8(0x0f);
         let idx = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-        let mut acc = [_mm512_setzero_ps(); R];
-        let groups = nb / 4;
-        for g in 0..groups {
-            let v = _mm512_loadu_si512(wq.add(g * 64) as *const _);
-            let lo = _mm512_and_si512(v, low);
-            let hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-            let d4 =
-                _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_loadu_ps(wd.add(g * 4))));
-            for (r, a) in acc.iter_mut().enumerate() {
-                let row = r0 + r;
-                let xp = x.q.as_ptr().add(row * k + g * 128);
-                let xl = _mm512_loadu_si512(xp as *const _);
-                let xh = _mm512_loadu_si512(xp.add(64) as *const _);
-                let dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, xl), hi, xh);
-                let dx = _mm512_loadu_ps(x.dexp.as_ptr().add((row * nb + g * 4) * 4));
-                *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d4, dx), *a);
+        let (qmask, dmask, smask, half): (__mmask64, __mmask16, __mmask8, usize) = if HALF {
+            ((1 << 32) - 1, 0x00ff, 0b0011, 32)
+        } else {
+            (!0, 0xffff, 0b1111, 64)
+        };
+        let mut lo = [zero; CS];
+        let mut hi = [zero; CS];
+        let mut d4 = [_mm512_setzero_ps(); CS];
+        for c in 0..CS {
+            if CS > 1 {
+                prefetch(wq[c].wrapping_add(g * 64 + PREFETCH_ROWS * k / 2));
+                prefetch(wd[c].wrapping_add(g * 4 + PREFETCH_ROWS * nb));
             }
+            let v = if HALF {
+                _mm512_maskz_loadu_epi8(qmask, wq[c].add(g * 64) as *const i8)
+            } else {
+                _mm512_loadu_si512(wq[c].add(g * 64) as *const _)
+            };
+            lo[c] = _mm512_and_si512(v, low);
+            hi[c] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+            d4[c] = _mm512_permutexvar_ps(
+                idx,
+                _mm512_castps128_ps512(_mm_maskz_loadu_ps(smask, wd[c].add(g * 4))),
+            );
         }
-        // Two blocks left over (k = 64 mod 128): the same on 256 bits.
-        let mut tail = [_mm256_setzero_ps(); R];
-        if nb % 4 >= 2 {
-            let b = groups * 4;
-            let v = _mm256_loadu_si256(wq.add(b * 16) as *const _);
-            let low = _mm256_set1_epi8(0x0f);
-            let lo = _mm256_and_si256(v, low);
-            let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-            let idx = _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0);
-            let d2 = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(wd.add(b))), idx);
-            for (r, t) in tail.iter_mut().enumerate() {
-                let row = r0 + r;
-                let xp = x.q.as_ptr().add(row * k + b * QK);
-                let xl = _mm256_loadu_si256(xp as *const _);
-                let xh = _mm256_loadu_si256(xp.add(32) as *const _);
-                let z = _mm256_setzero_si256();
-                let dot = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(z, lo, xl), hi, xh);
-                let dx = _mm256_loadu_ps(x.dexp.as_ptr().add((row * nb + b) * 4));
-                *t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d2, dx), *t);
-            }
-        }
-        // The minimum term: sum over blocks of m * d_x * sum(q_x).
         for r in 0..R {
             let row = r0 + r;
-            let xs = x.s.as_ptr().add(row * nb);
-            let mut macc = _mm512_setzero_ps();
-            let mut b = 0;
-            while b < nb {
-                let left = (nb - b).min(16);
-                let mask: __mmask16 = if left == 16 {
-                    0xffff
-                } else {
-                    (1u16 << left) - 1
-                };
-                let mv = _mm512_maskz_loadu_ps(mask, wm.add(b));
-                let sv = _mm512_maskz_loadu_ps(mask, xs.add(b));
-                macc = _mm512_fmadd_ps(mv, sv, macc);
-                b += 16;
+            let xp = x.q.as_ptr().add(row * k + g * 128);
+            let (xl, xh, dx) = if HALF {
+                (
+                    _mm512_maskz_loadu_epi8(qmask, xp as *const i8),
+                    _mm512_maskz_loadu_epi8(qmask, xp.add(half) as *const i8),
+                    _mm512_maskz_loadu_ps(dmask, x.dexp.as_ptr().add((row * nb + g * 4) * 4)),
+                )
+            } else {
+                (
+                    _mm512_loadu_si512(xp as *const _),
+                    _mm512_loadu_si512(xp.add(half) as *const _),
+                    _mm512_loadu_ps(x.dexp.as_ptr().add((row * nb + g * 4) * 4)),
+                )
+            };
+            for c in 0..CS {
+                let dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo[c], xl), hi[c], xh);
+                acc[r][c] =
+                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d4[c], dx), acc[r][c]);
             }
-            let t = tail[r];
-            let t4 = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
-            let t2 = _mm_add_ps(t4, _mm_movehl_ps(t4, t4));
-            let t1 = _mm_add_ss(t2, _mm_shuffle_ps(t2, t2, 1));
-            out[r] = _mm512_reduce_add_ps(acc[r]) + _mm_cvtss_f32(t1) + _mm512_reduce_add_ps(macc);
         }
-        if nb % 2 == 1 {
-            // An odd block count (k = 32 mod 64) is refused at load for Q4_1.
-            debug_assert!(false, "Q4_1 rows must be a multiple of 64");
-        }
-    }
-
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn hsum256_epi32(v: __m256i) -> i32 {
-        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
-        _mm_cvtsi128_si32(s)
     }
 }
 

@@ -1,0 +1,212 @@
+//! Attention's two inner loops: the scores of one query against a run of
+//! cached keys, and the score-weighted sum of the cached values.
+//!
+//! Written as plain loops, the scores loop is a dot product per key whose
+//! sixteen lanes are summed one key at a time; the AVX-512 version takes
+//! sixteen keys at once and sums their lanes together in one transposing
+//! tree. Both versions perform exactly the same additions in the same order
+//! (lane `i` with `i + 8`, then `i + 4`, `i + 2`, `i + 1`, as [`super::dot`]),
+//! so the logits do not depend on which one ran.
+
+use super::dot;
+use super::qmat::simd_available;
+
+/// `out[j] = dot(q, k_j) * scale` for `j < out.len()`, where key `j` is
+/// `keys[j * stride + off..][..q.len()]`.
+pub fn scores(q: &[f32], keys: &[f32], stride: usize, off: usize, scale: f32, out: &mut [f32]) {
+    let hd = q.len();
+    let len = out.len();
+    assert!(
+        len == 0 || (len - 1) * stride + off + hd <= keys.len(),
+        "keys"
+    );
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if simd_available() {
+        // SAFETY: the CPU has AVX-512 (checked); every key read lies inside
+        // `keys` (asserted above).
+        done = unsafe {
+            match hd {
+                64 => avx512::scores::<4>(q, keys, stride, off, scale, out),
+                128 => avx512::scores::<8>(q, keys, stride, off, scale, out),
+                _ => 0,
+            }
+        };
+    }
+    for (j, o) in out.iter_mut().enumerate().skip(done) {
+        let at = j * stride + off;
+        *o = dot(q, &keys[at..at + hd]) * scale;
+    }
+}
+
+/// `acc[d] += w[j] * v_j[d]` for every `j` in order, where value `j` is
+/// `values[j * stride + off..][..acc.len()]`.
+pub fn weighted_sum(w: &[f32], values: &[f32], stride: usize, off: usize, acc: &mut [f32]) {
+    let hd = acc.len();
+    assert!(
+        w.is_empty() || (w.len() - 1) * stride + off + hd <= values.len(),
+        "values"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if simd_available() && (hd == 64 || hd == 128) {
+        // SAFETY: as in `scores`.
+        unsafe {
+            if hd == 64 {
+                avx512::weighted_sum::<4>(w, values, stride, off, acc)
+            } else {
+                avx512::weighted_sum::<8>(w, values, stride, off, acc)
+            }
+        };
+        return;
+    }
+    for (j, &wj) in w.iter().enumerate() {
+        let v = &values[j * stride + off..j * stride + off + hd];
+        for (a, x) in acc.iter_mut().zip(v) {
+            *a += wj * x;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// Scores for the whole runs of sixteen keys; returns how many keys it
+    /// did. `C` is the head size in vectors of sixteen.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn scores<const C: usize>(
+        q: &[f32],
+        keys: &[f32],
+        stride: usize,
+        off: usize,
+        scale: f32,
+        out: &mut [f32],
+    ) -> usize {
+        let zero = _mm512_setzero_ps();
+        let mut qv = [zero; C];
+        for (c, v) in qv.iter_mut().enumerate() {
+            *v = _mm512_loadu_ps(q.as_ptr().add(16 * c));
+        }
+        // After the tree below, lane 4n + t holds key 4t + n.
+        let order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+        let scale = _mm512_set1_ps(scale);
+        let blocks = out.len() / 16;
+        for b in 0..blocks {
+            let mut p = [zero; 16];
+            for (t, pt) in p.iter_mut().enumerate() {
+                let kp = keys.as_ptr().add((16 * b + t) * stride + off);
+                let mut s = zero;
+                for (c, v) in qv.iter().enumerate() {
+                    s = _mm512_fmadd_ps(*v, _mm512_loadu_ps(kp.add(16 * c)), s);
+                }
+                *pt = s;
+            }
+            // Lane i with i + 8: two keys a vector, eight lanes each.
+            let mut t = [zero; 8];
+            for (a, ta) in t.iter_mut().enumerate() {
+                let (x, y) = (p[2 * a], p[2 * a + 1]);
+                *ta = _mm512_add_ps(
+                    _mm512_shuffle_f32x4::<0b01_00_01_00>(x, y),
+                    _mm512_shuffle_f32x4::<0b11_10_11_10>(x, y),
+                );
+            }
+            // With i + 4: four keys a vector, one per 128-bit quarter.
+            let mut u = [zero; 4];
+            for (a, ua) in u.iter_mut().enumerate() {
+                let (x, y) = (t[2 * a], t[2 * a + 1]);
+                *ua = _mm512_add_ps(
+                    _mm512_shuffle_f32x4::<0b10_00_10_00>(x, y),
+                    _mm512_shuffle_f32x4::<0b11_01_11_01>(x, y),
+                );
+            }
+            // With i + 2, then i + 1, within the quarters.
+            let mut w = [zero; 2];
+            for (a, wa) in w.iter_mut().enumerate() {
+                let (x, y) = (u[2 * a], u[2 * a + 1]);
+                *wa = _mm512_add_ps(
+                    _mm512_shuffle_ps::<0b01_00_01_00>(x, y),
+                    _mm512_shuffle_ps::<0b11_10_11_10>(x, y),
+                );
+            }
+            let f = _mm512_add_ps(
+                _mm512_shuffle_ps::<0b10_00_10_00>(w[0], w[1]),
+                _mm512_shuffle_ps::<0b11_01_11_01>(w[0], w[1]),
+            );
+            let s = _mm512_mul_ps(_mm512_permutexvar_ps(order, f), scale);
+            _mm512_storeu_ps(out.as_mut_ptr().add(16 * b), s);
+        }
+        blocks * 16
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn weighted_sum<const C: usize>(
+        w: &[f32],
+        values: &[f32],
+        stride: usize,
+        off: usize,
+        acc: &mut [f32],
+    ) {
+        let mut a = [_mm512_setzero_ps(); C];
+        for (c, v) in a.iter_mut().enumerate() {
+            *v = _mm512_loadu_ps(acc.as_ptr().add(16 * c));
+        }
+        for (j, &wj) in w.iter().enumerate() {
+            let vp = values.as_ptr().add(j * stride + off);
+            let wb = _mm512_set1_ps(wj);
+            for (c, v) in a.iter_mut().enumerate() {
+                // A product, then a sum: the rounding of `*a += w * x`.
+                *v = _mm512_add_ps(*v, _mm512_mul_ps(wb, _mm512_loadu_ps(vp.add(16 * c))));
+            }
+        }
+        for (c, v) in a.iter().enumerate() {
+            _mm512_storeu_ps(acc.as_mut_ptr().add(16 * c), *v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+    }
+
+    /// Bit-identical to the plain loops, for both head sizes, for runs of
+    /// keys that are and are not whole blocks of sixteen.
+    #[test]
+    fn vector_loops_match_the_plain_ones_bit_for_bit() {
+        let mut s = 9u64;
+        for hd in [64usize, 128, 48] {
+            let stride = 3 * hd;
+            for len in [1usize, 15, 16, 17, 40, 213] {
+                let keys: Vec<f32> = (0..len * stride).map(|_| lcg(&mut s) * 4.0).collect();
+                let q: Vec<f32> = (0..hd).map(|_| lcg(&mut s) * 4.0).collect();
+                let mut got = vec![0f32; len];
+                scores(&q, &keys, stride, hd, 0.125, &mut got);
+                for (j, g) in got.iter().enumerate() {
+                    let at = j * stride + hd;
+                    let want = dot(&q, &keys[at..at + hd]) * 0.125;
+                    assert_eq!(g.to_bits(), want.to_bits(), "hd {hd} len {len} key {j}");
+                }
+                let w: Vec<f32> = (0..len).map(|_| lcg(&mut s)).collect();
+                let mut acc = vec![0f32; hd];
+                weighted_sum(&w, &keys, stride, 2 * hd - hd, &mut acc);
+                let mut want = vec![0f32; hd];
+                for (j, &wj) in w.iter().enumerate() {
+                    for (d, a) in want.iter_mut().enumerate() {
+                        *a += wj * keys[j * stride + hd + d];
+                    }
+                }
+                let (a, b): (Vec<u32>, Vec<u32>) = (
+                    acc.iter().map(|v| v.to_bits()).collect(),
+                    want.iter().map(|v| v.to_bits()).collect(),
+                );
+                assert_eq!(a, b, "hd {hd} len {len}");
+            }
+        }
+    }
+}
