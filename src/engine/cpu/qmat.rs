@@ -407,10 +407,12 @@ pub fn matmul(w: &QMatrix, x: &ActQ, out: &mut [f32], pool: &Pool) {
     let simd = simd_available();
     // Column ranges, multiples of the column tile, claimed by the threads as
     // they come free: on a shared machine one core is often slower than the
-    // other, and a fixed half each would leave the faster one waiting. Eight
-    // ranges a thread keeps each range long enough to stream from memory.
+    // other, and a fixed half each would leave the faster one waiting. One
+    // activation row is bound by memory, not by the cores, and streams best
+    // in one long range a thread; more rows take eight ranges a thread.
     let tasks = pool.threads();
-    let per = n.div_ceil(tasks * 8).div_ceil(COL_TILE).max(1) * COL_TILE;
+    let split = if m == 1 { tasks } else { tasks * 8 };
+    let per = n.div_ceil(split).div_ceil(COL_TILE).max(1) * COL_TILE;
     let ranges = n.div_ceil(per);
     let next = AtomicUsize::new(0);
     pool.run(tasks, &|_| loop {
@@ -720,48 +722,64 @@ mod avx512 {
         }
         let groups = nb / 4;
         let mut acc = [[_mm512_setzero_ps(); COL_TILE]; R];
+        let mut tail = [[_mm512_setzero_ps(); COL_TILE]; R];
+        let mut mins = [[_mm512_setzero_ps(); COL_TILE]; R];
         if R == 1 {
-            // One activation row: each weight row read through, as in `q8`.
+            // One activation row (a decode step): each weight row is read
+            // through from start to end, scales and minimums after it, the
+            // pattern memory streams best.
             for c in 0..COL_TILE {
+                let (q1, d1) = ([wq[c]], [wd[c]]);
                 let mut one = [[_mm512_setzero_ps(); 1]; R];
                 for g in 0..groups {
-                    q41_step::<R, 1, false>(&mut one, &[wq[c]], &[wd[c]], x, r0, g, k, nb);
+                    q41_step::<R, 1, false>(&mut one, &q1, &d1, x, r0, g, k, nb);
                 }
                 acc[0][c] = one[0][0];
+                if !nb.is_multiple_of(4) {
+                    let mut one = [[_mm512_setzero_ps(); 1]; R];
+                    q41_step::<R, 1, true>(&mut one, &q1, &d1, x, r0, groups, k, nb);
+                    tail[0][c] = one[0][0];
+                }
+                mins[0][c] = q41_mins(wm[c], x.s.as_ptr().add(r0 * nb), nb);
             }
         } else {
             for g in 0..groups {
                 q41_step::<R, COL_TILE, false>(&mut acc, &wq, &wd, x, r0, g, k, nb);
             }
-        }
-        // Two blocks left: one half step, summed apart.
-        let mut tail = [[_mm512_setzero_ps(); COL_TILE]; R];
-        if !nb.is_multiple_of(4) {
-            q41_step::<R, COL_TILE, true>(&mut tail, &wq, &wd, x, r0, groups, k, nb);
-        }
-        // The minimum term, 16 blocks at a time.
-        let mut mins = [[_mm512_setzero_ps(); COL_TILE]; R];
-        for (r, mr) in mins.iter_mut().enumerate() {
-            let xs = x.s.as_ptr().add((r0 + r) * nb);
-            for c in 0..COL_TILE {
-                let mut macc = _mm512_setzero_ps();
-                let mut b = 0;
-                while b < nb {
-                    let left = (nb - b).min(16);
-                    let mask: __mmask16 = if left == 16 {
-                        0xffff
-                    } else {
-                        (1u16 << left) - 1
-                    };
-                    let mv = _mm512_maskz_loadu_ps(mask, wm[c].add(b));
-                    let sv = _mm512_maskz_loadu_ps(mask, xs.add(b));
-                    macc = _mm512_fmadd_ps(mv, sv, macc);
-                    b += 16;
+            // Two blocks left: one half step, summed apart.
+            if !nb.is_multiple_of(4) {
+                q41_step::<R, COL_TILE, true>(&mut tail, &wq, &wd, x, r0, groups, k, nb);
+            }
+            for (r, mr) in mins.iter_mut().enumerate() {
+                let xs = x.s.as_ptr().add((r0 + r) * nb);
+                for c in 0..COL_TILE {
+                    mr[c] = q41_mins(wm[c], xs, nb);
                 }
-                mr[c] = macc;
             }
         }
         store!(acc, tail, mins, cols, r0, j, out, n);
+    }
+
+    /// Q4_1's minimum term `sum(m * d_x * sum(q_x))` of one weight row and
+    /// one activation row, 16 blocks at a time, lane sums left to the caller.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[inline]
+    unsafe fn q41_mins(wm: *const f32, xs: *const f32, nb: usize) -> __m512 {
+        let mut macc = _mm512_setzero_ps();
+        let mut b = 0;
+        while b < nb {
+            let left = (nb - b).min(16);
+            let mask: __mmask16 = if left == 16 {
+                0xffff
+            } else {
+                (1u16 << left) - 1
+            };
+            let mv = _mm512_maskz_loadu_ps(mask, wm.add(b));
+            let sv = _mm512_maskz_loadu_ps(mask, xs.add(b));
+            macc = _mm512_fmadd_ps(mv, sv, macc);
+            b += 16;
+        }
+        macc
     }
 
     /// One step of [`q8`]: blocks `2p` and `2p + 1` of `CS` weight rows
@@ -848,10 +866,12 @@ mod avx512 {
             };
             lo[c] = _mm512_and_si512(v, low);
             hi[c] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-            d4[c] = _mm512_permutexvar_ps(
-                idx,
-                _mm512_castps128_ps512(_mm_maskz_loadu_ps(smask, wd[c].add(g * 4))),
-            );
+            let d = if HALF {
+                _mm_maskz_loadu_ps(smask, wd[c].add(g * 4))
+            } else {
+                _mm_loadu_ps(wd[c].add(g * 4))
+            };
+            d4[c] = _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(d));
         }
         for r in 0..R {
             let row = r0 + r;
