@@ -361,7 +361,9 @@ impl CpuModel {
         let half = hd / 2;
 
         for (li, layer) in self.layers.iter().enumerate() {
-            rms_norm(&s.x, &layer.attn_norm, eps, hidden, &mut s.h);
+            let norm =
+                |_: usize, x: &[f32], h: &mut [f32]| rms_norm(x, &layer.attn_norm, eps, hidden, h);
+            par_rows(&self.pool, &s.x, hidden, &mut s.h, hidden, &norm);
             s.aq.quantize_par(&s.h, t, hidden, layer.qkv.format(), &self.pool);
             matmul(&layer.qkv, &s.aq, &mut s.qkv, &self.pool);
             if let Some(b) = &layer.qkv_bias {
@@ -371,13 +373,16 @@ impl CpuModel {
                     }
                 }
             }
-            for (row, &p) in s.qkv.chunks_exact_mut(qkv_n).zip(s.pos.iter()) {
-                let cos = &self.cos[p * half..(p + 1) * half];
-                let sin = &self.sin[p * half..(p + 1) * half];
+            let (pos, cos_t, sin_t, arch) = (&s.pos, &self.cos, &self.sin, c.arch);
+            let rotate = |r: usize, row: &mut [f32]| {
+                let p = pos[r];
+                let cos = &cos_t[p * half..(p + 1) * half];
+                let sin = &sin_t[p * half..(p + 1) * half];
                 for head in row[..(nh + nkv) * hd].chunks_exact_mut(hd) {
-                    rope(head, cos, sin, c.arch);
+                    rope(head, cos, sin, arch);
                 }
-            }
+            };
+            par_rows_mut(&self.pool, &mut s.qkv, qkv_n, &rotate);
             for (it, &(start, n, p0)) in items.iter_mut().zip(spans.iter()) {
                 let row = it.cache.row;
                 for i in 0..n {
@@ -392,13 +397,14 @@ impl CpuModel {
             matmul(&layer.o, &s.aq, &mut s.tmp, &self.pool);
             add_into(&mut s.x, &s.tmp);
 
-            rms_norm(&s.x, &layer.ffn_norm, eps, hidden, &mut s.h);
+            let norm =
+                |_: usize, x: &[f32], h: &mut [f32]| rms_norm(x, &layer.ffn_norm, eps, hidden, h);
+            par_rows(&self.pool, &s.x, hidden, &mut s.h, hidden, &norm);
             s.aq.quantize_par(&s.h, t, hidden, layer.gate_up.format(), &self.pool);
             matmul(&layer.gate_up, &s.aq, &mut s.gu, &self.pool);
             let f = c.ffn;
-            for (gu, a) in s.gu.chunks_exact(2 * f).zip(s.act.chunks_exact_mut(f)) {
-                silu_mul(&gu[..f], &gu[f..], a);
-            }
+            let silu = |_: usize, gu: &[f32], a: &mut [f32]| silu_mul(&gu[..f], &gu[f..], a);
+            par_rows(&self.pool, &s.gu, 2 * f, &mut s.act, f, &silu);
             s.aq.quantize_par(&s.act, t, f, layer.down.format(), &self.pool);
             matmul(&layer.down, &s.aq, &mut s.tmp, &self.pool);
             add_into(&mut s.x, &s.tmp);
@@ -580,6 +586,69 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         s += x * y;
     }
     s
+}
+
+/// Rows from which a row-wise step is worth a parallel section.
+const PAR_ROWS: usize = 8;
+
+/// A row-wise step: `(row index, input row, output row)`.
+type RowFn<'a> = dyn Fn(usize, &[f32], &mut [f32]) + Sync + 'a;
+
+/// `f(r, input row r, output row r)` for every row of `inp` (`iw` wide) and
+/// `out` (`ow` wide), spread over the pool when there are many rows (a
+/// prefill chunk); a decode step's few rows are not worth waking threads.
+fn par_rows(pool: &Pool, inp: &[f32], iw: usize, out: &mut [f32], ow: usize, f: &RowFn<'_>) {
+    let rows = (inp.len() / iw).min(out.len() / ow);
+    let threads = pool.threads();
+    if rows < PAR_ROWS || threads == 1 {
+        for (r, (i, o)) in inp
+            .chunks_exact(iw)
+            .zip(out.chunks_exact_mut(ow))
+            .enumerate()
+        {
+            f(r, i, o);
+        }
+        return;
+    }
+    let per = rows.div_ceil(threads);
+    // Each task takes its own rows (a Mutex each, never contended).
+    let parts: Vec<_> = inp[..rows * iw]
+        .chunks(per * iw)
+        .zip(out[..rows * ow].chunks_mut(per * ow))
+        .map(Mutex::new)
+        .collect();
+    pool.run(threads, &|t| {
+        let Some(part) = parts.get(t) else { return };
+        let mut g = part.lock().unwrap_or_else(|e| e.into_inner());
+        let (i, o) = &mut *g;
+        for (r, (ir, or)) in i.chunks_exact(iw).zip(o.chunks_exact_mut(ow)).enumerate() {
+            f(t * per + r, ir, or);
+        }
+    });
+}
+
+/// `f(r, row r)` in place for every `w`-wide row of `data`, as [`par_rows`].
+fn par_rows_mut(pool: &Pool, data: &mut [f32], w: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync)) {
+    let rows = data.len() / w;
+    let threads = pool.threads();
+    if rows < PAR_ROWS || threads == 1 {
+        for (r, row) in data.chunks_exact_mut(w).enumerate() {
+            f(r, row);
+        }
+        return;
+    }
+    let per = rows.div_ceil(threads);
+    let parts: Vec<_> = data[..rows * w]
+        .chunks_mut(per * w)
+        .map(Mutex::new)
+        .collect();
+    pool.run(threads, &|t| {
+        let Some(part) = parts.get(t) else { return };
+        let mut g = part.lock().unwrap_or_else(|e| e.into_inner());
+        for (r, row) in g.chunks_exact_mut(w).enumerate() {
+            f(t * per + r, row);
+        }
+    });
 }
 
 fn rms_norm(x: &[f32], w: &[f32], eps: f32, dim: usize, out: &mut [f32]) {

@@ -805,7 +805,8 @@ mod avx512 {
         let mut neg = [zero; CS];
         let mut d2 = [_mm512_setzero_ps(); CS];
         for c in 0..CS {
-            if CS > 1 {
+            // Only the first rows of a tile meet the weights cold.
+            if CS > 1 && r0 == 0 {
                 prefetch(wq[c].wrapping_add(p * 64 + PREFETCH_ROWS * k));
                 prefetch(wd[c].wrapping_add(p * 2 + PREFETCH_ROWS * nb));
             }
@@ -855,7 +856,8 @@ mod avx512 {
         let mut hi = [zero; CS];
         let mut d4 = [_mm512_setzero_ps(); CS];
         for c in 0..CS {
-            if CS > 1 {
+            // Only the first rows of a tile meet the weights cold.
+            if CS > 1 && r0 == 0 {
                 prefetch(wq[c].wrapping_add(g * 64 + PREFETCH_ROWS * k / 2));
                 prefetch(wd[c].wrapping_add(g * 4 + PREFETCH_ROWS * nb));
             }
