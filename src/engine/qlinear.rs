@@ -181,13 +181,7 @@ fn dot_rows(w: &[f32], xs: &[f32], rn: usize, out: &mut [f32; 4]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-    }
+    use crate::engine::cpu::qmat::tests::lcg;
 
     #[test]
     fn matches_f32_matmul_and_is_batch_independent() {

@@ -167,13 +167,7 @@ mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-    }
+    use crate::engine::cpu::qmat::tests::lcg;
 
     /// Bit-identical to the plain loops, for both head sizes, for runs of
     /// keys that are and are not whole blocks of sixteen.
