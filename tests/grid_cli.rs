@@ -5,113 +5,26 @@
 //! by the engine and grid end-to-end tests.
 #![cfg(all(feature = "coordinator", unix))]
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Output, Stdio};
+mod grid_support;
+
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-const SGL: &str = env!("CARGO_BIN_EXE_sgl");
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn sgl(args: &[&str]) -> Output {
-    Command::new(SGL).args(args).output().unwrap()
-}
-
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "stdout: {}\nstderr: {}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(30) {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("timed out waiting for {what}");
-}
-
-fn sigterm(p: &Child) {
-    let r = Command::new("kill")
-        .args(["-TERM", &p.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(r.success());
-}
+use grid_support::{
+    node_init, node_start, ok, sgl, sigterm, wait_node_active, CoordinatorProc, OPERATOR, SGL,
+};
 
 #[test]
 fn operator_and_client_commands_end_to_end() {
-    let port = free_port();
-    let base = format!("http://127.0.0.1:{port}");
-    let _coord = Proc(
-        Command::new(SGL)
-            .args([
-                "coordinator",
-                "serve",
-                "--dev",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--heartbeat-interval",
-                "1",
-            ])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
     let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().to_str().unwrap();
-    ok(sgl(&[
-        "node",
-        "init",
-        "--config-dir",
-        d,
-        "--wallet",
-        "0x1111111111111111111111111111111111111111",
-        "--coordinator",
-        &base,
-    ]));
-    let mut node = Proc(
-        Command::new(SGL)
-            .args([
-                "node",
-                "start",
-                "--config-dir",
-                d,
-                "--engine",
-                "echo",
-                "--heartbeat-interval",
-                "1",
-            ])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_until("the node to be active", || {
-        let out = sgl(&["node", "status", "--config-dir", d, "--json"]);
-        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("\"active\"")
-    });
+    let db = dir.path().join("coordinator.db");
+    let coord = CoordinatorProc::start(&["--database-url", db.to_str().unwrap()]);
+    let base = coord.base.clone();
+    let nd = dir.path().join("node");
+    let d = nd.to_str().unwrap();
+    node_init(d, &base, OPERATOR);
+    let mut node = node_start(d, &["--engine", "echo"], Stdio::null());
+    wait_node_active(d, Duration::from_secs(30));
 
     let answer = ok(sgl(&[
         "chat",
