@@ -4,10 +4,13 @@
 //! what is under test here is the coordinator's protocol handling).
 #![cfg(feature = "coordinator")]
 
+mod grid_support;
+
 use std::time::Duration;
 
+use grid_support::MODEL;
 use serde_json::{json, Value};
-use sgl::coordinator::{self, Config};
+use sgl::coordinator::Config;
 use sgl::node::jobs::{self, Reply, StreamChunks};
 use sgl::proto::api::{HardwareReport, PendingJob, ReserveResponse};
 use sgl::proto::e2e::{self, ResponseKey, ALG_V2};
@@ -15,13 +18,8 @@ use sgl::proto::envelope::{self, ResultKind};
 use sgl::proto::identity::{Ed25519Public, NodeIdentity, X25519Public, KEY_VERSION};
 use sgl::proto::openai::{FinishReason, Usage};
 
-const MODEL: &str = "smollm2-135m";
-
 async fn start(config: Config) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(coordinator::run(config, listener, std::future::pending()));
-    format!("http://{addr}")
+    grid_support::in_process::coordinator(config).await
 }
 
 fn dev() -> Config {

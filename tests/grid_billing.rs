@@ -5,26 +5,23 @@
 //! agent with the echo load-test engine (token counts are then known exactly).
 #![cfg(feature = "coordinator")]
 
+mod grid_support;
 mod pay_common;
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 
+use grid_support::in_process::{invite, node_dir, Agent, FAST_HEARTBEAT};
+use grid_support::{providers, MODEL, OPERATOR};
 use pay_common::stores::{each_backend, TestStore};
 use serde_json::{json, Value};
 use sgl::client::{ChatRequest, GridClient};
 use sgl::coordinator::pricing::Price;
 use sgl::coordinator::{self, Config, Grid};
-use sgl::node::agent::{self, AgentConfig};
-use sgl::node::executor::EchoExecutor;
-use sgl::node::identity_files::{self, InitOptions};
 use sgl::payments::{Payments, PaymentsConfig};
 use sgl::store::{Micros, Store, WalletId};
 use tokio::sync::oneshot;
 
-const MODEL: &str = "smollm2-135m";
-const OPERATOR: &str = "0x1111111111111111111111111111111111111111";
 const PAYER: &str = "0x2222222222222222222222222222222222222222";
 /// 5 USD and 10 USD per 1M tokens: large enough that every token shows.
 const PRICE: Price = Price::new(5_000_000, 10_000_000);
@@ -66,68 +63,16 @@ async fn start(store: &Store, listen: Option<std::net::SocketAddr>) -> Coordinat
     Coordinator { base, stop, task }
 }
 
-async fn invite(store: &Store, wallet: &str) -> String {
-    let code = format!("sglreg_{}", coordinator::state::random_token());
-    let hash = hex::encode(coordinator::state::secret_hash(&code));
-    store.create_registration_code(&hash, wallet).await.unwrap();
-    code
-}
-
-struct Node {
-    _dir: tempfile::TempDir,
-    stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<Result<(), agent::AgentError>>,
-}
-
-fn start_node(base: &str, code: Option<String>) -> Node {
-    let dir = tempfile::tempdir().unwrap();
-    identity_files::init(
-        dir.path(),
-        &InitOptions {
-            force: false,
-            wallet_address: Some(OPERATOR.into()),
-            tee_type: "none".into(),
-            coordinator_url: base.into(),
-        },
-    )
-    .unwrap();
-    let mut cfg = AgentConfig::new(dir.path().to_path_buf());
-    cfg.heartbeat_interval = Duration::from_millis(100);
-    cfg.registration_code = code;
-    cfg.drain_timeout = Duration::from_secs(2);
-    let (stop, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(agent::run(
-        cfg,
-        Arc::new(EchoExecutor::new(MODEL, 4)),
-        None,
-        async move {
-            let _ = rx.await;
-        },
-    ));
-    Node {
-        _dir: dir,
-        stop,
-        task,
-    }
+fn start_node(base: &str, code: Option<String>) -> Agent {
+    Agent::spawn(node_dir(base), |cfg| {
+        cfg.heartbeat_interval = FAST_HEARTBEAT;
+        cfg.registration_code = code;
+        cfg.drain_timeout = Duration::from_secs(2);
+    })
 }
 
 async fn wait_online(base: &str) {
-    for _ in 0..200 {
-        let v: Value = reqwest::get(format!("{base}/v1/providers?model={MODEL}"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if v["providers"]
-            .as_array()
-            .is_some_and(|p| p.iter().any(|p| p["online"] == true))
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("no node online");
+    grid_support::wait_online(base, Duration::from_secs(10)).await;
 }
 
 fn request(text: &str, stream: bool) -> ChatRequest {
@@ -341,12 +286,7 @@ async fn billing_body(t: TestStore) -> TestStore {
         .unwrap();
     assert_eq!(out.content, text);
     assert_eq!(store.usage_rows(100).await.unwrap().len(), rows_before + 1);
-    let v: Value = reqwest::get(format!("{}/v1/providers?model={MODEL}", c.base))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = providers(&c.base).await;
     assert_eq!(v["count"], 1, "the same node, not a second registration");
     // The code was single use.
     let r = reqwest::Client::new()
@@ -358,8 +298,7 @@ async fn billing_body(t: TestStore) -> TestStore {
         .unwrap();
     assert_eq!(r.status(), 403);
 
-    let _ = node.stop.send(());
-    node.task.await.unwrap().unwrap();
+    node.stop().await;
     let _ = c.stop.send(());
     let _ = c.task.await;
     t

@@ -5,113 +5,28 @@
 //! by the engine and grid end-to-end tests.
 #![cfg(all(feature = "coordinator", unix))]
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Output, Stdio};
+mod engine_support;
+mod grid_support;
+
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-const SGL: &str = env!("CARGO_BIN_EXE_sgl");
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn sgl(args: &[&str]) -> Output {
-    Command::new(SGL).args(args).output().unwrap()
-}
-
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "stdout: {}\nstderr: {}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(30) {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("timed out waiting for {what}");
-}
-
-fn sigterm(p: &Child) {
-    let r = Command::new("kill")
-        .args(["-TERM", &p.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(r.success());
-}
+use grid_support::{
+    node_init, node_start, ok, sgl, sigterm, wait_node_active, wait_online, CoordinatorProc, MODEL,
+    OPERATOR, SGL,
+};
 
 #[test]
 fn operator_and_client_commands_end_to_end() {
-    let port = free_port();
-    let base = format!("http://127.0.0.1:{port}");
-    let _coord = Proc(
-        Command::new(SGL)
-            .args([
-                "coordinator",
-                "serve",
-                "--dev",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--heartbeat-interval",
-                "1",
-            ])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
     let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().to_str().unwrap();
-    ok(sgl(&[
-        "node",
-        "init",
-        "--config-dir",
-        d,
-        "--wallet",
-        "0x1111111111111111111111111111111111111111",
-        "--coordinator",
-        &base,
-    ]));
-    let mut node = Proc(
-        Command::new(SGL)
-            .args([
-                "node",
-                "start",
-                "--config-dir",
-                d,
-                "--engine",
-                "echo",
-                "--heartbeat-interval",
-                "1",
-            ])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_until("the node to be active", || {
-        let out = sgl(&["node", "status", "--config-dir", d, "--json"]);
-        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("\"active\"")
-    });
+    let db = dir.path().join("coordinator.db");
+    let coord = CoordinatorProc::start(&["--database-url", db.to_str().unwrap()]);
+    let base = coord.base.clone();
+    let nd = dir.path().join("node");
+    let d = nd.to_str().unwrap();
+    node_init(d, &base, OPERATOR);
+    let mut node = node_start(d, &["--engine", "echo"], Stdio::null());
+    wait_node_active(d, Duration::from_secs(30));
 
     let answer = ok(sgl(&[
         "chat",
@@ -196,4 +111,51 @@ fn node_start_explains_missing_identity() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("keypair.json"), "{err}");
+}
+
+/// The coordinator's added latency as the README measures it: `sgl bench
+/// --compare-url` against `node serve --engine echo` and a development
+/// coordinator in front of a `node start --engine echo` node. Both answer
+/// instantly, so each run reports both endpoints at each concurrency.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_compares_an_echo_node_with_the_coordinator_in_front_of_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let coord = CoordinatorProc::start(&["--in-memory"]);
+    node_init(d, &coord.base, OPERATOR);
+    let _node = node_start(
+        d,
+        &["--engine", "echo", "--evidence", "none"],
+        Stdio::null(),
+    );
+    wait_online(&coord.base, Duration::from_secs(30)).await;
+    let direct = engine_support::Server::start(&["--engine", "echo"]).await;
+
+    let out = tokio::process::Command::new(SGL)
+        .args(["bench", "--url", &direct.base, "--compare-url", &coord.base])
+        .args(["--requests", "40", "--concurrency", "1,4", "--json", "-"])
+        .output()
+        .await
+        .unwrap();
+    let text = ok(out);
+    // The table, then the JSON report.
+    let json = &text[text.find("\n{").expect("a JSON report") + 1..];
+    let report: serde_json::Value = serde_json::from_str(json).unwrap();
+    assert_eq!(report["model"], MODEL);
+    let runs = report["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2, "{report}");
+    for (run, concurrency) in runs.iter().zip([1, 4]) {
+        assert_eq!(run["concurrency"], concurrency);
+        assert_eq!(run["direct"]["url"], direct.base.as_str());
+        assert_eq!(run["compared"]["url"], coord.base.as_str());
+        for side in [&run["direct"], &run["compared"]] {
+            assert_eq!(side["requests"], 40);
+            assert!(side["p50_ms"].as_f64().unwrap() > 0.0, "{run}");
+            assert!(
+                side["p99_ms"].as_f64().unwrap() >= side["p50_ms"].as_f64().unwrap(),
+                "{run}"
+            );
+            assert!(side["requests_per_s"].as_f64().unwrap() > 0.0, "{run}");
+        }
+    }
 }

@@ -10,54 +10,19 @@
 #![cfg(all(feature = "coordinator", unix))]
 
 mod engine_support;
+mod grid_support;
 mod pay_common;
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use grid_support::{
+    any_online, balance, funded_api_key, node_init, node_start, providers, usage_rows, wait_online,
+    CoordinatorProc, OPERATOR,
+};
+use serde_json::json;
 
-const SGL: &str = env!("CARGO_BIN_EXE_sgl");
 const PAYER: &str = "0x2222222222222222222222222222222222222222";
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "stdout: {}\nstderr: {}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn sgl(args: &[&str]) -> String {
-    ok(Command::new(SGL).args(args).output().unwrap())
-}
-
-async fn providers_online(base: &str) -> bool {
-    let v: Value = match reqwest::get(format!(
-        "{base}/v1/providers?model={}",
-        engine_support::MODEL_ID
-    ))
-    .await
-    {
-        Ok(r) => r.json().await.unwrap_or(Value::Null),
-        Err(_) => Value::Null,
-    };
-    v["providers"]
-        .as_array()
-        .is_some_and(|p| p.iter().any(|p| p["online"] == true))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_node_mid_stream_costs_nothing_and_leaves_routing() {
@@ -72,93 +37,19 @@ async fn killed_node_mid_stream_costs_nothing_and_leaves_routing() {
 }
 
 async fn killed_node_on(db: &str) {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let base = format!("http://127.0.0.1:{port}");
     let dir = tempfile::tempdir().unwrap();
     let nd = dir.path().join("node");
     let nd = nd.to_str().unwrap();
 
     // A paying client: an API key with 1 USD of credits.
-    let key = sgl(&[
-        "coordinator",
-        "keys",
-        "create",
-        "--wallet",
-        PAYER,
-        "--database-url",
-        db,
-    ]);
-    let key = key.trim().to_string();
-    sgl(&[
-        "coordinator",
-        "credits",
-        "grant",
-        "--wallet",
-        PAYER,
-        "--amount",
-        "1",
-        "--database-url",
-        db,
-    ]);
-    let balance = || {
-        sgl(&[
-            "coordinator",
-            "credits",
-            "balance",
-            "--wallet",
-            PAYER,
-            "--database-url",
-            db,
-        ])
-    };
-    let before = balance();
+    let key = funded_api_key(db, PAYER, "1");
+    let before = balance(db, PAYER);
 
-    let _coordinator = Proc(
-        Command::new(SGL)
-            .args(["coordinator", "serve", "--dev", "--database-url", db])
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--heartbeat-interval", "1", "--missed-heartbeats", "2"])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    sgl(&[
-        "node",
-        "init",
-        "--config-dir",
-        nd,
-        "--coordinator",
-        &base,
-        "--wallet",
-        "0x1111111111111111111111111111111111111111",
-    ]);
-    let mut node = Proc(
-        Command::new(SGL)
-            .args([
-                "node",
-                "start",
-                "--config-dir",
-                nd,
-                "--model",
-                engine_support::MODEL_ID,
-            ])
-            .args(["--heartbeat-interval", "1"])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let start = Instant::now();
-    while !providers_online(&base).await {
-        assert!(
-            start.elapsed() < Duration::from_secs(180),
-            "the node never came online"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    let coordinator = CoordinatorProc::start(&["--database-url", db, "--missed-heartbeats", "2"]);
+    let base = coordinator.base.clone();
+    node_init(nd, &base, OPERATOR);
+    let mut node = node_start(nd, &["--model", engine_support::MODEL_ID], Stdio::null());
+    wait_online(&base, Duration::from_secs(180)).await;
 
     // A long plain (OpenAI-mode) stream: far more tokens than arrive before the kill.
     let mut resp = reqwest::Client::new()
@@ -200,7 +91,7 @@ async fn killed_node_on(db: &str) {
 
     // The node leaves routing once its heartbeats are missed.
     let start = Instant::now();
-    while providers_online(&base).await {
+    while any_online(&providers(&base).await) {
         assert!(
             start.elapsed() < Duration::from_secs(60),
             "the dead node stays routable"
@@ -209,13 +100,9 @@ async fn killed_node_on(db: &str) {
     }
 
     // Nothing charged, and the job recorded failed.
-    assert_eq!(balance(), before);
-    let usage = sgl(&["coordinator", "usage", "--database-url", db]);
-    let rows: Vec<Value> = usage
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert_eq!(rows.len(), 1, "{usage}");
-    assert_eq!(rows[0]["status"], "failed", "{usage}");
-    assert_eq!(rows[0]["cost_micro_usd"], 0, "{usage}");
+    assert_eq!(balance(db, PAYER), before);
+    let rows = usage_rows(db);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["status"], "failed", "{rows:?}");
+    assert_eq!(rows[0]["cost_micro_usd"], 0, "{rows:?}");
 }

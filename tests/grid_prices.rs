@@ -8,59 +8,15 @@
 //! unreachable unless SGL_REQUIRE_POSTGRES=1).
 #![cfg(all(feature = "coordinator", feature = "payments", unix))]
 
+mod grid_support;
 mod pay_common;
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Stdio;
+use std::time::Duration;
 
+use grid_support::{node_init, node_start, ok, sgl, wait_until, CoordinatorProc, Proc, MODEL};
 use pay_common::signing::{address, key, xauth_headers, ANVIL0, ANVIL1};
 use serde_json::{json, Value};
-
-const SGL: &str = env!("CARGO_BIN_EXE_sgl");
-const MODEL: &str = "smollm2-135m";
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn sgl(args: &[&str]) -> Output {
-    Command::new(SGL).args(args).output().unwrap()
-}
-
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "stdout: {}\nstderr: {}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(30) {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("timed out waiting for {what}");
-}
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -78,79 +34,36 @@ fn entry<'a>(prices: &'a Value, model: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {model} in {prices}"))
 }
 
-/// A coordinator with a SQLite store (so wallet signatures and their nonces
-/// are checked) and a registered node whose wallet is Anvil key #0.
+/// A coordinator with a store (so wallet signatures and their nonces are
+/// checked) and a registered node whose wallet is Anvil key #0.
 struct Grid {
     _dir: tempfile::TempDir,
     node_dir: String,
     base: String,
-    _coord: Proc,
+    _coord: CoordinatorProc,
     _node: Proc,
 }
 
 fn grid(price_cooldown: &str, db: &str) -> Grid {
     let dir = tempfile::tempdir().unwrap();
     let node_dir = dir.path().join("node");
-    let port = free_port();
-    let base = format!("http://127.0.0.1:{port}");
-    let coord = Proc(
-        Command::new(SGL)
-            .args([
-                "coordinator",
-                "serve",
-                "--dev",
-                "--database-url",
-                db,
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--heartbeat-interval",
-                "1",
-                "--price-cooldown",
-                price_cooldown,
-            ])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let coord = CoordinatorProc::start(&["--database-url", db, "--price-cooldown", price_cooldown]);
     let owner = format!("{:#x}", address(&key(ANVIL0)));
     let d = node_dir.to_str().unwrap().to_string();
-    wait_until("the coordinator to listen", || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    });
-    ok(sgl(&[
-        "node",
-        "init",
-        "--config-dir",
-        &d,
-        "--wallet",
-        &owner,
-        "--coordinator",
-        &base,
-    ]));
-    let node = Proc(
-        Command::new(SGL)
-            .args([
-                "node",
-                "start",
-                "--config-dir",
-                &d,
-                "--engine",
-                "echo",
-                "--heartbeat-interval",
-                "1",
-            ])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+    node_init(&d, &coord.base, &owner);
+    let node = node_start(&d, &["--engine", "echo"], Stdio::null());
+    wait_until(
+        "the node to advertise its model",
+        Duration::from_secs(30),
+        || {
+            let out = sgl(&["price", "show", "--config-dir", &d, "--json"]);
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains(MODEL)
+        },
     );
-    wait_until("the node to advertise its model", || {
-        let out = sgl(&["price", "show", "--config-dir", &d, "--json"]);
-        out.status.success() && String::from_utf8_lossy(&out.stdout).contains(MODEL)
-    });
     Grid {
         _dir: dir,
         node_dir: d,
-        base,
+        base: coord.base.clone(),
         _coord: coord,
         _node: node,
     }

@@ -7,28 +7,24 @@
 //! facilitator is the loopback stand-in.
 #![cfg(feature = "coordinator")]
 
+mod grid_support;
 mod pay_common;
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
+use grid_support::in_process::{invite, node_dir, Agent, FAST_HEARTBEAT};
+use grid_support::{python_has, run_py, wait_online, MODEL};
 use pay_common::server::PAY_TO;
 use pay_common::signing::{key, PayParams, ANVIL0};
 use pay_common::{facilitator, stores};
 use serde_json::{json, Value};
 use sgl::coordinator::pricing::Price;
 use sgl::coordinator::{self, Config, Grid};
-use sgl::node::agent::{self, AgentConfig};
-use sgl::node::executor::EchoExecutor;
-use sgl::node::identity_files::{self, InitOptions};
 use sgl::payments::{Payments, PaymentsConfig};
-
-const MODEL: &str = "smollm2-135m";
-const OPERATOR: &str = "0x1111111111111111111111111111111111111111";
 
 fn decode(h: &str) -> Value {
     serde_json::from_slice(&STANDARD.decode(h).unwrap()).unwrap()
@@ -58,46 +54,12 @@ async fn x402_pays_a_grid_chat_once() {
     tokio::spawn(coordinator::serve(grid, listener, std::future::pending()));
 
     // A node, registered with an invite.
-    let code = format!("sglreg_{}", coordinator::state::random_token());
-    t.store
-        .create_registration_code(
-            &hex::encode(coordinator::state::secret_hash(&code)),
-            OPERATOR,
-        )
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    identity_files::init(
-        dir.path(),
-        &InitOptions {
-            force: false,
-            wallet_address: Some(OPERATOR.into()),
-            tee_type: "none".into(),
-            coordinator_url: base.clone(),
-        },
-    )
-    .unwrap();
-    let mut acfg = AgentConfig::new(dir.path().to_path_buf());
-    acfg.heartbeat_interval = Duration::from_millis(100);
-    acfg.registration_code = Some(code);
-    tokio::spawn(agent::run(
-        acfg,
-        Arc::new(EchoExecutor::new(MODEL, 4)),
-        None,
-        std::future::pending(),
-    ));
-    for _ in 0..200 {
-        let v: Value = reqwest::get(format!("{base}/v1/providers?model={MODEL}"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if v["providers"][0]["online"] == true {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let code = invite(&t.store, grid_support::OPERATOR).await;
+    let _node = Agent::spawn(node_dir(&base), |cfg| {
+        cfg.heartbeat_interval = FAST_HEARTBEAT;
+        cfg.registration_code = Some(code);
+    });
+    wait_online(&base, Duration::from_secs(10)).await;
 
     let http = reqwest::Client::new();
     let url = format!("{base}/v1/chat/completions");
@@ -169,34 +131,8 @@ async fn x402_pays_a_grid_chat_once() {
     // The official x402 Python client pays the same coordinator (v2 through
     // its transport, v1 from the body, and a v1 replay refused).
     if python_has("x402, eth_account") {
-        let script = format!("{}/tests/py/x402_grid_pay.py", env!("CARGO_MANIFEST_DIR"));
-        let out = tokio::process::Command::new("python3")
-            .args([&script, &base, MODEL])
-            .output()
-            .await
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "stdout: {}\nstderr: {}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        run_py("x402_grid_pay.py", &[&base, MODEL]).await;
         assert_eq!(fac.state.settle_calls.load(Ordering::SeqCst), 3);
     }
     stores::cleanup(t).await;
-}
-
-fn python_has(modules: &str) -> bool {
-    let ok = std::process::Command::new("python3")
-        .args(["-c", &format!("import {modules}")])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !ok {
-        if std::env::var("SGL_REQUIRE_PY_CLIENTS").as_deref() == Ok("1") {
-            panic!("SGL_REQUIRE_PY_CLIENTS=1 but `import {modules}` fails");
-        }
-        eprintln!("skipping the Python x402 client: `import {modules}` fails");
-    }
-    ok
 }

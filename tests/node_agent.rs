@@ -6,24 +6,19 @@
 //! in the grid end-to-end test).
 #![cfg(feature = "coordinator")]
 
-use std::sync::Arc;
+mod grid_support;
+
 use std::time::Duration;
 
+use grid_support::in_process::{self, node_dir, Agent, FAST_HEARTBEAT};
+use grid_support::{providers, wait_online, MODEL};
 use serde_json::{json, Value};
 use sgl::client::{ChatRequest, GridClient};
-use sgl::coordinator::{self, Config};
-use sgl::node::agent::{self, AgentConfig};
-use sgl::node::executor::EchoExecutor;
-use sgl::node::identity_files::{self, InitOptions};
-use tokio::sync::oneshot;
-
-const MODEL: &str = "smollm2-135m";
+use sgl::coordinator::Config;
+use sgl::node::identity_files;
 
 async fn start(config: Config) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(coordinator::run(config, listener, std::future::pending()));
-    format!("http://{addr}")
+    in_process::coordinator(config).await
 }
 
 fn dev() -> Config {
@@ -34,75 +29,16 @@ fn dev() -> Config {
     }
 }
 
-struct RunningNode {
-    dir: tempfile::TempDir,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<Result<(), agent::AgentError>>,
-}
-
-impl RunningNode {
-    async fn stop(mut self) -> tempfile::TempDir {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        self.task.await.unwrap().unwrap();
-        self.dir
-    }
-}
-
-fn new_dir(base: &str) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    identity_files::init(
-        dir.path(),
-        &InitOptions {
-            force: false,
-            wallet_address: Some("0x1111111111111111111111111111111111111111".into()),
-            tee_type: "none".into(),
-            coordinator_url: base.into(),
-        },
-    )
-    .unwrap();
-    dir
-}
-
-fn spawn_agent(dir: tempfile::TempDir, heartbeat: Duration, websocket: bool) -> RunningNode {
-    let mut cfg = AgentConfig::new(dir.path().to_path_buf());
-    cfg.heartbeat_interval = heartbeat;
-    cfg.websocket = websocket;
-    cfg.drain_timeout = Duration::from_secs(5);
-    let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(agent::run(
-        cfg,
-        Arc::new(EchoExecutor::new(MODEL, 4)),
-        None,
-        async move {
-            let _ = rx.await;
-        },
-    ));
-    RunningNode {
-        dir,
-        stop: Some(tx),
-        task,
-    }
+fn spawn_agent(dir: tempfile::TempDir, heartbeat: Duration, websocket: bool) -> Agent {
+    Agent::spawn(dir, |cfg| {
+        cfg.heartbeat_interval = heartbeat;
+        cfg.websocket = websocket;
+        cfg.drain_timeout = Duration::from_secs(5);
+    })
 }
 
 async fn wait_for_node(base: &str) -> Value {
-    for _ in 0..200 {
-        let v: Value = reqwest::get(format!("{base}/v1/providers?model={MODEL}"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if v["providers"]
-            .as_array()
-            .is_some_and(|p| p.iter().any(|p| p["online"] == true))
-        {
-            return v;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the node never came online");
+    wait_online(base, Duration::from_secs(10)).await
 }
 
 fn request(stream: bool) -> ChatRequest {
@@ -133,7 +69,7 @@ async fn jobs_pushed_over_the_websocket_are_sealed_and_verified() {
     let base = start(dev()).await;
     // Heartbeats every 30 s: jobs can only arrive through the WebSocket push
     // within this test's time (the first heartbeat attaches the node).
-    let node = spawn_agent(new_dir(&base), Duration::from_secs(30), true);
+    let node = spawn_agent(node_dir(&base), Duration::from_secs(30), true);
     wait_for_node(&base).await;
     // Give the WebSocket a moment to connect after the first heartbeat.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -155,7 +91,7 @@ async fn jobs_pushed_over_the_websocket_are_sealed_and_verified() {
 #[tokio::test]
 async fn heartbeat_fallback_without_websocket() {
     let base = start(dev()).await;
-    let node = spawn_agent(new_dir(&base), Duration::from_millis(100), false);
+    let node = spawn_agent(node_dir(&base), FAST_HEARTBEAT, false);
     wait_for_node(&base).await;
     let out = sealed_chat(&base, true).await;
     assert_eq!(out.content, "the capital of France is Paris");
@@ -165,7 +101,7 @@ async fn heartbeat_fallback_without_websocket() {
 #[tokio::test]
 async fn shutdown_goes_off_grid_and_a_restart_reattaches() {
     let base = start(dev()).await;
-    let node = spawn_agent(new_dir(&base), Duration::from_millis(100), true);
+    let node = spawn_agent(node_dir(&base), FAST_HEARTBEAT, true);
     let first = wait_for_node(&base).await;
     let node_id = first["providers"][0]["node_id"]
         .as_str()
@@ -173,17 +109,12 @@ async fn shutdown_goes_off_grid_and_a_restart_reattaches() {
         .to_string();
     let dir = node.stop().await;
     // Off-grid at once: the provider is listed, but not online.
-    let v: Value = reqwest::get(format!("{base}/v1/providers?model={MODEL}"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = providers(&base).await;
     assert_eq!(v["providers"][0]["online"], false);
     let saved = identity_files::load_node_file(dir.path()).unwrap();
     assert_eq!(saved.node_id.as_deref(), Some(node_id.as_str()));
     // Restart from the same directory: same node id, back online.
-    let node = spawn_agent(dir, Duration::from_millis(100), true);
+    let node = spawn_agent(dir, FAST_HEARTBEAT, true);
     let v = wait_for_node(&base).await;
     assert_eq!(v["count"], 1, "one node, re-attached, not a second one");
     assert_eq!(v["providers"][0]["node_id"], node_id.as_str());
@@ -199,7 +130,7 @@ async fn rotated_tokens_are_saved_and_used() {
         ..dev()
     })
     .await;
-    let node = spawn_agent(new_dir(&base), Duration::from_millis(100), true);
+    let node = spawn_agent(node_dir(&base), FAST_HEARTBEAT, true);
     wait_for_node(&base).await;
     let first = identity_files::load_node_file(node.dir.path())
         .unwrap()
@@ -224,7 +155,7 @@ async fn node_prices_band_cooldown_and_auth() {
         ..dev()
     })
     .await;
-    let node = spawn_agent(new_dir(&base), Duration::from_millis(100), false);
+    let node = spawn_agent(node_dir(&base), FAST_HEARTBEAT, false);
     let v = wait_for_node(&base).await;
     let id = v["providers"][0]["node_id"].as_str().unwrap().to_string();
     let token = identity_files::load_node_file(node.dir.path())
@@ -299,12 +230,7 @@ async fn node_prices_band_cooldown_and_auth() {
     assert_eq!(body["error"]["code"], "price_cooldown");
     assert!(body["retry_after_s"].as_u64().unwrap() > 0);
 
-    let v: Value = reqwest::get(format!("{base}/v1/providers?model={MODEL}"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = providers(&base).await;
     assert_eq!(v["providers"][0]["is_custom"], true);
     assert_eq!(v["providers"][0]["input_per_m"], 0.004);
     assert_eq!(v["providers"][0]["blended_per_1k"], 0.004 / 1000.0);
@@ -351,16 +277,11 @@ async fn node_prices_band_cooldown_and_auth() {
 #[tokio::test]
 async fn two_nodes_route_to_the_cheaper_and_list_it_first() {
     let base = start(dev()).await;
-    let a = spawn_agent(new_dir(&base), Duration::from_millis(100), true);
-    let b = spawn_agent(new_dir(&base), Duration::from_millis(100), true);
+    let a = spawn_agent(node_dir(&base), FAST_HEARTBEAT, true);
+    let b = spawn_agent(node_dir(&base), FAST_HEARTBEAT, true);
     let mut ids = Vec::new();
     for _ in 0..200 {
-        let v: Value = reqwest::get(format!("{base}/v1/providers?model={MODEL}"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v: Value = providers(&base).await;
         if v["count"] == 2 {
             ids = v["providers"]
                 .as_array()
@@ -383,12 +304,7 @@ async fn two_nodes_route_to_the_cheaper_and_list_it_first() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let v: Value = reqwest::get(format!("{base}/v1/providers?model={MODEL}"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = providers(&base).await;
     assert_eq!(v["providers"][0]["node_id"], b_id.as_str());
     assert_eq!(v["providers"][1]["input_per_m"], 0.005);
     for _ in 0..3 {

@@ -19,6 +19,26 @@ fn chat(q: &str, max_tokens: u32) -> Value {
     })
 }
 
+/// `body` as a stream that ends with a usage chunk.
+fn streaming(mut body: Value) -> Value {
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    body
+}
+
+async fn post_chat(base: &str, body: &Value) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("{base}/v1/chat/completions"))
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn get_json(url: String) -> Value {
+    reqwest::get(url).await.unwrap().json().await.unwrap()
+}
+
 /// Parse an SSE body into its `data:` payloads.
 fn sse_events(body: &str) -> Vec<String> {
     body.split("\n\n")
@@ -91,33 +111,14 @@ async fn completions_errors_health_and_metrics() {
     let base = &server.base;
     let http = reqwest::Client::new();
 
-    let health: Value = http
-        .get(format!("{base}/health"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health = get_json(format!("{base}/health")).await;
     assert_eq!(health["status"], "ok");
-    let models: Value = http
-        .get(format!("{base}/v1/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models = get_json(format!("{base}/v1/models")).await;
     assert_eq!(models["object"], "list");
     assert_eq!(models["data"][0]["id"], MODEL_ID);
 
     // Non-stream.
-    let r = http
-        .post(format!("{base}/v1/chat/completions"))
-        .json(&chat("What is the capital of France?", 48))
-        .send()
-        .await
-        .unwrap();
+    let r = post_chat(base, &chat("What is the capital of France?", 48)).await;
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["object"], "chat.completion");
@@ -135,15 +136,7 @@ async fn completions_errors_health_and_metrics() {
     );
 
     // SSE with usage: the same greedy text.
-    let mut body = chat("What is the capital of France?", 48);
-    body["stream"] = json!(true);
-    body["stream_options"] = json!({"include_usage": true});
-    let r = http
-        .post(format!("{base}/v1/chat/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = post_chat(base, &streaming(chat("What is the capital of France?", 48))).await;
     assert_eq!(r.status(), 200);
     assert!(r.headers()["content-type"]
         .to_str()
@@ -355,4 +348,48 @@ async fn full_queue_is_429_and_a_disconnect_frees_the_slot() {
         .and_then(|n| n.parse().ok())
         .unwrap();
     assert!(cancelled >= 1.0, "{text}");
+}
+
+/// `node serve --engine echo`, the load-test engine: no model is loaded (this
+/// runs without one), and the last user message comes back at once as a
+/// plain completion and as a stream, with usage counted in words.
+#[tokio::test]
+async fn echo_engine_answers_plain_and_stream_without_a_model() {
+    let server = Server::start(&["--engine", "echo"]).await;
+    let base = &server.base;
+    let models = get_json(format!("{base}/v1/models")).await;
+    assert_eq!(models["data"][0]["id"], MODEL_ID);
+
+    let r = post_chat(base, &chat("one two three", 16)).await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["model"], MODEL_ID);
+    assert_eq!(v["choices"][0]["message"]["content"], "one two three");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    // The echo engine's counts: words plus one per message in, words out.
+    assert_eq!(v["usage"]["prompt_tokens"], 4);
+    assert_eq!(v["usage"]["completion_tokens"], 3);
+
+    // A stream, cut by max_tokens.
+    let r = post_chat(base, &streaming(chat("one two three", 2))).await;
+    assert_eq!(r.status(), 200);
+    let s = parse_stream(&r.text().await.unwrap());
+    assert!(s.role_first && s.done);
+    assert_eq!(s.content, "one two ");
+    assert_eq!(s.finish.as_deref(), Some("length"));
+    assert_eq!(s.usage.unwrap()["completion_tokens"], 2);
+
+    // It answers only to its model id, like the engine.
+    let mut b = chat("hi", 8);
+    b["model"] = json!("gpt-17");
+    let e = expect_error(post_chat(base, &b).await, 400).await;
+    assert_eq!(e["error"]["code"], "model_not_found");
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("sgl_engine_ready 1"), "{metrics}");
 }

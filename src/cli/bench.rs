@@ -43,9 +43,10 @@ pub struct BenchArgs {
     /// Latency comparison: a second OpenAI-compatible endpoint serving the
     /// same model as --url, typically the coordinator in front of the node
     /// whose local server is --url. Both get the same plain (OpenAI-mode,
-    /// non-stream) requests; p50/p99 latency, requests/s and the difference
-    /// (the coordinator's added latency) are reported. Uses the first
-    /// --concurrency value and --max-tokens.
+    /// non-stream) requests at each --concurrency value, with --max-tokens;
+    /// p50/p99 latency, requests/s and the difference (the coordinator's
+    /// added latency) are reported. To measure the coordinator rather than
+    /// the model, run both sides with `--engine echo` (see README).
     #[arg(long, value_name = "URL", requires = "url")]
     pub compare_url: Option<String>,
     /// API key sent (as a bearer token) to --compare-url.
@@ -489,13 +490,19 @@ struct LatencyRun {
 }
 
 #[derive(Debug, Serialize)]
-struct CompareReport {
-    model: String,
-    max_tokens: u32,
+struct CompareRun {
+    concurrency: usize,
     direct: LatencyRun,
     compared: LatencyRun,
     added_p50_ms: f64,
     added_p99_ms: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct CompareReport {
+    model: String,
+    max_tokens: u32,
+    runs: Vec<CompareRun>,
 }
 
 /// The model an OpenAI-compatible server lists first.
@@ -581,45 +588,56 @@ async fn latency_run(
     })
 }
 
-/// `--url` against `--compare-url`: the same plain requests to both.
+/// `--url` against `--compare-url`: the same plain requests to both, at
+/// each concurrency.
 async fn compare(args: &BenchArgs, url: &str, other: &str) -> anyhow::Result<()> {
     if args.requests == 0 {
         bail!("--requests must be at least 1");
     }
-    let concurrency = args.concurrency.first().copied().unwrap_or(1).max(1);
     let client = reqwest::Client::new();
     let direct_base = url.trim_end_matches('/').to_string();
     let other_base = other.trim_end_matches('/').to_string();
     let key = args.api_key.as_deref();
+    // The node names the model; the coordinator must route that same id.
     let model = first_model(&client, &direct_base, None).await?;
-    eprintln!(
-        "{} plain requests of {model} (max_tokens {}, concurrency {concurrency}) to each endpoint…",
-        args.requests, args.max_tokens
-    );
-    let direct = latency_run(&client, &direct_base, None, &model, args, concurrency).await?;
-    let compared = latency_run(&client, &other_base, key, &model, args, concurrency).await?;
+    let mut runs = Vec::new();
+    for &c in &args.concurrency {
+        let concurrency = c.max(1);
+        eprintln!(
+            "{} plain requests of {model} (max_tokens {}, concurrency {concurrency}) to each endpoint…",
+            args.requests, args.max_tokens
+        );
+        let direct = latency_run(&client, &direct_base, None, &model, args, concurrency).await?;
+        let compared = latency_run(&client, &other_base, key, &model, args, concurrency).await?;
+        runs.push(CompareRun {
+            concurrency,
+            added_p50_ms: compared.p50_ms - direct.p50_ms,
+            added_p99_ms: compared.p99_ms - direct.p99_ms,
+            direct,
+            compared,
+        });
+    }
     let report = CompareReport {
         model,
         max_tokens: args.max_tokens,
-        added_p50_ms: compared.p50_ms - direct.p50_ms,
-        added_p99_ms: compared.p99_ms - direct.p99_ms,
-        direct,
-        compared,
+        runs,
     };
     println!(
-        "{:<40} {:>10} {:>10} {:>10} {:>10}",
-        "endpoint", "p50 ms", "p99 ms", "mean ms", "req/s"
+        "{:<40} {:>5} {:>10} {:>10} {:>10} {:>10}",
+        "endpoint", "conc", "p50 ms", "p99 ms", "mean ms", "req/s"
     );
-    for r in [&report.direct, &report.compared] {
+    for run in &report.runs {
+        for r in [&run.direct, &run.compared] {
+            println!(
+                "{:<40} {:>5} {:>10.2} {:>10.2} {:>10.2} {:>10.1}",
+                r.url, r.concurrency, r.p50_ms, r.p99_ms, r.mean_ms, r.requests_per_s
+            );
+        }
         println!(
-            "{:<40} {:>10.2} {:>10.2} {:>10.2} {:>10.1}",
-            r.url, r.p50_ms, r.p99_ms, r.mean_ms, r.requests_per_s
+            "added by {} at concurrency {}: p50 {:+.2} ms, p99 {:+.2} ms",
+            run.compared.url, run.concurrency, run.added_p50_ms, run.added_p99_ms
         );
     }
-    println!(
-        "added by {}: p50 {:+.2} ms, p99 {:+.2} ms",
-        report.compared.url, report.added_p50_ms, report.added_p99_ms
-    );
     if let Some(path) = &args.json {
         let text = serde_json::to_string_pretty(&report)?;
         if path == "-" {

@@ -52,14 +52,53 @@ pub struct ServiceInstallArgs {
     pub no_enable: bool,
 }
 
-/// Which engine runs the jobs.
+/// Which engine answers.
+#[cfg(feature = "node")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum EngineKind {
     /// The in-process candle engine with continuous batching.
     Candle,
-    /// Load-test engine: echoes the prompt back instantly. Only for measuring
-    /// the coordinator (`sgl bench`); never for real work.
+    /// Load-test engine: echoes the last user message back instantly; its
+    /// answers are not model output. Only for measuring the coordinator
+    /// (`sgl bench --compare-url`); never for real work.
     Echo,
+}
+
+/// `--engine`, shared by `node start` and `node serve`.
+#[cfg(feature = "node")]
+#[derive(Debug, Clone, Copy, Args)]
+pub struct EngineSelect {
+    /// The engine that answers. `echo` is a load-test engine that loads no
+    /// model: it repeats the last user message back at once, so that `sgl
+    /// bench` measures the coordinator rather than the model. Its answers
+    /// are not model output; of the engine options it reads only --model /
+    /// --served-name (the model id it answers to) and --max-batch (its slots).
+    #[arg(long, value_enum, default_value = "candle")]
+    pub engine: EngineKind,
+}
+
+#[cfg(feature = "node")]
+impl EngineSelect {
+    /// The echo load-test engine for these engine options, or `None` for
+    /// the candle engine. Warns in the log: whatever it serves is not model
+    /// output.
+    fn echo(&self, args: &EngineArgs) -> Option<sgl::node::executor::EchoExecutor> {
+        match self.engine {
+            EngineKind::Candle => None,
+            EngineKind::Echo => {
+                let name = args
+                    .served_name
+                    .clone()
+                    .unwrap_or_else(|| args.model.clone());
+                tracing::warn!(
+                    model = %name,
+                    "running the echo load-test engine: answers are not model output"
+                );
+                let slots = u32::try_from(args.max_batch).unwrap_or(u32::MAX);
+                Some(sgl::node::executor::EchoExecutor::new(name, slots))
+            }
+        }
+    }
 }
 
 #[cfg(feature = "node")]
@@ -73,9 +112,8 @@ pub struct StartArgs {
     /// Single-use registration code from `sgl coordinator nodes invite`.
     #[arg(long, env = "SGL_REGISTRATION_CODE", hide_env_values = true)]
     pub registration_code: Option<String>,
-    /// The engine that runs the jobs.
-    #[arg(long, value_enum, default_value = "candle")]
-    pub engine: EngineKind,
+    #[command(flatten)]
+    pub engine: EngineSelect,
     #[command(flatten)]
     pub engine_args: EngineArgs,
     /// Seconds between heartbeats.
@@ -230,6 +268,8 @@ impl EngineArgs {
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     #[command(flatten)]
+    pub engine_select: EngineSelect,
+    #[command(flatten)]
     pub engine: EngineArgs,
     /// Address to listen on. Anything but loopback exposes an unauthenticated API.
     #[arg(long, default_value = "127.0.0.1")]
@@ -327,8 +367,12 @@ pub fn run(cmd: NodeCommand) -> anyhow::Result<()> {
 #[cfg(feature = "node")]
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     use anyhow::Context;
+    use sgl::node::local_server::Source;
     use std::io::Write;
-    let config = args.engine.to_config()?;
+    let source = match args.engine_select.echo(&args.engine) {
+        Some(echo) => Source::Executor(std::sync::Arc::new(echo)),
+        None => Source::Engine(args.engine.to_config()?),
+    };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {
         let addr = format!("{}:{}", args.host, args.port);
@@ -341,7 +385,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let _ = std::io::stdout().flush();
         sgl::node::local_server::serve(
             listener,
-            config,
+            source,
             args.max_body_bytes,
             super::shutdown_signal(),
         )
@@ -407,29 +451,15 @@ async fn executor(
 ) -> anyhow::Result<std::sync::Arc<dyn sgl::node::executor::Executor>> {
     use anyhow::Context;
     use sgl::node::engine_executor::EngineExecutor;
-    use sgl::node::executor::EchoExecutor;
-    match args.engine {
-        EngineKind::Echo => {
-            tracing::warn!("running the echo load-test engine: answers are not model output");
-            let name = args
-                .engine_args
-                .served_name
-                .clone()
-                .unwrap_or_else(|| args.engine_args.model.clone());
-            Ok(std::sync::Arc::new(EchoExecutor::new(
-                name,
-                args.engine_args.max_batch as u32,
-            )))
-        }
-        EngineKind::Candle => {
-            let config = args.engine_args.to_config()?;
-            let engine = tokio::task::spawn_blocking(move || sgl::engine::Engine::load(config))
-                .await
-                .context("loading the model")??;
-            tracing::info!(model = %engine.info().id, "model loaded");
-            Ok(std::sync::Arc::new(EngineExecutor::new(engine)))
-        }
+    if let Some(echo) = args.engine.echo(&args.engine_args) {
+        return Ok(std::sync::Arc::new(echo));
     }
+    let config = args.engine_args.to_config()?;
+    let engine = tokio::task::spawn_blocking(move || sgl::engine::Engine::load(config))
+        .await
+        .context("loading the model")??;
+    tracing::info!(model = %engine.info().id, "model loaded");
+    Ok(std::sync::Arc::new(EngineExecutor::new(engine)))
 }
 
 #[cfg(feature = "node")]

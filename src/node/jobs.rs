@@ -123,14 +123,27 @@ pub fn parse_job(
                 reply_to: opened.reply_to,
             }
         };
-        chat_job(job, &inner, reply)
+        chat_job(&job.id, &job.model, &inner, reply)
     } else {
-        chat_job(job, payload, Reply::Plain)
+        chat_job(&job.id, &job.model, payload, Reply::Plain)
     }
 }
 
+/// A plain OpenAI chat body validated exactly as a plain grid job's payload
+/// is, for the node's local server when an [`Executor`](super::executor::Executor)
+/// answers it (`sgl node serve --engine echo`): both paths then feed the
+/// executor the same request.
+pub fn plain_job(
+    job_id: &str,
+    model: &str,
+    body: &Map<String, Value>,
+) -> Result<ChatJob, JobError> {
+    chat_job(job_id, model, body, Reply::Plain)
+}
+
 fn chat_job(
-    job: &PendingJob,
+    job_id: &str,
+    model: &str,
     body: &Map<String, Value>,
     reply: Reply,
 ) -> Result<ChatJob, JobError> {
@@ -184,8 +197,8 @@ fn chat_job(
         _ => Vec::new(),
     };
     Ok(ChatJob {
-        job_id: job.id.clone(),
-        model: job.model.clone(),
+        job_id: job_id.to_string(),
+        model: model.to_string(),
         messages,
         temperature,
         max_tokens,

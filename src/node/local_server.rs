@@ -2,6 +2,11 @@
 //! completions (JSON and SSE), the model list, health and Prometheus metrics,
 //! straight from the in-process engine. No coordinator, no sealing: it listens
 //! on loopback by default.
+//!
+//! What answers is a [`Backend`]: the candle engine, or an [`Executor`] — the
+//! echo load-test engine (`--engine echo`), which answers instantly so that a
+//! benchmark of this server against the coordinator in front of an echo node
+//! measures the coordinator, not the model. Its answers are not model output.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -18,7 +23,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 
+use super::executor::{ExecError, ExecEvent, Executor};
+use super::jobs;
 use crate::engine::{
     Engine, EngineConfig, EngineHandle, EventReceiver, GenerationEvent, GenerationRequest,
     SubmitError,
@@ -31,10 +39,59 @@ use crate::proto::openai::{
 /// Default cap on a request body.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 4 << 20;
 
-/// The server's state: the engine once it has loaded.
+/// What answers the requests.
+#[derive(Clone)]
+pub enum Backend {
+    /// The candle engine.
+    Engine(EngineHandle),
+    /// An executor of the node agent; in practice the echo load-test engine.
+    Executor(Arc<dyn Executor>),
+}
+
+impl Backend {
+    /// The models served, as (id, context length); the first is the default.
+    fn models(&self) -> Vec<(String, u64)> {
+        match self {
+            Backend::Engine(e) => e
+                .models()
+                .into_iter()
+                .map(|m| (m.id, m.context_length as u64))
+                .collect(),
+            Backend::Executor(x) => x
+                .models()
+                .into_iter()
+                .map(|m| (m.name, m.context_size))
+                .collect(),
+        }
+    }
+
+    /// The model a request without `model` gets.
+    fn default_model(&self) -> String {
+        match self {
+            Backend::Engine(e) => e.info().id.clone(),
+            Backend::Executor(x) => x
+                .models()
+                .into_iter()
+                .next()
+                .map(|m| m.name)
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// What the server answers with once started.
+pub enum Source {
+    /// Load this model into the candle engine, in the background (503 until
+    /// it has loaded).
+    Engine(EngineConfig),
+    /// An executor that is ready at once (the echo load-test engine).
+    Executor(Arc<dyn Executor>),
+}
+
+/// The server's state: the backend once it is ready.
 #[derive(Default)]
 pub struct LocalState {
-    engine: OnceLock<EngineHandle>,
+    backend: OnceLock<Backend>,
     load_error: Mutex<Option<String>>,
 }
 
@@ -45,11 +102,24 @@ impl LocalState {
 
     /// Hand the loaded engine to the server; `/health` turns 200.
     pub fn set_engine(&self, engine: EngineHandle) {
-        let _ = self.engine.set(engine);
+        self.set_backend(Backend::Engine(engine));
     }
 
+    /// Hand the server its backend; `/health` turns 200.
+    pub fn set_backend(&self, backend: Backend) {
+        let _ = self.backend.set(backend);
+    }
+
+    pub fn backend(&self) -> Option<&Backend> {
+        self.backend.get()
+    }
+
+    /// The candle engine, when it is what answers and has loaded.
     pub fn engine(&self) -> Option<&EngineHandle> {
-        self.engine.get()
+        match self.backend.get() {
+            Some(Backend::Engine(e)) => Some(e),
+            _ => None,
+        }
     }
 
     fn set_error(&self, e: String) {
@@ -99,17 +169,27 @@ pub fn router(state: Arc<LocalState>, max_body_bytes: usize) -> Router {
         .with_state(state)
 }
 
-/// Serve on `listener`: the routes answer at once (503 while loading) and the
-/// model loads in the background. Returns when `shutdown` resolves, or with an
-/// error if the model cannot be loaded.
+/// Serve on `listener` until `shutdown` resolves. With [`Source::Engine`] the
+/// routes answer at once (503 while loading) and the model loads in the
+/// background; an error is returned if it cannot be loaded.
 pub async fn serve(
     listener: TcpListener,
-    config: EngineConfig,
+    source: Source,
     max_body_bytes: usize,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let state = LocalState::new();
     let app = router(state.clone(), max_body_bytes);
+    let config = match source {
+        Source::Executor(x) => {
+            state.set_backend(Backend::Executor(x));
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await?;
+            return Ok(());
+        }
+        Source::Engine(config) => config,
+    };
     let loader = {
         let state = state.clone();
         tokio::task::spawn_blocking(move || match Engine::load(config) {
@@ -142,10 +222,10 @@ pub async fn serve(
 }
 
 async fn health(State(state): State<Arc<LocalState>>) -> Response {
-    match state.engine() {
-        Some(e) => (
+    match state.backend() {
+        Some(b) => (
             StatusCode::OK,
-            Json(serde_json::json!({"status": "ok", "model": e.info().id})),
+            Json(serde_json::json!({"status": "ok", "model": b.default_model()})),
         )
             .into_response(),
         None => {
@@ -160,18 +240,18 @@ async fn health(State(state): State<Arc<LocalState>>) -> Response {
 }
 
 async fn models(State(state): State<Arc<LocalState>>) -> Response {
-    let Some(engine) = state.engine() else {
+    let Some(backend) = state.backend() else {
         return loading();
     };
-    let data = engine
+    let data = backend
         .models()
         .into_iter()
-        .map(|m| ModelEntry {
-            id: m.id,
+        .map(|(id, context)| ModelEntry {
+            id,
             object: "model".into(),
             created: 0,
             owned_by: "sgl".into(),
-            context_window: Some(m.context_length as u64),
+            context_window: Some(context),
         })
         .collect();
     Json(ModelList {
@@ -181,14 +261,20 @@ async fn models(State(state): State<Arc<LocalState>>) -> Response {
     .into_response()
 }
 
+const READY_HELP: &str =
+    "# HELP sgl_engine_ready 1 once the model has loaded.\n# TYPE sgl_engine_ready gauge\n";
+
 async fn metrics(State(state): State<Arc<LocalState>>) -> Response {
-    let body = match state.engine() {
-        Some(e) => {
+    let body = match state.backend() {
+        Some(Backend::Engine(e)) => {
             let mut s = e.metrics().render_prometheus(&e.info().id);
-            s.push_str("# HELP sgl_engine_ready 1 once the model has loaded.\n# TYPE sgl_engine_ready gauge\nsgl_engine_ready 1\n");
+            s.push_str(READY_HELP);
+            s.push_str("sgl_engine_ready 1\n");
             s
         }
-        None => "# HELP sgl_engine_ready 1 once the model has loaded.\n# TYPE sgl_engine_ready gauge\nsgl_engine_ready 0\n".to_string(),
+        // The echo engine keeps no engine metrics: it runs no model.
+        Some(Backend::Executor(_)) => format!("{READY_HELP}sgl_engine_ready 1\n"),
+        None => format!("{READY_HELP}sgl_engine_ready 0\n"),
     };
     (
         [(
@@ -227,6 +313,18 @@ fn submit_error(e: SubmitError) -> Response {
     }
 }
 
+fn exec_error(e: ExecError) -> Response {
+    match e {
+        ExecError::Busy => submit_error(SubmitError::QueueFull {
+            retry_after_secs: 1,
+        }),
+        ExecError::UnknownModel(m) => {
+            bad_request("model_not_found", format!("model {m:?} is not served here"))
+        }
+        ExecError::Invalid(m) => bad_request("invalid_request", m),
+    }
+}
+
 async fn chat_completions(
     State(state): State<Arc<LocalState>>,
     body: Result<Bytes, BytesRejection>,
@@ -237,14 +335,14 @@ async fn chat_completions(
             return bad_request("invalid_body", format!("cannot read the body: {e}"));
         }
     };
-    let Some(engine) = state.engine() else {
+    let Some(backend) = state.backend() else {
         return loading();
     };
     let req: ChatCompletionRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => return bad_request("invalid_json", format!("invalid JSON body: {e}")),
     };
-    let id = engine.info().id.clone();
+    let id = backend.default_model();
     if !req.model.is_empty() && req.model != id {
         return bad_request(
             "model_not_found",
@@ -259,15 +357,35 @@ async fn chat_completions(
             return bad_request("invalid_request", "only n = 1 is supported");
         }
     }
-    let gen = match GenerationRequest::from_openai(&req) {
-        Ok(g) => g,
-        Err(e) => return submit_error(e),
-    };
-    let rx = match engine.submit(gen) {
-        Ok(rx) => rx,
-        Err(e) => return submit_error(e),
-    };
     let completion_id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
+    let rx = match backend {
+        Backend::Engine(engine) => {
+            let gen = match GenerationRequest::from_openai(&req) {
+                Ok(g) => g,
+                Err(e) => return submit_error(e),
+            };
+            match engine.submit(gen) {
+                Ok(rx) => Events::Engine(rx),
+                Err(e) => return submit_error(e),
+            }
+        }
+        Backend::Executor(x) => {
+            // The same validation a plain grid job gets on the node, so the
+            // executor sees the request it would see behind a coordinator.
+            let body = match serde_json::to_value(&req) {
+                Ok(serde_json::Value::Object(m)) => m,
+                _ => return bad_request("invalid_json", "the body is not a JSON object"),
+            };
+            let job = match jobs::plain_job(&completion_id, &id, &body) {
+                Ok(j) => j,
+                Err(e) => return bad_request("invalid_request", e.to_string()),
+            };
+            match x.start(&job) {
+                Ok(rx) => Events::Executor(rx),
+                Err(e) => return exec_error(e),
+            }
+        }
+    };
     let created = now_secs();
     if req.is_stream() {
         stream_response(rx, completion_id, created, id, req.include_usage())
@@ -276,12 +394,36 @@ async fn chat_completions(
     }
 }
 
-async fn json_response(
-    mut rx: EventReceiver,
-    cid: String,
-    created: u64,
-    model: String,
-) -> Response {
+/// A request's events, from whichever backend runs it. Dropping it drops the
+/// backend's receiver, which cancels the request and frees its slot.
+enum Events {
+    Engine(EventReceiver),
+    Executor(mpsc::Receiver<ExecEvent>),
+}
+
+impl Events {
+    async fn recv(&mut self) -> Option<GenerationEvent> {
+        match self {
+            Events::Engine(rx) => rx.recv().await,
+            Events::Executor(rx) => rx.recv().await.map(|ev| match ev {
+                ExecEvent::Token(text) => GenerationEvent::Token { text },
+                ExecEvent::Done {
+                    finish,
+                    prompt_tokens,
+                    completion_tokens,
+                } => GenerationEvent::Done {
+                    finish_reason: finish,
+                    // Counts beyond u32 cannot come from a context of this size.
+                    prompt_tokens: u32::try_from(prompt_tokens).unwrap_or(u32::MAX),
+                    completion_tokens: u32::try_from(completion_tokens).unwrap_or(u32::MAX),
+                },
+                ExecEvent::Failed(message) => GenerationEvent::Error { message },
+            }),
+        }
+    }
+}
+
+async fn json_response(mut rx: Events, cid: String, created: u64, model: String) -> Response {
     let mut text = String::new();
     while let Some(ev) = rx.recv().await {
         match ev {
@@ -331,7 +473,7 @@ async fn json_response(
 }
 
 struct StreamState {
-    rx: EventReceiver,
+    rx: Events,
     cid: String,
     created: u64,
     model: String,
@@ -393,7 +535,7 @@ impl StreamState {
 /// asked for, then `[DONE]`. When the client goes away the body stream is
 /// dropped, with it the receiver, and the engine frees the slot.
 fn stream_response(
-    rx: EventReceiver,
+    rx: Events,
     cid: String,
     created: u64,
     model: String,

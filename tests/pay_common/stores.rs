@@ -11,6 +11,24 @@ pub fn postgres_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
 }
 
+/// A name no other test run uses: tag, process and clock.
+fn unique_name(tag: &str) -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("sgl_t_{tag}_{}_{nanos}", std::process::id())
+}
+
+/// PostgreSQL cannot be used: skip with the reason, or fail the test when
+/// SGL_REQUIRE_POSTGRES=1.
+fn postgres_unusable(url: &str, why: &str) {
+    if std::env::var("SGL_REQUIRE_POSTGRES").as_deref() == Ok("1") {
+        panic!("PostgreSQL required (SGL_REQUIRE_POSTGRES=1) but unusable at {url}: {why}");
+    }
+    eprintln!("skipping PostgreSQL backend: {url}: {why}");
+}
+
 /// A store under test, with whatever keeps it alive.
 pub struct TestStore {
     pub store: Store,
@@ -33,11 +51,7 @@ pub async fn sqlite_store() -> TestStore {
 /// A fresh PostgreSQL store in its own schema, or None (with a printed
 /// reason) when PostgreSQL is unreachable and not required.
 pub async fn postgres_store(tag: &str) -> Option<TestStore> {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let schema = format!("sgl_t_{tag}_{}_{nanos}", std::process::id());
+    let schema = unique_name(tag);
     let url = postgres_url();
     let opened = tokio::time::timeout(
         Duration::from_secs(10),
@@ -56,12 +70,7 @@ pub async fn postgres_store(tag: &str) -> Option<TestStore> {
                 Err(_) => "timed out".to_owned(),
                 Ok(Ok(_)) => unreachable!(),
             };
-            if std::env::var("SGL_REQUIRE_POSTGRES").as_deref() == Ok("1") {
-                panic!(
-                    "PostgreSQL required (SGL_REQUIRE_POSTGRES=1) but unreachable at {url}: {why}"
-                );
-            }
-            eprintln!("skipping PostgreSQL backend: {url} unreachable: {why}");
+            postgres_unusable(&url, &why);
             None
         }
     }
@@ -121,11 +130,7 @@ pub fn cli_databases(tag: &str, dir: &std::path::Path) -> Vec<CliDatabase> {
         backend: "sqlite",
         pg_name: None,
     }];
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let name = format!("sgl_t_{tag}_{}_{nanos}", std::process::id());
+    let name = unique_name(tag);
     let base = postgres_url();
     let made = std::process::Command::new("psql")
         .args([&base, "-qc", &format!("CREATE DATABASE {name}")])
@@ -146,12 +151,7 @@ pub fn cli_databases(tag: &str, dir: &std::path::Path) -> Vec<CliDatabase> {
                 Ok(o) => String::from_utf8_lossy(&o.stderr).into_owned(),
                 Err(e) => e.to_string(),
             };
-            if std::env::var("SGL_REQUIRE_POSTGRES").as_deref() == Ok("1") {
-                panic!(
-                    "PostgreSQL required (SGL_REQUIRE_POSTGRES=1) but unusable at {base}: {why}"
-                );
-            }
-            eprintln!("skipping PostgreSQL backend: {base}: {why}");
+            postgres_unusable(&base, &why);
         }
     }
     out
