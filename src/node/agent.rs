@@ -510,7 +510,9 @@ async fn ws_loop(shared: Arc<Shared>, jobs: mpsc::Sender<PendingJob>) {
             shared.node_id,
             shared.token()
         );
-        match tokio_tungstenite::connect_async(url.as_str()).await {
+        // Nagle off (the `true`): the node's frames on this socket are small
+        // and latency-bound, like the coordinator's pushes to it.
+        match tokio_tungstenite::connect_async_with_config(url.as_str(), None, true).await {
             Ok((socket, _)) => {
                 backoff = Duration::from_secs(1);
                 tracing::info!("WebSocket connected");
