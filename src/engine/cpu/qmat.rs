@@ -629,6 +629,36 @@ mod avx512 {
         j + c.min(cols - 1)
     }
 
+    /// Where each tile column's weight row starts: its quantised values,
+    /// scales and (Q4_1) minimums.
+    #[allow(clippy::type_complexity)]
+    unsafe fn tile_rows(
+        w: &QMatrix,
+        j: usize,
+        cols: usize,
+    ) -> (
+        [*const u8; COL_TILE],
+        [*const f32; COL_TILE],
+        [*const f32; COL_TILE],
+    ) {
+        let nb = w.k / QK;
+        let row_bytes = match w.format {
+            QFormat::Q8 => w.k,
+            QFormat::Q4_1 => w.k / 2,
+        };
+        let mut wq = [std::ptr::null::<u8>(); COL_TILE];
+        let mut wd = [std::ptr::null::<f32>(); COL_TILE];
+        let mut wm = [std::ptr::null::<f32>(); COL_TILE];
+        for c in 0..COL_TILE {
+            let jr = row_of(j, c, cols);
+            wq[c] = w.qs.as_ptr().add(jr * row_bytes);
+            wd[c] = w.d.as_ptr().add(jr * nb);
+            // Q8 has no minimums: a pointer that is never read.
+            wm[c] = w.m.as_ptr().wrapping_add(jr * nb);
+        }
+        (wq, wd, wm)
+    }
+
     /// Q8_0: each 64-byte step covers two blocks (8 lanes each). An odd
     /// last block is summed as an integer and scaled on its own, as the
     /// one-row kernel this replaced did, so results stay bit-identical.
@@ -647,13 +677,7 @@ mod avx512 {
         let nb = k / QK;
         let zero = _mm512_setzero_si512();
         let bias = _mm512_set1_epi8(-128);
-        let mut wq = [std::ptr::null::<u8>(); COL_TILE];
-        let mut wd = [std::ptr::null::<f32>(); COL_TILE];
-        for c in 0..COL_TILE {
-            let jr = row_of(j, c, cols);
-            wq[c] = w.qs.as_ptr().add(jr * k);
-            wd[c] = w.d.as_ptr().add(jr * nb);
-        }
+        let (wq, wd, _) = tile_rows(w, j, cols);
         let mut acc = [[_mm512_setzero_ps(); COL_TILE]; R];
         if R == 1 {
             // One activation row (a decode step): each weight row is read
@@ -711,15 +735,7 @@ mod avx512 {
         let k = w.k;
         let nb = k / QK;
         debug_assert!(nb.is_multiple_of(2), "Q4_1 rows must be a multiple of 64");
-        let mut wq = [std::ptr::null::<u8>(); COL_TILE];
-        let mut wd = [std::ptr::null::<f32>(); COL_TILE];
-        let mut wm = [std::ptr::null::<f32>(); COL_TILE];
-        for c in 0..COL_TILE {
-            let jr = row_of(j, c, cols);
-            wq[c] = w.qs.as_ptr().add(jr * k / 2);
-            wd[c] = w.d.as_ptr().add(jr * nb);
-            wm[c] = w.m.as_ptr().add(jr * nb);
-        }
+        let (wq, wd, wm) = tile_rows(w, j, cols);
         let groups = nb / 4;
         let mut acc = [[_mm512_setzero_ps(); COL_TILE]; R];
         let mut tail = [[_mm512_setzero_ps(); COL_TILE]; R];
