@@ -296,6 +296,11 @@ impl CpuModel {
         // One embedding row per token.
         bytes += (cfg.hidden * 4) as u64;
         let (cos, sin) = rope_tables(&cfg);
+        tracing::info!(
+            vnni = qmat::simd_available(),
+            amx = qmat::amx_available(),
+            "CPU matmul kernels (the portable one where neither)"
+        );
         Ok(CpuModel {
             cfg,
             embed,

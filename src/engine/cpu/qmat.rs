@@ -1,16 +1,26 @@
 //! Quantised matrices and the integer matmul the CPU forward runs on.
 //!
 //! Weights stay in their GGUF block formats (Q4_1 as 4-bit nibbles, Q8_0 as
-//! signed bytes, each block of 32 with its scale), so a decode step reads as
-//! few bytes as the file holds. Activations are quantised per block of 32 to
-//! signed bytes once per layer input, and every block product is an integer
-//! dot product (AVX-512 VNNI `vpdpbusd` where the CPU has it) scaled by the
-//! two block scales; this is the Q8 x Q4/Q8 scheme of the fastest CPU engines.
+//! bytes, each block of 32 with its scale), so a decode step reads as few
+//! bytes as the file holds. Activations are quantised per block of 32 to
+//! signed bytes once per layer input, and every block product is an exact
+//! integer dot product scaled by the two block scales; this is the Q8 x Q4/Q8
+//! scheme of the fastest CPU engines.
 //!
-//! Each output value is computed by the same sequence of operations whatever
-//! else is in the batch: rows have their own accumulators and the column loop
-//! does not depend on the number of rows. The scheduler relies on that for
-//! seeded requests that reproduce alone and inside a batch.
+//! The weights are stored in panels of 16 rows (16 output columns), block by
+//! block: one record per block of a panel holds the 16 rows' values four
+//! bytes of a row at a time, then the 16 scales (and minimums). That is the
+//! layout of an AMX tile's right-hand operand, and a layout in which each
+//! lane of a 16-lane VNNI dot product is one output column. A panel is one
+//! contiguous stream, which is how a decode step reads it from memory.
+//!
+//! Three kernels compute the same numbers, bit for bit: the AMX one for many
+//! activation rows (prefill), the AVX-512 VNNI one for a few (decode), and a
+//! portable one. For every output they do the same sequence of floating-point
+//! operations (see [`reference`]), and each output depends only on its own
+//! activation row and weight row. So a sequence's results do not depend on
+//! what else is in the batch, nor on which kernel ran, which the scheduler
+//! relies on for seeded requests that reproduce alone and inside a batch.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -20,6 +30,19 @@ use super::pool::Pool;
 
 /// Weights per block.
 pub const QK: usize = 32;
+
+/// Weight rows per panel: the output columns one kernel call computes.
+const PANEL: usize = 16;
+
+/// Activation rows of one AMX tile.
+const TILE_ROWS: usize = 16;
+
+/// One cache line of a panel, so that records start on line boundaries.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u8; 64]);
+
+const ZERO_LINE: Line = Line([0; 64]);
 
 /// The block format of a matrix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,22 +61,55 @@ impl QFormat {
             QFormat::Q4_1 => "Q4_1",
         }
     }
+
+    /// Bytes of one block's values in GGUF order.
+    fn block_bytes(self) -> usize {
+        match self {
+            QFormat::Q8 => QK,
+            QFormat::Q4_1 => QK / 2,
+        }
+    }
+
+    /// Lines of a panel's record for one block: the values (line `t` holds
+    /// bytes `4t..4t+4` of each of the 16 rows), the scales, the minimums.
+    fn record_lines(self) -> usize {
+        match self {
+            QFormat::Q8 => 8 + 1,
+            QFormat::Q4_1 => 4 + 2,
+        }
+    }
+
+    /// Lines of values in a record; the scales follow them.
+    fn value_lines(self) -> usize {
+        match self {
+            QFormat::Q8 => 8,
+            QFormat::Q4_1 => 4,
+        }
+    }
 }
 
-/// Bytes of padding after every array, so that vector loads of the last
-/// block's neighbours never leave the allocation.
-const PAD: usize = 64;
-
-/// A row-major `[n, k]` weight matrix in blocks of 32 along `k`.
-#[derive(Debug, Clone)]
+/// A `[n, k]` weight matrix (row `j` is output column `j`) in blocks of 32
+/// along `k`, stored as panels of 16 rows (see the module docs).
+///
+/// In a record, Q8 values are stored offset by 128 (`w + 128` as an unsigned
+/// byte), the operand the unsigned-by-signed dot product instructions take;
+/// the kernels take `128 * sum(x)` off again. Q4_1 values are the GGUF bytes.
+#[derive(Clone)]
 pub struct QMatrix {
     n: usize,
     k: usize,
     format: QFormat,
-    qs: Vec<u8>,
-    d: Vec<f32>,
-    /// Q4_1's per-block minimum; empty for Q8.
-    m: Vec<f32>,
+    data: Vec<Line>,
+}
+
+impl std::fmt::Debug for QMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QMatrix")
+            .field("n", &self.n)
+            .field("k", &self.k)
+            .field("format", &self.format)
+            .finish()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,54 +130,86 @@ fn f16_le(b: &[u8]) -> f32 {
     f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()
 }
 
-impl QMatrix {
-    fn empty(n: usize, k: usize, format: QFormat) -> Result<Self, QError> {
+/// A matrix row by row, blocks in GGUF byte order: what the constructors
+/// gather before packing the panels.
+struct Rows {
+    n: usize,
+    k: usize,
+    format: QFormat,
+    qs: Vec<u8>,
+    d: Vec<f32>,
+    m: Vec<f32>,
+}
+
+impl Rows {
+    fn new(n: usize, k: usize, format: QFormat) -> Result<Self, QError> {
         if k == 0 || !k.is_multiple_of(QK) {
             return Err(QError::RaggedRow(k));
         }
         let nb = n * k / QK;
-        let qbytes = match format {
-            QFormat::Q8 => n * k,
-            QFormat::Q4_1 => n * k / 2,
-        };
-        let mut qs = Vec::with_capacity(qbytes + PAD);
-        qs.resize(qbytes, 0);
-        let mut d = Vec::with_capacity(nb + PAD);
-        d.resize(nb, 0.0);
-        let m = match format {
-            QFormat::Q8 => Vec::new(),
-            QFormat::Q4_1 => {
-                let mut m = Vec::with_capacity(nb + PAD);
-                m.resize(nb, 0.0);
-                m
-            }
-        };
-        Ok(QMatrix {
+        Ok(Rows {
             n,
             k,
             format,
-            qs,
-            d,
-            m,
+            qs: vec![0; nb * format.block_bytes()],
+            d: vec![0.0; nb],
+            m: match format {
+                QFormat::Q8 => Vec::new(),
+                QFormat::Q4_1 => vec![0.0; nb],
+            },
         })
     }
 
-    /// Zeroed room after each array for the kernels' vector loads.
-    fn pad(mut self) -> Self {
-        let n = self.qs.len();
-        self.qs.resize(n + PAD, 0);
-        self.qs.truncate(n);
-        for v in [&mut self.d, &mut self.m] {
-            let n = v.len();
-            v.resize(n + PAD, 0.0);
-            v.truncate(n);
+    fn pack(self) -> QMatrix {
+        let nb = self.k / QK;
+        let (bb, rl, vl) = (
+            self.format.block_bytes(),
+            self.format.record_lines(),
+            self.format.value_lines(),
+        );
+        let mut data = vec![ZERO_LINE; self.n.div_ceil(PANEL) * nb * rl];
+        for j in 0..self.n {
+            let (p, c) = (j / PANEL, j % PANEL);
+            for b in 0..nb {
+                let rec = &mut data[(p * nb + b) * rl..(p * nb + b + 1) * rl];
+                let src = &self.qs[(j * nb + b) * bb..(j * nb + b + 1) * bb];
+                for (t, four) in src.chunks_exact(4).enumerate() {
+                    let dst = &mut rec[t].0[c * 4..c * 4 + 4];
+                    for (o, &v) in dst.iter_mut().zip(four) {
+                        *o = match self.format {
+                            QFormat::Q8 => v ^ 0x80,
+                            QFormat::Q4_1 => v,
+                        };
+                    }
+                }
+                rec[vl].0[c * 4..c * 4 + 4].copy_from_slice(&self.d[j * nb + b].to_ne_bytes());
+                if self.format == QFormat::Q4_1 {
+                    rec[vl + 1].0[c * 4..c * 4 + 4]
+                        .copy_from_slice(&self.m[j * nb + b].to_ne_bytes());
+                }
+            }
         }
-        self
+        QMatrix {
+            n: self.n,
+            k: self.k,
+            format: self.format,
+            data,
+        }
     }
+}
 
+/// Block `b` of row `j`: its values in GGUF order (the first
+/// `block_bytes` of the array), its scale and its minimum (0 for Q8).
+struct Block {
+    q: [u8; QK],
+    d: f32,
+    m: f32,
+}
+
+impl QMatrix {
     /// From GGUF Q8_0 blocks (`f16 d, i8 q[32]`, 34 bytes each).
     pub fn from_gguf_q8_0(bytes: &[u8], n: usize, k: usize) -> Result<Self, QError> {
-        let mut w = Self::empty(n, k, QFormat::Q8)?;
+        let mut w = Rows::new(n, k, QFormat::Q8)?;
         let expected = n * k / QK * 34;
         if bytes.len() != expected {
             return Err(QError::Size {
@@ -138,12 +226,12 @@ impl QMatrix {
             *d = f16_le(&blk[0..2]);
             q.copy_from_slice(&blk[2..34]);
         }
-        Ok(w.pad())
+        Ok(w.pack())
     }
 
     /// From GGUF Q4_1 blocks (`f16 d, f16 m, u8 qs[16]`, 20 bytes each).
     pub fn from_gguf_q4_1(bytes: &[u8], n: usize, k: usize) -> Result<Self, QError> {
-        let mut w = Self::empty(n, k, QFormat::Q4_1)?;
+        let mut w = Rows::new(n, k, QFormat::Q4_1)?;
         let expected = n * k / QK * 20;
         if bytes.len() != expected {
             return Err(QError::Size {
@@ -162,12 +250,12 @@ impl QMatrix {
             *m = f16_le(&blk[2..4]);
             q.copy_from_slice(&blk[4..20]);
         }
-        Ok(w.pad())
+        Ok(w.pack())
     }
 
     /// Quantise a row-major f32 matrix to Q8 (round to nearest, scale amax/127).
     pub fn q8_from_f32(w: &[f32], n: usize, k: usize) -> Result<Self, QError> {
-        let mut out = Self::empty(n, k, QFormat::Q8)?;
+        let mut out = Rows::new(n, k, QFormat::Q8)?;
         if w.len() != n * k {
             return Err(QError::Size {
                 what: "f32 matrix",
@@ -183,7 +271,7 @@ impl QMatrix {
             let (d, _) = quantize_block(xb, qb);
             *db = d;
         }
-        Ok(out.pad())
+        Ok(out.pack())
     }
 
     /// Stack matrices of one format and width along `n` (q, k and v as one).
@@ -194,16 +282,24 @@ impl QMatrix {
             return Err(QError::Mismatch);
         }
         let n = parts.iter().map(|p| p.n).sum();
-        let mut out = Self::empty(n, k, format)?;
-        out.qs.clear();
-        out.d.clear();
-        out.m.clear();
+        let mut out = Rows::new(n, k, format)?;
+        let (nb, bb) = (k / QK, format.block_bytes());
+        let mut j = 0;
         for p in &parts {
-            out.qs.extend_from_slice(&p.qs);
-            out.d.extend_from_slice(&p.d);
-            out.m.extend_from_slice(&p.m);
+            for pj in 0..p.n {
+                for b in 0..nb {
+                    let blk = p.block(pj, b);
+                    let i = j * nb + b;
+                    out.qs[i * bb..(i + 1) * bb].copy_from_slice(&blk.q[..bb]);
+                    out.d[i] = blk.d;
+                    if format == QFormat::Q4_1 {
+                        out.m[i] = blk.m;
+                    }
+                }
+                j += 1;
+            }
         }
-        Ok(out.pad())
+        Ok(out.pack())
     }
 
     pub fn rows(&self) -> usize {
@@ -220,28 +316,62 @@ impl QMatrix {
 
     /// Bytes one pass over the matrix reads (the kernel's working format).
     pub fn storage_bytes(&self) -> usize {
-        self.qs.len() + self.d.len() * 4 + self.m.len() * 4
+        self.data.len() * std::mem::size_of::<Line>()
+    }
+
+    /// The record of block `b` of panel `p`.
+    fn record(&self, p: usize, b: usize) -> &[Line] {
+        let (nb, rl) = (self.k / QK, self.format.record_lines());
+        &self.data[(p * nb + b) * rl..(p * nb + b + 1) * rl]
+    }
+
+    fn block(&self, j: usize, b: usize) -> Block {
+        let (p, c) = (j / PANEL, j % PANEL);
+        let rec = self.record(p, b);
+        let vl = self.format.value_lines();
+        let word = |line: &Line| {
+            let mut v = [0u8; 4];
+            v.copy_from_slice(&line.0[c * 4..c * 4 + 4]);
+            v
+        };
+        let mut q = [0u8; QK];
+        for (t, four) in q[..self.format.block_bytes()]
+            .chunks_exact_mut(4)
+            .enumerate()
+        {
+            four.copy_from_slice(&word(&rec[t]));
+            if self.format == QFormat::Q8 {
+                for v in four {
+                    *v ^= 0x80;
+                }
+            }
+        }
+        Block {
+            q,
+            d: f32::from_ne_bytes(word(&rec[vl])),
+            m: match self.format {
+                QFormat::Q8 => 0.0,
+                QFormat::Q4_1 => f32::from_ne_bytes(word(&rec[vl + 1])),
+            },
+        }
     }
 
     /// Row `j` back to f32 (tests, and the tied embedding).
     pub fn dequantize_row(&self, j: usize, out: &mut [f32]) {
         let nb = self.k / QK;
         for b in 0..nb {
-            let d = self.d[j * nb + b];
+            let blk = self.block(j, b);
             let o = &mut out[b * QK..(b + 1) * QK];
             match self.format {
                 QFormat::Q8 => {
-                    let q = &self.qs[(j * nb + b) * QK..(j * nb + b + 1) * QK];
-                    for (o, &v) in o.iter_mut().zip(q) {
-                        *o = d * f32::from(v as i8);
+                    for (o, &v) in o.iter_mut().zip(&blk.q) {
+                        *o = blk.d * f32::from(v as i8);
                     }
                 }
                 QFormat::Q4_1 => {
-                    let m = self.m[j * nb + b];
-                    let q = &self.qs[(j * nb + b) * 16..(j * nb + b + 1) * 16];
-                    for (i, &v) in q.iter().enumerate() {
-                        o[i] = d * f32::from(v & 0x0f) + m;
-                        o[i + 16] = d * f32::from(v >> 4) + m;
+                    for (i, &v) in blk.q[..16].iter().enumerate() {
+                        o[i] = blk.d * f32::from(v & 0x0f) + blk.m;
+                        o[i + 16] = blk.d * f32::from(v >> 4) + blk.m;
                     }
                 }
             }
@@ -265,47 +395,21 @@ fn quantize_block(x: &[f32], q: &mut [u8]) -> (f32, i32) {
     (d, sum)
 }
 
-/// Lanes of a 16-lane vector that one block covers in each format's kernel:
-/// a Q8 vector holds two blocks (8 lanes each), a Q4_1 vector four (4 lanes).
-fn lanes_per_block(f: QFormat) -> usize {
-    match f {
-        QFormat::Q8 => 8,
-        QFormat::Q4_1 => 4,
-    }
-}
-
-/// Activations `[m, k]` quantised for one matrix format.
-///
-/// For Q8 the bytes keep their order, offset by 128 (unsigned). For Q4_1 each group of four blocks (or
-/// the last two) is stored as the first halves of its blocks, then the second
-/// halves, matching the low and high nibbles of the weights.
+/// Activations `[m, k]` quantised per block of 32 to signed bytes in their
+/// own order, with what the kernels need per block.
 #[derive(Debug, Default)]
 pub struct ActQ {
     m: usize,
     k: usize,
     format: Option<QFormat>,
+    /// `[rows][k]` signed bytes; rows padded with zeros to a whole AMX tile.
     q: Vec<u8>,
-    /// Per block scale, expanded to the lanes the block covers.
-    dexp: Vec<f32>,
+    /// Per block scale, `[rows][k / 32]`.
+    d: Vec<f32>,
     /// Per block `d * sum(q)`: Q4_1's minimum term.
     s: Vec<f32>,
-    d: Vec<f32>,
-}
-
-/// Where block `b` of a row puts its two halves, for Q4_1 activations.
-#[inline]
-fn q41_offsets(b: usize, nb: usize) -> (usize, usize) {
-    let g = b / 4;
-    let full = nb / 4;
-    if g < full {
-        let base = g * 128;
-        let i = b % 4;
-        (base + i * 16, base + 64 + i * 16)
-    } else {
-        let base = full * 128;
-        let i = b - full * 4;
-        (base + i * 16, base + 32 + i * 16)
-    }
+    /// Per block `-128 * sum(q)`: what Q8's offset weights add to a dot.
+    c: Vec<i32>,
 }
 
 impl ActQ {
@@ -322,18 +426,20 @@ impl ActQ {
     fn quantize_on(&mut self, x: &[f32], m: usize, k: usize, format: QFormat, pool: Option<&Pool>) {
         debug_assert_eq!(x.len(), m * k);
         let nb = k / QK;
-        let lanes = lanes_per_block(format);
+        let rows = m.div_ceil(TILE_ROWS) * TILE_ROWS;
         self.m = m;
         self.k = k;
         self.format = Some(format);
+        // Padding rows are read by whole tiles and never stored: any value
+        // will do, zeros keep them finite.
         self.q.clear();
-        self.q.resize(m * k + PAD, 0);
-        self.dexp.clear();
-        self.dexp.resize(m * nb * lanes + PAD, 0.0);
-        self.s.clear();
-        self.s.resize(m * nb + PAD, 0.0);
+        self.q.resize(rows * k, 0);
         self.d.clear();
-        self.d.resize(m * nb + PAD, 0.0);
+        self.d.resize(rows * nb, 0.0);
+        self.s.clear();
+        self.s.resize(rows * nb, 0.0);
+        self.c.clear();
+        self.c.resize(rows * nb, 0);
         let threads = match pool {
             Some(p) if m >= 8 => p.threads(),
             _ => 1,
@@ -346,21 +452,21 @@ impl ActQ {
             .zip(self.q[..m * k].chunks_mut(per * k))
             .zip(self.d[..m * nb].chunks_mut(per * nb))
             .zip(self.s[..m * nb].chunks_mut(per * nb))
-            .zip(self.dexp[..m * nb * lanes].chunks_mut(per * nb * lanes))
-            .map(|((((x, q), d), s), e)| std::sync::Mutex::new((x, q, d, s, e)))
+            .zip(self.c[..m * nb].chunks_mut(per * nb))
+            .map(|((((x, q), d), s), c)| std::sync::Mutex::new((x, q, d, s, c)))
             .collect();
         let task = |t: usize| {
             let Some(part) = parts.get(t) else { return };
             let mut g = part.lock().unwrap_or_else(|e| e.into_inner());
-            let (x, q, d, s, e) = &mut *g;
+            let (x, q, d, s, c) = &mut *g;
             for (r, xr) in x.chunks_exact(k).enumerate() {
+                let blocks = r * nb..(r + 1) * nb;
                 quantize_row(
                     xr,
                     &mut q[r * k..(r + 1) * k],
-                    &mut d[r * nb..(r + 1) * nb],
-                    &mut s[r * nb..(r + 1) * nb],
-                    &mut e[r * nb * lanes..(r + 1) * nb * lanes],
-                    format,
+                    &mut d[blocks.clone()],
+                    &mut s[blocks.clone()],
+                    &mut c[blocks],
                 );
             }
         };
@@ -371,69 +477,150 @@ impl ActQ {
     }
 }
 
-fn quantize_row(x: &[f32], q: &mut [u8], d: &mut [f32], s: &mut [f32], e: &mut [f32], f: QFormat) {
-    let nb = x.len() / QK;
-    let lanes = lanes_per_block(f);
-    let mut tmp = [0u8; QK];
-    for b in 0..nb {
-        let (db, sum) = quantize_block(&x[b * QK..(b + 1) * QK], &mut tmp);
-        match f {
-            // Offset by 128 to unsigned bytes, the operand `vpdpbusd` wants
-            // unsigned; the kernel takes 128 * sum(w) off again.
-            QFormat::Q8 => {
-                for (o, &v) in q[b * QK..(b + 1) * QK].iter_mut().zip(&tmp) {
-                    *o = v ^ 0x80;
-                }
-            }
-            QFormat::Q4_1 => {
-                let (lo, hi) = q41_offsets(b, nb);
-                q[lo..lo + 16].copy_from_slice(&tmp[..16]);
-                q[hi..hi + 16].copy_from_slice(&tmp[16..]);
-            }
-        }
+fn quantize_row(x: &[f32], q: &mut [u8], d: &mut [f32], s: &mut [f32], c: &mut [i32]) {
+    for (b, (xb, qb)) in x.chunks_exact(QK).zip(q.chunks_exact_mut(QK)).enumerate() {
+        let (db, sum) = quantize_block(xb, qb);
         d[b] = db;
         s[b] = db * sum as f32;
-        e[b * lanes..(b + 1) * lanes].fill(db);
+        c[b] = -128 * sum;
+    }
+}
+
+/// One output value as every kernel computes it: over the blocks in order,
+/// `acc = fma(dot_b, d_w * d_x, acc)` with `dot_b` the exact integer block
+/// product. For Q4_1 the minimum term `m_w * d_x * sum(q_x)` is summed
+/// apart, even and odd blocks in two sums, and the result is
+/// `acc + (even + odd)`.
+///
+/// Every order of these sums is as accurate as another; this one is pinned
+/// because SmolLM2-135M's greedy answer to "What is the capital of France?"
+/// sits on a knife edge between "The capital … is Paris" and "L'Étoile",
+/// and most orders tried (all-sequential, minimums folded in, two or four
+/// interleaved dot sums) tip it to the latter.
+pub(crate) fn reference(w: &QMatrix, j: usize, x: &ActQ, r: usize) -> f32 {
+    let k = w.k;
+    let nb = k / QK;
+    let xq = &x.q[r * k..(r + 1) * k];
+    let (mut acc, mut mins) = (0f32, [0f32; 2]);
+    for b in 0..nb {
+        let blk = w.block(j, b);
+        let xb = &xq[b * QK..(b + 1) * QK];
+        let xi = r * nb + b;
+        let dot: i32 = match w.format {
+            QFormat::Q8 => blk
+                .q
+                .iter()
+                .zip(xb)
+                .map(|(&a, &c)| i32::from(a as i8) * i32::from(c as i8))
+                .sum(),
+            QFormat::Q4_1 => blk.q[..16]
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| {
+                    i32::from(v & 0x0f) * i32::from(xb[i] as i8)
+                        + i32::from(v >> 4) * i32::from(xb[i + 16] as i8)
+                })
+                .sum(),
+        };
+        acc = (dot as f32).mul_add(blk.d * x.d[xi], acc);
+        if w.format == QFormat::Q4_1 {
+            mins[b % 2] = blk.m.mul_add(x.s[xi], mins[b % 2]);
+        }
+    }
+    acc + (mins[0] + mins[1])
+}
+
+/// Which kernel a matmul runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kernel {
+    Portable,
+    Vnni,
+    Amx,
+}
+
+/// From this many activation rows on, AMX tiles beat VNNI vectors (measured
+/// with `benches/kernels.rs`).
+const AMX_MIN_ROWS: usize = 16;
+
+impl Kernel {
+    fn choose(m: usize) -> Kernel {
+        if !simd_available() {
+            Kernel::Portable
+        } else if m >= AMX_MIN_ROWS && amx_available() {
+            Kernel::Amx
+        } else {
+            Kernel::Vnni
+        }
+    }
+
+    /// Whether this kernel can run here.
+    pub(crate) fn available(self) -> bool {
+        match self {
+            Kernel::Portable => true,
+            Kernel::Vnni => simd_available(),
+            Kernel::Amx => amx_available(),
+        }
     }
 }
 
 /// `out[r * n + j] = x[r] . w[j]` for every row of `x` and column of `w`.
 pub fn matmul(w: &QMatrix, x: &ActQ, out: &mut [f32], pool: &Pool) {
-    let (n, k, m) = (w.n, w.k, x.m);
-    assert_eq!(x.k, k, "activation width");
-    assert_eq!(x.format, Some(w.format), "activation format");
-    assert!(out.len() >= m * n, "output size");
-    let out_ptr = SyncPtr(out.as_mut_ptr());
-    let simd = simd_available();
-    // Column ranges, multiples of the column tile, claimed by the threads as
-    // they come free: on a shared machine one core is often slower than the
-    // other, and a fixed half each would leave the faster one waiting. One
-    // activation row is bound by memory, not by the cores, and streams best
-    // in one long range a thread; more rows take eight ranges a thread.
-    let tasks = pool.threads();
-    let split = if m == 1 { tasks } else { tasks * 8 };
-    let per = n.div_ceil(split).div_ceil(COL_TILE).max(1) * COL_TILE;
-    let ranges = n.div_ceil(per);
-    let next = AtomicUsize::new(0);
-    pool.run(tasks, &|_| loop {
-        let i = next.fetch_add(1, Ordering::Relaxed);
-        if i >= ranges {
-            return;
-        }
-        let j0 = i * per;
-        let j1 = (j0 + per).min(n);
-        // SAFETY: each range is claimed by one task only, so tasks write
-        // disjoint columns of `out`, which outlives `run` (it returns only
-        // when every task is done). Which task computes a column does not
-        // change its value.
-        unsafe { columns(w, x, j0, j1, out_ptr, simd) };
-    });
+    matmul_with(w, x, out, pool, Kernel::choose(x.m))
 }
 
-/// Weight rows (output columns) one kernel call computes.
-const COL_TILE: usize = 4;
-/// Activation rows one kernel call computes.
-const ROW_TILE: usize = 4;
+pub(crate) fn matmul_with(w: &QMatrix, x: &ActQ, out: &mut [f32], pool: &Pool, kernel: Kernel) {
+    let (n, m) = (w.n, x.m);
+    assert_eq!(x.k, w.k, "activation width");
+    assert_eq!(x.format, Some(w.format), "activation format");
+    assert!(out.len() >= m * n, "output size");
+    assert!(kernel.available(), "{kernel:?} cannot run here");
+    let out_ptr = SyncPtr(out.as_mut_ptr());
+    // Panel ranges claimed by the threads as they come free: on a shared
+    // machine one core is often slower than the other, and a fixed half
+    // each would leave the faster one waiting. One activation row is bound
+    // by memory, not by the cores, and streams best in one long range a
+    // thread; more rows take eight ranges a thread.
+    let panels = n.div_ceil(PANEL);
+    let tasks = pool.threads();
+    let split = if m == 1 { tasks } else { tasks * 8 };
+    let per = panels.div_ceil(split).max(1);
+    let ranges = panels.div_ceil(per);
+    let next = AtomicUsize::new(0);
+    pool.run(tasks, &|_| {
+        #[cfg(target_arch = "x86_64")]
+        let mut amx = match kernel {
+            // SAFETY: `amx_available` said the CPU and the OS allow tiles.
+            Kernel::Amx => Some(unsafe { amx::Tiles::new(w) }),
+            _ => None,
+        };
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            if i >= ranges {
+                break;
+            }
+            for p in i * per..((i + 1) * per).min(panels) {
+                match kernel {
+                    Kernel::Portable => portable_panel(w, x, p, out_ptr),
+                    // SAFETY: the kernel is available (asserted above); each
+                    // panel is claimed by one task only, so tasks write
+                    // disjoint columns of `out`, which outlives `run` (it
+                    // returns only when every task is done). Which task
+                    // computes a column does not change its value.
+                    #[cfg(target_arch = "x86_64")]
+                    Kernel::Vnni => unsafe { vnni::panel(w, x, p, out_ptr.0) },
+                    #[cfg(target_arch = "x86_64")]
+                    Kernel::Amx => {
+                        if let Some(t) = amx.as_mut() {
+                            unsafe { t.panel(w, x, p, out_ptr.0) }
+                        }
+                    }
+                    #[cfg(not(target_arch = "x86_64"))]
+                    _ => portable_panel(w, x, p, out_ptr),
+                }
+            }
+        }
+    });
+}
 
 #[derive(Clone, Copy)]
 struct SyncPtr(*mut f32);
@@ -441,37 +628,13 @@ struct SyncPtr(*mut f32);
 unsafe impl Send for SyncPtr {}
 unsafe impl Sync for SyncPtr {}
 
-/// Columns `j0..j1`, in tiles of up to 4 weight rows by 4 activation rows:
-/// the weight rows of a tile are unpacked once for all its activation rows,
-/// and the activation vectors loaded once for all its weight rows. The
-/// weight tile stays in L1 while the activation rows pass over it.
-///
-/// Every output value gets the same sequence of operations whatever the tile
-/// shape: a sequence alone, inside a batch, or inside a prefill chunk gives
-/// bit-identical results.
-unsafe fn columns(w: &QMatrix, x: &ActQ, j0: usize, j1: usize, out: SyncPtr, simd: bool) {
-    let (n, m) = (w.n, x.m);
-    #[cfg(target_arch = "x86_64")]
-    if simd {
-        let mut jt = j0;
-        while jt < j1 {
-            let cols = (j1 - jt).min(COL_TILE);
-            let mut r0 = 0;
-            while r0 < m {
-                let rows = (m - r0).min(ROW_TILE);
-                // SAFETY: `simd` is true only when the CPU has the features;
-                // the tile lies inside `w`, `x` and `out`.
-                avx512::tile(w, jt, cols, x, r0, rows, out.0, n);
-                r0 += rows;
-            }
-            jt += cols;
-        }
-        return;
-    }
-    let _ = simd;
-    for j in j0..j1 {
-        for r in 0..m {
-            *out.0.add(r * n + j) = dot_scalar(w, j, x, r);
+fn portable_panel(w: &QMatrix, x: &ActQ, p: usize, out: SyncPtr) {
+    let n = w.n;
+    for j in p * PANEL..((p + 1) * PANEL).min(n) {
+        for r in 0..x.m {
+            // SAFETY: `out` holds `m * n` values (asserted by `matmul_with`)
+            // and this panel's columns are written by this task only.
+            unsafe { *out.0.add(r * n + j) = reference(w, j, x, r) };
         }
     }
 }
@@ -496,422 +659,384 @@ pub fn simd_available() -> bool {
     }
 }
 
-/// The portable kernel: integer block dots, then the scales.
-fn dot_scalar(w: &QMatrix, j: usize, x: &ActQ, r: usize) -> f32 {
-    let k = w.k;
-    let nb = k / QK;
-    let xq = &x.q[r * k..(r + 1) * k];
-    let mut sum = 0f32;
-    for b in 0..nb {
-        let wi = j * nb + b;
-        let xi = r * nb + b;
-        match w.format {
-            QFormat::Q8 => {
-                let wq = &w.qs[wi * QK..(wi + 1) * QK];
-                let xb = &xq[b * QK..(b + 1) * QK];
-                let dot: i32 = wq
-                    .iter()
-                    .zip(xb)
-                    .map(|(&a, &c)| i32::from(a as i8) * (i32::from(c) - 128))
-                    .sum();
-                sum += dot as f32 * (w.d[wi] * x.d[xi]);
+/// Whether the AMX kernel can run here: the CPU has AMX-INT8 and the OS has
+/// given this process the tile state (Linux hands it out on request).
+/// `SGL_NO_AMX` turns it off.
+pub fn amx_available() -> bool {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| {
+            if !simd_available() || std::env::var_os("SGL_NO_AMX").is_some() {
+                return false;
             }
-            QFormat::Q4_1 => {
-                let wq = &w.qs[wi * 16..(wi + 1) * 16];
-                let (lo, hi) = q41_offsets(b, nb);
-                let mut dot = 0i32;
-                for (i, &v) in wq.iter().enumerate() {
-                    dot += i32::from(v & 0x0f) * i32::from(xq[lo + i] as i8);
-                    dot += i32::from(v >> 4) * i32::from(xq[hi + i] as i8);
-                }
-                sum += dot as f32 * (w.d[wi] * x.d[xi]) + w.m[wi] * x.s[xi];
+            // CPUID leaf 7: EDX bit 24 AMX-TILE, bit 25 AMX-INT8.
+            let edx = std::arch::x86_64::__cpuid_count(7, 0).edx;
+            if edx & (3 << 24) != 3 << 24 {
+                return false;
             }
-        }
+            const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+            const XFEATURE_XTILEDATA: libc::c_long = 18;
+            // SAFETY: a plain system call with integer arguments.
+            let rc = unsafe {
+                libc::syscall(
+                    libc::SYS_arch_prctl,
+                    ARCH_REQ_XCOMP_PERM,
+                    XFEATURE_XTILEDATA,
+                )
+            };
+            rc == 0
+        })
     }
-    sum
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    {
+        false
+    }
 }
 
+/// The AVX-512 VNNI kernel: lane `c` of every vector is column `c` of the
+/// panel, so a block's 32 products for 16 columns are eight `vpdpbusd`
+/// against four activation bytes broadcast to every lane.
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
-    use super::{ActQ, QFormat, QMatrix, COL_TILE, QK};
+mod vnni {
+    use super::{ActQ, QFormat, QMatrix, PANEL, QK};
     use std::arch::x86_64::*;
 
-    /// For each row and column, `(sum(a) + sum(b)) + sum(c)` over the lanes,
-    /// stored for the first `cols` columns. A macro, not a function: vector
-    /// arguments of a call that is not inlined go through memory, and
-    /// `#[inline(always)]` cannot be combined with `#[target_feature]`.
-    macro_rules! store {
-        ($a:expr, $b:expr, $c:expr, $cols:expr, $r0:expr, $j:expr, $out:expr, $n:expr) => {{
-            let mask: __mmask8 = (1u8 << $cols) - 1;
-            for r in 0..$a.len() {
-                let sa = reduce4!($a[r]);
-                let sb = reduce4!($b[r]);
-                let sc = reduce4!($c[r]);
-                let sums = _mm_add_ps(_mm_add_ps(sa, sb), sc);
-                _mm_mask_storeu_ps($out.add(($r0 + r) * $n + $j), mask, sums);
-            }
-        }};
-    }
-
-    /// The lane sums of four vectors, as one 4-lane vector, each added in
-    /// the order of `_mm512_reduce_add_ps`: lane `i` with `i + 8`, then with
-    /// `i + 4`, then `i + 2`, then `i + 1`. A macro for the reason `store` is.
-    macro_rules! reduce4 {
-        ($v:expr) => {{
-            let [a, b, c, d] = $v;
-            // 128-bit quarters: [a0+a2, a1+a3, b0+b2, b1+b3], the same for c, d.
-            let ab = _mm512_add_ps(
-                _mm512_shuffle_f32x4::<0b01_00_01_00>(a, b),
-                _mm512_shuffle_f32x4::<0b11_10_11_10>(a, b),
-            );
-            let cd = _mm512_add_ps(
-                _mm512_shuffle_f32x4::<0b01_00_01_00>(c, d),
-                _mm512_shuffle_f32x4::<0b11_10_11_10>(c, d),
-            );
-            // One quarter per vector: [a, b, c, d].
-            let s = _mm512_add_ps(
-                _mm512_shuffle_f32x4::<0b10_00_10_00>(ab, cd),
-                _mm512_shuffle_f32x4::<0b11_01_11_01>(ab, cd),
-            );
-            // Within each quarter: lanes (2,3,0,1), then (1,0,3,2).
-            let s = _mm512_add_ps(s, _mm512_permute_ps::<0b01_00_11_10>(s));
-            let s = _mm512_add_ps(s, _mm512_permute_ps::<0b10_11_00_01>(s));
-            let first = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0);
-            _mm512_castps512_ps128(_mm512_permutexvar_ps(first, s))
-        }};
-    }
-
-    /// Output `[r0 + r, j + c]` for `r < rows`, `c < cols` (both at most 4)
-    /// into `out`, a row-major matrix `n` wide.
+    /// Panel `p` for every activation row, up to eight rows at a time (the
+    /// panel's records stay in L1 for the later groups).
     ///
     /// # Safety
-    /// The CPU must have AVX-512 F/BW/VL/VNNI; the tile must lie inside `w`,
-    /// `x` and `out`.
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn tile(
-        w: &QMatrix,
-        j: usize,
-        cols: usize,
-        x: &ActQ,
-        r0: usize,
-        rows: usize,
-        out: *mut f32,
-        n: usize,
-    ) {
-        match (w.format, rows) {
-            (QFormat::Q8, 1) => q8::<1>(w, j, cols, x, r0, out, n),
-            (QFormat::Q8, 2) => q8::<2>(w, j, cols, x, r0, out, n),
-            (QFormat::Q8, 3) => q8::<3>(w, j, cols, x, r0, out, n),
-            (QFormat::Q8, _) => q8::<4>(w, j, cols, x, r0, out, n),
-            (QFormat::Q4_1, 1) => q41::<1>(w, j, cols, x, r0, out, n),
-            (QFormat::Q4_1, 2) => q41::<2>(w, j, cols, x, r0, out, n),
-            (QFormat::Q4_1, 3) => q41::<3>(w, j, cols, x, r0, out, n),
-            (QFormat::Q4_1, _) => q41::<4>(w, j, cols, x, r0, out, n),
+    /// The CPU must have AVX-512 F/BW/VL/VNNI; `out` must hold `x.m * w.n`
+    /// values, and `x` must be quantised for `w`.
+    pub unsafe fn panel(w: &QMatrix, x: &ActQ, p: usize, out: *mut f32) {
+        let mut r0 = 0;
+        while r0 < x.m {
+            let rows = (x.m - r0).min(8);
+            macro_rules! go {
+                ($q41:expr) => {
+                    match rows {
+                        1 => rows_of::<1, $q41>(w, x, p, r0, out),
+                        2 => rows_of::<2, $q41>(w, x, p, r0, out),
+                        3 => rows_of::<3, $q41>(w, x, p, r0, out),
+                        4 => rows_of::<4, $q41>(w, x, p, r0, out),
+                        5 => rows_of::<5, $q41>(w, x, p, r0, out),
+                        6 => rows_of::<6, $q41>(w, x, p, r0, out),
+                        7 => rows_of::<7, $q41>(w, x, p, r0, out),
+                        _ => rows_of::<8, $q41>(w, x, p, r0, out),
+                    }
+                };
+            }
+            match w.format {
+                QFormat::Q8 => go!(false),
+                QFormat::Q4_1 => go!(true),
+            }
+            r0 += rows;
         }
     }
 
-    /// How far ahead, in weight rows, the kernels ask for weights: a matrix
-    /// larger than the caches streams from memory, and the hardware
-    /// prefetchers alone keep too few lines in flight for four interleaved
-    /// row streams.
-    const PREFETCH_ROWS: usize = 8;
+    /// How far ahead a thread asks for its panel's records: a decode step
+    /// streams them from memory.
+    const PREFETCH_BYTES: usize = 1024;
 
-    #[inline(always)]
-    fn prefetch<T>(p: *const T) {
-        // SAFETY: a prefetch never faults, whatever the address.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(p as *const i8) }
-    }
-
-    /// The weight row a tile column reads: a short last tile repeats its last
-    /// row (never stored), so the kernel always runs four columns.
-    #[inline(always)]
-    fn row_of(j: usize, c: usize, cols: usize) -> usize {
-        j + c.min(cols - 1)
-    }
-
-    /// Where each tile column's weight row starts: its quantised values,
-    /// scales and (Q4_1) minimums.
-    #[allow(clippy::type_complexity)]
-    unsafe fn tile_rows(
-        w: &QMatrix,
-        j: usize,
-        cols: usize,
-    ) -> (
-        [*const u8; COL_TILE],
-        [*const f32; COL_TILE],
-        [*const f32; COL_TILE],
-    ) {
-        let nb = w.k / QK;
-        let row_bytes = match w.format {
-            QFormat::Q8 => w.k,
-            QFormat::Q4_1 => w.k / 2,
-        };
-        let mut wq = [std::ptr::null::<u8>(); COL_TILE];
-        let mut wd = [std::ptr::null::<f32>(); COL_TILE];
-        let mut wm = [std::ptr::null::<f32>(); COL_TILE];
-        for c in 0..COL_TILE {
-            let jr = row_of(j, c, cols);
-            wq[c] = w.qs.as_ptr().add(jr * row_bytes);
-            wd[c] = w.d.as_ptr().add(jr * nb);
-            // Q8 has no minimums: a pointer that is never read.
-            wm[c] = w.m.as_ptr().wrapping_add(jr * nb);
-        }
-        (wq, wd, wm)
-    }
-
-    /// Q8_0: each 64-byte step covers two blocks (8 lanes each). An odd
-    /// last block is summed as an integer and scaled on its own, as the
-    /// one-row kernel this replaced did, so results stay bit-identical.
+    /// Rows `r0..r0 + R` of panel `p`; `Q41` picks the format.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     #[allow(clippy::needless_range_loop)]
-    unsafe fn q8<const R: usize>(
+    unsafe fn rows_of<const R: usize, const Q41: bool>(
         w: &QMatrix,
-        j: usize,
-        cols: usize,
         x: &ActQ,
-        r0: usize,
-        out: *mut f32,
-        n: usize,
-    ) {
-        let k = w.k;
-        let nb = k / QK;
-        let zero = _mm512_setzero_si512();
-        let bias = _mm512_set1_epi8(-128);
-        let (wq, wd, _) = tile_rows(w, j, cols);
-        let mut acc = [[_mm512_setzero_ps(); COL_TILE]; R];
-        if R == 1 {
-            // One activation row (a decode step): each weight row is read
-            // through from start to end, the pattern memory streams best.
-            for c in 0..COL_TILE {
-                let mut one = [[_mm512_setzero_ps(); 1]; R];
-                for p in 0..nb / 2 {
-                    q8_step::<R, 1>(&mut one, &[wq[c]], &[wd[c]], x, r0, p, k, nb);
-                }
-                acc[0][c] = one[0][0];
-            }
-        } else {
-            for p in 0..nb / 2 {
-                q8_step::<R, COL_TILE>(&mut acc, &wq, &wd, x, r0, p, k, nb);
-            }
-        }
-        let mut tail = [[_mm512_setzero_ps(); COL_TILE]; R];
-        if nb % 2 == 1 {
-            let b = nb - 1;
-            let qmask: __mmask64 = (1 << 32) - 1;
-            for (r, t) in tail.iter_mut().enumerate() {
-                let row = r0 + r;
-                let xv =
-                    _mm512_maskz_loadu_epi8(qmask, x.q.as_ptr().add(row * k + b * QK) as *const i8);
-                for c in 0..COL_TILE {
-                    let v = _mm512_maskz_loadu_epi8(qmask, wq[c].add(b * QK) as *const i8);
-                    let neg = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, bias, v));
-                    let s = _mm512_reduce_add_epi32(_mm512_dpbusd_epi32(neg, xv, v));
-                    let d = *wd[c].add(b) * x.d[row * nb + b];
-                    t[c] = _mm512_castps128_ps512(_mm_set_ss(s as f32 * d));
-                }
-            }
-        }
-        let none = [[_mm512_setzero_ps(); COL_TILE]; R];
-        store!(acc, tail, none, cols, r0, j, out, n);
-    }
-
-    /// Q4_1: each 64-byte step covers four blocks (4 lanes each), low
-    /// nibbles against the first halves of the activation blocks, high
-    /// nibbles against the second. Two last blocks (`k` = 64 mod 128) and
-    /// the minimum term `sum(m * d_x * sum(q_x))` are summed apart and added
-    /// at the end, in the order the one-row kernel this replaced used, so
-    /// results stay bit-identical.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    #[allow(clippy::needless_range_loop)]
-    unsafe fn q41<const R: usize>(
-        w: &QMatrix,
-        j: usize,
-        cols: usize,
-        x: &ActQ,
-        r0: usize,
-        out: *mut f32,
-        n: usize,
-    ) {
-        let k = w.k;
-        let nb = k / QK;
-        debug_assert!(nb.is_multiple_of(2), "Q4_1 rows must be a multiple of 64");
-        let (wq, wd, wm) = tile_rows(w, j, cols);
-        let groups = nb / 4;
-        let mut acc = [[_mm512_setzero_ps(); COL_TILE]; R];
-        let mut tail = [[_mm512_setzero_ps(); COL_TILE]; R];
-        let mut mins = [[_mm512_setzero_ps(); COL_TILE]; R];
-        if R == 1 {
-            // One activation row (a decode step): each weight row is read
-            // through from start to end, scales and minimums after it, the
-            // pattern memory streams best.
-            for c in 0..COL_TILE {
-                let (q1, d1) = ([wq[c]], [wd[c]]);
-                let mut one = [[_mm512_setzero_ps(); 1]; R];
-                for g in 0..groups {
-                    q41_step::<R, 1, false>(&mut one, &q1, &d1, x, r0, g, k, nb);
-                }
-                acc[0][c] = one[0][0];
-                if !nb.is_multiple_of(4) {
-                    let mut one = [[_mm512_setzero_ps(); 1]; R];
-                    q41_step::<R, 1, true>(&mut one, &q1, &d1, x, r0, groups, k, nb);
-                    tail[0][c] = one[0][0];
-                }
-                mins[0][c] = q41_mins(wm[c], x.s.as_ptr().add(r0 * nb), nb);
-            }
-        } else {
-            for g in 0..groups {
-                q41_step::<R, COL_TILE, false>(&mut acc, &wq, &wd, x, r0, g, k, nb);
-            }
-            // Two blocks left: one half step, summed apart.
-            if !nb.is_multiple_of(4) {
-                q41_step::<R, COL_TILE, true>(&mut tail, &wq, &wd, x, r0, groups, k, nb);
-            }
-            for (r, mr) in mins.iter_mut().enumerate() {
-                let xs = x.s.as_ptr().add((r0 + r) * nb);
-                for c in 0..COL_TILE {
-                    mr[c] = q41_mins(wm[c], xs, nb);
-                }
-            }
-        }
-        store!(acc, tail, mins, cols, r0, j, out, n);
-    }
-
-    /// Q4_1's minimum term `sum(m * d_x * sum(q_x))` of one weight row and
-    /// one activation row, 16 blocks at a time, lane sums left to the caller.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    #[inline]
-    unsafe fn q41_mins(wm: *const f32, xs: *const f32, nb: usize) -> __m512 {
-        let mut macc = _mm512_setzero_ps();
-        let mut b = 0;
-        while b < nb {
-            let left = (nb - b).min(16);
-            let mask: __mmask16 = if left == 16 {
-                0xffff
-            } else {
-                (1u16 << left) - 1
-            };
-            let mv = _mm512_maskz_loadu_ps(mask, wm.add(b));
-            let sv = _mm512_maskz_loadu_ps(mask, xs.add(b));
-            macc = _mm512_fmadd_ps(mv, sv, macc);
-            b += 16;
-        }
-        macc
-    }
-
-    /// One step of [`q8`]: blocks `2p` and `2p + 1` of `CS` weight rows
-    /// against `R` activation rows.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    #[inline]
-    #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
-    unsafe fn q8_step<const R: usize, const CS: usize>(
-        acc: &mut [[__m512; CS]; R],
-        wq: &[*const u8; CS],
-        wd: &[*const f32; CS],
-        x: &ActQ,
-        r0: usize,
         p: usize,
-        k: usize,
-        nb: usize,
+        r0: usize,
+        out: *mut f32,
     ) {
+        let (n, k) = (w.n, w.k);
+        let nb = k / QK;
+        let (rl, vl) = (w.format.record_lines(), w.format.value_lines());
+        let base = w.data.as_ptr().add(p * nb * rl) as *const u8;
+        let low = _mm512_set1_epi8(0x0f);
         let zero = _mm512_setzero_si512();
-        let bias = _mm512_set1_epi8(-128);
-        // Lanes 0..8 take the first block's scale, 8..16 the second's.
-        let idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-        let mut v = [zero; CS];
-        let mut neg = [zero; CS];
-        let mut d2 = [_mm512_setzero_ps(); CS];
-        for c in 0..CS {
-            // Only the first rows of a tile meet the weights cold.
-            if CS > 1 && r0 == 0 {
-                prefetch(wq[c].wrapping_add(p * 64 + PREFETCH_ROWS * k));
-                prefetch(wd[c].wrapping_add(p * 2 + PREFETCH_ROWS * nb));
+        let mut acc = [_mm512_setzero_ps(); R];
+        for b in 0..nb {
+            let rec = base.add(b * rl * 64);
+            if r0 == 0 {
+                for l in (0..rl * 64).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(rec.wrapping_add(PREFETCH_BYTES + l) as *const i8);
+                }
             }
-            v[c] = _mm512_loadu_si512(wq[c].add(p * 64) as *const _);
-            // -128 * w summed per lane: the activations' offset, taken off by
-            // starting each dot product from it.
-            neg[c] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, bias, v[c]));
-            d2[c] =
-                _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_loadu_ps(wd[c].add(p * 2))));
+            // B row `t`: bytes `4t..4t+4` of the block for each column.
+            let mut wv = [zero; 8];
+            if Q41 {
+                for t in 0..4 {
+                    let v = _mm512_load_si512(rec.add(t * 64) as *const _);
+                    wv[t] = _mm512_and_si512(v, low);
+                    wv[t + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
+                }
+            } else {
+                for t in 0..8 {
+                    wv[t] = _mm512_load_si512(rec.add(t * 64) as *const _);
+                }
+            }
+            let dw = _mm512_load_ps(rec.add(vl * 64) as *const f32);
+            for r in 0..R {
+                let xi = (r0 + r) * nb + b;
+                let xp = x.q.as_ptr().add((r0 + r) * k + b * QK) as *const i32;
+                // Two chains halve the dependency on `vpdpbusd`'s latency;
+                // integer sums are exact in any order.
+                let mut s0 = if Q41 {
+                    zero
+                } else {
+                    _mm512_set1_epi32(*x.c.get_unchecked(xi))
+                };
+                let mut s1 = zero;
+                for t in (0..8).step_by(2) {
+                    let a = _mm512_set1_epi32(xp.add(t).read_unaligned());
+                    let c = _mm512_set1_epi32(xp.add(t + 1).read_unaligned());
+                    s0 = _mm512_dpbusd_epi32(s0, wv[t], a);
+                    s1 = _mm512_dpbusd_epi32(s1, wv[t + 1], c);
+                }
+                let dot = _mm512_add_epi32(s0, s1);
+                let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*x.d.get_unchecked(xi)));
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r]);
+            }
         }
+        let cols = (n - p * PANEL).min(PANEL);
+        let mask: __mmask16 = if cols == PANEL {
+            !0
+        } else {
+            (1u16 << cols) - 1
+        };
         for r in 0..R {
-            let row = r0 + r;
-            let xv = _mm512_loadu_si512(x.q.as_ptr().add(row * k + p * 64) as *const _);
-            let dx = _mm512_loadu_ps(x.dexp.as_ptr().add((row * nb + p * 2) * 8));
-            for c in 0..CS {
-                let dot = _mm512_dpbusd_epi32(neg[c], xv, v[c]);
-                acc[r][c] =
-                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d2[c], dx), acc[r][c]);
+            let mut v = acc[r];
+            if Q41 {
+                v = _mm512_add_ps(v, mins(w, p, x, r0 + r));
+            }
+            _mm512_mask_storeu_ps(out.add((r0 + r) * n + p * PANEL), mask, v);
+        }
+    }
+
+    /// Q4_1's minimum term of panel `p` for activation row `r`, summed as
+    /// [`super::reference`] does: even and odd blocks apart, then added. A
+    /// pass of its own after the dot products, which then need fewer
+    /// registers; the panel's records are still in L1.
+    ///
+    /// # Safety
+    /// As [`panel`], for a Q4_1 matrix.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn mins(w: &QMatrix, p: usize, x: &ActQ, r: usize) -> __m512 {
+        let nb = w.k / QK;
+        let rl = w.format.record_lines();
+        let first = w
+            .data
+            .as_ptr()
+            .add(p * nb * rl + w.format.value_lines() + 1) as *const f32;
+        let xs = x.s.as_ptr().add(r * nb);
+        let mut sums = [_mm512_setzero_ps(); 2];
+        for b in 0..nb {
+            let mw = _mm512_load_ps(first.add(b * rl * 16));
+            let s = _mm512_set1_ps(*xs.add(b));
+            sums[b % 2] = _mm512_fmadd_ps(mw, s, sums[b % 2]);
+        }
+        _mm512_add_ps(sums[0], sums[1])
+    }
+}
+
+/// The AMX kernel: a panel against 16 activation rows at a time, one tile
+/// product (`tdpbsud`, 16 x 16 outputs x 32 bytes) per block; the 16 x 16
+/// integer results then get the scales as in the other kernels.
+#[cfg(target_arch = "x86_64")]
+mod amx {
+    use super::{ActQ, Line, QFormat, QMatrix, PANEL, QK, TILE_ROWS, ZERO_LINE};
+    use std::arch::asm;
+    use std::arch::x86_64::*;
+
+    /// The tile configuration (`ldtilecfg`'s 64-byte operand): tiles 0 and 1
+    /// hold results (16 rows x 16 i32), 2 and 3 activations (16 rows x 32
+    /// bytes), 4 and 5 weights (8 rows x 64 bytes).
+    #[repr(C, align(64))]
+    struct Config {
+        palette: u8,
+        start_row: u8,
+        reserved: [u8; 14],
+        colsb: [u16; 16],
+        rows: [u8; 16],
+        tail: [u8; 16],
+    }
+
+    /// One thread's tile state and buffers for a matmul.
+    pub struct Tiles {
+        /// Q4_1 weights of one panel unpacked to bytes, 8 lines a block.
+        unpacked: Vec<Line>,
+        /// Two result tiles stored for the scaling.
+        results: [Line; 2 * TILE_ROWS],
+    }
+
+    impl Tiles {
+        /// Load the tile configuration on this thread.
+        ///
+        /// # Safety
+        /// [`super::amx_available`] must be true.
+        pub unsafe fn new(w: &QMatrix) -> Self {
+            let mut cfg = Config {
+                palette: 1,
+                start_row: 0,
+                reserved: [0; 14],
+                colsb: [0; 16],
+                rows: [0; 16],
+                tail: [0; 16],
+            };
+            for (t, (colsb, rows)) in [(64, 16), (64, 16), (32, 16), (32, 16), (64, 8), (64, 8)]
+                .into_iter()
+                .enumerate()
+            {
+                cfg.colsb[t] = colsb;
+                cfg.rows[t] = rows;
+            }
+            asm!("ldtilecfg [{}]", in(reg) &cfg, options(nostack, readonly));
+            let unpacked = match w.format {
+                QFormat::Q8 => Vec::new(),
+                QFormat::Q4_1 => vec![ZERO_LINE; w.k / QK * 8],
+            };
+            Tiles {
+                unpacked,
+                results: [ZERO_LINE; 2 * TILE_ROWS],
+            }
+        }
+
+        /// Panel `p` for every activation row.
+        ///
+        /// # Safety
+        /// As [`super::vnni::panel`], and the tiles configured on this
+        /// thread by [`Tiles::new`] for this matrix.
+        pub unsafe fn panel(&mut self, w: &QMatrix, x: &ActQ, p: usize, out: *mut f32) {
+            match w.format {
+                QFormat::Q8 => self.panel_of::<false>(w, x, p, out),
+                QFormat::Q4_1 => self.panel_of::<true>(w, x, p, out),
+            }
+        }
+
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+        #[allow(clippy::needless_range_loop)]
+        unsafe fn panel_of<const Q41: bool>(
+            &mut self,
+            w: &QMatrix,
+            x: &ActQ,
+            p: usize,
+            out: *mut f32,
+        ) {
+            let (n, k, m) = (w.n, w.k, x.m);
+            let nb = k / QK;
+            let (rl, vl) = (w.format.record_lines(), w.format.value_lines());
+            let base = w.data.as_ptr().add(p * nb * rl) as *const u8;
+            // Where block `b`'s weight tile is: Q8's is in its record,
+            // Q4_1's nibbles are unpacked once for all row tiles.
+            let (tiles, step) = if Q41 {
+                let low = _mm512_set1_epi8(0x0f);
+                let dst = self.unpacked.as_mut_ptr() as *mut u8;
+                for b in 0..nb {
+                    let rec = base.add(b * rl * 64);
+                    for t in 0..4 {
+                        let v = _mm512_load_si512(rec.add(t * 64) as *const _);
+                        let lo = _mm512_and_si512(v, low);
+                        let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
+                        _mm512_store_si512(dst.add((b * 8 + t) * 64) as *mut _, lo);
+                        _mm512_store_si512(dst.add((b * 8 + t + 4) * 64) as *mut _, hi);
+                    }
+                }
+                (self.unpacked.as_ptr() as *const u8, 8 * 64)
+            } else {
+                (base, rl * 64)
+            };
+            let res = self.results.as_mut_ptr() as *mut u8;
+            let cols = (n - p * PANEL).min(PANEL);
+            let mask: __mmask16 = if cols == PANEL {
+                !0
+            } else {
+                (1u16 << cols) - 1
+            };
+            let mut r0 = 0;
+            while r0 < m {
+                let xa = x.q.as_ptr().add(r0 * k);
+                let mut acc = [_mm512_setzero_ps(); TILE_ROWS];
+                // The scaling of block `b`'s results from `res`, each row
+                // in the order of `super::reference`.
+                macro_rules! scale {
+                    ($b:expr, $res:expr) => {{
+                        let rec = base.add($b * rl * 64);
+                        let dw = _mm512_load_ps(rec.add(vl * 64) as *const f32);
+                        for i in 0..TILE_ROWS {
+                            let xi = (r0 + i) * nb + $b;
+                            let mut dot = _mm512_load_si512($res.add(i * 64) as *const _);
+                            if !Q41 {
+                                let c = _mm512_set1_epi32(*x.c.get_unchecked(xi));
+                                dot = _mm512_add_epi32(dot, c);
+                            }
+                            let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*x.d.get_unchecked(xi)));
+                            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[i]);
+                        }
+                    }};
+                }
+                let mut b = 0;
+                while b + 1 < nb {
+                    // Two blocks per round, so that one tile product runs
+                    // while the other's results are stored.
+                    asm!(
+                        "tileloadd tmm2, [{a0} + {k}]",
+                        "tileloadd tmm4, [{w0} + {s}]",
+                        "tileloadd tmm3, [{a1} + {k}]",
+                        "tileloadd tmm5, [{w1} + {s}]",
+                        "tilezero tmm0",
+                        "tilezero tmm1",
+                        "tdpbsud tmm0, tmm2, tmm4",
+                        "tdpbsud tmm1, tmm3, tmm5",
+                        "tilestored [{r0} + {s}], tmm0",
+                        "tilestored [{r1} + {s}], tmm1",
+                        a0 = in(reg) xa.add(b * QK),
+                        a1 = in(reg) xa.add((b + 1) * QK),
+                        k = in(reg) k,
+                        w0 = in(reg) tiles.add(b * step),
+                        w1 = in(reg) tiles.add((b + 1) * step),
+                        s = in(reg) 64usize,
+                        r0 = in(reg) res,
+                        r1 = in(reg) res.add(TILE_ROWS * 64),
+                        options(nostack),
+                    );
+                    scale!(b, res);
+                    scale!(b + 1, res.add(TILE_ROWS * 64));
+                    b += 2;
+                }
+                if b < nb {
+                    asm!(
+                        "tileloadd tmm2, [{a0} + {k}]",
+                        "tileloadd tmm4, [{w0} + {s}]",
+                        "tilezero tmm0",
+                        "tdpbsud tmm0, tmm2, tmm4",
+                        "tilestored [{r0} + {s}], tmm0",
+                        a0 = in(reg) xa.add(b * QK),
+                        k = in(reg) k,
+                        w0 = in(reg) tiles.add(b * step),
+                        s = in(reg) 64usize,
+                        r0 = in(reg) res,
+                        options(nostack),
+                    );
+                    scale!(b, res);
+                }
+                for i in 0..TILE_ROWS.min(m - r0) {
+                    let mut v = acc[i];
+                    if Q41 {
+                        v = _mm512_add_ps(v, super::vnni::mins(w, p, x, r0 + i));
+                    }
+                    _mm512_mask_storeu_ps(out.add((r0 + i) * n + p * PANEL), mask, v);
+                }
+                r0 += TILE_ROWS;
             }
         }
     }
 
-    /// One step of [`q41`]: blocks `4g..4g+4` (`HALF`: `4g..4g+2`, under
-    /// masks: 32 weight bytes, 32 activation bytes a half, 8 lanes).
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    #[inline]
-    #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
-    unsafe fn q41_step<const R: usize, const CS: usize, const HALF: bool>(
-        acc: &mut [[__m512; CS]; R],
-        wq: &[*const u8; CS],
-        wd: &[*const f32; CS],
-        x: &ActQ,
-        r0: usize,
-        g: usize,
-        k: usize,
-        nb: usize,
-    ) {
-        let zero = _mm512_setzero_si512();
-        let low = _mm512_set1_epi8(0x0f);
-        let idx = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-        let (qmask, dmask, smask, half): (__mmask64, __mmask16, __mmask8, usize) = if HALF {
-            ((1 << 32) - 1, 0x00ff, 0b0011, 32)
-        } else {
-            (!0, 0xffff, 0b1111, 64)
-        };
-        let mut lo = [zero; CS];
-        let mut hi = [zero; CS];
-        let mut d4 = [_mm512_setzero_ps(); CS];
-        for c in 0..CS {
-            // Only the first rows of a tile meet the weights cold.
-            if CS > 1 && r0 == 0 {
-                prefetch(wq[c].wrapping_add(g * 64 + PREFETCH_ROWS * k / 2));
-                prefetch(wd[c].wrapping_add(g * 4 + PREFETCH_ROWS * nb));
-            }
-            let v = if HALF {
-                _mm512_maskz_loadu_epi8(qmask, wq[c].add(g * 64) as *const i8)
-            } else {
-                _mm512_loadu_si512(wq[c].add(g * 64) as *const _)
-            };
-            lo[c] = _mm512_and_si512(v, low);
-            hi[c] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-            let d = if HALF {
-                _mm_maskz_loadu_ps(smask, wd[c].add(g * 4))
-            } else {
-                _mm_loadu_ps(wd[c].add(g * 4))
-            };
-            d4[c] = _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(d));
-        }
-        for r in 0..R {
-            let row = r0 + r;
-            let xp = x.q.as_ptr().add(row * k + g * 128);
-            let (xl, xh, dx) = if HALF {
-                (
-                    _mm512_maskz_loadu_epi8(qmask, xp as *const i8),
-                    _mm512_maskz_loadu_epi8(qmask, xp.add(half) as *const i8),
-                    _mm512_maskz_loadu_ps(dmask, x.dexp.as_ptr().add((row * nb + g * 4) * 4)),
-                )
-            } else {
-                (
-                    _mm512_loadu_si512(xp as *const _),
-                    _mm512_loadu_si512(xp.add(half) as *const _),
-                    _mm512_loadu_ps(x.dexp.as_ptr().add((row * nb + g * 4) * 4)),
-                )
-            };
-            for c in 0..CS {
-                let dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo[c], xl), hi[c], xh);
-                acc[r][c] =
-                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d4[c], dx), acc[r][c]);
-            }
+    impl Drop for Tiles {
+        fn drop(&mut self) {
+            // SAFETY: `new` configured the tiles on this thread; releasing
+            // them returns the tile state to its initial (smaller) form.
+            unsafe { asm!("tilerelease", options(nostack, nomem)) };
         }
     }
 }
@@ -943,48 +1068,62 @@ pub(crate) mod tests {
         out
     }
 
+    /// Every kernel that runs here gives the reference's bits for every
+    /// output; the reference is close to the f32 product.
     fn check(w: &QMatrix, m: usize, seed: &mut u64, pool: &Pool) {
         let (n, k) = (w.rows(), w.cols());
         let x: Vec<f32> = (0..m * k).map(|_| lcg(seed)).collect();
         let mut a = ActQ::default();
         a.quantize(&x, m, k, w.format());
-        let mut y = vec![0f32; m * n];
-        matmul(w, &a, &mut y, pool);
         let mut wr = vec![0f32; k];
+        let mut want = vec![0f32; m * n];
         for j in 0..n {
             w.dequantize_row(j, &mut wr);
             for r in 0..m {
                 let exact: f32 = (0..k).map(|i| x[r * k + i] * wr[i]).sum();
                 let scale: f32 = (0..k).map(|i| (x[r * k + i] * wr[i]).abs()).sum();
-                let err = (y[r * n + j] - exact).abs();
+                let got = reference(w, j, &a, r);
                 assert!(
-                    err <= 0.02 * scale + 1e-4,
-                    "{r},{j}: {} vs {exact}",
-                    y[r * n + j]
+                    (got - exact).abs() <= 0.02 * scale + 1e-4,
+                    "{r},{j}: {got} vs {exact}"
                 );
-                let simd = simd_available();
-                let s = dot_scalar(w, j, &a, r);
-                assert!(
-                    (s - y[r * n + j]).abs() <= 1e-3 * scale + 1e-5,
-                    "scalar {simd}"
+                want[r * n + j] = got;
+            }
+        }
+        for kernel in [Kernel::Portable, Kernel::Vnni, Kernel::Amx] {
+            if !kernel.available() {
+                eprintln!("{kernel:?} cannot run here; not checked");
+                continue;
+            }
+            let mut y = vec![f32::NAN; m * n];
+            matmul_with(w, &a, &mut y, pool, kernel);
+            for (i, (g, e)) in y.iter().zip(&want).enumerate() {
+                assert_eq!(
+                    g.to_bits(),
+                    e.to_bits(),
+                    "{kernel:?} {n}x{k}, m {m}: output {i}"
                 );
             }
         }
-        // Each row alone gives bit-identical output.
-        for r in 0..m {
-            let mut a1 = ActQ::default();
-            a1.quantize(&x[r * k..(r + 1) * k], 1, k, w.format());
-            let mut y1 = vec![0f32; n];
-            matmul(w, &a1, &mut y1, pool);
-            assert_eq!(&y1[..], &y[r * n..(r + 1) * n], "row {r}");
-        }
+        // The kernel chosen for one row alone gives the same bits.
+        let mut a1 = ActQ::default();
+        a1.quantize(&x[(m - 1) * k..], 1, k, w.format());
+        let mut y1 = vec![0f32; n];
+        matmul(w, &a1, &mut y1, pool);
+        assert_eq!(&y1[..], &want[(m - 1) * n..], "last row alone");
     }
 
     #[test]
-    fn q8_matches_reference_and_is_batch_independent() {
+    fn q8_kernels_match_the_reference_bit_for_bit() {
         let pool = Pool::new(2);
         let mut s = 7u64;
-        for &(n, k, m) in &[(37, 96, 6), (64, 576, 9), (5, 32, 1)] {
+        for &(n, k, m) in &[
+            (37, 96, 6),
+            (64, 576, 9),
+            (5, 32, 1),
+            (48, 160, 37),
+            (16, 64, 16),
+        ] {
             let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut s)).collect();
             let q = QMatrix::q8_from_f32(&w, n, k).unwrap();
             check(&q, m, &mut s, &pool);
@@ -992,14 +1131,50 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn q4_1_matches_reference_and_is_batch_independent() {
+    fn q4_1_kernels_match_the_reference_bit_for_bit() {
         let pool = Pool::new(2);
         let mut s = 11u64;
-        for &(n, k, m) in &[(33, 576, 7), (16, 128, 1), (9, 64, 5), (12, 1536, 3)] {
+        for &(n, k, m) in &[
+            (33, 576, 7),
+            (16, 128, 1),
+            (9, 64, 5),
+            (12, 1536, 3),
+            (40, 96, 33),
+            (16, 576, 20),
+        ] {
             let bytes = q41_bytes(n, k, &mut s);
             let q = QMatrix::from_gguf_q4_1(&bytes, n, k).unwrap();
             check(&q, m, &mut s, &pool);
         }
+    }
+
+    #[test]
+    fn packing_keeps_the_gguf_values() {
+        let mut s = 5u64;
+        let (n, k) = (19, 96);
+        let bytes = q41_bytes(n, k, &mut s);
+        let q = QMatrix::from_gguf_q4_1(&bytes, n, k).unwrap();
+        let mut row = vec![0f32; k];
+        for j in [0, 15, 16, 18] {
+            q.dequantize_row(j, &mut row);
+            for (b, blk) in bytes[j * 3 * 20..(j + 1) * 3 * 20].chunks(20).enumerate() {
+                let (d, m) = (f16_le(&blk[0..2]), f16_le(&blk[2..4]));
+                for i in 0..16 {
+                    assert_eq!(row[b * QK + i], d * f32::from(blk[4 + i] & 0x0f) + m);
+                    assert_eq!(row[b * QK + i + 16], d * f32::from(blk[4 + i] >> 4) + m);
+                }
+            }
+        }
+        let mut q8 = Vec::new();
+        for _ in 0..n * k / QK {
+            q8.extend_from_slice(&f16::from_f32(0.5).to_bits().to_le_bytes());
+            q8.extend((0..QK).map(|i| (i as i8 - 16) as u8));
+        }
+        let q = QMatrix::from_gguf_q8_0(&q8, n, k).unwrap();
+        q.dequantize_row(17, &mut row);
+        assert_eq!(row[0], -8.0);
+        assert_eq!(row[31], 7.5);
+        assert_eq!(q.storage_bytes(), 2 * 3 * 9 * 64);
     }
 
     #[test]
@@ -1009,11 +1184,14 @@ pub(crate) mod tests {
         let b: Vec<f32> = (0..3 * 64).map(|_| lcg(&mut s)).collect();
         let qa = QMatrix::q8_from_f32(&a, 2, 64).unwrap();
         let qb = QMatrix::q8_from_f32(&b, 3, 64).unwrap();
-        let st = QMatrix::stack(vec![qa.clone(), qb]).unwrap();
+        let st = QMatrix::stack(vec![qa.clone(), qb.clone()]).unwrap();
         assert_eq!(st.rows(), 5);
         let (mut r1, mut r2) = (vec![0f32; 64], vec![0f32; 64]);
         qa.dequantize_row(1, &mut r1);
         st.dequantize_row(1, &mut r2);
+        assert_eq!(r1, r2);
+        qb.dequantize_row(2, &mut r1);
+        st.dequantize_row(4, &mut r2);
         assert_eq!(r1, r2);
         let q4 = QMatrix::from_gguf_q4_1(&q41_bytes(1, 64, &mut s), 1, 64).unwrap();
         assert!(QMatrix::stack(vec![qa, q4]).is_err());
