@@ -395,6 +395,47 @@ fn quantize_block(x: &[f32], q: &mut [u8]) -> (f32, i32) {
     (d, sum)
 }
 
+/// [`quantize_block`] with vectors, to the same bits: `f32::round` (half
+/// away from zero) is the truncation plus one step away from zero where the
+/// dropped fraction is at least a half; the fraction `v - trunc(v)` is exact.
+///
+/// # Safety
+/// The CPU must have AVX-512 F/BW; `x` and `q` must hold 32 values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn quantize_block_avx512(x: &[f32], q: &mut [u8]) -> (f32, i32) {
+    use std::arch::x86_64::*;
+    debug_assert!(x.len() == QK && q.len() == QK);
+    let v = [
+        _mm512_loadu_ps(x.as_ptr()),
+        _mm512_loadu_ps(x.as_ptr().add(16)),
+    ];
+    let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
+    // As the scalar code: a block of zeros (or of -0.0) has amax 0.
+    let amax = amax.max(0.0);
+    let d = amax / 127.0;
+    let inv = _mm512_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+    let (half, one) = (_mm512_set1_ps(0.5), _mm512_set1_ps(1.0));
+    let (lo, hi) = (_mm512_set1_ps(-127.0), _mm512_set1_ps(127.0));
+    let mut sum = _mm512_setzero_si512();
+    for (h, v) in v.into_iter().enumerate() {
+        let y = _mm512_mul_ps(v, inv);
+        let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(y);
+        let away = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(_mm512_abs_ps(_mm512_sub_ps(y, t)), half);
+        // One step away from zero: +1 or -1 with the sign of y.
+        let step = _mm512_or_ps(one, _mm512_and_ps(y, _mm512_set1_ps(-0.0)));
+        let r = _mm512_mask_add_ps(t, away, t, step);
+        let r = _mm512_min_ps(_mm512_max_ps(r, lo), hi);
+        let i = _mm512_cvttps_epi32(r);
+        sum = _mm512_add_epi32(sum, i);
+        _mm_storeu_si128(
+            q.as_mut_ptr().add(h * 16) as *mut __m128i,
+            _mm512_cvtepi32_epi8(i),
+        );
+    }
+    (d, _mm512_reduce_add_epi32(sum))
+}
+
 /// Activations `[m, k]` quantised per block of 32 to signed bytes in their
 /// own order, with what the kernels need per block.
 #[derive(Debug, Default)]
@@ -479,6 +520,14 @@ impl ActQ {
 
 fn quantize_row(x: &[f32], q: &mut [u8], d: &mut [f32], s: &mut [f32], c: &mut [i32]) {
     for (b, (xb, qb)) in x.chunks_exact(QK).zip(q.chunks_exact_mut(QK)).enumerate() {
+        #[cfg(target_arch = "x86_64")]
+        let (db, sum) = if simd_available() {
+            // SAFETY: the CPU has AVX-512 F/BW; both blocks hold 32 values.
+            unsafe { quantize_block_avx512(xb, qb) }
+        } else {
+            quantize_block(xb, qb)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
         let (db, sum) = quantize_block(xb, qb);
         d[b] = db;
         s[b] = db * sum as f32;
@@ -805,38 +854,65 @@ mod vnni {
         } else {
             (1u16 << cols) - 1
         };
-        for r in 0..R {
-            let mut v = acc[r];
-            if Q41 {
-                v = _mm512_add_ps(v, mins(w, p, x, r0 + r));
+        if Q41 {
+            let mut terms = [_mm512_setzero_ps(); R];
+            mins::<R>(w, p, x, r0, &mut terms);
+            for r in 0..R {
+                acc[r] = _mm512_add_ps(acc[r], terms[r]);
             }
-            _mm512_mask_storeu_ps(out.add((r0 + r) * n + p * PANEL), mask, v);
+        }
+        for r in 0..R {
+            _mm512_mask_storeu_ps(out.add((r0 + r) * n + p * PANEL), mask, acc[r]);
         }
     }
 
-    /// Q4_1's minimum term of panel `p` for activation row `r`, summed as
-    /// [`super::reference`] does: even and odd blocks apart, then added. A
-    /// pass of its own after the dot products, which then need fewer
-    /// registers; the panel's records are still in L1.
+    /// Q4_1's minimum terms of panel `p` for activation rows `r0..r0 + N`,
+    /// each summed as [`super::reference`] does: even and odd blocks apart,
+    /// then added. A pass of its own after the dot products, which then
+    /// need fewer registers; the panel's records are still in L1. Several
+    /// rows at a time, so that the sums' chains of dependent additions
+    /// overlap.
     ///
     /// # Safety
-    /// As [`panel`], for a Q4_1 matrix.
+    /// As [`panel`], for a Q4_1 matrix and rows that `x` holds (padding
+    /// included).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub(super) unsafe fn mins(w: &QMatrix, p: usize, x: &ActQ, r: usize) -> __m512 {
+    #[allow(clippy::needless_range_loop)]
+    pub(super) unsafe fn mins<const N: usize>(
+        w: &QMatrix,
+        p: usize,
+        x: &ActQ,
+        r0: usize,
+        out: &mut [__m512; N],
+    ) {
         let nb = w.k / QK;
         let rl = w.format.record_lines();
         let first = w
             .data
             .as_ptr()
             .add(p * nb * rl + w.format.value_lines() + 1) as *const f32;
-        let xs = x.s.as_ptr().add(r * nb);
-        let mut sums = [_mm512_setzero_ps(); 2];
-        for b in 0..nb {
-            let mw = _mm512_load_ps(first.add(b * rl * 16));
-            let s = _mm512_set1_ps(*xs.add(b));
-            sums[b % 2] = _mm512_fmadd_ps(mw, s, sums[b % 2]);
+        let xs = x.s.as_ptr().add(r0 * nb);
+        let mut even = [_mm512_setzero_ps(); N];
+        let mut odd = [_mm512_setzero_ps(); N];
+        let mut b = 0;
+        while b + 1 < nb {
+            let m0 = _mm512_load_ps(first.add(b * rl * 16));
+            let m1 = _mm512_load_ps(first.add((b + 1) * rl * 16));
+            for i in 0..N {
+                even[i] = _mm512_fmadd_ps(m0, _mm512_set1_ps(*xs.add(i * nb + b)), even[i]);
+                odd[i] = _mm512_fmadd_ps(m1, _mm512_set1_ps(*xs.add(i * nb + b + 1)), odd[i]);
+            }
+            b += 2;
         }
-        _mm512_add_ps(sums[0], sums[1])
+        if b < nb {
+            let m0 = _mm512_load_ps(first.add(b * rl * 16));
+            for i in 0..N {
+                even[i] = _mm512_fmadd_ps(m0, _mm512_set1_ps(*xs.add(i * nb + b)), even[i]);
+            }
+        }
+        for i in 0..N {
+            out[i] = _mm512_add_ps(even[i], odd[i]);
+        }
     }
 }
 
@@ -866,8 +942,9 @@ mod amx {
     pub struct Tiles {
         /// Q4_1 weights of one panel unpacked to bytes, 8 lines a block.
         unpacked: Vec<Line>,
-        /// Two result tiles stored for the scaling.
-        results: [Line; 2 * TILE_ROWS],
+        /// Two rounds of two result tiles, stored for the scaling: one
+        /// round's tiles are computed while the other's are scaled.
+        results: [Line; 4 * TILE_ROWS],
     }
 
     impl Tiles {
@@ -898,7 +975,7 @@ mod amx {
             };
             Tiles {
                 unpacked,
-                results: [ZERO_LINE; 2 * TILE_ROWS],
+                results: [ZERO_LINE; 4 * TILE_ROWS],
             }
         }
 
@@ -975,57 +1052,78 @@ mod amx {
                         }
                     }};
                 }
-                let mut b = 0;
-                while b + 1 < nb {
-                    // Two blocks per round, so that one tile product runs
-                    // while the other's results are stored.
-                    asm!(
-                        "tileloadd tmm2, [{a0} + {k}]",
-                        "tileloadd tmm4, [{w0} + {s}]",
-                        "tileloadd tmm3, [{a1} + {k}]",
-                        "tileloadd tmm5, [{w1} + {s}]",
-                        "tilezero tmm0",
-                        "tilezero tmm1",
-                        "tdpbsud tmm0, tmm2, tmm4",
-                        "tdpbsud tmm1, tmm3, tmm5",
-                        "tilestored [{r0} + {s}], tmm0",
-                        "tilestored [{r1} + {s}], tmm1",
-                        a0 = in(reg) xa.add(b * QK),
-                        a1 = in(reg) xa.add((b + 1) * QK),
-                        k = in(reg) k,
-                        w0 = in(reg) tiles.add(b * step),
-                        w1 = in(reg) tiles.add((b + 1) * step),
-                        s = in(reg) 64usize,
-                        r0 = in(reg) res,
-                        r1 = in(reg) res.add(TILE_ROWS * 64),
-                        options(nostack),
-                    );
-                    scale!(b, res);
-                    scale!(b + 1, res.add(TILE_ROWS * 64));
-                    b += 2;
+                // Two blocks a round. A round's tile products are issued
+                // before the previous round's results are scaled, so the tile
+                // unit and the vector units work at the same time.
+                let mut pending: Option<(usize, *const u8, bool)> = None;
+                let (mut b, mut round) = (0, 0);
+                while b < nb {
+                    let two = b + 1 < nb;
+                    let r = res.add((round % 2) * 2 * TILE_ROWS * 64);
+                    if two {
+                        asm!(
+                            "tileloadd tmm2, [{a0} + {k}]",
+                            "tileloadd tmm4, [{w0} + {s}]",
+                            "tileloadd tmm3, [{a1} + {k}]",
+                            "tileloadd tmm5, [{w1} + {s}]",
+                            "tilezero tmm0",
+                            "tilezero tmm1",
+                            "tdpbsud tmm0, tmm2, tmm4",
+                            "tdpbsud tmm1, tmm3, tmm5",
+                            "tilestored [{r0} + {s}], tmm0",
+                            "tilestored [{r1} + {s}], tmm1",
+                            a0 = in(reg) xa.add(b * QK),
+                            a1 = in(reg) xa.add((b + 1) * QK),
+                            k = in(reg) k,
+                            w0 = in(reg) tiles.add(b * step),
+                            w1 = in(reg) tiles.add((b + 1) * step),
+                            s = in(reg) 64usize,
+                            r0 = in(reg) r,
+                            r1 = in(reg) r.add(TILE_ROWS * 64),
+                            options(nostack),
+                        );
+                    } else {
+                        asm!(
+                            "tileloadd tmm2, [{a0} + {k}]",
+                            "tileloadd tmm4, [{w0} + {s}]",
+                            "tilezero tmm0",
+                            "tdpbsud tmm0, tmm2, tmm4",
+                            "tilestored [{r0} + {s}], tmm0",
+                            a0 = in(reg) xa.add(b * QK),
+                            k = in(reg) k,
+                            w0 = in(reg) tiles.add(b * step),
+                            s = in(reg) 64usize,
+                            r0 = in(reg) r,
+                            options(nostack),
+                        );
+                    }
+                    if let Some((pb, pr, ptwo)) = pending {
+                        scale!(pb, pr);
+                        if ptwo {
+                            scale!(pb + 1, pr.add(TILE_ROWS * 64));
+                        }
+                    }
+                    pending = Some((b, r as *const u8, two));
+                    b += if two { 2 } else { 1 };
+                    round += 1;
                 }
-                if b < nb {
-                    asm!(
-                        "tileloadd tmm2, [{a0} + {k}]",
-                        "tileloadd tmm4, [{w0} + {s}]",
-                        "tilezero tmm0",
-                        "tdpbsud tmm0, tmm2, tmm4",
-                        "tilestored [{r0} + {s}], tmm0",
-                        a0 = in(reg) xa.add(b * QK),
-                        k = in(reg) k,
-                        w0 = in(reg) tiles.add(b * step),
-                        s = in(reg) 64usize,
-                        r0 = in(reg) res,
-                        options(nostack),
-                    );
-                    scale!(b, res);
+                if let Some((pb, pr, ptwo)) = pending {
+                    scale!(pb, pr);
+                    if ptwo {
+                        scale!(pb + 1, pr.add(TILE_ROWS * 64));
+                    }
+                }
+                if Q41 {
+                    for q in 0..TILE_ROWS / 4 {
+                        let mut terms = [_mm512_setzero_ps(); 4];
+                        super::vnni::mins::<4>(w, p, x, r0 + q * 4, &mut terms);
+                        for i in 0..4 {
+                            acc[q * 4 + i] = _mm512_add_ps(acc[q * 4 + i], terms[i]);
+                        }
+                    }
                 }
                 for i in 0..TILE_ROWS.min(m - r0) {
-                    let mut v = acc[i];
-                    if Q41 {
-                        v = _mm512_add_ps(v, super::vnni::mins(w, p, x, r0 + i));
-                    }
-                    _mm512_mask_storeu_ps(out.add((r0 + i) * n + p * PANEL), mask, v);
+                    _mm512_mask_storeu_ps(out.add((r0 + i) * n + p * PANEL), mask, acc[i]);
                 }
                 r0 += TILE_ROWS;
             }
@@ -1145,6 +1243,39 @@ pub(crate) mod tests {
             let bytes = q41_bytes(n, k, &mut s);
             let q = QMatrix::from_gguf_q4_1(&bytes, n, k).unwrap();
             check(&q, m, &mut s, &pool);
+        }
+    }
+
+    #[test]
+    fn vector_quantisation_gives_the_scalar_bits() {
+        if !simd_available() {
+            eprintln!("no AVX-512 here; not checked");
+            return;
+        }
+        let mut s = 13u64;
+        let mut blocks: Vec<Vec<f32>> = (0..2000)
+            .map(|i| (0..QK).map(|_| lcg(&mut s) * (1 + i % 7) as f32).collect())
+            .collect();
+        // Halves exactly: amax 127 makes the scale 1, so x * inv = x.
+        let mut halves: Vec<f32> = (0..QK).map(|i| i as f32 - 15.5).collect();
+        halves[0] = 127.0;
+        halves[1] = -0.5;
+        halves[2] = 0.5;
+        blocks.push(halves);
+        blocks.push(vec![0.0; QK]);
+        blocks.push(vec![-0.0; QK]);
+        blocks.push((0..QK).map(|i| if i == 3 { -1e-30 } else { 0.0 }).collect());
+        for x in &blocks {
+            let (mut a, mut b) = ([0u8; QK], [0u8; QK]);
+            let want = quantize_block(x, &mut a);
+            // SAFETY: checked above that the CPU has AVX-512.
+            let got = unsafe { quantize_block_avx512(x, &mut b) };
+            assert_eq!(
+                (got.0.to_bits(), got.1),
+                (want.0.to_bits(), want.1),
+                "{x:?}"
+            );
+            assert_eq!(a, b, "{x:?}");
         }
     }
 
