@@ -443,7 +443,8 @@ pub struct ActQ {
     m: usize,
     k: usize,
     format: Option<QFormat>,
-    /// `[rows][k]` signed bytes; rows padded with zeros to a whole AMX tile.
+    /// `[rows][k]` signed bytes; from `AMX_MIN_ROWS` rows on, padded with
+    /// zeros to whole AMX tiles.
     q: Vec<u8>,
     /// Per block scale, `[rows][k / 32]`.
     d: Vec<f32>,
@@ -467,7 +468,12 @@ impl ActQ {
     fn quantize_on(&mut self, x: &[f32], m: usize, k: usize, format: QFormat, pool: Option<&Pool>) {
         debug_assert_eq!(x.len(), m * k);
         let nb = k / QK;
-        let rows = m.div_ceil(TILE_ROWS) * TILE_ROWS;
+        // The AMX kernel reads whole tiles of rows; the others only `m`.
+        let rows = if m >= AMX_MIN_ROWS {
+            m.div_ceil(TILE_ROWS) * TILE_ROWS
+        } else {
+            m
+        };
         self.m = m;
         self.k = k;
         self.format = Some(format);
@@ -623,6 +629,11 @@ pub(crate) fn matmul_with(w: &QMatrix, x: &ActQ, out: &mut [f32], pool: &Pool, k
     assert_eq!(x.format, Some(w.format), "activation format");
     assert!(out.len() >= m * n, "output size");
     assert!(kernel.available(), "{kernel:?} cannot run here");
+    // Only then are the activations padded to whole tiles.
+    assert!(
+        kernel != Kernel::Amx || m >= AMX_MIN_ROWS,
+        "AMX takes {AMX_MIN_ROWS} rows or more"
+    );
     let out_ptr = SyncPtr(out.as_mut_ptr());
     // Panel ranges claimed by the threads as they come free: on a shared
     // machine one core is often slower than the other, and a fixed half
@@ -1191,6 +1202,9 @@ pub(crate) mod tests {
         for kernel in [Kernel::Portable, Kernel::Vnni, Kernel::Amx] {
             if !kernel.available() {
                 eprintln!("{kernel:?} cannot run here; not checked");
+                continue;
+            }
+            if kernel == Kernel::Amx && m < AMX_MIN_ROWS {
                 continue;
             }
             let mut y = vec![f32::NAN; m * n];
