@@ -74,17 +74,15 @@ impl QFormat {
     /// bytes `4t..4t+4` of each of the 16 rows), the scales, the minimums.
     fn record_lines(self) -> usize {
         match self {
-            QFormat::Q8 => 8 + 1,
-            QFormat::Q4_1 => 4 + 2,
+            QFormat::Q8 => self.value_lines() + 1,
+            QFormat::Q4_1 => self.value_lines() + 2,
         }
     }
 
-    /// Lines of values in a record; the scales follow them.
+    /// Lines of values in a record (four bytes of each row a line); the
+    /// scales follow them.
     fn value_lines(self) -> usize {
-        match self {
-            QFormat::Q8 => 8,
-            QFormat::Q4_1 => 4,
-        }
+        self.block_bytes() / 4
     }
 }
 
@@ -688,6 +686,18 @@ struct SyncPtr(*mut f32);
 unsafe impl Send for SyncPtr {}
 unsafe impl Sync for SyncPtr {}
 
+/// The lanes of panel `p` that are columns of an `n`-column matrix (the last
+/// panel may be short), as a store mask.
+#[cfg(target_arch = "x86_64")]
+fn panel_mask(n: usize, p: usize) -> u16 {
+    let cols = (n - p * PANEL).min(PANEL);
+    if cols == PANEL {
+        !0
+    } else {
+        (1u16 << cols) - 1
+    }
+}
+
 fn portable_panel(w: &QMatrix, x: &ActQ, p: usize, out: SyncPtr) {
     let n = w.n;
     for j in p * PANEL..((p + 1) * PANEL).min(n) {
@@ -859,12 +869,7 @@ mod vnni {
                 acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r]);
             }
         }
-        let cols = (n - p * PANEL).min(PANEL);
-        let mask: __mmask16 = if cols == PANEL {
-            !0
-        } else {
-            (1u16 << cols) - 1
-        };
+        let mask = super::panel_mask(n, p);
         if Q41 {
             let mut terms = [_mm512_setzero_ps(); R];
             mins::<R>(w, p, x, r0, &mut terms);
@@ -1035,12 +1040,7 @@ mod amx {
                 (base, rl * 64)
             };
             let res = self.results.as_mut_ptr() as *mut u8;
-            let cols = (n - p * PANEL).min(PANEL);
-            let mask: __mmask16 = if cols == PANEL {
-                !0
-            } else {
-                (1u16 << cols) - 1
-            };
+            let mask = super::panel_mask(n, p);
             let mut r0 = 0;
             while r0 < m {
                 let xa = x.q.as_ptr().add(r0 * k);
