@@ -22,6 +22,8 @@ pub mod compute;
 pub mod coordinator;
 #[cfg(feature = "node")]
 pub mod engine;
+#[cfg(any(feature = "node", feature = "coordinator"))]
+pub mod http;
 pub mod node;
 #[cfg(feature = "payments")]
 pub mod payments;

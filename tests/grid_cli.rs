@@ -157,5 +157,14 @@ async fn bench_compares_an_echo_node_with_the_coordinator_in_front_of_one() {
             );
             assert!(side["requests_per_s"].as_f64().unwrap() > 0.0, "{run}");
         }
+        // The added latency is the difference of the two sides.
+        for q in ["p50", "p99"] {
+            let added = run[format!("added_{q}_ms")].as_f64().unwrap();
+            let (c, d) = (
+                run["compared"][format!("{q}_ms")].as_f64().unwrap(),
+                run["direct"][format!("{q}_ms")].as_f64().unwrap(),
+            );
+            assert!((added - (c - d)).abs() < 1e-9, "{run}");
+        }
     }
 }

@@ -24,7 +24,6 @@ use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use axum::Router;
 
 pub use state::{Config, Grid};
@@ -100,16 +99,7 @@ pub async fn serve(
             }
         })
     };
-    // Replies and WebSocket job pushes are small writes that must leave at
-    // once: with Nagle's algorithm on, a write waiting for the peer's
-    // delayed ACK stalled requests by about 40 ms under load. A socket that
-    // refuses the option still serves, only slower.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "TCP_NODELAY not set");
-        }
-    });
-    let result = axum::serve(listener, router(grid))
+    let result = axum::serve(crate::http::no_delay(listener), router(grid))
         .with_graceful_shutdown(shutdown)
         .await;
     reaper.abort();

@@ -100,11 +100,6 @@ impl LocalState {
         Arc::new(Self::default())
     }
 
-    /// Hand the loaded engine to the server; `/health` turns 200.
-    pub fn set_engine(&self, engine: EngineHandle) {
-        self.set_backend(Backend::Engine(engine));
-    }
-
     /// Hand the server its backend; `/health` turns 200.
     pub fn set_backend(&self, backend: Backend) {
         let _ = self.backend.set(backend);
@@ -112,14 +107,6 @@ impl LocalState {
 
     pub fn backend(&self) -> Option<&Backend> {
         self.backend.get()
-    }
-
-    /// The candle engine, when it is what answers and has loaded.
-    pub fn engine(&self) -> Option<&EngineHandle> {
-        match self.backend.get() {
-            Some(Backend::Engine(e)) => Some(e),
-            _ => None,
-        }
     }
 
     fn set_error(&self, e: String) {
@@ -178,6 +165,7 @@ pub async fn serve(
     max_body_bytes: usize,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let listener = crate::http::no_delay(listener);
     let state = LocalState::new();
     let app = router(state.clone(), max_body_bytes);
     let config = match source {
@@ -195,7 +183,7 @@ pub async fn serve(
         tokio::task::spawn_blocking(move || match Engine::load(config) {
             Ok(engine) => {
                 tracing::info!(model = %engine.info().id, secs = engine.info().load_seconds, "model loaded");
-                state.set_engine(engine);
+                state.set_backend(Backend::Engine(engine));
                 Ok(())
             }
             Err(e) => {

@@ -95,7 +95,6 @@ pub fn sigterm(p: &Child) {
 /// second, plus `args` (the store: `--in-memory` or `--database-url`).
 pub struct CoordinatorProc {
     pub base: String,
-    pub port: u16,
     pub proc: Proc,
 }
 
@@ -125,7 +124,6 @@ impl CoordinatorProc {
         });
         CoordinatorProc {
             base: format!("http://{listen}"),
-            port,
             proc,
         }
     }
