@@ -20,16 +20,60 @@ impl EngineExecutor {
     }
 }
 
+/// The engine's models as an executor lists them.
+pub(super) fn served_models(engine: &EngineHandle) -> Vec<ServedModel> {
+    engine
+        .models()
+        .into_iter()
+        .map(|m| ServedModel {
+            name: m.id,
+            context_size: m.context_length as u64,
+        })
+        .collect()
+}
+
+impl From<GenerationEvent> for ExecEvent {
+    fn from(ev: GenerationEvent) -> Self {
+        match ev {
+            GenerationEvent::Token { text } => ExecEvent::Token(text),
+            GenerationEvent::Done {
+                finish_reason,
+                prompt_tokens,
+                completion_tokens,
+            } => ExecEvent::Done {
+                finish: finish_reason,
+                prompt_tokens: u64::from(prompt_tokens),
+                completion_tokens: u64::from(completion_tokens),
+            },
+            GenerationEvent::Error { message } => ExecEvent::Failed(message),
+        }
+    }
+}
+
+/// The other way, for a server that answers from any executor as the engine
+/// would.
+impl From<ExecEvent> for GenerationEvent {
+    fn from(ev: ExecEvent) -> Self {
+        match ev {
+            ExecEvent::Token(text) => GenerationEvent::Token { text },
+            ExecEvent::Done {
+                finish,
+                prompt_tokens,
+                completion_tokens,
+            } => GenerationEvent::Done {
+                finish_reason: finish,
+                // Counts beyond u32 cannot come from a context of this size.
+                prompt_tokens: u32::try_from(prompt_tokens).unwrap_or(u32::MAX),
+                completion_tokens: u32::try_from(completion_tokens).unwrap_or(u32::MAX),
+            },
+            ExecEvent::Failed(message) => GenerationEvent::Error { message },
+        }
+    }
+}
+
 impl Executor for EngineExecutor {
     fn models(&self) -> Vec<ServedModel> {
-        self.engine
-            .models()
-            .into_iter()
-            .map(|m| ServedModel {
-                name: m.id,
-                context_size: m.context_length as u64,
-            })
-            .collect()
+        served_models(&self.engine)
     }
 
     fn slots(&self) -> u32 {
@@ -64,22 +108,8 @@ impl Executor for EngineExecutor {
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
             while let Some(ev) = events.recv().await {
-                let (out, last) = match ev {
-                    GenerationEvent::Token { text } => (ExecEvent::Token(text), false),
-                    GenerationEvent::Done {
-                        finish_reason,
-                        prompt_tokens,
-                        completion_tokens,
-                    } => (
-                        ExecEvent::Done {
-                            finish: finish_reason,
-                            prompt_tokens: u64::from(prompt_tokens),
-                            completion_tokens: u64::from(completion_tokens),
-                        },
-                        true,
-                    ),
-                    GenerationEvent::Error { message } => (ExecEvent::Failed(message), true),
-                };
+                let last = !matches!(ev, GenerationEvent::Token { .. });
+                let out = ExecEvent::from(ev);
                 // The agent dropped its receiver: the job is cancelled, and
                 // dropping `events` here frees the engine's slot.
                 if tx.send(out).await.is_err() || last {

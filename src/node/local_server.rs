@@ -25,7 +25,7 @@ use axum::{Json, Router};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
-use super::executor::{ExecError, ExecEvent, Executor};
+use super::executor::{ExecError, ExecEvent, Executor, ServedModel};
 use super::jobs;
 use crate::engine::{
     Engine, EngineConfig, EngineHandle, EventReceiver, GenerationEvent, GenerationRequest,
@@ -49,19 +49,11 @@ pub enum Backend {
 }
 
 impl Backend {
-    /// The models served, as (id, context length); the first is the default.
-    fn models(&self) -> Vec<(String, u64)> {
+    /// The models served; the first is the default.
+    fn models(&self) -> Vec<ServedModel> {
         match self {
-            Backend::Engine(e) => e
-                .models()
-                .into_iter()
-                .map(|m| (m.id, m.context_length as u64))
-                .collect(),
-            Backend::Executor(x) => x
-                .models()
-                .into_iter()
-                .map(|m| (m.name, m.context_size))
-                .collect(),
+            Backend::Engine(e) => super::engine_executor::served_models(e),
+            Backend::Executor(x) => x.models(),
         }
     }
 
@@ -234,12 +226,12 @@ async fn models(State(state): State<Arc<LocalState>>) -> Response {
     let data = backend
         .models()
         .into_iter()
-        .map(|(id, context)| ModelEntry {
-            id,
+        .map(|m| ModelEntry {
+            id: m.name,
             object: "model".into(),
             created: 0,
             owned_by: "sgl".into(),
-            context_window: Some(context),
+            context_window: Some(m.context_size),
         })
         .collect();
     Json(ModelList {
@@ -393,20 +385,7 @@ impl Events {
     async fn recv(&mut self) -> Option<GenerationEvent> {
         match self {
             Events::Engine(rx) => rx.recv().await,
-            Events::Executor(rx) => rx.recv().await.map(|ev| match ev {
-                ExecEvent::Token(text) => GenerationEvent::Token { text },
-                ExecEvent::Done {
-                    finish,
-                    prompt_tokens,
-                    completion_tokens,
-                } => GenerationEvent::Done {
-                    finish_reason: finish,
-                    // Counts beyond u32 cannot come from a context of this size.
-                    prompt_tokens: u32::try_from(prompt_tokens).unwrap_or(u32::MAX),
-                    completion_tokens: u32::try_from(completion_tokens).unwrap_or(u32::MAX),
-                },
-                ExecEvent::Failed(message) => GenerationEvent::Error { message },
-            }),
+            Events::Executor(rx) => rx.recv().await.map(GenerationEvent::from),
         }
     }
 }
