@@ -572,7 +572,7 @@ async fn metered_requests_charge_actual_cost_and_nothing_on_failure() {
     let wallet = sgl::store::WalletId::new_unchecked("0xf39fd6e51aad88f6f4ce6ab8827279cfffb92266");
     s.payments
         .store()
-        .top_up(&wallet, sgl::store::Micros(1_000_000), "seed")
+        .top_up(&wallet, sgl::money::Micros(1_000_000), "seed")
         .await
         .unwrap();
     let (api_key, _) = s.payments.create_api_key(&wallet, "m").await.unwrap();
