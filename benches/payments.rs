@@ -12,10 +12,11 @@ use std::time::Instant;
 
 use alloy_primitives::Address;
 use serde_json::Value;
+use sgl::money::Micros;
 use sgl::payments::x402::{self, Offer};
 use sgl::payments::xauth::{self, AuthHeaders};
 use sgl::payments::PaymentsConfig;
-use sgl::store::{Micros, Store, WalletId};
+use sgl::store::{Store, WalletId};
 
 fn vectors() -> Value {
     let text = std::fs::read_to_string(concat!(

@@ -378,10 +378,7 @@ impl GridClient {
         let bytes = serde_json::to_vec(wire).map_err(|e| ProtoError::Json(e.to_string()))?;
         let evidence = attest::Evidence::from_json(&bytes)
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        let now = crate::clock::Clock::system().now_secs();
         let mut opts = VerifyOptions::new(now);
         opts.simulated_keys = how.simulated_keys.clone();
         opts.dev_mode = !how.simulated_keys.is_empty();

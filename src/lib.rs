@@ -11,11 +11,14 @@
 //! - [`payments`]: x402, MPP, credits and wallet auth.
 //! - [`compute`]: the Machines API and pay-per-request code (feature `compute-plane`).
 //! - [`store`]: database access, SQLite and PostgreSQL.
+//! - [`money`], [`clock`], [`timefmt`]: integer USD micro-units, the
+//!   injectable wall clock and time formats, shared by every room.
 #![deny(unsafe_code)]
 
 pub mod attest;
 #[cfg(feature = "node")]
 pub mod client;
+pub mod clock;
 #[cfg(feature = "compute-plane")]
 pub mod compute;
 #[cfg(feature = "coordinator")]
@@ -24,9 +27,11 @@ pub mod coordinator;
 pub mod engine;
 #[cfg(any(feature = "node", feature = "coordinator"))]
 pub mod http;
+pub mod money;
 pub mod node;
 #[cfg(feature = "payments")]
 pub mod payments;
 pub mod proto;
 #[cfg(feature = "store")]
 pub mod store;
+pub mod timefmt;

@@ -16,15 +16,15 @@ use grid_support::{providers, MODEL, OPERATOR};
 use pay_common::stores::{each_backend, TestStore};
 use serde_json::{json, Value};
 use sgl::client::{ChatRequest, GridClient};
-use sgl::coordinator::pricing::Price;
 use sgl::coordinator::{self, Config, Grid};
+use sgl::money::{Micros, MicrosPerM, TokenPrice};
 use sgl::payments::{Payments, PaymentsConfig};
-use sgl::store::{Micros, Store, WalletId};
+use sgl::store::{Store, WalletId};
 use tokio::sync::oneshot;
 
 const PAYER: &str = "0x2222222222222222222222222222222222222222";
 /// 5 USD and 10 USD per 1M tokens: large enough that every token shows.
-const PRICE: Price = Price::new(5_000_000, 10_000_000);
+const PRICE: TokenPrice = TokenPrice::new(MicrosPerM(5_000_000), MicrosPerM(10_000_000));
 
 fn config() -> Config {
     let mut prices = HashMap::new();
@@ -180,7 +180,7 @@ async fn billing_body(t: TestStore) -> TestStore {
     let row = store.usage_for_job(&out.job_id).await.unwrap().unwrap();
     assert_eq!(row.status, "completed");
     assert_eq!(row.method, "credits");
-    assert_eq!(row.cost, 95);
+    assert_eq!(row.cost, Micros(95));
     assert_eq!(
         (
             row.operator_share,
@@ -188,7 +188,7 @@ async fn billing_body(t: TestStore) -> TestStore {
             row.stakers_share,
             row.burn_share
         ),
-        (76, 6, 9, 4)
+        (Micros(76), Micros(6), Micros(9), Micros(4))
     );
     assert!(
         row.usage_signature.is_some(),
@@ -208,7 +208,7 @@ async fn billing_body(t: TestStore) -> TestStore {
         .await
         .unwrap();
     let row = store.usage_for_job(&out.job_id).await.unwrap().unwrap();
-    assert_eq!((row.status.as_str(), row.cost), ("completed", 95));
+    assert_eq!((row.status.as_str(), row.cost), ("completed", Micros(95)));
 
     // The job's attestation proof: for the paying key only.
     let proof = reqwest::Client::new()
@@ -267,7 +267,9 @@ async fn billing_body(t: TestStore) -> TestStore {
     assert_eq!(after.balance, before.balance);
     assert_eq!(after.held, Micros(0));
     let failed = store.usage_rows(10).await.unwrap();
-    assert!(failed.iter().any(|r| r.status == "failed" && r.cost == 0));
+    assert!(failed
+        .iter()
+        .any(|r| r.status == "failed" && r.cost == Micros::ZERO));
 
     // A restart keeps the node (it re-attaches with its token) and the ledger.
     let rows_before = store.usage_rows(100).await.unwrap().len();

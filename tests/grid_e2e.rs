@@ -23,7 +23,7 @@ use grid_support::{
     balance, free_port, funded_api_key, node_init, node_start, ok, python_has, run_py, sgl,
     usage_rows, wait_node_active, CoordinatorProc, OPERATOR, SGL,
 };
-use sgl::store::Micros;
+use sgl::money::Micros;
 
 const PAYER: &str = "0x2222222222222222222222222222222222222222";
 /// Enough for "The capital of France is Paris." and a little more; small,

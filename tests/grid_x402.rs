@@ -22,8 +22,8 @@ use pay_common::server::PAY_TO;
 use pay_common::signing::{key, PayParams, ANVIL0};
 use pay_common::{facilitator, stores};
 use serde_json::{json, Value};
-use sgl::coordinator::pricing::Price;
 use sgl::coordinator::{self, Config, Grid};
+use sgl::money::{MicrosPerM, TokenPrice};
 use sgl::payments::{Payments, PaymentsConfig};
 
 fn decode(h: &str) -> Value {
@@ -40,7 +40,10 @@ async fn x402_pays_a_grid_chat_once() {
     pcfg.public_base_url = Some(base.clone());
     let payments = Payments::new(pcfg, t.store.clone()).unwrap();
     let mut prices = HashMap::new();
-    prices.insert(MODEL.to_string(), Price::new(5_000_000, 10_000_000));
+    prices.insert(
+        MODEL.to_string(),
+        TokenPrice::new(MicrosPerM(5_000_000), MicrosPerM(10_000_000)),
+    );
     let config = Config {
         dev: false,
         public_url: base.clone(),
@@ -108,10 +111,7 @@ async fn x402_pays_a_grid_chat_once() {
     let row = t.store.usage_for_job(&job_id).await.unwrap().unwrap();
     assert_eq!(row.method, "x402-v2");
     assert_eq!(row.status, "completed");
-    assert_eq!(
-        row.cost as u64, amount,
-        "the price actually paid is recorded"
-    );
+    assert_eq!(row.cost.0, amount, "the price actually paid is recorded");
     assert_eq!(
         row.payer_wallet.as_deref(),
         Some("0xf39fd6e51aad88f6f4ce6ab8827279cfffb92266")

@@ -264,6 +264,43 @@ async fn facilitator_failures_refuse_and_consume_nothing() {
     );
 }
 
+/// Expiry is tested by moving the server's clock, not by sleeping: an MPP
+/// challenge past its validity is refused and consumes nothing, and a
+/// signed request is judged against the server's time.
+#[tokio::test]
+async fn expiry_follows_the_server_clock() {
+    let s = server::start().await;
+    let k = key(ANVIL0);
+    let www = echo(&s, &[]).await.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let cred = mpp_credential(&k, &www, None);
+    s.clock.advance(std::time::Duration::from_secs(301));
+    let r = echo(&s, &[("Authorization", cred.clone())]).await;
+    assert_eq!(r.status(), StatusCode::PAYMENT_REQUIRED);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    let p: Value = r.json().await.unwrap();
+    assert_eq!(
+        p["type"],
+        "https://paymentauth.org/problems/payment-expired"
+    );
+    assert_eq!(s.facilitator.state.settle_calls.load(Ordering::SeqCst), 0);
+    // A request signed now is 301 s older than the server's time.
+    let signed = xauth_headers(&k, "GET", "/compute/api-keys", b"", now_ms(), &nonce());
+    let mut req = http().get(format!("{}/compute/api-keys", s.base));
+    for (h, v) in &signed {
+        req = req.header(*h, v);
+    }
+    let e: Value = req.send().await.unwrap().json().await.unwrap();
+    assert_eq!(e["error"]["code"], "signature_expired");
+    // Back inside the window the same credential pays once.
+    s.clock.rewind(std::time::Duration::from_secs(301));
+    let r = echo(&s, &[("Authorization", cred)]).await;
+    assert_eq!(r.status(), StatusCode::OK, "{:?}", r.text().await);
+    assert_eq!(s.facilitator.state.settle_calls.load(Ordering::SeqCst), 1);
+}
+
 #[tokio::test]
 async fn mpp_pays_once_and_binds_its_challenge() {
     let s = server::start().await;
@@ -572,7 +609,7 @@ async fn metered_requests_charge_actual_cost_and_nothing_on_failure() {
     let wallet = sgl::store::WalletId::new_unchecked("0xf39fd6e51aad88f6f4ce6ab8827279cfffb92266");
     s.payments
         .store()
-        .top_up(&wallet, sgl::store::Micros(1_000_000), "seed")
+        .top_up(&wallet, sgl::money::Micros(1_000_000), "seed")
         .await
         .unwrap();
     let (api_key, _) = s.payments.create_api_key(&wallet, "m").await.unwrap();

@@ -9,13 +9,13 @@ use std::time::Duration;
 
 use alloy_primitives::{Address, B256};
 use serde_json::Value;
+use sgl::money::Micros;
 use sgl::payments::config::{EvmNetwork, MppConfig, PaymentsConfig};
 use sgl::payments::error::PaymentError;
 use sgl::payments::evm::{self, Authorization, TokenDomain};
 use sgl::payments::mpp;
 use sgl::payments::x402::{self, Offer, Presented};
 use sgl::payments::xauth::{self, AuthHeaders};
-use sgl::store::Micros;
 use zeroize::Zeroizing;
 
 fn vectors() -> Value {
@@ -433,7 +433,7 @@ fn mpp_vector() {
     );
     // The receipt.
     let r = &m["receipt_example_object"];
-    let ts = sgl::payments::time::parse_rfc3339(s(&r["timestamp"])).unwrap() as u64;
+    let ts = sgl::timefmt::parse_rfc3339(s(&r["timestamp"])).unwrap();
     assert_eq!(
         mpp::receipt(s(&r["reference"]), ts),
         s(&m["payment_receipt_header_example"])

@@ -8,7 +8,8 @@ mod pay_common;
 use std::sync::Arc;
 
 use pay_common::stores::{each_backend, TestStore};
-use sgl::store::{Micros, PaymentNonceKey, PendingPayment, StoreError, WalletId};
+use sgl::money::Micros;
+use sgl::store::{PaymentNonceKey, PendingPayment, StoreError, WalletId};
 
 fn wallet(s: &str) -> WalletId {
     WalletId::new_unchecked(s)

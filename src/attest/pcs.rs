@@ -15,7 +15,7 @@
 //! the verifier checks against its `now`, so a stale cache fails closed.
 
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use dcap_qvl::QuoteCollateralV3;
 use serde::{Deserialize, Serialize};
@@ -82,10 +82,7 @@ impl PcsClient {
         url: &str,
         header: Option<&str>,
     ) -> Result<(Vec<u8>, Option<String>, Fetched), AttestError> {
-        let wall = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        let wall = crate::clock::Clock::system().now_secs();
         let cache = self.cache_path(url);
         if let Some(p) = &cache {
             if let Some(e) = std::fs::read(p)

@@ -313,7 +313,7 @@ pub fn verify_chain(
                 kind.as_str(),
                 common_name(&vek.tbs_certificate.subject),
                 p.name,
-                super::verdict::rfc3339(now)
+                crate::timefmt::format_rfc3339(now)
             ),
             vek,
         });
@@ -331,9 +331,9 @@ fn check_validity(what: &str, c: &Certificate, now: u64) -> Result<(), String> {
     if now < nb || now > na {
         return Err(format!(
             "the {what} certificate is valid {} to {}, not at {}",
-            super::verdict::rfc3339(nb),
-            super::verdict::rfc3339(na),
-            super::verdict::rfc3339(now)
+            crate::timefmt::format_rfc3339(nb),
+            crate::timefmt::format_rfc3339(na),
+            crate::timefmt::format_rfc3339(now)
         ));
     }
     Ok(())

@@ -175,50 +175,6 @@ pub fn verify_quote(
     }
 }
 
-/// Parse an RFC 3339 UTC timestamp of the form Intel uses
-/// (`2025-06-19T10:16:03Z`, optional fraction) into unix seconds.
-pub fn parse_rfc3339(s: &str) -> Option<u64> {
-    let b = s.as_bytes();
-    if b.len() < 20
-        || b[4] != b'-'
-        || b[7] != b'-'
-        || b[10] != b'T'
-        || b[13] != b':'
-        || b[16] != b':'
-    {
-        return None;
-    }
-    let num = |r: std::ops::Range<usize>| -> Option<u32> {
-        std::str::from_utf8(&b[r]).ok()?.parse().ok()
-    };
-    let (y, mo, d, h, mi, se) = (
-        num(0..4)?,
-        num(5..7)?,
-        num(8..10)?,
-        num(11..13)?,
-        num(14..16)?,
-        num(17..19)?,
-    );
-    let rest = &s[19..];
-    let rest = match rest.strip_prefix('.') {
-        Some(r) => r.trim_start_matches(|c: char| c.is_ascii_digit()),
-        None => rest,
-    };
-    if rest != "Z" {
-        return None;
-    }
-    let dt = der::DateTime::new(
-        u16::try_from(y).ok()?,
-        mo as u8,
-        d as u8,
-        h as u8,
-        mi as u8,
-        se as u8,
-    )
-    .ok()?;
-    Some(dt.unix_duration().as_secs())
-}
-
 /// The issue and next-update times of the TCB info and QE identity in the
 /// collateral, checked against `now`. dcap-qvl checks these too; doing it here
 /// names the exact document in the verdict.
@@ -230,36 +186,23 @@ pub fn collateral_window(c: &QuoteCollateralV3, now: u64) -> Result<String, Stri
         let get = |k: &str| {
             v.get(k)
                 .and_then(|x| x.as_str())
-                .and_then(|x| parse_rfc3339(x).map(|t| (x.to_string(), t)))
+                .and_then(|x| crate::timefmt::parse_rfc3339(x).map(|t| (x.to_string(), t)))
         };
         let (issue_s, issue) = get("issueDate").ok_or(format!("{name} has no issueDate"))?;
         let (next_s, next) = get("nextUpdate").ok_or(format!("{name} has no nextUpdate"))?;
         if now < issue {
             return Err(format!(
                 "{name} is issued {issue_s}, after the verification time {}",
-                super::verdict::rfc3339(now)
+                crate::timefmt::format_rfc3339(now)
             ));
         }
         if now > next {
             return Err(format!(
                 "{name} expired at {next_s}, before the verification time {}",
-                super::verdict::rfc3339(now)
+                crate::timefmt::format_rfc3339(now)
             ));
         }
         notes.push(format!("{name} {issue_s}…{next_s}"));
     }
     Ok(notes.join("; "))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rfc3339() {
-        assert_eq!(parse_rfc3339("2025-07-01T00:00:00Z"), Some(1751328000));
-        assert_eq!(parse_rfc3339("2025-07-01T00:00:00.123Z"), Some(1751328000));
-        assert_eq!(parse_rfc3339("2025-07-01T00:00:00+01:00"), None);
-        assert_eq!(parse_rfc3339("2025-13-01T00:00:00Z"), None);
-    }
 }

@@ -17,9 +17,10 @@ use super::roots::amd_products;
 use super::sim::SimReport;
 use super::snp::{self, SnpReport, VekKind};
 use super::tdx::{self, QuoteFailure, TdxQuote};
-use super::verdict::{rfc3339, AttestationLevel, Check, CheckStatus, Claims, Step, Verdict};
+use super::verdict::{AttestationLevel, Check, CheckStatus, Claims, Step, Verdict};
 use super::NodeBinding;
 use crate::proto::identity::Ed25519Public;
+use crate::timefmt::format_rfc3339 as rfc3339;
 
 /// What the report data must equal.
 #[derive(Debug, Clone)]

@@ -2,7 +2,6 @@
 //! challenge, verify evidence with a policy, and say which sources exist.
 
 use std::path::PathBuf;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
@@ -286,7 +285,7 @@ fn verify(args: VerifyArgs) -> anyhow::Result<()> {
     };
     let now = match args.now {
         Some(n) => n,
-        None => SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs(),
+        None => sgl::clock::Clock::system().now_secs(),
     };
     let mut opts = VerifyOptions::new(now);
     opts.dev_mode = args.dev;

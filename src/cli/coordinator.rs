@@ -8,9 +8,10 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
 use sgl::coordinator::{self, Config, Grid};
+use sgl::money::Micros;
 use sgl::payments::config::{EvmNetwork, PaymentsConfig};
 use sgl::payments::Payments;
-use sgl::store::{Micros, Store, WalletId};
+use sgl::store::{Store, WalletId};
 
 #[derive(Debug, Subcommand)]
 pub enum CoordinatorCommand {
@@ -441,7 +442,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
 /// Reference prices from the model catalogue (models/catalogue.json).
 #[cfg(feature = "node")]
-fn catalogue_prices() -> std::collections::HashMap<String, sgl::coordinator::pricing::Price> {
+fn catalogue_prices() -> std::collections::HashMap<String, sgl::money::TokenPrice> {
+    use sgl::money::MicrosPerM;
     match sgl::engine::catalogue::catalogue() {
         Ok(c) => c
             .models
@@ -450,7 +452,7 @@ fn catalogue_prices() -> std::collections::HashMap<String, sgl::coordinator::pri
                 let p = &e.price_per_million_micro_usd;
                 (
                     e.id.clone(),
-                    sgl::coordinator::pricing::Price::new(p.input, p.output),
+                    sgl::money::TokenPrice::new(MicrosPerM(p.input), MicrosPerM(p.output)),
                 )
             })
             .collect(),
@@ -462,6 +464,6 @@ fn catalogue_prices() -> std::collections::HashMap<String, sgl::coordinator::pri
 }
 
 #[cfg(not(feature = "node"))]
-fn catalogue_prices() -> std::collections::HashMap<String, sgl::coordinator::pricing::Price> {
+fn catalogue_prices() -> std::collections::HashMap<String, sgl::money::TokenPrice> {
     Default::default()
 }

@@ -4,6 +4,7 @@
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
+use sgl::money::MicrosPerM;
 use sgl::proto::api::{NodePricesResponse, SetPriceRequest};
 
 use super::node::{registered, runtime, Registered, RemoteArgs};
@@ -28,11 +29,18 @@ pub struct SetArgs {
     #[arg(long)]
     pub model: String,
     /// USD per 1M input tokens.
-    #[arg(long, value_name = "USD")]
-    pub input_per_m: f64,
+    #[arg(long, value_name = "USD", value_parser = usd_per_m)]
+    pub input_per_m: MicrosPerM,
     /// USD per 1M output tokens.
-    #[arg(long, value_name = "USD")]
-    pub output_per_m: f64,
+    #[arg(long, value_name = "USD", value_parser = usd_per_m)]
+    pub output_per_m: MicrosPerM,
+}
+
+/// A price argument, read as the coordinator reads it (to the nearest
+/// micro-USD per 1M tokens).
+fn usd_per_m(s: &str) -> Result<MicrosPerM, String> {
+    MicrosPerM::parse_usd(s.trim())
+        .ok_or_else(|| format!("{s:?} is not a non-negative USD amount (at most 1000)"))
 }
 
 #[derive(Debug, Args)]
@@ -48,18 +56,10 @@ pub fn run(cmd: PriceCommand) -> anyhow::Result<()> {
     match cmd {
         PriceCommand::Show(args) => show(&args),
         PriceCommand::Set(a) => {
-            for (name, v) in [
-                ("--input-per-m", a.input_per_m),
-                ("--output-per-m", a.output_per_m),
-            ] {
-                if !v.is_finite() || v < 0.0 {
-                    anyhow::bail!("{name} must be a non-negative number");
-                }
-            }
             let body = SetPriceRequest {
                 model: a.model.clone(),
-                input_per_m: Some(a.input_per_m),
-                output_per_m: Some(a.output_per_m),
+                input_per_m: Some(a.input_per_m.usd()),
+                output_per_m: Some(a.output_per_m.usd()),
                 reset: None,
             };
             change(&a.remote, &body)

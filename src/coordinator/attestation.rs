@@ -2,8 +2,6 @@
 //! room's verifier with this coordinator's policy, and what is kept of a
 //! verdict for the public evidence document (§7b).
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use super::state::Grid;
 use crate::attest::{self, NodeBinding, VerifyOptions};
 use crate::proto::api::{AttestationLevel, Evidence as WireEvidence};
@@ -36,10 +34,7 @@ pub async fn verify(
 ) -> Result<Accepted, String> {
     let value = serde_json::to_vec(wire).map_err(|e| e.to_string())?;
     let evidence = attest::Evidence::from_json(&value).map_err(|e| e.to_string())?;
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let now = grid.config.clock.now_secs();
     let mut opts = VerifyOptions::new(now);
     opts.dev_mode = grid.config.dev;
     // In development mode the measurement of a simulated or test enclave is

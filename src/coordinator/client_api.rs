@@ -3,7 +3,7 @@
 //! chunks are relayed as SSE in `seq` order, each with the node's signature.
 
 use std::convert::Infallible;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::{Query, State};
@@ -17,8 +17,8 @@ use tokio::sync::mpsc;
 
 use super::billing::{self, JobBilling};
 use super::error::ClientError;
-use super::pricing::PerM;
 use super::state::{Grid, Inner, Job, JobEvent, Reservation};
+use crate::money::MicrosPerM;
 use crate::proto::api::{
     AttestationLevel, CapacityResponse, ChunkRequest, CompleteRequest, ReserveRequest,
     ReserveResponse, SealedChatRequest, SealedChatResponse, SealedSseChunk, TeeTypeCapacity,
@@ -31,13 +31,6 @@ use crate::proto::openai::{ModelEntry, ModelList};
 /// Request bodies larger than this are refused (a sealed prompt is capped at
 /// 512 KiB of b58; the rest is small).
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
-
-pub(crate) fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
 
 fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ClientError> {
     serde_json::from_slice(body)
@@ -109,7 +102,7 @@ pub(crate) fn choose_node(
     }
     let cap = match req.max_price {
         None => None,
-        Some(usd) => Some(PerM::from_usd(usd).ok_or_else(|| {
+        Some(usd) => Some(MicrosPerM::from_usd(usd).ok_or_else(|| {
             ClientError::invalid("invalid_request", "max_price must be a non-negative number")
         })?),
     };
@@ -118,7 +111,7 @@ pub(crate) fn choose_node(
             .nodes
             .get(id)
             .map(|n| grid.effective_price(n, model).blended())
-            .unwrap_or(PerM(u64::MAX))
+            .unwrap_or(MicrosPerM(u64::MAX))
     };
     let affordable: Vec<_> = attested
         .iter()
@@ -281,9 +274,9 @@ pub async fn chat(
         )
     };
     let max_tokens = sealed_max_tokens(req.max_tokens);
-    let prompt_bound = crate::payments::grid::sealed_prompt_bound(
-        crate::proto::b58::max_decoded_len(req.enc.ciphertext.len()) as u64,
-    );
+    let prompt_bound = super::pricing::sealed_prompt_bound(crate::proto::b58::max_decoded_len(
+        req.enc.ciphertext.len(),
+    ) as u64);
     let quote = price.cost(prompt_bound, max_tokens);
     let job_id = uuid::Uuid::new_v4().to_string();
     let parts = crate::payments::RequestParts {
@@ -302,7 +295,7 @@ pub async fn chat(
         .remove(&req.reservation_token)
         .filter(|r| r.expires > Instant::now() && r.node_id == node_id);
     if taken.is_none() {
-        billing::release(&grid, bill).await;
+        bill.release().await;
         return Err(bad_reservation());
     }
     let stream = req.stream == Some(true) && streams;
@@ -311,12 +304,12 @@ pub async fn chat(
         payload["stream"] = json!(true);
     }
     let mut rx = dispatch(&grid, &job_id, node_id, &model, payload, stream, bill);
-    tracing::info!(%job_id, %node_id, stream, quote, "sealed job dispatched");
+    tracing::info!(%job_id, %node_id, stream, quote = quote.0, "sealed job dispatched");
     let wait = grid.config.stuck_job_timeout + Duration::from_secs(5);
     let first = tokio::time::timeout(wait, rx.recv())
         .await
         .map_err(|_| ClientError::node_timeout())?;
-    let created = now_unix();
+    let created = grid.config.clock.now_secs();
     match first {
         None => Err(ClientError::node_failed("the job ended without a result")),
         Some(JobEvent::Failed(why)) => {
@@ -472,7 +465,7 @@ pub async fn models(State(grid): State<Grid>, Query(q): Query<ModelsQuery>) -> J
                     None => data.push(ModelEntry {
                         id: m.clone(),
                         object: "model".into(),
-                        created: now_unix(),
+                        created: grid.config.clock.now_secs(),
                         owned_by: "singularity-grid".into(),
                         context_window: ctx,
                     }),

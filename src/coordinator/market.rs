@@ -3,7 +3,7 @@
 //! and the public attestation evidence of a node.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -11,8 +11,9 @@ use axum::Json;
 use serde_json::{json, Map};
 
 use super::error::ClientError;
-use super::pricing::{PerM, Price};
+use super::pricing;
 use super::state::{Grid, Node};
+use crate::money::{MicrosPerM, TokenPrice};
 use crate::proto::api::{
     AttestationLevel, EvidenceResponse, GridModel, GridModelPricing, GridModelsResponse,
     GridPricingEntry, GridPricingResponse, NodePriceEntry, NodePricesResponse, Provider,
@@ -54,7 +55,7 @@ pub async fn providers(
         .ok_or_else(|| ClientError::invalid("invalid_request", "model is required"))?;
     let inner = grid.lock();
     let now = Instant::now();
-    let mut rows: Vec<(PerM, Provider)> = inner
+    let mut rows: Vec<(MicrosPerM, Provider)> = inner
         .nodes
         .values()
         .filter(|n| n.level != AttestationLevel::None && n.models.iter().any(|m| m == &model))
@@ -117,7 +118,7 @@ fn served_models(grid: &Grid) -> BTreeMap<String, (u64, Vec<String>, u64)> {
     out
 }
 
-fn per_1k(p: PerM) -> f64 {
+fn per_1k(p: MicrosPerM) -> f64 {
     p.usd() / 1000.0
 }
 
@@ -166,34 +167,20 @@ pub async fn grid_pricing(State(grid): State<Grid>) -> Json<GridPricingResponse>
     Json(GridPricingResponse { pricing })
 }
 
-fn rfc3339_in(d: Duration) -> String {
-    let at = std::time::SystemTime::now() + d;
-    humantime_rfc3339(at)
-}
-
-/// RFC 3339 UTC with second precision (the attestation room's formatter).
-pub fn humantime_rfc3339(t: std::time::SystemTime) -> String {
-    let secs = t
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    crate::attest::verdict::rfc3339(secs)
-}
-
 fn price_entry(grid: &Grid, n: &Node, model: &str, now: Instant) -> NodePriceEntry {
     let r = grid.reference_price(model);
     let custom = n.custom_prices.get(model).copied();
     let cooldown_until = n.price_changed.get(model).and_then(|at| {
         let until = *at + grid.config.price_cooldown;
-        (until > now).then(|| rfc3339_in(until - now))
+        (until > now).then(|| grid.config.clock.rfc3339_in(until - now))
     });
     NodePriceEntry {
         model: model.to_string(),
-        reference: r.to_wire(),
-        floor: r.floor().to_wire(),
-        ceiling: r.ceiling().to_wire(),
-        custom: custom.map(Price::to_wire),
-        effective: custom.unwrap_or(r).to_wire(),
+        reference: pricing::to_wire(r),
+        floor: pricing::to_wire(pricing::floor(r)),
+        ceiling: pricing::to_wire(pricing::ceiling(r)),
+        custom: custom.map(pricing::to_wire),
+        effective: pricing::to_wire(custom.unwrap_or(r)),
         cooldown_until,
     }
 }
@@ -359,18 +346,15 @@ pub async fn set_price(
                 "give input_per_m and output_per_m, or reset: true",
             ));
         };
-        let (Some(i), Some(o)) = (PerM::from_usd(i), PerM::from_usd(o)) else {
+        let (Some(i), Some(o)) = (MicrosPerM::from_usd(i), MicrosPerM::from_usd(o)) else {
             return Err(ClientError::invalid(
                 "price_out_of_band",
                 "prices must be non-negative numbers",
             ));
         };
-        let price = Price {
-            input: i,
-            output: o,
-        };
-        if !price.within_band(reference) {
-            let (lo, hi) = (reference.floor(), reference.ceiling());
+        let price = TokenPrice::new(i, o);
+        if !pricing::within_band(price, reference) {
+            let (lo, hi) = (pricing::floor(reference), pricing::ceiling(reference));
             return Err(ClientError::invalid(
                 "price_out_of_band",
                 format!(

@@ -210,7 +210,7 @@ pub async fn verify_attestation(
     }
     node.x25519 = Some(x25519);
     node.level = level;
-    let verified_at = super::market::humantime_rfc3339(std::time::SystemTime::now());
+    let verified_at = grid.config.clock.rfc3339_now();
     node.attestation = Some(super::state::AttestationRecord {
         challenge,
         evidence: evidence_kept,
@@ -309,11 +309,9 @@ pub async fn heartbeat(
     Ok(Json(HeartbeatResponse {
         status: "ok".into(),
         pending_jobs: pending,
-        token_expires_at: new_auth_token.as_ref().map(|_| {
-            super::market::humantime_rfc3339(
-                std::time::SystemTime::now() + grid.config.token_lifetime,
-            )
-        }),
+        token_expires_at: new_auth_token
+            .as_ref()
+            .map(|_| grid.config.clock.rfc3339_in(grid.config.token_lifetime)),
         new_auth_token,
     }))
 }

@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::billing;
-use super::client_api::{choose_node, dispatch, now_unix};
+use super::client_api::{choose_node, dispatch};
 use super::error::ClientError;
 use super::state::{Grid, JobEvent};
 use crate::node::jobs::{MAX_MAX_TOKENS, MAX_MESSAGES};
@@ -247,7 +247,7 @@ pub async fn chat(
             Err(_) => return Err(ClientError::node_failed(format!("the node failed: {why}"))),
         }
     }
-    let created = now_unix();
+    let created = grid.config.clock.now_secs();
     let id = format!("chatcmpl-{}", d.job_id);
     match d.first {
         JobEvent::Failed(why) => Err(ClientError::node_failed(format!("the node failed: {why}"))),

@@ -17,7 +17,8 @@ use super::billing::{self, JobBilling, JobMeta, Outcome};
 use crate::payments::Payments;
 use crate::store::Store;
 
-use super::pricing::Price;
+use crate::clock::Clock;
+use crate::money::{MicrosPerM, TokenPrice};
 use crate::proto::api::{
     AttestationLevel, Capabilities, ChunkRequest, CompleteRequest, Evidence, PendingJob,
 };
@@ -48,9 +49,9 @@ pub struct Config {
     /// Single-use registration codes accepted outside development mode.
     pub registration_codes: Vec<String>,
     /// Reference price per model (the model catalogue's).
-    pub reference_prices: HashMap<String, Price>,
+    pub reference_prices: HashMap<String, TokenPrice>,
     /// For models the catalogue does not know: 0.005 USD per 1M tokens.
-    pub default_reference_price: Price,
+    pub default_reference_price: TokenPrice,
     /// Between two price changes of the same (node, model) (§5.8).
     pub price_cooldown: Duration,
     /// A node token older than this is rotated on the next heartbeat.
@@ -63,6 +64,8 @@ pub struct Config {
     pub simulated_tee_keys: Vec<Ed25519Public>,
     /// Fetch VCEKs and TDX collateral the evidence lacks; `None`: never fetch.
     pub vendor_services: Option<super::attestation::VendorServices>,
+    /// The wall clock (attestation times, token expiry, usage rows).
+    pub clock: Clock,
 }
 
 impl Default for Config {
@@ -78,13 +81,14 @@ impl Default for Config {
             challenge_ttl: Duration::from_secs(300),
             registration_codes: Vec::new(),
             reference_prices: HashMap::new(),
-            default_reference_price: Price::new(5_000, 5_000),
+            default_reference_price: TokenPrice::new(MicrosPerM(5_000), MicrosPerM(5_000)),
             price_cooldown: Duration::from_secs(60),
             token_lifetime: Duration::from_secs(24 * 3600),
             token_grace: Duration::from_secs(600),
             policy: Arc::new(crate::attest::Policy::default_policy()),
             simulated_tee_keys: Vec::new(),
             vendor_services: None,
+            clock: Clock::system(),
         }
     }
 }
@@ -123,7 +127,7 @@ pub struct Node {
     pub jobs_failed: u64,
     pub push: Option<mpsc::UnboundedSender<PendingJob>>,
     /// Custom prices per model and when each last changed.
-    pub custom_prices: HashMap<String, Price>,
+    pub custom_prices: HashMap<String, TokenPrice>,
     pub price_changed: HashMap<String, Instant>,
     /// What the last successful attestation rested on (§7b).
     pub attestation: Option<AttestationRecord>,
@@ -149,7 +153,7 @@ struct NodeDoc {
     jobs_completed: u64,
     jobs_failed: u64,
     /// model → [input, output] micro-USD per 1M tokens.
-    custom_prices: HashMap<String, [u64; 2]>,
+    custom_prices: HashMap<String, [MicrosPerM; 2]>,
     attestation: Option<AttestationRecord>,
 }
 
@@ -308,7 +312,7 @@ impl Grid {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn reference_price(&self, model: &str) -> Price {
+    pub fn reference_price(&self, model: &str) -> TokenPrice {
         self.config
             .reference_prices
             .get(model)
@@ -317,7 +321,7 @@ impl Grid {
     }
 
     /// What a node bills for a model: its custom price, else the reference.
-    pub fn effective_price(&self, node: &Node, model: &str) -> Price {
+    pub fn effective_price(&self, node: &Node, model: &str) -> TokenPrice {
         node.custom_prices
             .get(model)
             .copied()
@@ -565,7 +569,7 @@ impl Node {
             custom_prices: self
                 .custom_prices
                 .iter()
-                .map(|(m, p)| (m.clone(), [p.input.0, p.output.0]))
+                .map(|(m, p)| (m.clone(), [p.input, p.output]))
                 .collect(),
             attestation: self.attestation.clone(),
         };
@@ -604,7 +608,7 @@ impl Node {
             custom_prices: d
                 .custom_prices
                 .into_iter()
-                .map(|(m, [i, o])| (m, Price::new(i, o)))
+                .map(|(m, [i, o])| (m, TokenPrice::new(i, o)))
                 .collect(),
             price_changed: HashMap::new(),
             attestation: d.attestation,

@@ -8,7 +8,7 @@ use alloy_primitives::{address, Address};
 use zeroize::Zeroizing;
 
 use super::evm::TokenDomain;
-use crate::store::Micros;
+use crate::money::Micros;
 
 /// An EVM network and the EIP-3009 token accepted on it.
 #[derive(Clone, Debug, PartialEq, Eq)]

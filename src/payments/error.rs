@@ -2,7 +2,8 @@
 //! the x402 specification (`invalidReason` / `errorReason` strings), so a
 //! client sees the same reason a facilitator would give.
 
-use crate::store::{Micros, StoreError};
+use crate::money::Micros;
+use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PaymentError {

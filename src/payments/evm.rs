@@ -129,7 +129,7 @@ pub fn parse_address(s: &str) -> Result<Address, PaymentError> {
 }
 
 /// Parse a decimal uint256 (no sign, no leading `+`, at most 78 digits).
-pub fn parse_uint(s: &str) -> Result<U256, PaymentError> {
+fn parse_uint(s: &str) -> Result<U256, PaymentError> {
     if s.is_empty() || s.len() > 78 || !s.bytes().all(|b| b.is_ascii_digit()) {
         return Err(PaymentError::InvalidPayload("integer"));
     }
@@ -147,7 +147,7 @@ fn parse_b256(s: &str) -> Result<B256, PaymentError> {
 }
 
 /// Parse a 65-byte `r ‖ s ‖ v` hex signature, refusing high-s.
-pub fn parse_signature(s: &str) -> Result<Signature, PaymentError> {
+fn parse_signature(s: &str) -> Result<Signature, PaymentError> {
     let hex_str = s.strip_prefix("0x").unwrap_or(s);
     if hex_str.len() != 130 {
         return Err(PaymentError::InvalidSignature);
@@ -170,7 +170,7 @@ pub fn parse_signature(s: &str) -> Result<Signature, PaymentError> {
 }
 
 /// ecrecover over a 32-byte digest.
-pub fn recover_prehash(digest: &B256, signature: &str) -> Result<Address, PaymentError> {
+fn recover_prehash(digest: &B256, signature: &str) -> Result<Address, PaymentError> {
     let sig = parse_signature(signature)?;
     sig.recover_address_from_prehash(digest)
         .map_err(|_| PaymentError::InvalidSignature)

@@ -24,9 +24,10 @@ use serde_json::{json, Value};
 
 use super::error::PaymentError;
 use super::service::{Payer, Payments, RequestParts};
-use super::time::format_rfc3339;
 use super::x402::Offer;
-use crate::store::{Micros, WalletId};
+use crate::money::Micros;
+use crate::store::WalletId;
+use crate::timefmt::format_rfc3339_ms;
 
 /// The largest request body these routes read.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -235,7 +236,7 @@ async fn create_key(
                 "id": rec.id,
                 "label": rec.label,
                 "wallet": rec.wallet.as_str(),
-                "created_at": format_rfc3339(rec.created_at_ms / 1000),
+                "created_at": format_rfc3339_ms(rec.created_at_ms),
             })),
         )
             .into_response(),
@@ -262,8 +263,8 @@ async fn list_keys(
                         "id": k.id,
                         "label": k.label,
                         "key_last4": k.key_last4,
-                        "created_at": format_rfc3339(k.created_at_ms / 1000),
-                        "revoked_at": k.revoked_at_ms.map(|t| format_rfc3339(t / 1000)),
+                        "created_at": format_rfc3339_ms(k.created_at_ms),
+                        "revoked_at": k.revoked_at_ms.map(format_rfc3339_ms),
                     })
                 })
                 .collect();

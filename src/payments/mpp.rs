@@ -31,9 +31,9 @@ use subtle::ConstantTimeEq;
 use super::config::{EvmNetwork, MppConfig};
 use super::error::PaymentError;
 use super::evm::{self, Authorization};
-use super::time::{format_rfc3339, parse_rfc3339};
 use super::x402::{self, Offer};
 use crate::store::PaymentNonceKey;
+use crate::timefmt::{format_rfc3339, parse_rfc3339};
 
 /// The largest `Authorization: Payment` value accepted.
 pub const MAX_CREDENTIAL_BYTES: usize = 16 * 1024;
@@ -213,7 +213,7 @@ pub fn issue(
     now: u64,
 ) -> Challenge {
     let request_b64 = b64url(jcs(&charge_request(net, pay_to, offer.price.0)).as_bytes());
-    let expires = format_rfc3339((now + cfg.validity.as_secs()) as i64);
+    let expires = format_rfc3339(now.saturating_add(cfg.validity.as_secs()));
     let opaque = resource_opaque(&offer.resource_url);
     let id = challenge_id(
         &cfg.secret,
@@ -337,9 +337,7 @@ pub fn verify(
     if ch.realm != cfg.realm || ch.method != METHOD || ch.intent != INTENT {
         return Err(PaymentError::MppChallengeInvalid);
     }
-    let expires_at = parse_rfc3339(expires)
-        .and_then(|t| u64::try_from(t).ok())
-        .ok_or(PaymentError::MppChallengeInvalid)?;
+    let expires_at = parse_rfc3339(expires).ok_or(PaymentError::MppChallengeInvalid)?;
     if now >= expires_at {
         return Err(PaymentError::MppChallengeExpired);
     }
@@ -414,7 +412,7 @@ pub fn receipt(reference: &str, now: u64) -> String {
         "method": METHOD,
         "reference": reference,
         "status": "success",
-        "timestamp": format_rfc3339(now as i64),
+        "timestamp": format_rfc3339(now),
     });
     b64url(jcs(&obj).as_bytes())
 }

@@ -25,7 +25,8 @@ use serde_json::Value;
 use super::config::{EvmNetwork, PaymentsConfig};
 use super::error::PaymentError;
 use super::evm::{self, Authorization};
-use crate::store::{Micros, PaymentNonceKey};
+use crate::money::Micros;
+use crate::store::PaymentNonceKey;
 
 /// Header names.
 pub const X_PAYMENT: &str = "x-payment";
@@ -179,7 +180,7 @@ impl VerifiedPayment {
 }
 
 /// Decode a base64 JSON header value (standard alphabet, padding optional).
-pub fn decode_header_json(value: &str) -> Result<Value, PaymentError> {
+fn decode_header_json(value: &str) -> Result<Value, PaymentError> {
     if value.len() > MAX_HEADER_BYTES {
         return Err(PaymentError::InvalidPayload("header too large"));
     }
@@ -216,7 +217,7 @@ fn extra(net: &EvmNetwork) -> Value {
 }
 
 /// The v1 requirements this server offers on `net` for `offer`.
-pub fn requirements_v1(cfg: &PaymentsConfig, net: &EvmNetwork, offer: &Offer) -> RequirementsV1 {
+fn requirements_v1(cfg: &PaymentsConfig, net: &EvmNetwork, offer: &Offer) -> RequirementsV1 {
     RequirementsV1 {
         scheme: "exact".into(),
         network: net.v1_name.clone(),

@@ -1,7 +1,9 @@
 //! The coordinator's tables (migration `0002_grid`): node documents,
 //! registration codes and the usage ledger of the grid.
 
-use super::{now_ms, Backend, Result, Store, StoreError};
+use crate::money::{Micros, MicrosPerM};
+
+use super::{Result, Store};
 
 /// One finished job's bill (PROTOCOL.md §6.12).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,14 +20,14 @@ pub struct UsageRow {
     pub status: String,
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
-    pub input_per_m: i64,
-    pub output_per_m: i64,
-    pub quoted: i64,
-    pub cost: i64,
-    pub operator_share: i64,
-    pub platform_share: i64,
-    pub stakers_share: i64,
-    pub burn_share: i64,
+    pub input_per_m: MicrosPerM,
+    pub output_per_m: MicrosPerM,
+    pub quoted: Micros,
+    pub cost: Micros,
+    pub operator_share: Micros,
+    pub platform_share: Micros,
+    pub stakers_share: Micros,
+    pub burn_share: Micros,
     pub usage_signature: Option<String>,
     pub result_signature: Option<String>,
     pub created_at: i64,
@@ -39,6 +41,8 @@ where
     String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Micros: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    MicrosPerM: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
 {
     fn from_row(row: &'r R) -> Result<Self, sqlx::Error> {
         Ok(UsageRow {
@@ -75,7 +79,7 @@ const USAGE_COLUMNS: &str = "job_id, node_id, operator_wallet, payer_wallet, api
 impl Store {
     /// Insert or replace a node's document.
     pub async fn save_node(&self, id: &str, wallet: &str, doc: &str) -> Result<()> {
-        let now = now_ms();
+        let now = self.now_ms();
         with_pool!(self, |pool| {
             sqlx::query(
                 "INSERT INTO grid_nodes (id, wallet, doc, updated_at) VALUES ($1, $2, $3, $4) \
@@ -103,7 +107,7 @@ impl Store {
 
     /// Record a registration code (its hash) for `wallet`.
     pub async fn create_registration_code(&self, code_hash: &str, wallet: &str) -> Result<()> {
-        let now = now_ms();
+        let now = self.now_ms();
         with_pool!(self, |pool| {
             sqlx::query(
                 "INSERT INTO grid_registration_codes (code_hash, wallet, created_at) VALUES ($1, $2, $3)",
@@ -125,7 +129,7 @@ impl Store {
         wallet: &str,
         node_id: &str,
     ) -> Result<bool> {
-        let now = now_ms();
+        let now = self.now_ms();
         let n = with_pool!(self, |pool| {
             sqlx::query(
                 "UPDATE grid_registration_codes SET used_at = $1, node_id = $2 \
@@ -174,12 +178,7 @@ impl Store {
                 .bind(u.created_at)
                 .execute(pool)
                 .await
-                .map_err(|e| match &e {
-                    sqlx::Error::Database(d) if d.is_unique_violation() => {
-                        StoreError::DuplicateReference
-                    }
-                    _ => StoreError::Database(e),
-                })?;
+                .map_err(super::tx::duplicate_as_reference)?;
         });
         Ok(())
     }

@@ -1,9 +1,9 @@
-//! An sgl payments server on loopback: the payments router plus one paid
-//! resource, `POST /paid/echo`, gated exactly as the coordinator and the
-//! compute plane gate theirs (see `sgl::payments::service`).
+//! An sgl payments server on loopback: the payments router plus two paid
+//! resources, `POST /paid/echo` (a fixed price, through the gate API of
+//! `sgl::payments::service`) and `POST /paid/metered` (quoted, then charged
+//! at the actual cost, through `sgl::payments::billing` as the coordinator
+//! bills a grid job).
 
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use alloy_primitives::{address, Address};
@@ -14,8 +14,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::{json, Value};
+use sgl::clock::ManualClock;
+use sgl::money::Micros;
 use sgl::payments::{
-    http, ChargeRefused, Micros, MppConfig, Payer, Payments, PaymentsConfig, RequestParts,
+    http, ChargeRefused, MppConfig, Payer, Payments, PaymentsConfig, RequestParts,
 };
 
 use zeroize::Zeroizing;
@@ -33,16 +35,9 @@ pub struct TestServer {
     pub base: String,
     pub payments: Payments,
     pub facilitator: Facilitator,
-    /// The server's clock (unix ms); tests may move it.
-    pub clock: Arc<AtomicI64>,
+    /// The server's clock, started at the present; tests may move it.
+    pub clock: ManualClock,
     pub _store: TestStore,
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
 }
 
 async fn paid_echo(
@@ -114,7 +109,7 @@ async fn paid_metered(
         body: &body,
     };
     let job: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    let charge = match p.begin_charge(&req, &offer, "job-1").await {
+    let charge = match p.open_charge(&req, &offer, "job-1").await {
         Ok(c) => c,
         Err(ChargeRefused::PaymentRequired) => {
             return http::challenge(&p, &offer, "payment required")
@@ -122,7 +117,7 @@ async fn paid_metered(
         Err(ChargeRefused::Refused(e)) => return http::refusal(&p, &e, Some(&offer)),
     };
     if job["fail"] == true {
-        p.abort_charge(charge).await;
+        charge.release().await;
         return http::error_response(
             axum::http::StatusCode::BAD_GATEWAY,
             "server_error",
@@ -131,12 +126,13 @@ async fn paid_metered(
         );
     }
     let actual = Micros(job["actual"].as_u64().unwrap_or(0));
-    match p.finish_charge(charge, actual).await {
-        Ok(c) => {
-            let mut resp = Json(json!({"charged": c.amount.0, "method": c.method,
-                "wallet": c.wallet.as_str()}))
+    let (method, wallet) = (charge.method(), charge.payer().cloned());
+    match charge.settle(actual).await {
+        Ok(r) => {
+            let mut resp = Json(json!({"charged": r.charged.0, "method": method,
+                "wallet": wallet.as_ref().map(|w| w.as_str())}))
             .into_response();
-            resp.headers_mut().extend(c.headers);
+            resp.headers_mut().extend(r.headers);
             resp
         }
         Err(e) => http::refusal(&p, &e, Some(&offer)),
@@ -155,17 +151,8 @@ pub async fn start_with(store: TestStore) -> TestServer {
         secret: Zeroizing::new(MPP_SECRET.as_bytes().to_vec()),
         validity: Duration::from_secs(300),
     });
-    let clock = Arc::new(AtomicI64::new(0));
-    let c = clock.clone();
-    let payments = Payments::with_clock(
-        cfg,
-        store.store.clone(),
-        Arc::new(move || {
-            let skew = c.load(Ordering::SeqCst);
-            now_ms() + skew
-        }),
-    )
-    .unwrap();
+    let clock = ManualClock::starting_now();
+    let payments = Payments::with_clock(cfg, store.store.clone(), clock.clock()).unwrap();
     let app = Router::new()
         .route("/paid/echo", post(paid_echo))
         .route("/paid/metered", post(paid_metered))

@@ -153,7 +153,7 @@ pub fn mpp_credential(k: &SigningKey, challenge: &str, nonce: Option<B256>) -> S
     let c = parse_challenge(challenge);
     let req: Value =
         serde_json::from_slice(&URL_SAFE_NO_PAD.decode(&c["request"]).unwrap()).unwrap();
-    let expires = sgl::payments::time::parse_rfc3339(&c["expires"]).unwrap() as u64;
+    let expires = sgl::timefmt::parse_rfc3339(&c["expires"]).unwrap();
     let mut p = PayParams::new(
         req["recipient"].as_str().unwrap().parse().unwrap(),
         req["amount"].as_str().unwrap().parse().unwrap(),

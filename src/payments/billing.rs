@@ -1,0 +1,312 @@
+//! Billing a metered job: the one path the grid's chat and the compute
+//! plane's jobs take from a quote to a charge.
+//!
+//! 1. **Hold.** [`Payments::open_charge`] gates a request quoted at
+//!    `offer.price`: a presented x402 or MPP payment is verified and
+//!    reserved; an account (API key or X-Auth signature) gets a credit hold
+//!    of the quote, keyed by the job. The result is one [`Charge`] per job,
+//!    which owns that hold or pending payment.
+//! 2. **Settle** ([`Charge::settle`]) when the work produced billable output,
+//!    at its metered cost (from the node's signed usage): credits are
+//!    charged the cost, at most the quote, and the rest returns to the
+//!    balance; an `exact` payment is settled with the facilitator for the
+//!    quote, before the result is released.
+//! 3. **Release** ([`Charge::release`]) when the work failed or never
+//!    started: the hold returns whole, the payment's authorization may be
+//!    presented again, nothing is charged.
+//!
+//! A charge must end in one of the two; one that is dropped instead keeps
+//! its hold or reservation (fail closed: money stays reserved, never
+//! spent twice) and says so in the log.
+//!
+//! [`Split`] divides what a job was charged among the operator, the
+//! platform, stakers and burn.
+
+use axum::http::HeaderMap;
+
+use super::error::PaymentError;
+use super::service::{Payer, Payments, PendingPayment, RequestParts};
+use super::x402::Offer;
+use crate::money::Micros;
+use crate::store::{CreditBalance, HoldId, WalletId};
+
+/// What funds a job.
+#[derive(Debug)]
+enum Funding {
+    /// Nothing is charged (development mode without credentials), or the
+    /// charge already ended.
+    Free,
+    /// Credits held from a wallet's balance.
+    Credits {
+        payments: Payments,
+        wallet: WalletId,
+        hold: HoldId,
+        api_key_id: Option<String>,
+    },
+    /// A verified, reserved x402 or MPP payment for exactly the quote.
+    Payment {
+        payments: Payments,
+        pending: Box<PendingPayment>,
+    },
+}
+
+/// One job's charge in progress: the quote and the hold or pending payment
+/// that covers it. End it with [`Charge::settle`] or [`Charge::release`].
+#[derive(Debug)]
+#[must_use = "a charge must end in settle or release"]
+pub struct Charge {
+    quote: Micros,
+    funding: Funding,
+}
+
+/// Why a charge could not be opened.
+#[derive(Debug)]
+pub enum ChargeRefused {
+    /// No credentials: answer the 402 challenge for the offer.
+    PaymentRequired,
+    /// Refused (bad payment, bad auth, insufficient credits, …).
+    Refused(PaymentError),
+}
+
+/// What a settled charge took.
+#[derive(Debug)]
+pub struct Receipt {
+    /// The actual cost (credits, at most the quote), the quote (an `exact`
+    /// payment) or nothing (a free charge).
+    pub charged: Micros,
+    /// The settlement transaction of a payment.
+    pub transaction: Option<String>,
+    /// Headers for the success response (`PAYMENT-RESPONSE`, …).
+    pub headers: HeaderMap,
+    /// The wallet's credit position after a credit charge.
+    pub balance: Option<CreditBalance>,
+}
+
+impl Payments {
+    /// Open the charge of a metered request quoted at `offer.price`, keyed
+    /// by `reference` (the job id): a presented payment is verified and
+    /// reserved; an account's credits are held for the quote.
+    pub async fn open_charge(
+        &self,
+        req: &RequestParts<'_>,
+        offer: &Offer,
+        reference: &str,
+    ) -> Result<Charge, ChargeRefused> {
+        let quote = offer.price;
+        let funding = match self.authorize(req, Some(offer)).await {
+            Ok(None) => return Err(ChargeRefused::PaymentRequired),
+            Err(e) => return Err(ChargeRefused::Refused(e)),
+            Ok(Some(Payer::Payment(p))) => Funding::Payment {
+                payments: self.clone(),
+                pending: Box::new(p),
+            },
+            Ok(Some(account)) => {
+                let api_key_id = match &account {
+                    Payer::ApiKey { key_id, .. } => Some(key_id.clone()),
+                    _ => None,
+                };
+                let wallet = account.wallet().clone();
+                let hold = self
+                    .hold_credits(&wallet, quote, reference)
+                    .await
+                    .map_err(ChargeRefused::Refused)?;
+                Funding::Credits {
+                    payments: self.clone(),
+                    wallet,
+                    hold,
+                    api_key_id,
+                }
+            }
+        };
+        Ok(Charge { quote, funding })
+    }
+}
+
+impl Charge {
+    /// A charge that takes nothing (development mode without credentials).
+    pub fn free(quote: Micros) -> Charge {
+        Charge {
+            quote,
+            funding: Funding::Free,
+        }
+    }
+
+    /// The most this job may cost.
+    pub fn quote(&self) -> Micros {
+        self.quote
+    }
+
+    /// `free`, `credits`, `x402-v1`, `x402-v2` or `mpp`.
+    pub fn method(&self) -> &'static str {
+        match &self.funding {
+            Funding::Free => "free",
+            Funding::Credits { .. } => "credits",
+            Funding::Payment { pending, .. } => pending.method.scheme(),
+        }
+    }
+
+    /// The wallet that pays, unless the charge is free.
+    pub fn payer(&self) -> Option<&WalletId> {
+        match &self.funding {
+            Funding::Free => None,
+            Funding::Credits { wallet, .. } => Some(wallet),
+            Funding::Payment { pending, .. } => Some(&pending.wallet),
+        }
+    }
+
+    /// The API key that authorised a credit charge.
+    pub fn api_key_id(&self) -> Option<&str> {
+        match &self.funding {
+            Funding::Credits { api_key_id, .. } => api_key_id.as_deref(),
+            _ => None,
+        }
+    }
+
+    fn take(&mut self) -> Funding {
+        std::mem::replace(&mut self.funding, Funding::Free)
+    }
+
+    /// The work produced billable output costing `cost`: charge credits at
+    /// that cost (capped at the quote; the rest returns to the balance), or
+    /// settle the payment (an `exact` payment is the quote). On `Err`
+    /// nothing was charged and the result must be withheld: a payment whose
+    /// settlement failed is released, and a credit hold that could not be
+    /// settled stays held for an operator to reconcile.
+    pub async fn settle(mut self, cost: Micros) -> Result<Receipt, PaymentError> {
+        match self.take() {
+            Funding::Free => Ok(Receipt {
+                charged: Micros::ZERO,
+                transaction: None,
+                headers: HeaderMap::new(),
+                balance: None,
+            }),
+            Funding::Credits { payments, hold, .. } => {
+                let charged = cost.min(self.quote);
+                let balance = payments.settle_credits(&hold, charged).await?;
+                Ok(Receipt {
+                    charged,
+                    transaction: None,
+                    headers: HeaderMap::new(),
+                    balance: Some(balance),
+                })
+            }
+            Funding::Payment { payments, pending } => {
+                let s = payments.settle(*pending, None).await?;
+                Ok(Receipt {
+                    charged: s.amount,
+                    transaction: Some(s.transaction),
+                    headers: s.headers,
+                    balance: None,
+                })
+            }
+        }
+    }
+
+    /// The work failed or never started: return the hold or the payment;
+    /// nothing is charged.
+    pub async fn release(mut self) {
+        match self.take() {
+            Funding::Free => {}
+            Funding::Credits { payments, hold, .. } => {
+                if let Err(e) = payments.release_credits(&hold).await {
+                    tracing::error!(error = %e, hold = %hold.0, "could not release a credit hold");
+                }
+            }
+            Funding::Payment { payments, pending } => payments.release(*pending).await,
+        }
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        match &self.funding {
+            Funding::Free => {}
+            Funding::Credits { hold, .. } => tracing::error!(
+                hold = %hold.0,
+                "a charge was dropped unsettled; its credit hold stays until released by hand"
+            ),
+            Funding::Payment { .. } => tracing::error!(
+                "a charge was dropped unsettled; its payment stays reserved and is never settled"
+            ),
+        }
+    }
+}
+
+/// The revenue split in percent: operator, stakers, burn; the platform takes
+/// the rest, so rounding never loses a micro-dollar.
+pub const OPERATOR_PCT: u64 = 80;
+pub const STAKERS_PCT: u64 = 10;
+pub const BURN_PCT: u64 = 5;
+
+/// What a job was charged, divided among those it pays.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Split {
+    pub operator: Micros,
+    pub platform: Micros,
+    pub stakers: Micros,
+    pub burn: Micros,
+}
+
+impl Split {
+    /// Divide `cost`: each named share rounded down, the remainder to the
+    /// platform.
+    pub fn of(cost: Micros) -> Split {
+        let operator = cost.percent(OPERATOR_PCT);
+        let stakers = cost.percent(STAKERS_PCT);
+        let burn = cost.percent(BURN_PCT);
+        // The three shares sum to at most 95 % of `cost`.
+        let platform = Micros(cost.0 - operator.0 - stakers.0 - burn.0);
+        Split {
+            operator,
+            platform,
+            stakers,
+            burn,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_adds_up_and_favours_nobody_by_rounding() {
+        for cost in [0, 1, 7, 99, 100, 12_345, u64::from(u32::MAX), u64::MAX] {
+            let s = Split::of(Micros(cost));
+            let sum = u128::from(s.operator.0)
+                + u128::from(s.platform.0)
+                + u128::from(s.stakers.0)
+                + u128::from(s.burn.0);
+            assert_eq!(sum, u128::from(cost));
+            assert_eq!(
+                u128::from(s.operator.0),
+                u128::from(cost) * 80 / 100,
+                "{cost}"
+            );
+        }
+        assert_eq!(
+            Split::of(Micros(100)),
+            Split {
+                operator: Micros(80),
+                platform: Micros(5),
+                stakers: Micros(10),
+                burn: Micros(5),
+            }
+        );
+    }
+
+    #[test]
+    fn a_free_charge_settles_to_nothing() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let c = Charge::free(Micros(500));
+        assert_eq!(
+            (c.quote(), c.method(), c.payer()),
+            (Micros(500), "free", None)
+        );
+        let r = rt.block_on(c.settle(Micros(100))).unwrap();
+        assert_eq!(r.charged, Micros::ZERO);
+        rt.block_on(Charge::free(Micros(1)).release());
+    }
+}
