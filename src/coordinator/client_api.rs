@@ -2,30 +2,26 @@
 //! call whose prompt and reply the coordinator relays without reading. Stream
 //! chunks are relayed as SSE in `seq` order, each with the node's signature.
 
-use std::convert::Infallible;
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::{Query, State};
-use axum::http::{header, HeaderMap, Method, Uri};
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::http::{HeaderMap, Method, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures_util::stream::{self, Stream, StreamExt};
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
 
-use super::billing::{self, JobBilling};
+use super::billing;
 use super::error::ClientError;
-use super::state::{Grid, Inner, Job, JobEvent, Reservation};
-use crate::money::MicrosPerM;
+use super::job::JobEvent;
+use super::router::{choose_node, dispatch};
+use super::state::{Grid, Reservation};
 use crate::proto::api::{
-    AttestationLevel, CapacityResponse, ChunkRequest, CompleteRequest, ReserveRequest,
-    ReserveResponse, SealedChatRequest, SealedChatResponse, SealedSseChunk, TeeTypeCapacity,
+    AttestationLevel, CapacityResponse, CompleteRequest, ReserveRequest, ReserveResponse,
+    SealedChatRequest, SealedChatResponse, TeeTypeCapacity,
 };
 use crate::proto::e2e::ALG_V2;
 use crate::proto::envelope::ENVELOPE_VERSION;
-use crate::proto::identity::NodeId;
 use crate::proto::openai::{ModelEntry, ModelList};
 
 /// Request bodies larger than this are refused (a sealed prompt is capped at
@@ -35,106 +31,6 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ClientError> {
     serde_json::from_slice(body)
         .map_err(|e| ClientError::invalid("invalid_request", format!("invalid JSON body: {e}")))
-}
-
-/// Pick a node for a model (§5.1): served, attested, on grid, online, with a
-/// published keybind, a free slot and a blended price under the cap; the
-/// cheapest, then the least loaded.
-pub(crate) fn choose_node(
-    grid: &Grid,
-    inner: &Inner,
-    req: &ReserveRequest,
-    model: &str,
-    exclude: Option<NodeId>,
-) -> Result<NodeId, ClientError> {
-    let now = Instant::now();
-    let require_hardware = match req.require_attestation.as_deref() {
-        None | Some("self_reported") => false,
-        Some("hardware") => true,
-        Some(other) => {
-            return Err(ClientError::invalid(
-                "invalid_request",
-                format!("require_attestation {other:?}"),
-            ))
-        }
-    };
-    let pin = match &req.node {
-        Some(p) => Some(
-            NodeId::parse(p)
-                .map_err(|_| ClientError::invalid("invalid_request", "node is not a node id"))?,
-        ),
-        None => None,
-    };
-    let serving: Vec<_> = inner
-        .nodes
-        .values()
-        .filter(|n| n.models.iter().any(|m| m == model))
-        .collect();
-    if serving.is_empty() {
-        return Err(ClientError::not_found(
-            "model_not_found",
-            format!("no node serves {model}"),
-        ));
-    }
-    let usable: Vec<_> = serving
-        .into_iter()
-        .filter(|n| {
-            n.level != AttestationLevel::None
-                && !n.off_grid
-                && grid.is_online(n, now)
-                && n.x25519.is_some()
-                && n.keybind.is_some()
-                && pin.is_none_or(|p| p == n.id)
-                && exclude != Some(n.id)
-        })
-        .collect();
-    let attested: Vec<_> = usable
-        .iter()
-        .filter(|n| !require_hardware || n.level == AttestationLevel::Hardware)
-        .collect();
-    if attested.is_empty() && !usable.is_empty() {
-        return Err(ClientError::new(
-            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_request_error",
-            "attestation_unmet",
-            "no node serving this model meets the attestation requirement",
-        ));
-    }
-    let cap = match req.max_price {
-        None => None,
-        Some(usd) => Some(MicrosPerM::from_usd(usd).ok_or_else(|| {
-            ClientError::invalid("invalid_request", "max_price must be a non-negative number")
-        })?),
-    };
-    let price = |id: &NodeId| {
-        inner
-            .nodes
-            .get(id)
-            .map(|n| grid.effective_price(n, model).blended())
-            .unwrap_or(MicrosPerM(u64::MAX))
-    };
-    let affordable: Vec<_> = attested
-        .iter()
-        .filter(|n| cap.is_none_or(|cap| price(&n.id) <= cap))
-        .collect();
-    if affordable.is_empty() && !attested.is_empty() {
-        return Err(ClientError::new(
-            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_request_error",
-            "price_cap_unmet",
-            "nodes serve this model, but none at or under max_price",
-        ));
-    }
-    affordable
-        .iter()
-        .filter(|n| Grid::load(inner, &n.id, now) < n.max_concurrent_jobs)
-        .min_by(|a, b| {
-            let la = Grid::load(inner, &a.id, now) as f64 / a.max_concurrent_jobs as f64;
-            let lb = Grid::load(inner, &b.id, now) as f64 / b.max_concurrent_jobs as f64;
-            price(&a.id).cmp(&price(&b.id)).then(la.total_cmp(&lb))
-        })
-        .map(|n| n.id)
-        .ok_or_else(ClientError::no_capacity)
 }
 
 pub async fn reserve(
@@ -156,7 +52,7 @@ pub async fn reserve(
     let mut inner = grid.lock();
     let node_id = choose_node(&grid, &inner, &req, &model, None)?;
     let token = format!("rsv_{}", super::state::random_token());
-    inner.reservations.insert(
+    inner.insert_reservation(
         token.clone(),
         Reservation {
             node_id,
@@ -165,8 +61,7 @@ pub async fn reserve(
         },
     );
     let node = inner
-        .nodes
-        .get(&node_id)
+        .node(&node_id)
         .ok_or_else(|| ClientError::internal("chosen node vanished"))?;
     let (Some(x), Some(kb)) = (node.x25519, node.keybind) else {
         return Err(ClientError::internal("chosen node has no published key"));
@@ -187,40 +82,6 @@ pub async fn reserve(
             grid.config.public_url.trim_end_matches('/')
         )),
     }))
-}
-
-/// Create a job for a reserved node and offer it; returns its events.
-pub(crate) fn dispatch(
-    grid: &Grid,
-    job_id: &str,
-    node_id: NodeId,
-    model: &str,
-    payload: Value,
-    stream: bool,
-    billing: JobBilling,
-) -> mpsc::Receiver<JobEvent> {
-    let (tx, rx) = mpsc::channel(64);
-    let job = Job {
-        id: job_id.to_string(),
-        node_id,
-        model: model.to_string(),
-        payload,
-        stream,
-        acked: false,
-        offered_at: Instant::now(),
-        events: tx,
-        next_seq: 0,
-        last_chunk: None,
-        closed: false,
-        billing: Some(billing),
-    };
-    let mut inner = grid.lock();
-    let pending = job.pending();
-    inner.jobs.insert(job_id.to_string(), job);
-    if let Some(push) = inner.nodes.get(&node_id).and_then(|n| n.push.clone()) {
-        let _ = push.send(pending);
-    }
-    rx
 }
 
 /// The clear `max_tokens` of a sealed request, as the node will clamp it (§6.7).
@@ -261,11 +122,9 @@ pub async fn chat(
     let (node_id, model, streams, price) = {
         let inner = grid.lock();
         let r = inner
-            .reservations
-            .get(&req.reservation_token)
-            .filter(|r| r.expires > Instant::now())
+            .reservation(&req.reservation_token, Instant::now())
             .ok_or_else(bad_reservation)?;
-        let node = inner.nodes.get(&r.node_id).ok_or_else(bad_reservation)?;
+        let node = inner.node(&r.node_id).ok_or_else(bad_reservation)?;
         (
             r.node_id,
             r.model.clone(),
@@ -291,9 +150,8 @@ pub async fn chat(
     };
     let taken = grid
         .lock()
-        .reservations
-        .remove(&req.reservation_token)
-        .filter(|r| r.expires > Instant::now() && r.node_id == node_id);
+        .take_reservation(&req.reservation_token, Instant::now())
+        .filter(|r| r.node_id == node_id);
     if taken.is_none() {
         bill.release().await;
         return Err(bad_reservation());
@@ -320,7 +178,7 @@ pub async fn chat(
             resp.headers_mut().extend(receipt);
             Ok(resp)
         }
-        Some(JobEvent::Chunk(first)) => Ok(sse_relay(job_id, first, rx).into_response()),
+        Some(JobEvent::Chunk(first)) => Ok(super::relay::sealed(job_id, first, rx)),
     }
 }
 
@@ -349,98 +207,6 @@ fn sealed_json(
     Ok(Json(body).into_response())
 }
 
-fn sse_chunk(job_id: &str, c: ChunkRequest) -> Event {
-    let chunk = SealedSseChunk {
-        seq: c.seq.unwrap_or(0),
-        is_final: c.is_final == Some(true),
-        eph: c.ephemeral_public_key,
-        ct: c.ciphertext.unwrap_or_default(),
-        job: job_id.to_string(),
-        sig: c.result_envelope_signature.unwrap_or_default(),
-        sigv: ENVELOPE_VERSION.into(),
-        usage: c.usage,
-        usage_signature: c.usage_signature,
-    };
-    Event::default().data(serde_json::to_string(&chunk).unwrap_or_default())
-}
-
-fn sse_error(message: &str) -> Event {
-    let body =
-        json!({"error": {"message": message, "type": "server_error", "code": "stream_aborted"}});
-    Event::default().event("error").data(body.to_string())
-}
-
-enum Relay {
-    Open(String, mpsc::Receiver<JobEvent>),
-    Done,
-}
-
-/// Relay node chunks as SSE, unread: each `data:` line is one JSON object;
-/// after the final chunk `[DONE]`; a failure mid-stream is `event: error`.
-fn sse_relay(
-    job_id: String,
-    first: ChunkRequest,
-    rx: mpsc::Receiver<JobEvent>,
-) -> impl IntoResponse {
-    let first_final = first.is_final == Some(true);
-    // `[DONE]` follows the final chunk only: a failed stream ends with
-    // `event: error` and closes.
-    fn done() -> Event {
-        Event::default().data("[DONE]")
-    }
-    let mut head = vec![Ok::<_, Infallible>(sse_chunk(&job_id, first))];
-    if first_final {
-        head.push(Ok(done()));
-    }
-    let head = stream::iter(head);
-    let state = if first_final {
-        Relay::Done
-    } else {
-        Relay::Open(job_id, rx)
-    };
-    let rest = stream::unfold(state, |state| async move {
-        match state {
-            Relay::Done => None,
-            Relay::Open(job_id, mut rx) => match rx.recv().await {
-                Some(JobEvent::Chunk(c)) => {
-                    let fin = c.is_final == Some(true);
-                    let mut evs = vec![sse_chunk(&job_id, c)];
-                    if fin {
-                        evs.push(done());
-                    }
-                    Some((
-                        evs,
-                        if fin {
-                            Relay::Done
-                        } else {
-                            Relay::Open(job_id, rx)
-                        },
-                    ))
-                }
-                Some(JobEvent::Failed(why)) => Some((
-                    vec![sse_error(&format!("the node failed: {why}"))],
-                    Relay::Done,
-                )),
-                Some(JobEvent::Complete(..)) | None => Some((
-                    vec![sse_error("the stream ended without a final chunk")],
-                    Relay::Done,
-                )),
-            },
-        }
-    })
-    .flat_map(|events| stream::iter(events.into_iter().map(Ok::<_, Infallible>)));
-    let body: std::pin::Pin<Box<dyn Stream<Item = Result<Event, Infallible>> + Send>> =
-        Box::pin(head.chain(rest));
-    (
-        [(header::CACHE_CONTROL, "no-cache")],
-        Sse::new(body).keep_alive(
-            KeepAlive::new()
-                .interval(Duration::from_secs(15))
-                .text("ping"),
-        ),
-    )
-}
-
 #[derive(Debug, serde::Deserialize)]
 pub struct ModelsQuery {
     #[serde(rename = "type")]
@@ -454,8 +220,7 @@ pub async fn models(State(grid): State<Grid>, Query(q): Query<ModelsQuery>) -> J
         let inner = grid.lock();
         let now = Instant::now();
         for n in inner
-            .nodes
-            .values()
+            .nodes()
             .filter(|n| n.level != AttestationLevel::None && !n.off_grid && grid.is_online(n, now))
         {
             for m in &n.models {
@@ -488,9 +253,9 @@ pub async fn capacity(State(grid): State<Grid>) -> Json<CapacityResponse> {
         updated_at: None,
         ..Default::default()
     };
-    for n in inner.nodes.values() {
+    for n in inner.nodes() {
         let active = n.level != AttestationLevel::None && !n.off_grid && grid.is_online(n, now);
-        let available = active && Grid::load(&inner, &n.id, now) < n.max_concurrent_jobs;
+        let available = active && inner.load(&n.id, now) < n.max_concurrent_jobs;
         out.total_nodes += 1;
         out.active_nodes += u64::from(active);
         out.available_nodes += u64::from(available);

@@ -1,8 +1,16 @@
 //! The two error edges of the coordinator: the OpenAI shape for clients
 //! (`{"error": {"message", "type", "code"}}`) and `{"error", "code"}` for nodes
 //! (PROTOCOL.md §1.5). Internal details go to the log, never into a body.
+//!
+//! Every error leaves in one of the two shapes: handlers return these types,
+//! node JSON bodies are read with [`NodeJson`], whose rejections are node
+//! errors, an unknown route is §5.12's `not_supported`, and what axum answers
+//! on its own (another extractor's rejection, the body limit's 413, a wrong
+//! method) is rewritten by [`client_edge`] or [`node_edge`].
 
-use axum::http::StatusCode;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Request};
+use axum::http::{header, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
@@ -161,4 +169,124 @@ impl IntoResponse for NodeApiError {
         )
             .into_response()
     }
+}
+
+impl From<JsonRejection> for NodeApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        let status = rejection.status();
+        NodeApiError::new(status, code_for(status), rejection.body_text())
+    }
+}
+
+/// A JSON request body on the node API: a body that is not JSON, not of the
+/// expected shape, not labelled `application/json` or over the size limit is
+/// answered as a [`NodeApiError`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NodeJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for NodeJson<T>
+where
+    Json<T>: FromRequest<S, Rejection = JsonRejection>,
+    S: Send + Sync,
+{
+    type Rejection = NodeApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let Json(value) = Json::<T>::from_request(req, state).await?;
+        Ok(NodeJson(value))
+    }
+}
+
+/// The error code of a status axum answered on its own.
+fn code_for(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY => "invalid_request",
+        StatusCode::NOT_FOUND => "not_supported",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "request_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        s if s.is_server_error() => "internal_error",
+        _ => "invalid_request",
+    }
+}
+
+/// The client-API error type of a status.
+fn kind_for(status: StatusCode) -> &'static str {
+    match status {
+        s if s.is_server_error() => "server_error",
+        StatusCode::UNAUTHORIZED => "authentication_error",
+        StatusCode::FORBIDDEN => "permission_error",
+        _ => "invalid_request_error",
+    }
+}
+
+/// An error response that is not JSON yet: its status and its message (the
+/// rejection's text; a generic one for server errors).
+async fn unshaped(resp: Response) -> Result<(StatusCode, String), Response> {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.contains("json"));
+    if (!status.is_client_error() && !status.is_server_error()) || is_json {
+        return Err(resp);
+    }
+    // Rejection texts are short; a longer body is not one of them.
+    const MAX_MESSAGE_BYTES: usize = 4096;
+    let text = axum::body::to_bytes(resp.into_body(), MAX_MESSAGE_BYTES)
+        .await
+        .ok()
+        .and_then(|b| String::from_utf8(b.to_vec()).ok())
+        .filter(|t| !t.trim().is_empty() && !status.is_server_error());
+    let message = text.unwrap_or_else(|| {
+        if status.is_server_error() {
+            "internal error".to_string()
+        } else {
+            status
+                .canonical_reason()
+                .unwrap_or("invalid request")
+                .to_lowercase()
+        }
+    });
+    Ok((status, message))
+}
+
+/// Middleware of the client API: an error answered outside the handlers
+/// (rejections, the body limit, a wrong method) in the client shape.
+pub async fn client_edge(resp: Response) -> Response {
+    match unshaped(resp).await {
+        Ok((status, message)) => {
+            ClientError::new(status, kind_for(status), code_for(status), message).into_response()
+        }
+        Err(resp) => resp,
+    }
+}
+
+/// Middleware of the node API: the same, in the node shape.
+pub async fn node_edge(resp: Response) -> Response {
+    match unshaped(resp).await {
+        Ok((status, message)) => {
+            NodeApiError::new(status, code_for(status), message).into_response()
+        }
+        Err(resp) => resp,
+    }
+}
+
+/// Any route this coordinator does not serve: 404 `not_supported` (§5.12).
+pub async fn not_supported(method: Method, uri: Uri) -> ClientError {
+    let path: String = uri.path().chars().take(128).collect();
+    ClientError::not_found(
+        "not_supported",
+        format!("{method} {path} is not supported by this coordinator"),
+    )
+}
+
+/// The body of an error response, for tests.
+#[cfg(test)]
+pub(crate) async fn body_json(resp: Response) -> serde_json::Value {
+    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+        .await
+        .expect("a readable body");
+    serde_json::from_slice(&bytes).expect("a JSON body")
 }

@@ -12,10 +12,14 @@ pub mod attestation;
 pub mod billing;
 pub mod client_api;
 pub mod error;
+pub mod job;
 pub mod market;
 pub mod node_api;
 mod plain;
 pub mod pricing;
+mod relay;
+pub mod results;
+pub mod router;
 pub mod state;
 pub mod ws;
 
@@ -23,31 +27,62 @@ use std::future::Future;
 use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
+use axum::middleware;
 use axum::routing::{get, post};
 use axum::Router;
 
 pub use state::{Config, Grid};
 
-/// The whole HTTP surface.
+/// The whole HTTP surface: the client API and the node API, each with its
+/// error shape (PROTOCOL.md §1.5), and `not_supported` for any other route.
 pub fn router(grid: Grid) -> Router {
-    let router = Router::new()
+    let payments = grid.payments.clone();
+    let client: Router = client_routes()
+        .layer(DefaultBodyLimit::max(client_api::MAX_BODY_BYTES))
+        .with_state(grid.clone());
+    let client = match payments {
+        // API keys and credits, the same routes the compute plane serves.
+        Some(p) => client.merge(crate::payments::http::router(p)),
+        None => client,
+    };
+    let node: Router = node_routes()
+        .layer(DefaultBodyLimit::max(client_api::MAX_BODY_BYTES))
+        .with_state(grid);
+    client
+        .layer(middleware::map_response(error::client_edge))
+        .merge(node.layer(middleware::map_response(error::node_edge)))
+        .fallback(error::not_supported)
+}
+
+/// The client API (§5, §7b).
+fn client_routes() -> Router<Grid> {
+    Router::new()
         .route("/v1/reserve", post(client_api::reserve))
         .route("/v1/chat/completions", post(client_api::chat))
         .route("/v1/models", get(client_api::models))
         .route("/grid/capacity", get(client_api::capacity))
-        .route("/v1/providers", get(market::providers))
-        .route("/grid/models", get(market::grid_models))
-        .route("/grid/pricing", get(market::grid_pricing))
+        .route("/v1/providers", get(market::providers::providers))
+        .route("/grid/models", get(market::providers::grid_models))
+        .route("/grid/pricing", get(market::providers::grid_pricing))
         .route(
             "/grid/nodes/{id}/prices",
-            get(market::get_prices).post(market::set_price),
+            get(market::prices::get_prices).post(market::prices::set_price),
         )
         .route(
             "/grid/nodes/{id}/attestation/evidence",
-            get(market::evidence),
+            get(market::evidence::evidence),
         )
-        .route("/grid/jobs/{id}/attestation", get(market::job_attestation))
-        .route("/grid/attestation/policy", get(market::policy))
+        .route(
+            "/grid/jobs/{id}/attestation",
+            get(market::evidence::job_attestation),
+        )
+        .route("/grid/attestation/policy", get(market::policy::policy))
+        .route("/health", get(|| async { "ok" }))
+}
+
+/// The node API (§6).
+fn node_routes() -> Router<Grid> {
+    Router::new()
         .route("/grid/nodes/register", post(node_api::register))
         .route("/grid/nodes/heartbeat", post(node_api::heartbeat))
         .route("/grid/nodes/{id}", get(node_api::node_info))
@@ -62,15 +97,6 @@ pub fn router(grid: Grid) -> Router {
         .route("/grid/jobs/{id}/chunk", post(node_api::chunk))
         .route("/grid/jobs/{id}/fail", post(node_api::fail))
         .route("/grid/allowed-binaries", get(node_api::allowed_binaries))
-        .route("/health", get(|| async { "ok" }))
-        .layer(DefaultBodyLimit::max(client_api::MAX_BODY_BYTES));
-    let payments = grid.payments.clone();
-    let router: Router = router.with_state(grid);
-    match payments {
-        // API keys and credits, the same routes the compute plane serves.
-        Some(p) => router.merge(crate::payments::http::router(p)),
-        None => router,
-    }
 }
 
 /// Serve until `shutdown` resolves. The caller owns the listener, so tests
@@ -104,4 +130,221 @@ pub async fn serve(
         .await;
     reaper.abort();
     result
+}
+
+#[cfg(test)]
+mod tests {
+    //! The router driven without a socket (`tower::ServiceExt::oneshot`).
+
+    use std::time::Instant;
+
+    use axum::body::Body;
+    use axum::http::{header, Request, StatusCode};
+    use serde_json::{json, Value};
+    use tower::ServiceExt;
+
+    use super::error::body_json;
+    use super::job::{Job, JobEvent, Stage};
+    use super::*;
+    use crate::proto::api::ChunkRequest;
+    use crate::proto::e2e::Algorithm;
+    use crate::proto::envelope::{self, ResultKind, ENVELOPE_VERSION};
+    use crate::proto::identity::{NodeId, NodeIdentity};
+
+    fn dev_grid() -> Grid {
+        Grid::new(Config {
+            dev: true,
+            ..Config::default()
+        })
+    }
+
+    async fn send(grid: &Grid, req: Request<Body>) -> (StatusCode, Value) {
+        let resp = router(grid.clone()).oneshot(req).await.unwrap();
+        let status = resp.status();
+        let ct = resp.headers().get(header::CONTENT_TYPE).cloned();
+        assert_eq!(
+            ct.as_ref().and_then(|v| v.to_str().ok()),
+            Some("application/json"),
+            "status {status}"
+        );
+        (status, body_json(resp).await)
+    }
+
+    fn post(path: &str, content_type: Option<&str>, body: impl Into<Body>) -> Request<Body> {
+        let mut req = Request::post(path);
+        if let Some(ct) = content_type {
+            req = req.header(header::CONTENT_TYPE, ct);
+        }
+        req.body(body.into()).unwrap()
+    }
+
+    /// `{"error": "<message>", "code": "<code>"}`: the node shape.
+    fn node_code(body: &Value) -> &str {
+        assert!(body["error"].is_string(), "{body}");
+        body["code"].as_str().unwrap()
+    }
+
+    /// `{"error": {"message", "type", "code"}}`: the client shape.
+    fn client_code(body: &Value) -> &str {
+        assert!(body["error"]["message"].is_string(), "{body}");
+        assert!(body["error"]["type"].is_string(), "{body}");
+        body["error"]["code"].as_str().unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_malformed_node_body_is_a_node_error() {
+        let grid = dev_grid();
+        let json = Some("application/json");
+        let (status, body) = send(&grid, post("/grid/nodes/register", json, "{not json")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(node_code(&body), "invalid_request");
+        let (status, body) = send(
+            &grid,
+            post("/grid/jobs/j/chunk", json, r#"{"seq": "zero"}"#),
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(node_code(&body), "invalid_request");
+        let (status, body) = send(&grid, post("/grid/nodes/heartbeat", None, "{}")).await;
+        assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        assert_eq!(node_code(&body), "unsupported_media_type");
+    }
+
+    #[tokio::test]
+    async fn an_oversize_body_is_json_413_on_both_apis() {
+        let grid = dev_grid();
+        let big = vec![b' '; client_api::MAX_BODY_BYTES + 1];
+        let json = Some("application/json");
+        let (status, body) = send(&grid, post("/grid/jobs/j/chunk", json, big.clone())).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(node_code(&body), "request_too_large");
+        let (status, body) = send(&grid, post("/v1/chat/completions", json, big.clone())).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(client_code(&body), "request_too_large");
+        let (status, body) = send(&grid, post("/v1/reserve", json, big)).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(client_code(&body), "request_too_large");
+    }
+
+    #[tokio::test]
+    async fn an_unknown_route_is_not_supported() {
+        let grid = dev_grid();
+        for path in ["/v1/embeddings", "/grid/jobs", "/nothing/here"] {
+            let (status, body) = send(&grid, post(path, Some("application/json"), "{}")).await;
+            assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
+            assert_eq!(client_code(&body), "not_supported");
+            assert_eq!(body["error"]["type"], "invalid_request_error");
+        }
+        let get = Request::get("/v1/audio/transcriptions")
+            .body(Body::empty())
+            .unwrap();
+        let (status, body) = send(&grid, get).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(client_code(&body), "not_supported");
+    }
+
+    #[tokio::test]
+    async fn a_wrong_method_is_json_in_its_api_shape() {
+        let grid = dev_grid();
+        let get = |p: &str| Request::get(p).body(Body::empty()).unwrap();
+        let (status, body) = send(&grid, get("/v1/chat/completions")).await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(client_code(&body), "method_not_allowed");
+        let (status, body) = send(&grid, get("/grid/jobs/j/chunk")).await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(node_code(&body), "method_not_allowed");
+        // Successes are left as they are.
+        let resp = router(grid).oneshot(get("/health")).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+
+    /// A node with a job offered to it, outside any client call.
+    fn node_with_job(grid: &Grid) -> (NodeIdentity, String, tokio::sync::mpsc::Receiver<JobEvent>) {
+        let id = NodeIdentity::generate();
+        let (node_id, token): (NodeId, String) = grid.register(
+            id.ed25519_public(),
+            "0x1".into(),
+            "none".into(),
+            vec!["m".into()],
+        );
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let job = Job::offered(
+            "job-1".into(),
+            node_id,
+            "m".into(),
+            json!({}),
+            true,
+            Instant::now(),
+            tx,
+            None,
+        );
+        grid.lock().insert_job(job);
+        (id, token, rx)
+    }
+
+    fn signed_chunk(id: &NodeIdentity, seq: u64, is_final: bool, ct: &str) -> ChunkRequest {
+        let kind = ResultKind::Stream { seq, is_final };
+        ChunkRequest {
+            seq: Some(seq),
+            is_final: Some(is_final),
+            ciphertext: Some(ct.into()),
+            algorithm: Some(Algorithm::V2Stream.as_str().into()),
+            result_envelope_signature: Some(envelope::sign_result(id, "job-1", kind, ct).to_b58()),
+            result_envelope_version: Some(ENVELOPE_VERSION.into()),
+            ..Default::default()
+        }
+    }
+
+    fn node_post(path: &str, token: &str, body: &impl serde::Serialize) -> Request<Body> {
+        Request::post(path)
+            .header(header::CONTENT_TYPE, "application/json")
+            .header("x-node-auth", token)
+            .body(Body::from(serde_json::to_vec(body).unwrap()))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn chunks_out_of_order_are_refused_and_leave_the_job() {
+        let grid = dev_grid();
+        let (id, token, mut rx) = node_with_job(&grid);
+        let chunk_path = "/grid/jobs/job-1/chunk";
+
+        let (status, body) = send(
+            &grid,
+            node_post(chunk_path, &token, &signed_chunk(&id, 1, false, "b")),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CONFLICT);
+        assert_eq!(node_code(&body), "conflict");
+        assert_eq!(body["error"], "chunk seq 1 out of order (expected 0)");
+        assert_eq!(
+            grid.lock().job("job-1").map(|j| j.stage().clone()),
+            Some(Stage::Offered)
+        );
+
+        let first = signed_chunk(&id, 0, false, "a");
+        let (status, body) = send(&grid, node_post(chunk_path, &token, &first)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body, json!({"ok": true, "closed": false}));
+        assert!(matches!(rx.recv().await, Some(JobEvent::Chunk(c)) if c == first));
+        // An identical repeat is answered again and not relayed twice.
+        let (status, _) = send(&grid, node_post(chunk_path, &token, &first)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(rx.try_recv().is_err());
+
+        // A whole result for a job that streamed: refused, and the job fails.
+        let (status, body) = send(
+            &grid,
+            node_post(
+                "/grid/jobs/job-1/complete",
+                &token,
+                &json!({"encrypted_result": "{}"}),
+            ),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CONFLICT);
+        assert_eq!(node_code(&body), "conflict");
+        assert!(matches!(rx.recv().await, Some(JobEvent::Failed(_))));
+        assert!(grid.lock().job("job-1").is_none());
+    }
 }

@@ -1,6 +1,7 @@
 //! The node-facing API (PROTOCOL.md §6): register, challenge,
 //! verify-attestation, heartbeat, complete, chunk, fail, status. Every
-//! signature is checked before anything is relayed or counted.
+//! signature is checked before anything is relayed or counted; what a node
+//! posts about a job is checked and applied in [`super::results`].
 
 use std::collections::HashSet;
 use std::time::Instant;
@@ -9,19 +10,17 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 
-use super::billing::Outcome;
-use super::error::NodeApiError;
-use super::state::{Grid, JobEvent};
+use super::error::{NodeApiError, NodeJson};
+use super::results;
+use super::state::Grid;
 use crate::proto::api::{
     AllowedBinaries, AttestationLevel, ChunkRequest, ChunkResponse, CompleteRequest, FailRequest,
     HeartbeatRequest, HeartbeatResponse, NodeInfoResponse, OkResponse, RegisterRequest,
     RegisterResponse, StatusRequest, StatusResponse, VerifyAttestationRequest,
     VerifyAttestationResponse,
 };
-use crate::proto::e2e::{Algorithm, ALG_V2};
-use crate::proto::envelope::{self, ResultKind};
+use crate::proto::e2e::ALG_V2;
 use crate::proto::identity::{verify_keybind, Ed25519Public, NodeId, Signature, X25519Public};
-use crate::proto::openai::Usage;
 
 type NodeResult<T> = Result<Json<T>, NodeApiError>;
 
@@ -46,7 +45,7 @@ fn authorize(grid: &Grid, headers: &HeaderMap, node_id: &NodeId) -> Result<(), N
 
 pub async fn register(
     State(grid): State<Grid>,
-    Json(req): Json<RegisterRequest>,
+    NodeJson(req): NodeJson<RegisterRequest>,
 ) -> NodeResult<RegisterResponse> {
     let ed25519 = Ed25519Public::from_b58(&req.public_key)
         .map_err(|e| NodeApiError::bad("invalid_public_key", e.to_string()))?;
@@ -128,7 +127,7 @@ pub async fn verify_attestation(
     State(grid): State<Grid>,
     Path(id): Path<String>,
     headers: HeaderMap,
-    Json(req): Json<VerifyAttestationRequest>,
+    NodeJson(req): NodeJson<VerifyAttestationRequest>,
 ) -> NodeResult<VerifyAttestationResponse> {
     let node_id = parse_node_id(&id)?;
     authorize(&grid, &headers, &node_id)?;
@@ -139,8 +138,7 @@ pub async fn verify_attestation(
             NodeApiError::bad("challenge_expired", "no live challenge: request a new one")
         })?;
         let node = inner
-            .nodes
-            .get(&node_id)
+            .node(&node_id)
             .ok_or_else(|| NodeApiError::not_found("unknown node"))?;
         (challenge, node.ed25519)
     };
@@ -201,8 +199,7 @@ pub async fn verify_attestation(
     }
     let mut inner = grid.lock();
     let node = inner
-        .nodes
-        .get_mut(&node_id)
+        .node_mut(&node_id)
         .ok_or_else(|| NodeApiError::not_found("unknown node"))?;
     if let Some(kb) = keybind {
         node.keybind = Some(kb);
@@ -233,15 +230,14 @@ pub async fn verify_attestation(
 pub async fn heartbeat(
     State(grid): State<Grid>,
     headers: HeaderMap,
-    Json(req): Json<HeartbeatRequest>,
+    NodeJson(req): NodeJson<HeartbeatRequest>,
 ) -> NodeResult<HeartbeatResponse> {
     let node_id =
         parse_node_id(header(&headers, "x-node-id").ok_or_else(NodeApiError::unauthorized)?)?;
     authorize(&grid, &headers, &node_id)?;
     let mut inner = grid.lock();
     let node = inner
-        .nodes
-        .get_mut(&node_id)
+        .node_mut(&node_id)
         .ok_or_else(|| NodeApiError::not_found("unknown node"))?;
     if let Some(key) = &req.encryption_public_key {
         let x = X25519Public::from_b58(key)
@@ -289,17 +285,7 @@ pub async fn heartbeat(
         tracing::info!(%node_id, "node token rotated");
     }
     let active: HashSet<&str> = req.active_job_ids.iter().map(String::as_str).collect();
-    let mut ghosts = Vec::new();
-    let mut pending = Vec::new();
-    for job in inner.jobs.values_mut().filter(|j| j.node_id == node_id) {
-        if active.contains(job.id.as_str()) {
-            job.acked = true;
-        } else if job.acked {
-            ghosts.push(job.id.clone());
-        } else if job.next_seq == 0 {
-            pending.push(job.pending());
-        }
-    }
+    let (ghosts, pending) = inner.sync_jobs(&node_id, &active);
     grid.persist(&mut inner, &node_id);
     drop(inner);
     for id in ghosts {
@@ -316,302 +302,48 @@ pub async fn heartbeat(
     }))
 }
 
-/// Find a job, check it belongs to the calling node, and return the node's key.
-fn job_owner(
-    grid: &Grid,
-    headers: &HeaderMap,
-    job_id: &str,
-) -> Result<(NodeId, Ed25519Public, String, bool), NodeApiError> {
-    let token = header(headers, "x-node-auth").ok_or_else(NodeApiError::unauthorized)?;
-    let inner = grid.lock();
-    let job = inner
-        .jobs
-        .get(job_id)
-        .ok_or_else(|| NodeApiError::conflict("unknown or finished job"))?;
-    if !grid.authenticate(&inner, &job.node_id, token) {
-        // Either a bad token, or a job of another node: neither learns which.
-        return Err(NodeApiError::unauthorized());
-    }
-    let node = inner
-        .nodes
-        .get(&job.node_id)
-        .ok_or_else(|| NodeApiError::conflict("unknown node"))?;
-    Ok((
-        job.node_id,
-        node.ed25519,
-        job.model.clone(),
-        node.capabilities.signed_usage == Some(true),
-    ))
-}
-
-fn check_usage(
-    signer: &Ed25519Public,
-    job_id: &str,
-    model: &str,
-    usage: Option<&Usage>,
-    signature: Option<&str>,
-    required: bool,
-) -> Result<(), String> {
-    match usage {
-        Some(u) if !u.is_consistent() => {
-            Err("usage total_tokens is not prompt + completion".into())
-        }
-        Some(u) if required => {
-            envelope::verify_usage(signer, job_id, model, u, signature).map_err(|e| e.to_string())
-        }
-        Some(_) => Ok(()),
-        None if required => Err("missing usage".into()),
-        None => Ok(()),
-    }
-}
-
-/// Fail a job after a bad call from its node, and answer the node 400.
-fn reject(grid: &Grid, job_id: &str, code: &'static str, why: String) -> NodeApiError {
-    tracing::warn!(job_id, code, why = %why, "rejecting a node result");
-    grid.fail_job_later(job_id, format!("node sent an invalid result: {why}"));
-    NodeApiError::bad(code, why)
-}
-
 pub async fn complete(
     State(grid): State<Grid>,
     Path(job_id): Path<String>,
     headers: HeaderMap,
-    Json(req): Json<CompleteRequest>,
+    NodeJson(req): NodeJson<CompleteRequest>,
 ) -> NodeResult<OkResponse> {
-    let (_, signer, model, signed_usage) = job_owner(&grid, &headers, &job_id)?;
-    let sig = req.result_envelope_signature.as_deref();
-    let version = req.result_envelope_version.as_deref();
-    let checked = match (&req.sealed_result, &req.encrypted_result) {
-        (Some(sealed), None) => Algorithm::V2
-            .expect(sealed.algorithm.as_deref())
-            .and_then(|_| {
-                envelope::verify_result(
-                    &signer,
-                    &job_id,
-                    ResultKind::Sealed,
-                    &sealed.ciphertext,
-                    sig,
-                    version,
-                )
-            })
-            .map_err(|e| e.to_string()),
-        (None, Some(text)) => {
-            envelope::verify_result(&signer, &job_id, ResultKind::Plain, text, sig, version)
-                .map_err(|e| e.to_string())
-        }
-        _ => Err("exactly one of sealed_result and encrypted_result is required".into()),
-    };
-    if let Err(why) = checked {
-        return Err(reject(&grid, &job_id, "bad_signature", why));
-    }
-    let usage = req.usage.or_else(|| {
-        req.encrypted_result
-            .as_deref()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(t).ok())
-            .and_then(|v| serde_json::from_value(v.get("usage")?.clone()).ok())
-    });
-    if let Err(why) = check_usage(
-        &signer,
-        &job_id,
-        &model,
-        usage.as_ref(),
-        req.usage_signature.as_deref(),
-        signed_usage,
-    ) {
-        return Err(reject(&grid, &job_id, "bad_usage", why));
-    }
-    let outcome = Outcome::Completed {
-        usage: usage.unwrap_or_default(),
-        usage_signature: req.usage_signature.clone(),
-        result_signature: req.result_envelope_signature.clone(),
-    };
-    grid.end_job(
-        &job_id,
-        Some(JobEvent::Complete(req, HeaderMap::new())),
-        true,
-        outcome,
-    )
-    .await
-    .ok_or_else(|| NodeApiError::conflict("job already finished"))?;
-    Ok(Json(OkResponse { ok: true }))
+    results::complete(&grid, &headers, &job_id, req)
+        .await
+        .map(Json)
 }
 
 pub async fn chunk(
     State(grid): State<Grid>,
     Path(job_id): Path<String>,
     headers: HeaderMap,
-    Json(req): Json<ChunkRequest>,
+    NodeJson(req): NodeJson<ChunkRequest>,
 ) -> NodeResult<ChunkResponse> {
-    let (_, signer, model, signed_usage) = job_owner(&grid, &headers, &job_id)?;
-    if req.is_abort() {
-        grid.end_job(
-            &job_id,
-            Some(JobEvent::Failed("the node aborted the stream".into())),
-            false,
-            Outcome::Failed,
-        )
-        .await;
-        return Ok(Json(ChunkResponse {
-            ok: true,
-            closed: true,
-        }));
-    }
-    let (Some(seq), Some(is_final), Some(ct)) = (req.seq, req.is_final, req.ciphertext.as_deref())
-    else {
-        return Err(reject(
-            &grid,
-            &job_id,
-            "invalid_chunk",
-            "seq, final and ciphertext are required".into(),
-        ));
-    };
-    if req.algorithm.as_deref() != Some(Algorithm::V2Stream.as_str()) {
-        let alg = req.algorithm.clone().unwrap_or_default();
-        return Err(reject(
-            &grid,
-            &job_id,
-            "unsupported_algorithm",
-            format!("chunk algorithm {alg:?} (expected the v2 stream tag)"),
-        ));
-    }
-    if ct.len() > crate::proto::e2e::MAX_CHUNK_CIPHERTEXT_CHARS {
-        return Err(reject(
-            &grid,
-            &job_id,
-            "chunk_too_large",
-            "chunk ciphertext over 256000 characters".into(),
-        ));
-    }
-    // Idempotent repeat of the last accepted chunk, or the settlement after close.
-    let (expected, closed, repeat) = {
-        let inner = grid.lock();
-        let job = inner
-            .jobs
-            .get(&job_id)
-            .ok_or_else(|| NodeApiError::conflict("unknown or finished job"))?;
-        (
-            job.next_seq,
-            job.closed,
-            job.last_chunk.as_ref() == Some(&req),
-        )
-    };
-    if repeat {
-        return Ok(Json(ChunkResponse { ok: true, closed }));
-    }
-    let settlement = closed && is_final && (seq + 1 == expected || seq == expected);
-    if seq != expected && !settlement {
-        return Err(NodeApiError::conflict(format!(
-            "chunk seq {seq} out of order (expected {expected})"
-        )));
-    }
-    let kind = ResultKind::Stream { seq, is_final };
-    if let Err(e) = envelope::verify_result(
-        &signer,
-        &job_id,
-        kind,
-        ct,
-        req.result_envelope_signature.as_deref(),
-        req.result_envelope_version.as_deref(),
-    ) {
-        return Err(reject(&grid, &job_id, "bad_signature", e.to_string()));
-    }
-    if is_final {
-        if let Err(why) = check_usage(
-            &signer,
-            &job_id,
-            &model,
-            req.usage.as_ref(),
-            req.usage_signature.as_deref(),
-            signed_usage,
-        ) {
-            return Err(reject(&grid, &job_id, "bad_usage", why));
-        }
-    }
-    if settlement {
-        // The client left: bill only the completion tokens delivered (§6.12).
-        let outcome = Outcome::Aborted {
-            completion_tokens: req.usage.map(|u| u.completion_tokens).unwrap_or(0),
-            usage_signature: req.usage_signature.clone(),
-        };
-        grid.end_job(&job_id, None, true, outcome).await;
-        return Ok(Json(ChunkResponse {
-            ok: true,
-            closed: true,
-        }));
-    }
-    let tx = {
-        let mut inner = grid.lock();
-        let job = inner
-            .jobs
-            .get_mut(&job_id)
-            .ok_or_else(|| NodeApiError::conflict("unknown or finished job"))?;
-        job.acked = true;
-        job.next_seq = seq + 1;
-        job.last_chunk = Some(req.clone());
-        job.events.clone()
-    };
-    if is_final {
-        // Bill (and settle a per-request payment) before the final chunk,
-        // which completes the client's stream, is released.
-        let outcome = Outcome::Completed {
-            usage: req.usage.unwrap_or_default(),
-            usage_signature: req.usage_signature.clone(),
-            result_signature: req.result_envelope_signature.clone(),
-        };
-        let delivered = grid
-            .end_job(&job_id, Some(JobEvent::Chunk(req)), true, outcome)
-            .await
-            .unwrap_or(false);
-        return Ok(Json(ChunkResponse {
-            ok: true,
-            closed: !delivered,
-        }));
-    }
-    // In order: the node waits for this answer before posting the next chunk.
-    let delivered = tx.send(JobEvent::Chunk(req)).await.is_ok();
-    let mut inner = grid.lock();
-    if !delivered {
-        if let Some(job) = inner.jobs.get_mut(&job_id) {
-            job.closed = true;
-        }
-    }
-    Ok(Json(ChunkResponse {
-        ok: true,
-        closed: !delivered,
-    }))
+    results::chunk(&grid, &headers, &job_id, req)
+        .await
+        .map(Json)
 }
 
 pub async fn fail(
     State(grid): State<Grid>,
     Path(job_id): Path<String>,
     headers: HeaderMap,
-    Json(req): Json<FailRequest>,
+    NodeJson(req): NodeJson<FailRequest>,
 ) -> NodeResult<OkResponse> {
-    job_owner(&grid, &headers, &job_id)?;
-    let reason: String = req.reason.chars().take(500).collect();
-    tracing::info!(%job_id, reason = %reason, "node failed a job");
-    grid.end_job(
-        &job_id,
-        Some(JobEvent::Failed(reason)),
-        false,
-        Outcome::Failed,
-    )
-    .await;
-    Ok(Json(OkResponse { ok: true }))
+    results::fail(&grid, &headers, &job_id, req).await.map(Json)
 }
 
 pub async fn set_status(
     State(grid): State<Grid>,
     Path(id): Path<String>,
     headers: HeaderMap,
-    Json(req): Json<StatusRequest>,
+    NodeJson(req): NodeJson<StatusRequest>,
 ) -> NodeResult<StatusResponse> {
     let node_id = parse_node_id(&id)?;
     authorize(&grid, &headers, &node_id)?;
     let mut inner = grid.lock();
     let node = inner
-        .nodes
-        .get_mut(&node_id)
+        .node_mut(&node_id)
         .ok_or_else(|| NodeApiError::not_found("unknown node"))?;
     node.off_grid = req.off_grid;
     grid.persist(&mut inner, &node_id);
@@ -631,8 +363,7 @@ pub async fn node_info(
     authorize(&grid, &headers, &node_id)?;
     let inner = grid.lock();
     let node = inner
-        .nodes
-        .get(&node_id)
+        .node(&node_id)
         .ok_or_else(|| NodeApiError::not_found("unknown node"))?;
     let status = if node.off_grid {
         "off_grid"

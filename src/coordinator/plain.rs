@@ -4,25 +4,25 @@
 //! `chat.completion.chunk` SSE. Not end to end: the coordinator sees the text.
 //! A node that fails before any output is replaced once by another.
 
-use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::http::{header, HeaderMap, Method, Uri};
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::http::{HeaderMap, Method, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures_util::stream::{self, Stream, StreamExt};
+use futures_util::stream::{self, StreamExt};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::billing;
-use super::client_api::{choose_node, dispatch};
 use super::error::ClientError;
-use super::state::{Grid, JobEvent};
+use super::job::JobEvent;
+use super::relay::{self, data, done_marker, sse, PlainStream};
+use super::router::{choose_node, dispatch};
+use super::state::Grid;
 use crate::node::jobs::{MAX_MAX_TOKENS, MAX_MESSAGES};
 use crate::payments::RequestParts;
 use crate::proto::api::{ReserveRequest, SealedReplyPlaintext};
-use crate::proto::e2e::{self, ResponseKey, StreamOpener};
+use crate::proto::e2e::{self, ResponseKey};
 use crate::proto::identity::{NodeId, X25519Public};
 use crate::proto::openai::{
     AssistantMessage, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, Choice,
@@ -165,8 +165,7 @@ async fn run_once(
         let inner = grid.lock();
         let node_id = choose_node(grid, &inner, &route, &req.model, exclude)?;
         let node = inner
-            .nodes
-            .get(&node_id)
+            .node(&node_id)
             .ok_or_else(|| ClientError::internal("chosen node vanished"))?;
         let x: X25519Public = node
             .x25519
@@ -276,7 +275,7 @@ pub async fn chat(
                     .chain(usage)
                     .map(|c| data(&c))
                     .collect::<Vec<_>>();
-                let mut resp = sse(Box::pin(stream::iter(all).chain(done_marker())), true);
+                let mut resp = sse(Box::pin(stream::iter(all).chain(done_marker())));
                 resp.headers_mut().extend(receipt);
                 return Ok(resp);
             }
@@ -303,136 +302,26 @@ pub async fn chat(
         JobEvent::Chunk(first) => {
             let nonce = d.nonce.clone().unwrap_or_default();
             let opener = d.key.stream_opener(&nonce).map_err(ClientError::internal)?;
-            let include_usage = req.include_usage();
-            let model = d.model.clone();
-            let head = stream::iter(vec![data(&ChatCompletionChunk::role(&id, created, &model))]);
-            let state = StreamState {
+            Ok(relay::plain(PlainStream {
                 id,
-                model,
+                model: d.model,
                 created,
                 max_tokens,
-                include_usage,
+                include_usage: req.include_usage(),
                 opener,
                 rx: d.rx,
                 pending: Some(first),
                 done: false,
-            };
-            let body = stream::unfold(state, |mut s| async move {
-                if s.done {
-                    return None;
-                }
-                let ev = match s.pending.take() {
-                    Some(c) => Some(JobEvent::Chunk(c)),
-                    None => s.rx.recv().await,
-                };
-                let events = s.translate(ev);
-                Some((events, s))
-            })
-            .flat_map(stream::iter);
-            // `[DONE]` comes after the final chunk only: a stream that fails
-            // ends with `event: error` and closes (PROTOCOL.md §5.6).
-            Ok(sse(Box::pin(head.chain(body)), true))
+            }))
         }
     }
 }
 
-fn finish_reason(reported: Option<&str>, usage: Usage, max_tokens: u64) -> FinishReason {
+pub(super) fn finish_reason(reported: Option<&str>, usage: Usage, max_tokens: u64) -> FinishReason {
     match reported {
         Some("length") => FinishReason::Length,
         Some("stop") => FinishReason::Stop,
         _ if usage.completion_tokens >= max_tokens => FinishReason::Length,
         _ => FinishReason::Stop,
-    }
-}
-
-fn data(c: &ChatCompletionChunk) -> Result<Event, Infallible> {
-    Ok(Event::default().data(serde_json::to_string(c).unwrap_or_default()))
-}
-
-fn done_marker() -> impl Stream<Item = Result<Event, Infallible>> {
-    stream::once(async { Ok(Event::default().data("[DONE]")) })
-}
-
-fn sse(
-    body: std::pin::Pin<Box<dyn Stream<Item = Result<Event, Infallible>> + Send>>,
-    _: bool,
-) -> Response {
-    (
-        [(header::CACHE_CONTROL, "no-cache")],
-        Sse::new(body).keep_alive(
-            KeepAlive::new()
-                .interval(Duration::from_secs(15))
-                .text("ping"),
-        ),
-    )
-        .into_response()
-}
-
-struct StreamState {
-    id: String,
-    model: String,
-    created: u64,
-    max_tokens: u64,
-    include_usage: bool,
-    opener: StreamOpener,
-    rx: mpsc::Receiver<JobEvent>,
-    pending: Option<crate::proto::api::ChunkRequest>,
-    done: bool,
-}
-
-impl StreamState {
-    fn error(&mut self, message: &str) -> Vec<Result<Event, Infallible>> {
-        self.done = true;
-        let body = json!({"error": {"message": message, "type": "server_error", "code": "stream_aborted"}});
-        vec![Ok(Event::default().event("error").data(body.to_string()))]
-    }
-
-    /// Open each chunk in order (the opener is rebuilt per chunk from the
-    /// running seq, since it borrows the key) and turn it into OpenAI events.
-    fn translate(&mut self, ev: Option<JobEvent>) -> Vec<Result<Event, Infallible>> {
-        let c = match ev {
-            Some(JobEvent::Chunk(c)) => c,
-            Some(JobEvent::Failed(why)) => return self.error(&format!("the node failed: {why}")),
-            Some(JobEvent::Complete(..)) | None => {
-                return self.error("the stream ended without a final chunk")
-            }
-        };
-        let (Some(seq), Some(fin), Some(ct)) = (c.seq, c.is_final, c.ciphertext.as_deref()) else {
-            return self.error("malformed chunk");
-        };
-        let text = match self
-            .opener
-            .open(seq, fin, c.ephemeral_public_key.as_deref(), ct)
-        {
-            Ok(t) => t.to_string(),
-            Err(e) => return self.error(&format!("chunk does not open: {e}")),
-        };
-        let mut out = Vec::new();
-        if !text.is_empty() {
-            out.push(data(&ChatCompletionChunk::content(
-                &self.id,
-                self.created,
-                &self.model,
-                &text,
-            )));
-        }
-        if fin {
-            self.done = true;
-            let usage = c.usage.unwrap_or_default();
-            let finish = finish_reason(None, usage, self.max_tokens);
-            out.push(data(&ChatCompletionChunk::finish(
-                &self.id,
-                self.created,
-                &self.model,
-                finish,
-            )));
-            if self.include_usage {
-                let mut u = ChatCompletionChunk::usage(&self.id, self.created, &self.model, usage);
-                u.usage_signature = c.usage_signature;
-                out.push(data(&u));
-            }
-            out.push(Ok(Event::default().data("[DONE]")));
-        }
-        out
     }
 }

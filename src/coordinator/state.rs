@@ -2,26 +2,24 @@
 //! reservations. One std `Mutex` guards it; no lock is held across an
 //! `.await` (job events are sent after the lock is released).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rand_core::{OsRng, RngCore};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::sync::mpsc;
 
-use super::billing::{self, JobBilling, JobMeta, Outcome};
+use super::billing::{self, JobMeta, Outcome};
+use super::job::{Job, JobEvent};
 use crate::payments::Payments;
 use crate::store::Store;
 
 use crate::clock::Clock;
 use crate::money::{MicrosPerM, TokenPrice};
-use crate::proto::api::{
-    AttestationLevel, Capabilities, ChunkRequest, CompleteRequest, Evidence, PendingJob,
-};
+use crate::proto::api::{AttestationLevel, Capabilities, Evidence, PendingJob};
 use crate::proto::b58;
 use crate::proto::identity::{Ed25519Public, NodeId, Signature, X25519Public};
 
@@ -93,15 +91,6 @@ impl Default for Config {
     }
 }
 
-/// What a node tells a waiting client.
-#[derive(Debug, Clone)]
-pub enum JobEvent {
-    Chunk(ChunkRequest),
-    /// The result and the headers to add to the answer (payment receipts).
-    Complete(CompleteRequest, axum::http::HeaderMap),
-    Failed(String),
-}
-
 #[derive(Debug)]
 pub struct Node {
     pub id: NodeId,
@@ -168,47 +157,103 @@ pub struct AttestationRecord {
 }
 
 #[derive(Debug)]
-pub struct Job {
-    pub id: String,
-    pub node_id: NodeId,
-    pub model: String,
-    pub payload: Value,
-    pub stream: bool,
-    pub acked: bool,
-    pub offered_at: Instant,
-    pub events: mpsc::Sender<JobEvent>,
-    pub next_seq: u64,
-    pub last_chunk: Option<ChunkRequest>,
-    /// The client has gone: one settlement chunk is still accepted.
-    pub closed: bool,
-    /// Who pays, and what is held; closed when the job ends.
-    pub billing: Option<JobBilling>,
-}
-
-impl Job {
-    pub fn pending(&self) -> PendingJob {
-        PendingJob {
-            id: self.id.clone(),
-            job_type: "inference".into(),
-            model: self.model.clone(),
-            input_payload: self.payload.clone(),
-        }
-    }
-}
-
-#[derive(Debug)]
 pub struct Reservation {
     pub node_id: NodeId,
     pub model: String,
     pub expires: Instant,
 }
 
+/// What the lock guards. Reached only through its methods, so every change
+/// to a job goes through [`Job`]'s stage transitions.
 #[derive(Debug, Default)]
 pub struct Inner {
-    pub nodes: HashMap<NodeId, Node>,
-    pub jobs: HashMap<String, Job>,
-    pub reservations: HashMap<String, Reservation>,
-    pub used_codes: Vec<String>,
+    nodes: HashMap<NodeId, Node>,
+    jobs: HashMap<String, Job>,
+    reservations: HashMap<String, Reservation>,
+    used_codes: Vec<String>,
+}
+
+impl Inner {
+    pub fn node(&self, id: &NodeId) -> Option<&Node> {
+        self.nodes.get(id)
+    }
+
+    pub fn node_mut(&mut self, id: &NodeId) -> Option<&mut Node> {
+        self.nodes.get_mut(id)
+    }
+
+    pub fn nodes(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.values()
+    }
+
+    pub fn job(&self, id: &str) -> Option<&Job> {
+        self.jobs.get(id)
+    }
+
+    pub fn job_mut(&mut self, id: &str) -> Option<&mut Job> {
+        self.jobs.get_mut(id)
+    }
+
+    /// Add a job just offered.
+    pub fn insert_job(&mut self, job: Job) {
+        self.jobs.insert(job.id.clone(), job);
+    }
+
+    /// A live reservation.
+    pub fn reservation(&self, token: &str, now: Instant) -> Option<&Reservation> {
+        self.reservations.get(token).filter(|r| r.expires > now)
+    }
+
+    pub fn insert_reservation(&mut self, token: String, reservation: Reservation) {
+        self.reservations.insert(token, reservation);
+    }
+
+    /// Spend a reservation (single use); `None` when unknown or expired.
+    pub fn take_reservation(&mut self, token: &str, now: Instant) -> Option<Reservation> {
+        self.reservations.remove(token).filter(|r| r.expires > now)
+    }
+
+    /// Jobs running or offered on a node, plus its live reservations.
+    pub fn load(&self, node_id: &NodeId, now: Instant) -> u32 {
+        let jobs = self.jobs.values().filter(|j| &j.node_id == node_id).count();
+        let res = self
+            .reservations
+            .values()
+            .filter(|r| &r.node_id == node_id && r.expires > now)
+            .count();
+        (jobs + res) as u32
+    }
+
+    /// Apply a heartbeat's `active_job_ids` to the node's jobs (§6.5): listed
+    /// jobs are acknowledged; returns the ghosts (acknowledged, then missing)
+    /// and the jobs still waiting to be offered again.
+    pub fn sync_jobs(
+        &mut self,
+        node_id: &NodeId,
+        active: &HashSet<&str>,
+    ) -> (Vec<String>, Vec<PendingJob>) {
+        let mut ghosts = Vec::new();
+        let mut pending = Vec::new();
+        for job in self.jobs.values_mut().filter(|j| &j.node_id == node_id) {
+            if active.contains(job.id.as_str()) {
+                job.stage_mut().listed();
+            } else if !job.stage().is_offered() {
+                ghosts.push(job.id.clone());
+            } else {
+                pending.push(job.pending());
+            }
+        }
+        (ghosts, pending)
+    }
+
+    /// The jobs offered to a node and not yet acknowledged.
+    pub fn offered_to(&self, node_id: &NodeId) -> Vec<PendingJob> {
+        self.jobs
+            .values()
+            .filter(|j| &j.node_id == node_id && j.stage().is_offered())
+            .map(Job::pending)
+            .collect()
+    }
 }
 
 /// Shared handle to the state, the configuration and the services.
@@ -441,21 +486,6 @@ impl Grid {
         }
     }
 
-    /// Jobs running or offered on a node, plus its live reservations.
-    pub fn load(inner: &Inner, node_id: &NodeId, now: Instant) -> u32 {
-        let jobs = inner
-            .jobs
-            .values()
-            .filter(|j| &j.node_id == node_id)
-            .count();
-        let res = inner
-            .reservations
-            .values()
-            .filter(|r| &r.node_id == node_id && r.expires > now)
-            .count();
-        (jobs + res) as u32
-    }
-
     /// Remove a job and count its end on the node; returns the job and
     /// what billing needs to know of it.
     pub fn take_job(&self, inner: &mut Inner, job_id: &str, ok: bool) -> Option<(Job, JobMeta)> {
@@ -533,7 +563,7 @@ impl Grid {
         let mut fail = Vec::new();
         for j in inner.jobs.values() {
             let age = now.duration_since(j.offered_at);
-            if !j.acked && j.next_seq == 0 && age > self.config.dispatch_timeout {
+            if j.stage().is_offered() && age > self.config.dispatch_timeout {
                 fail.push((j.id.clone(), "the node did not pick up the job"));
             } else if age > self.config.stuck_job_timeout {
                 fail.push((j.id.clone(), "the job timed out"));

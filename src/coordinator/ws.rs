@@ -51,15 +51,10 @@ async fn session(grid: Grid, node_id: NodeId, socket: WebSocket) {
     let (tx, mut rx) = mpsc::unbounded_channel::<PendingJob>();
     let waiting: Vec<PendingJob> = {
         let mut inner = grid.lock();
-        if let Some(node) = inner.nodes.get_mut(&node_id) {
+        if let Some(node) = inner.node_mut(&node_id) {
             node.push = Some(tx.clone());
         }
-        inner
-            .jobs
-            .values()
-            .filter(|j| j.node_id == node_id && !j.acked && j.next_seq == 0)
-            .map(|j| j.pending())
-            .collect()
+        inner.offered_to(&node_id)
     };
     tracing::info!(%node_id, "node WebSocket connected");
     let (mut sink, mut stream) = socket.split();
@@ -106,7 +101,7 @@ async fn session(grid: Grid, node_id: NodeId, socket: WebSocket) {
         }
     }
     let mut inner = grid.lock();
-    if let Some(node) = inner.nodes.get_mut(&node_id) {
+    if let Some(node) = inner.node_mut(&node_id) {
         if node.push.as_ref().is_some_and(|p| p.same_channel(&tx)) {
             node.push = None;
         }

@@ -1,0 +1,223 @@
+//! Node prices (PROTOCOL.md §5.8): `GET` and `POST /grid/nodes/{id}/prices`,
+//! the reference band, the cooldown between changes, and who may set them.
+
+use std::time::Instant;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::Json;
+use serde_json::json;
+
+use super::node_or_404;
+use crate::coordinator::error::ClientError;
+use crate::coordinator::pricing;
+use crate::coordinator::state::{Grid, Node};
+use crate::money::{MicrosPerM, TokenPrice};
+use crate::proto::api::{NodePriceEntry, NodePricesResponse, SetPriceRequest, SetPriceResponse};
+
+fn price_entry(grid: &Grid, n: &Node, model: &str, now: Instant) -> NodePriceEntry {
+    let r = grid.reference_price(model);
+    let custom = n.custom_prices.get(model).copied();
+    let cooldown_until = n.price_changed.get(model).and_then(|at| {
+        let until = *at + grid.config.price_cooldown;
+        (until > now).then(|| grid.config.clock.rfc3339_in(until - now))
+    });
+    NodePriceEntry {
+        model: model.to_string(),
+        reference: pricing::to_wire(r),
+        floor: pricing::to_wire(pricing::floor(r)),
+        ceiling: pricing::to_wire(pricing::ceiling(r)),
+        custom: custom.map(pricing::to_wire),
+        effective: pricing::to_wire(custom.unwrap_or(r)),
+        cooldown_until,
+    }
+}
+
+/// `GET /grid/nodes/{id}/prices` (public).
+pub async fn get_prices(
+    State(grid): State<Grid>,
+    Path(id): Path<String>,
+) -> Result<Json<NodePricesResponse>, ClientError> {
+    let node_id = node_or_404(&id)?;
+    let inner = grid.lock();
+    let n = inner
+        .node(&node_id)
+        .ok_or_else(|| ClientError::not_found("node_not_found", "no such node"))?;
+    let now = Instant::now();
+    Ok(Json(NodePricesResponse {
+        node_id: node_id.to_string(),
+        prices: n
+            .models
+            .iter()
+            .map(|m| price_entry(&grid, n, m, now))
+            .collect(),
+    }))
+}
+
+fn unauthorized() -> ClientError {
+    ClientError::new(
+        StatusCode::UNAUTHORIZED,
+        "authentication_error",
+        "unauthorized",
+        "X-Node-Auth does not hold this node's token",
+    )
+}
+
+/// Who asked for a price change.
+enum PriceAuth {
+    /// `X-Node-Auth`: the node's token.
+    Node(String),
+    /// `X-Auth-*`: the wallet whose signature was verified (nonce consumed).
+    Owner(crate::store::WalletId),
+}
+
+fn signature_refused(e: &crate::payments::PaymentError) -> ClientError {
+    ClientError::new(
+        StatusCode::UNAUTHORIZED,
+        "authentication_error",
+        match e {
+            crate::payments::PaymentError::AuthExpired => "signature_expired",
+            crate::payments::PaymentError::AuthNonceUsed => "nonce_reused",
+            _ => "invalid_signature",
+        },
+        e.to_string(),
+    )
+}
+
+/// Same wallet: `0x…` addresses compare case-insensitively, others exactly.
+fn same_wallet(a: &str, b: &str) -> bool {
+    if a.starts_with("0x") || a.starts_with("0X") {
+        a.eq_ignore_ascii_case(b)
+    } else {
+        a == b
+    }
+}
+
+/// `POST /grid/nodes/{id}/prices`: set or reset a custom price (§5.8).
+/// Auth: the node's token in `X-Node-Auth`, or an owner wallet signature
+/// (`X-Auth-*`, the X402-COMPUTE-AUTH v1 message) whose address is the
+/// node's `wallet_address`.
+pub async fn set_price(
+    State(grid): State<Grid>,
+    Path(id): Path<String>,
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<SetPriceResponse>, ClientError> {
+    let node_id = node_or_404(&id)?;
+    let auth = if let Some(token) = headers.get("x-node-auth") {
+        PriceAuth::Node(token.to_str().map_err(|_| unauthorized())?.to_string())
+    } else if headers.contains_key("x-auth-signature") || headers.contains_key("x-auth-address") {
+        let Some(payments) = grid.payments.as_ref() else {
+            return Err(ClientError::new(
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                "unauthorized",
+                "wallet signatures need a coordinator with payments enabled; use X-Node-Auth",
+            ));
+        };
+        let parts = crate::payments::RequestParts {
+            method: &method,
+            uri: &uri,
+            headers: &headers,
+            body: &body,
+        };
+        let wallet = payments
+            .signed_wallet(&parts)
+            .await
+            .map_err(|e| signature_refused(&e))?;
+        PriceAuth::Owner(wallet)
+    } else {
+        return Err(unauthorized());
+    };
+    let req: SetPriceRequest = serde_json::from_slice(&body)
+        .map_err(|e| ClientError::invalid("invalid_request", format!("invalid JSON body: {e}")))?;
+    let mut inner = grid.lock();
+    match &auth {
+        PriceAuth::Node(token) => {
+            if !grid.authenticate(&inner, &node_id, token) {
+                return Err(unauthorized());
+            }
+        }
+        PriceAuth::Owner(wallet) => {
+            let n = inner
+                .node(&node_id)
+                .ok_or_else(|| ClientError::not_found("node_not_found", "no such node"))?;
+            if n.wallet_address.is_empty() || !same_wallet(&n.wallet_address, wallet.as_str()) {
+                return Err(ClientError::new(
+                    StatusCode::FORBIDDEN,
+                    "permission_error",
+                    "not_node_owner",
+                    "the signing wallet is not this node's wallet_address",
+                ));
+            }
+        }
+    }
+    let now = Instant::now();
+    let reference = grid.reference_price(&req.model);
+    let n = inner
+        .node_mut(&node_id)
+        .ok_or_else(|| ClientError::not_found("node_not_found", "no such node"))?;
+    if !n.models.iter().any(|m| m == &req.model) {
+        return Err(ClientError::invalid(
+            "model_not_advertised",
+            format!("this node does not advertise {}", req.model),
+        ));
+    }
+    if let Some(at) = n.price_changed.get(&req.model) {
+        let until = *at + grid.config.price_cooldown;
+        if until > now {
+            let wait = (until - now).as_secs().max(1);
+            return Err(ClientError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "price_cooldown",
+                format!("prices of this model can change again in {wait} s"),
+            )
+            .with_extra("retry_after_s", json!(wait)));
+        }
+    }
+    if req.reset == Some(true) {
+        n.custom_prices.remove(&req.model);
+    } else {
+        let (Some(i), Some(o)) = (req.input_per_m, req.output_per_m) else {
+            return Err(ClientError::invalid(
+                "invalid_request",
+                "give input_per_m and output_per_m, or reset: true",
+            ));
+        };
+        let (Some(i), Some(o)) = (MicrosPerM::from_usd(i), MicrosPerM::from_usd(o)) else {
+            return Err(ClientError::invalid(
+                "price_out_of_band",
+                "prices must be non-negative numbers",
+            ));
+        };
+        let price = TokenPrice::new(i, o);
+        if !pricing::within_band(price, reference) {
+            let (lo, hi) = (pricing::floor(reference), pricing::ceiling(reference));
+            return Err(ClientError::invalid(
+                "price_out_of_band",
+                format!(
+                    "prices must lie within [{}, {}] (input) and [{}, {}] (output) USD per 1M tokens",
+                    lo.input.usd(),
+                    hi.input.usd(),
+                    lo.output.usd(),
+                    hi.output.usd()
+                ),
+            ));
+        }
+        n.custom_prices.insert(req.model.clone(), price);
+    }
+    n.price_changed.insert(req.model.clone(), now);
+    tracing::info!(
+        %node_id,
+        model = %req.model,
+        reset = req.reset == Some(true),
+        by_owner = matches!(auth, PriceAuth::Owner(_)),
+        "node price changed"
+    );
+    let price = price_entry(&grid, n, &req.model, now);
+    grid.persist(&mut inner, &node_id);
+    Ok(Json(SetPriceResponse { ok: true, price }))
+}

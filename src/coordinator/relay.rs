@@ -1,0 +1,224 @@
+//! The SSE relay of a job's stream to its client (PROTOCOL.md §5.3.2,
+//! §5.4, §5.6). Sealed mode forwards each node chunk unread, with its
+//! signature; plain mode opens each chunk in order and re-sends its text as
+//! OpenAI `chat.completion.chunk` events. Either way `[DONE]` follows the
+//! final chunk only: a stream that fails ends with `event: error` and closes.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::time::Duration;
+
+use axum::http::header;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::stream::{self, Stream, StreamExt};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use super::job::JobEvent;
+use super::plain::finish_reason;
+use crate::proto::api::{ChunkRequest, SealedSseChunk};
+use crate::proto::e2e::StreamOpener;
+use crate::proto::envelope::ENVELOPE_VERSION;
+use crate::proto::openai::ChatCompletionChunk;
+
+pub(super) type EventStream = Pin<Box<dyn Stream<Item = Result<Event, Infallible>> + Send>>;
+
+/// An SSE answer: no caching, a `ping` comment every 15 s.
+pub(super) fn sse(body: EventStream) -> Response {
+    (
+        [(header::CACHE_CONTROL, "no-cache")],
+        Sse::new(body).keep_alive(
+            KeepAlive::new()
+                .interval(Duration::from_secs(15))
+                .text("ping"),
+        ),
+    )
+        .into_response()
+}
+
+/// One `data:` event holding an OpenAI chunk.
+pub(super) fn data(c: &ChatCompletionChunk) -> Result<Event, Infallible> {
+    Ok(Event::default().data(serde_json::to_string(c).unwrap_or_default()))
+}
+
+fn done() -> Event {
+    Event::default().data("[DONE]")
+}
+
+/// The `[DONE]` marker, as a stream to chain after the last chunk.
+pub(super) fn done_marker() -> impl Stream<Item = Result<Event, Infallible>> {
+    stream::once(async { Ok(done()) })
+}
+
+/// `event: error` with the client-API error body.
+fn error_event(message: &str) -> Event {
+    let body =
+        json!({"error": {"message": message, "type": "server_error", "code": "stream_aborted"}});
+    Event::default().event("error").data(body.to_string())
+}
+
+fn sse_chunk(job_id: &str, c: ChunkRequest) -> Event {
+    let chunk = SealedSseChunk {
+        seq: c.seq.unwrap_or(0),
+        is_final: c.is_final == Some(true),
+        eph: c.ephemeral_public_key,
+        ct: c.ciphertext.unwrap_or_default(),
+        job: job_id.to_string(),
+        sig: c.result_envelope_signature.unwrap_or_default(),
+        sigv: ENVELOPE_VERSION.into(),
+        usage: c.usage,
+        usage_signature: c.usage_signature,
+    };
+    Event::default().data(serde_json::to_string(&chunk).unwrap_or_default())
+}
+
+enum Relay {
+    Open(String, mpsc::Receiver<JobEvent>),
+    Done,
+}
+
+/// Relay node chunks as SSE, unread: each `data:` line is one JSON object;
+/// after the final chunk `[DONE]`; a failure mid-stream is `event: error`.
+pub(super) fn sealed(
+    job_id: String,
+    first: ChunkRequest,
+    rx: mpsc::Receiver<JobEvent>,
+) -> Response {
+    let first_final = first.is_final == Some(true);
+    let mut head = vec![Ok::<_, Infallible>(sse_chunk(&job_id, first))];
+    if first_final {
+        head.push(Ok(done()));
+    }
+    let head = stream::iter(head);
+    let state = if first_final {
+        Relay::Done
+    } else {
+        Relay::Open(job_id, rx)
+    };
+    let rest = stream::unfold(state, |state| async move {
+        match state {
+            Relay::Done => None,
+            Relay::Open(job_id, mut rx) => match rx.recv().await {
+                Some(JobEvent::Chunk(c)) => {
+                    let fin = c.is_final == Some(true);
+                    let mut evs = vec![sse_chunk(&job_id, c)];
+                    if fin {
+                        evs.push(done());
+                    }
+                    Some((
+                        evs,
+                        if fin {
+                            Relay::Done
+                        } else {
+                            Relay::Open(job_id, rx)
+                        },
+                    ))
+                }
+                Some(JobEvent::Failed(why)) => Some((
+                    vec![error_event(&format!("the node failed: {why}"))],
+                    Relay::Done,
+                )),
+                Some(JobEvent::Complete(..)) | None => Some((
+                    vec![error_event("the stream ended without a final chunk")],
+                    Relay::Done,
+                )),
+            },
+        }
+    })
+    .flat_map(|events| stream::iter(events.into_iter().map(Ok::<_, Infallible>)));
+    sse(Box::pin(head.chain(rest)))
+}
+
+/// A plain-mode stream being relayed.
+pub(super) struct PlainStream {
+    pub id: String,
+    pub model: String,
+    pub created: u64,
+    pub max_tokens: u64,
+    pub include_usage: bool,
+    pub opener: StreamOpener,
+    pub rx: mpsc::Receiver<JobEvent>,
+    /// The first chunk, already received.
+    pub pending: Option<ChunkRequest>,
+    pub done: bool,
+}
+
+/// Relay a plain-mode stream: the role chunk, then each node chunk opened
+/// and re-sent as OpenAI events.
+pub(super) fn plain(state: PlainStream) -> Response {
+    let head = stream::iter(vec![data(&ChatCompletionChunk::role(
+        &state.id,
+        state.created,
+        &state.model,
+    ))]);
+    let body = stream::unfold(state, |mut s| async move {
+        if s.done {
+            return None;
+        }
+        let ev = match s.pending.take() {
+            Some(c) => Some(JobEvent::Chunk(c)),
+            None => s.rx.recv().await,
+        };
+        let events = s.translate(ev);
+        Some((events, s))
+    })
+    .flat_map(stream::iter);
+    sse(Box::pin(head.chain(body)))
+}
+
+impl PlainStream {
+    fn error(&mut self, message: &str) -> Vec<Result<Event, Infallible>> {
+        self.done = true;
+        vec![Ok(error_event(message))]
+    }
+
+    /// Open each chunk in order (the opener is rebuilt per chunk from the
+    /// running seq, since it borrows the key) and turn it into OpenAI events.
+    fn translate(&mut self, ev: Option<JobEvent>) -> Vec<Result<Event, Infallible>> {
+        let c = match ev {
+            Some(JobEvent::Chunk(c)) => c,
+            Some(JobEvent::Failed(why)) => return self.error(&format!("the node failed: {why}")),
+            Some(JobEvent::Complete(..)) | None => {
+                return self.error("the stream ended without a final chunk")
+            }
+        };
+        let (Some(seq), Some(fin), Some(ct)) = (c.seq, c.is_final, c.ciphertext.as_deref()) else {
+            return self.error("malformed chunk");
+        };
+        let text = match self
+            .opener
+            .open(seq, fin, c.ephemeral_public_key.as_deref(), ct)
+        {
+            Ok(t) => t.to_string(),
+            Err(e) => return self.error(&format!("chunk does not open: {e}")),
+        };
+        let mut out = Vec::new();
+        if !text.is_empty() {
+            out.push(data(&ChatCompletionChunk::content(
+                &self.id,
+                self.created,
+                &self.model,
+                &text,
+            )));
+        }
+        if fin {
+            self.done = true;
+            let usage = c.usage.unwrap_or_default();
+            let finish = finish_reason(None, usage, self.max_tokens);
+            out.push(data(&ChatCompletionChunk::finish(
+                &self.id,
+                self.created,
+                &self.model,
+                finish,
+            )));
+            if self.include_usage {
+                let mut u = ChatCompletionChunk::usage(&self.id, self.created, &self.model, usage);
+                u.usage_signature = c.usage_signature;
+                out.push(data(&u));
+            }
+            out.push(Ok(done()));
+        }
+        out
+    }
+}

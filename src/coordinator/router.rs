@@ -1,0 +1,145 @@
+//! Routing (PROTOCOL.md §5.1): which node takes a request — one that serves
+//! the model, is attested (to the level asked), on grid, online, with a
+//! published keybind, a free slot and a price under the cap, honouring a pin
+//! and an exclusion — and offering it the job.
+
+use std::time::Instant;
+
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use super::billing::JobBilling;
+use super::error::ClientError;
+use super::job::{Job, JobEvent};
+use super::state::{Grid, Inner};
+use crate::money::MicrosPerM;
+use crate::proto::api::{AttestationLevel, ReserveRequest};
+use crate::proto::identity::NodeId;
+
+/// Pick a node for a model (§5.1): served, attested, on grid, online, with a
+/// published keybind, a free slot and a blended price under the cap; the
+/// cheapest, then the least loaded.
+pub(crate) fn choose_node(
+    grid: &Grid,
+    inner: &Inner,
+    req: &ReserveRequest,
+    model: &str,
+    exclude: Option<NodeId>,
+) -> Result<NodeId, ClientError> {
+    let now = Instant::now();
+    let require_hardware = match req.require_attestation.as_deref() {
+        None | Some("self_reported") => false,
+        Some("hardware") => true,
+        Some(other) => {
+            return Err(ClientError::invalid(
+                "invalid_request",
+                format!("require_attestation {other:?}"),
+            ))
+        }
+    };
+    let pin = match &req.node {
+        Some(p) => Some(
+            NodeId::parse(p)
+                .map_err(|_| ClientError::invalid("invalid_request", "node is not a node id"))?,
+        ),
+        None => None,
+    };
+    let serving: Vec<_> = inner
+        .nodes()
+        .filter(|n| n.models.iter().any(|m| m == model))
+        .collect();
+    if serving.is_empty() {
+        return Err(ClientError::not_found(
+            "model_not_found",
+            format!("no node serves {model}"),
+        ));
+    }
+    let usable: Vec<_> = serving
+        .into_iter()
+        .filter(|n| {
+            n.level != AttestationLevel::None
+                && !n.off_grid
+                && grid.is_online(n, now)
+                && n.x25519.is_some()
+                && n.keybind.is_some()
+                && pin.is_none_or(|p| p == n.id)
+                && exclude != Some(n.id)
+        })
+        .collect();
+    let attested: Vec<_> = usable
+        .iter()
+        .filter(|n| !require_hardware || n.level == AttestationLevel::Hardware)
+        .collect();
+    if attested.is_empty() && !usable.is_empty() {
+        return Err(ClientError::new(
+            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request_error",
+            "attestation_unmet",
+            "no node serving this model meets the attestation requirement",
+        ));
+    }
+    let cap = match req.max_price {
+        None => None,
+        Some(usd) => Some(MicrosPerM::from_usd(usd).ok_or_else(|| {
+            ClientError::invalid("invalid_request", "max_price must be a non-negative number")
+        })?),
+    };
+    let price = |id: &NodeId| {
+        inner
+            .node(id)
+            .map(|n| grid.effective_price(n, model).blended())
+            .unwrap_or(MicrosPerM(u64::MAX))
+    };
+    let affordable: Vec<_> = attested
+        .iter()
+        .filter(|n| cap.is_none_or(|cap| price(&n.id) <= cap))
+        .collect();
+    if affordable.is_empty() && !attested.is_empty() {
+        return Err(ClientError::new(
+            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request_error",
+            "price_cap_unmet",
+            "nodes serve this model, but none at or under max_price",
+        ));
+    }
+    affordable
+        .iter()
+        .filter(|n| inner.load(&n.id, now) < n.max_concurrent_jobs)
+        .min_by(|a, b| {
+            let la = inner.load(&a.id, now) as f64 / a.max_concurrent_jobs as f64;
+            let lb = inner.load(&b.id, now) as f64 / b.max_concurrent_jobs as f64;
+            price(&a.id).cmp(&price(&b.id)).then(la.total_cmp(&lb))
+        })
+        .map(|n| n.id)
+        .ok_or_else(ClientError::no_capacity)
+}
+
+/// Create a job for a reserved node and offer it; returns its events.
+pub(crate) fn dispatch(
+    grid: &Grid,
+    job_id: &str,
+    node_id: NodeId,
+    model: &str,
+    payload: Value,
+    stream: bool,
+    billing: JobBilling,
+) -> mpsc::Receiver<JobEvent> {
+    let (tx, rx) = mpsc::channel(64);
+    let job = Job::offered(
+        job_id.to_string(),
+        node_id,
+        model.to_string(),
+        payload,
+        stream,
+        Instant::now(),
+        tx,
+        Some(billing),
+    );
+    let mut inner = grid.lock();
+    let pending = job.pending();
+    inner.insert_job(job);
+    if let Some(push) = inner.node(&node_id).and_then(|n| n.push.clone()) {
+        let _ = push.send(pending);
+    }
+    rx
+}
