@@ -11,6 +11,7 @@
 //! - [`payments`]: x402, MPP, credits and wallet auth.
 //! - [`compute`]: the Machines API and pay-per-request code (feature `compute-plane`).
 //! - [`store`]: database access, SQLite and PostgreSQL.
+//! - [`private_file`]: owner-only files and directories (keys, databases).
 #![deny(unsafe_code)]
 
 pub mod attest;
@@ -27,6 +28,7 @@ pub mod http;
 pub mod node;
 #[cfg(feature = "payments")]
 pub mod payments;
+pub mod private_file;
 pub mod proto;
 #[cfg(feature = "store")]
 pub mod store;
