@@ -19,6 +19,7 @@ use crate::proto::api::{
     ProvidersResponse, SetPriceRequest, SetPriceResponse,
 };
 use crate::proto::identity::NodeId;
+use crate::proto::routes;
 
 /// The tee type clients see: the hardware's only when it was proven.
 fn shown_tee_type(n: &Node) -> String {
@@ -276,9 +277,11 @@ pub async fn set_price(
     body: axum::body::Bytes,
 ) -> Result<Json<SetPriceResponse>, ClientError> {
     let node_id = node_or_404(&id)?;
-    let auth = if let Some(token) = headers.get("x-node-auth") {
+    let auth = if let Some(token) = headers.get(crate::proto::headers::NODE_AUTH) {
         PriceAuth::Node(token.to_str().map_err(|_| unauthorized())?.to_string())
-    } else if headers.contains_key("x-auth-signature") || headers.contains_key("x-auth-address") {
+    } else if headers.contains_key(crate::proto::headers::AUTH_SIGNATURE)
+        || headers.contains_key(crate::proto::headers::AUTH_ADDRESS)
+    {
         let Some(payments) = grid.payments.as_ref() else {
             return Err(ClientError::new(
                 StatusCode::UNAUTHORIZED,
@@ -473,8 +476,9 @@ pub async fn job_attestation(
     let report = json!({
         "attestation_level": n.level,
         "evidence_url": format!(
-            "{}/grid/nodes/{node_id}/attestation/evidence",
-            grid.config.public_url.trim_end_matches('/')
+            "{}{}",
+            grid.config.public_url.trim_end_matches('/'),
+            routes::path(routes::NODE_EVIDENCE, &node_id.to_string())
         ),
         "report_hash": att.map(|a| a.report_hash.clone()),
         "policy_digest": att.and_then(|a| a.policy_digest.clone()),

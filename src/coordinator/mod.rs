@@ -28,41 +28,40 @@ use axum::Router;
 
 pub use state::{Config, Grid};
 
+use crate::proto::routes;
+
 /// The whole HTTP surface.
 pub fn router(grid: Grid) -> Router {
     let router = Router::new()
-        .route("/v1/reserve", post(client_api::reserve))
-        .route("/v1/chat/completions", post(client_api::chat))
-        .route("/v1/models", get(client_api::models))
-        .route("/grid/capacity", get(client_api::capacity))
-        .route("/v1/providers", get(market::providers))
-        .route("/grid/models", get(market::grid_models))
-        .route("/grid/pricing", get(market::grid_pricing))
+        .route(routes::RESERVE, post(client_api::reserve))
+        .route(routes::CHAT_COMPLETIONS, post(client_api::chat))
+        .route(routes::MODELS, get(client_api::models))
+        .route(routes::CAPACITY, get(client_api::capacity))
+        .route(routes::PROVIDERS, get(market::providers))
+        .route(routes::GRID_MODELS, get(market::grid_models))
+        .route(routes::GRID_PRICING, get(market::grid_pricing))
         .route(
-            "/grid/nodes/{id}/prices",
+            routes::NODE_PRICES,
             get(market::get_prices).post(market::set_price),
         )
+        .route(routes::NODE_EVIDENCE, get(market::evidence))
+        .route(routes::JOB_ATTESTATION, get(market::job_attestation))
+        .route(routes::ATTESTATION_POLICY, get(market::policy))
+        .route(routes::REGISTER, post(node_api::register))
+        .route(routes::HEARTBEAT, post(node_api::heartbeat))
+        .route(routes::NODE, get(node_api::node_info))
+        .route(routes::CHALLENGE, post(node_api::challenge))
         .route(
-            "/grid/nodes/{id}/attestation/evidence",
-            get(market::evidence),
-        )
-        .route("/grid/jobs/{id}/attestation", get(market::job_attestation))
-        .route("/grid/attestation/policy", get(market::policy))
-        .route("/grid/nodes/register", post(node_api::register))
-        .route("/grid/nodes/heartbeat", post(node_api::heartbeat))
-        .route("/grid/nodes/{id}", get(node_api::node_info))
-        .route("/grid/nodes/{id}/challenge", post(node_api::challenge))
-        .route(
-            "/grid/nodes/{id}/verify-attestation",
+            routes::VERIFY_ATTESTATION,
             post(node_api::verify_attestation),
         )
-        .route("/grid/nodes/{id}/status", post(node_api::set_status))
-        .route("/grid/nodes/{id}/ws", get(ws::upgrade))
-        .route("/grid/jobs/{id}/complete", post(node_api::complete))
-        .route("/grid/jobs/{id}/chunk", post(node_api::chunk))
-        .route("/grid/jobs/{id}/fail", post(node_api::fail))
-        .route("/grid/allowed-binaries", get(node_api::allowed_binaries))
-        .route("/health", get(|| async { "ok" }))
+        .route(routes::NODE_STATUS, post(node_api::set_status))
+        .route(routes::NODE_WS, get(ws::upgrade))
+        .route(routes::JOB_COMPLETE, post(node_api::complete))
+        .route(routes::JOB_CHUNK, post(node_api::chunk))
+        .route(routes::JOB_FAIL, post(node_api::fail))
+        .route(routes::ALLOWED_BINARIES, get(node_api::allowed_binaries))
+        .route(routes::HEALTH, get(|| async { "ok" }))
         .layer(DefaultBodyLimit::max(client_api::MAX_BODY_BYTES));
     let payments = grid.payments.clone();
     let router: Router = router.with_state(grid);

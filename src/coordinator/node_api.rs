@@ -20,6 +20,7 @@ use crate::proto::api::{
 };
 use crate::proto::e2e::{Algorithm, ALG_V2};
 use crate::proto::envelope::{self, ResultKind};
+use crate::proto::headers;
 use crate::proto::identity::{verify_keybind, Ed25519Public, NodeId, Signature, X25519Public};
 use crate::proto::openai::Usage;
 
@@ -35,7 +36,7 @@ fn parse_node_id(s: &str) -> Result<NodeId, NodeApiError> {
 
 /// Check `X-Node-Auth` for `node_id`; unknown nodes and bad tokens look alike.
 fn authorize(grid: &Grid, headers: &HeaderMap, node_id: &NodeId) -> Result<(), NodeApiError> {
-    let token = header(headers, "x-node-auth").ok_or_else(NodeApiError::unauthorized)?;
+    let token = header(headers, headers::NODE_AUTH).ok_or_else(NodeApiError::unauthorized)?;
     let inner = grid.lock();
     if grid.authenticate(&inner, node_id, token) {
         Ok(())
@@ -236,7 +237,7 @@ pub async fn heartbeat(
     Json(req): Json<HeartbeatRequest>,
 ) -> NodeResult<HeartbeatResponse> {
     let node_id =
-        parse_node_id(header(&headers, "x-node-id").ok_or_else(NodeApiError::unauthorized)?)?;
+        parse_node_id(header(&headers, headers::NODE_ID).ok_or_else(NodeApiError::unauthorized)?)?;
     authorize(&grid, &headers, &node_id)?;
     let mut inner = grid.lock();
     let node = inner
@@ -324,7 +325,7 @@ fn job_owner(
     headers: &HeaderMap,
     job_id: &str,
 ) -> Result<(NodeId, Ed25519Public, String, bool), NodeApiError> {
-    let token = header(headers, "x-node-auth").ok_or_else(NodeApiError::unauthorized)?;
+    let token = header(headers, headers::NODE_AUTH).ok_or_else(NodeApiError::unauthorized)?;
     let inner = grid.lock();
     let job = inner
         .jobs
