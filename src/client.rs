@@ -4,17 +4,18 @@
 //! `sgl chat` is a thin command over it.
 
 use futures_util::StreamExt;
-use serde_json::{json, Value};
+use serde_json::Value;
 use thiserror::Error;
 
-use crate::proto::api::{EvidenceResponse, ReserveResponse};
+use crate::proto::api::{EvidenceResponse, ReserveRequest, ReserveResponse, SealedChatRequest};
 use crate::proto::e2e::{self, ResponseKey};
 use crate::proto::envelope::{self, ResultKind};
 use crate::proto::identity::{
     attestation_report_data, verify_keybind, Ed25519Public, NodeId, Signature, X25519Public,
 };
-use crate::proto::openai::Usage;
-use crate::proto::ProtoError;
+use crate::proto::job::JobPayload;
+use crate::proto::openai::{ChatMessage, Usage};
+use crate::proto::{routes, ProtoError};
 
 /// A reply larger than this is refused.
 const MAX_REPLY_BYTES: usize = 16 * 1024 * 1024;
@@ -96,17 +97,14 @@ impl GridClient {
 
     /// Reserve a node and check the keybind of the key it will seal to.
     pub async fn reserve(&self, req: &ChatRequest) -> Result<ReserveResponse, ClientError> {
-        let mut body = json!({ "model": req.model });
-        if let Some(n) = &req.node {
-            body["node"] = json!(n);
-        }
-        if let Some(p) = req.max_price {
-            body["max_price"] = json!(p);
-        }
-        if let Some(a) = &req.require_attestation {
-            body["require_attestation"] = json!(a);
-        }
-        let resp = check(self.post("/v1/reserve").json(&body).send().await?).await?;
+        let body = ReserveRequest {
+            model: Some(req.model.clone()),
+            node: req.node.clone(),
+            max_price: req.max_price,
+            require_attestation: req.require_attestation.clone(),
+            ..Default::default()
+        };
+        let resp = check(self.post(routes::RESERVE).json(&body).send().await?).await?;
         let res: ReserveResponse = resp.json().await?;
         let ed = Ed25519Public::from_b58(&res.node_ed25519_pubkey)?;
         let x = X25519Public::from_b58(&res.node_x25519_pubkey)?;
@@ -128,22 +126,37 @@ impl GridClient {
     ) -> Result<ChatOutcome, ClientError> {
         let x = X25519Public::from_b58(&res.node_x25519_pubkey)?;
         let ed = Ed25519Public::from_b58(&res.node_ed25519_pubkey)?;
-        let messages: Vec<Value> = req
-            .messages
-            .iter()
-            .map(|(r, c)| json!({"role": r, "content": c}))
-            .collect();
         let nonce = e2e::random_request_nonce();
-        let mut inner = json!({"messages": messages, "temperature": req.temperature,
-                               "max_tokens": req.max_tokens});
-        if req.stream {
-            inner["stream"] = json!(true);
-            inner["nonce"] = json!(nonce);
-        }
-        let (enc, key) = e2e::seal_input(&x, inner.to_string().as_bytes())?;
-        let body = json!({"reservation_token": res.reservation_token, "max_tokens": req.max_tokens,
-                          "stream": req.stream, "enc": enc});
-        let resp = check(self.post("/v1/chat/completions").json(&body).send().await?).await?;
+        // The §3.4 payload, as the public SDKs seal it.
+        let inner = JobPayload {
+            messages: Some(
+                req.messages
+                    .iter()
+                    .map(|(r, c)| ChatMessage::new(r, c))
+                    .collect(),
+            ),
+            temperature: Some(req.temperature),
+            max_tokens: Some(req.max_tokens),
+            stream: req.stream.then_some(true),
+            nonce: req.stream.then(|| nonce.clone()),
+            ..Default::default()
+        };
+        let inner = serde_json::to_vec(&inner).map_err(|e| ProtoError::Json(e.to_string()))?;
+        let (enc, key) = e2e::seal_input(&x, &inner)?;
+        let body = SealedChatRequest {
+            reservation_token: res.reservation_token.clone(),
+            enc,
+            max_tokens: Some(req.max_tokens),
+            stream: Some(req.stream),
+            pay_in_coin: None,
+        };
+        let resp = check(
+            self.post(routes::CHAT_COMPLETIONS)
+                .json(&body)
+                .send()
+                .await?,
+        )
+        .await?;
         let is_sse = resp
             .headers()
             .get(reqwest::header::CONTENT_TYPE)
@@ -338,8 +351,9 @@ impl GridClient {
         let url = match &res.evidence_url {
             Some(u) => u.clone(),
             None => format!(
-                "{}/grid/nodes/{}/attestation/evidence",
-                self.base, res.node_id
+                "{}{}",
+                self.base,
+                routes::path(routes::NODE_EVIDENCE, &res.node_id)
             ),
         };
         let resp = check(self.http.get(url).send().await?).await?;

@@ -13,6 +13,7 @@
 //! - [`store`]: database access, SQLite and PostgreSQL.
 //! - [`money`], [`clock`], [`timefmt`]: integer USD micro-units, the
 //!   injectable wall clock and time formats, shared by every room.
+//! - [`private_file`]: owner-only files and directories (keys, databases).
 #![deny(unsafe_code)]
 
 pub mod attest;
@@ -31,6 +32,7 @@ pub mod money;
 pub mod node;
 #[cfg(feature = "payments")]
 pub mod payments;
+pub mod private_file;
 pub mod proto;
 #[cfg(feature = "store")]
 pub mod store;

@@ -12,6 +12,7 @@ use sha2::{Digest, Sha384};
 use zeroize::Zeroizing;
 
 use super::AttestError;
+use crate::private_file;
 use crate::proto::identity::{Ed25519Public, Signature};
 
 pub const MAGIC: &[u8; 8] = b"SGLSIM01";
@@ -110,13 +111,13 @@ impl SimKey {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| AttestError::io(dir, e))?;
         }
-        crate::node::identity_files::write_private(path, text.as_bytes())
+        private_file::write(path, text.as_bytes())
             .map_err(|e| AttestError::Parse(e.to_string()))?;
         Ok(key)
     }
 
     pub fn load(path: &Path) -> Result<Self, AttestError> {
-        crate::node::identity_files::tighten(path, 0o600)
+        private_file::tighten(path, private_file::FILE_MODE)
             .map_err(|e| AttestError::Parse(e.to_string()))?;
         let text =
             Zeroizing::new(std::fs::read_to_string(path).map_err(|e| AttestError::io(path, e))?);

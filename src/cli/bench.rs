@@ -11,6 +11,7 @@ use futures_util::StreamExt;
 use serde::Serialize;
 use sgl::engine::{Engine, EngineHandle, GenerationEvent, GenerationRequest};
 use sgl::proto::openai::ChatMessage;
+use sgl::proto::routes;
 
 use super::node::EngineArgs;
 
@@ -155,7 +156,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             let client = reqwest::Client::new();
             let base = url.trim_end_matches('/').to_string();
             let models: serde_json::Value = client
-                .get(format!("{base}/v1/models"))
+                .get(format!("{base}{}", routes::MODELS))
                 .send()
                 .await?
                 .error_for_status()?
@@ -390,7 +391,7 @@ async fn one_stream(target: &Target, w: Workload, max_tokens: u32) -> anyhow::Re
             });
             let t0 = Instant::now();
             let resp = client
-                .post(format!("{url}/v1/chat/completions"))
+                .post(format!("{url}{}", routes::CHAT_COMPLETIONS))
                 .json(&body)
                 .send()
                 .await?
@@ -542,7 +543,7 @@ async fn first_model(
     base: &str,
     key: Option<&str>,
 ) -> anyhow::Result<String> {
-    let mut req = client.get(format!("{base}/v1/models"));
+    let mut req = client.get(format!("{base}{}", routes::MODELS));
     if let Some(k) = key {
         req = req.bearer_auth(k);
     }
@@ -569,7 +570,7 @@ async fn latency_run(
     args: &BenchArgs,
     concurrency: usize,
 ) -> anyhow::Result<LatencyRun> {
-    let url = format!("{base}/v1/chat/completions");
+    let url = format!("{base}{}", routes::CHAT_COMPLETIONS);
     let body = serde_json::json!({
         "model": model,
         "messages": [{"role": "user", "content": "Say hello."}],

@@ -50,12 +50,7 @@ impl DbArgs {
                 .context("no data directory; pass --database-url")?
                 .join("sgl-coordinator"),
         };
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
-        }
+        sgl::private_file::create_dir(&dir)?;
         Ok(dir.join("coordinator.db").display().to_string())
     }
 

@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand, ValueEnum};
 use sgl::node::identity_files::{self, InitOptions, PublicKeys};
+use sgl::proto::api::StatusRequest;
+use sgl::proto::{headers, routes};
 
 /// The public grid's coordinator, the default of the public node agent too.
 const DEFAULT_COORDINATOR: &str = "https://grid.x402compute.cc";
@@ -514,14 +516,14 @@ fn remote(args: RemoteArgs, off_grid: Option<bool>) -> anyhow::Result<()> {
     let value: serde_json::Value = rt.block_on(async {
         let http = reqwest::Client::new();
         let req = match off_grid {
-            None => http.get(format!("{base}/grid/nodes/{id}")),
-            Some(off) => http
-                .post(format!("{base}/grid/nodes/{id}/status"))
-                .json(&serde_json::json!({ "off_grid": off })),
+            None => http.get(format!("{base}{}", routes::path(routes::NODE, &id))),
+            Some(off_grid) => http
+                .post(format!("{base}{}", routes::path(routes::NODE_STATUS, &id)))
+                .json(&StatusRequest { off_grid }),
         };
         let resp = req
-            .header("X-Node-Auth", &token)
-            .header("X-Node-Id", &id)
+            .header(headers::NODE_AUTH, &token)
+            .header(headers::NODE_ID, &id)
             .send()
             .await
             .with_context(|| format!("cannot reach {base}"))?;

@@ -6,6 +6,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use sgl::money::MicrosPerM;
 use sgl::proto::api::{NodePricesResponse, SetPriceRequest};
+use sgl::proto::{headers, routes};
 
 use super::node::{registered, runtime, Registered, RemoteArgs};
 
@@ -77,7 +78,7 @@ pub fn run(cmd: PriceCommand) -> anyhow::Result<()> {
 }
 
 fn call(r: &Registered, body: Option<&SetPriceRequest>) -> anyhow::Result<serde_json::Value> {
-    let url = format!("{}/grid/nodes/{}/prices", r.base, r.id);
+    let url = format!("{}{}", r.base, routes::path(routes::NODE_PRICES, &r.id));
     runtime()?.block_on(async {
         let http = reqwest::Client::new();
         let req = match body {
@@ -85,7 +86,7 @@ fn call(r: &Registered, body: Option<&SetPriceRequest>) -> anyhow::Result<serde_
             Some(b) => http.post(&url).json(b),
         };
         let resp = req
-            .header("X-Node-Auth", &r.token)
+            .header(headers::NODE_AUTH, &r.token)
             .send()
             .await
             .with_context(|| format!("cannot reach {}", r.base))?;

@@ -78,17 +78,16 @@ pub async fn reserve(
         expires_in_ms: grid.config.reservation_ttl.as_millis() as u64,
         attestation_level: Some(node.level),
         evidence_url: Some(format!(
-            "{}/grid/nodes/{node_id}/attestation/evidence",
-            grid.config.public_url.trim_end_matches('/')
+            "{}{}",
+            grid.config.public_url.trim_end_matches('/'),
+            crate::proto::routes::path(crate::proto::routes::NODE_EVIDENCE, &node_id.to_string())
         )),
     }))
 }
 
 /// The clear `max_tokens` of a sealed request, as the node will clamp it (§6.7).
 fn sealed_max_tokens(requested: Option<u64>) -> u64 {
-    requested
-        .unwrap_or(crate::node::jobs::DEFAULT_MAX_TOKENS)
-        .clamp(1, crate::node::jobs::MAX_MAX_TOKENS)
+    crate::proto::job::job_max_tokens(requested)
 }
 
 /// `POST /v1/chat/completions`: sealed mode when the body has `enc`, plain

@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use crate::proto::api::NodeError;
-use crate::proto::openai::ErrorResponse;
+use crate::proto::openai::{ErrorResponse, InvalidRequest};
 
 /// An error answered to a client.
 #[derive(Debug)]
@@ -99,6 +99,21 @@ impl ClientError {
             "server_error",
             "internal_error",
             "internal error",
+        )
+    }
+}
+
+/// A refused chat request: the status and code every client-facing server
+/// gives it (the node's local server too).
+impl From<InvalidRequest> for ClientError {
+    fn from(e: InvalidRequest) -> Self {
+        let status =
+            StatusCode::from_u16(InvalidRequest::STATUS).unwrap_or(StatusCode::BAD_REQUEST);
+        Self::new(
+            status,
+            InvalidRequest::KIND,
+            InvalidRequest::CODE,
+            e.to_string(),
         )
     }
 }

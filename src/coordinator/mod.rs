@@ -33,6 +33,8 @@ use axum::Router;
 
 pub use state::{Config, Grid};
 
+use crate::proto::routes;
+
 /// The whole HTTP surface: the client API and the node API, each with its
 /// error shape (PROTOCOL.md §1.5), and `not_supported` for any other route.
 pub fn router(grid: Grid) -> Router {
@@ -57,46 +59,43 @@ pub fn router(grid: Grid) -> Router {
 /// The client API (§5, §7b).
 fn client_routes() -> Router<Grid> {
     Router::new()
-        .route("/v1/reserve", post(client_api::reserve))
-        .route("/v1/chat/completions", post(client_api::chat))
-        .route("/v1/models", get(client_api::models))
-        .route("/grid/capacity", get(client_api::capacity))
-        .route("/v1/providers", get(market::providers::providers))
-        .route("/grid/models", get(market::providers::grid_models))
-        .route("/grid/pricing", get(market::providers::grid_pricing))
+        .route(routes::RESERVE, post(client_api::reserve))
+        .route(routes::CHAT_COMPLETIONS, post(client_api::chat))
+        .route(routes::MODELS, get(client_api::models))
+        .route(routes::CAPACITY, get(client_api::capacity))
+        .route(routes::PROVIDERS, get(market::providers::providers))
+        .route(routes::GRID_MODELS, get(market::providers::grid_models))
+        .route(routes::GRID_PRICING, get(market::providers::grid_pricing))
         .route(
-            "/grid/nodes/{id}/prices",
+            routes::NODE_PRICES,
             get(market::prices::get_prices).post(market::prices::set_price),
         )
+        .route(routes::NODE_EVIDENCE, get(market::evidence::evidence))
         .route(
-            "/grid/nodes/{id}/attestation/evidence",
-            get(market::evidence::evidence),
-        )
-        .route(
-            "/grid/jobs/{id}/attestation",
+            routes::JOB_ATTESTATION,
             get(market::evidence::job_attestation),
         )
-        .route("/grid/attestation/policy", get(market::policy::policy))
-        .route("/health", get(|| async { "ok" }))
+        .route(routes::ATTESTATION_POLICY, get(market::policy::policy))
+        .route(routes::HEALTH, get(|| async { "ok" }))
 }
 
 /// The node API (§6).
 fn node_routes() -> Router<Grid> {
     Router::new()
-        .route("/grid/nodes/register", post(node_api::register))
-        .route("/grid/nodes/heartbeat", post(node_api::heartbeat))
-        .route("/grid/nodes/{id}", get(node_api::node_info))
-        .route("/grid/nodes/{id}/challenge", post(node_api::challenge))
+        .route(routes::REGISTER, post(node_api::register))
+        .route(routes::HEARTBEAT, post(node_api::heartbeat))
+        .route(routes::NODE, get(node_api::node_info))
+        .route(routes::CHALLENGE, post(node_api::challenge))
         .route(
-            "/grid/nodes/{id}/verify-attestation",
+            routes::VERIFY_ATTESTATION,
             post(node_api::verify_attestation),
         )
-        .route("/grid/nodes/{id}/status", post(node_api::set_status))
-        .route("/grid/nodes/{id}/ws", get(ws::upgrade))
-        .route("/grid/jobs/{id}/complete", post(node_api::complete))
-        .route("/grid/jobs/{id}/chunk", post(node_api::chunk))
-        .route("/grid/jobs/{id}/fail", post(node_api::fail))
-        .route("/grid/allowed-binaries", get(node_api::allowed_binaries))
+        .route(routes::NODE_STATUS, post(node_api::set_status))
+        .route(routes::NODE_WS, get(ws::upgrade))
+        .route(routes::JOB_COMPLETE, post(node_api::complete))
+        .route(routes::JOB_CHUNK, post(node_api::chunk))
+        .route(routes::JOB_FAIL, post(node_api::fail))
+        .route(routes::ALLOWED_BINARIES, get(node_api::allowed_binaries))
 }
 
 /// Serve until `shutdown` resolves. The caller owns the listener, so tests

@@ -20,6 +20,7 @@ use crate::proto::api::{
     VerifyAttestationResponse,
 };
 use crate::proto::e2e::ALG_V2;
+use crate::proto::headers;
 use crate::proto::identity::{verify_keybind, Ed25519Public, NodeId, Signature, X25519Public};
 
 type NodeResult<T> = Result<Json<T>, NodeApiError>;
@@ -34,7 +35,7 @@ fn parse_node_id(s: &str) -> Result<NodeId, NodeApiError> {
 
 /// Check `X-Node-Auth` for `node_id`; unknown nodes and bad tokens look alike.
 fn authorize(grid: &Grid, headers: &HeaderMap, node_id: &NodeId) -> Result<(), NodeApiError> {
-    let token = header(headers, "x-node-auth").ok_or_else(NodeApiError::unauthorized)?;
+    let token = header(headers, headers::NODE_AUTH).ok_or_else(NodeApiError::unauthorized)?;
     let inner = grid.lock();
     if grid.authenticate(&inner, node_id, token) {
         Ok(())
@@ -233,7 +234,7 @@ pub async fn heartbeat(
     NodeJson(req): NodeJson<HeartbeatRequest>,
 ) -> NodeResult<HeartbeatResponse> {
     let node_id =
-        parse_node_id(header(&headers, "x-node-id").ok_or_else(NodeApiError::unauthorized)?)?;
+        parse_node_id(header(&headers, headers::NODE_ID).ok_or_else(NodeApiError::unauthorized)?)?;
     authorize(&grid, &headers, &node_id)?;
     let mut inner = grid.lock();
     let node = inner

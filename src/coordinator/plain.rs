@@ -10,7 +10,7 @@ use axum::http::{HeaderMap, Method, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::stream::{self, StreamExt};
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::billing;
@@ -19,98 +19,24 @@ use super::job::JobEvent;
 use super::relay::{self, data, done_marker, sse, PlainStream};
 use super::router::{choose_node, dispatch};
 use super::state::Grid;
-use crate::node::jobs::{MAX_MAX_TOKENS, MAX_MESSAGES};
 use crate::payments::RequestParts;
-use crate::proto::api::{ReserveRequest, SealedReplyPlaintext};
+use crate::proto::api::{ReserveRequest, SealedInputPayload, SealedReplyPlaintext};
 use crate::proto::e2e::{self, ResponseKey};
 use crate::proto::identity::{NodeId, X25519Public};
+use crate::proto::job::JobPayload;
 use crate::proto::openai::{
     AssistantMessage, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, Choice,
     FinishReason, Usage,
 };
 
-const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
-
-/// Validate what OpenAI would refuse with 400.
+/// The one check of a client's request (shared with the node's local
+/// server), plus what routing needs: a model. Returns the completion budget.
 fn validate(req: &ChatCompletionRequest) -> Result<u64, ClientError> {
     if req.model.is_empty() {
         return Err(ClientError::invalid("invalid_request", "model is required"));
     }
-    if req.messages.is_empty() {
-        return Err(ClientError::invalid(
-            "invalid_request",
-            "messages must not be empty",
-        ));
-    }
-    if req.messages.len() > MAX_MESSAGES {
-        return Err(ClientError::invalid(
-            "invalid_request",
-            format!("at most {MAX_MESSAGES} messages"),
-        ));
-    }
-    if let Some(m) = req
-        .messages
-        .iter()
-        .find(|m| !ROLES.contains(&m.role.as_str()))
-    {
-        return Err(ClientError::invalid(
-            "invalid_request",
-            format!(
-                "unknown role {:?}",
-                m.role.chars().take(32).collect::<String>()
-            ),
-        ));
-    }
-    if req.messages.iter().any(|m| m.content.has_non_text_parts()) {
-        return Err(ClientError::invalid(
-            "invalid_request",
-            "only text content is supported",
-        ));
-    }
-    if let Some(t) = req.temperature {
-        if !(0.0..=2.0).contains(&t) {
-            return Err(ClientError::invalid(
-                "invalid_request",
-                "temperature must be in [0, 2]",
-            ));
-        }
-    }
-    match req.requested_max_tokens() {
-        Some(0) => Err(ClientError::invalid(
-            "invalid_request",
-            "max_tokens must be at least 1",
-        )),
-        Some(n) if n > MAX_MAX_TOKENS => Err(ClientError::invalid(
-            "invalid_request",
-            format!("max_tokens must be at most {MAX_MAX_TOKENS}"),
-        )),
-        Some(n) => Ok(n),
-        None => Ok(crate::node::jobs::DEFAULT_MAX_TOKENS),
-    }
-}
-
-/// The sealed payload the node opens (§3.4), with sgl's extra sampling fields.
-fn inner_payload(req: &ChatCompletionRequest, max_tokens: u64, nonce: Option<&str>) -> Value {
-    let messages: Vec<Value> = req
-        .messages
-        .iter()
-        .map(|m| json!({"role": m.role, "content": m.content.text()}))
-        .collect();
-    let mut p = json!({"messages": messages, "temperature": req.temperature.unwrap_or(0.7), "max_tokens": max_tokens});
-    if let Some(t) = req.top_p {
-        p["top_p"] = json!(t);
-    }
-    if let Some(s) = req.seed {
-        p["seed"] = json!(s);
-    }
-    if let Some(stop) = &req.stop {
-        p["stop"] = json!(stop.to_vec());
-    }
-    if let Some(n) = nonce {
-        p["stream"] = json!(true);
-        p["nonce"] = json!(n);
-    }
-    p
+    req.validate()?;
+    Ok(req.effective_max_tokens())
 }
 
 struct Dispatched {
@@ -184,13 +110,14 @@ async fn run_once(
         Err(resp) => return Ok(Attempt::Refused(resp)),
     };
     let nonce = (req.is_stream() && streams).then(e2e::random_request_nonce);
-    let inner = inner_payload(req, max_tokens, nonce.as_deref());
-    let (enc, key) =
-        e2e::seal_input(&x25519, inner.to_string().as_bytes()).map_err(ClientError::internal)?;
-    let mut payload = json!({"enc": enc});
-    if nonce.is_some() {
-        payload["stream"] = json!(true);
-    }
+    let inner = JobPayload::from_openai(req, max_tokens, nonce.as_deref());
+    let inner = serde_json::to_vec(&inner).map_err(ClientError::internal)?;
+    let (enc, key) = e2e::seal_input(&x25519, &inner).map_err(ClientError::internal)?;
+    let payload = SealedInputPayload {
+        enc,
+        stream: nonce.is_some().then_some(true),
+    };
+    let payload = serde_json::to_value(payload).map_err(ClientError::internal)?;
     let mut rx = dispatch(
         grid,
         &job_id,

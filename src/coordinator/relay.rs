@@ -12,7 +12,6 @@ use axum::http::header;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::stream::{self, Stream, StreamExt};
-use serde_json::json;
 use tokio::sync::mpsc;
 
 use super::job::JobEvent;
@@ -20,7 +19,7 @@ use super::plain::finish_reason;
 use crate::proto::api::{ChunkRequest, SealedSseChunk};
 use crate::proto::e2e::StreamOpener;
 use crate::proto::envelope::ENVELOPE_VERSION;
-use crate::proto::openai::ChatCompletionChunk;
+use crate::proto::openai::{ChatCompletionChunk, ErrorResponse};
 
 pub(super) type EventStream = Pin<Box<dyn Stream<Item = Result<Event, Infallible>> + Send>>;
 
@@ -53,9 +52,10 @@ pub(super) fn done_marker() -> impl Stream<Item = Result<Event, Infallible>> {
 
 /// `event: error` with the client-API error body.
 fn error_event(message: &str) -> Event {
-    let body =
-        json!({"error": {"message": message, "type": "server_error", "code": "stream_aborted"}});
-    Event::default().event("error").data(body.to_string())
+    let body = ErrorResponse::new(message, "server_error", "stream_aborted");
+    Event::default()
+        .event("error")
+        .data(serde_json::to_string(&body).unwrap_or_default())
 }
 
 fn sse_chunk(job_id: &str, c: ChunkRequest) -> Event {

@@ -23,7 +23,7 @@ fn job_owner(
     job_id: &str,
 ) -> Result<(NodeId, Ed25519Public, String, bool), NodeApiError> {
     let token = headers
-        .get("x-node-auth")
+        .get(crate::proto::headers::NODE_AUTH)
         .and_then(|v| v.to_str().ok())
         .ok_or_else(NodeApiError::unauthorized)?;
     let inner = grid.lock();

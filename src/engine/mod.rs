@@ -54,6 +54,7 @@ pub use metrics::Metrics;
 pub use model::WeightFormat;
 pub use scheduler::{Engine, EngineHandle, EventReceiver, ModelInfo};
 
+use crate::proto::limits::DEFAULT_TEMPERATURE;
 use crate::proto::openai::{ChatCompletionRequest, ChatMessage, FinishReason};
 
 /// Everything that can go wrong loading or running a model.
@@ -139,9 +140,12 @@ pub enum Prompt {
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerationRequest {
     pub prompt: Prompt,
-    /// Completion budget; `None` runs to the end of the context.
+    /// Completion budget; `None` is the protocol's default
+    /// ([`DEFAULT_MAX_TOKENS`](crate::proto::limits::DEFAULT_MAX_TOKENS)),
+    /// lowered to the room the context leaves.
     pub max_tokens: Option<u32>,
-    /// 0 is greedy; OpenAI's default is 1.
+    /// 0 is greedy; the default is the protocol's
+    /// ([`DEFAULT_TEMPERATURE`]), the same on every server.
     pub temperature: f32,
     pub top_p: f32,
     /// Fixes the sampler's RNG; `None` draws a random seed.
@@ -153,16 +157,17 @@ pub struct GenerationRequest {
     pub ignore_eos: bool,
 }
 
-/// Caps on request parameters (OpenAI's where it has them).
-pub const MAX_STOP_SEQUENCES: usize = 4;
-pub const MAX_STOP_LEN: usize = 256;
+/// Caps on request parameters: the protocol's, which are OpenAI's where it
+/// has them. The engine checks them again only as a defence; a server runs
+/// [`ChatCompletionRequest::validate`] first.
+pub use crate::proto::limits::{MAX_STOP as MAX_STOP_SEQUENCES, MAX_STOP_LEN};
 
 impl GenerationRequest {
     pub fn chat(messages: Vec<ChatMessage>) -> Self {
         GenerationRequest {
             prompt: Prompt::Chat(messages),
             max_tokens: None,
-            temperature: 1.0,
+            temperature: DEFAULT_TEMPERATURE as f32,
             top_p: 1.0,
             seed: None,
             stop: Vec::new(),
@@ -201,8 +206,10 @@ impl GenerationRequest {
         self
     }
 
-    /// The generation an OpenAI chat completion body asks for. The model name
-    /// is the caller's business and is not checked here.
+    /// The generation an OpenAI chat completion body asks for, with the
+    /// protocol's defaults. The model name is the caller's business and is
+    /// not checked here; nor are the request's limits, which
+    /// [`ChatCompletionRequest::validate`] checks first.
     pub fn from_openai(req: &ChatCompletionRequest) -> Result<Self, SubmitError> {
         let bad = |m: String| SubmitError::InvalidRequest(m);
         let max_tokens = match req.requested_max_tokens() {
@@ -214,7 +221,7 @@ impl GenerationRequest {
         Ok(GenerationRequest {
             prompt: Prompt::Chat(req.messages.clone()),
             max_tokens,
-            temperature: req.temperature.unwrap_or(1.0) as f32,
+            temperature: req.effective_temperature() as f32,
             top_p: req.top_p.unwrap_or(1.0) as f32,
             seed: req.seed,
             stop: req.stop.as_ref().map(|s| s.to_vec()).unwrap_or_default(),

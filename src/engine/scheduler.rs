@@ -17,13 +17,14 @@ use super::catalogue;
 use super::metrics::Metrics;
 use super::model::{self, KvCache, Model, StepItem};
 use super::sampler::{self, Rng, SamplingParams};
-use super::template::{ChatTemplate, TemplateMessage, ROLES};
+use super::template::{ChatTemplate, TemplateMessage};
 use super::tokenizer::{Detokenizer, TextTokenizer};
 use super::{
     DeviceChoice, EngineConfig, EngineError, GenerationEvent, GenerationRequest, Prompt,
     SubmitError, MAX_STOP_LEN, MAX_STOP_SEQUENCES,
 };
-use crate::proto::openai::{ChatMessage, FinishReason};
+use crate::proto::limits::DEFAULT_MAX_TOKENS;
+use crate::proto::openai::{ChatMessage, FinishReason, ROLES};
 
 /// The events of one request.
 pub type EventReceiver = UnboundedReceiver<GenerationEvent>;
@@ -293,7 +294,8 @@ impl EngineHandle {
             });
         }
         let room = ctx - prompt.len();
-        let max_tokens = req.max_tokens.map_or(room, |n| (n as usize).min(room));
+        let default = usize::try_from(DEFAULT_MAX_TOKENS).unwrap_or(usize::MAX);
+        let max_tokens = req.max_tokens.map_or(default, |n| n as usize).min(room);
         let seed = req.seed.unwrap_or_else(|| OsRng.next_u64());
         let (tx, rx) = unbounded_channel();
         let job = Job {

@@ -14,9 +14,6 @@ pub struct TemplateMessage {
     pub content: String,
 }
 
-/// Roles a request may use.
-pub const ROLES: &[&str] = &["system", "user", "assistant", "developer", "tool"];
-
 /// ChatML, used by SmolLM2, Qwen2 and many others.
 pub const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 

@@ -22,7 +22,6 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
-use serde_json::json;
 use thiserror::Error;
 use tokio::sync::mpsc;
 
@@ -30,17 +29,16 @@ use super::executor::{ExecError, ExecEvent, Executor};
 use super::identity_files::{self, IdentityError, NodeFile};
 use super::jobs::{self, ChatJob, JobError, Reply, StreamChunks};
 use crate::proto::api::{
-    Capabilities, ChallengeResponse, ChunkRequest, ChunkResponse, Evidence, HardwareReport,
-    HeartbeatRequest, HeartbeatResponse, PendingJob, RegisterRequest, RegisterResponse,
-    VerifyAttestationResponse, WsMessage,
+    Capabilities, ChallengeResponse, ChunkRequest, ChunkResponse, Evidence, FailRequest,
+    HardwareReport, HeartbeatRequest, HeartbeatResponse, PendingJob, RegisterRequest,
+    RegisterResponse, StatusRequest, VerifyAttestationRequest, VerifyAttestationResponse,
+    WsMessage,
 };
+use crate::proto::headers;
 use crate::proto::identity::{attestation_report_data, NodeId, NodeIdentity, KEY_VERSION};
+use crate::proto::limits::{MAX_RESPONSE_BYTES, SEEN_JOBS};
 use crate::proto::openai::Usage;
-
-/// The agent remembers this many job ids to ignore repeated offers (§6.5).
-const SEEN_JOBS: usize = 1024;
-/// Responses from the coordinator larger than this are refused.
-const MAX_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
+use crate::proto::routes;
 
 /// Produces hardware evidence for 64 bytes of report data, or `None` when
 /// this machine has no evidence source (the node then self-reports).
@@ -139,17 +137,30 @@ impl Shared {
         ids
     }
 
+    /// POST `body` to the route `template`, its `{id}` filled with `id` (a
+    /// template without one ignores `id`).
     async fn post<B: serde::Serialize>(
         &self,
-        path: &str,
+        template: &str,
+        id: &str,
         body: &B,
     ) -> Result<reqwest::Response, reqwest::Error> {
+        self.request(template, id).json(body).send().await
+    }
+
+    /// An authenticated POST to the route `template` (`{id}` filled with
+    /// `id`), without a body yet.
+    fn request(&self, template: &str, id: &str) -> reqwest::RequestBuilder {
         self.http
-            .post(format!("{}{path}", self.base))
-            .header("X-Node-Auth", self.token())
-            .header("X-Node-Id", self.node_id.to_string())
-            .json(body)
-            .send()
+            .post(format!("{}{}", self.base, routes::path(template, id)))
+            .header(headers::NODE_AUTH, self.token())
+            .header(headers::NODE_ID, self.node_id.to_string())
+    }
+
+    /// Go on or off the grid (§6.11).
+    async fn set_off_grid(&self, off_grid: bool) -> Result<reqwest::Response, reqwest::Error> {
+        let id = self.node_id.to_string();
+        self.post(routes::NODE_STATUS, &id, &StatusRequest { off_grid })
             .await
     }
 }
@@ -252,12 +263,7 @@ pub async fn run(
     });
     attest(&shared, &file.tee_type, evidence.as_deref()).await?;
     // A start means "take work": undo the off-grid of the last shutdown.
-    let on = shared
-        .post(
-            &format!("/grid/nodes/{}/status", shared.node_id),
-            &json!({"off_grid": false}),
-        )
-        .await?;
+    let on = shared.set_off_grid(false).await?;
     if !on.status().is_success() {
         return Err(AgentError::Refused {
             what: "on-grid",
@@ -287,12 +293,7 @@ pub async fn run(
     if let Some(ws) = ws {
         ws.abort();
     }
-    let off = shared
-        .post(
-            &format!("/grid/nodes/{}/status", shared.node_id),
-            &json!({"off_grid": true}),
-        )
-        .await;
+    let off = shared.set_off_grid(true).await;
     if let Err(e) = off {
         tracing::warn!(error = %e, "could not tell the coordinator the node is leaving");
     }
@@ -321,9 +322,12 @@ async fn attach(
     if let (Some(id), Some(token)) = (&file.node_id, &file.auth_token) {
         if let Ok(node_id) = NodeId::parse(id) {
             let resp = http
-                .get(format!("{base}/grid/nodes/{node_id}"))
-                .header("X-Node-Auth", token)
-                .header("X-Node-Id", node_id.to_string())
+                .get(format!(
+                    "{base}{}",
+                    routes::path(routes::NODE, &node_id.to_string())
+                ))
+                .header(headers::NODE_AUTH, token)
+                .header(headers::NODE_ID, node_id.to_string())
                 .send()
                 .await?;
             match resp.status() {
@@ -358,7 +362,7 @@ async fn attach(
         supported_runtimes: vec!["candle".into()],
     };
     let resp = http
-        .post(format!("{base}/grid/nodes/register"))
+        .post(format!("{base}{}", routes::REGISTER))
         .json(&req)
         .send()
         .await?;
@@ -382,8 +386,10 @@ async fn attest(
     evidence: Option<&EvidenceFn>,
 ) -> Result<(), AgentError> {
     let id = shared.node_id;
+    // No body (§6.3).
     let resp = shared
-        .post(&format!("/grid/nodes/{id}/challenge"), &json!({}))
+        .request(routes::CHALLENGE, &id.to_string())
+        .send()
         .await?;
     let ch: ChallengeResponse = read_json("challenge", resp).await?;
     let x25519 = shared.identity.x25519_public();
@@ -400,16 +406,18 @@ async fn attest(
         }
         None => None,
     };
-    let body = json!({
-        "signature": shared.identity.sign(ch.challenge.as_bytes()).to_b58(),
-        "encryption_public_key": x25519.to_b58(),
-        "hardware_report": hardware_report(tee_type),
-        "evidence": ev,
-        "key_version": KEY_VERSION,
-        "encryption_public_key_signature": shared.identity.sign_keybind(&id, KEY_VERSION).to_b58(),
-    });
+    let body = VerifyAttestationRequest {
+        signature: shared.identity.sign(ch.challenge.as_bytes()).to_b58(),
+        encryption_public_key: x25519.to_b58(),
+        hardware_report: hardware_report(tee_type),
+        evidence: ev,
+        key_version: Some(KEY_VERSION),
+        encryption_public_key_signature: Some(
+            shared.identity.sign_keybind(&id, KEY_VERSION).to_b58(),
+        ),
+    };
     let resp = shared
-        .post(&format!("/grid/nodes/{id}/verify-attestation"), &body)
+        .post(routes::VERIFY_ATTESTATION, &id.to_string(), &body)
         .await?;
     let v: VerifyAttestationResponse = read_json("verify-attestation", resp).await?;
     if !v.verified {
@@ -464,7 +472,7 @@ async fn heartbeat_loop(
     loop {
         tick.tick().await;
         let resp = match shared
-            .post("/grid/nodes/heartbeat", &heartbeat_body(&shared))
+            .post(routes::HEARTBEAT, "", &heartbeat_body(&shared))
             .await
         {
             Ok(r) => r,
@@ -502,13 +510,14 @@ async fn ws_loop(shared: Arc<Shared>, jobs: mpsc::Sender<PendingJob>) {
     let mut backoff = Duration::from_secs(1);
     loop {
         let url = format!(
-            "{}/grid/nodes/{}/ws?auth_token={}",
+            "{}{}?{}={}",
             shared
                 .base
                 .replacen("https://", "wss://", 1)
                 .replacen("http://", "ws://", 1),
-            shared.node_id,
-            shared.token()
+            routes::path(routes::NODE_WS, &shared.node_id.to_string()),
+            routes::WS_AUTH_QUERY,
+            routes::encode_segment(&shared.token())
         );
         // Nagle off (the `true`): the node's frames on this socket are small
         // and latency-bound, like the coordinator's pushes to it.
@@ -532,7 +541,11 @@ async fn ws_loop(shared: Arc<Shared>, jobs: mpsc::Sender<PendingJob>) {
                             }
                         }
                         Ok(WsMessage::Ping) => {
-                            let pong = Message::Text(r#"{"type":"pong"}"#.into());
+                            // §6.6 fixes these bytes: `{"type":"pong"}`.
+                            let pong = match serde_json::to_string(&WsMessage::Pong) {
+                                Ok(text) => Message::Text(text.into()),
+                                Err(_) => continue,
+                            };
                             if sink.send(pong).await.is_err() {
                                 break;
                             }
@@ -596,12 +609,10 @@ async fn dispatch(shared: Arc<Shared>, mut jobs: mpsc::Receiver<PendingJob>) {
 
 async fn fail(shared: &Shared, job_id: &str, reason: &str) {
     tracing::warn!(job_id, reason, "job failed");
-    let r = shared
-        .post(
-            &format!("/grid/jobs/{job_id}/fail"),
-            &json!({ "reason": reason }),
-        )
-        .await;
+    let body = FailRequest {
+        reason: reason.to_string(),
+    };
+    let r = shared.post(routes::JOB_FAIL, job_id, &body).await;
     if let Err(e) = r {
         tracing::warn!(job_id, error = %e, "could not report the failure");
     }
@@ -658,7 +669,7 @@ async fn run_whole(
     let body = jobs::complete_body(&shared.identity, chat, &text, usage, finish)
         .map_err(|e| e.to_string())?;
     let resp = shared
-        .post(&format!("/grid/jobs/{}/complete", chat.job_id), &body)
+        .post(routes::JOB_COMPLETE, &chat.job_id, &body)
         .await
         .map_err(|e| format!("posting the result: {e}"))?;
     if !resp.status().is_success() {
@@ -670,10 +681,7 @@ async fn run_whole(
 
 /// Post one chunk; `Ok(true)` when the client is still there.
 async fn post_chunk(shared: &Shared, job_id: &str, chunk: &ChunkRequest) -> bool {
-    let resp = match shared
-        .post(&format!("/grid/jobs/{job_id}/chunk"), chunk)
-        .await
-    {
+    let resp = match shared.post(routes::JOB_CHUNK, job_id, chunk).await {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(job_id, error = %e, "posting a chunk failed");
@@ -724,10 +732,7 @@ async fn run_stream(
             Some(ExecEvent::Failed(why)) => {
                 tracing::warn!(job_id, why, "generation failed mid-stream");
                 let aborted = shared
-                    .post(
-                        &format!("/grid/jobs/{job_id}/chunk"),
-                        &ChunkRequest::abort(),
-                    )
+                    .post(routes::JOB_CHUNK, job_id, &ChunkRequest::abort())
                     .await
                     .map(|r| r.status().is_success())
                     .unwrap_or(false);

@@ -4,13 +4,12 @@
 //! anything is read, and a refusal when they cannot be.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::private_file::{self, PrivateFileError, DIR_MODE, FILE_MODE};
 use crate::proto::identity::{NodeId, NodeIdentity, KEY_VERSION};
 use crate::proto::ProtoError;
 
@@ -28,8 +27,8 @@ pub enum IdentityError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}: permissions {mode:o} are too open and could not be tightened")]
-    Permissions { path: PathBuf, mode: u32 },
+    #[error(transparent)]
+    File(#[from] PrivateFileError),
     #[error("{path}: {source}")]
     Keypair { path: PathBuf, source: ProtoError },
     #[error("{path}: invalid node.json: {source}")]
@@ -107,10 +106,9 @@ pub fn init(dir: &Path, opts: &InitOptions) -> Result<NodeIdentity, IdentityErro
     if keypair_path.exists() && !opts.force {
         return Err(IdentityError::Exists(keypair_path));
     }
-    fs::create_dir_all(dir).map_err(io_err(dir))?;
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err(dir))?;
+    private_file::create_dir(dir)?;
     let identity = NodeIdentity::generate();
-    write_private(&keypair_path, identity.to_keypair_json().as_bytes())?;
+    private_file::write(&keypair_path, identity.to_keypair_json().as_bytes())?;
     let node = NodeFile {
         node_id: None,
         auth_token: None,
@@ -123,65 +121,14 @@ pub fn init(dir: &Path, opts: &InitOptions) -> Result<NodeIdentity, IdentityErro
     Ok(identity)
 }
 
-/// Write a file readable by its owner only, atomically: a 0600 temporary file
-/// in the same directory, synced, then renamed over the target.
-pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), IdentityError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let _ = fs::remove_file(&tmp);
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io_err(&tmp))?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .map_err(io_err(&tmp))?;
-    drop(f);
-    fs::rename(&tmp, path).map_err(io_err(path))
-}
-
-/// Tighten a file or directory that is group- or world-accessible; refuse it
-/// if that fails.
-pub fn tighten(path: &Path, wanted: u32) -> Result<(), IdentityError> {
-    let meta = fs::metadata(path).map_err(io_err(path))?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        tracing::warn!(path = %path.display(), mode = format_args!("{mode:o}"), "tightening loose permissions");
-        fs::set_permissions(path, fs::Permissions::from_mode(wanted)).map_err(|_| {
-            IdentityError::Permissions {
-                path: path.to_path_buf(),
-                mode,
-            }
-        })?;
-        let now = fs::metadata(path)
-            .map_err(io_err(path))?
-            .permissions()
-            .mode()
-            & 0o777;
-        if now & 0o077 != 0 {
-            return Err(IdentityError::Permissions {
-                path: path.to_path_buf(),
-                mode: now,
-            });
-        }
-    }
-    Ok(())
-}
-
 /// Load the identity, tightening permissions first.
 pub fn load_identity(dir: &Path) -> Result<NodeIdentity, IdentityError> {
     let path = dir.join(KEYPAIR_FILE);
     if !path.exists() {
         return Err(IdentityError::Missing(path));
     }
-    tighten(dir, 0o700)?;
-    tighten(&path, 0o600)?;
+    private_file::tighten(dir, DIR_MODE)?;
+    private_file::tighten(&path, FILE_MODE)?;
     let text = zeroize::Zeroizing::new(fs::read_to_string(&path).map_err(io_err(&path))?);
     NodeIdentity::from_keypair_json(&text).map_err(|source| IdentityError::Keypair { path, source })
 }
@@ -191,7 +138,7 @@ pub fn load_node_file(dir: &Path) -> Result<NodeFile, IdentityError> {
     if !path.exists() {
         return Err(IdentityError::Missing(path));
     }
-    tighten(&path, 0o600)?;
+    private_file::tighten(&path, FILE_MODE)?;
     let text = fs::read_to_string(&path).map_err(io_err(&path))?;
     serde_json::from_str(&text).map_err(|source| IdentityError::NodeJson { path, source })
 }
@@ -204,7 +151,7 @@ pub fn save_node_file(dir: &Path, node: &NodeFile) -> Result<(), IdentityError> 
         path: path.clone(),
         source,
     })?;
-    write_private(&path, text.as_bytes())
+    Ok(private_file::write(&path, text.as_bytes())?)
 }
 
 /// The public facts `sgl node init` and `sgl node keys` print.

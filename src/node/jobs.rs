@@ -1,14 +1,13 @@
 //! A job's protocol side on the node (PROTOCOL.md §3.6, §6.7–§6.10): turn a
-//! [`PendingJob`] into a validated chat request, and the engine's output into
-//! the signed `/complete` and `/chunk` bodies. No I/O and no engine here: the
+//! [`PendingJob`] into a validated chat request (its payload read by
+//! [`JobPayload`] under the rules of §6.7), and the engine's output into the
+//! signed `/complete` and `/chunk` bodies. No I/O and no engine here: the
 //! agent feeds text in and posts what comes out.
 //!
 //! Fail-closed rules: a sealed job that does not open fails with a reason
 //! starting `decrypt failed:` and never falls back to plaintext; a stream job
 //! without a request nonce fails; only `inference` jobs run.
 
-use serde::Serialize;
-use serde_json::{Map, Value};
 use thiserror::Error;
 
 use crate::proto::api::{
@@ -17,18 +16,11 @@ use crate::proto::api::{
 use crate::proto::e2e::{self, Algorithm, StreamSealer};
 use crate::proto::envelope::{self, ResultKind, ENVELOPE_VERSION};
 use crate::proto::identity::{NodeIdentity, X25519Public};
+pub use crate::proto::job::TextMessage as Message;
+use crate::proto::job::{JobParams, JobPayload};
+use crate::proto::limits::TOKENS_PER_CHUNK;
 use crate::proto::openai::{FinishReason, Usage};
 use crate::proto::ProtoError;
-
-/// At most this many messages (§6.7).
-pub const MAX_MESSAGES: usize = 256;
-/// At most this many bytes of roles plus contents (§6.7).
-pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
-pub const DEFAULT_TEMPERATURE: f64 = 0.7;
-pub const DEFAULT_MAX_TOKENS: u64 = 2048;
-pub const MAX_MAX_TOKENS: u64 = 8192;
-/// The node posts a delta about every this many decoded tokens (§6.9).
-pub const TOKENS_PER_CHUNK: usize = 6;
 
 /// Why a job cannot run; the text goes to `/fail` as the reason.
 #[derive(Debug, Error, PartialEq)]
@@ -43,13 +35,6 @@ pub enum JobError {
     MissingNonce,
     #[error("sealing failed: {0}")]
     Seal(ProtoError),
-}
-
-/// One chat message as the engine takes it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Message {
-    pub role: String,
-    pub content: String,
 }
 
 /// The validated request of a job, whatever its transport.
@@ -100,102 +85,61 @@ pub fn parse_job(
         .input_payload
         .as_object()
         .ok_or_else(|| JobError::Invalid("input_payload is not an object".into()))?;
-    if payload.contains_key("enc") {
-        let sealed: SealedInputPayload = serde_json::from_value(job.input_payload.clone())
-            .map_err(|e| JobError::Decrypt(ProtoError::Json(e.to_string())))?;
-        let opened = e2e::open_input(node, &sealed.enc).map_err(JobError::Decrypt)?;
-        let inner = opened.json_object().map_err(JobError::Decrypt)?;
-        let wants_stream = node_streams
-            && sealed.stream == Some(true)
-            && inner.get("stream") == Some(&Value::Bool(true));
-        let reply = if wants_stream {
-            let nonce = inner.get("nonce").and_then(Value::as_str).unwrap_or("");
-            if nonce.is_empty() {
-                return Err(JobError::MissingNonce);
-            }
-            e2e::check_request_nonce(nonce).map_err(|e| JobError::Invalid(e.to_string()))?;
-            Reply::Stream {
-                reply_to: opened.reply_to,
-                request_nonce: nonce.to_string(),
-            }
-        } else {
-            Reply::Sealed {
-                reply_to: opened.reply_to,
-            }
-        };
-        chat_job(&job.id, &job.model, &inner, reply)
-    } else {
-        chat_job(&job.id, &job.model, payload, Reply::Plain)
+    if !payload.contains_key("enc") {
+        let plain: JobPayload = serde_json::from_value(job.input_payload.clone())
+            .map_err(|e| JobError::Invalid(e.to_string()))?;
+        return plain_job(&job.id, &job.model, &plain);
     }
+    let sealed: SealedInputPayload = serde_json::from_value(job.input_payload.clone())
+        .map_err(|e| JobError::Decrypt(ProtoError::Json(e.to_string())))?;
+    let opened = e2e::open_input(node, &sealed.enc).map_err(JobError::Decrypt)?;
+    // Anything but a JSON object is refused as undecryptable (§3.7).
+    let inner = opened.json_object().map_err(JobError::Decrypt)?;
+    let inner: JobPayload = serde_json::from_value(serde_json::Value::Object(inner))
+        .map_err(|e| JobError::Invalid(e.to_string()))?;
+    let wants_stream = node_streams && sealed.stream == Some(true) && inner.wants_stream();
+    let reply = if wants_stream {
+        let nonce = inner.nonce.as_deref().unwrap_or("");
+        if nonce.is_empty() {
+            return Err(JobError::MissingNonce);
+        }
+        e2e::check_request_nonce(nonce).map_err(|e| JobError::Invalid(e.to_string()))?;
+        Reply::Stream {
+            reply_to: opened.reply_to,
+            request_nonce: nonce.to_string(),
+        }
+    } else {
+        Reply::Sealed {
+            reply_to: opened.reply_to,
+        }
+    };
+    chat_job(&job.id, &job.model, &inner, reply)
 }
 
-/// A plain OpenAI chat body validated exactly as a plain grid job's payload
-/// is, for the node's local server when an [`Executor`](super::executor::Executor)
+/// A plain payload validated exactly as a plain grid job's is, for the
+/// node's local server when an [`Executor`](super::executor::Executor)
 /// answers it (`sgl node serve --engine echo`): both paths then feed the
 /// executor the same request.
-pub fn plain_job(
-    job_id: &str,
-    model: &str,
-    body: &Map<String, Value>,
-) -> Result<ChatJob, JobError> {
-    chat_job(job_id, model, body, Reply::Plain)
+pub fn plain_job(job_id: &str, model: &str, payload: &JobPayload) -> Result<ChatJob, JobError> {
+    chat_job(job_id, model, payload, Reply::Plain)
 }
 
 fn chat_job(
     job_id: &str,
     model: &str,
-    body: &Map<String, Value>,
+    payload: &JobPayload,
     reply: Reply,
 ) -> Result<ChatJob, JobError> {
-    let messages = match (body.get("messages"), body.get("prompt")) {
-        (Some(m), _) => parse_messages(m)?,
-        (None, Some(Value::String(p))) => vec![Message {
-            role: "user".into(),
-            content: p.clone(),
-        }],
-        (None, Some(_)) => return Err(JobError::Invalid("prompt is not a string".into())),
-        (None, None) => return Err(JobError::Invalid("neither messages nor prompt".into())),
-    };
-    let temperature = match body.get("temperature") {
-        None | Some(Value::Null) => DEFAULT_TEMPERATURE,
-        Some(v) => v
-            .as_f64()
-            .ok_or_else(|| JobError::Invalid("temperature is not a number".into()))?,
-    };
-    let temperature = if temperature.is_finite() {
-        temperature.clamp(0.0, 2.0)
-    } else {
-        DEFAULT_TEMPERATURE
-    };
-    let max_tokens = match body
-        .get("max_tokens")
-        .or_else(|| body.get("max_completion_tokens"))
-    {
-        None | Some(Value::Null) => DEFAULT_MAX_TOKENS,
-        Some(v) => match (v.as_u64(), v.as_i64(), v.as_f64()) {
-            (Some(n), _, _) => n,
-            (None, Some(_), _) => 1, // negative: clamped up
-            (None, None, Some(f)) if f.is_finite() => f.max(1.0) as u64,
-            _ => return Err(JobError::Invalid("max_tokens is not a number".into())),
-        },
-    }
-    .clamp(1, MAX_MAX_TOKENS);
-    let top_p = body
-        .get("top_p")
-        .and_then(Value::as_f64)
-        .filter(|p| p.is_finite() && *p > 0.0 && *p <= 1.0);
-    let seed = body.get("seed").and_then(Value::as_u64);
-    let stop = match body.get("stop") {
-        Some(Value::String(s)) if !s.is_empty() => vec![s.clone()],
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(Value::as_str)
-            .filter(|s| !s.is_empty())
-            .take(4)
-            .map(String::from)
-            .collect(),
-        _ => Vec::new(),
-    };
+    let JobParams {
+        messages,
+        temperature,
+        max_tokens,
+        top_p,
+        seed,
+        stop,
+    } = payload
+        .params()
+        .map_err(|e| JobError::Invalid(e.to_string()))?;
     Ok(ChatJob {
         job_id: job_id.to_string(),
         model: model.to_string(),
@@ -207,67 +151,6 @@ fn chat_job(
         stop,
         reply,
     })
-}
-
-fn parse_messages(v: &Value) -> Result<Vec<Message>, JobError> {
-    let list = v
-        .as_array()
-        .ok_or_else(|| JobError::Invalid("messages is not an array".into()))?;
-    if list.is_empty() {
-        return Err(JobError::Invalid("messages is empty".into()));
-    }
-    if list.len() > MAX_MESSAGES {
-        return Err(JobError::Invalid(format!(
-            "more than {MAX_MESSAGES} messages"
-        )));
-    }
-    let mut total = 0usize;
-    let mut out = Vec::with_capacity(list.len());
-    for m in list {
-        let role = m
-            .get("role")
-            .and_then(Value::as_str)
-            .ok_or_else(|| JobError::Invalid("a message has no role".into()))?;
-        let content = match m.get("content") {
-            Some(Value::String(s)) => s.clone(),
-            Some(Value::Array(parts)) => text_parts(parts)?,
-            Some(Value::Null) | None => String::new(),
-            Some(_) => return Err(JobError::Invalid("message content is not a string".into())),
-        };
-        total = total
-            .saturating_add(role.len())
-            .saturating_add(content.len());
-        if total > MAX_MESSAGE_BYTES {
-            return Err(JobError::Invalid(format!(
-                "messages exceed {MAX_MESSAGE_BYTES} bytes"
-            )));
-        }
-        out.push(Message {
-            role: role.to_string(),
-            content,
-        });
-    }
-    Ok(out)
-}
-
-/// Text parts are joined; any other part (an image) is refused: this node has
-/// no vision model.
-fn text_parts(parts: &[Value]) -> Result<String, JobError> {
-    let mut s = String::new();
-    for p in parts {
-        match (
-            p.get("type").and_then(Value::as_str),
-            p.get("text").and_then(Value::as_str),
-        ) {
-            (Some("text"), Some(t)) => s.push_str(t),
-            _ => {
-                return Err(JobError::Invalid(
-                    "only text content parts are supported".into(),
-                ))
-            }
-        }
-    }
-    Ok(s)
 }
 
 /// The `/complete` body for a finished non-stream job, signed, with the usage receipt.
@@ -430,6 +313,8 @@ mod tests {
 
     use super::*;
     use crate::proto::e2e::seal_input;
+    use crate::proto::limits::MAX_MESSAGE_BYTES;
+    use serde_json::Value;
 
     fn node() -> NodeIdentity {
         NodeIdentity::from_seed(&[0x42; 32])

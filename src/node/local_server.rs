@@ -30,10 +30,12 @@ use crate::engine::{
     Engine, EngineConfig, EngineHandle, EventReceiver, GenerationEvent, GenerationRequest,
     SubmitError,
 };
+use crate::proto::job::JobPayload;
 use crate::proto::openai::{
     AssistantMessage, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, Choice,
-    ErrorResponse, ModelEntry, ModelList, Usage,
+    ErrorResponse, InvalidRequest, ModelEntry, ModelList, Usage,
 };
+use crate::proto::routes;
 
 /// Default cap on a request body.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 4 << 20;
@@ -136,10 +138,10 @@ fn now_secs() -> u64 {
 /// The routes, for embedding in another server or a test.
 pub fn router(state: Arc<LocalState>, max_body_bytes: usize) -> Router {
     Router::new()
-        .route("/v1/chat/completions", post(chat_completions))
-        .route("/v1/models", get(models))
-        .route("/health", get(health))
-        .route("/metrics", get(metrics))
+        .route(routes::CHAT_COMPLETIONS, post(chat_completions))
+        .route(routes::MODELS, get(models))
+        .route(routes::HEALTH, get(health))
+        .route(routes::METRICS, get(metrics))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
 }
@@ -318,6 +320,13 @@ async fn chat_completions(
         Ok(r) => r,
         Err(e) => return bad_request("invalid_json", format!("invalid JSON body: {e}")),
     };
+    // The one check of a client's request, before any engine sees it, so
+    // that every engine (and the coordinator) answers a body alike.
+    if let Err(e) = req.validate() {
+        let status =
+            StatusCode::from_u16(InvalidRequest::STATUS).unwrap_or(StatusCode::BAD_REQUEST);
+        return (status, Json(e.to_response())).into_response();
+    }
     let id = backend.default_model();
     if !req.model.is_empty() && req.model != id {
         return bad_request(
@@ -327,11 +336,6 @@ async fn chat_completions(
                 req.model
             ),
         );
-    }
-    if let Some(n) = req.extra.get("n").and_then(|v| v.as_u64()) {
-        if n != 1 {
-            return bad_request("invalid_request", "only n = 1 is supported");
-        }
     }
     let completion_id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     let rx = match backend {
@@ -346,13 +350,11 @@ async fn chat_completions(
             }
         }
         Backend::Executor(x) => {
-            // The same validation a plain grid job gets on the node, so the
-            // executor sees the request it would see behind a coordinator.
-            let body = match serde_json::to_value(&req) {
-                Ok(serde_json::Value::Object(m)) => m,
-                _ => return bad_request("invalid_json", "the body is not a JSON object"),
-            };
-            let job = match jobs::plain_job(&completion_id, &id, &body) {
+            // The payload a plain grid job would carry, read by the same
+            // rules, so the executor sees the request it would see behind a
+            // coordinator.
+            let payload = JobPayload::from_openai(&req, req.effective_max_tokens(), None);
+            let job = match jobs::plain_job(&completion_id, &id, &payload) {
                 Ok(j) => j,
                 Err(e) => return bad_request("invalid_request", e.to_string()),
             };

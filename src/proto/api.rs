@@ -738,6 +738,36 @@ mod tests {
     }
 
     #[test]
+    fn node_call_bodies_have_the_section_6_bytes() {
+        assert_eq!(
+            serde_json::to_string(&StatusRequest { off_grid: true }).unwrap(),
+            r#"{"off_grid":true}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&FailRequest {
+                reason: "engine: x".into()
+            })
+            .unwrap(),
+            r#"{"reason":"engine: x"}"#
+        );
+        // The public fields first; the §7a extensions only when present.
+        let v = serde_json::to_value(VerifyAttestationRequest {
+            signature: "s".into(),
+            encryption_public_key: "k".into(),
+            hardware_report: HardwareReport::default(),
+            evidence: None,
+            key_version: None,
+            encryption_public_key_signature: None,
+        })
+        .unwrap();
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(
+            keys,
+            ["encryption_public_key", "hardware_report", "signature"]
+        );
+    }
+
+    #[test]
     fn abort_chunk_is_exactly_error_true() {
         assert_eq!(
             serde_json::to_string(&ChunkRequest::abort()).unwrap(),

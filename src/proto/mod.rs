@@ -1,6 +1,7 @@
 //! The SGL wire protocol as a pure library (PROTOCOL.md): identity and keys,
-//! the E2E v2 crypto, result and usage signatures, and the serde types of every
-//! JSON body.
+//! the E2E v2 crypto, result and usage signatures, the serde types of every
+//! JSON body, the limits and defaults of a chat request and the one check of
+//! it, and every route path and header name.
 //!
 //! This room is the single source of truth for bytes on the wire: no I/O, no
 //! tokio, no clock, no randomness except an RNG passed in (each random entry
@@ -14,7 +15,11 @@ pub mod envelope;
 mod error;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
+pub mod headers;
 pub mod identity;
+pub mod job;
+pub mod limits;
 pub mod openai;
+pub mod routes;
 
 pub use error::ProtoError;

@@ -4,10 +4,15 @@
 //! shapes an OpenAI body.
 //!
 //! Requests keep unknown parameters in `extra`, because the public grid forwards
-//! them inside the job payload (PROTOCOL.md §5.4).
+//! them inside the job payload (PROTOCOL.md §5.4). [`ChatCompletionRequest::validate`]
+//! is the one check every client-facing server runs on a request.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+
+mod validate;
+
+pub use validate::{check_messages, InvalidRequest, ROLES};
 
 /// `POST /v1/chat/completions` body.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -125,6 +130,19 @@ impl MessageContent {
                 .collect::<Vec<_>>()
                 .join(""),
             MessageContent::Null(()) => String::new(),
+        }
+    }
+
+    /// The byte length of [`MessageContent::text`], without building it.
+    pub fn text_len(&self) -> usize {
+        match self {
+            MessageContent::Text(s) => s.len(),
+            MessageContent::Parts(parts) => parts
+                .iter()
+                .filter_map(|p| p.text.as_deref())
+                .map(str::len)
+                .sum(),
+            MessageContent::Null(()) => 0,
         }
     }
 

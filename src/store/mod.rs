@@ -119,19 +119,7 @@ fn create_private(path: &std::path::Path) -> Result<()> {
     if path.as_os_str().is_empty() || path.as_os_str() == ":memory:" || path.exists() {
         return Ok(());
     }
-    let mut o = std::fs::OpenOptions::new();
-    o.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        o.mode(0o600);
-    }
-    match o.open(path) {
-        Ok(_) => Ok(()),
-        // Another opener won the race; its file is as good.
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(e.into()),
-    }
+    crate::private_file::create_empty(path).map_err(|e| StoreError::Io(std::io::Error::other(e)))
 }
 
 /// A schema name that can be spliced into a statement: `[a-z_][a-z0-9_]*`.

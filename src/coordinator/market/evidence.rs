@@ -87,8 +87,9 @@ pub async fn job_attestation(
     let report = json!({
         "attestation_level": n.level,
         "evidence_url": format!(
-            "{}/grid/nodes/{node_id}/attestation/evidence",
-            grid.config.public_url.trim_end_matches('/')
+            "{}{}",
+            grid.config.public_url.trim_end_matches('/'),
+            crate::proto::routes::path(crate::proto::routes::NODE_EVIDENCE, &node_id.to_string())
         ),
         "report_hash": att.map(|a| a.report_hash.clone()),
         "policy_digest": att.and_then(|a| a.policy_digest.clone()),

@@ -106,9 +106,11 @@ pub async fn set_price(
     body: axum::body::Bytes,
 ) -> Result<Json<SetPriceResponse>, ClientError> {
     let node_id = node_or_404(&id)?;
-    let auth = if let Some(token) = headers.get("x-node-auth") {
+    let auth = if let Some(token) = headers.get(crate::proto::headers::NODE_AUTH) {
         PriceAuth::Node(token.to_str().map_err(|_| unauthorized())?.to_string())
-    } else if headers.contains_key("x-auth-signature") || headers.contains_key("x-auth-address") {
+    } else if headers.contains_key(crate::proto::headers::AUTH_SIGNATURE)
+        || headers.contains_key(crate::proto::headers::AUTH_ADDRESS)
+    {
         let Some(payments) = grid.payments.as_ref() else {
             return Err(ClientError::new(
                 StatusCode::UNAUTHORIZED,

@@ -1,0 +1,376 @@
+//! The chat job payload: the JSON object a client seals inside `enc`
+//! (PROTOCOL.md §3.4) and the plain `input_payload` of a job (§6.7), with
+//! sgl's extra sampling fields (`top_p`, `seed`, `stop`). The coordinator and
+//! the sealed client build it; the node reads it with the rules of §6.7.
+//!
+//! Reading is lenient exactly where §6.7 is, because the public SDKs and
+//! nodes send and expect these payloads: a missing temperature or budget gets
+//! the default, an out-of-range one is clamped, a key this node does not know
+//! is ignored, and an extra sgl field of the wrong type is ignored rather than
+//! failing the job. Only the fields §6.7 names (`messages`, `prompt`,
+//! `temperature`, `max_tokens`) fail the job when malformed.
+
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::Value;
+use thiserror::Error;
+
+use super::limits::{
+    DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, MAX_MAX_TOKENS, MAX_STOP, MAX_TEMPERATURE,
+    MIN_TEMPERATURE,
+};
+use super::openai::{check_messages, ChatCompletionRequest, ChatMessage, InvalidRequest};
+
+/// The payload of a chat job. Absent fields are not written, so a payload
+/// built for a public node carries only what §3.4 shows.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct JobPayload {
+    /// The conversation; when present `prompt` is not read (§6.7).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages: Option<Vec<ChatMessage>>,
+    /// A single user message, for payloads without `messages`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "lenient::token_count"
+    )]
+    pub max_tokens: Option<u64>,
+    /// Read when `max_tokens` is absent (newer OpenAI clients send it).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "lenient::token_count"
+    )]
+    pub max_completion_tokens: Option<u64>,
+    /// sgl extension: nucleus sampling, in (0, 1]; anything else is ignored.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "lenient::top_p"
+    )]
+    pub top_p: Option<f64>,
+    /// sgl extension: a fixed sampler seed; anything but a u64 is ignored.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "lenient::seed"
+    )]
+    pub seed: Option<u64>,
+    /// sgl extension: a string or a list of strings; written as a list.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "lenient::stop"
+    )]
+    pub stop: Option<Vec<String>>,
+    /// Sealed streams only (§3.4): `true` asks for a stream.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "lenient::flag"
+    )]
+    pub stream: Option<bool>,
+    /// Sealed streams only (§3.6): the request nonce, b58 of 16 random bytes.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "lenient::text"
+    )]
+    pub nonce: Option<String>,
+}
+
+/// A message after §6.7: its role and its text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TextMessage {
+    pub role: String,
+    pub content: String,
+}
+
+/// A job's request after the rules of §6.7.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobParams {
+    pub messages: Vec<TextMessage>,
+    /// Clamped to [0, 2]; default 0.7.
+    pub temperature: f64,
+    /// Clamped to [1, 8192]; default 2048.
+    pub max_tokens: u64,
+    pub top_p: Option<f64>,
+    pub seed: Option<u64>,
+    /// Non-empty strings, at most [`MAX_STOP`].
+    pub stop: Vec<String>,
+}
+
+/// Why a job's payload cannot run; the node fails the job with this reason.
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum JobPayloadError {
+    #[error("neither messages nor prompt")]
+    NoPrompt,
+    #[error(transparent)]
+    Messages(#[from] InvalidRequest),
+}
+
+/// A job's completion budget under §6.7: the one asked for, else the default,
+/// clamped to [1, 8192]. The coordinator quotes a sealed request with it.
+pub fn job_max_tokens(requested: Option<u64>) -> u64 {
+    requested
+        .unwrap_or(DEFAULT_MAX_TOKENS)
+        .clamp(1, MAX_MAX_TOKENS)
+}
+
+/// A job's temperature under §6.7: the one asked for, else the default,
+/// clamped to [0, 2].
+pub fn job_temperature(requested: Option<f64>) -> f64 {
+    match requested {
+        Some(t) if t.is_finite() => t.clamp(MIN_TEMPERATURE, MAX_TEMPERATURE),
+        _ => DEFAULT_TEMPERATURE,
+    }
+}
+
+impl JobPayload {
+    /// The payload for a client's (validated) OpenAI request, sealed by the
+    /// coordinator in plain mode or handed to a local executor: text
+    /// messages, the temperature made explicit, the budget given, and for a
+    /// stream the marker and its nonce.
+    pub fn from_openai(
+        req: &ChatCompletionRequest,
+        max_tokens: u64,
+        stream_nonce: Option<&str>,
+    ) -> Self {
+        JobPayload {
+            messages: Some(
+                req.messages
+                    .iter()
+                    .map(|m| ChatMessage::new(&m.role, &m.content.text()))
+                    .collect(),
+            ),
+            prompt: None,
+            temperature: Some(req.effective_temperature()),
+            max_tokens: Some(max_tokens),
+            max_completion_tokens: None,
+            top_p: req.top_p,
+            seed: req.seed,
+            stop: req.stop.as_ref().map(|s| s.to_vec()),
+            stream: stream_nonce.map(|_| true),
+            nonce: stream_nonce.map(String::from),
+        }
+    }
+
+    /// Whether the payload asks for a stream (§3.6: one of three conditions).
+    pub fn wants_stream(&self) -> bool {
+        self.stream == Some(true)
+    }
+
+    /// Apply §6.7: `messages` or else `prompt`, the message caps, defaults
+    /// and clamps; extra fields as far as they make sense.
+    pub fn params(&self) -> Result<JobParams, JobPayloadError> {
+        let messages = match (&self.messages, &self.prompt) {
+            (Some(m), _) => {
+                check_messages(m)?;
+                m.iter()
+                    .map(|m| TextMessage {
+                        role: m.role.clone(),
+                        content: m.content.text(),
+                    })
+                    .collect()
+            }
+            (None, Some(p)) => vec![TextMessage {
+                role: "user".into(),
+                content: p.clone(),
+            }],
+            (None, None) => return Err(JobPayloadError::NoPrompt),
+        };
+        Ok(JobParams {
+            messages,
+            temperature: job_temperature(self.temperature),
+            max_tokens: job_max_tokens(self.max_tokens.or(self.max_completion_tokens)),
+            top_p: self.top_p,
+            seed: self.seed,
+            stop: self
+                .stop
+                .iter()
+                .flatten()
+                .filter(|s| !s.is_empty())
+                .take(MAX_STOP)
+                .cloned()
+                .collect(),
+        })
+    }
+}
+
+/// Field readers for the lenient fields of §6.7.
+mod lenient {
+    use super::*;
+
+    /// A token count: a non-negative integer as is, a negative one as 0 and a
+    /// fraction rounded down (both then clamped up to 1), `null` as absent;
+    /// anything else fails the job, as §6.7 names the field.
+    pub fn token_count<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        let v = Value::deserialize(d)?;
+        match v {
+            Value::Null => Ok(None),
+            Value::Number(n) => match (n.as_u64(), n.as_i64(), n.as_f64()) {
+                (Some(u), _, _) => Ok(Some(u)),
+                (None, Some(_), _) => Ok(Some(0)),
+                (None, None, Some(f)) if f.is_finite() => Ok(Some(f.max(0.0) as u64)),
+                _ => Err(serde::de::Error::custom("max_tokens is not a number")),
+            },
+            _ => Err(serde::de::Error::custom("max_tokens is not a number")),
+        }
+    }
+
+    /// `top_p` in (0, 1]; anything else is ignored.
+    pub fn top_p<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+        Ok(Value::deserialize(d)?
+            .as_f64()
+            .filter(|p| p.is_finite() && *p > 0.0 && *p <= 1.0))
+    }
+
+    /// A u64 seed; anything else is ignored.
+    pub fn seed<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        Ok(Value::deserialize(d)?.as_u64())
+    }
+
+    /// One string or a list (its strings kept); anything else is ignored.
+    pub fn stop<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+        Ok(match Value::deserialize(d)? {
+            Value::String(s) => Some(vec![s]),
+            Value::Array(a) => Some(
+                a.into_iter()
+                    .filter_map(|v| match v {
+                        Value::String(s) => Some(s),
+                        _ => None,
+                    })
+                    .collect(),
+            ),
+            _ => None,
+        })
+    }
+
+    /// A boolean; anything else is absent.
+    pub fn flag<'de, D: Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
+        Ok(Value::deserialize(d)?.as_bool())
+    }
+
+    /// A string; anything else is absent.
+    pub fn text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+        Ok(match Value::deserialize(d)? {
+            Value::String(s) => Some(s),
+            _ => None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn payload(v: Value) -> JobPayload {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn the_sdk_payload_reads_with_defaults_and_clamps() {
+        // What singularity-grid seals (§3.4).
+        let p = payload(json!({"messages": [{"role": "user", "content": "hi"}],
+                               "temperature": 0.7, "max_tokens": 512}));
+        let j = p.params().unwrap();
+        assert_eq!((j.temperature, j.max_tokens), (0.7, 512));
+        let j = payload(json!({"prompt": "hi"})).params().unwrap();
+        assert_eq!((j.temperature, j.max_tokens), (0.7, 2048));
+        assert_eq!(j.messages[0].role, "user");
+        let j = payload(json!({"prompt": "x", "temperature": 9, "max_tokens": 100000}))
+            .params()
+            .unwrap();
+        assert_eq!((j.temperature, j.max_tokens), (2.0, 8192));
+        let j = payload(json!({"prompt": "x", "temperature": -1, "max_tokens": -5}))
+            .params()
+            .unwrap();
+        assert_eq!((j.temperature, j.max_tokens), (0.0, 1));
+        let j = payload(json!({"prompt": "x", "max_tokens": 3.9, "temperature": null}))
+            .params()
+            .unwrap();
+        assert_eq!((j.temperature, j.max_tokens), (0.7, 3));
+        let j = payload(json!({"prompt": "x", "max_completion_tokens": 5}))
+            .params()
+            .unwrap();
+        assert_eq!(j.max_tokens, 5);
+    }
+
+    #[test]
+    fn unknown_and_malformed_extras_are_ignored() {
+        let p = payload(
+            json!({"prompt": "x", "top_p": "high", "seed": -1, "stop": 7,
+                               "stream": "yes", "nonce": 3, "logit_bias": {"1": 2}}),
+        );
+        let j = p.params().unwrap();
+        assert_eq!((j.top_p, j.seed, j.stop.len()), (None, None, 0));
+        assert!(!p.wants_stream() && p.nonce.is_none());
+        let j =
+            payload(json!({"prompt": "x", "top_p": 1.5, "stop": ["", "a", 1, "b", "c", "d", "e"]}))
+                .params()
+                .unwrap();
+        assert_eq!(j.top_p, None);
+        assert_eq!(j.stop, ["a", "b", "c", "d"]);
+        let j = payload(json!({"prompt": "x", "top_p": 0.5, "seed": 9, "stop": "END"}))
+            .params()
+            .unwrap();
+        assert_eq!((j.top_p, j.seed), (Some(0.5), Some(9)));
+        assert_eq!(j.stop, ["END"]);
+    }
+
+    #[test]
+    fn the_named_fields_fail_the_job_when_malformed() {
+        for bad in [
+            json!({"prompt": "x", "max_tokens": "many"}),
+            json!({"prompt": "x", "temperature": "hot"}),
+            json!({"prompt": 5}),
+            json!({"messages": "hi"}),
+            json!({"messages": [{"content": "no role"}]}),
+            json!({"messages": [{"role": "user", "content": 5}]}),
+        ] {
+            assert!(
+                serde_json::from_value::<JobPayload>(bad.clone()).is_err(),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            payload(json!({"temperature": 1})).params(),
+            Err(JobPayloadError::NoPrompt)
+        );
+        assert!(payload(json!({"messages": []})).params().is_err());
+        let img = json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]});
+        assert!(payload(img).params().is_err());
+        let parts = json!({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]});
+        assert_eq!(payload(parts).params().unwrap().messages[0].content, "ab");
+    }
+
+    #[test]
+    fn a_built_payload_has_the_section_3_4_shape() {
+        let req: ChatCompletionRequest = serde_json::from_value(json!({
+            "model": "m", "messages": [{"role": "developer", "content": "be terse"}, {"role": "user", "content": "hi"}],
+            "stop": "x", "frobnicate": 1
+        }))
+        .unwrap();
+        let v = serde_json::to_value(JobPayload::from_openai(&req, 64, None)).unwrap();
+        assert_eq!(
+            v,
+            json!({"messages": [{"role": "developer", "content": "be terse"}, {"role": "user", "content": "hi"}],
+                   "temperature": 0.7, "max_tokens": 64, "stop": ["x"]})
+        );
+        let v = serde_json::to_value(JobPayload::from_openai(&req, 64, Some("n1"))).unwrap();
+        assert_eq!(
+            (v["stream"].clone(), v["nonce"].clone()),
+            (json!(true), json!("n1"))
+        );
+        // And it reads back as what was meant.
+        let back: JobPayload = serde_json::from_value(v).unwrap();
+        let j = back.params().unwrap();
+        assert_eq!((j.max_tokens, j.stop.clone()), (64, vec!["x".to_string()]));
+        assert!(back.wants_stream());
+    }
+}

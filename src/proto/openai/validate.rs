@@ -1,0 +1,263 @@
+//! The one check of a client's chat request, OpenAI's rules with the
+//! protocol's caps: every client-facing server (the coordinator's plain mode,
+//! `sgl node serve` with any engine) runs it before anything else, so the same
+//! body gets the same answer wherever it is sent. Unknown parameters are not
+//! refused; they are kept in [`ChatCompletionRequest::extra`].
+//!
+//! The message checks (count, bytes, text only) are shared with a job's
+//! payload ([`crate::proto::job`]), which is otherwise lenient (§6.7).
+
+use thiserror::Error;
+
+use super::{ChatCompletionRequest, ChatMessage, ErrorResponse};
+use crate::proto::limits::{
+    DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, MAX_MAX_TOKENS, MAX_MESSAGES, MAX_MESSAGE_BYTES,
+    MAX_STOP, MAX_STOP_LEN, MAX_TEMPERATURE, MIN_TEMPERATURE,
+};
+
+/// Roles a message may have. `developer` is OpenAI's newer name for
+/// `system`; a chat template that does not know it renders it as `system`.
+pub const ROLES: &[&str] = &["system", "user", "assistant", "developer", "tool"];
+
+/// Why a chat request is refused: HTTP 400, OpenAI type
+/// `invalid_request_error`, code [`InvalidRequest::CODE`], whichever server
+/// answers. The text names the field, never echoes more than a short role.
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum InvalidRequest {
+    #[error("messages must not be empty")]
+    NoMessages,
+    #[error("at most {MAX_MESSAGES} messages are allowed, got {0}")]
+    TooManyMessages(usize),
+    #[error("messages exceed {MAX_MESSAGE_BYTES} bytes of roles and contents")]
+    MessagesTooLarge,
+    #[error(
+        "messages[{index}].role {role:?} is not one of system, user, assistant, developer, tool"
+    )]
+    UnknownRole { index: usize, role: String },
+    #[error("messages[{0}] has non-text content; only text content parts are supported")]
+    NonTextContent(usize),
+    #[error("temperature must be between {MIN_TEMPERATURE} and {MAX_TEMPERATURE}")]
+    Temperature,
+    #[error("top_p must be in (0, 1]")]
+    TopP,
+    #[error("max_tokens must be between 1 and {MAX_MAX_TOKENS}")]
+    MaxTokens,
+    #[error("at most {MAX_STOP} stop sequences are allowed")]
+    TooManyStops,
+    #[error("stop sequences must be 1 to {MAX_STOP_LEN} bytes")]
+    StopLength,
+    #[error("only n = 1 is supported")]
+    N,
+}
+
+impl InvalidRequest {
+    /// The HTTP status of every refusal.
+    pub const STATUS: u16 = 400;
+    /// The OpenAI error type of every refusal.
+    pub const KIND: &'static str = "invalid_request_error";
+    /// The error code of every refusal.
+    pub const CODE: &'static str = "invalid_request";
+
+    /// The OpenAI error body (§1.5).
+    pub fn to_response(&self) -> ErrorResponse {
+        ErrorResponse::new(self.to_string(), Self::KIND, Self::CODE)
+    }
+}
+
+/// The checks a chat's messages get everywhere, a client's request and a
+/// job's payload alike (§6.7): not empty, at most [`MAX_MESSAGES`], at most
+/// [`MAX_MESSAGE_BYTES`] of roles plus texts, text content only. Roles are
+/// not checked here: a job's are the client's business (§6.7).
+pub fn check_messages(messages: &[ChatMessage]) -> Result<(), InvalidRequest> {
+    if messages.is_empty() {
+        return Err(InvalidRequest::NoMessages);
+    }
+    if messages.len() > MAX_MESSAGES {
+        return Err(InvalidRequest::TooManyMessages(messages.len()));
+    }
+    let mut total = 0usize;
+    for (i, m) in messages.iter().enumerate() {
+        if m.content.has_non_text_parts() {
+            return Err(InvalidRequest::NonTextContent(i));
+        }
+        total = total
+            .saturating_add(m.role.len())
+            .saturating_add(m.content.text_len());
+        if total > MAX_MESSAGE_BYTES {
+            return Err(InvalidRequest::MessagesTooLarge);
+        }
+    }
+    Ok(())
+}
+
+impl ChatCompletionRequest {
+    /// Refuse what OpenAI would refuse with 400, and what exceeds the
+    /// protocol's caps. `model` is not checked: a server with one model may
+    /// default it, the coordinator requires it to route.
+    pub fn validate(&self) -> Result<(), InvalidRequest> {
+        check_messages(&self.messages)?;
+        if let Some((index, m)) = self
+            .messages
+            .iter()
+            .enumerate()
+            .find(|(_, m)| !ROLES.contains(&m.role.as_str()))
+        {
+            return Err(InvalidRequest::UnknownRole {
+                index,
+                role: m.role.chars().take(32).collect(),
+            });
+        }
+        if let Some(t) = self.temperature {
+            if !(t.is_finite() && (MIN_TEMPERATURE..=MAX_TEMPERATURE).contains(&t)) {
+                return Err(InvalidRequest::Temperature);
+            }
+        }
+        if let Some(p) = self.top_p {
+            if !(p.is_finite() && p > 0.0 && p <= 1.0) {
+                return Err(InvalidRequest::TopP);
+            }
+        }
+        if let Some(n) = self.requested_max_tokens() {
+            if !(1..=MAX_MAX_TOKENS).contains(&n) {
+                return Err(InvalidRequest::MaxTokens);
+            }
+        }
+        let stops = self.stop.as_ref().map(|s| s.to_vec()).unwrap_or_default();
+        if stops.len() > MAX_STOP {
+            return Err(InvalidRequest::TooManyStops);
+        }
+        if stops.iter().any(|s| s.is_empty() || s.len() > MAX_STOP_LEN) {
+            return Err(InvalidRequest::StopLength);
+        }
+        // `n` is not a typed field: the public grid forwards unknown
+        // parameters, and only this value is refused.
+        if let Some(n) = self.extra.get("n").filter(|v| !v.is_null()) {
+            if n.as_u64() != Some(1) {
+                return Err(InvalidRequest::N);
+            }
+        }
+        Ok(())
+    }
+
+    /// The completion budget: the one asked for, else [`DEFAULT_MAX_TOKENS`]
+    /// (an engine lowers it further to the room its context leaves).
+    pub fn effective_max_tokens(&self) -> u64 {
+        self.requested_max_tokens().unwrap_or(DEFAULT_MAX_TOKENS)
+    }
+
+    /// The temperature: the one asked for, else [`DEFAULT_TEMPERATURE`].
+    pub fn effective_temperature(&self) -> f64 {
+        self.temperature.unwrap_or(DEFAULT_TEMPERATURE)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn req(body: serde_json::Value) -> ChatCompletionRequest {
+        serde_json::from_value(body).unwrap()
+    }
+
+    fn user() -> serde_json::Value {
+        json!([{"role": "user", "content": "hi"}])
+    }
+
+    #[test]
+    fn openai_edge_cases() {
+        let ok = |b: serde_json::Value| req(b).validate();
+        assert_eq!(
+            ok(
+                json!({"messages": [{"role": "developer", "content": "be terse"}, {"role": "user", "content": "hi"}]})
+            ),
+            Ok(())
+        );
+        assert_eq!(
+            ok(json!({"messages": user(), "frobnicate": {"x": 1}, "logit_bias": {}})),
+            Ok(())
+        );
+        assert_eq!(
+            ok(json!({"messages": user(), "temperature": 2.5})),
+            Err(InvalidRequest::Temperature)
+        );
+        assert_eq!(ok(json!({"messages": user(), "temperature": 2})), Ok(()));
+        assert_eq!(
+            ok(json!({"messages": user(), "stop": ["a", "b", "c", "d", "e"]})),
+            Err(InvalidRequest::TooManyStops)
+        );
+        assert_eq!(ok(json!({"messages": user(), "stop": "a"})), Ok(()));
+        assert_eq!(
+            ok(json!({"messages": user(), "stop": [""]})),
+            Err(InvalidRequest::StopLength)
+        );
+        let many: Vec<_> = (0..10_000)
+            .map(|_| json!({"role": "user", "content": "x"}))
+            .collect();
+        assert_eq!(
+            ok(json!({ "messages": many })),
+            Err(InvalidRequest::TooManyMessages(10_000))
+        );
+        assert_eq!(ok(json!({"messages": []})), Err(InvalidRequest::NoMessages));
+        assert!(matches!(
+            ok(json!({"messages": [{"role": "wizard", "content": "x"}]})),
+            Err(InvalidRequest::UnknownRole { index: 0, .. })
+        ));
+        for n in [0, 8193] {
+            assert_eq!(
+                ok(json!({"messages": user(), "max_tokens": n})),
+                Err(InvalidRequest::MaxTokens)
+            );
+        }
+        assert_eq!(
+            ok(json!({"messages": user(), "max_completion_tokens": 9000})),
+            Err(InvalidRequest::MaxTokens)
+        );
+        assert_eq!(
+            ok(json!({"messages": user(), "top_p": 0})),
+            Err(InvalidRequest::TopP)
+        );
+        assert_eq!(
+            ok(json!({"messages": user(), "n": 2})),
+            Err(InvalidRequest::N)
+        );
+        assert_eq!(ok(json!({"messages": user(), "n": 1})), Ok(()));
+        assert_eq!(
+            ok(
+                json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]})
+            ),
+            Err(InvalidRequest::NonTextContent(0))
+        );
+    }
+
+    #[test]
+    fn defaults_are_the_protocol_defaults() {
+        let r = req(json!({ "messages": user() }));
+        assert_eq!(r.effective_max_tokens(), DEFAULT_MAX_TOKENS);
+        assert_eq!(r.effective_temperature(), DEFAULT_TEMPERATURE);
+        let r = req(json!({"messages": user(), "max_completion_tokens": 7, "temperature": 0}));
+        assert_eq!(
+            (r.effective_max_tokens(), r.effective_temperature()),
+            (7, 0.0)
+        );
+    }
+
+    #[test]
+    fn message_bytes_are_capped() {
+        let big = "x".repeat(MAX_MESSAGE_BYTES);
+        let r = req(json!({"messages": [{"role": "user", "content": big}]}));
+        assert_eq!(r.validate(), Err(InvalidRequest::MessagesTooLarge));
+    }
+
+    #[test]
+    fn refusals_have_the_openai_shape() {
+        let v = serde_json::to_value(InvalidRequest::Temperature.to_response()).unwrap();
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert_eq!(v["error"]["code"], "invalid_request");
+        assert!(v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("temperature"));
+    }
+}
