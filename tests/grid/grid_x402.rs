@@ -7,8 +7,8 @@
 //! facilitator is the loopback stand-in.
 #![cfg(feature = "coordinator")]
 
-mod grid_support;
-mod pay_common;
+use crate::grid_support;
+use crate::pay_common;
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;

@@ -5,8 +5,8 @@
 //! are not importable, unless SGL_REQUIRE_PY_CLIENTS=1.
 #![cfg(feature = "payments")]
 
-mod grid_support;
-mod pay_common;
+use crate::grid_support;
+use crate::pay_common;
 
 use grid_support::{python_has, run_py};
 use pay_common::server;

@@ -6,7 +6,7 @@
 //! in the grid end-to-end test).
 #![cfg(feature = "coordinator")]
 
-mod grid_support;
+use crate::grid_support;
 
 use std::time::Duration;
 

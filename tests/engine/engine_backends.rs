@@ -4,7 +4,7 @@
 //! decode steps after it.
 #![cfg(feature = "node")]
 
-mod engine_support;
+use crate::engine_support;
 
 use candle_core::Device;
 use sgl::engine::model::{self, KvCache, Model, StepItem, WeightFormat};

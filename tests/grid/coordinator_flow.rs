@@ -4,7 +4,7 @@
 //! what is under test here is the coordinator's protocol handling).
 #![cfg(feature = "coordinator")]
 
-mod grid_support;
+use crate::grid_support;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! failure) or the model is not cached (SGL_REQUIRE_MODEL=1 likewise).
 #![cfg(feature = "node")]
 
-mod engine_support;
+use crate::engine_support;
 
 use std::process::Command;
 

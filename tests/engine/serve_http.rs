@@ -3,7 +3,7 @@
 //! metrics, and a disconnecting client freeing its slot.
 #![cfg(feature = "node")]
 
-mod engine_support;
+use crate::engine_support;
 
 use std::time::Duration;
 

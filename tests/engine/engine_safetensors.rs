@@ -6,7 +6,7 @@
 //! GGUF does.
 #![cfg(feature = "node")]
 
-mod engine_support;
+use crate::engine_support;
 
 use std::collections::HashMap;
 

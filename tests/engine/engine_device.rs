@@ -162,7 +162,7 @@ fn the_sgl_device_setting_is_checked_like_the_flag() {
 
 #[test]
 fn the_node_unit_lets_the_service_reach_the_gpu() {
-    let unit = include_str!("../systemd/sgl-node.service");
+    let unit = include_str!("../../systemd/sgl-node.service");
     // Current drivers name the per-GPU major `nvidia` in /proc/devices,
     // older ones `nvidia-frontend`; /dev/nvidia-uvm is what CUDA needs.
     for line in [

@@ -9,9 +9,9 @@
 //! Skipped with a message when the model is missing, unless SGL_REQUIRE_MODEL=1.
 #![cfg(all(feature = "coordinator", unix))]
 
-mod engine_support;
-mod grid_support;
-mod pay_common;
+use crate::engine_support;
+use crate::grid_support;
+use crate::pay_common;
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};

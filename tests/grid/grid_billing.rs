@@ -5,8 +5,8 @@
 //! agent with the echo load-test engine (token counts are then known exactly).
 #![cfg(feature = "coordinator")]
 
-mod grid_support;
-mod pay_common;
+use crate::grid_support;
+use crate::pay_common;
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -3,7 +3,7 @@
 //! skipped with a message when unreachable, unless SGL_REQUIRE_POSTGRES=1.
 #![cfg(feature = "store")]
 
-mod pay_common;
+use crate::pay_common;
 
 use std::sync::Arc;
 

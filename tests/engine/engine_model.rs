@@ -3,7 +3,7 @@
 //! when the model is not cached; SGL_REQUIRE_MODEL=1 makes that a failure.
 #![cfg(feature = "node")]
 
-mod engine_support;
+use crate::engine_support;
 
 use std::sync::OnceLock;
 

@@ -3,7 +3,7 @@
 //! speaking the x402 facilitator API, and payments signed with known keys.
 #![cfg(feature = "payments")]
 
-mod pay_common;
+use crate::pay_common;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

@@ -5,8 +5,8 @@
 //! by the engine and grid end-to-end tests.
 #![cfg(all(feature = "coordinator", unix))]
 
-mod engine_support;
-mod grid_support;
+use crate::engine_support;
+use crate::grid_support;
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};

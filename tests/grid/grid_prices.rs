@@ -8,8 +8,8 @@
 //! unreachable unless SGL_REQUIRE_POSTGRES=1).
 #![cfg(all(feature = "coordinator", feature = "payments", unix))]
 
-mod grid_support;
-mod pay_common;
+use crate::grid_support;
+use crate::pay_common;
 
 use std::process::Stdio;
 use std::time::Duration;
