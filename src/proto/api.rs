@@ -750,7 +750,7 @@ mod tests {
             .unwrap(),
             r#"{"reason":"engine: x"}"#
         );
-        // The public fields first; the §7a extensions only when present.
+        // The public fields; the §7a extensions only when present.
         let v = serde_json::to_value(VerifyAttestationRequest {
             signature: "s".into(),
             encryption_public_key: "k".into(),
@@ -760,7 +760,8 @@ mod tests {
             encryption_public_key_signature: None,
         })
         .unwrap();
-        let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        keys.sort_unstable();
         assert_eq!(
             keys,
             ["encryption_public_key", "hardware_report", "signature"]

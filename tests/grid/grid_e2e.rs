@@ -10,6 +10,11 @@
 //! skipped when unreachable unless SGL_REQUIRE_POSTGRES=1). Skipped with a
 //! message when the model or the Python packages are missing, unless
 //! SGL_REQUIRE_MODEL=1 / SGL_REQUIRE_PY_CLIENTS=1.
+//!
+//! Beside it, every client-facing server answers the same edge-case bodies
+//! alike: the coordinator in plain mode (an echo node behind it),
+//! `sgl node serve --engine candle` and `--engine echo` give the same status,
+//! and for a refusal the same error code and message.
 #![cfg(all(feature = "coordinator", unix))]
 
 use crate::engine_support;
@@ -21,8 +26,9 @@ use std::time::Duration;
 
 use grid_support::{
     balance, free_port, funded_api_key, node_init, node_start, ok, python_has, run_py, sgl,
-    usage_rows, wait_node_active, CoordinatorProc, OPERATOR, SGL,
+    usage_rows, wait_node_active, wait_online, CoordinatorProc, OPERATOR, SGL,
 };
+use serde_json::{json, Value};
 use sgl::money::Micros;
 
 const PAYER: &str = "0x2222222222222222222222222222222222222222";
@@ -143,4 +149,125 @@ async fn sdks_and_chat_on(db: &str) {
         charged += cost;
     }
     assert_eq!(balance_micros(db), before - charged);
+}
+
+/// How a server answered one body, as far as the servers must agree: the
+/// status, and for a refusal the OpenAI error's code and message.
+#[derive(Debug, PartialEq)]
+struct Answer {
+    status: u16,
+    code: Option<String>,
+    message: Option<String>,
+}
+
+async fn answer(base: &str, body: &Value) -> Answer {
+    let r = reqwest::Client::new()
+        .post(format!("{base}/v1/chat/completions"))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let v: Value = r.json().await.unwrap();
+    if status == 200 {
+        assert_eq!(v["object"], "chat.completion", "{v}");
+        return Answer {
+            status,
+            code: None,
+            message: None,
+        };
+    }
+    assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+    Answer {
+        status,
+        code: v["error"]["code"].as_str().map(String::from),
+        message: v["error"]["message"].as_str().map(String::from),
+    }
+}
+
+/// The bodies, each with the status OpenAI gives it. The model answers in a
+/// few tokens where a body succeeds, so the real model keeps this quick.
+fn edge_cases() -> Vec<(&'static str, Value, u16)> {
+    let model = engine_support::MODEL_ID;
+    let ask = || json!([{"role": "user", "content": "What is the capital of France?"}]);
+    let many: Vec<Value> = (0..10_000)
+        .map(|_| json!({"role": "user", "content": "hi"}))
+        .collect();
+    vec![
+        (
+            "a developer message",
+            json!({"model": model, "max_tokens": 8, "temperature": 0,
+                   "messages": [{"role": "developer", "content": "Answer in one word."},
+                                {"role": "user", "content": "What is the capital of France?"}]}),
+            200,
+        ),
+        (
+            "temperature 2.5",
+            json!({"model": model, "messages": ask(), "max_tokens": 8, "temperature": 2.5}),
+            400,
+        ),
+        (
+            "no max_tokens",
+            json!({"model": model, "messages": ask(), "temperature": 0}),
+            200,
+        ),
+        (
+            "5 stop strings",
+            json!({"model": model, "messages": ask(), "max_tokens": 8,
+                   "stop": ["a", "b", "c", "d", "e"]}),
+            400,
+        ),
+        (
+            "10,000 messages",
+            json!({"model": model, "messages": many, "max_tokens": 8}),
+            400,
+        ),
+        (
+            "unknown fields",
+            json!({"model": model, "messages": ask(), "max_tokens": 8, "temperature": 0,
+                   "frobnicate": {"x": [1, 2]}, "logit_bias": {}, "service_tier": "auto"}),
+            200,
+        ),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_server_answers_the_same_body_alike() {
+    // The real model when it is there (required in CI by SGL_REQUIRE_MODEL=1);
+    // it loads while the rest starts.
+    let candle = engine_support::model_path()
+        .map(|_| tokio::spawn(async { engine_support::Server::start(&[]).await }));
+    let echo = engine_support::Server::start(&["--engine", "echo"]).await;
+    let coordinator = CoordinatorProc::start(&["--in-memory"]);
+    let dir = tempfile::tempdir().unwrap();
+    let nd = dir.path().join("node");
+    let d = nd.to_str().unwrap();
+    node_init(d, &coordinator.base, OPERATOR);
+    let _node = node_start(d, &["--engine", "echo"], Stdio::null());
+    wait_online(&coordinator.base, Duration::from_secs(30)).await;
+    let candle = match candle {
+        Some(task) => Some(task.await.unwrap()),
+        None => None,
+    };
+    let mut servers = vec![
+        ("coordinator (plain mode)", coordinator.base.clone()),
+        ("node serve --engine echo", echo.base.clone()),
+    ];
+    if let Some(c) = &candle {
+        servers.push(("node serve --engine candle", c.base.clone()));
+    }
+    for (case, body, want) in edge_cases() {
+        let mut answers = Vec::new();
+        for (server, base) in &servers {
+            answers.push((*server, answer(base, &body).await));
+        }
+        let first = &answers[0].1;
+        assert_eq!(first.status, want, "{case}: {answers:?}");
+        if want != 200 {
+            assert_eq!(first.code.as_deref(), Some("invalid_request"), "{case}");
+        }
+        for (server, a) in &answers[1..] {
+            assert_eq!(a, first, "{case}: {server} differs: {answers:?}");
+        }
+    }
 }
