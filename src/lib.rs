@@ -5,6 +5,7 @@
 //!
 //! - [`proto`]: the SGL wire protocol and its E2E crypto, as a pure library.
 //! - [`attest`]: TEE evidence sources and the verifier.
+//! - [`catalogue`]: the model catalogue (ids, files, reference prices).
 //! - [`engine`]: in-process inference (candle) with continuous batching.
 //! - [`node`]: the node agent: identity files, job runner, local server.
 //! - [`coordinator`]: registry, router, relay, billing (feature `coordinator`).
@@ -14,6 +15,7 @@
 #![deny(unsafe_code)]
 
 pub mod attest;
+pub mod catalogue;
 #[cfg(feature = "node")]
 pub mod client;
 #[cfg(feature = "compute-plane")]

@@ -167,7 +167,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 .to_string();
             // A remote server does not say how many bytes it reads per token;
             // the file size (from the catalogue or the path) is the estimate.
-            let bytes = match sgl::engine::catalogue::find(&args.engine.model)? {
+            let bytes = match sgl::catalogue::find(&args.engine.model)? {
                 Some(e) => e.size_bytes,
                 None => std::fs::metadata(&args.engine.model)
                     .map(|m| m.len())

@@ -440,9 +440,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 /// Reference prices from the model catalogue (models/catalogue.json).
-#[cfg(feature = "node")]
 fn catalogue_prices() -> std::collections::HashMap<String, sgl::coordinator::pricing::Price> {
-    match sgl::engine::catalogue::catalogue() {
+    match sgl::catalogue::catalogue() {
         Ok(c) => c
             .models
             .iter()
@@ -459,9 +458,4 @@ fn catalogue_prices() -> std::collections::HashMap<String, sgl::coordinator::pri
             Default::default()
         }
     }
-}
-
-#[cfg(not(feature = "node"))]
-fn catalogue_prices() -> std::collections::HashMap<String, sgl::coordinator::pricing::Price> {
-    Default::default()
 }

@@ -13,7 +13,7 @@ use candle_core::Device;
 use rand_core::{OsRng, RngCore};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
-use super::catalogue;
+use super::model_cache;
 use super::metrics::Metrics;
 use super::model::{self, KvCache, Model, StepItem};
 use super::sampler::{self, Rng, SamplingParams};
@@ -68,7 +68,7 @@ impl Engine {
                 EngineError::Model(format!("--device cuda:{i}: no usable CUDA device: {e}"))
             })?,
         };
-        let resolved = catalogue::resolve(&cfg.model)?;
+        let resolved = model_cache::resolve(&cfg.model)?;
         // A GGUF file, or a Hugging Face checkpoint directory; each brings
         // its tokenizer and chat template.
         let (model, tokenizer, file_template) = if resolved.path.is_dir() {
