@@ -41,7 +41,6 @@ pub mod cpu;
 pub mod metrics;
 pub mod model;
 pub mod model_cache;
-pub mod qlinear;
 pub mod safetensors;
 pub mod sampler;
 mod scheduler;
