@@ -512,6 +512,17 @@ impl Model {
         &self.device
     }
 
+    /// A fault for tests: panic the way a kernel bug would, inside the CPU
+    /// forward's parallel section (in a worker thread's share where the team
+    /// has more than one thread).
+    #[cfg(test)]
+    pub(crate) fn inject_panic(&self) {
+        match &self.backend {
+            Backend::Cpu(m) => m.inject_panic(),
+            Backend::Candle(_) => panic!("injected fault"),
+        }
+    }
+
     /// Run one step. Returns logits `[n, vocab]` for the items that want them,
     /// in order.
     pub fn forward(&self, items: &mut [StepItem<'_>]) -> Result<Option<Tensor>, EngineError> {

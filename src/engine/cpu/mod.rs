@@ -316,6 +316,17 @@ impl CpuModel {
         })
     }
 
+    /// See `Model::inject_panic`.
+    #[cfg(test)]
+    pub(crate) fn inject_panic(&self) {
+        let last = self.pool.threads() - 1;
+        self.pool.run(self.pool.threads(), &|t| {
+            if t == last {
+                panic!("injected fault in share {t}");
+            }
+        });
+    }
+
     /// Run one step; logits `[rows, vocab]` (row-major) for the items that
     /// want them, in order.
     pub fn forward(&self, items: &mut [HostItem<'_>]) -> Result<Option<Vec<f32>>, EngineError> {
