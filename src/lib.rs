@@ -13,6 +13,7 @@
 //! - [`compute`]: the Machines API and pay-per-request code (feature `compute-plane`).
 //! - [`store`]: database access, SQLite and PostgreSQL.
 #![deny(unsafe_code)]
+#![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod attest;
 pub mod catalogue;

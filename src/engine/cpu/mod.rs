@@ -11,6 +11,7 @@
 //! on what else is in the batch.
 
 mod attn;
+pub mod bandwidth;
 pub mod pool;
 pub mod qmat;
 

@@ -34,10 +34,13 @@ pub(super) fn quantize_block(x: &[f32], q: &mut [u8]) -> (f32, i32) {
 pub(super) unsafe fn quantize_block_avx512(x: &[f32], q: &mut [u8]) -> (f32, i32) {
     use std::arch::x86_64::*;
     debug_assert!(x.len() == QK && q.len() == QK);
-    let v = [
-        _mm512_loadu_ps(x.as_ptr()),
-        _mm512_loadu_ps(x.as_ptr().add(16)),
-    ];
+    // SAFETY: `x` holds 32 values (the caller's contract).
+    let v = unsafe {
+        [
+            _mm512_loadu_ps(x.as_ptr()),
+            _mm512_loadu_ps(x.as_ptr().add(16)),
+        ]
+    };
     let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
     // As the scalar code: a block of zeros (or of -0.0) has amax 0.
     let amax = amax.max(0.0);
@@ -50,16 +53,21 @@ pub(super) unsafe fn quantize_block_avx512(x: &[f32], q: &mut [u8]) -> (f32, i32
         let y = _mm512_mul_ps(v, inv);
         let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(y);
         let away = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(_mm512_abs_ps(_mm512_sub_ps(y, t)), half);
-        // One step away from zero: +1 or -1 with the sign of y.
-        let step = _mm512_or_ps(one, _mm512_and_ps(y, _mm512_set1_ps(-0.0)));
+        // One step away from zero: +1 or -1 with the sign of y (the sign
+        // bit moved with integer operations, which AVX-512F has).
+        let sign = _mm512_and_si512(_mm512_castps_si512(y), _mm512_set1_epi32(i32::MIN));
+        let step = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(one), sign));
         let r = _mm512_mask_add_ps(t, away, t, step);
         let r = _mm512_min_ps(_mm512_max_ps(r, lo), hi);
         let i = _mm512_cvttps_epi32(r);
         sum = _mm512_add_epi32(sum, i);
-        _mm_storeu_si128(
-            q.as_mut_ptr().add(h * 16) as *mut __m128i,
-            _mm512_cvtepi32_epi8(i),
-        );
+        // SAFETY: `q` holds 32 bytes (the caller's contract), `h` is 0 or 1.
+        unsafe {
+            _mm_storeu_si128(
+                q.as_mut_ptr().add(h * 16) as *mut __m128i,
+                _mm512_cvtepi32_epi8(i),
+            )
+        };
     }
     (d, _mm512_reduce_add_epi32(sum))
 }
