@@ -18,7 +18,7 @@ use crate::proto::api::{
     RegisterResponse, StatusRequest, StatusResponse, VerifyAttestationRequest,
     VerifyAttestationResponse,
 };
-use crate::proto::e2e::{Algorithm, ALG_V2};
+use crate::proto::e2e::Algorithm;
 use crate::proto::envelope::{self, ResultKind};
 use crate::proto::identity::{verify_keybind, Ed25519Public, NodeId, Signature, X25519Public};
 use crate::proto::openai::Usage;
@@ -655,6 +655,3 @@ pub async fn node_info(
 pub async fn allowed_binaries() -> Json<AllowedBinaries> {
     Json(AllowedBinaries::default())
 }
-
-/// The v2 tag a sealed chat must carry (§5.3).
-pub const SEALED_TAG: &str = ALG_V2;
