@@ -5,6 +5,7 @@
 //!
 //! - [`proto`]: the SGL wire protocol and its E2E crypto, as a pure library.
 //! - [`attest`]: TEE evidence sources and the verifier.
+//! - [`catalogue`]: the model catalogue (ids, files, reference prices).
 //! - [`engine`]: in-process inference (candle) with continuous batching.
 //! - [`node`]: the node agent: identity files, job runner, local server.
 //! - [`coordinator`]: registry, router, relay, billing (feature `coordinator`).
@@ -15,8 +16,10 @@
 //!   injectable wall clock and time formats, shared by every room.
 //! - [`private_file`]: owner-only files and directories (keys, databases).
 #![deny(unsafe_code)]
+#![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod attest;
+pub mod catalogue;
 #[cfg(feature = "node")]
 pub mod client;
 pub mod clock;

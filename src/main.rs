@@ -1,4 +1,5 @@
 //! The `sgl` binary: parse, dispatch, print the error once, exit.
+#![deny(unsafe_code)]
 
 mod cli;
 

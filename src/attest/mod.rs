@@ -120,14 +120,3 @@ pub fn produce_evidence(
 ) -> Result<Evidence, AttestError> {
     source.collect(&binding.report_data())
 }
-
-/// The node agent's one call: evidence for `binding` from the best source on
-/// this machine (hardware first; simulated only when `cfg.simulated_key` is
-/// set). Blocking; call it from `spawn_blocking` in async code.
-pub fn produce_best_evidence(
-    cfg: &source::SourceConfig,
-    binding: &NodeBinding,
-) -> Result<Evidence, AttestError> {
-    let src = source::best_source(cfg)?;
-    produce_evidence(src.as_ref(), binding)
-}

@@ -58,12 +58,6 @@ impl PcsClient {
         }
     }
 
-    /// How long a cached answer is reused (default one hour).
-    pub fn with_cache_ttl(mut self, ttl: Duration) -> Self {
-        self.cache_ttl = ttl;
-        self
-    }
-
     pub fn base_url(&self) -> &str {
         &self.base
     }

@@ -167,12 +167,6 @@ impl SnpReport {
     pub fn reported_tcb(&self) -> Tcb {
         self.parsed.reported_tcb.into()
     }
-    /// The raw REPORTED_TCB field, for messages.
-    pub fn reported_tcb_raw(&self) -> [u8; 8] {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(&self.raw[0x180..0x188]);
-        a
-    }
     /// CPUID family and model (report version 3 and later).
     pub fn cpuid(&self) -> Option<(u8, u8)> {
         (self.version() >= 3).then(|| (self.raw[0x188], self.raw[0x189]))

@@ -436,10 +436,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 /// Reference prices from the model catalogue (models/catalogue.json).
-#[cfg(feature = "node")]
 fn catalogue_prices() -> std::collections::HashMap<String, sgl::money::TokenPrice> {
     use sgl::money::MicrosPerM;
-    match sgl::engine::catalogue::catalogue() {
+    match sgl::catalogue::catalogue() {
         Ok(c) => c
             .models
             .iter()
@@ -456,9 +455,4 @@ fn catalogue_prices() -> std::collections::HashMap<String, sgl::money::TokenPric
             Default::default()
         }
     }
-}
-
-#[cfg(not(feature = "node"))]
-fn catalogue_prices() -> std::collections::HashMap<String, sgl::money::TokenPrice> {
-    Default::default()
 }

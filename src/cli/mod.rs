@@ -70,6 +70,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Proto(cmd) => proto::run(cmd),
         #[cfg(feature = "node")]
         Command::Chat(args) => chat::run(args),
+        #[cfg(feature = "node")]
         Command::Model(cmd) => model::run(cmd),
         #[cfg(feature = "node")]
         Command::Bench(args) => bench::run(args),

@@ -4,7 +4,8 @@ use std::io::Write;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use sgl::engine::catalogue::{self, FetchProgress};
+use sgl::catalogue;
+use sgl::engine::model_cache::{self, FetchProgress};
 
 #[derive(Debug, Subcommand)]
 pub enum ModelCommand {
@@ -39,7 +40,7 @@ fn fetch(args: FetchArgs) -> anyhow::Result<()> {
     let entry = catalogue::find(&args.id)?
         .with_context(|| format!("{} is not in the catalogue (see `sgl model list`)", args.id))?;
     let mut err = std::io::stderr();
-    let path = catalogue::fetch(entry, &mut |p| match p {
+    let path = model_cache::fetch(entry, &mut |p| match p {
         FetchProgress::AlreadyCached(p) => {
             let _ = writeln!(err, "already cached and verified: {}", p.display());
         }
@@ -70,12 +71,12 @@ fn fetch(args: FetchArgs) -> anyhow::Result<()> {
 }
 
 fn list(args: ListArgs) -> anyhow::Result<()> {
-    let models = catalogue::list_cached()?;
+    let models = model_cache::list_cached()?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&models)?);
         return Ok(());
     }
-    println!("model dir: {}", catalogue::model_dir()?.display());
+    println!("model dir: {}", model_cache::model_dir()?.display());
     for m in models {
         let entry = catalogue::find(&m.id)?;
         let ctx = entry.map(|e| e.context_length).unwrap_or(0);

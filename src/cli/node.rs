@@ -199,18 +199,12 @@ pub struct EngineArgs {
     /// The model id to report to clients instead of the catalogue id or file stem.
     #[arg(long)]
     pub served_name: Option<String>,
-    /// Weight format of the linear layers. On the CPU: auto or q4_1 (the
-    /// engine's own forward with the file's Q4_1/Q8_0 blocks, others as Q8_0),
-    /// q8_0 (the same, every matrix requantised to Q8_0), native (candle's
-    /// matmuls in the file's formats),
-    /// q8_0-batched (candle with the older f32 batched kernel); q8_0-candle,
-    /// q4_0, q4k, q6k, f16, f32 requantise for candle. Elsewhere auto is native.
-    #[arg(long, default_value = "auto")]
-    pub requant: String,
-    /// cpu, cuda (the first GPU) or cuda:N (needs a build with the `cuda`
-    /// feature). A service sets it with `Environment=SGL_DEVICE=cuda`.
-    #[arg(long, env = "SGL_DEVICE", default_value = "cpu")]
-    pub device: String,
+    /// Weight format of the linear layers.
+    #[arg(long, value_enum, ignore_case = true, default_value_t = sgl::engine::WeightFormat::Auto)]
+    pub requant: sgl::engine::WeightFormat,
+    /// Where the model runs. A service sets it with `Environment=SGL_DEVICE=cuda`.
+    #[arg(long, env = "SGL_DEVICE", default_value = "cpu", value_parser = DeviceParser)]
+    pub device: sgl::engine::DeviceChoice,
     /// Sequences decoded together.
     #[arg(long, default_value_t = 8)]
     pub max_batch: usize,
@@ -231,27 +225,73 @@ pub struct EngineArgs {
     pub chat_template: Option<PathBuf>,
 }
 
+/// `--device`: `cpu`, and on a build with the `cuda` feature `cuda` (the
+/// first GPU) or `cuda:N`. Not a plain `ValueEnum` since N is any ordinal,
+/// and since a CUDA device on a build without CUDA deserves its reason.
+#[cfg(feature = "node")]
+#[derive(Debug, Clone, Copy)]
+struct DeviceParser;
+
+#[cfg(feature = "node")]
+impl DeviceParser {
+    fn parse(d: &str) -> Result<sgl::engine::DeviceChoice, String> {
+        use sgl::engine::DeviceChoice;
+        let ordinal = match d.strip_prefix("cuda") {
+            _ if d == "cpu" => return Ok(DeviceChoice::Cpu),
+            Some("") => 0,
+            Some(n) => n
+                .strip_prefix(':')
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(|| format!("bad --device {d}: a GPU is cuda or cuda:N"))?,
+            None => return Err(format!("--device must be cpu, cuda or cuda:N, not {d:?}")),
+        };
+        if !cfg!(feature = "cuda") {
+            return Err(format!(
+                "--device {d}: this sgl was built without CUDA support; \
+                 rebuild with `--features cuda` (README: Running on a GPU)"
+            ));
+        }
+        Ok(DeviceChoice::Cuda(ordinal))
+    }
+}
+
+#[cfg(feature = "node")]
+impl clap::builder::TypedValueParser for DeviceParser {
+    type Value = sgl::engine::DeviceChoice;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<Self::Value, clap::Error> {
+        let parse = |d: &str| Self::parse(d);
+        clap::builder::TypedValueParser::parse_ref(&parse, cmd, arg, value)
+    }
+
+    /// What `--help` lists: only what this build can run.
+    fn possible_values(
+        &self,
+    ) -> Option<Box<dyn Iterator<Item = clap::builder::PossibleValue> + '_>> {
+        use clap::builder::PossibleValue;
+        let mut values = vec![PossibleValue::new("cpu").help("This machine's CPU")];
+        if cfg!(feature = "cuda") {
+            values.push(PossibleValue::new("cuda").help("The first GPU"));
+            values.push(PossibleValue::new("cuda:N").help("The GPU with ordinal N"));
+        }
+        Some(Box::new(values.into_iter()))
+    }
+}
+
 #[cfg(feature = "node")]
 impl EngineArgs {
     pub fn to_config(&self) -> anyhow::Result<sgl::engine::EngineConfig> {
         use anyhow::Context;
-        use sgl::engine::{DeviceChoice, EngineConfig, WeightFormat};
+        use sgl::engine::EngineConfig;
         let mut c = EngineConfig::new(self.model.clone());
         c.served_name = self.served_name.clone();
-        c.weight_format = WeightFormat::parse(&self.requant)
-            .with_context(|| format!("unknown --requant {}", self.requant))?;
-        c.device = match self.device.as_str() {
-            "cpu" => DeviceChoice::Cpu,
-            d => match d.strip_prefix("cuda") {
-                Some("") => DeviceChoice::Cuda(0),
-                Some(n) => DeviceChoice::Cuda(
-                    n.trim_start_matches(':')
-                        .parse()
-                        .with_context(|| format!("bad --device {d}"))?,
-                ),
-                None => anyhow::bail!("--device must be cpu, cuda or cuda:N, not {d:?}"),
-            },
-        };
+        c.weight_format = self.requant;
+        c.device = self.device;
         c.max_batch = self.max_batch;
         c.max_queue = self.max_queue;
         c.prefill_chunk = self.prefill_chunk;

@@ -19,7 +19,6 @@ use crate::proto::api::{
     RegisterResponse, StatusRequest, StatusResponse, VerifyAttestationRequest,
     VerifyAttestationResponse,
 };
-use crate::proto::e2e::ALG_V2;
 use crate::proto::headers;
 use crate::proto::identity::{verify_keybind, Ed25519Public, NodeId, Signature, X25519Public};
 
@@ -385,6 +384,3 @@ pub async fn node_info(
 pub async fn allowed_binaries() -> Json<AllowedBinaries> {
     Json(AllowedBinaries::default())
 }
-
-/// The v2 tag a sealed chat must carry (§5.3).
-pub const SEALED_TAG: &str = ALG_V2;

@@ -34,14 +34,13 @@
 //! - `Done` carries exact token counts: the prompt as tokenised, and every
 //!   sampled token except an end-of-turn token.
 
-pub mod catalogue;
 // The one place the crate allows `unsafe`: the SIMD matmul kernels and the
 // thread team of the CPU forward, each use with its safety argument.
 #[allow(unsafe_code)]
 pub mod cpu;
 pub mod metrics;
 pub mod model;
-pub mod qlinear;
+pub mod model_cache;
 pub mod safetensors;
 pub mod sampler;
 mod scheduler;
@@ -74,6 +73,12 @@ pub enum EngineError {
     Tokenizer(String),
     #[error("chat template: {0}")]
     Template(String),
+}
+
+impl From<crate::catalogue::CatalogueError> for EngineError {
+    fn from(e: crate::catalogue::CatalogueError) -> Self {
+        EngineError::Catalogue(e.to_string())
+    }
 }
 
 /// Where the model runs.

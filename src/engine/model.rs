@@ -15,7 +15,6 @@ use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
 use super::cpu::{CpuFormats, CpuModel, HostCache, HostItem};
-use super::qlinear::Q8Linear;
 use super::EngineError;
 
 /// Architectures the forward implements.
@@ -46,88 +45,96 @@ pub struct ModelConfig {
     pub vocab_size: usize,
 }
 
-/// The weight format to requantise linear layers to at load.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How the linear layers' weights are held after loading: `--requant`.
+///
+/// On the CPU the engine runs its own forward ([`super::cpu`]) unless
+/// `native` (or, with the `cuda` feature, one of candle's formats) asks for
+/// candle's; elsewhere candle runs every format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum WeightFormat {
-    /// On the CPU, the engine's own forward with the file's Q4_1 and Q8_0
-    /// blocks as they are (anything else requantised to Q8_0); elsewhere
-    /// candle with the file's formats.
+    /// The file's formats: on the CPU the engine's forward keeps Q4_1 and
+    /// Q8_0 blocks as they are (any other matrix requantised to Q8_0); on a
+    /// GPU candle runs the file's formats.
+    #[default]
     Auto,
-    /// candle's quantised matmuls in the file's formats (the reference path).
-    Native,
-    /// The engine's own CPU forward with every matrix requantised to Q8_0.
+    /// Every matrix requantised to Q8_0 (the engine's forward on the CPU).
+    #[value(name = "q8_0", alias = "q8")]
     Q8_0,
-    /// The earlier candle forward with a batched f32 kernel over Q8_0 weights.
-    Q8_0Batched,
-    /// Q8_0 through candle's quantised matmul, for comparison.
-    Q8_0Candle,
+    /// candle's quantised matmuls in the file's formats, on any device: the
+    /// reference the engine's own forward is tested against.
+    #[value(alias = "none")]
+    Native,
+    /// candle with every matrix requantised to Q4_0.
+    #[cfg(feature = "cuda")]
+    #[value(name = "q4_0")]
     Q4_0,
-    /// On the CPU, the same as `Auto` (Q4_1 blocks kept: half the bytes of
-    /// Q8_0); elsewhere candle requantised to Q4_1.
+    /// candle with every matrix requantised to Q4_1.
+    #[cfg(feature = "cuda")]
+    #[value(name = "q4_1")]
     Q4_1,
+    /// candle with every matrix requantised to Q4_K.
+    #[cfg(feature = "cuda")]
+    #[value(name = "q4k", alias = "q4_k")]
     Q4K,
+    /// candle with every matrix requantised to Q6_K.
+    #[cfg(feature = "cuda")]
+    #[value(name = "q6k", alias = "q6_k")]
     Q6K,
+    /// candle with every matrix as f16.
+    #[cfg(feature = "cuda")]
+    #[value(name = "f16")]
     F16,
+    /// candle with every matrix as f32.
+    #[cfg(feature = "cuda")]
+    #[value(name = "f32")]
     F32,
 }
 
 impl WeightFormat {
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s.to_ascii_lowercase().as_str() {
-            "auto" => Self::Auto,
-            "native" | "none" => Self::Native,
-            "q8_0" | "q8" => Self::Q8_0,
-            "q8_0-batched" => Self::Q8_0Batched,
-            "q8_0-candle" => Self::Q8_0Candle,
-            "q4_0" => Self::Q4_0,
-            "q4_1" => Self::Q4_1,
-            "q4k" | "q4_k" => Self::Q4K,
-            "q6k" | "q6_k" => Self::Q6K,
-            "f16" => Self::F16,
-            "f32" => Self::F32,
-            _ => return None,
-        })
+    /// The formats the engine's own CPU forward keeps, where it runs.
+    fn cpu_formats(self) -> Option<CpuFormats> {
+        match self {
+            Self::Auto => Some(CpuFormats::Native),
+            Self::Q8_0 => Some(CpuFormats::AllQ8),
+            _ => None,
+        }
     }
 
-    fn dtype(self) -> Option<GgmlDType> {
+    /// The block format candle's matmuls get; `None` keeps the file's.
+    fn candle_dtype(self) -> Option<GgmlDType> {
         Some(match self {
-            Self::Native | Self::Auto => return None,
-            Self::Q8_0 | Self::Q8_0Batched | Self::Q8_0Candle => GgmlDType::Q8_0,
+            Self::Auto | Self::Native => return None,
+            Self::Q8_0 => GgmlDType::Q8_0,
+            #[cfg(feature = "cuda")]
             Self::Q4_0 => GgmlDType::Q4_0,
+            #[cfg(feature = "cuda")]
             Self::Q4_1 => GgmlDType::Q4_1,
+            #[cfg(feature = "cuda")]
             Self::Q4K => GgmlDType::Q4K,
+            #[cfg(feature = "cuda")]
             Self::Q6K => GgmlDType::Q6K,
+            #[cfg(feature = "cuda")]
             Self::F16 => GgmlDType::F16,
+            #[cfg(feature = "cuda")]
             Self::F32 => GgmlDType::F32,
         })
     }
 }
 
-/// A linear layer: candle's quantised matmul, or the batched 8-bit kernel.
-enum Linear {
-    /// Output-row blocks (q, k, v say), each one matmul; outputs concatenated.
-    Candle(Vec<QMatMul>),
-    Q8(Q8Linear),
-}
+/// A linear layer: output-row blocks (q, k, v say), each one of candle's
+/// quantised matmuls; outputs concatenated.
+struct Linear(Vec<QMatMul>);
 
 impl Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        match self {
-            Linear::Candle(parts) => match parts.as_slice() {
-                [one] => one.forward(x),
-                many => {
-                    let outs = many
-                        .iter()
-                        .map(|q| q.forward(x))
-                        .collect::<candle_core::Result<Vec<_>>>()?;
-                    Tensor::cat(&outs, 1)
-                }
-            },
-            Linear::Q8(l) => {
-                let (m, _) = x.dims2()?;
-                let v = x.flatten_all()?.to_vec1::<f32>()?;
-                let y = l.forward(&v, m);
-                Tensor::from_vec(y, (m, l.out_features()), x.device())
+        match self.0.as_slice() {
+            [one] => one.forward(x),
+            many => {
+                let outs = many
+                    .iter()
+                    .map(|q| q.forward(x))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Tensor::cat(&outs, 1)
             }
         }
     }
@@ -294,16 +301,7 @@ impl Model {
         format: WeightFormat,
         max_context: Option<usize>,
     ) -> Result<(Self, gguf_file::Content), EngineError> {
-        let cpu_formats = match format {
-            WeightFormat::Auto | WeightFormat::Q4_1 if device.is_cpu() => Some(CpuFormats::Native),
-            WeightFormat::Q8_0 if device.is_cpu() => Some(CpuFormats::AllQ8),
-            _ => None,
-        };
-        let format = match format {
-            WeightFormat::Auto => WeightFormat::Native,
-            WeightFormat::Q8_0 => WeightFormat::Q8_0Batched,
-            f => f,
-        };
+        let cpu_formats = format.cpu_formats().filter(|_| device.is_cpu());
         let mut file = std::fs::File::open(path)?;
         let content = gguf_file::Content::read(&mut file).map_err(ce)?;
         let md = &content.metadata;
@@ -390,30 +388,6 @@ impl Model {
         let mut weight_bytes: u64 = 0;
         let mut formats = std::collections::BTreeSet::new();
         let mut linear = |parts: Vec<QTensor>| -> Result<Linear, EngineError> {
-            // The batched kernel serves Q8_0 on the CPU: asked for, or what
-            // the file holds when keeping native formats.
-            let all_q8 = parts.iter().all(|p| p.dtype() == GgmlDType::Q8_0);
-            let use_kernel = device.is_cpu()
-                && (format == WeightFormat::Q8_0Batched
-                    || (format == WeightFormat::Native && all_q8));
-            if use_kernel {
-                let f: Vec<Tensor> = parts
-                    .iter()
-                    .map(|p| p.dequantize(&cpu))
-                    .collect::<candle_core::Result<_>>()
-                    .map_err(ce)?;
-                let f = Tensor::cat(&f, 0).map_err(ce)?;
-                let (n, k) = f.dims2().map_err(ce)?;
-                let data = f
-                    .flatten_all()
-                    .and_then(|t| t.to_vec1::<f32>())
-                    .map_err(ce)?;
-                if let Some(l) = Q8Linear::from_f32(&data, n, k) {
-                    weight_bytes += l.storage_bytes() as u64;
-                    formats.insert("Q8_0(batched)".to_string());
-                    return Ok(Linear::Q8(l));
-                }
-            }
             let mut mats = Vec::with_capacity(parts.len());
             for p in parts {
                 let q = convert(p, format, device)?;
@@ -421,7 +395,7 @@ impl Model {
                 formats.insert(format!("{:?}", q.dtype()));
                 mats.push(QMatMul::from_qtensor(q).map_err(ce)?);
             }
-            Ok(Linear::Candle(mats))
+            Ok(Linear(mats))
         };
         let mut norm_bytes: u64 = 0;
         let mut vec_f32 = |q: QTensor| -> Result<Tensor, EngineError> {
@@ -536,6 +510,17 @@ impl Model {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// A fault for tests: panic the way a kernel bug would, inside the CPU
+    /// forward's parallel section (in a worker thread's share where the team
+    /// has more than one thread).
+    #[cfg(test)]
+    pub(crate) fn inject_panic(&self) {
+        match &self.backend {
+            Backend::Cpu(m) => m.inject_panic(),
+            Backend::Candle(_) => panic!("injected fault"),
+        }
     }
 
     /// Run one step. Returns logits `[n, vocab]` for the items that want them,
@@ -724,7 +709,7 @@ impl Model {
 fn convert(q: QTensor, format: WeightFormat, device: &Device) -> Result<QTensor, EngineError> {
     let cpu = Device::Cpu;
     let src = q.dtype();
-    let target = match format.dtype().unwrap_or(src) {
+    let target = match format.candle_dtype().unwrap_or(src) {
         // The engine computes in f32; keep bf16 files as f32 matmuls.
         GgmlDType::BF16 => GgmlDType::F32,
         t => t,

@@ -2,7 +2,13 @@
 //! steps it admits queued requests (continuous batching), drops requests whose
 //! receiver is gone, and builds the next step from every decoding sequence plus
 //! prefill chunks of new prompts.
+//!
+//! A step that panics (a bug in a kernel, say) fails the requests in that step
+//! with an error event; the engine thread goes on serving the others and the
+//! next ones.
 
+use std::any::Any;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
@@ -13,9 +19,9 @@ use candle_core::Device;
 use rand_core::{OsRng, RngCore};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
-use super::catalogue;
 use super::metrics::Metrics;
 use super::model::{self, KvCache, Model, StepItem};
+use super::model_cache;
 use super::sampler::{self, Rng, SamplingParams};
 use super::template::{ChatTemplate, TemplateMessage};
 use super::tokenizer::{Detokenizer, TextTokenizer};
@@ -69,7 +75,7 @@ impl Engine {
                 EngineError::Model(format!("--device cuda:{i}: no usable CUDA device: {e}"))
             })?,
         };
-        let resolved = catalogue::resolve(&cfg.model)?;
+        let resolved = model_cache::resolve(&cfg.model)?;
         // A GGUF file, or a Hugging Face checkpoint directory; each brings
         // its tokenizer and chat template.
         let (model, tokenizer, file_template) = if resolved.path.is_dir() {
@@ -129,6 +135,8 @@ impl Engine {
         let tokenizer = Arc::new(tokenizer);
         let metrics = Arc::new(Metrics::default());
         let (tx, rx) = sync_channel::<Job>(max_queue);
+        #[cfg(test)]
+        let fault = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let worker = Worker {
             model,
             tokenizer: tokenizer.clone(),
@@ -137,6 +145,8 @@ impl Engine {
             max_batch,
             prefill_chunk: cfg.prefill_chunk.max(1),
             active: Vec::new(),
+            #[cfg(test)]
+            fault: fault.clone(),
         };
         std::thread::Builder::new()
             .name("sgl-engine".into())
@@ -147,6 +157,8 @@ impl Engine {
                 template,
                 info,
                 metrics,
+                #[cfg(test)]
+                fault,
             }),
             tx,
         })
@@ -158,6 +170,9 @@ struct Shared {
     template: ChatTemplate,
     info: ModelInfo,
     metrics: Arc<Metrics>,
+    /// Tests set it to make the next step panic (see `Model::inject_panic`).
+    #[cfg(test)]
+    fault: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The engine as its callers see it. Cheap to clone; the engine thread ends
@@ -385,6 +400,8 @@ struct Worker {
     max_batch: usize,
     prefill_chunk: usize,
     active: Vec<Seq>,
+    #[cfg(test)]
+    fault: Arc<std::sync::atomic::AtomicBool>,
 }
 
 enum Outcome {
@@ -410,7 +427,18 @@ impl Worker {
                 .active_sequences
                 .store(self.active.len() as u64, Ordering::Relaxed);
             if !self.active.is_empty() {
-                self.step();
+                // `step` catches a panic of the forward itself; one anywhere
+                // else in the step (sampling, detokenising) leaves the running
+                // sequences in an unknown state, so they all fail.
+                if let Err(payload) = catch_unwind(AssertUnwindSafe(|| self.step())) {
+                    tracing::error!(panic = panic_message(&*payload), "engine step panicked");
+                    for s in &mut self.active {
+                        s.send(GenerationEvent::Error {
+                            message: STEP_PANICKED.into(),
+                        });
+                        s.gone = true;
+                    }
+                }
             }
         }
     }
@@ -532,10 +560,24 @@ impl Worker {
                     want_logits: want,
                 });
             }
-            match self.model.forward(&mut items) {
-                Ok(l) => l,
-                Err(e) => {
+            // The CPU forward's thread team carries a panic of any share
+            // here once every thread is done; the requests of this step fail.
+            let forward = catch_unwind(AssertUnwindSafe(|| {
+                #[cfg(test)]
+                if self.fault.swap(false, Ordering::Relaxed) {
+                    self.model.inject_panic();
+                }
+                self.model.forward(&mut items)
+            }));
+            match forward {
+                Ok(Ok(l)) => l,
+                Ok(Err(e)) => {
                     failed = Some(e.to_string());
+                    None
+                }
+                Err(payload) => {
+                    tracing::error!(panic = panic_message(&*payload), "engine step panicked");
+                    failed = Some(STEP_PANICKED.into());
                     None
                 }
             }
@@ -605,6 +647,19 @@ impl Worker {
     }
 }
 
+/// What the requests of a step that panicked are told; the panic's message
+/// goes to the log.
+const STEP_PANICKED: &str = "internal error: the engine failed on this step";
+
+/// The message of a panic payload (`panic!` makes a `&str` or a `String`).
+fn panic_message(payload: &(dyn Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
+}
+
 /// Take a sampled token into the sequence: stream its text, apply stop
 /// strings and the budget.
 fn accept(
@@ -665,4 +720,65 @@ fn accept(
     }
     s.input.push(id);
     Ok(Outcome::Continue)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MODEL_ID: &str = "smollm2-135m";
+
+    /// Every event of a request, to the end.
+    fn events(mut rx: EventReceiver) -> Vec<GenerationEvent> {
+        let mut out = Vec::new();
+        while let Some(ev) = rx.blocking_recv() {
+            out.push(ev);
+        }
+        out
+    }
+
+    #[test]
+    fn a_panicking_step_fails_its_request_and_the_engine_serves_the_next() {
+        if let Err(e) = super::model_cache::resolve(MODEL_ID) {
+            assert_ne!(
+                std::env::var("SGL_REQUIRE_MODEL").as_deref(),
+                Ok("1"),
+                "SGL_REQUIRE_MODEL=1 but the model is missing: {e}"
+            );
+            eprintln!("skipping: {e} (run `sgl model fetch {MODEL_ID}`)");
+            return;
+        }
+        let engine = Engine::load(EngineConfig::new(MODEL_ID)).expect("load");
+        let req = || {
+            GenerationRequest::raw("The capital of France is")
+                .max_tokens(4)
+                .temperature(0.0)
+                .seed(1)
+        };
+        // A panic inside the forward's parallel section (a worker thread's
+        // share where the team has more than one).
+        engine.shared.fault.store(true, Ordering::Relaxed);
+        let failed = events(engine.submit(req()).expect("submit"));
+        assert_eq!(
+            failed,
+            vec![GenerationEvent::Error {
+                message: STEP_PANICKED.into()
+            }]
+        );
+        // The engine thread, its thread team and its scratch buffers serve
+        // the next request in full.
+        for _ in 0..2 {
+            let next = events(engine.submit(req()).expect("submit"));
+            assert!(
+                matches!(
+                    next.last(),
+                    Some(GenerationEvent::Done {
+                        completion_tokens: 4,
+                        ..
+                    })
+                ),
+                "{next:?}"
+            );
+        }
+    }
 }

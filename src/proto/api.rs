@@ -312,32 +312,6 @@ pub struct EvidenceResponse {
 
 // --------------------------------------------------------- node API (§6)
 
-/// `POST /grid/auth/device/start` response (§6.1).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct DeviceStartResponse {
-    pub device_code: String,
-    pub user_code: String,
-    pub verify_url: String,
-    #[serde(default)]
-    pub interval: Option<u64>,
-    #[serde(default)]
-    pub expires_in: Option<u64>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct DevicePollRequest {
-    pub device_code: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct DevicePollResponse {
-    pub status: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub registration_code: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub wallet_address: Option<String>,
-}
-
 /// `POST /grid/nodes/register` (§6.2).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RegisterRequest {

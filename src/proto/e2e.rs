@@ -32,8 +32,6 @@ use super::{b58, ProtoError};
 pub const ALG_V2: &str = "x25519-xchacha20poly1305-hkdf-v2";
 /// The v2 stream tag: every stream chunk.
 pub const ALG_V2_STREAM: &str = "x25519-xchacha20poly1305-hkdf-v2-stream";
-/// The legacy v1 tag, refused by sgl (named so errors can say so).
-pub const ALG_V1_LEGACY: &str = "x25519-xchacha20poly1305";
 
 const HKDF_SALT: &[u8] = b"sgl-e2e-v2-salt";
 const HKDF_INFO_INPUT: &[u8] = b"sgl-e2e-v2-input";
@@ -43,10 +41,8 @@ const NONCE_LEN: usize = 24;
 const TAG_LEN: usize = 16;
 /// nonce(24) ‖ tag(16): the smallest blob that can be genuine.
 pub const MIN_BLOB_LEN: usize = NONCE_LEN + TAG_LEN;
-/// The protocol's cap on a sealed `ciphertext` string (§3.7): 8 MiB of b58.
-pub const PROTOCOL_MAX_CIPHERTEXT_CHARS: usize = 8 * 1024 * 1024;
 /// The cap sgl enforces before decoding a sealed input or output, stricter
-/// than the protocol's (sgl choice). base58 decoding is quadratic: at the
+/// than the protocol's 8 MiB of b58 (§3.7; sgl choice). base58 decoding is quadratic: at the
 /// protocol's 8 MiB one request would cost minutes of CPU, at 512 KiB it costs
 /// about two seconds at worst. 512 KiB of b58 is about 375 KB of payload,
 /// roughly 90,000 tokens, more than the context of any model served.

