@@ -96,6 +96,7 @@ pub fn init_tracing(verbose: u8) {
 }
 
 /// Resolves on SIGTERM or Ctrl-C.
+#[cfg(any(feature = "node", feature = "coordinator"))]
 pub(crate) async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
