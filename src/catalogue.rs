@@ -1,7 +1,7 @@
 //! The model catalogue (`models/catalogue.json`, compiled in): the models the
 //! grid knows by id, the file and source package of each, and its reference
 //! price. Plain data, read by the node (to fetch and load a model, see
-//! `engine::model_cache`) and by the coordinator (reference prices), so it
+//! `node::model_cache`) and by the coordinator (reference prices), so it
 //! builds with any feature set.
 
 use std::sync::OnceLock;

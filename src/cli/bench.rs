@@ -138,7 +138,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let (target, model, formats, weight_bytes) = match &args.url {
         None => {
             let cfg = args.engine.to_config()?;
-            eprintln!("loading {}…", cfg.model);
+            eprintln!("loading {}…", cfg.model.display());
             let engine = tokio::task::spawn_blocking(move || Engine::load(cfg)).await??;
             let info = engine.info().clone();
             eprintln!(

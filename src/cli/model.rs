@@ -5,7 +5,7 @@ use std::io::Write;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use sgl::catalogue;
-use sgl::engine::model_cache::{self, FetchProgress};
+use sgl::node::model_cache::{self, FetchProgress};
 
 #[derive(Debug, Subcommand)]
 pub enum ModelCommand {

@@ -288,8 +288,11 @@ impl EngineArgs {
     pub fn to_config(&self) -> anyhow::Result<sgl::engine::EngineConfig> {
         use anyhow::Context;
         use sgl::engine::EngineConfig;
-        let mut c = EngineConfig::new(self.model.clone());
-        c.served_name = self.served_name.clone();
+        // The catalogue and the cache are the node's business: the engine
+        // gets a file and the id to serve it as.
+        let model = sgl::node::model_cache::resolve(&self.model)?;
+        let id = self.served_name.clone().unwrap_or(model.id);
+        let mut c = EngineConfig::new(model.path, id);
         c.weight_format = self.requant;
         c.device = self.device;
         c.max_batch = self.max_batch;

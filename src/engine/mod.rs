@@ -10,7 +10,10 @@
 //! use sgl::engine::{Engine, EngineConfig, GenerationEvent, GenerationRequest};
 //! use sgl::proto::openai::ChatMessage;
 //!
-//! let engine = Engine::load(EngineConfig::new("smollm2-135m"))?; // blocking: call from spawn_blocking
+//! // A GGUF file (or checkpoint directory) and the id to serve it as; the
+//! // node resolves catalogue ids to cached files before this point.
+//! let cfg = EngineConfig::new("models/smollm2-135m.gguf", "smollm2-135m");
+//! let engine = Engine::load(cfg)?; // blocking: call from spawn_blocking
 //! let req = GenerationRequest::chat(vec![ChatMessage::new("user", "Hi")]).max_tokens(32);
 //! let mut events = engine.submit(req)?;
 //! while let Some(ev) = events.recv().await {
@@ -40,7 +43,6 @@
 pub mod cpu;
 pub mod metrics;
 pub mod model;
-pub mod model_cache;
 pub mod safetensors;
 pub mod sampler;
 mod scheduler;
@@ -61,24 +63,12 @@ use crate::proto::openai::{ChatCompletionRequest, ChatMessage, FinishReason};
 pub enum EngineError {
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
-    #[error("catalogue: {0}")]
-    Catalogue(String),
-    #[error("model not found: {0}")]
-    ModelNotFound(String),
-    #[error("fetch: {0}")]
-    Fetch(String),
     #[error("model: {0}")]
     Model(String),
     #[error("tokenizer: {0}")]
     Tokenizer(String),
     #[error("chat template: {0}")]
     Template(String),
-}
-
-impl From<crate::catalogue::CatalogueError> for EngineError {
-    fn from(e: crate::catalogue::CatalogueError) -> Self {
-        EngineError::Catalogue(e.to_string())
-    }
 }
 
 /// Where the model runs.
@@ -93,10 +83,12 @@ pub enum DeviceChoice {
 /// How to load and run a model.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
-    /// A catalogue id (fetched into the cache) or a path to a GGUF file.
-    pub model: String,
-    /// The id to report instead of the catalogue id or file stem.
-    pub served_name: Option<String>,
+    /// A GGUF file or a Hugging Face checkpoint directory. Which model a
+    /// name means (the catalogue, the local cache) is the caller's business:
+    /// see `node::model_cache::resolve`.
+    pub model: PathBuf,
+    /// The id the engine reports for the model.
+    pub id: String,
     pub device: DeviceChoice,
     /// Requantise the linear layers at load.
     pub weight_format: WeightFormat,
@@ -116,10 +108,10 @@ pub struct EngineConfig {
 }
 
 impl EngineConfig {
-    pub fn new(model: impl Into<String>) -> Self {
+    pub fn new(model: impl Into<PathBuf>, id: impl Into<String>) -> Self {
         EngineConfig {
             model: model.into(),
-            served_name: None,
+            id: id.into(),
             device: DeviceChoice::Cpu,
             weight_format: WeightFormat::Auto,
             max_batch: 8,

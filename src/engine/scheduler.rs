@@ -21,7 +21,6 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use super::metrics::Metrics;
 use super::model::{self, KvCache, Model, StepItem};
-use super::model_cache;
 use super::sampler::{self, Rng, SamplingParams};
 use super::template::{ChatTemplate, TemplateMessage};
 use super::tokenizer::{Detokenizer, TextTokenizer};
@@ -75,19 +74,19 @@ impl Engine {
                 EngineError::Model(format!("--device cuda:{i}: no usable CUDA device: {e}"))
             })?,
         };
-        let resolved = model_cache::resolve(&cfg.model)?;
+        let path = &cfg.model;
         // A GGUF file, or a Hugging Face checkpoint directory; each brings
         // its tokenizer and chat template.
-        let (model, tokenizer, file_template) = if resolved.path.is_dir() {
-            let (model, ck) = Model::load_safetensors(&resolved.path, &device, cfg.max_context)?;
+        let (model, tokenizer, file_template) = if path.is_dir() {
+            let (model, ck) = Model::load_safetensors(path, &device, cfg.max_context)?;
             let tok = TextTokenizer::from_file(
                 cfg.tokenizer_json.as_ref().unwrap_or(&ck.tokenizer_json),
             )?;
             (model, tok, ck.chat_template)
         } else {
             let (model, content) =
-                Model::load_gguf(&resolved.path, &device, cfg.weight_format, cfg.max_context)?;
-            let sibling = resolved.path.with_file_name("tokenizer.json");
+                Model::load_gguf(path, &device, cfg.weight_format, cfg.max_context)?;
+            let sibling = path.with_file_name("tokenizer.json");
             let tokenizer = match &cfg.tokenizer_json {
                 Some(p) => TextTokenizer::from_file(p)?,
                 None => match TextTokenizer::from_gguf(&content.metadata) {
@@ -121,8 +120,8 @@ impl Engine {
         let max_batch = cfg.max_batch.max(1);
         let max_queue = cfg.max_queue.max(1);
         let info = ModelInfo {
-            id: cfg.served_name.clone().unwrap_or(resolved.id),
-            path: resolved.path,
+            id: cfg.id.clone(),
+            path: cfg.model.clone(),
             architecture: model.cfg.architecture.clone(),
             context_length: model.cfg.context_length,
             vocab_size: model.cfg.vocab_size,
@@ -739,16 +738,19 @@ mod tests {
 
     #[test]
     fn a_panicking_step_fails_its_request_and_the_engine_serves_the_next() {
-        if let Err(e) = super::model_cache::resolve(MODEL_ID) {
-            assert_ne!(
-                std::env::var("SGL_REQUIRE_MODEL").as_deref(),
-                Ok("1"),
-                "SGL_REQUIRE_MODEL=1 but the model is missing: {e}"
-            );
-            eprintln!("skipping: {e} (run `sgl model fetch {MODEL_ID}`)");
-            return;
-        }
-        let engine = Engine::load(EngineConfig::new(MODEL_ID)).expect("load");
+        let model = match crate::node::model_cache::resolve(MODEL_ID) {
+            Ok(m) => m,
+            Err(e) => {
+                assert_ne!(
+                    std::env::var("SGL_REQUIRE_MODEL").as_deref(),
+                    Ok("1"),
+                    "SGL_REQUIRE_MODEL=1 but the model is missing: {e}"
+                );
+                eprintln!("skipping: {e} (run `sgl model fetch {MODEL_ID}`)");
+                return;
+            }
+        };
+        let engine = Engine::load(EngineConfig::new(model.path, model.id)).expect("load");
         let req = || {
             GenerationRequest::raw("The capital of France is")
                 .max_tokens(4)

@@ -12,4 +12,6 @@ pub mod identity_files;
 pub mod jobs;
 #[cfg(feature = "node")]
 pub mod local_server;
+#[cfg(feature = "node")]
+pub mod model_cache;
 pub mod service;

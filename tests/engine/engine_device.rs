@@ -32,7 +32,8 @@ fn cuda_without_the_feature_or_a_device_is_a_clear_error() {
         ordinals.push(0);
     }
     for i in ordinals {
-        let mut cfg = EngineConfig::new("smollm2-135m");
+        // The device is checked before the file is opened.
+        let mut cfg = EngineConfig::new("smollm2-135m.gguf", "smollm2-135m");
         cfg.device = DeviceChoice::Cuda(i);
         let err = Engine::load(cfg).expect_err("no CUDA here").to_string();
         assert!(err.contains(&format!("--device cuda:{i}")), "{err}");

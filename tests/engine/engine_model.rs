@@ -17,8 +17,7 @@ fn engine() -> Option<&'static EngineHandle> {
     ENGINE
         .get_or_init(|| {
             let path = engine_support::model_path()?;
-            let mut cfg = EngineConfig::new(path.display().to_string());
-            cfg.served_name = Some(engine_support::MODEL_ID.into());
+            let mut cfg = EngineConfig::new(path, engine_support::MODEL_ID);
             // Small chunks so that the prompts here take several prefill steps.
             cfg.prefill_chunk = 16;
             Some(Engine::load(cfg).expect("load the model"))

