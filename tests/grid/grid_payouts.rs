@@ -531,7 +531,8 @@ async fn earnings_on(db: &str, dir: &std::path::Path) {
         reduce(&by_token),
         expected_earnings(&rows, &HashSet::new(), 30)
     );
-    let (status, by_owner) = get_earnings(&base, &id_a, &signed(ANVIL0, &id_a, "n-owner")).await;
+    let (status, by_owner) =
+        get_earnings(&base, &id_a, &signed(ANVIL0, &id_a, "nonce-owner-1")).await;
     assert_eq!(status, 200, "{by_owner}");
     assert_eq!(by_owner, by_token);
     let cli: Value = serde_json::from_str(&ok(sgl(&[
@@ -556,13 +557,13 @@ async fn earnings_on(db: &str, dir: &std::path::Path) {
     // Strangers: another node's token, another wallet, nothing at all.
     let (status, body) = get_earnings(&base, &id_a, &[("X-Node-Auth", token_b)]).await;
     assert_eq!(status, 401, "{body}");
-    let (status, body) = get_earnings(&base, &id_a, &signed(ANVIL1, &id_a, "n-other")).await;
+    let (status, body) = get_earnings(&base, &id_a, &signed(ANVIL1, &id_a, "nonce-other-1")).await;
     assert_eq!(status, 403, "{body}");
     assert_eq!(body["error"]["code"], "not_node_owner");
     let (status, body) = get_earnings(&base, &id_a, &[]).await;
     assert_eq!(status, 401, "{body}");
     // A replayed owner signature is refused too.
-    let (status, _) = get_earnings(&base, &id_a, &signed(ANVIL0, &id_a, "n-owner")).await;
+    let (status, _) = get_earnings(&base, &id_a, &signed(ANVIL0, &id_a, "nonce-owner-1")).await;
     assert_eq!(status, 401);
 
     // Paid vs unpaid follows the payout batches.

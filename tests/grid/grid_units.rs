@@ -84,7 +84,7 @@ fn launch(
     let argv: Vec<String> = exec.split_whitespace().map(String::from).collect();
     assert_eq!(argv[0], SGL, "{exec}");
     let mut env = BTreeMap::new();
-    for (k, v) in lines.iter().filter(|(k, _)| k == "Environment") {
+    for (_, v) in lines.iter().filter(|(k, _)| k == "Environment") {
         let (name, value) = v.split_once('=').unwrap();
         env.insert(name.to_string(), subst(value));
     }
