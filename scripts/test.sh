@@ -36,6 +36,14 @@ if ! pg_isready -h 127.0.0.1 -p 5432 >/dev/null 2>&1; then
 fi
 pg_isready -h 127.0.0.1 -p 5432
 
+step "systemd tools (the unit files' security score)"
+if ! command -v systemd-analyze >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then apt_get=(apt-get); else apt_get=(sudo apt-get); fi
+  "${apt_get[@]}" update -qq
+  DEBIAN_FRONTEND=noninteractive "${apt_get[@]}" install -y -qq --no-install-recommends systemd
+fi
+systemd-analyze --version | head -n1
+
 step "format"
 cargo fmt --all -- --check
 
@@ -58,8 +66,9 @@ step "model"
 
 step "tests"
 # What the tests may skip elsewhere is required here: the model, the Python
-# clients and PostgreSQL.
+# clients, PostgreSQL and systemd-analyze.
 SGL_REQUIRE_MODEL=1 SGL_REQUIRE_OPENAI=1 SGL_REQUIRE_PY_CLIENTS=1 SGL_REQUIRE_POSTGRES=1 \
+  SGL_REQUIRE_SYSTEMD=1 \
   cargo test --features "$FEATURES" --no-fail-fast
 
 if [ "${SGL_CUDA_CHECK:-1}" = 1 ]; then

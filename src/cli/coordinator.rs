@@ -29,6 +29,58 @@ pub enum CoordinatorCommand {
     Credits(CreditsCommand),
     /// The usage ledger: one row per job, with the revenue split.
     Usage(UsageArgs),
+    /// Operator payouts: batches of the operator share of unpaid usage rows.
+    #[command(subcommand)]
+    Payouts(PayoutsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PayoutsCommand {
+    /// Gather every unpaid operator share (80 % of each job's cost) into a
+    /// new batch: one line per operator wallet whose unpaid total reaches
+    /// --min-amount (the others wait for a later batch). Prints the batch as
+    /// JSON; a usage row is in at most one batch, even when several plans
+    /// run at once. Pay the lines, then run `payouts mark-paid`.
+    Plan(PlanArgs),
+    /// Close a planned batch with the transaction that paid it.
+    MarkPaid {
+        /// The batch id `payouts plan` printed (pb-…).
+        batch: String,
+        /// The payment's transaction hash (or reference).
+        #[arg(long = "tx", value_name = "HASH")]
+        tx: String,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Print a batch as JSON (`--out-csv` also writes its CSV).
+    Show {
+        batch: String,
+        #[arg(long, value_name = "FILE")]
+        out_csv: Option<PathBuf>,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    /// The least an operator is paid in one batch, in micro-USD (1000000 =
+    /// 1 USD); smaller unpaid totals stay for a later batch.
+    #[arg(
+        long,
+        value_name = "MICROS",
+        env = "SGL_PAYOUT_MIN_MICROS",
+        default_value_t = 1_000_000
+    )]
+    pub min_amount: u64,
+    /// Also write the batch as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub out_json: Option<PathBuf>,
+    /// Also write the batch as CSV (batch_id,wallet,amount_micro_usd,amount_usd,rows).
+    #[arg(long, value_name = "FILE")]
+    pub out_csv: Option<PathBuf>,
+    #[command(flatten)]
+    pub db: DbArgs,
 }
 
 #[derive(Debug, Args)]
@@ -106,6 +158,12 @@ pub struct ServeArgs {
     /// x402 facilitator base URL (POST /verify, POST /settle).
     #[arg(long, env = "SGL_FACILITATOR_URL")]
     pub facilitator_url: Option<String>,
+    /// Run without billing: nodes register and the API is served, but chat
+    /// requests are refused (503 billing_not_configured) and there are no
+    /// API key or credit routes. The shipped service starts this way until
+    /// --pay-to and --facilitator-url are set.
+    #[arg(long, env = "SGL_NO_BILLING")]
+    pub no_billing: bool,
     /// Network and asset payments are taken in.
     #[arg(long, value_enum, default_value = "base")]
     pub network: Network,
@@ -243,6 +301,7 @@ pub fn run(cmd: CoordinatorCommand) -> anyhow::Result<()> {
         }
         CoordinatorCommand::Keys(cmd) => keys(cmd),
         CoordinatorCommand::Credits(cmd) => credits(cmd),
+        CoordinatorCommand::Payouts(cmd) => payouts(cmd),
         CoordinatorCommand::Usage(args) => runtime()?.block_on(async {
             let store = args.db.open().await?;
             for r in store.usage_rows(args.limit).await? {
@@ -261,6 +320,131 @@ fn usage_json(r: &sgl::store::UsageRow) -> serde_json::Value {
         "quoted_micro_usd": r.quoted, "operator": r.operator_share, "platform": r.platform_share,
         "stakers": r.stakers_share, "burn": r.burn_share,
         "usage_signature": r.usage_signature,
+    })
+}
+
+/// A batch as the files and stdout give it: micro-USD integers, plus the
+/// USD amount as text for people.
+fn batch_json(b: &sgl::store::PayoutBatch) -> serde_json::Value {
+    serde_json::json!({
+        "batch_id": b.id,
+        "state": b.state,
+        "created_at": sgl::timefmt::format_rfc3339_ms(b.created_at),
+        "paid_at": b.paid_at.map(sgl::timefmt::format_rfc3339_ms),
+        "tx_hash": b.tx_hash,
+        "min_amount_micro_usd": b.min_amount.0,
+        "total_micro_usd": b.total.0,
+        "total_usd": b.total.to_usd_string(),
+        "rows": b.payouts.iter().map(|l| l.rows).sum::<i64>(),
+        "payouts": b.payouts.iter().map(|l| serde_json::json!({
+            "wallet": l.wallet,
+            "amount_micro_usd": l.amount.0,
+            "amount_usd": l.amount.to_usd_string(),
+            "rows": l.rows,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn batch_csv(b: &sgl::store::PayoutBatch) -> String {
+    let mut out = String::from("batch_id,wallet,amount_micro_usd,amount_usd,rows\n");
+    for l in &b.payouts {
+        // Wallets are hex or base58 and batch ids pb-<uuid>: nothing to quote.
+        out.push_str(&format!(
+            "{},{},{},{},{}\n",
+            b.id,
+            l.wallet,
+            l.amount.0,
+            l.amount.to_usd_string(),
+            l.rows
+        ));
+    }
+    out
+}
+
+/// Write a payout file readable by its owner only (it names wallets and
+/// amounts), replacing any file of that name.
+fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(text.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// A transaction reference as `mark-paid` records it: printable ASCII, no
+/// spaces, at most 128 characters (an EVM hash is 66, a Solana signature 88).
+fn tx_reference(tx: &str) -> anyhow::Result<&str> {
+    let tx = tx.trim();
+    if tx.is_empty() || tx.len() > 128 || !tx.bytes().all(|b| b.is_ascii_graphic()) {
+        bail!("--tx must be the payment's transaction hash (1 to 128 printable characters, no spaces)");
+    }
+    Ok(tx)
+}
+
+fn payouts(cmd: PayoutsCommand) -> anyhow::Result<()> {
+    runtime()?.block_on(async {
+        match cmd {
+            PayoutsCommand::Plan(args) => {
+                let store = args.db.open().await?;
+                let batch = store.plan_payout(Micros(args.min_amount)).await?;
+                let Some(b) = batch else {
+                    eprintln!(
+                        "nothing to pay: no operator has {} USD or more unpaid",
+                        Micros(args.min_amount).to_usd_string()
+                    );
+                    let empty = serde_json::json!({
+                        "batch_id": null, "total_micro_usd": 0, "payouts": [],
+                        "min_amount_micro_usd": args.min_amount,
+                    });
+                    println!("{}", serde_json::to_string_pretty(&empty)?);
+                    return Ok(());
+                };
+                // The batch is stored: print it before anything can fail
+                // (`payouts show` prints it again).
+                let json = serde_json::to_string_pretty(&batch_json(&b))?;
+                println!("{json}");
+                if let Some(p) = &args.out_json {
+                    write_private(p, &format!("{json}\n"))?;
+                }
+                if let Some(p) = &args.out_csv {
+                    write_private(p, &batch_csv(&b))?;
+                }
+                eprintln!(
+                    "payout batch {}: {} USD to {} wallet(s); after paying, run \
+                     `sgl coordinator payouts mark-paid {} --tx HASH`",
+                    b.id,
+                    b.total.to_usd_string(),
+                    b.payouts.len(),
+                    b.id
+                );
+            }
+            PayoutsCommand::MarkPaid { batch, tx, db } => {
+                let tx = tx_reference(&tx)?;
+                let store = db.open().await?;
+                let b = store.mark_payout_paid(&batch, tx).await??;
+                println!("{}", serde_json::to_string_pretty(&batch_json(&b))?);
+                eprintln!("payout batch {} marked paid by {tx}", b.id);
+            }
+            PayoutsCommand::Show { batch, out_csv, db } => {
+                let store = db.open().await?;
+                let Some(b) = store.payout_batch(&batch).await? else {
+                    bail!("no payout batch {batch}");
+                };
+                if let Some(p) = &out_csv {
+                    write_private(p, &batch_csv(&b))?;
+                }
+                println!("{}", serde_json::to_string_pretty(&batch_json(&b))?);
+            }
+        }
+        Ok(())
     })
 }
 
@@ -405,6 +589,18 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         } else {
             let store = args.db.open().await?;
             let payments = match (&args.pay_to, &args.facilitator_url) {
+                (to, url) if args.no_billing => {
+                    if to.is_some() || url.is_some() {
+                        bail!(
+                            "--no-billing (SGL_NO_BILLING) conflicts with --pay-to and \
+                             --facilitator-url: remove it to take payments"
+                        );
+                    }
+                    tracing::warn!(
+                        "billing is off: chat requests are refused until payments are set"
+                    );
+                    None
+                }
                 (Some(to), Some(url)) => {
                     let pay_to = sgl::payments::evm::parse_address(to)
                         .map_err(|e| anyhow::anyhow!("--pay-to: {e}"))?;
@@ -417,7 +613,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     Some(Payments::new(cfg, store.clone())?)
                 }
                 (None, None) if args.dev => Some(offline_payments(store.clone())?),
-                _ => bail!("billing needs --pay-to and --facilitator-url (or run with --dev)"),
+                _ => bail!(
+                    "billing needs --pay-to and --facilitator-url (or --no-billing to start \
+                     without it, or --dev)"
+                ),
             };
             Grid::with_store(config, store, payments).await?
         };

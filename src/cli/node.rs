@@ -23,6 +23,9 @@ pub enum NodeCommand {
     Start(StartArgs),
     /// Show this node's standing on its coordinator.
     Status(RemoteArgs),
+    /// What this node's jobs earned its operator (micro-USD), per day and per
+    /// model, paid and unpaid, from its coordinator.
+    Earnings(EarningsArgs),
     /// Stop receiving new jobs (in-flight jobs finish).
     OffGrid(RemoteArgs),
     /// Receive jobs again after `off-grid`.
@@ -187,6 +190,15 @@ pub struct RemoteArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct EarningsArgs {
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+    /// The window of the per-day and per-model totals, in UTC days (1 to 366).
+    #[arg(long, default_value_t = 30)]
+    pub days: u32,
 }
 
 /// How to load the engine; shared by `node serve` and `bench`.
@@ -401,6 +413,7 @@ pub fn run(cmd: NodeCommand) -> anyhow::Result<()> {
         #[cfg(feature = "node")]
         NodeCommand::Start(args) => start(args),
         NodeCommand::Status(args) => remote(args, None),
+        NodeCommand::Earnings(args) => earnings(args),
         NodeCommand::OffGrid(args) => remote(args, Some(true)),
         NodeCommand::OnGrid(args) => remote(args, Some(false)),
         NodeCommand::Service(cmd) => service(cmd),
@@ -595,6 +608,58 @@ fn remote(args: RemoteArgs, off_grid: Option<bool>) -> anyhow::Result<()> {
         ] {
             println!("{label}{}", value.get(k).cloned().unwrap_or_default());
         }
+    }
+    Ok(())
+}
+
+fn earnings(args: EarningsArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use sgl::proto::api::{EarningsTotals, NodeEarningsResponse};
+    let Registered { base, id, token } = registered(&args.remote)?;
+    let rt = runtime()?;
+    let text: String = rt.block_on(async {
+        let url = format!(
+            "{base}{}?days={}",
+            routes::path(routes::NODE_EARNINGS, &id),
+            args.days
+        );
+        let resp = reqwest::Client::new()
+            .get(url)
+            .header(headers::NODE_AUTH, &token)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {base}"))?;
+        let status = resp.status();
+        let text = resp.text().await?;
+        if !status.is_success() {
+            anyhow::bail!("the coordinator answered {status}: {text}");
+        }
+        Ok::<_, anyhow::Error>(text)
+    })?;
+    let e: NodeEarningsResponse = serde_json::from_str(&text)
+        .with_context(|| format!("an unexpected earnings answer: {text}"))?;
+    if args.remote.json {
+        println!("{}", serde_json::to_string_pretty(&e)?);
+        return Ok(());
+    }
+    let usd = |m: u64| sgl::money::Micros(m).to_usd_string();
+    let line = |label: &str, t: &EarningsTotals| {
+        println!(
+            "{label:<24} {:>6} jobs  earned {:>14} USD  paid {:>14} USD  unpaid {:>14} USD",
+            t.jobs,
+            usd(t.earned_micro_usd),
+            usd(t.paid_micro_usd),
+            usd(t.unpaid_micro_usd)
+        );
+    };
+    println!("node {} (operator wallet {})", e.node_id, e.operator_wallet);
+    line("lifetime", &e.lifetime);
+    line(&format!("last {} days", e.days), &e.window);
+    for d in &e.by_day {
+        line(&d.day, &d.totals);
+    }
+    for m in &e.by_model {
+        line(&m.model, &m.totals);
     }
     Ok(())
 }

@@ -77,9 +77,14 @@ pub async fn authorize(
         if grid.config.dev {
             return Ok(bill(Charge::free(quote)));
         }
-        return Err(
-            super::error::ClientError::internal("billing is not configured").into_response(),
-        );
+        // `--no-billing`: nothing can be paid for, so nothing is served.
+        return Err(super::error::ClientError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "billing_not_configured",
+            "this coordinator does not take payments yet (started with --no-billing)",
+        )
+        .into_response());
     };
     let offer = p.offer(parts.headers, parts.uri, quote, "sgl grid chat completion");
     match p.open_charge(parts, &offer, reference).await {

@@ -70,6 +70,7 @@ fn client_routes() -> Router<Grid> {
             routes::NODE_PRICES,
             get(market::prices::get_prices).post(market::prices::set_price),
         )
+        .route(routes::NODE_EARNINGS, get(market::earnings::earnings))
         .route(routes::NODE_EVIDENCE, get(market::evidence::evidence))
         .route(
             routes::JOB_ATTESTATION,

@@ -67,7 +67,15 @@ pub async fn register(
         (_, true) => true,
         (None, false) => return Err(refused("registration needs a registration code")),
         (Some(code), false) => {
-            if grid.take_configured_code(code) {
+            let configured = grid.take_configured_code(code).await.map_err(|e| {
+                tracing::error!(error = %e, "registration code lookup failed");
+                NodeApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal_error",
+                    "internal error",
+                )
+            })?;
+            if configured {
                 true
             } else if let Some(store) = grid.store() {
                 let hash = hex::encode(super::state::secret_hash(code));

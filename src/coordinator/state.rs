@@ -318,6 +318,7 @@ impl Grid {
             }
             tracing::info!(nodes = inner.nodes.len(), "nodes restored from the store");
         }
+        grid.restore_price_changes(&store).await?;
         let (tx, mut rx) = mpsc::unbounded_channel::<(String, String, String)>();
         tokio::spawn(async move {
             while let Some((id, wallet, doc)) = rx.recv().await {
@@ -330,6 +331,29 @@ impl Grid {
             saver: Some(tx),
             ..grid
         })
+    }
+
+    /// Put back the price changes still inside their cooldown, so that
+    /// `GET …/prices` shows it after a restart (the store also enforces it).
+    async fn restore_price_changes(&self, store: &Store) -> Result<(), crate::store::StoreError> {
+        let changes = store.price_changes().await?;
+        let now_ms = self.config.clock.now_ms();
+        let now = Instant::now();
+        let mut inner = self.lock();
+        for (node_id, model, at_ms) in changes {
+            let Ok(id) = NodeId::parse(&node_id) else {
+                continue;
+            };
+            let age =
+                Duration::from_millis(u64::try_from(now_ms.saturating_sub(at_ms)).unwrap_or(0));
+            if age >= self.config.price_cooldown {
+                continue;
+            }
+            if let (Some(node), Some(at)) = (inner.nodes.get_mut(&id), now.checked_sub(age)) {
+                node.price_changed.insert(model, at);
+            }
+        }
+        Ok(())
     }
 
     /// The store, when the grid has one.
@@ -438,19 +462,26 @@ impl Grid {
     }
 
     /// Whether a code is one of the configured single-use codes, unused;
-    /// marks it used.
-    pub fn take_configured_code(&self, code: &str) -> bool {
-        let mut inner = self.lock();
+    /// marks it used. With a store the use is recorded there (hashed), so
+    /// a restart or a replica does not accept the code again.
+    pub async fn take_configured_code(&self, code: &str) -> Result<bool, crate::store::StoreError> {
         let known = self
             .config
             .registration_codes
             .iter()
             .any(|c| bool::from(c.as_bytes().ct_eq(code.as_bytes())));
-        if !known || inner.used_codes.iter().any(|c| c == code) {
-            return false;
+        if !known {
+            return Ok(false);
+        }
+        if let Some(store) = &self.store {
+            return store.use_config_code(&hex::encode(secret_hash(code))).await;
+        }
+        let mut inner = self.lock();
+        if inner.used_codes.iter().any(|c| c == code) {
+            return Ok(false);
         }
         inner.used_codes.push(code.to_string());
-        true
+        Ok(true)
     }
 
     /// Check a node token in constant time.

@@ -57,6 +57,9 @@ mod tests {
                 "ProtectSystem=strict",
                 "ProtectHome=yes",
                 "CapabilityBoundingSet=",
+                "SystemCallFilter=@system-service",
+                "SystemCallErrorNumber=EPERM",
+                "LimitNOFILE=65536",
             ] {
                 assert!(unit.lines().any(|l| l == line), "{line}");
             }

@@ -773,3 +773,54 @@ mod tests {
         );
     }
 }
+
+// ------------------------------------------- node earnings (sgl, §7f)
+
+/// Sums of a node's usage rows (`GET /grid/nodes/{id}/earnings`). Money is
+/// integer micro-USD; `earned` is the operator share of `revenue`, and
+/// `unpaid` = `earned` − `paid` (it includes `in_payout_batch`, the part in
+/// a payout batch planned and not yet marked paid).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EarningsTotals {
+    pub jobs: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub revenue_micro_usd: u64,
+    pub earned_micro_usd: u64,
+    pub paid_micro_usd: u64,
+    pub unpaid_micro_usd: u64,
+    pub in_payout_batch_micro_usd: u64,
+}
+
+/// One UTC day of [`NodeEarningsResponse::by_day`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DayEarnings {
+    /// `YYYY-MM-DD` (UTC).
+    pub day: String,
+    #[serde(flatten)]
+    pub totals: EarningsTotals,
+}
+
+/// One model of [`NodeEarningsResponse::by_model`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelEarnings {
+    pub model: String,
+    #[serde(flatten)]
+    pub totals: EarningsTotals,
+}
+
+/// `GET /grid/nodes/{id}/earnings?days=N`: the node's lifetime totals, and
+/// over the last `days` UTC days (today included) totals per day (days
+/// with usage only, oldest first) and per model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeEarningsResponse {
+    pub node_id: String,
+    pub operator_wallet: String,
+    pub days: u32,
+    /// The first day of the window, `YYYY-MM-DD`.
+    pub since: String,
+    pub lifetime: EarningsTotals,
+    pub window: EarningsTotals,
+    pub by_day: Vec<DayEarnings>,
+    pub by_model: Vec<ModelEarnings>,
+}

@@ -23,6 +23,8 @@ pub const GRID_MODELS: &str = "/grid/models";
 pub const GRID_PRICING: &str = "/grid/pricing";
 /// `GET` and `POST`: a node's prices (§5.8).
 pub const NODE_PRICES: &str = "/grid/nodes/{id}/prices";
+/// `GET`: a node's earnings, per day and model (node token or owner wallet).
+pub const NODE_EARNINGS: &str = "/grid/nodes/{id}/earnings";
 /// `GET`: a node's public evidence (§7b).
 pub const NODE_EVIDENCE: &str = "/grid/nodes/{id}/attestation/evidence";
 /// `GET`: the attestation proof of a job (§5.11).

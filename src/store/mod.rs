@@ -7,7 +7,8 @@
 //! ([`credits`]), API key hashes ([`api_keys`]), the single-use records
 //! that make payments and signed requests unreplayable ([`payments`]:
 //! EIP-3009 authorization nonces, X-Auth nonces, MPP challenge ids) and the
-//! coordinator's tables ([`grid`]). It knows nothing of HTTP or signatures:
+//! coordinator's tables ([`grid`]), operator payouts and earnings
+//! ([`payouts`]). It knows nothing of HTTP or signatures:
 //! callers hand it normalised, already-verified values.
 //!
 //! Money is [`Micros`] in rows and signatures alike (integer micro-USD,
@@ -38,14 +39,17 @@ pub mod api_keys;
 #[macro_use]
 pub mod credits;
 pub mod grid;
+mod grid_state;
 mod migrate;
 pub mod payments;
+pub mod payouts;
 mod sql_money;
 
 pub use api_keys::ApiKeyRecord;
 pub use credits::{CreditBalance, HoldId, LedgerEntry};
 pub use grid::UsageRow;
 pub use payments::{PaymentNonceKey, PendingPayment};
+pub use payouts::{EarningsRow, MarkPaidRefused, PayoutBatch, PayoutLine};
 
 /// The owner of a credit balance and of API keys: a normalised wallet
 /// address (EVM: lowercase `0x…`; Solana: the base58 public key as given).

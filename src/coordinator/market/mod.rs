@@ -7,7 +7,9 @@ use super::state::Node;
 use crate::proto::api::AttestationLevel;
 use crate::proto::identity::NodeId;
 
+pub mod earnings;
 pub mod evidence;
+pub mod owner;
 pub mod policy;
 pub mod prices;
 pub mod providers;

@@ -54,43 +54,16 @@ pub async fn get_prices(
     }))
 }
 
-fn unauthorized() -> ClientError {
+/// 429 `price_cooldown`: the next change is allowed in `wait_s` seconds.
+fn cooldown_refusal(wait_s: u64) -> ClientError {
+    let wait = wait_s.max(1);
     ClientError::new(
-        StatusCode::UNAUTHORIZED,
-        "authentication_error",
-        "unauthorized",
-        "X-Node-Auth does not hold this node's token",
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limit_error",
+        "price_cooldown",
+        format!("prices of this model can change again in {wait} s"),
     )
-}
-
-/// Who asked for a price change.
-enum PriceAuth {
-    /// `X-Node-Auth`: the node's token.
-    Node(String),
-    /// `X-Auth-*`: the wallet whose signature was verified (nonce consumed).
-    Owner(crate::store::WalletId),
-}
-
-fn signature_refused(e: &crate::payments::PaymentError) -> ClientError {
-    ClientError::new(
-        StatusCode::UNAUTHORIZED,
-        "authentication_error",
-        match e {
-            crate::payments::PaymentError::AuthExpired => "signature_expired",
-            crate::payments::PaymentError::AuthNonceUsed => "nonce_reused",
-            _ => "invalid_signature",
-        },
-        e.to_string(),
-    )
-}
-
-/// Same wallet: `0x…` addresses compare case-insensitively, others exactly.
-fn same_wallet(a: &str, b: &str) -> bool {
-    if a.starts_with("0x") || a.starts_with("0X") {
-        a.eq_ignore_ascii_case(b)
-    } else {
-        a == b
-    }
+    .with_extra("retry_after_s", json!(wait))
 }
 
 /// `POST /grid/nodes/{id}/prices`: set or reset a custom price (§5.8).
@@ -106,99 +79,48 @@ pub async fn set_price(
     body: axum::body::Bytes,
 ) -> Result<Json<SetPriceResponse>, ClientError> {
     let node_id = node_or_404(&id)?;
-    let auth = if let Some(token) = headers.get(crate::proto::headers::NODE_AUTH) {
-        PriceAuth::Node(token.to_str().map_err(|_| unauthorized())?.to_string())
-    } else if headers.contains_key(crate::proto::headers::AUTH_SIGNATURE)
-        || headers.contains_key(crate::proto::headers::AUTH_ADDRESS)
-    {
-        let Some(payments) = grid.payments.as_ref() else {
-            return Err(ClientError::new(
-                StatusCode::UNAUTHORIZED,
-                "authentication_error",
-                "unauthorized",
-                "wallet signatures need a coordinator with payments enabled; use X-Node-Auth",
-            ));
-        };
-        let parts = crate::payments::RequestParts {
-            method: &method,
-            uri: &uri,
-            headers: &headers,
-            body: &body,
-        };
-        let wallet = payments
-            .signed_wallet(&parts)
-            .await
-            .map_err(|e| signature_refused(&e))?;
-        PriceAuth::Owner(wallet)
-    } else {
-        return Err(unauthorized());
-    };
+    let auth = super::owner::authorize(&grid, &node_id, &method, &uri, &headers, &body).await?;
     let req: SetPriceRequest = serde_json::from_slice(&body)
         .map_err(|e| ClientError::invalid("invalid_request", format!("invalid JSON body: {e}")))?;
-    let mut inner = grid.lock();
-    match &auth {
-        PriceAuth::Node(token) => {
-            if !grid.authenticate(&inner, &node_id, token) {
-                return Err(unauthorized());
-            }
-        }
-        PriceAuth::Owner(wallet) => {
-            let n = inner
-                .node(&node_id)
-                .ok_or_else(|| ClientError::not_found("node_not_found", "no such node"))?;
-            if n.wallet_address.is_empty() || !same_wallet(&n.wallet_address, wallet.as_str()) {
-                return Err(ClientError::new(
-                    StatusCode::FORBIDDEN,
-                    "permission_error",
-                    "not_node_owner",
-                    "the signing wallet is not this node's wallet_address",
-                ));
-            }
-        }
-    }
     let now = Instant::now();
     let reference = grid.reference_price(&req.model);
-    let n = inner
-        .node_mut(&node_id)
-        .ok_or_else(|| ClientError::not_found("node_not_found", "no such node"))?;
-    if !n.models.iter().any(|m| m == &req.model) {
-        return Err(ClientError::invalid(
-            "model_not_advertised",
-            format!("this node does not advertise {}", req.model),
-        ));
-    }
-    if let Some(at) = n.price_changed.get(&req.model) {
-        let until = *at + grid.config.price_cooldown;
-        if until > now {
-            let wait = (until - now).as_secs().max(1);
-            return Err(ClientError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limit_error",
-                "price_cooldown",
-                format!("prices of this model can change again in {wait} s"),
-            )
-            .with_extra("retry_after_s", json!(wait)));
+    // Checked under the lock; the lock is let go before the store is asked.
+    let price = {
+        let inner = grid.lock();
+        let n = inner
+            .node(&node_id)
+            .ok_or_else(|| ClientError::not_found("node_not_found", "no such node"))?;
+        if !n.models.iter().any(|m| m == &req.model) {
+            return Err(ClientError::invalid(
+                "model_not_advertised",
+                format!("this node does not advertise {}", req.model),
+            ));
         }
-    }
-    if req.reset == Some(true) {
-        n.custom_prices.remove(&req.model);
-    } else {
-        let (Some(i), Some(o)) = (req.input_per_m, req.output_per_m) else {
-            return Err(ClientError::invalid(
-                "invalid_request",
-                "give input_per_m and output_per_m, or reset: true",
-            ));
-        };
-        let (Some(i), Some(o)) = (MicrosPerM::from_usd(i), MicrosPerM::from_usd(o)) else {
-            return Err(ClientError::invalid(
-                "price_out_of_band",
-                "prices must be non-negative numbers",
-            ));
-        };
-        let price = TokenPrice::new(i, o);
-        if !pricing::within_band(price, reference) {
-            let (lo, hi) = (pricing::floor(reference), pricing::ceiling(reference));
-            return Err(ClientError::invalid(
+        if let Some(at) = n.price_changed.get(&req.model) {
+            let until = *at + grid.config.price_cooldown;
+            if until > now {
+                return Err(cooldown_refusal((until - now).as_secs()));
+            }
+        }
+        if req.reset == Some(true) {
+            None
+        } else {
+            let (Some(i), Some(o)) = (req.input_per_m, req.output_per_m) else {
+                return Err(ClientError::invalid(
+                    "invalid_request",
+                    "give input_per_m and output_per_m, or reset: true",
+                ));
+            };
+            let (Some(i), Some(o)) = (MicrosPerM::from_usd(i), MicrosPerM::from_usd(o)) else {
+                return Err(ClientError::invalid(
+                    "price_out_of_band",
+                    "prices must be non-negative numbers",
+                ));
+            };
+            let price = TokenPrice::new(i, o);
+            if !pricing::within_band(price, reference) {
+                let (lo, hi) = (pricing::floor(reference), pricing::ceiling(reference));
+                return Err(ClientError::invalid(
                 "price_out_of_band",
                 format!(
                     "prices must lie within [{}, {}] (input) and [{}, {}] (output) USD per 1M tokens",
@@ -208,15 +130,43 @@ pub async fn set_price(
                     hi.output.usd()
                 ),
             ));
+            }
+            Some(price)
         }
-        n.custom_prices.insert(req.model.clone(), price);
+    };
+    // The store has the last word on the cooldown: it outlives restarts and
+    // is shared by replicas (PROTOCOL.md §7f).
+    if let Some(store) = grid.store() {
+        let cooldown_ms = i64::try_from(grid.config.price_cooldown.as_millis()).unwrap_or(i64::MAX);
+        let now_ms = grid.config.clock.now_ms();
+        let last = store
+            .claim_price_change(&node_id.to_string(), &req.model, now_ms, cooldown_ms)
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "could not record the price change");
+                ClientError::internal("could not record the price change")
+            })?;
+        if let Some(at) = last {
+            let left_ms = at.saturating_add(cooldown_ms).saturating_sub(now_ms).max(0);
+            return Err(cooldown_refusal(
+                u64::try_from(left_ms).unwrap_or(0).div_ceil(1000),
+            ));
+        }
     }
+    let mut inner = grid.lock();
+    let n = inner
+        .node_mut(&node_id)
+        .ok_or_else(|| ClientError::not_found("node_not_found", "no such node"))?;
+    match price {
+        Some(price) => n.custom_prices.insert(req.model.clone(), price),
+        None => n.custom_prices.remove(&req.model),
+    };
     n.price_changed.insert(req.model.clone(), now);
     tracing::info!(
         %node_id,
         model = %req.model,
         reset = req.reset == Some(true),
-        by_owner = matches!(auth, PriceAuth::Owner(_)),
+        by_owner = matches!(auth, super::owner::NodeAuth::Owner(_)),
         "node price changed"
     );
     let price = price_entry(&grid, n, &req.model, now);
