@@ -54,9 +54,12 @@ fn main() {
         b58::encode(&blob)
     });
     assert!(text.len() <= MAX_CIPHERTEXT_CHARS);
-    let back = time("decode (largest sealed ciphertext)", text.len(), "chars", || {
-        b58::decode_vec(&text, "bench", MAX_CIPHERTEXT_CHARS).expect("decodes")
-    });
+    let back = time(
+        "decode (largest sealed ciphertext)",
+        text.len(),
+        "chars",
+        || b58::decode_vec(&text, "bench", MAX_CIPHERTEXT_CHARS).expect("decodes"),
+    );
     assert_eq!(back, blob);
     for size in [4 * 1024, 64 * 1024] {
         let blob = bytes(size);

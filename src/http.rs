@@ -326,7 +326,8 @@ mod tests {
         let text = "Limit                     Soft Limit           Hard Limit           Units\n\
                     Max open files            1024                 524288               files\n";
         assert_eq!(parse_open_files(text), Some(1024));
-        let unlimited = "Max open files            unlimited            unlimited            files\n";
+        let unlimited =
+            "Max open files            unlimited            unlimited            files\n";
         assert_eq!(parse_open_files(unlimited), None);
     }
 
@@ -334,7 +335,10 @@ mod tests {
     fn the_connection_limit_stays_under_the_file_limit() {
         let max = default_max_connections();
         if let Some(files) = open_file_limit() {
-            assert!(max as u64 + FD_HEADROOM as u64 <= files.max(MIN_CONNECTIONS as u64 + FD_HEADROOM as u64));
+            assert!(
+                max as u64 + FD_HEADROOM as u64
+                    <= files.max(MIN_CONNECTIONS as u64 + FD_HEADROOM as u64)
+            );
         }
         assert!(max >= MIN_CONNECTIONS);
     }

@@ -60,7 +60,10 @@ pub fn router(grid: Grid) -> Router {
 
 /// Sizes before work (§7f): a body that declares a length over the limit is
 /// refused (413, shaped by the API's edge) before a byte of it is read.
-async fn declared_size(req: axum::extract::Request, next: middleware::Next) -> axum::response::Response {
+async fn declared_size(
+    req: axum::extract::Request,
+    next: middleware::Next,
+) -> axum::response::Response {
     let declared = req
         .headers()
         .get(axum::http::header::CONTENT_LENGTH)
@@ -244,9 +247,14 @@ mod tests {
     #[tokio::test]
     async fn a_declared_oversize_body_is_refused_unread() {
         let grid = dev_grid();
-        for path in ["/v1/chat/completions", "/v1/reserve", "/grid/nodes/heartbeat"] {
+        for path in [
+            "/v1/chat/completions",
+            "/v1/reserve",
+            "/grid/nodes/heartbeat",
+        ] {
             // The body never comes: the declared length alone is refused.
-            let (tx, rx) = tokio::sync::mpsc::channel::<Result<axum::body::Bytes, std::io::Error>>(1);
+            let (tx, rx) =
+                tokio::sync::mpsc::channel::<Result<axum::body::Bytes, std::io::Error>>(1);
             let body = Body::from_stream(tokio_stream_of(rx));
             let req = Request::post(path)
                 .header(header::CONTENT_TYPE, "application/json")

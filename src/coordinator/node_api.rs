@@ -120,12 +120,7 @@ pub async fn register(
             "unknown or used registration code, or one made for another wallet",
         ));
     }
-    let (node_id, auth_token) = grid.register(
-        ed25519,
-        req.wallet_address,
-        req.tee_type,
-        models,
-    );
+    let (node_id, auth_token) = grid.register(ed25519, req.wallet_address, req.tee_type, models);
     tracing::info!(%node_id, "node registered");
     Ok(Json(RegisterResponse {
         node_id: node_id.to_string(),
@@ -307,7 +302,9 @@ pub async fn heartbeat(
     }
     node.models = models;
     node.capabilities = req.capabilities.clone();
-    node.max_concurrent_jobs = req.max_concurrent_jobs.clamp(1, grid.config.max_node_slots.max(1));
+    node.max_concurrent_jobs = req
+        .max_concurrent_jobs
+        .clamp(1, grid.config.max_node_slots.max(1));
     node.heard_from(Instant::now());
     let new_auth_token = grid.maybe_rotate_token(node, node.last_seen);
     if new_auth_token.is_some() {

@@ -84,7 +84,11 @@ async fn session(grid: Grid, node_id: NodeId, socket: WebSocket) {
 }
 
 /// Push jobs to the node and answer its frames until the socket closes.
-async fn talk(rx: &mut mpsc::UnboundedReceiver<PendingJob>, socket: WebSocket, waiting: Vec<PendingJob>) {
+async fn talk(
+    rx: &mut mpsc::UnboundedReceiver<PendingJob>,
+    socket: WebSocket,
+    waiting: Vec<PendingJob>,
+) {
     let (mut sink, mut stream) = socket.split();
     let hello = WsMessage::Hello {
         protocol: "sgl-ws-v1".into(),

@@ -632,7 +632,14 @@ async fn run_job(shared: &Arc<Shared>, job: PendingJob) {
     let chat = match parsed {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => return fail(shared, &job.id, &e.to_string()).await,
-        Err(e) => return fail(shared, &job.id, &format!("the job could not be opened: {e}")).await,
+        Err(e) => {
+            return fail(
+                shared,
+                &job.id,
+                &format!("the job could not be opened: {e}"),
+            )
+            .await
+        }
     };
     let events = match shared.executor.start(&chat) {
         Ok(rx) => rx,

@@ -180,10 +180,7 @@ async fn json_edge(resp: Response) -> Response {
         s if s.is_server_error() => ("server_error", "internal_error"),
         _ => ("invalid_request_error", "invalid_request"),
     };
-    let message = status
-        .canonical_reason()
-        .unwrap_or("error")
-        .to_lowercase();
+    let message = status.canonical_reason().unwrap_or("error").to_lowercase();
     error(status, kind, code, message)
 }
 

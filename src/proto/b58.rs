@@ -331,10 +331,7 @@ fn decode_raw(s: &str) -> Option<Vec<u8>> {
     let limbs = if digits.len() <= LEAF_DIGITS {
         digits_to_b64(&digits)
     } else {
-        let powers = Powers::new(
-            || digits_to_b64(&one_then_zeros(LEAF_DIGITS)),
-            mul::<B64>,
-        );
+        let powers = Powers::new(|| digits_to_b64(&one_then_zeros(LEAF_DIGITS)), mul::<B64>);
         digits_to_b64_split(&digits, &powers)
     };
     let mut out = vec![0u8; zeros];

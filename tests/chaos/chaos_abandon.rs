@@ -17,7 +17,10 @@ async fn abandon_one(http: reqwest::Client, base: String) {
     loop {
         let mut resp = post_chat(&http, &base, &plain_chat(200, true)).await;
         if resp.status() == 503 {
-            assert!(start.elapsed() < Duration::from_secs(60), "no slot came free");
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "no slot came free"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         }
@@ -48,7 +51,9 @@ async fn abandoned_streams_and_sockets_free_their_slots() {
     );
     let mut sockets = Vec::new();
     for _ in 0..100 {
-        let (ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.unwrap();
+        let (ws, _) = tokio_tungstenite::connect_async(url.as_str())
+            .await
+            .unwrap();
         sockets.push(ws);
     }
     drop(sockets);
@@ -60,7 +65,10 @@ async fn abandoned_streams_and_sockets_free_their_slots() {
         if p["online"] == true && p["load"].as_f64() == Some(0.0) {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(30), "slots still taken: {v}");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "slots still taken: {v}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // Every slot serves again, at once.
@@ -68,7 +76,11 @@ async fn abandoned_streams_and_sockets_free_their_slots() {
         .map(|_| {
             let http = http.clone();
             let base = grid.base.clone();
-            tokio::spawn(async move { post_chat(&http, &base, &plain_chat(4, false)).await.status() })
+            tokio::spawn(async move {
+                post_chat(&http, &base, &plain_chat(4, false))
+                    .await
+                    .status()
+            })
         })
         .collect();
     for a in all {

@@ -60,9 +60,11 @@ async fn forged_heartbeats_are_refused_or_clamped() {
     // Another node's token, and none at all.
     let reg: Value = http
         .post(format!("{base}/grid/nodes/register"))
-        .json(&json!({"wallet_address": "0x4444444444444444444444444444444444444444",
+        .json(
+            &json!({"wallet_address": "0x4444444444444444444444444444444444444444",
                       "tee_type": "none", "available_models": [MODEL],
-                      "public_key": other.ed25519_public().to_b58()}))
+                      "public_key": other.ed25519_public().to_b58()}),
+        )
         .send()
         .await
         .unwrap()

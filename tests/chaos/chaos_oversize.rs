@@ -87,7 +87,11 @@ async fn oversize_prompts_are_refused_before_work_and_others_stay_fast() {
     )
     .await;
     assert!(head.starts_with("HTTP/1.1 413"), "{head}");
-    assert!(head.to_ascii_lowercase().contains("content-type: application/json"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: application/json"),
+        "{head}"
+    );
     assert!(head.contains("request_too_large"), "{head}");
     // A plain prompt that fits the body but not, once sealed, the node's cap.
     let r = post_chat(&http, &base, &big_plain(700_000)).await;

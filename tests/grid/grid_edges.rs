@@ -52,9 +52,14 @@ async fn pushed(ws: &mut Socket) -> PendingJob {
 /// Answer a non-stream job in full over REST.
 async fn complete(node: &TestNode, job: &PendingJob, text: &str) {
     let chat_job = jobs::parse_job(&node.id, job, true).unwrap();
-    let body =
-        jobs::complete_body(&node.id, &chat_job, text, Usage::new(9, 1), FinishReason::Stop)
-            .unwrap();
+    let body = jobs::complete_body(
+        &node.id,
+        &chat_job,
+        text,
+        Usage::new(9, 1),
+        FinishReason::Stop,
+    )
+    .unwrap();
     let r = node
         .post(
             &format!("/grid/jobs/{}/complete", job.id),
@@ -203,7 +208,10 @@ async fn heartbeat_claims_are_bounded() {
     let mut offered = 0;
     while offered < 3 {
         let v: Value = node
-            .post("/grid/nodes/heartbeat", &hb(json!([MODEL]), u64::from(u32::MAX)))
+            .post(
+                "/grid/nodes/heartbeat",
+                &hb(json!([MODEL]), u64::from(u32::MAX)),
+            )
             .await
             .json()
             .await
