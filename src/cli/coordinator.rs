@@ -190,6 +190,22 @@ pub struct ServeArgs {
     /// Intel PCS/PCCS base URL for TDX collateral (e.g. https://api.trustedservices.intel.com).
     #[arg(long)]
     pub pcs_url: Option<String>,
+    /// Seconds a reservation lives unless a chat call claims it (at most 10).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=10))]
+    pub reservation_ttl: u64,
+    /// Unclaimed reservations one client may hold at once (per API key's
+    /// wallet, else per address); past it, 429 too_many_reservations.
+    #[arg(long, default_value_t = 16)]
+    pub max_reservations_per_client: usize,
+    /// The most parallel slots a node may claim in its heartbeat; a larger
+    /// claim is clamped to it.
+    #[arg(long, default_value_t = 256)]
+    pub max_node_slots: u32,
+    /// A model nodes may advertise besides the catalogue's (repeatable).
+    #[arg(long = "allow-model", value_name = "ID")]
+    pub allowed_models: Vec<String>,
+    #[command(flatten)]
+    pub server: super::ServerLimitArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -581,6 +597,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         missed_heartbeats: args.missed_heartbeats.max(1),
         registration_codes: args.registration_codes.clone(),
         price_cooldown: Duration::from_secs(args.price_cooldown),
+        reservation_ttl: Duration::from_secs(args.reservation_ttl),
+        max_reservations_per_client: args.max_reservations_per_client.max(1),
+        max_node_slots: args.max_node_slots.max(1),
+        allowed_models: args.allowed_models.clone(),
+        server_limits: args.server.limits(),
         ..Config::default()
     };
     runtime()?.block_on(async move {

@@ -117,3 +117,39 @@ pub(crate) async fn shutdown_signal() {
         _ = term => {}
     }
 }
+
+/// The limits of a server this binary runs (see `sgl::http`), shared by
+/// `coordinator serve` and `node serve`.
+#[cfg(any(feature = "node", feature = "coordinator"))]
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServerLimitArgs {
+    /// Seconds a connection may take to send a whole request head, counted
+    /// from its opening or, kept alive, from its last response (the idle
+    /// keep-alive timeout); then it is closed.
+    #[arg(long, env = "SGL_HEADER_READ_TIMEOUT", default_value_t = 10)]
+    pub header_read_timeout: u64,
+    /// Seconds a request body may take to arrive after its head; then the
+    /// request fails and the connection is closed.
+    #[arg(long, env = "SGL_BODY_READ_TIMEOUT", default_value_t = 30)]
+    pub body_read_timeout: u64,
+    /// Connections served at once. Default: the open-file limit less 256
+    /// descriptors of headroom (65,280 under systemd's LimitNOFILE=65536),
+    /// so accepting never fails for want of a descriptor. Past it, the oldest
+    /// connection that has sent nothing yet is closed to make room.
+    #[arg(long, env = "SGL_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+}
+
+#[cfg(any(feature = "node", feature = "coordinator"))]
+impl ServerLimitArgs {
+    pub fn limits(&self) -> sgl::http::ServerLimits {
+        sgl::http::ServerLimits {
+            header_read_timeout: std::time::Duration::from_secs(self.header_read_timeout.max(1)),
+            body_read_timeout: std::time::Duration::from_secs(self.body_read_timeout.max(1)),
+            max_connections: self
+                .max_connections
+                .unwrap_or_else(sgl::http::default_max_connections)
+                .max(1),
+        }
+    }
+}

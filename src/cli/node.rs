@@ -80,6 +80,11 @@ pub struct EngineSelect {
     /// --served-name (the model id it answers to) and --max-batch (its slots).
     #[arg(long, value_enum, default_value = "candle")]
     pub engine: EngineKind,
+    /// With `--engine echo`: milliseconds the echo engine waits before each
+    /// token, to stand in for a model's decode pace in load and fault tests
+    /// (0: answer at once).
+    #[arg(long, default_value_t = 0, value_name = "MS")]
+    pub echo_token_delay_ms: u64,
 }
 
 #[cfg(feature = "node")]
@@ -100,7 +105,11 @@ impl EngineSelect {
                     "running the echo load-test engine: answers are not model output"
                 );
                 let slots = u32::try_from(args.max_batch).unwrap_or(u32::MAX);
-                Some(sgl::node::executor::EchoExecutor::new(name, slots))
+                Some(
+                    sgl::node::executor::EchoExecutor::new(name, slots).with_token_delay(
+                        std::time::Duration::from_millis(self.echo_token_delay_ms),
+                    ),
+                )
             }
         }
     }
@@ -337,6 +346,8 @@ pub struct ServeArgs {
     /// Largest request body accepted.
     #[arg(long, default_value_t = sgl::node::local_server::DEFAULT_MAX_BODY_BYTES)]
     pub max_body_bytes: usize,
+    #[command(flatten)]
+    pub limits: super::ServerLimitArgs,
 }
 
 #[derive(Debug, Args)]
@@ -445,6 +456,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             listener,
             source,
             args.max_body_bytes,
+            args.limits.limits(),
             super::shutdown_signal(),
         )
         .await

@@ -15,7 +15,8 @@ use super::billing;
 use super::error::ClientError;
 use super::job::JobEvent;
 use super::router::{choose_node, dispatch};
-use super::state::{Grid, Reservation};
+use super::state::{Grid, Reservation, ReservationRefused};
+use crate::http::MaybePeer;
 use crate::proto::api::{
     AttestationLevel, CapacityResponse, CompleteRequest, ReserveRequest, ReserveResponse,
     SealedChatRequest, SealedChatResponse, TeeTypeCapacity,
@@ -33,8 +34,51 @@ fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ClientEr
         .map_err(|e| ClientError::invalid("invalid_request", format!("invalid JSON body: {e}")))
 }
 
+/// Who holds a reservation, for the per-client cap (§7f): the wallet of a
+/// valid API key, else the peer address. An invalid key counts as its
+/// address, so made-up keys buy no extra room.
+async fn reservation_client(
+    grid: &Grid,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    peer: Option<std::net::SocketAddr>,
+) -> String {
+    if let (Some(p), Ok(Some(_))) = (&grid.payments, crate::payments::service::api_key(headers)) {
+        let parts = crate::payments::RequestParts {
+            method,
+            uri,
+            headers,
+            body: &[],
+        };
+        if let Ok(Some(payer)) = p.authenticate(&parts).await {
+            return format!("wallet:{}", payer.wallet());
+        }
+    }
+    match peer {
+        Some(addr) => format!("ip:{}", addr.ip()),
+        None => "ip:unknown".into(),
+    }
+}
+
+/// 429 `too_many_reservations`, with `Retry-After` (§7f).
+fn too_many_reservations(wait: Duration) -> ClientError {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    ClientError::new(
+        axum::http::StatusCode::TOO_MANY_REQUESTS,
+        "rate_limit_error",
+        "too_many_reservations",
+        "too many unclaimed reservations; claim or let one expire",
+    )
+    .with_extra("retry_after_s", json!(secs.max(1)))
+}
+
 pub async fn reserve(
     State(grid): State<Grid>,
+    MaybePeer(peer): MaybePeer,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<ReserveResponse>, ClientError> {
     let req: ReserveRequest = parse_body(&body)?;
@@ -49,17 +93,27 @@ pub async fn reserve(
             "clusters are not supported",
         ));
     }
+    let client = reservation_client(&grid, &method, &uri, &headers, peer).await;
     let mut inner = grid.lock();
     let node_id = choose_node(&grid, &inner, &req, &model, None)?;
     let token = format!("rsv_{}", super::state::random_token());
-    inner.insert_reservation(
-        token.clone(),
-        Reservation {
-            node_id,
-            model,
-            expires: Instant::now() + grid.config.reservation_ttl,
-        },
-    );
+    let now = Instant::now();
+    inner
+        .insert_reservation(
+            token.clone(),
+            Reservation {
+                node_id,
+                model,
+                expires: now + grid.config.reservation_ttl,
+                client,
+            },
+            grid.config.max_reservations_per_client,
+            now,
+        )
+        .map_err(|refused| match refused {
+            ReservationRefused::TooMany(wait) => too_many_reservations(wait),
+            _ => ClientError::no_capacity(),
+        })?;
     let node = inner
         .node(&node_id)
         .ok_or_else(|| ClientError::internal("chosen node vanished"))?;
@@ -105,6 +159,19 @@ pub async fn chat(
         return super::plain::chat(grid, &method, &uri, &headers, &body, req).await;
     }
     let req: SealedChatRequest = parse_body(&body)?;
+    // Sizes before work (§7f): a ciphertext the node would refuse is refused
+    // here, before it is quoted, billed or relayed.
+    if req.enc.ciphertext.len() > crate::proto::e2e::MAX_CIPHERTEXT_CHARS {
+        return Err(ClientError::new(
+            axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            "request_too_large",
+            format!(
+                "enc.ciphertext is over {} base58 characters",
+                crate::proto::e2e::MAX_CIPHERTEXT_CHARS
+            ),
+        ));
+    }
     if req.enc.algorithm.as_deref() != Some(ALG_V2) {
         return Err(ClientError::invalid(
             "unsupported_algorithm",
@@ -147,13 +214,20 @@ pub async fn chat(
         Ok(b) => b,
         Err(resp) => return Ok(resp),
     };
+    // The node's slot is taken now, not at reserve time (§7f).
     let taken = grid
         .lock()
-        .take_reservation(&req.reservation_token, Instant::now())
-        .filter(|r| r.node_id == node_id);
-    if taken.is_none() {
-        bill.release().await;
-        return Err(bad_reservation());
+        .take_reservation(&req.reservation_token, Instant::now());
+    match taken {
+        Ok(r) if r.node_id == node_id => {}
+        Err(ReservationRefused::NoCapacity) => {
+            bill.release().await;
+            return Err(ClientError::no_capacity());
+        }
+        _ => {
+            bill.release().await;
+            return Err(bad_reservation());
+        }
     }
     let stream = req.stream == Some(true) && streams;
     let mut payload = json!({ "enc": req.enc });
@@ -254,7 +328,7 @@ pub async fn capacity(State(grid): State<Grid>) -> Json<CapacityResponse> {
     };
     for n in inner.nodes() {
         let active = n.level != AttestationLevel::None && !n.off_grid && grid.is_online(n, now);
-        let available = active && inner.load(&n.id, now) < n.max_concurrent_jobs;
+        let available = active && inner.load(&n.id) < n.max_concurrent_jobs;
         out.total_nodes += 1;
         out.active_nodes += u64::from(active);
         out.available_nodes += u64::from(available);

@@ -47,13 +47,33 @@ pub fn router(grid: Grid) -> Router {
         Some(p) => client.merge(crate::payments::http::router(p)),
         None => client,
     };
+    let client = client.layer(middleware::from_fn(declared_size));
     let node: Router = node_routes()
         .layer(DefaultBodyLimit::max(client_api::MAX_BODY_BYTES))
+        .layer(middleware::from_fn(declared_size))
         .with_state(grid);
     client
         .layer(middleware::map_response(error::client_edge))
         .merge(node.layer(middleware::map_response(error::node_edge)))
         .fallback(error::not_supported)
+}
+
+/// Sizes before work (§7f): a body that declares a length over the limit is
+/// refused (413, shaped by the API's edge) before a byte of it is read.
+async fn declared_size(
+    req: axum::extract::Request,
+    next: middleware::Next,
+) -> axum::response::Response {
+    let declared = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > client_api::MAX_BODY_BYTES as u64) {
+        use axum::response::IntoResponse;
+        return axum::http::StatusCode::PAYLOAD_TOO_LARGE.into_response();
+    }
+    next.run(req).await
 }
 
 /// The client API (§5, §7b).
@@ -125,9 +145,8 @@ pub async fn serve(
             }
         })
     };
-    let result = axum::serve(crate::http::no_delay(listener), router(grid))
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let limits = grid.config.server_limits;
+    let result = crate::http::serve(listener, router(grid), limits, shutdown).await;
     reaper.abort();
     result
 }
@@ -224,6 +243,41 @@ mod tests {
         let (status, body) = send(&grid, post("/v1/reserve", json, big)).await;
         assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
         assert_eq!(client_code(&body), "request_too_large");
+    }
+
+    #[tokio::test]
+    async fn a_declared_oversize_body_is_refused_unread() {
+        let grid = dev_grid();
+        for path in [
+            "/v1/chat/completions",
+            "/v1/reserve",
+            "/grid/nodes/heartbeat",
+        ] {
+            // The body never comes: the declared length alone is refused.
+            let (tx, rx) =
+                tokio::sync::mpsc::channel::<Result<axum::body::Bytes, std::io::Error>>(1);
+            let body = Body::from_stream(tokio_stream_of(rx));
+            let req = Request::post(path)
+                .header(header::CONTENT_TYPE, "application/json")
+                .header(header::CONTENT_LENGTH, (5u64 << 20).to_string())
+                .body(body)
+                .unwrap();
+            let (status, body) = send(&grid, req).await;
+            assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{path}");
+            let code = body["error"]["code"]
+                .as_str()
+                .or(body["code"].as_str())
+                .unwrap();
+            assert_eq!(code, "request_too_large", "{path}");
+            drop(tx);
+        }
+    }
+
+    /// A body stream fed by a channel (one that never sends stays pending).
+    fn tokio_stream_of(
+        mut rx: tokio::sync::mpsc::Receiver<Result<axum::body::Bytes, std::io::Error>>,
+    ) -> impl futures_util::Stream<Item = Result<axum::body::Bytes, std::io::Error>> {
+        futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
     }
 
     #[tokio::test]

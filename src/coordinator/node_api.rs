@@ -43,6 +43,36 @@ fn authorize(grid: &Grid, headers: &HeaderMap, node_id: &NodeId) -> Result<(), N
     }
 }
 
+/// At most this many models in a registration or a heartbeat (§7f).
+pub const MAX_NODE_MODELS: usize = 64;
+
+/// The models a node may advertise of those it claims (§7f): more than
+/// [`MAX_NODE_MODELS`] is refused; a model that is neither in the catalogue
+/// nor allowed by configuration is dropped (logged), so `/v1/models` lists
+/// only known models while the node keeps serving the rest.
+fn advertised_models(
+    grid: &Grid,
+    node: Option<&NodeId>,
+    claimed: &[String],
+) -> Result<Vec<String>, NodeApiError> {
+    if claimed.len() > MAX_NODE_MODELS {
+        return Err(NodeApiError::bad(
+            "too_many_models",
+            format!("at most {MAX_NODE_MODELS} models may be advertised"),
+        ));
+    }
+    let mut kept: Vec<String> = Vec::with_capacity(claimed.len());
+    for m in claimed {
+        if !grid.model_allowed(m) {
+            let shown: String = m.chars().take(64).collect();
+            tracing::warn!(node_id = ?node, model = %shown, "advertised model not allowed; ignored");
+        } else if !kept.contains(m) {
+            kept.push(m.clone());
+        }
+    }
+    Ok(kept)
+}
+
 pub async fn register(
     State(grid): State<Grid>,
     NodeJson(req): NodeJson<RegisterRequest>,
@@ -55,12 +85,10 @@ pub async fn register(
             "wallet_address is required (at most 128 characters)",
         ));
     }
-    if req.available_models.len() > 64 || req.tee_type.len() > 32 {
-        return Err(NodeApiError::bad(
-            "invalid_request",
-            "too many models or a bad tee_type",
-        ));
+    if req.tee_type.len() > 32 {
+        return Err(NodeApiError::bad("invalid_request", "a bad tee_type"));
     }
+    let models = advertised_models(&grid, None, &req.available_models)?;
     let refused = |why: &str| NodeApiError::new(StatusCode::FORBIDDEN, "registration_refused", why);
     // The id is chosen before the code is spent, so the code records its node.
     let code_ok = match (&req.registration_code, grid.config.dev) {
@@ -100,12 +128,7 @@ pub async fn register(
             "unknown or used registration code, or one made for another wallet",
         ));
     }
-    let (node_id, auth_token) = grid.register(
-        ed25519,
-        req.wallet_address,
-        req.tee_type,
-        req.available_models,
-    );
+    let (node_id, auth_token) = grid.register(ed25519, req.wallet_address, req.tee_type, models);
     tracing::info!(%node_id, "node registered");
     Ok(Json(RegisterResponse {
         node_id: node_id.to_string(),
@@ -243,6 +266,7 @@ pub async fn heartbeat(
     let node_id =
         parse_node_id(header(&headers, headers::NODE_ID).ok_or_else(NodeApiError::unauthorized)?)?;
     authorize(&grid, &headers, &node_id)?;
+    let models = advertised_models(&grid, Some(&node_id), &req.available_models)?;
     let mut inner = grid.lock();
     let node = inner
         .node_mut(&node_id)
@@ -284,10 +308,12 @@ pub async fn heartbeat(
             }
         }
     }
-    node.models = req.available_models.clone();
+    node.models = models;
     node.capabilities = req.capabilities.clone();
-    node.max_concurrent_jobs = req.max_concurrent_jobs.max(1);
-    node.last_seen = Instant::now();
+    node.max_concurrent_jobs = req
+        .max_concurrent_jobs
+        .clamp(1, grid.config.max_node_slots.max(1));
+    node.heard_from(Instant::now());
     let new_auth_token = grid.maybe_rotate_token(node, node.last_seen);
     if new_auth_token.is_some() {
         tracing::info!(%node_id, "node token rotated");

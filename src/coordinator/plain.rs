@@ -39,6 +39,24 @@ fn validate(req: &ChatCompletionRequest) -> Result<u64, ClientError> {
     Ok(req.effective_max_tokens())
 }
 
+/// The most base58 characters the sealed form of `plaintext_len` bytes takes.
+fn max_sealed_chars(plaintext_len: usize) -> usize {
+    crate::proto::b58::max_encoded_len(plaintext_len.saturating_add(e2e::MIN_BLOB_LEN))
+}
+
+/// 413: the prompt is larger than a node accepts.
+pub(super) fn too_large() -> ClientError {
+    ClientError::new(
+        axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+        "invalid_request_error",
+        "request_too_large",
+        format!(
+            "the prompt is too large: its sealed form would exceed {} base58 characters",
+            e2e::MAX_CIPHERTEXT_CHARS
+        ),
+    )
+}
+
 struct Dispatched {
     job_id: String,
     model: String,
@@ -103,16 +121,34 @@ async fn run_once(
             grid.effective_price(node, &req.model),
         )
     };
+    let nonce = (req.is_stream() && streams).then(e2e::random_request_nonce);
+    let inner = JobPayload::from_openai(req, max_tokens, nonce.as_deref());
+    let inner = serde_json::to_vec(&inner).map_err(ClientError::internal)?;
+    // Sizes before work (§7f): a prompt whose sealed form the node would
+    // refuse is refused here, before any base58 and before billing.
+    if max_sealed_chars(inner.len()) > e2e::MAX_CIPHERTEXT_CHARS {
+        return Err(too_large());
+    }
     let job_id = uuid::Uuid::new_v4().to_string();
     let quote = price.cost(prompt_bound(req), max_tokens);
     let bill = match billing::authorize(grid, http, price, quote, &job_id).await {
         Ok(b) => b,
         Err(resp) => return Ok(Attempt::Refused(resp)),
     };
-    let nonce = (req.is_stream() && streams).then(e2e::random_request_nonce);
-    let inner = JobPayload::from_openai(req, max_tokens, nonce.as_deref());
-    let inner = serde_json::to_vec(&inner).map_err(ClientError::internal)?;
-    let (enc, key) = e2e::seal_input(&x25519, &inner).map_err(ClientError::internal)?;
+    // Sealing encodes base58, whose cost grows with the square of the
+    // length: off the async threads, so other clients are not held up.
+    let sealed = tokio::task::spawn_blocking(move || e2e::seal_input(&x25519, &inner)).await;
+    let (enc, key) = match sealed {
+        Ok(Ok(sealed)) => sealed,
+        Ok(Err(e)) => {
+            bill.release().await;
+            return Err(ClientError::internal(e));
+        }
+        Err(e) => {
+            bill.release().await;
+            return Err(ClientError::internal(e));
+        }
+    };
     let payload = SealedInputPayload {
         enc,
         stream: nonce.is_some().then_some(true),
@@ -181,9 +217,11 @@ pub async fn chat(
             let sealed = done
                 .sealed_result
                 .ok_or_else(|| ClientError::node_failed("the node answered in plain"))?;
-            let plain = d
-                .key
-                .open_output(&sealed)
+            // Opening decodes base58: off the async threads.
+            let key = d.key;
+            let plain = tokio::task::spawn_blocking(move || key.open_output(&sealed))
+                .await
+                .map_err(ClientError::internal)?
                 .map_err(|e| ClientError::node_failed(format!("reply does not open: {e}")))?;
             let reply: SealedReplyPlaintext = serde_json::from_slice(&plain)
                 .map_err(|e| ClientError::node_failed(format!("reply is not a result: {e}")))?;

@@ -78,6 +78,36 @@ fn refused(why: Refused) -> NodeApiError {
     NodeApiError::conflict(why.to_string())
 }
 
+/// The result signature of a whole result (§4).
+fn verify_complete(
+    signer: &crate::proto::identity::Ed25519Public,
+    job_id: &str,
+    req: &CompleteRequest,
+) -> Result<(), String> {
+    let sig = req.result_envelope_signature.as_deref();
+    let version = req.result_envelope_version.as_deref();
+    match (&req.sealed_result, &req.encrypted_result) {
+        (Some(sealed), None) => Algorithm::V2
+            .expect(sealed.algorithm.as_deref())
+            .and_then(|_| {
+                envelope::verify_result(
+                    signer,
+                    job_id,
+                    ResultKind::Sealed,
+                    &sealed.ciphertext,
+                    sig,
+                    version,
+                )
+            })
+            .map_err(|e| e.to_string()),
+        (None, Some(text)) => {
+            envelope::verify_result(signer, job_id, ResultKind::Plain, text, sig, version)
+                .map_err(|e| e.to_string())
+        }
+        _ => Err("exactly one of sealed_result and encrypted_result is required".into()),
+    }
+}
+
 /// `POST /grid/jobs/{id}/complete`: the whole result of a job that has not
 /// streamed.
 pub async fn complete(
@@ -102,28 +132,22 @@ pub async fn complete(
         }
         Some(Ok(())) => {}
     }
-    let sig = req.result_envelope_signature.as_deref();
-    let version = req.result_envelope_version.as_deref();
-    let checked = match (&req.sealed_result, &req.encrypted_result) {
-        (Some(sealed), None) => Algorithm::V2
-            .expect(sealed.algorithm.as_deref())
-            .and_then(|_| {
-                envelope::verify_result(
-                    &signer,
-                    job_id,
-                    ResultKind::Sealed,
-                    &sealed.ciphertext,
-                    sig,
-                    version,
-                )
-            })
-            .map_err(|e| e.to_string()),
-        (None, Some(text)) => {
-            envelope::verify_result(&signer, job_id, ResultKind::Plain, text, sig, version)
-                .map_err(|e| e.to_string())
-        }
-        _ => Err("exactly one of sealed_result and encrypted_result is required".into()),
-    };
+    // The signature covers the whole result (up to the body limit): checked
+    // off the async threads.
+    let job = job_id.to_string();
+    let (req, checked) = tokio::task::spawn_blocking(move || {
+        let checked = verify_complete(&signer, &job, &req);
+        (req, checked)
+    })
+    .await
+    .map_err(|e| {
+        tracing::error!(error = %e, "result check failed to run");
+        NodeApiError::new(
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            "internal error",
+        )
+    })?;
     if let Err(why) = checked {
         return Err(reject(grid, job_id, "bad_signature", why));
     }

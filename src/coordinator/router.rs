@@ -104,10 +104,10 @@ pub(crate) fn choose_node(
     }
     affordable
         .iter()
-        .filter(|n| inner.load(&n.id, now) < n.max_concurrent_jobs)
+        .filter(|n| inner.load(&n.id) < n.max_concurrent_jobs)
         .min_by(|a, b| {
-            let la = inner.load(&a.id, now) as f64 / a.max_concurrent_jobs as f64;
-            let lb = inner.load(&b.id, now) as f64 / b.max_concurrent_jobs as f64;
+            let la = inner.load(&a.id) as f64 / a.max_concurrent_jobs as f64;
+            let lb = inner.load(&b.id) as f64 / b.max_concurrent_jobs as f64;
             price(&a.id).cmp(&price(&b.id)).then(la.total_cmp(&lb))
         })
         .map(|n| n.id)
@@ -138,7 +138,7 @@ pub(crate) fn dispatch(
     let mut inner = grid.lock();
     let pending = job.pending();
     inner.insert_job(job);
-    if let Some(push) = inner.node(&node_id).and_then(|n| n.push.clone()) {
+    if let Some(push) = inner.node(&node_id).and_then(|n| n.push().cloned()) {
         let _ = push.send(pending);
     }
     rx

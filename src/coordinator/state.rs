@@ -38,7 +38,17 @@ pub struct Config {
     pub heartbeat_interval: Duration,
     /// A node that misses this many heartbeats stops receiving work.
     pub missed_heartbeats: u32,
+    /// How long a reservation lives unless a chat call claims it (§7f: at
+    /// most 10 s). It holds no slot meanwhile.
     pub reservation_ttl: Duration,
+    /// Unclaimed reservations one client (API key's wallet, else address)
+    /// may hold at once; over it, 429 `too_many_reservations` (§7f).
+    pub max_reservations_per_client: usize,
+    /// The most parallel slots a node's heartbeat may claim (§7f); a larger
+    /// claim is clamped to it.
+    pub max_node_slots: u32,
+    /// Models a node may advertise besides the catalogue's (§7f).
+    pub allowed_models: Vec<String>,
     /// A job offered but never acknowledged is re-routed or failed after this.
     pub dispatch_timeout: Duration,
     /// A job with no terminal call after this is failed (stuck engine).
@@ -64,6 +74,8 @@ pub struct Config {
     pub vendor_services: Option<super::attestation::VendorServices>,
     /// The wall clock (attestation times, token expiry, usage rows).
     pub clock: Clock,
+    /// Timeouts and the connection limit of the HTTP server.
+    pub server_limits: crate::http::ServerLimits,
 }
 
 impl Default for Config {
@@ -73,7 +85,10 @@ impl Default for Config {
             public_url: "http://127.0.0.1:8080".into(),
             heartbeat_interval: Duration::from_secs(5),
             missed_heartbeats: 3,
-            reservation_ttl: Duration::from_secs(60),
+            reservation_ttl: Duration::from_secs(10),
+            max_reservations_per_client: 16,
+            max_node_slots: 256,
+            allowed_models: Vec::new(),
             dispatch_timeout: Duration::from_secs(30),
             stuck_job_timeout: Duration::from_secs(600),
             challenge_ttl: Duration::from_secs(300),
@@ -87,6 +102,7 @@ impl Default for Config {
             simulated_tee_keys: Vec::new(),
             vendor_services: None,
             clock: Clock::system(),
+            server_limits: crate::http::ServerLimits::default(),
         }
     }
 }
@@ -114,7 +130,14 @@ pub struct Node {
     challenge: Option<(String, Instant)>,
     pub jobs_completed: u64,
     pub jobs_failed: u64,
-    pub push: Option<mpsc::UnboundedSender<PendingJob>>,
+    /// The node's live WebSockets, oldest first, each with its generation;
+    /// jobs are pushed to the newest. A stray socket opened with the node's
+    /// token and closed again leaves the others in place.
+    sockets: Vec<(u64, mpsc::UnboundedSender<PendingJob>)>,
+    /// When the node's last live WebSocket closed: taken as a sign of death
+    /// (with a missed heartbeat, whichever comes first) until it connects
+    /// again or heartbeats after it.
+    socket_lost: Option<Instant>,
     /// Custom prices per model and when each last changed.
     pub custom_prices: HashMap<String, TokenPrice>,
     pub price_changed: HashMap<String, Instant>,
@@ -161,6 +184,32 @@ pub struct Reservation {
     pub node_id: NodeId,
     pub model: String,
     pub expires: Instant,
+    /// Who asked for it (see [`Config::max_reservations_per_client`]).
+    pub client: String,
+}
+
+/// What a closed node WebSocket leaves behind.
+#[derive(Debug)]
+pub enum SocketLoss {
+    /// Another socket of the node is open: push these jobs to it again.
+    Other(Option<mpsc::UnboundedSender<PendingJob>>, Vec<PendingJob>),
+    /// It was the node's last: these jobs are to be failed.
+    Dead(Vec<String>),
+}
+
+/// All unclaimed reservations together never exceed this, whatever the
+/// number of clients: each is a little memory until it expires.
+pub const MAX_RESERVATIONS: usize = 65_536;
+
+/// Why a reservation was not made or not claimed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReservationRefused {
+    /// The client holds too many; retry after this long.
+    TooMany(Duration),
+    /// The node has no free slot now.
+    NoCapacity,
+    /// Unknown, expired or already used.
+    Invalid,
 }
 
 /// What the lock guards. Reached only through its methods, so every change
@@ -171,6 +220,8 @@ pub struct Inner {
     jobs: HashMap<String, Job>,
     reservations: HashMap<String, Reservation>,
     used_codes: Vec<String>,
+    /// The generation of the last node WebSocket accepted.
+    socket_generation: u64,
 }
 
 impl Inner {
@@ -204,24 +255,106 @@ impl Inner {
         self.reservations.get(token).filter(|r| r.expires > now)
     }
 
-    pub fn insert_reservation(&mut self, token: String, reservation: Reservation) {
+    /// Record a reservation unless its client already holds `per_client`
+    /// live ones (or the grid [`MAX_RESERVATIONS`]); then how long until
+    /// the client's oldest one expires.
+    pub fn insert_reservation(
+        &mut self,
+        token: String,
+        reservation: Reservation,
+        per_client: usize,
+        now: Instant,
+    ) -> Result<(), ReservationRefused> {
+        let mut held = 0usize;
+        let mut first_expiry: Option<Instant> = None;
+        for r in self.reservations.values() {
+            if r.client == reservation.client && r.expires > now {
+                held += 1;
+                first_expiry = Some(first_expiry.map_or(r.expires, |e| e.min(r.expires)));
+            }
+        }
+        if held >= per_client || self.reservations.len() >= MAX_RESERVATIONS {
+            let wait = first_expiry.map_or(Duration::from_secs(1), |e| e - now);
+            return Err(ReservationRefused::TooMany(wait));
+        }
         self.reservations.insert(token, reservation);
+        Ok(())
     }
 
-    /// Spend a reservation (single use); `None` when unknown or expired.
-    pub fn take_reservation(&mut self, token: &str, now: Instant) -> Option<Reservation> {
-        self.reservations.remove(token).filter(|r| r.expires > now)
+    /// Claim a reservation for a chat call (single use): the node's slot is
+    /// taken now, so a node with none free refuses and the reservation is
+    /// left as it was.
+    pub fn take_reservation(
+        &mut self,
+        token: &str,
+        now: Instant,
+    ) -> Result<Reservation, ReservationRefused> {
+        let r = self
+            .reservation(token, now)
+            .ok_or(ReservationRefused::Invalid)?;
+        let slots = self
+            .nodes
+            .get(&r.node_id)
+            .map_or(0, |n| n.max_concurrent_jobs);
+        if self.load(&r.node_id) >= slots {
+            return Err(ReservationRefused::NoCapacity);
+        }
+        self.reservations
+            .remove(token)
+            .ok_or(ReservationRefused::Invalid)
     }
 
-    /// Jobs running or offered on a node, plus its live reservations.
-    pub fn load(&self, node_id: &NodeId, now: Instant) -> u32 {
+    /// Jobs running or offered on a node. Reservations take no slot (§7f):
+    /// a slot is taken when the chat call claims one.
+    pub fn load(&self, node_id: &NodeId) -> u32 {
         let jobs = self.jobs.values().filter(|j| &j.node_id == node_id).count();
-        let res = self
-            .reservations
+        u32::try_from(jobs).unwrap_or(u32::MAX)
+    }
+
+    /// A new WebSocket of a node becomes the one jobs are pushed to; returns
+    /// its generation.
+    pub fn attach_socket(
+        &mut self,
+        node_id: &NodeId,
+        push: mpsc::UnboundedSender<PendingJob>,
+    ) -> Option<u64> {
+        self.socket_generation += 1;
+        let generation = self.socket_generation;
+        let node = self.nodes.get_mut(node_id)?;
+        node.sockets.push((generation, push));
+        node.socket_lost = None;
+        Some(generation)
+    }
+
+    /// A node's WebSocket closed. Only that socket is forgotten; jobs keep
+    /// going to the newest one still open, and the jobs still waiting for
+    /// the node are offered again on it (one pushed to the closing socket
+    /// may never have arrived; the node ignores an id it has seen). When no
+    /// socket is left, the node is taken for dead: its jobs are to be failed
+    /// at once.
+    pub fn detach_socket(&mut self, node_id: &NodeId, generation: u64, now: Instant) -> SocketLoss {
+        let Some(node) = self.nodes.get_mut(node_id) else {
+            return SocketLoss::Other(None, Vec::new());
+        };
+        let was_newest = node.sockets.last().is_some_and(|(g, _)| *g == generation);
+        node.sockets.retain(|(g, _)| *g != generation);
+        if let Some((_, push)) = node.sockets.last() {
+            let push = push.clone();
+            let again = if was_newest {
+                self.offered_to(node_id)
+            } else {
+                Vec::new()
+            };
+            return SocketLoss::Other(Some(push), again);
+        }
+        node.socket_lost = Some(now);
+        let jobs = self
+            .jobs
             .values()
-            .filter(|r| &r.node_id == node_id && r.expires > now)
-            .count();
-        (jobs + res) as u32
+            .filter(|j| &j.node_id == node_id)
+            .map(|j| j.id.clone())
+            .collect();
+        SocketLoss::Dead(jobs)
     }
 
     /// Apply a heartbeat's `active_job_ids` to the node's jobs (§6.5): listed
@@ -410,10 +543,20 @@ impl Grid {
         Some(new)
     }
 
-    /// Whether a node is still heard from.
+    /// Whether a node is still heard from: no missed heartbeats, and its
+    /// WebSocket, if it had one, has not closed without another open.
     pub fn is_online(&self, node: &Node, now: Instant) -> bool {
-        now.duration_since(node.last_seen)
-            <= self.config.heartbeat_interval * self.config.missed_heartbeats
+        node.socket_lost.is_none()
+            && now.duration_since(node.last_seen)
+                <= self.config.heartbeat_interval * self.config.missed_heartbeats
+    }
+
+    /// Whether `model` is one a node may advertise (§7f): the catalogue's,
+    /// one with a configured reference price, or one allowed by configuration.
+    pub fn model_allowed(&self, model: &str) -> bool {
+        matches!(crate::catalogue::find(model), Ok(Some(_)))
+            || self.config.reference_prices.contains_key(model)
+            || self.config.allowed_models.iter().any(|m| m == model)
     }
 
     /// Register a node; returns its id and token. The caller has checked
@@ -450,7 +593,8 @@ impl Grid {
                 challenge: None,
                 jobs_completed: 0,
                 jobs_failed: 0,
-                push: None,
+                sockets: Vec::new(),
+                socket_lost: None,
                 custom_prices: HashMap::new(),
                 price_changed: HashMap::new(),
                 attestation: None,
@@ -610,7 +754,27 @@ impl Grid {
     }
 }
 
+/// A heartbeat must arrive this long after a node's WebSocket closed to
+/// prove the node alive: one already on its way when the node died must not.
+const SOCKET_LOSS_GRACE: Duration = Duration::from_secs(1);
+
 impl Node {
+    /// The WebSocket jobs are pushed to: the newest one open.
+    pub fn push(&self) -> Option<&mpsc::UnboundedSender<PendingJob>> {
+        self.sockets.last().map(|(_, push)| push)
+    }
+
+    /// A heartbeat arrived at `now`.
+    pub fn heard_from(&mut self, now: Instant) {
+        self.last_seen = now;
+        if self
+            .socket_lost
+            .is_some_and(|lost| now.duration_since(lost) >= SOCKET_LOSS_GRACE)
+        {
+            self.socket_lost = None;
+        }
+    }
+
     fn to_doc(&self) -> String {
         let doc = NodeDoc {
             wallet_address: self.wallet_address.clone(),
@@ -665,7 +829,8 @@ impl Node {
             challenge: None,
             jobs_completed: d.jobs_completed,
             jobs_failed: d.jobs_failed,
-            push: None,
+            sockets: Vec::new(),
+            socket_lost: None,
             custom_prices: d
                 .custom_prices
                 .into_iter()

@@ -12,7 +12,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 
 use super::error::NodeApiError;
-use super::state::Grid;
+use super::state::{Grid, SocketLoss};
 use crate::proto::api::{PendingJob, WsMessage};
 use crate::proto::identity::NodeId;
 
@@ -49,14 +49,46 @@ fn frame(msg: &WsMessage) -> Message {
 
 async fn session(grid: Grid, node_id: NodeId, socket: WebSocket) {
     let (tx, mut rx) = mpsc::unbounded_channel::<PendingJob>();
-    let waiting: Vec<PendingJob> = {
+    let (generation, waiting) = {
         let mut inner = grid.lock();
-        if let Some(node) = inner.node_mut(&node_id) {
-            node.push = Some(tx.clone());
-        }
-        inner.offered_to(&node_id)
+        let Some(generation) = inner.attach_socket(&node_id, tx) else {
+            return;
+        };
+        (generation, inner.offered_to(&node_id))
     };
-    tracing::info!(%node_id, "node WebSocket connected");
+    tracing::info!(%node_id, generation, "node WebSocket connected");
+    talk(&mut rx, socket, waiting).await;
+    // The socket is gone. If it was the node's last, the node is taken for
+    // dead at once (a killed process closes its sockets long before its
+    // heartbeats are missed): its jobs fail now, and it is not routed to
+    // until it connects or heartbeats again.
+    let loss = grid
+        .lock()
+        .detach_socket(&node_id, generation, std::time::Instant::now());
+    match loss {
+        SocketLoss::Other(push, again) => {
+            tracing::info!(%node_id, generation, "node WebSocket closed; another is open");
+            if let Some(push) = push {
+                for job in again {
+                    let _ = push.send(job);
+                }
+            }
+        }
+        SocketLoss::Dead(jobs) => {
+            tracing::warn!(%node_id, generation, jobs = jobs.len(), "node WebSocket closed; node taken for dead");
+            for job_id in jobs {
+                grid.fail_job_later(&job_id, "the node's connection closed".into());
+            }
+        }
+    }
+}
+
+/// Push jobs to the node and answer its frames until the socket closes.
+async fn talk(
+    rx: &mut mpsc::UnboundedReceiver<PendingJob>,
+    socket: WebSocket,
+    waiting: Vec<PendingJob>,
+) {
     let (mut sink, mut stream) = socket.split();
     let hello = WsMessage::Hello {
         protocol: "sgl-ws-v1".into(),
@@ -100,11 +132,4 @@ async fn session(grid: Grid, node_id: NodeId, socket: WebSocket) {
             },
         }
     }
-    let mut inner = grid.lock();
-    if let Some(node) = inner.node_mut(&node_id) {
-        if node.push.as_ref().is_some_and(|p| p.same_channel(&tx)) {
-            node.push = None;
-        }
-    }
-    tracing::info!(%node_id, "node WebSocket closed");
 }

@@ -290,9 +290,6 @@ pub async fn run(
     shutdown.await;
     tracing::info!("shutting down: going off-grid and finishing in-flight jobs");
     shared.draining.store(true, Ordering::SeqCst);
-    if let Some(ws) = ws {
-        ws.abort();
-    }
     let off = shared.set_off_grid(true).await;
     if let Err(e) = off {
         tracing::warn!(error = %e, "could not tell the coordinator the node is leaving");
@@ -304,6 +301,11 @@ pub async fn run(
     let left = shared.running_ids();
     if !left.is_empty() {
         tracing::warn!(jobs = ?left, "drain timeout: leaving with jobs unfinished");
+    }
+    // The WebSocket closes last: the coordinator takes a closed socket for
+    // the node's death and fails its jobs, so it stays open while they finish.
+    if let Some(ws) = ws {
+        ws.abort();
     }
     beat.abort();
     dispatcher.abort();
@@ -618,10 +620,26 @@ async fn fail(shared: &Shared, job_id: &str, reason: &str) {
     }
 }
 
-async fn run_job(shared: &Shared, job: PendingJob) {
-    let chat = match jobs::parse_job(&shared.identity, &job, true) {
-        Ok(c) => c,
-        Err(e) => return fail(shared, &job.id, &e.to_string()).await,
+async fn run_job(shared: &Arc<Shared>, job: PendingJob) {
+    // Opening the sealed input decodes base58, whose cost grows with the
+    // square of its length: off the async threads, which keep the
+    // heartbeat, the WebSocket and the other jobs going.
+    let parsed = {
+        let shared = Arc::clone(shared);
+        let job = job.clone();
+        tokio::task::spawn_blocking(move || jobs::parse_job(&shared.identity, &job, true)).await
+    };
+    let chat = match parsed {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return fail(shared, &job.id, &e.to_string()).await,
+        Err(e) => {
+            return fail(
+                shared,
+                &job.id,
+                &format!("the job could not be opened: {e}"),
+            )
+            .await
+        }
     };
     let events = match shared.executor.start(&chat) {
         Ok(rx) => rx,

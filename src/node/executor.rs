@@ -60,6 +60,9 @@ pub trait Executor: Send + Sync + 'static {
 pub struct EchoExecutor {
     pub model: String,
     pub slots: u32,
+    /// A pause before each token, standing in for a model's decode pace
+    /// (zero: all at once).
+    pub token_delay: std::time::Duration,
 }
 
 impl EchoExecutor {
@@ -67,7 +70,14 @@ impl EchoExecutor {
         EchoExecutor {
             model: model.into(),
             slots: slots.max(1),
+            token_delay: std::time::Duration::ZERO,
         }
+    }
+
+    /// The same, pausing `delay` before each token.
+    pub fn with_token_delay(mut self, delay: std::time::Duration) -> Self {
+        self.token_delay = delay;
+        self
     }
 }
 
@@ -109,17 +119,35 @@ impl Executor for EchoExecutor {
         } else {
             FinishReason::Length
         };
-        let (tx, rx) = mpsc::channel(words.len() + 1);
         let completion_tokens = words.len() as u64;
+        let done = ExecEvent::Done {
+            finish,
+            prompt_tokens,
+            completion_tokens,
+        };
+        if !self.token_delay.is_zero() {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                let (tx, rx) = mpsc::channel(8);
+                let delay = self.token_delay;
+                rt.spawn(async move {
+                    for w in words {
+                        tokio::time::sleep(delay).await;
+                        // The job was dropped (cancelled): stop.
+                        if tx.send(ExecEvent::Token(w)).await.is_err() {
+                            return;
+                        }
+                    }
+                    let _ = tx.send(done).await;
+                });
+                return Ok(rx);
+            }
+        }
+        let (tx, rx) = mpsc::channel(words.len() + 1);
         for w in words {
             // The channel holds every event, so these sends cannot fail.
             let _ = tx.try_send(ExecEvent::Token(w));
         }
-        let _ = tx.try_send(ExecEvent::Done {
-            finish,
-            prompt_tokens,
-            completion_tokens,
-        });
+        let _ = tx.try_send(done);
         Ok(rx)
     }
 }

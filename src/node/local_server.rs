@@ -135,7 +135,9 @@ fn now_secs() -> u64 {
     crate::clock::Clock::system().now_secs()
 }
 
-/// The routes, for embedding in another server or a test.
+/// The routes, for embedding in another server or a test. Every error
+/// leaves as OpenAI JSON: an unknown route is 404 `not_supported`, and what
+/// axum answers on its own (a wrong method) is rewritten by [`json_edge`].
 pub fn router(state: Arc<LocalState>, max_body_bytes: usize) -> Router {
     Router::new()
         .route(routes::CHAT_COMPLETIONS, post(chat_completions))
@@ -143,7 +145,43 @@ pub fn router(state: Arc<LocalState>, max_body_bytes: usize) -> Router {
         .route(routes::HEALTH, get(health))
         .route(routes::METRICS, get(metrics))
         .layer(DefaultBodyLimit::max(max_body_bytes))
+        .fallback(not_supported)
+        .layer(axum::middleware::map_response(json_edge))
         .with_state(state)
+}
+
+async fn not_supported(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    let path: String = uri.path().chars().take(128).collect();
+    error(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        "not_supported",
+        format!("{method} {path} is not served here"),
+    )
+}
+
+/// An error response that is not JSON (axum's own: 405, a body limit) in
+/// the OpenAI shape; anything else as it is.
+async fn json_edge(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.contains("json"));
+    if is_json || !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let (kind, code) = match status {
+        StatusCode::METHOD_NOT_ALLOWED => ("invalid_request_error", "method_not_allowed"),
+        StatusCode::PAYLOAD_TOO_LARGE => ("invalid_request_error", "request_too_large"),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ("invalid_request_error", "unsupported_media_type"),
+        StatusCode::NOT_FOUND => ("invalid_request_error", "not_supported"),
+        s if s.is_server_error() => ("server_error", "internal_error"),
+        _ => ("invalid_request_error", "invalid_request"),
+    };
+    let message = status.canonical_reason().unwrap_or("error").to_lowercase();
+    error(status, kind, code, message)
 }
 
 /// Serve on `listener` until `shutdown` resolves. With [`Source::Engine`] the
@@ -153,17 +191,15 @@ pub async fn serve(
     listener: TcpListener,
     source: Source,
     max_body_bytes: usize,
+    limits: crate::http::ServerLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let listener = crate::http::no_delay(listener);
     let state = LocalState::new();
     let app = router(state.clone(), max_body_bytes);
     let config = match source {
         Source::Executor(x) => {
             state.set_backend(Backend::Executor(x));
-            axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown)
-                .await?;
+            crate::http::serve(listener, app, limits, shutdown).await?;
             return Ok(());
         }
         Source::Engine(config) => config,
@@ -182,7 +218,7 @@ pub async fn serve(
             }
         })
     };
-    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown);
+    let server = crate::http::serve(listener, app, limits, shutdown);
     let server = tokio::spawn(async move { server.await });
     match loader.await {
         Ok(Ok(())) => {}
@@ -310,7 +346,15 @@ async fn chat_completions(
     let body = match body {
         Ok(b) => b,
         Err(e) => {
-            return bad_request("invalid_body", format!("cannot read the body: {e}"));
+            // Over the size limit: 413; a body that could not be read: 400.
+            let status = e.status();
+            let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+                "request_too_large"
+            } else {
+                "invalid_body"
+            };
+            let kind = "invalid_request_error";
+            return error(status, kind, code, format!("cannot read the body: {e}"));
         }
     };
     let Some(backend) = state.backend() else {
@@ -530,4 +574,68 @@ fn stream_response(
         }
     });
     Sse::new(stream).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    //! Every error of the local server is OpenAI JSON, driven without a socket.
+
+    use axum::body::Body;
+    use axum::http::{header, Request, StatusCode};
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::node::executor::EchoExecutor;
+
+    fn app(max_body: usize) -> Router {
+        let state = LocalState::new();
+        state.set_backend(Backend::Executor(Arc::new(EchoExecutor::new("m", 1))));
+        router(state, max_body)
+    }
+
+    async fn send(req: Request<Body>, max_body: usize) -> (StatusCode, serde_json::Value) {
+        let resp = app(max_body).oneshot(req).await.unwrap();
+        let status = resp.status();
+        let ct = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        assert_eq!(ct.as_deref(), Some("application/json"), "status {status}");
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (status, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    fn post(path: &str, body: impl Into<Body>) -> Request<Body> {
+        Request::post(path)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(body.into())
+            .unwrap()
+    }
+
+    fn code(v: &serde_json::Value) -> &str {
+        assert!(v["error"]["message"].is_string(), "{v}");
+        v["error"]["code"].as_str().unwrap()
+    }
+
+    #[tokio::test]
+    async fn errors_are_json_on_every_route() {
+        let (status, v) = send(post("/v1/chat/completions", "{not json"), 1024).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(code(&v), "invalid_json");
+        let (status, v) = send(post("/v1/chat/completions", vec![b' '; 2048]), 1024).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(code(&v), "request_too_large");
+        let (status, v) = send(post("/v1/embeddings", "{}"), 1024).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(code(&v), "not_supported");
+        let get = Request::get("/v1/chat/completions")
+            .body(Body::empty())
+            .unwrap();
+        let (status, v) = send(get, 1024).await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(code(&v), "method_not_allowed");
+    }
 }

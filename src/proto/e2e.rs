@@ -42,10 +42,11 @@ const TAG_LEN: usize = 16;
 /// nonce(24) ‖ tag(16): the smallest blob that can be genuine.
 pub const MIN_BLOB_LEN: usize = NONCE_LEN + TAG_LEN;
 /// The cap sgl enforces before decoding a sealed input or output, stricter
-/// than the protocol's 8 MiB of b58 (§3.7; sgl choice). base58 decoding is quadratic: at the
-/// protocol's 8 MiB one request would cost minutes of CPU, at 512 KiB it costs
-/// about two seconds at worst. 512 KiB of b58 is about 375 KB of payload,
-/// roughly 90,000 tokens, more than the context of any model served.
+/// than the protocol's 8 MiB of b58 (§3.7; sgl choice). base58 conversion
+/// grows faster than the length (as n^1.6, see `b58`): at this cap one blob
+/// costs well under a second (`benches/b58.rs`), at 8 MiB it would cost a
+/// minute. 512 KiB of b58 is about 375 KB of payload, roughly 90,000 tokens,
+/// more than the context of any model served.
 pub const MAX_CIPHERTEXT_CHARS: usize = 512 * 1024;
 /// A stream chunk `ciphertext` string over this is refused (§3.7).
 pub const MAX_CHUNK_CIPHERTEXT_CHARS: usize = 256_000;

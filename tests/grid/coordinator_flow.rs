@@ -18,28 +18,28 @@ use sgl::proto::envelope::{self, ResultKind};
 use sgl::proto::identity::{Ed25519Public, NodeIdentity, X25519Public, KEY_VERSION};
 use sgl::proto::openai::{FinishReason, Usage};
 
-async fn start(config: Config) -> String {
+pub(crate) async fn start(config: Config) -> String {
     grid_support::in_process::coordinator(config).await
 }
 
-fn dev() -> Config {
+pub(crate) fn dev() -> Config {
     Config {
         dev: true,
         ..Config::default()
     }
 }
 
-struct TestNode {
-    base: String,
-    http: reqwest::Client,
-    id: NodeIdentity,
-    node_id: String,
-    token: String,
-    active: Vec<String>,
+pub(crate) struct TestNode {
+    pub(crate) base: String,
+    pub(crate) http: reqwest::Client,
+    pub(crate) id: NodeIdentity,
+    pub(crate) node_id: String,
+    pub(crate) token: String,
+    pub(crate) active: Vec<String>,
 }
 
 impl TestNode {
-    async fn join(base: &str) -> TestNode {
+    pub(crate) async fn join(base: &str) -> TestNode {
         let http = reqwest::Client::new();
         let id = NodeIdentity::generate();
         let reg: Value = http
@@ -97,12 +97,12 @@ impl TestNode {
         node
     }
 
-    fn keybind(&self) -> String {
+    pub(crate) fn keybind(&self) -> String {
         let nid = sgl::proto::identity::NodeId::parse(&self.node_id).unwrap();
         self.id.sign_keybind(&nid, KEY_VERSION).to_b58()
     }
 
-    async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
+    pub(crate) async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
         self.http
             .post(format!("{}{path}", self.base))
             .header("X-Node-Auth", &self.token)
@@ -113,7 +113,7 @@ impl TestNode {
             .unwrap()
     }
 
-    async fn heartbeat(&self) -> Vec<PendingJob> {
+    pub(crate) async fn heartbeat(&self) -> Vec<PendingJob> {
         let r = self
             .post(
                 "/grid/nodes/heartbeat",
@@ -129,7 +129,7 @@ impl TestNode {
         serde_json::from_value(v["pending_jobs"].clone()).unwrap()
     }
 
-    async fn next_job(&mut self) -> PendingJob {
+    pub(crate) async fn next_job(&mut self) -> PendingJob {
         for _ in 0..200 {
             if let Some(j) = self.heartbeat().await.into_iter().next() {
                 self.active.push(j.id.clone());
@@ -141,7 +141,7 @@ impl TestNode {
     }
 
     /// Take one job and answer it with `tokens`, streaming when asked to.
-    async fn serve(&mut self, tokens: &[&str]) -> String {
+    pub(crate) async fn serve(&mut self, tokens: &[&str]) -> String {
         let job = self.next_job().await;
         let chat = jobs::parse_job(&self.id, &job, true).unwrap();
         let usage = Usage::new(9, tokens.len() as u64);
@@ -187,7 +187,7 @@ impl TestNode {
     }
 }
 
-async fn reserve(base: &str, body: Value) -> reqwest::Response {
+pub(crate) async fn reserve(base: &str, body: Value) -> reqwest::Response {
     reqwest::Client::new()
         .post(format!("{base}/v1/reserve"))
         .json(&body)
@@ -209,7 +209,7 @@ fn sealed_request(res: &ReserveResponse, stream: bool, nonce: &str) -> (Value, R
     (body, key)
 }
 
-async fn chat(base: String, body: Value) -> reqwest::Response {
+pub(crate) async fn chat(base: String, body: Value) -> reqwest::Response {
     reqwest::Client::new()
         .post(format!("{base}/v1/chat/completions"))
         .json(&body)
@@ -271,7 +271,7 @@ async fn sealed_non_stream_round_trip() {
 }
 
 /// Parse an SSE body into (event name, data) pairs.
-fn sse_events(text: &str) -> Vec<(Option<String>, String)> {
+pub(crate) fn sse_events(text: &str) -> Vec<(Option<String>, String)> {
     let mut out = Vec::new();
     for block in text.split("\n\n") {
         let mut event = None;
@@ -645,7 +645,7 @@ async fn node_auth_is_checked() {
     assert_eq!(reg(Some("code-1")).await, 403);
 }
 
-fn plain_body(stream: bool) -> Value {
+pub(crate) fn plain_body(stream: bool) -> Value {
     json!({"model": MODEL, "messages": [{"role": "system", "content": "Be brief."},
                                         {"role": "user", "content": "What is the capital of France?"}],
            "max_tokens": 32, "stream": stream, "stream_options": {"include_usage": true}})

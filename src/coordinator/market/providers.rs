@@ -48,7 +48,7 @@ pub async fn providers(
         .map(|n| {
             let p = grid.effective_price(n, &model);
             let slots = n.max_concurrent_jobs.max(1);
-            let load = f64::from(inner.load(&n.id, now)) / f64::from(slots);
+            let load = f64::from(inner.load(&n.id)) / f64::from(slots);
             let blended = p.blended();
             (
                 blended,
