@@ -124,10 +124,27 @@ pub async fn serve(
             }
         })
     };
+    // Credit hold leases: renewed three times per lease for the jobs that
+    // run here; lapsed ones (a crashed replica's) released.
+    let holds = grid.payments.as_ref().map(|p| {
+        let every = (p.store().hold_lease() / 3).max(Duration::from_millis(200));
+        let grid = grid.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                grid.renew_and_reap_holds().await;
+            }
+        })
+    });
     let result = axum::serve(crate::http::no_delay(listener), router(grid))
         .with_graceful_shutdown(shutdown)
         .await;
     reaper.abort();
+    if let Some(h) = holds {
+        h.abort();
+    }
     result
 }
 
