@@ -77,6 +77,11 @@ pub struct EngineSelect {
     /// --served-name (the model id it answers to) and --max-batch (its slots).
     #[arg(long, value_enum, default_value = "candle")]
     pub engine: EngineKind,
+    /// Echo engine only: after this many tokens, hold every job open without
+    /// finishing it until it is cancelled. A stream is then certain to be
+    /// mid-generation, for fault tests that kill a process mid-stream.
+    #[arg(long, value_name = "TOKENS")]
+    pub echo_stall_after: Option<u64>,
 }
 
 #[cfg(feature = "node")]
@@ -97,7 +102,10 @@ impl EngineSelect {
                     "running the echo load-test engine: answers are not model output"
                 );
                 let slots = u32::try_from(args.max_batch).unwrap_or(u32::MAX);
-                Some(sgl::node::executor::EchoExecutor::new(name, slots))
+                Some(
+                    sgl::node::executor::EchoExecutor::new(name, slots)
+                        .stalling_after(self.echo_stall_after),
+                )
             }
         }
     }

@@ -60,6 +60,11 @@ pub trait Executor: Send + Sync + 'static {
 pub struct EchoExecutor {
     pub model: String,
     pub slots: u32,
+    /// After this many tokens (or the whole echo, if shorter) every job is
+    /// held open, never finishing, until it is cancelled: a generation that
+    /// is certain to still be running, for tests that kill a process
+    /// mid-stream (`--echo-stall-after`).
+    pub stall_after: Option<u64>,
 }
 
 impl EchoExecutor {
@@ -67,6 +72,15 @@ impl EchoExecutor {
         EchoExecutor {
             model: model.into(),
             slots: slots.max(1),
+            stall_after: None,
+        }
+    }
+
+    /// The same engine, holding every job open after `tokens` tokens.
+    pub fn stalling_after(self, tokens: Option<u64>) -> Self {
+        EchoExecutor {
+            stall_after: tokens,
+            ..self
         }
     }
 }
@@ -111,6 +125,23 @@ impl Executor for EchoExecutor {
         };
         let (tx, rx) = mpsc::channel(words.len() + 1);
         let completion_tokens = words.len() as u64;
+        if let Some(n) = self.stall_after {
+            for w in words
+                .into_iter()
+                .take(usize::try_from(n).unwrap_or(usize::MAX))
+            {
+                let _ = tx.try_send(ExecEvent::Token(w));
+            }
+            // Hold the job open, never finishing it, until the receiver is
+            // dropped (the job cancelled, or the process killed).
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    rt.spawn(async move { tx.closed().await });
+                }
+                Err(_) => std::mem::forget(tx),
+            }
+            return Ok(rx);
+        }
         for w in words {
             // The channel holds every event, so these sends cannot fail.
             let _ = tx.try_send(ExecEvent::Token(w));
