@@ -58,8 +58,9 @@ step "model"
 
 step "tests"
 # What the tests may skip elsewhere is required here: the model, the Python
-# clients and PostgreSQL.
+# clients, PostgreSQL and the chaos suite's own tmpfs (mounting needs root).
 SGL_REQUIRE_MODEL=1 SGL_REQUIRE_OPENAI=1 SGL_REQUIRE_PY_CLIENTS=1 SGL_REQUIRE_POSTGRES=1 \
+  SGL_REQUIRE_CHAOS=1 \
   cargo test --features "$FEATURES" --no-fail-fast
 
 if [ "${SGL_CUDA_CHECK:-1}" = 1 ]; then

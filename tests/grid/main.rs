@@ -13,6 +13,7 @@ mod coordinator_flow;
 mod grid_billing;
 mod grid_cli;
 mod grid_e2e;
+mod grid_faults;
 mod grid_node_kill;
 mod grid_prices;
 mod grid_x402;
