@@ -66,9 +66,10 @@ step "model"
 
 step "tests"
 # What the tests may skip elsewhere is required here: the model, the Python
-# clients, PostgreSQL and systemd-analyze.
+# clients, PostgreSQL, systemd-analyze and the chaos suite's own tmpfs (mounting
+# needs root).
 SGL_REQUIRE_MODEL=1 SGL_REQUIRE_OPENAI=1 SGL_REQUIRE_PY_CLIENTS=1 SGL_REQUIRE_POSTGRES=1 \
-  SGL_REQUIRE_SYSTEMD=1 \
+  SGL_REQUIRE_SYSTEMD=1 SGL_REQUIRE_CHAOS=1 \
   cargo test --features "$FEATURES" --no-fail-fast
 
 if [ "${SGL_CUDA_CHECK:-1}" = 1 ]; then

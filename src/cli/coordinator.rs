@@ -176,6 +176,13 @@ pub struct ServeArgs {
     /// Seconds between two price changes of the same node and model.
     #[arg(long, default_value_t = 60)]
     pub price_cooldown: u64,
+    /// Seconds a credit hold stays open without renewal. The coordinator
+    /// renews the holds of its running jobs three times per lease; a hold
+    /// nobody renews (its coordinator crashed) is released once the lease
+    /// lapses. At start-up every open hold of a SQLite database is released
+    /// (it serves one coordinator); on PostgreSQL only lapsed ones.
+    #[arg(long, env = "SGL_HOLD_LEASE", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub hold_lease: u64,
     /// Attestation policy (TOML); default: the one shipped in attestation/policy.toml.
     #[arg(long, value_name = "FILE")]
     pub policy: Option<PathBuf>,
@@ -608,7 +615,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let grid = if args.in_memory {
             Grid::new(config)
         } else {
-            let store = args.db.open().await?;
+            let store = args
+                .db
+                .open()
+                .await?
+                .with_hold_lease(Duration::from_secs(args.hold_lease));
             let payments = match (&args.pay_to, &args.facilitator_url) {
                 (to, url) if args.no_billing => {
                     if to.is_some() || url.is_some() {

@@ -85,6 +85,11 @@ pub struct EngineSelect {
     /// (0: answer at once).
     #[arg(long, default_value_t = 0, value_name = "MS")]
     pub echo_token_delay_ms: u64,
+    /// Echo engine only: after this many tokens, hold every job open without
+    /// finishing it until it is cancelled. A stream is then certain to be
+    /// mid-generation, for fault tests that kill a process mid-stream.
+    #[arg(long, value_name = "TOKENS")]
+    pub echo_stall_after: Option<u64>,
 }
 
 #[cfg(feature = "node")]
@@ -106,9 +111,11 @@ impl EngineSelect {
                 );
                 let slots = u32::try_from(args.max_batch).unwrap_or(u32::MAX);
                 Some(
-                    sgl::node::executor::EchoExecutor::new(name, slots).with_token_delay(
-                        std::time::Duration::from_millis(self.echo_token_delay_ms),
-                    ),
+                    sgl::node::executor::EchoExecutor::new(name, slots)
+                        .with_token_delay(std::time::Duration::from_millis(
+                            self.echo_token_delay_ms,
+                        ))
+                        .stalling_after(self.echo_stall_after),
                 )
             }
         }

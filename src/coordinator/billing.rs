@@ -11,14 +11,16 @@
 //!   quote); a client abort only the completion tokens delivered; a failure
 //!   nothing (the charge is released). A per-request payment is settled
 //!   with the facilitator before the result is released. Every job leaves
-//!   one usage row with the revenue [`Split`].
+//!   one usage row with the revenue split
+//!   ([`crate::payments::billing::Split`]), written with the hold's
+//!   settlement or release in one transaction for a credit charge.
 
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 
 use super::state::Grid;
 use crate::money::{Micros, TokenPrice};
-use crate::payments::billing::{Charge, ChargeRefused, Split};
+use crate::payments::billing::{Charge, ChargeRefused};
 use crate::payments::{http as pay_http, RequestParts};
 use crate::proto::openai::Usage;
 use crate::store::UsageRow;
@@ -137,35 +139,12 @@ pub async fn close(
     };
     let quote = charge.quote();
     let method = charge.method();
-    let payer_wallet = charge.payer().map(|w| w.as_str().to_string());
-    let api_key_id = charge.api_key_id().map(str::to_string);
-    let (cost, headers, result) = if matches!(outcome, Outcome::Failed) {
-        charge.release().await;
-        (Micros::ZERO, HeaderMap::new(), Ok(()))
-    } else {
-        match charge
-            .settle(price.cost(prompt, completion).min(quote))
-            .await
-        {
-            Ok(r) => (r.charged, r.headers, Ok(())),
-            Err(e) => {
-                tracing::warn!(job_id = %meta.job_id, error = %e, "settlement failed; withholding the result");
-                (
-                    Micros::ZERO,
-                    HeaderMap::new(),
-                    Err(format!("payment settlement failed: {}", e.code())),
-                )
-            }
-        }
-    };
-    let status = if result.is_err() { "failed" } else { status };
-    let split = Split::of(cost);
     let row = UsageRow {
         job_id: meta.job_id.clone(),
         node_id: meta.node_id.clone(),
         operator_wallet: meta.operator_wallet.clone(),
-        payer_wallet,
-        api_key_id,
+        payer_wallet: charge.payer().map(|w| w.as_str().to_string()),
+        api_key_id: charge.api_key_id().map(str::to_string),
         method: method.to_string(),
         model: meta.model.clone(),
         status: status.to_string(),
@@ -174,16 +153,46 @@ pub async fn close(
         input_per_m: price.input,
         output_per_m: price.output,
         quoted: quote,
-        cost,
-        operator_share: split.operator,
-        platform_share: split.platform,
-        stakers_share: split.stakers,
-        burn_share: split.burn,
+        cost: Micros::ZERO,
+        operator_share: Micros::ZERO,
+        platform_share: Micros::ZERO,
+        stakers_share: Micros::ZERO,
+        burn_share: Micros::ZERO,
         usage_signature: usage_sig,
         result_signature: result_sig,
         created_at: grid.config.clock.now_ms(),
     };
-    if let Some(store) = grid.store() {
+    // A credit charge writes the row in the transaction that settles or
+    // releases its hold; what comes back here is still to be written.
+    let (cost, headers, result, unrecorded) = if matches!(outcome, Outcome::Failed) {
+        let left = charge.release_recording(Some(row)).await;
+        (Micros::ZERO, HeaderMap::new(), Ok(()), left)
+    } else {
+        let fallback = row.clone();
+        match charge
+            .settle_recording(price.cost(prompt, completion).min(quote), Some(row))
+            .await
+        {
+            Ok(r) => (r.charged, r.headers, Ok(()), r.unrecorded),
+            Err(e) => {
+                tracing::warn!(job_id = %meta.job_id, error = %e, "settlement failed; withholding the result");
+                // Nothing was charged: the row says so. A credit hold that
+                // could not be settled lapses and is released.
+                let failed = UsageRow {
+                    status: "failed".into(),
+                    ..crate::payments::billing::priced(fallback, Micros::ZERO)
+                };
+                (
+                    Micros::ZERO,
+                    HeaderMap::new(),
+                    Err(format!("payment settlement failed: {}", e.code())),
+                    Some(failed),
+                )
+            }
+        }
+    };
+    let status = if result.is_err() { "failed" } else { status };
+    if let (Some(store), Some(row)) = (grid.store(), unrecorded) {
         if let Err(e) = store.record_usage(&row).await {
             tracing::error!(job_id = %meta.job_id, error = %e, "could not record usage");
         }

@@ -230,11 +230,13 @@ pub async fn chat(
         }
     }
     let stream = req.stream == Some(true) && streams;
-    let mut payload = json!({ "enc": req.enc });
+    // The quote binds the node (§7f): it generates at most the clear
+    // max_tokens this request was quoted for, whatever the sealed one asks.
+    let mut payload = json!({ "enc": req.enc, "max_tokens_cap": max_tokens });
     if stream {
         payload["stream"] = json!(true);
     }
-    let mut rx = dispatch(&grid, &job_id, node_id, &model, payload, stream, bill);
+    let mut rx = dispatch(&grid, &job_id, node_id, &model, payload, stream, bill, true);
     tracing::info!(%job_id, %node_id, stream, quote = quote.0, "sealed job dispatched");
     let wait = grid.config.stuck_job_timeout + Duration::from_secs(5);
     let first = tokio::time::timeout(wait, rx.recv())
@@ -246,6 +248,10 @@ pub async fn chat(
         Some(JobEvent::Failed(why)) => {
             Err(ClientError::node_failed(format!("the node failed: {why}")))
         }
+        Some(JobEvent::BadInput(why)) => Err(ClientError::invalid(
+            crate::proto::api::FAIL_BAD_SEALED_INPUT,
+            format!("the node cannot open the sealed input: {why}"),
+        )),
         Some(JobEvent::Complete(done, receipt)) => {
             let mut resp = sealed_json(&job_id, &model, created, done)?;
             resp.headers_mut().extend(receipt);

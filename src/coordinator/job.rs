@@ -27,6 +27,9 @@ pub enum JobEvent {
     /// The result and the headers to add to the answer (payment receipts).
     Complete(CompleteRequest, axum::http::HeaderMap),
     Failed(String),
+    /// The node could not open or read the client's sealed input (§7f): a
+    /// 400 `bad_sealed_input` for the client, not the node's failure.
+    BadInput(String),
 }
 
 /// Where a job stands.
@@ -210,6 +213,13 @@ pub struct Job {
     pub events: mpsc::Sender<JobEvent>,
     /// Who pays, and what is held; closed when the job ends.
     pub billing: Option<JobBilling>,
+    /// The client sealed the input itself (sealed mode): a node that cannot
+    /// open it blames the client. In plain mode the coordinator sealed it.
+    pub client_sealed: bool,
+    /// The heartbeat (by the node's count, [`super::state::Node::heartbeats`])
+    /// from which a listing without this job means the node lost it; `None`
+    /// until the job is known to run (§6.5, the ghost rule).
+    pub ghost_from: Option<u64>,
     stage: Stage,
 }
 
@@ -235,8 +245,21 @@ impl Job {
             offered_at,
             events,
             billing,
+            client_sealed: false,
+            ghost_from: None,
             stage: Stage::Offered,
         }
+    }
+
+    /// The job is known to run on its node: either a heartbeat numbered
+    /// `heartbeat` listed it, so the node's next heartbeat must list it too;
+    /// or (`listed` false) a chunk came while the node's last heartbeat was
+    /// `heartbeat`. A heartbeat snapshotted before the job started may
+    /// still be in flight then, and only the one after it is sent after the
+    /// chunk: a node sends its heartbeats one at a time.
+    pub fn seen_running(&mut self, heartbeat: u64, listed: bool) {
+        let from = heartbeat.saturating_add(if listed { 1 } else { 2 });
+        self.ghost_from = Some(self.ghost_from.map_or(from, |f| f.min(from)));
     }
 
     pub fn stage(&self) -> &Stage {

@@ -145,9 +145,26 @@ pub async fn serve(
             }
         })
     };
+    // Credit hold leases: renewed three times per lease for the jobs that
+    // run here; lapsed ones (a crashed replica's) released.
+    let holds = grid.payments.as_ref().map(|p| {
+        let every = (p.store().hold_lease() / 3).max(Duration::from_millis(200));
+        let grid = grid.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                grid.renew_and_reap_holds().await;
+            }
+        })
+    });
     let limits = grid.config.server_limits;
     let result = crate::http::serve(listener, router(grid), limits, shutdown).await;
     reaper.abort();
+    if let Some(h) = holds {
+        h.abort();
+    }
     result
 }
 

@@ -69,12 +69,14 @@ struct Dispatched {
 /// Route, seal and dispatch; wait for the first event. A node that fails
 /// before any output is excluded and the request tried once more elsewhere.
 /// A bound on the prompt's tokens: a token covers at least one byte, plus
-/// the chat template's few tokens per message.
+/// the chat template's few tokens per message and what it adds once
+/// ([`super::pricing::TEMPLATE_TOKENS`]).
 fn prompt_bound(req: &ChatCompletionRequest) -> u64 {
     req.messages
         .iter()
         .map(|m| (m.role.len() + m.content.text().len()) as u64 + 16)
-        .sum()
+        .sum::<u64>()
+        .saturating_add(super::pricing::TEMPLATE_TOKENS)
 }
 
 enum Attempt {
@@ -152,6 +154,7 @@ async fn run_once(
     let payload = SealedInputPayload {
         enc,
         stream: nonce.is_some().then_some(true),
+        max_tokens_cap: Some(max_tokens),
     };
     let payload = serde_json::to_value(payload).map_err(ClientError::internal)?;
     let mut rx = dispatch(
@@ -162,6 +165,7 @@ async fn run_once(
         payload,
         nonce.is_some(),
         bill,
+        false,
     );
     tracing::info!(%job_id, %node_id, stream = nonce.is_some(), "plain job dispatched");
     let wait = grid.config.stuck_job_timeout + Duration::from_secs(5);
@@ -212,7 +216,11 @@ pub async fn chat(
     let created = grid.config.clock.now_secs();
     let id = format!("chatcmpl-{}", d.job_id);
     match d.first {
-        JobEvent::Failed(why) => Err(ClientError::node_failed(format!("the node failed: {why}"))),
+        // The coordinator sealed this input itself: a node that cannot open
+        // it has failed.
+        JobEvent::Failed(why) | JobEvent::BadInput(why) => {
+            Err(ClientError::node_failed(format!("the node failed: {why}")))
+        }
         JobEvent::Complete(done, receipt) => {
             let sealed = done
                 .sealed_result

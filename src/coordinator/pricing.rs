@@ -40,10 +40,29 @@ pub fn to_wire(price: TokenPrice) -> PricePair {
     }
 }
 
-/// The prompt-token bound of a sealed input: `ceil((ciphertext bytes − 40) / 4)`
-/// (§5.10; 40 bytes are the seal's overhead).
+/// Tokens a chat template may add once per prompt beyond the text it wraps:
+/// a default system prompt some models' templates insert, the BOS token and
+/// the assistant turn's header.
+pub const TEMPLATE_TOKENS: u64 = 256;
+
+/// The prompt-token bound of a sealed input (§5.10, §7f): one token per
+/// plaintext byte (the ciphertext bytes less the seal's 40 bytes of
+/// overhead) plus [`TEMPLATE_TOKENS`].
+///
+/// It cannot under-count, whatever the tokenizer: every token of a
+/// byte-level BPE or a SentencePiece vocabulary with byte fallback covers
+/// at least one byte of text, so n bytes of text are at most n tokens (the
+/// former `bytes / 4` assumed four bytes per token, which short words and
+/// digits undercut). The sealed plaintext is the job's JSON: around each
+/// message's text it carries `{"role":"…","content":"…"}`, at least 24
+/// bytes plus the role, more than the tokens a template puts around a
+/// message (ChatML 4 plus the role, Llama 3 5 plus the role), and JSON
+/// escapes only add bytes. What the template adds once per prompt is
+/// [`TEMPLATE_TOKENS`].
 pub fn sealed_prompt_bound(ciphertext_bytes: u64) -> u64 {
-    ciphertext_bytes.saturating_sub(40).div_ceil(4)
+    ciphertext_bytes
+        .saturating_sub(40)
+        .saturating_add(TEMPLATE_TOKENS)
 }
 
 #[cfg(test)]
@@ -72,9 +91,16 @@ mod tests {
 
     #[test]
     fn sealed_bound_is_an_upper_bound() {
-        assert_eq!(sealed_prompt_bound(40), 0);
-        assert_eq!(sealed_prompt_bound(45), 2);
-        assert_eq!(sealed_prompt_bound(4040), 1000);
+        assert_eq!(sealed_prompt_bound(40), TEMPLATE_TOKENS);
+        assert_eq!(sealed_prompt_bound(45), 5 + TEMPLATE_TOKENS);
+        assert_eq!(sealed_prompt_bound(4040), 4000 + TEMPLATE_TOKENS);
+        // Short tokens: "1 2 3 …" is one token per two bytes, which a
+        // bytes / 4 bound undercounts twice over.
+        let digits = (0..500)
+            .map(|i| (i % 10).to_string())
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(sealed_prompt_bound(digits.len() as u64 + 40) >= 500);
         // 32 bytes of 0xff encode to 44 base58 characters.
         use crate::proto::b58::max_decoded_len;
         assert!(max_decoded_len(44) >= 32);

@@ -115,7 +115,7 @@ pub(super) fn sealed(
                         },
                     ))
                 }
-                Some(JobEvent::Failed(why)) => Some((
+                Some(JobEvent::Failed(why)) | Some(JobEvent::BadInput(why)) => Some((
                     vec![error_event(&format!("the node failed: {why}"))],
                     Relay::Done,
                 )),
@@ -178,7 +178,9 @@ impl PlainStream {
     fn translate(&mut self, ev: Option<JobEvent>) -> Vec<Result<Event, Infallible>> {
         let c = match ev {
             Some(JobEvent::Chunk(c)) => c,
-            Some(JobEvent::Failed(why)) => return self.error(&format!("the node failed: {why}")),
+            Some(JobEvent::Failed(why)) | Some(JobEvent::BadInput(why)) => {
+                return self.error(&format!("the node failed: {why}"))
+            }
             Some(JobEvent::Complete(..)) | None => {
                 return self.error("the stream ended without a final chunk")
             }

@@ -2,7 +2,9 @@
 //! a stream chunk, a failure. Each is checked against the node's key and the
 //! job's [`Stage`](super::job::Stage), then ends the job or is relayed. A bad
 //! signature or malformed result fails the job unbilled; an event out of
-//! order is refused and leaves the job as it was.
+//! order is refused and leaves the job as it was. Usage above the token cap
+//! the job was quoted for fails the job unbilled, against the node (§7f);
+//! a sealed input the node cannot open fails it against the client.
 
 use axum::http::HeaderMap;
 
@@ -13,15 +15,21 @@ use super::state::Grid;
 use crate::proto::api::{ChunkRequest, ChunkResponse, CompleteRequest, FailRequest, OkResponse};
 use crate::proto::e2e::Algorithm;
 use crate::proto::envelope::{self, ResultKind};
-use crate::proto::identity::{Ed25519Public, NodeId};
+use crate::proto::identity::Ed25519Public;
 use crate::proto::openai::Usage;
 
+/// What checking a node's call about a job needs.
+struct Owner {
+    signer: Ed25519Public,
+    model: String,
+    signed_usage: bool,
+    /// The completion-token cap the job was quoted for (§7f).
+    cap: Option<u64>,
+    client_sealed: bool,
+}
+
 /// Find a job, check it belongs to the calling node, and return the node's key.
-fn job_owner(
-    grid: &Grid,
-    headers: &HeaderMap,
-    job_id: &str,
-) -> Result<(NodeId, Ed25519Public, String, bool), NodeApiError> {
+fn job_owner(grid: &Grid, headers: &HeaderMap, job_id: &str) -> Result<Owner, NodeApiError> {
     let token = headers
         .get(crate::proto::headers::NODE_AUTH)
         .and_then(|v| v.to_str().ok())
@@ -37,26 +45,34 @@ fn job_owner(
     let node = inner
         .node(&job.node_id)
         .ok_or_else(|| NodeApiError::conflict("unknown node"))?;
-    Ok((
-        job.node_id,
-        node.ed25519,
-        job.model.clone(),
-        node.capabilities.signed_usage == Some(true),
-    ))
+    Ok(Owner {
+        signer: node.ed25519,
+        model: job.model.clone(),
+        signed_usage: node.capabilities.signed_usage == Some(true),
+        cap: job
+            .payload
+            .get("max_tokens_cap")
+            .and_then(serde_json::Value::as_u64),
+        client_sealed: job.client_sealed,
+    })
 }
 
 fn check_usage(
-    signer: &Ed25519Public,
+    owner: &Owner,
     job_id: &str,
-    model: &str,
     usage: Option<&Usage>,
     signature: Option<&str>,
-    required: bool,
 ) -> Result<(), String> {
+    let (signer, model, required) = (&owner.signer, owner.model.as_str(), owner.signed_usage);
     match usage {
         Some(u) if !u.is_consistent() => {
             Err("usage total_tokens is not prompt + completion".into())
         }
+        Some(u) if owner.cap.is_some_and(|cap| u.completion_tokens > cap) => Err(format!(
+            "{} completion tokens exceed the quoted cap of {}",
+            u.completion_tokens,
+            owner.cap.unwrap_or_default()
+        )),
         Some(u) if required => {
             envelope::verify_usage(signer, job_id, model, u, signature).map_err(|e| e.to_string())
         }
@@ -116,7 +132,8 @@ pub async fn complete(
     job_id: &str,
     req: CompleteRequest,
 ) -> Result<OkResponse, NodeApiError> {
-    let (_, signer, model, signed_usage) = job_owner(grid, headers, job_id)?;
+    let owner = job_owner(grid, headers, job_id)?;
+    let signer = owner.signer;
     let stage = grid
         .lock()
         .job(job_id)
@@ -158,12 +175,10 @@ pub async fn complete(
             .and_then(|v| serde_json::from_value(v.get("usage")?.clone()).ok())
     });
     if let Err(why) = check_usage(
-        &signer,
+        &owner,
         job_id,
-        &model,
         usage.as_ref(),
         req.usage_signature.as_deref(),
-        signed_usage,
     ) {
         return Err(reject(grid, job_id, "bad_usage", why));
     }
@@ -190,7 +205,8 @@ pub async fn chunk(
     job_id: &str,
     req: ChunkRequest,
 ) -> Result<ChunkResponse, NodeApiError> {
-    let (_, signer, model, signed_usage) = job_owner(grid, headers, job_id)?;
+    let owner = job_owner(grid, headers, job_id)?;
+    let signer = owner.signer;
     if req.is_abort() {
         grid.end_job(
             job_id,
@@ -257,12 +273,10 @@ pub async fn chunk(
     }
     if head.is_final {
         if let Err(why) = check_usage(
-            &signer,
+            &owner,
             job_id,
-            &model,
             req.usage.as_ref(),
             req.usage_signature.as_deref(),
-            signed_usage,
         ) {
             return Err(reject(grid, job_id, "bad_usage", why));
         }
@@ -274,7 +288,9 @@ pub async fn chunk(
             .job_mut(job_id)
             .ok_or_else(|| NodeApiError::conflict("unknown or finished job"))?;
         let step = job.stage_mut().take_chunk(head, &req).map_err(refused)?;
-        (step, job.events.clone())
+        let tx = job.events.clone();
+        inner.chunk_seen(job_id);
+        (step, tx)
     };
     let closed = match step {
         ChunkStep::Repeat { closed } => closed,
@@ -323,15 +339,20 @@ pub async fn fail(
     job_id: &str,
     req: FailRequest,
 ) -> Result<OkResponse, NodeApiError> {
-    job_owner(grid, headers, job_id)?;
+    let owner = job_owner(grid, headers, job_id)?;
     let reason: String = req.reason.chars().take(500).collect();
-    tracing::info!(%job_id, reason = %reason, "node failed a job");
-    grid.end_job(
-        job_id,
-        Some(JobEvent::Failed(reason)),
-        false,
-        Outcome::Failed,
-    )
-    .await;
+    // The client's own sealed input did not open (§7f): its failure, not
+    // the node's. In plain mode the coordinator sealed the input, so the
+    // claim cannot be the client's fault and counts as a node failure.
+    let client_fault = owner.client_sealed
+        && req.code.as_deref() == Some(crate::proto::api::FAIL_BAD_SEALED_INPUT);
+    tracing::info!(%job_id, reason = %reason, client_fault, "node failed a job");
+    let (event, tally) = if client_fault {
+        (JobEvent::BadInput(reason), None)
+    } else {
+        (JobEvent::Failed(reason), Some(false))
+    };
+    grid.end_job_tallied(job_id, Some(event), tally, Outcome::Failed)
+        .await;
     Ok(OkResponse { ok: true })
 }

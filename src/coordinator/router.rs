@@ -115,6 +115,8 @@ pub(crate) fn choose_node(
 }
 
 /// Create a job for a reserved node and offer it; returns its events.
+/// `client_sealed`: the client sealed the input (sealed mode).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn dispatch(
     grid: &Grid,
     job_id: &str,
@@ -123,9 +125,10 @@ pub(crate) fn dispatch(
     payload: Value,
     stream: bool,
     billing: JobBilling,
+    client_sealed: bool,
 ) -> mpsc::Receiver<JobEvent> {
     let (tx, rx) = mpsc::channel(64);
-    let job = Job::offered(
+    let mut job = Job::offered(
         job_id.to_string(),
         node_id,
         model.to_string(),
@@ -135,6 +138,7 @@ pub(crate) fn dispatch(
         tx,
         Some(billing),
     );
+    job.client_sealed = client_sealed;
     let mut inner = grid.lock();
     let pending = job.pending();
     inner.insert_job(job);

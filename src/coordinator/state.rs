@@ -138,6 +138,9 @@ pub struct Node {
     /// (with a missed heartbeat, whichever comes first) until it connects
     /// again or heartbeats after it.
     socket_lost: Option<Instant>,
+    /// Heartbeats taken from this node since it was loaded (the ghost rule
+    /// counts in them, see [`Job::seen_running`]).
+    pub heartbeats: u64,
     /// Custom prices per model and when each last changed.
     pub custom_prices: HashMap<String, TokenPrice>,
     pub price_changed: HashMap<String, Instant>,
@@ -358,25 +361,56 @@ impl Inner {
     }
 
     /// Apply a heartbeat's `active_job_ids` to the node's jobs (§6.5): listed
-    /// jobs are acknowledged; returns the ghosts (acknowledged, then missing)
+    /// jobs are acknowledged; returns the ghosts (known to run, then missing)
     /// and the jobs still waiting to be offered again.
+    ///
+    /// A job counts as lost only when missing from a heartbeat the node
+    /// snapshotted after the job was known to run ([`Job::seen_running`]):
+    /// a heartbeat snapshotted just before a job started may arrive after
+    /// its first chunk, and must not fail it.
     pub fn sync_jobs(
         &mut self,
         node_id: &NodeId,
         active: &HashSet<&str>,
     ) -> (Vec<String>, Vec<PendingJob>) {
+        let Some(node) = self.nodes.get_mut(node_id) else {
+            return (Vec::new(), Vec::new());
+        };
+        node.heartbeats += 1;
+        let heartbeat = node.heartbeats;
         let mut ghosts = Vec::new();
         let mut pending = Vec::new();
         for job in self.jobs.values_mut().filter(|j| &j.node_id == node_id) {
             if active.contains(job.id.as_str()) {
                 job.stage_mut().listed();
-            } else if !job.stage().is_offered() {
-                ghosts.push(job.id.clone());
-            } else {
+                job.seen_running(heartbeat, true);
+            } else if job.stage().is_offered() {
                 pending.push(job.pending());
+            } else if job.ghost_from.is_some_and(|from| heartbeat >= from) {
+                ghosts.push(job.id.clone());
             }
         }
         (ghosts, pending)
+    }
+
+    /// A chunk of `job_id` arrived: the job runs (see [`Job::seen_running`]).
+    pub fn chunk_seen(&mut self, job_id: &str) {
+        let Some(job) = self.jobs.get(job_id) else {
+            return;
+        };
+        let heartbeat = self.nodes.get(&job.node_id).map_or(0, |n| n.heartbeats);
+        if let Some(job) = self.jobs.get_mut(job_id) {
+            job.seen_running(heartbeat, false);
+        }
+    }
+
+    /// The credit holds of the jobs in the table: their leases are renewed
+    /// while the jobs run here.
+    pub fn open_holds(&self) -> Vec<crate::store::HoldId> {
+        self.jobs
+            .values()
+            .filter_map(|j| j.billing.as_ref()?.charge.hold().cloned())
+            .collect()
     }
 
     /// The jobs offered to a node and not yet acknowledged.
@@ -434,6 +468,22 @@ impl Grid {
             store: Some(store.clone()),
             saver: None,
         };
+        // Holds always end (§7f): the holds of jobs that are not running are
+        // released before anything is served. A SQLite database belongs to
+        // this coordinator alone, so none of its holds has a running job
+        // now; on PostgreSQL other replicas may run jobs, and only holds
+        // whose lease has lapsed are taken (the rest lapse while the reaper
+        // of [`Grid::renew_and_reap_holds`] watches).
+        if let Some(p) = &grid.payments {
+            let all = p.store().backend_name() == "sqlite";
+            let n = p.store().release_lapsed_holds(all).await?;
+            if n > 0 {
+                tracing::warn!(
+                    holds = n,
+                    "released the credit holds of jobs that no longer run"
+                );
+            }
+        }
         let rows = store.load_nodes().await?;
         {
             let mut inner = grid.lock();
@@ -595,6 +645,7 @@ impl Grid {
                 jobs_failed: 0,
                 sockets: Vec::new(),
                 socket_lost: None,
+                heartbeats: 0,
                 custom_prices: HashMap::new(),
                 price_changed: HashMap::new(),
                 attestation: None,
@@ -664,13 +715,24 @@ impl Grid {
     /// Remove a job and count its end on the node; returns the job and
     /// what billing needs to know of it.
     pub fn take_job(&self, inner: &mut Inner, job_id: &str, ok: bool) -> Option<(Job, JobMeta)> {
+        self.take_job_tallied(inner, job_id, Some(ok))
+    }
+
+    /// [`Grid::take_job`]; `tally` `None` counts the end neither way (the
+    /// client's fault, §7f).
+    fn take_job_tallied(
+        &self,
+        inner: &mut Inner,
+        job_id: &str,
+        tally: Option<bool>,
+    ) -> Option<(Job, JobMeta)> {
         let job = inner.jobs.remove(job_id)?;
         let mut operator_wallet = String::new();
         if let Some(n) = inner.nodes.get_mut(&job.node_id) {
-            if ok {
-                n.jobs_completed += 1;
-            } else {
-                n.jobs_failed += 1;
+            match tally {
+                Some(true) => n.jobs_completed += 1,
+                Some(false) => n.jobs_failed += 1,
+                None => {}
             }
             operator_wallet = n.wallet_address.clone();
         }
@@ -695,9 +757,21 @@ impl Grid {
         ok: bool,
         outcome: Outcome,
     ) -> Option<bool> {
+        self.end_job_tallied(job_id, event, Some(ok), outcome).await
+    }
+
+    /// [`Grid::end_job`]; `tally` `None` counts the end against nobody (a
+    /// failure the client caused, §7f).
+    pub async fn end_job_tallied(
+        &self,
+        job_id: &str,
+        event: Option<JobEvent>,
+        tally: Option<bool>,
+        outcome: Outcome,
+    ) -> Option<bool> {
         let (mut job, meta) = {
             let mut inner = self.lock();
-            self.take_job(&mut inner, job_id, ok)?
+            self.take_job_tallied(&mut inner, job_id, tally)?
         };
         let billed = billing::close(self, &meta, job.billing.take(), outcome).await;
         let event = match (billed, event) {
@@ -721,6 +795,23 @@ impl Grid {
             grid.end_job(&job_id, Some(JobEvent::Failed(why)), false, Outcome::Failed)
                 .await;
         });
+    }
+
+    /// Renew the leases of the credit holds of jobs running here, then
+    /// release every hold whose lease has lapsed (its coordinator is gone).
+    pub async fn renew_and_reap_holds(&self) {
+        let Some(p) = &self.payments else { return };
+        let running = self.lock().open_holds();
+        if let Err(e) = p.store().renew_holds(&running).await {
+            tracing::error!(error = %e, "could not renew credit hold leases");
+            // Reaping now could release holds of jobs that still run.
+            return;
+        }
+        match p.store().release_lapsed_holds(false).await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(holds = n, "released lapsed credit holds"),
+            Err(e) => tracing::error!(error = %e, "could not release lapsed credit holds"),
+        }
     }
 
     /// Periodic upkeep: expire reservations, fail jobs nobody picked up or that
@@ -831,6 +922,7 @@ impl Node {
             jobs_failed: d.jobs_failed,
             sockets: Vec::new(),
             socket_lost: None,
+            heartbeats: 0,
             custom_prices: d
                 .custom_prices
                 .into_iter()

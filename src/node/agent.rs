@@ -610,9 +610,16 @@ async fn dispatch(shared: Arc<Shared>, mut jobs: mpsc::Receiver<PendingJob>) {
 }
 
 async fn fail(shared: &Shared, job_id: &str, reason: &str) {
-    tracing::warn!(job_id, reason, "job failed");
+    fail_coded(shared, job_id, reason, None).await
+}
+
+/// Report a failure with its code (§7f: `bad_sealed_input` when the client's
+/// sealed input is at fault).
+async fn fail_coded(shared: &Shared, job_id: &str, reason: &str, code: Option<&str>) {
+    tracing::warn!(job_id, reason, code, "job failed");
     let body = FailRequest {
         reason: reason.to_string(),
+        code: code.map(str::to_string),
     };
     let r = shared.post(routes::JOB_FAIL, job_id, &body).await;
     if let Err(e) = r {
@@ -631,7 +638,7 @@ async fn run_job(shared: &Arc<Shared>, job: PendingJob) {
     };
     let chat = match parsed {
         Ok(Ok(c)) => c,
-        Ok(Err(e)) => return fail(shared, &job.id, &e.to_string()).await,
+        Ok(Err(e)) => return fail_coded(shared, &job.id, &e.to_string(), e.fail_code()).await,
         Err(e) => {
             return fail(
                 shared,

@@ -63,6 +63,11 @@ pub struct EchoExecutor {
     /// A pause before each token, standing in for a model's decode pace
     /// (zero: all at once).
     pub token_delay: std::time::Duration,
+    /// After this many tokens (or the whole echo, if shorter) every job is
+    /// held open, never finishing, until it is cancelled: a generation that
+    /// is certain to still be running, for tests that kill a process
+    /// mid-stream (`--echo-stall-after`).
+    pub stall_after: Option<u64>,
 }
 
 impl EchoExecutor {
@@ -71,6 +76,15 @@ impl EchoExecutor {
             model: model.into(),
             slots: slots.max(1),
             token_delay: std::time::Duration::ZERO,
+            stall_after: None,
+        }
+    }
+
+    /// The same engine, holding every job open after `tokens` tokens.
+    pub fn stalling_after(self, tokens: Option<u64>) -> Self {
+        EchoExecutor {
+            stall_after: tokens,
+            ..self
         }
     }
 
@@ -120,6 +134,24 @@ impl Executor for EchoExecutor {
             FinishReason::Length
         };
         let completion_tokens = words.len() as u64;
+        let (tx, rx) = mpsc::channel(words.len() + 1);
+        if let Some(n) = self.stall_after {
+            for w in words
+                .into_iter()
+                .take(usize::try_from(n).unwrap_or(usize::MAX))
+            {
+                let _ = tx.try_send(ExecEvent::Token(w));
+            }
+            // Hold the job open, never finishing it, until the receiver is
+            // dropped (the job cancelled, or the process killed).
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    rt.spawn(async move { tx.closed().await });
+                }
+                Err(_) => std::mem::forget(tx),
+            }
+            return Ok(rx);
+        }
         let done = ExecEvent::Done {
             finish,
             prompt_tokens,
@@ -127,7 +159,6 @@ impl Executor for EchoExecutor {
         };
         if !self.token_delay.is_zero() {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                let (tx, rx) = mpsc::channel(8);
                 let delay = self.token_delay;
                 rt.spawn(async move {
                     for w in words {
@@ -142,7 +173,6 @@ impl Executor for EchoExecutor {
                 return Ok(rx);
             }
         }
-        let (tx, rx) = mpsc::channel(words.len() + 1);
         for w in words {
             // The channel holds every event, so these sends cannot fail.
             let _ = tx.try_send(ExecEvent::Token(w));

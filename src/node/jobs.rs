@@ -7,11 +7,18 @@
 //! Fail-closed rules: a sealed job that does not open fails with a reason
 //! starting `decrypt failed:` and never falls back to plaintext; a stream job
 //! without a request nonce fails; only `inference` jobs run.
+//!
+//! PROTOCOL.md §7f: a job generates at most the clear `max_tokens_cap` the
+//! coordinator quoted (whatever the sealed `max_tokens` asks), and a sealed
+//! input that cannot be opened or read fails with the code
+//! `bad_sealed_input` ([`JobError::fail_code`]): the client's fault, not the
+//! node's.
 
 use thiserror::Error;
 
 use crate::proto::api::{
     ChunkRequest, CompleteRequest, PendingJob, SealedInputPayload, SealedReplyPlaintext,
+    FAIL_BAD_SEALED_INPUT,
 };
 use crate::proto::e2e::{self, Algorithm, StreamSealer};
 use crate::proto::envelope::{self, ResultKind, ENVELOPE_VERSION};
@@ -31,10 +38,26 @@ pub enum JobError {
     Decrypt(ProtoError),
     #[error("invalid input: {0}")]
     Invalid(String),
+    /// The client's sealed payload opened but is not a valid job.
+    #[error("invalid input: {0}")]
+    SealedInvalid(String),
     #[error("stream job without a request nonce")]
     MissingNonce,
     #[error("sealing failed: {0}")]
     Seal(ProtoError),
+}
+
+impl JobError {
+    /// The `/fail` code: [`FAIL_BAD_SEALED_INPUT`] when the client's sealed
+    /// input is at fault (it does not open, or what it holds is not a job).
+    pub fn fail_code(&self) -> Option<&'static str> {
+        match self {
+            JobError::Decrypt(_) | JobError::SealedInvalid(_) | JobError::MissingNonce => {
+                Some(FAIL_BAD_SEALED_INPUT)
+            }
+            _ => None,
+        }
+    }
 }
 
 /// The validated request of a job, whatever its transport.
@@ -85,10 +108,15 @@ pub fn parse_job(
         .input_payload
         .as_object()
         .ok_or_else(|| JobError::Invalid("input_payload is not an object".into()))?;
+    // The quoted cap (§7f), in clear beside either payload shape; a value
+    // that is not a count is ignored, as §6.7 ignores a bad extra field.
+    let cap = payload
+        .get("max_tokens_cap")
+        .and_then(serde_json::Value::as_u64);
     if !payload.contains_key("enc") {
         let plain: JobPayload = serde_json::from_value(job.input_payload.clone())
             .map_err(|e| JobError::Invalid(e.to_string()))?;
-        return plain_job(&job.id, &job.model, &plain);
+        return plain_job(&job.id, &job.model, &plain).map(|j| j.capped(cap));
     }
     let sealed: SealedInputPayload = serde_json::from_value(job.input_payload.clone())
         .map_err(|e| JobError::Decrypt(ProtoError::Json(e.to_string())))?;
@@ -96,14 +124,14 @@ pub fn parse_job(
     // Anything but a JSON object is refused as undecryptable (§3.7).
     let inner = opened.json_object().map_err(JobError::Decrypt)?;
     let inner: JobPayload = serde_json::from_value(serde_json::Value::Object(inner))
-        .map_err(|e| JobError::Invalid(e.to_string()))?;
+        .map_err(|e| JobError::SealedInvalid(e.to_string()))?;
     let wants_stream = node_streams && sealed.stream == Some(true) && inner.wants_stream();
     let reply = if wants_stream {
         let nonce = inner.nonce.as_deref().unwrap_or("");
         if nonce.is_empty() {
             return Err(JobError::MissingNonce);
         }
-        e2e::check_request_nonce(nonce).map_err(|e| JobError::Invalid(e.to_string()))?;
+        e2e::check_request_nonce(nonce).map_err(|e| JobError::SealedInvalid(e.to_string()))?;
         Reply::Stream {
             reply_to: opened.reply_to,
             request_nonce: nonce.to_string(),
@@ -114,6 +142,23 @@ pub fn parse_job(
         }
     };
     chat_job(&job.id, &job.model, &inner, reply)
+        .map_err(|e| match e {
+            JobError::Invalid(why) => JobError::SealedInvalid(why),
+            other => other,
+        })
+        .map(|j| j.capped(cap))
+}
+
+impl ChatJob {
+    /// At most `cap` completion tokens (the quoted cap, §7f), when given.
+    fn capped(mut self, cap: Option<u64>) -> ChatJob {
+        if let Some(cap) = cap {
+            self.max_tokens = self
+                .max_tokens
+                .min(crate::proto::job::job_max_tokens(Some(cap)));
+        }
+        self
+    }
 }
 
 /// A plain payload validated exactly as a plain grid job's is, for the
@@ -550,6 +595,39 @@ mod tests {
             last.usage_signature.as_deref(),
         )
         .unwrap();
+    }
+
+    #[test]
+    fn the_quoted_cap_bounds_the_budget() {
+        let n = node();
+        let (mut j, _) = sealed_job(&n, json!({"prompt": "x", "max_tokens": 8192}), None);
+        j.input_payload["max_tokens_cap"] = json!(3);
+        assert_eq!(parse_job(&n, &j, true).unwrap().max_tokens, 3);
+        // A cap above the sealed budget changes nothing; a malformed one is ignored.
+        j.input_payload["max_tokens_cap"] = json!(100_000);
+        assert_eq!(parse_job(&n, &j, true).unwrap().max_tokens, 8192);
+        j.input_payload["max_tokens_cap"] = json!("many");
+        assert_eq!(parse_job(&n, &j, true).unwrap().max_tokens, 8192);
+        let p = job(json!({"prompt": "x", "max_tokens": 50, "max_tokens_cap": 7}));
+        assert_eq!(parse_job(&n, &p, true).unwrap().max_tokens, 7);
+    }
+
+    #[test]
+    fn a_bad_sealed_input_is_the_clients_fault() {
+        let n = node();
+        let other = NodeIdentity::from_seed(&[7; 32]);
+        let (j, _) = sealed_job(&other, json!({"prompt": "x"}), None);
+        let code = |j: &PendingJob| parse_job(&n, j, true).unwrap_err().fail_code();
+        assert_eq!(code(&j), Some(FAIL_BAD_SEALED_INPUT));
+        let (j, _) = sealed_job(&n, json!({"messages": "nope"}), None);
+        assert_eq!(code(&j), Some(FAIL_BAD_SEALED_INPUT));
+        let (j, _) = sealed_job(&n, json!({"temperature": 1}), None);
+        assert_eq!(code(&j), Some(FAIL_BAD_SEALED_INPUT));
+        // A plain payload is the coordinator's, not the client's sealed input.
+        assert_eq!(code(&job(json!({"temperature": 1}))), None);
+        let mut other_type = job(json!({"prompt": "x"}));
+        other_type.job_type = "embedding".into();
+        assert_eq!(code(&other_type), None);
     }
 
     #[test]

@@ -17,7 +17,12 @@
 //!
 //! A charge must end in one of the two; one that is dropped instead keeps
 //! its hold or reservation (fail closed: money stays reserved, never
-//! spent twice) and says so in the log.
+//! spent twice) and says so in the log; a credit hold left so is released
+//! once its lease lapses (see [`crate::store::credits`]).
+//!
+//! A grid job hands its usage row to the charge: a credit charge writes it
+//! in the same transaction that settles or releases the hold, so no hold is
+//! settled without its row, whatever crashes when.
 //!
 //! [`Split`] divides what a job was charged among the operator, the
 //! platform, stakers and burn.
@@ -28,7 +33,7 @@ use super::error::PaymentError;
 use super::service::{Payer, Payments, PendingPayment, RequestParts};
 use super::x402::Offer;
 use crate::money::Micros;
-use crate::store::{CreditBalance, HoldId, WalletId};
+use crate::store::{CreditBalance, HoldId, UsageRow, WalletId};
 
 /// What funds a job.
 #[derive(Debug)]
@@ -80,6 +85,21 @@ pub struct Receipt {
     pub headers: HeaderMap,
     /// The wallet's credit position after a credit charge.
     pub balance: Option<CreditBalance>,
+    /// The usage row given to [`Charge::settle_recording`], priced at
+    /// `charged`, when it is still to be written (it was written with the
+    /// settlement otherwise).
+    pub unrecorded: Option<UsageRow>,
+}
+
+/// `row` with its cost and revenue split set for `charged`.
+pub fn priced(mut row: UsageRow, charged: Micros) -> UsageRow {
+    let split = Split::of(charged);
+    row.cost = charged;
+    row.operator_share = split.operator;
+    row.platform_share = split.platform;
+    row.stakers_share = split.stakers;
+    row.burn_share = split.burn;
+    row
 }
 
 impl Payments {
@@ -162,6 +182,14 @@ impl Charge {
         }
     }
 
+    /// The credit hold this charge owns, if it is a credit charge.
+    pub fn hold(&self) -> Option<&HoldId> {
+        match &self.funding {
+            Funding::Credits { hold, .. } => Some(hold),
+            _ => None,
+        }
+    }
+
     fn take(&mut self) -> Funding {
         std::mem::replace(&mut self.funding, Funding::Free)
     }
@@ -172,22 +200,43 @@ impl Charge {
     /// nothing was charged and the result must be withheld: a payment whose
     /// settlement failed is released, and a credit hold that could not be
     /// settled stays held for an operator to reconcile.
-    pub async fn settle(mut self, cost: Micros) -> Result<Receipt, PaymentError> {
+    pub async fn settle(self, cost: Micros) -> Result<Receipt, PaymentError> {
+        self.settle_recording(cost, None).await
+    }
+
+    /// [`Charge::settle`], with the job's usage row: a credit charge writes
+    /// the row, priced at what it charged, in the transaction that settles
+    /// the hold; any other charge hands it back in [`Receipt::unrecorded`].
+    pub async fn settle_recording(
+        mut self,
+        cost: Micros,
+        usage: Option<UsageRow>,
+    ) -> Result<Receipt, PaymentError> {
         match self.take() {
             Funding::Free => Ok(Receipt {
                 charged: Micros::ZERO,
                 transaction: None,
                 headers: HeaderMap::new(),
                 balance: None,
+                unrecorded: usage.map(|u| priced(u, Micros::ZERO)),
             }),
             Funding::Credits { payments, hold, .. } => {
                 let charged = cost.min(self.quote);
-                let balance = payments.settle_credits(&hold, charged).await?;
+                let store = payments.store();
+                let balance = match usage {
+                    Some(u) => {
+                        store
+                            .settle_hold_recording(&hold, charged, &priced(u, charged))
+                            .await?
+                    }
+                    None => store.settle_hold(&hold, charged).await?,
+                };
                 Ok(Receipt {
                     charged,
                     transaction: None,
                     headers: HeaderMap::new(),
                     balance: Some(balance),
+                    unrecorded: None,
                 })
             }
             Funding::Payment { payments, pending } => {
@@ -197,6 +246,7 @@ impl Charge {
                     transaction: Some(s.transaction),
                     headers: s.headers,
                     balance: None,
+                    unrecorded: usage.map(|u| priced(u, s.amount)),
                 })
             }
         }
@@ -204,15 +254,36 @@ impl Charge {
 
     /// The work failed or never started: return the hold or the payment;
     /// nothing is charged.
-    pub async fn release(mut self) {
+    pub async fn release(self) {
+        self.release_recording(None).await;
+    }
+
+    /// [`Charge::release`], with the job's (unbilled) usage row: a credit
+    /// charge writes it in the transaction that releases the hold. Returns
+    /// the row when it is still to be written (any other charge, or a
+    /// release that failed: the hold then lapses and is released later).
+    pub async fn release_recording(mut self, usage: Option<UsageRow>) -> Option<UsageRow> {
+        let usage = usage.map(|u| priced(u, Micros::ZERO));
         match self.take() {
-            Funding::Free => {}
+            Funding::Free => usage,
             Funding::Credits { payments, hold, .. } => {
-                if let Err(e) = payments.release_credits(&hold).await {
-                    tracing::error!(error = %e, hold = %hold.0, "could not release a credit hold");
+                let store = payments.store();
+                let released = match &usage {
+                    Some(u) => store.release_hold_recording(&hold, u).await,
+                    None => store.release_hold(&hold).await,
+                };
+                match released {
+                    Ok(_) => None,
+                    Err(e) => {
+                        tracing::error!(error = %e, hold = %hold.0, "could not release a credit hold; it is released when its lease lapses");
+                        usage
+                    }
                 }
             }
-            Funding::Payment { payments, pending } => payments.release(*pending).await,
+            Funding::Payment { payments, pending } => {
+                payments.release(*pending).await;
+                usage
+            }
         }
     }
 }
@@ -223,7 +294,7 @@ impl Drop for Charge {
             Funding::Free => {}
             Funding::Credits { hold, .. } => tracing::error!(
                 hold = %hold.0,
-                "a charge was dropped unsettled; its credit hold stays until released by hand"
+                "a charge was dropped unsettled; its credit hold stays until its lease lapses"
             ),
             Funding::Payment { .. } => tracing::error!(
                 "a charge was dropped unsettled; its payment stays reserved and is never settled"

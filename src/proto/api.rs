@@ -496,13 +496,18 @@ pub struct PendingJob {
     pub input_payload: Value,
 }
 
-/// The sealed shape of `input_payload` (§6.7): the client's `enc` unchanged and
-/// the clear-text stream marker, nothing else.
+/// The sealed shape of `input_payload` (§6.7): the client's `enc` unchanged,
+/// the clear-text stream marker, and the token cap the payment was quoted
+/// for (§7f), nothing else.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SealedInputPayload {
     pub enc: EncEnvelope,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream: Option<bool>,
+    /// §7f "The quote binds the node": the node generates at most
+    /// min(sealed `max_tokens`, this) tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens_cap: Option<u64>,
 }
 
 /// WebSocket frames (§6.6, §7e), tagged by `type`. Unknown types are kept as
@@ -619,7 +624,16 @@ pub struct ChunkResponse {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FailRequest {
     pub reason: String,
+    /// Why, as a code: [`FAIL_BAD_SEALED_INPUT`] when the client's sealed
+    /// input could not be opened or read (§7f), so the failure is the
+    /// client's and not the node's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
 }
+
+/// The `/fail` code of a sealed input the node cannot open (invalid base58,
+/// wrong lengths, a low-order key, a failed tag) or read (§7f).
+pub const FAIL_BAD_SEALED_INPUT: &str = "bad_sealed_input";
 
 /// `POST /grid/nodes/{id}/status`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -719,7 +733,8 @@ mod tests {
         );
         assert_eq!(
             serde_json::to_string(&FailRequest {
-                reason: "engine: x".into()
+                reason: "engine: x".into(),
+                code: None,
             })
             .unwrap(),
             r#"{"reason":"engine: x"}"#

@@ -4,11 +4,19 @@
 //! Every balance change is one transaction with its ledger row; amounts are
 //! [`Micros`] with checked arithmetic, and the schema refuses a negative
 //! balance as a last line.
+//!
+//! Holds always end (PROTOCOL.md §7f): each open hold has a lease
+//! ([`Store::hold_lease`]) that the process running its job renews
+//! ([`Store::renew_holds`]); [`Store::release_lapsed_holds`] returns the
+//! holds nobody renews (their coordinator crashed) to their wallets. A hold
+//! settled for a grid job is closed in the same transaction as the job's
+//! usage row ([`Store::settle_hold_recording`]), so after any crash
+//! `deposited = balance + held + spent` and every settled hold has its row.
 
 use crate::money::Micros;
 
 use super::sql_money::storable;
-use super::{Result, Store, StoreError, WalletId};
+use super::{Result, Store, StoreError, UsageRow, WalletId};
 
 /// The id of a credit hold (a UUID).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -192,6 +200,7 @@ impl Store {
     pub async fn hold(&self, wallet: &WalletId, amount: Micros, reference: &str) -> Result<HoldId> {
         let amt = storable(amount)?;
         let now = self.now_ms();
+        let lease_until = self.lease_end(now);
         let id = HoldId(uuid::Uuid::new_v4().to_string());
         let id = write_tx!(self, |tx, lock| {
             let mut b = lock_wallet!(tx, lock, wallet);
@@ -213,14 +222,15 @@ impl Store {
             .execute(&mut *tx)
             .await?;
             sqlx::query(
-                "INSERT INTO credit_holds (id, wallet, amount, state, reference, created_at) \
-                 VALUES ($1, $2, $3, 'held', $4, $5)",
+                "INSERT INTO credit_holds (id, wallet, amount, state, reference, created_at, lease_until) \
+                 VALUES ($1, $2, $3, 'held', $4, $5, $6)",
             )
             .bind(&id.0)
             .bind(wallet.as_str())
             .bind(amt)
             .bind(reference)
             .bind(now)
+            .bind(lease_until)
             .execute(&mut *tx)
             .await?;
             ledger_insert!(tx, wallet, "hold", amt, b.balance, Some(reference), now);
@@ -232,15 +242,146 @@ impl Store {
     /// Close a hold, charging `charged` (at most the held amount) and
     /// returning the rest to the balance.
     pub async fn settle_hold(&self, hold: &HoldId, charged: Micros) -> Result<CreditBalance> {
-        self.close_hold(hold, Some(charged)).await
+        self.close_hold(hold, Some(charged), None).await
+    }
+
+    /// [`Store::settle_hold`] and the job's usage row, in one transaction:
+    /// either both are written or neither is.
+    pub async fn settle_hold_recording(
+        &self,
+        hold: &HoldId,
+        charged: Micros,
+        usage: &UsageRow,
+    ) -> Result<CreditBalance> {
+        self.close_hold(hold, Some(charged), Some(usage)).await
     }
 
     /// Close a hold without charging anything (the request failed).
     pub async fn release_hold(&self, hold: &HoldId) -> Result<CreditBalance> {
-        self.close_hold(hold, None).await
+        self.close_hold(hold, None, None).await
     }
 
-    async fn close_hold(&self, hold: &HoldId, charged: Option<Micros>) -> Result<CreditBalance> {
+    /// [`Store::release_hold`] and the job's (unbilled) usage row, in one
+    /// transaction.
+    pub async fn release_hold_recording(
+        &self,
+        hold: &HoldId,
+        usage: &UsageRow,
+    ) -> Result<CreditBalance> {
+        self.close_hold(hold, None, Some(usage)).await
+    }
+
+    /// When a lease taken or renewed at `now_ms` ends.
+    fn lease_end(&self, now_ms: i64) -> i64 {
+        let lease = i64::try_from(self.hold_lease.as_millis()).unwrap_or(i64::MAX);
+        now_ms.saturating_add(lease)
+    }
+
+    /// Extend the lease of these open holds (the jobs still running here)
+    /// by [`Store::hold_lease`] from now. Closed or unknown holds are
+    /// skipped. Returns how many leases were extended.
+    pub async fn renew_holds(&self, holds: &[HoldId]) -> Result<u64> {
+        if holds.is_empty() {
+            return Ok(0);
+        }
+        let now = self.now_ms();
+        let until = self.lease_end(now);
+        let mut renewed = 0;
+        // Bounded statements: a few hundred ids each.
+        for batch in holds.chunks(200) {
+            let list = (0..batch.len())
+                .map(|i| format!("${}", i + 2))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!(
+                "UPDATE credit_holds SET lease_until = $1 WHERE state = 'held' AND id IN ({list})"
+            );
+            renewed += with_pool!(self, |pool| {
+                let mut q = sqlx::query(&sql).bind(until);
+                for h in batch {
+                    q = q.bind(&h.0);
+                }
+                q.execute(pool).await?.rows_affected()
+            });
+        }
+        Ok(renewed)
+    }
+
+    /// The open holds whose lease has passed (all open holds when `all`),
+    /// oldest first, at most `limit`.
+    pub async fn lapsed_holds(&self, all: bool, limit: u32) -> Result<Vec<HoldId>> {
+        let cutoff = if all { i64::MAX } else { self.now_ms() };
+        let rows: Vec<(String,)> = with_pool!(self, |pool| {
+            sqlx::query_as(
+                "SELECT id FROM credit_holds WHERE state = 'held' \
+                 AND (lease_until IS NULL OR lease_until < $1) \
+                 ORDER BY created_at LIMIT $2",
+            )
+            .bind(cutoff)
+            .bind(i64::from(limit))
+            .fetch_all(pool)
+            .await?
+        });
+        Ok(rows.into_iter().map(|(id,)| HoldId(id)).collect())
+    }
+
+    /// Release every open hold whose lease has passed (every open hold when
+    /// `all`: a coordinator that owns the database alone, starting up, runs
+    /// no job yet). A hold closed meanwhile by its job is skipped. Returns
+    /// how many were released.
+    pub async fn release_lapsed_holds(&self, all: bool) -> Result<u64> {
+        let mut released = 0;
+        loop {
+            let batch = self.lapsed_holds(all, 500).await?;
+            let n = batch.len();
+            for hold in batch {
+                match self.close_hold(&hold, None, None).await {
+                    Ok(_) => released += 1,
+                    Err(StoreError::HoldClosed) | Err(StoreError::UnknownHold) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            if n < 500 {
+                return Ok(released);
+            }
+        }
+    }
+
+    /// The number of open holds and the credits they reserve, over all wallets.
+    pub async fn open_holds(&self) -> Result<(u64, Micros)> {
+        let (n, total): (i64, Option<i64>) = with_pool!(self, |pool| {
+            sqlx::query_as(
+                "SELECT COUNT(*), CAST(SUM(amount) AS BIGINT) FROM credit_holds WHERE state = 'held'",
+            )
+            .fetch_one(pool)
+            .await?
+        });
+        let total =
+            u64::try_from(total.unwrap_or(0)).map_err(|_| StoreError::Corrupt("negative hold"))?;
+        Ok((u64::try_from(n).unwrap_or(0), Micros(total)))
+    }
+
+    /// The references (job ids) of settled holds with no usage row: what
+    /// §7f forbids, for an audit of the ledger.
+    pub async fn settled_holds_without_usage(&self) -> Result<Vec<String>> {
+        let rows: Vec<(Option<String>,)> = with_pool!(self, |pool| {
+            sqlx::query_as(
+                "SELECT h.reference FROM credit_holds h WHERE h.state = 'settled' \
+                 AND NOT EXISTS (SELECT 1 FROM grid_usage u WHERE u.job_id = h.reference) \
+                 ORDER BY h.created_at",
+            )
+            .fetch_all(pool)
+            .await?
+        });
+        Ok(rows.into_iter().map(|(r,)| r.unwrap_or_default()).collect())
+    }
+
+    async fn close_hold(
+        &self,
+        hold: &HoldId,
+        charged: Option<Micros>,
+        usage: Option<&UsageRow>,
+    ) -> Result<CreditBalance> {
         let now = self.now_ms();
         let b = write_tx!(self, |tx, lock| {
             let row: Option<(String, Micros, String, Option<String>)> = sqlx::query_as(&format!(
@@ -300,6 +441,9 @@ impl Store {
                 reference.as_deref(),
                 now
             );
+            if let Some(u) = usage {
+                usage_insert!(&mut *tx, u);
+            }
             b
         });
         Ok(b)

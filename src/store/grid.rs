@@ -71,7 +71,8 @@ where
     }
 }
 
-const USAGE_COLUMNS: &str = "job_id, node_id, operator_wallet, payer_wallet, api_key_id, method, \
+pub(super) const USAGE_COLUMNS: &str =
+    "job_id, node_id, operator_wallet, payer_wallet, api_key_id, method, \
      model, status, prompt_tokens, completion_tokens, input_per_m, output_per_m, quoted, cost, \
      operator_share, platform_share, stakers_share, burn_share, usage_signature, \
      result_signature, created_at";
@@ -149,36 +150,8 @@ impl Store {
     /// Record a job's bill. A job is billed once: a second row for the same
     /// job is refused.
     pub async fn record_usage(&self, u: &UsageRow) -> Result<()> {
-        let sql = format!(
-            "INSERT INTO grid_usage ({USAGE_COLUMNS}) VALUES \
-             ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)"
-        );
         with_pool!(self, |pool| {
-            sqlx::query(&sql)
-                .bind(&u.job_id)
-                .bind(&u.node_id)
-                .bind(&u.operator_wallet)
-                .bind(&u.payer_wallet)
-                .bind(&u.api_key_id)
-                .bind(&u.method)
-                .bind(&u.model)
-                .bind(&u.status)
-                .bind(u.prompt_tokens)
-                .bind(u.completion_tokens)
-                .bind(u.input_per_m)
-                .bind(u.output_per_m)
-                .bind(u.quoted)
-                .bind(u.cost)
-                .bind(u.operator_share)
-                .bind(u.platform_share)
-                .bind(u.stakers_share)
-                .bind(u.burn_share)
-                .bind(&u.usage_signature)
-                .bind(&u.result_signature)
-                .bind(u.created_at)
-                .execute(pool)
-                .await
-                .map_err(super::tx::duplicate_as_reference)?;
+            usage_insert!(pool, u);
         });
         Ok(())
     }

@@ -26,6 +26,11 @@ const SQLITE: &[(i64, &str, &str)] = &[
         "operators",
         include_str!("../../migrations/sqlite/0003_operators.sql"),
     ),
+    (
+        4,
+        "hold_leases",
+        include_str!("../../migrations/sqlite/0004_hold_leases.sql"),
+    ),
 ];
 const POSTGRES: &[(i64, &str, &str)] = &[
     (
@@ -42,6 +47,11 @@ const POSTGRES: &[(i64, &str, &str)] = &[
         3,
         "operators",
         include_str!("../../migrations/postgres/0003_operators.sql"),
+    ),
+    (
+        4,
+        "hold_leases",
+        include_str!("../../migrations/postgres/0004_hold_leases.sql"),
     ),
 ];
 

@@ -114,7 +114,15 @@ enum Backend {
 pub struct Store {
     backend: Backend,
     clock: Clock,
+    /// How long a credit hold stays open without a renewal (see
+    /// [`Store::renew_holds`]).
+    hold_lease: Duration,
 }
+
+/// The default lease of a credit hold: long enough that a renewal every
+/// third of it survives a slow database, short enough that the money of a
+/// crashed coordinator's jobs comes back within minutes.
+pub const DEFAULT_HOLD_LEASE: Duration = Duration::from_secs(60);
 
 /// Create a missing SQLite file readable by its owner only (it holds the
 /// ledger and API key hashes); SQLite gives its `-wal` and `-shm` files the
@@ -158,7 +166,22 @@ impl Store {
         Ok(Store {
             backend,
             clock: Clock::system(),
+            hold_lease: DEFAULT_HOLD_LEASE,
         })
+    }
+
+    /// The same database, its credit holds leased for `lease` (at least one
+    /// second) instead of [`DEFAULT_HOLD_LEASE`].
+    pub fn with_hold_lease(self, lease: Duration) -> Store {
+        Store {
+            hold_lease: lease.max(Duration::from_secs(1)),
+            ..self
+        }
+    }
+
+    /// How long a credit hold stays open without a renewal.
+    pub fn hold_lease(&self) -> Duration {
+        self.hold_lease
     }
 
     /// The same database, its timestamps read from `clock`.
@@ -234,6 +257,13 @@ async fn open_postgres(url: &str, schema: Option<&str>) -> Result<PgPool> {
     let pool = PgPoolOptions::new()
         .max_connections(16)
         .acquire_timeout(Duration::from_secs(30))
+        // A transaction whose COMMIT or ROLLBACK failed (the server went
+        // away, its disk filled) can leave the connection inside a
+        // transaction; such a connection is closed, never reused, so the
+        // store recovers by itself once the database does.
+        .after_release(|conn, _| {
+            Box::pin(async move { Ok(!sqlx::Connection::is_in_transaction(conn)) })
+        })
         .connect_with(opts)
         .await?;
     Migrator::new(migrate::postgres()).await?.run(&pool).await?;
@@ -258,6 +288,18 @@ async fn open_sqlite(url: &str) -> Result<SqlitePool> {
     let pool = SqlitePoolOptions::new()
         .max_connections(8)
         .acquire_timeout(Duration::from_secs(30))
+        // After a failed COMMIT (a full disk: SQLite may already have rolled
+        // the transaction back, so the driver's ROLLBACK fails too) the
+        // connection keeps a non-zero transaction depth and every later
+        // `BEGIN` on it is refused. Such a connection is closed instead of
+        // going back to the pool. The ping runs behind the rollback a dropped
+        // transaction queued, so the depth read after it is settled.
+        .after_release(|conn, _| {
+            Box::pin(async move {
+                sqlx::Connection::ping(conn).await?;
+                Ok(!sqlx::Connection::is_in_transaction(conn))
+            })
+        })
         .connect_with(opts)
         .await?;
     Migrator::new(migrate::sqlite()).await?.run(&pool).await?;

@@ -40,6 +40,44 @@ macro_rules! with_pool {
     };
 }
 
+/// Insert one [`UsageRow`](super::UsageRow) `$u` with the executor `$exec`
+/// (a pool, or `&mut *tx` inside [`write_tx!`]). A second row for the same
+/// job trips the primary key and reads as a duplicate.
+macro_rules! usage_insert {
+    ($exec:expr, $u:expr) => {{
+        let u: &$crate::store::UsageRow = $u;
+        sqlx::query(&format!(
+            "INSERT INTO grid_usage ({}) VALUES \
+             ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)",
+            $crate::store::grid::USAGE_COLUMNS
+        ))
+        .bind(&u.job_id)
+        .bind(&u.node_id)
+        .bind(&u.operator_wallet)
+        .bind(&u.payer_wallet)
+        .bind(&u.api_key_id)
+        .bind(&u.method)
+        .bind(&u.model)
+        .bind(&u.status)
+        .bind(u.prompt_tokens)
+        .bind(u.completion_tokens)
+        .bind(u.input_per_m)
+        .bind(u.output_per_m)
+        .bind(u.quoted)
+        .bind(u.cost)
+        .bind(u.operator_share)
+        .bind(u.platform_share)
+        .bind(u.stakers_share)
+        .bind(u.burn_share)
+        .bind(&u.usage_signature)
+        .bind(&u.result_signature)
+        .bind(u.created_at)
+        .execute($exec)
+        .await
+        .map_err($crate::store::tx::duplicate_as_reference)?;
+    }};
+}
+
 /// A unique-index violation as [`StoreError::DuplicateReference`](super::StoreError),
 /// any other error as a database error.
 pub(super) fn duplicate_as_reference(e: sqlx::Error) -> super::StoreError {

@@ -1,9 +1,10 @@
-//! Faults and abuse on real processes, bounded to a few minutes: a node
-//! SIGKILLed mid-stream, a reservation flood, oversize prompts, idle sockets
-//! under a small file limit, abandoned streams and WebSockets, forged
-//! heartbeats. Each file below is one fault.
+//! Chaos: real coordinator and node processes killed, starved, flooded and
+//! fed faults, with slots and money checked afterwards to the micro-dollar.
+//! Bounded to a few minutes; each file below is one fault or area.
 #[path = "../support/grid/mod.rs"]
 mod grid_support;
+#[path = "../support/pay/mod.rs"]
+mod pay_common;
 
 mod chaos_abandon;
 mod chaos_forged_heartbeat;
@@ -12,3 +13,6 @@ mod chaos_node_kill;
 mod chaos_oversize;
 mod chaos_reserve_flood;
 mod chaos_sockets;
+mod coordinator_kill;
+mod disk_full;
+mod ledger;

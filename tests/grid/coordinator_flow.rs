@@ -771,3 +771,160 @@ async fn plain_mode_validates_like_openai() {
     .await;
     assert_eq!(r.status(), 404);
 }
+
+/// The node's record as `GET /grid/nodes/{id}` reports it.
+async fn node_record(node: &TestNode) -> Value {
+    node.http
+        .get(format!("{}/grid/nodes/{}", node.base, node.node_id))
+        .header("X-Node-Auth", &node.token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// §7f "The quote binds the node": the job carries the clear max_tokens in
+/// clear as `max_tokens_cap`, the node's own reading of the job obeys it over
+/// the sealed max_tokens, and usage above it fails the job unbilled and
+/// counts against the node.
+#[tokio::test]
+async fn usage_above_the_quoted_cap_fails_the_job() {
+    let base = start(dev()).await;
+    let mut node = TestNode::join(&base).await;
+    let res: ReserveResponse = reserve(&base, json!({"model": MODEL}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    // Sealed: 8,192 tokens; clear (what the payment is quoted for): 2.
+    let x = X25519Public::from_b58(&res.node_x25519_pubkey).unwrap();
+    let inner = json!({"messages": [{"role": "user", "content": "count to a thousand"}], "max_tokens": 8192});
+    let (enc, _) = e2e::seal_input(&x, inner.to_string().as_bytes()).unwrap();
+    let body = json!({"reservation_token": res.reservation_token, "max_tokens": 2, "enc": enc});
+    let client = tokio::spawn(chat(base.clone(), body));
+    let job = node.next_job().await;
+    assert_eq!(job.input_payload["max_tokens_cap"], 2);
+    let chat_job = jobs::parse_job(&node.id, &job, true).unwrap();
+    assert_eq!(chat_job.max_tokens, 2, "the node obeys the cap");
+    // A node that ignores the cap and reports 5 completion tokens.
+    let over = jobs::complete_body(
+        &node.id,
+        &chat_job,
+        "one two three four five",
+        Usage::new(4, 5),
+        FinishReason::Length,
+    )
+    .unwrap();
+    let r = node
+        .post(
+            &format!("/grid/jobs/{}/complete", job.id),
+            &serde_json::to_value(&over).unwrap(),
+        )
+        .await;
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["code"], "bad_usage", "{v}");
+    let resp = client.await.unwrap();
+    assert_eq!(resp.status(), 502);
+    node.active.clear();
+    // Counted against the node (the job failed there).
+    let mut failed = 0;
+    for _ in 0..200 {
+        failed = node_record(&node).await["jobs_failed"].as_u64().unwrap();
+        if failed == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(failed, 1);
+}
+
+/// Finding 7, ghost jobs: a heartbeat snapshotted before a job started and
+/// arriving after its first chunk does not fail it; a heartbeat sent after
+/// the job was known to run and not listing it does. The heartbeats are
+/// made by hand with the node's credentials, so nothing depends on timing.
+#[tokio::test]
+async fn a_stale_heartbeat_does_not_make_a_running_job_a_ghost() {
+    let base = start(dev()).await;
+    let node = TestNode::join(&base).await;
+    let res: ReserveResponse = reserve(&base, json!({"model": MODEL}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let nonce = "N5L7eAc4PsHfZViqAMbFEH";
+    let (body, _) = sealed_request(&res, true, nonce);
+    // The answer's head comes with the first chunk.
+    let client = tokio::spawn(chat(base.clone(), body));
+    // The heartbeat that offers the job: the node takes it without listing it.
+    let job = loop {
+        if let Some(j) = node.heartbeat().await.into_iter().next() {
+            break j;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let chat_job = jobs::parse_job(&node.id, &job, true).unwrap();
+    let mut s = StreamChunks::new(&node.id, &chat_job).unwrap();
+    let chunk = |s: &mut StreamChunks<'_>| {
+        for t in ["a", "b", "c", "d", "e"] {
+            assert!(s.push_token(t).unwrap().is_none());
+        }
+        s.push_token("f").unwrap().unwrap()
+    };
+    let path = format!("/grid/jobs/{}/chunk", job.id);
+    let first = chunk(&mut s);
+    let r: Value = node
+        .post(&path, &serde_json::to_value(&first).unwrap())
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r, json!({"ok": true, "closed": false}));
+    let mut resp = client.await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let head = next_sse(&mut resp).await;
+    assert!(head.contains("\"seq\":0"), "{head}");
+
+    // The stale heartbeat: snapshotted before the job started, it arrives
+    // after the first chunk and lists nothing. The job keeps running.
+    assert!(node.heartbeat().await.is_empty());
+    let second = chunk(&mut s);
+    let r = node
+        .post(&path, &serde_json::to_value(&second).unwrap())
+        .await;
+    assert_eq!(r.status(), 200, "the job was failed as a ghost");
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({"ok": true, "closed": false})
+    );
+
+    // The next heartbeat was sent after the job ran: a job missing from it
+    // is lost, and the client hears so.
+    assert!(node.heartbeat().await.is_empty());
+    let mut rest = String::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), resp.chunk()).await {
+            Ok(Ok(Some(c))) => rest.push_str(&String::from_utf8_lossy(&c)),
+            Ok(Ok(None)) | Ok(Err(_)) => break,
+            Err(_) => panic!("the lost job was not failed: {rest}"),
+        }
+    }
+    assert!(rest.contains("event: error"), "{rest}");
+    assert!(!rest.contains("[DONE]"), "{rest}");
+}
+
+/// Read the stream until one whole SSE event has arrived; its text.
+async fn next_sse(resp: &mut reqwest::Response) -> String {
+    let mut text = String::new();
+    while !text.contains("\n\n") {
+        let c = tokio::time::timeout(Duration::from_secs(30), resp.chunk())
+            .await
+            .expect("no event")
+            .unwrap()
+            .expect("the stream ended");
+        text.push_str(&String::from_utf8_lossy(&c));
+    }
+    text
+}

@@ -242,7 +242,7 @@ async fn billing_body(t: TestStore) -> TestStore {
     assert_eq!(r.status(), 404);
 
     // A failed job costs nothing: a prompt sealed to the wrong key fails to
-    // open on the node.
+    // open on the node, the client's fault (400 bad_sealed_input, §7f).
     let before = store.balance(&wallet(PAYER)).await.unwrap();
     let res = client.reserve(&request("x", false)).await.unwrap();
     let mut wrong = res.clone();
@@ -262,7 +262,7 @@ async fn billing_body(t: TestStore) -> TestStore {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 502);
+    assert_eq!(r.status(), 400);
     let after = store.balance(&wallet(PAYER)).await.unwrap();
     assert_eq!(after.balance, before.balance);
     assert_eq!(after.held, Micros(0));

@@ -14,6 +14,7 @@ mod grid_billing;
 mod grid_cli;
 mod grid_e2e;
 mod grid_edges;
+mod grid_faults;
 mod grid_node_kill;
 mod grid_payouts;
 mod grid_prices;

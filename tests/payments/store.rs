@@ -278,3 +278,115 @@ async fn sqlite_file_is_private_and_reopens() {
         Err(StoreError::UnsupportedUrl)
     ));
 }
+
+/// A usage row for `job`, as the coordinator writes it (cost set by the store
+/// call that settles).
+fn usage_row(job: &str, payer: &WalletId) -> sgl::store::UsageRow {
+    sgl::store::UsageRow {
+        job_id: job.into(),
+        node_id: "node".into(),
+        operator_wallet: "0xoperator".into(),
+        payer_wallet: Some(payer.as_str().into()),
+        api_key_id: None,
+        method: "credits".into(),
+        model: "m".into(),
+        status: "completed".into(),
+        prompt_tokens: 1,
+        completion_tokens: 1,
+        input_per_m: sgl::money::MicrosPerM(1),
+        output_per_m: sgl::money::MicrosPerM(1),
+        quoted: Micros(500),
+        cost: Micros(100),
+        operator_share: Micros(80),
+        platform_share: Micros(5),
+        stakers_share: Micros(10),
+        burn_share: Micros(5),
+        usage_signature: None,
+        result_signature: None,
+        created_at: 1,
+    }
+}
+
+/// Holds always end (PROTOCOL.md §7f): a hold has a lease; renewed, it stays;
+/// lapsed, it is released whole. Settling writes the job's usage row in the
+/// same transaction: when the row cannot be written, nothing is settled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn holds_lapse_unless_renewed_and_settle_with_their_usage_row() {
+    each_backend("leases", |t: TestStore| async move {
+        let clock = sgl::clock::ManualClock::starting_now();
+        let s = t
+            .store
+            .clone()
+            .with_clock(clock.clock())
+            .with_hold_lease(std::time::Duration::from_secs(10));
+        let w = wallet("0xcccc000000000000000000000000000000000003");
+        s.top_up(&w, Micros(1_000), "dep").await.unwrap();
+        let running = s.hold(&w, Micros(300), "job-running").await.unwrap();
+        let crashed = s.hold(&w, Micros(200), "job-crashed").await.unwrap();
+        assert_eq!(s.open_holds().await.unwrap(), (2, Micros(500)));
+        // Within the lease nothing lapses.
+        clock.advance(std::time::Duration::from_secs(9));
+        assert_eq!(s.release_lapsed_holds(false).await.unwrap(), 0);
+        // The running job's lease is renewed; the other is not.
+        assert_eq!(
+            s.renew_holds(std::slice::from_ref(&running)).await.unwrap(),
+            1
+        );
+        clock.advance(std::time::Duration::from_secs(2));
+        assert_eq!(s.release_lapsed_holds(false).await.unwrap(), 1);
+        assert!(matches!(
+            s.settle_hold(&crashed, Micros(1)).await,
+            Err(StoreError::HoldClosed)
+        ));
+        let b = s.balance(&w).await.unwrap();
+        assert_eq!((b.balance, b.held), (Micros(700), Micros(300)));
+
+        // The usage row and the settlement are one: a row that cannot be
+        // written (this job already has one) leaves the hold open.
+        s.record_usage(&usage_row("job-running", &w)).await.unwrap();
+        let row = sgl::payments::billing::priced(usage_row("job-running", &w), Micros(250));
+        assert!(matches!(
+            s.settle_hold_recording(&running, Micros(250), &row).await,
+            Err(StoreError::DuplicateReference)
+        ));
+        let b = s.balance(&w).await.unwrap();
+        assert_eq!(
+            (b.balance, b.held, b.total_spent),
+            (Micros(700), Micros(300), Micros::ZERO)
+        );
+        let row = sgl::payments::billing::priced(usage_row("job-ok", &w), Micros(250));
+        let b = s
+            .settle_hold_recording(&running, Micros(250), &row)
+            .await
+            .unwrap();
+        assert_eq!(
+            (b.balance, b.held, b.total_spent),
+            (Micros(750), Micros::ZERO, Micros(250))
+        );
+        assert_eq!(
+            s.usage_for_job("job-ok").await.unwrap().unwrap().cost,
+            Micros(250)
+        );
+        assert_eq!(
+            b.total_deposited,
+            Micros(b.balance.0 + b.held.0 + b.total_spent.0)
+        );
+
+        // A release writes its row the same way; at start-up every open hold
+        // can be released at once.
+        let h = s.hold(&w, Micros(100), "job-failed").await.unwrap();
+        let mut row = sgl::payments::billing::priced(usage_row("job-failed", &w), Micros::ZERO);
+        row.status = "failed".into();
+        s.release_hold_recording(&h, &row).await.unwrap();
+        assert_eq!(
+            s.usage_for_job("job-failed").await.unwrap().unwrap().status,
+            "failed"
+        );
+        s.hold(&w, Micros(100), "job-open").await.unwrap();
+        assert_eq!(s.release_lapsed_holds(false).await.unwrap(), 0);
+        assert_eq!(s.release_lapsed_holds(true).await.unwrap(), 1);
+        assert_eq!(s.open_holds().await.unwrap(), (0, Micros::ZERO));
+        t
+    })
+    .await;
+}
