@@ -17,7 +17,7 @@ use sgl::store::{Store, WalletId};
 pub enum CoordinatorCommand {
     /// Serve the client API (/v1/…), the node API (/grid/…) and the API key
     /// and credits routes (/compute/…).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Node registration codes.
     #[command(subcommand)]
     Nodes(NodesCommand),
@@ -309,7 +309,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 pub fn run(cmd: CoordinatorCommand) -> anyhow::Result<()> {
     match cmd {
-        CoordinatorCommand::Serve(args) => serve(args),
+        CoordinatorCommand::Serve(args) => serve(*args),
         CoordinatorCommand::Nodes(NodesCommand::Invite { wallet: w, db }) => {
             let w = wallet(&w)?;
             runtime()?.block_on(async {

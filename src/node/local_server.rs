@@ -219,7 +219,7 @@ pub async fn serve(
         })
     };
     let server = crate::http::serve(listener, app, limits, shutdown);
-    let server = tokio::spawn(async move { server.await });
+    let server = tokio::spawn(server);
     match loader.await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
