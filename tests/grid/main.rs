@@ -15,6 +15,7 @@ mod grid_cli;
 mod grid_e2e;
 mod grid_node_kill;
 mod grid_prices;
+mod grid_served_payments;
 mod grid_x402;
 mod node_agent;
 mod node_init;
