@@ -66,10 +66,11 @@ step "model"
 
 step "tests"
 # What the tests may skip elsewhere is required here: the model, the Python
-# clients, PostgreSQL, systemd-analyze and the chaos suite's own tmpfs (mounting
-# needs root).
-SGL_REQUIRE_MODEL=1 SGL_REQUIRE_OPENAI=1 SGL_REQUIRE_PY_CLIENTS=1 SGL_REQUIRE_POSTGRES=1 \
-  SGL_REQUIRE_SYSTEMD=1 SGL_REQUIRE_CHAOS=1 \
+# clients, the npm client (mppx, installed by its test with npm into
+# ~/.cache/sgl/npm or $SGL_NPM_CACHE), PostgreSQL, systemd-analyze and the chaos
+# suite's own tmpfs (mounting needs root).
+SGL_REQUIRE_MODEL=1 SGL_REQUIRE_OPENAI=1 SGL_REQUIRE_PY_CLIENTS=1 SGL_REQUIRE_NPM_CLIENTS=1 \
+  SGL_REQUIRE_POSTGRES=1 SGL_REQUIRE_SYSTEMD=1 SGL_REQUIRE_CHAOS=1 \
   cargo test --features "$FEATURES" --no-fail-fast
 
 if [ "${SGL_CUDA_CHECK:-1}" = 1 ]; then

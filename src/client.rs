@@ -32,6 +32,24 @@ pub enum ClientError {
     Protocol(String),
     #[error("the stream was aborted: {0}")]
     Aborted(String),
+    #[error("payment: {0}")]
+    Payment(String),
+}
+
+/// How a wallet on this machine pays for chat requests.
+#[cfg(feature = "payments")]
+#[derive(Debug)]
+pub enum WalletPayment {
+    /// Answer each request's 402 with an x402 payment (an EIP-3009
+    /// authorization of the USDC amount asked), never above `cap`.
+    X402 {
+        key: crate::payments::wallet::WalletKey,
+        cap: crate::money::Micros,
+    },
+    /// Sign each request (`X-Auth-*`); the wallet's prepaid credits pay.
+    Credits {
+        key: crate::payments::wallet::WalletKey,
+    },
 }
 
 /// One chat request.
@@ -56,12 +74,17 @@ pub struct ChatOutcome {
     pub usage: Option<Usage>,
     /// Whether the node's signed usage receipt verified.
     pub usage_signed: bool,
+    /// What a per-request payment paid, and the coordinator's settlement
+    /// receipt (`PAYMENT-RESPONSE`), when the request was paid that way.
+    pub payment: Option<Value>,
 }
 
 pub struct GridClient {
     http: reqwest::Client,
     base: String,
     api_key: Option<String>,
+    #[cfg(feature = "payments")]
+    wallet: Option<WalletPayment>,
 }
 
 async fn check(resp: reqwest::Response) -> Result<reqwest::Response, ClientError> {
@@ -84,7 +107,83 @@ impl GridClient {
                 .build()?,
             base: base.trim_end_matches('/').to_string(),
             api_key,
+            #[cfg(feature = "payments")]
+            wallet: None,
         })
+    }
+
+    /// Pay chat requests from a wallet on this machine.
+    #[cfg(feature = "payments")]
+    pub fn with_wallet(mut self, wallet: WalletPayment) -> Self {
+        self.wallet = Some(wallet);
+        self
+    }
+
+    /// POST a JSON body to `path`, paying for it the configured way; the
+    /// successful response and, for a per-request payment, what was paid.
+    async fn post_paid(
+        &self,
+        path: &str,
+        body: &[u8],
+    ) -> Result<(reqwest::Response, Option<Value>), ClientError> {
+        let request = || {
+            self.post(path)
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body.to_vec())
+        };
+        #[cfg(feature = "payments")]
+        match &self.wallet {
+            Some(WalletPayment::Credits { key }) => {
+                let now_ms = crate::clock::Clock::system().now_ms();
+                let mut r = request();
+                for (name, value) in key.xauth_headers("POST", path, body, now_ms) {
+                    r = r.header(name, value);
+                }
+                return Ok((check(r.send().await?).await?, None));
+            }
+            Some(WalletPayment::X402 { key, cap }) => {
+                let first = request().send().await?;
+                if first.status() != reqwest::StatusCode::PAYMENT_REQUIRED {
+                    return Ok((check(first).await?, None));
+                }
+                let Some(required) = first
+                    .headers()
+                    .get(crate::payments::x402::PAYMENT_REQUIRED)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+                else {
+                    return Err(check(first).await.err().unwrap_or_else(|| {
+                        ClientError::Payment("a 402 without PAYMENT-REQUIRED".into())
+                    }));
+                };
+                let now = crate::clock::Clock::system().now_secs();
+                let (header, paid) = key
+                    .pay_x402(&required, *cap, now)
+                    .map_err(|e| ClientError::Payment(e.to_string()))?;
+                let resp = check(
+                    request()
+                        .header(crate::payments::x402::PAYMENT_SIGNATURE, header)
+                        .send()
+                        .await?,
+                )
+                .await?;
+                let settlement = resp
+                    .headers()
+                    .get(crate::payments::x402::PAYMENT_RESPONSE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(crate::payments::wallet::parse_payment_response);
+                let payment = serde_json::json!({
+                    "scheme": "x402-v2",
+                    "payer": crate::payments::evm::lower(&key.address()),
+                    "amount_micro_usd": paid.amount.0,
+                    "network": paid.network,
+                    "settlement": settlement,
+                });
+                return Ok((resp, Some(payment)));
+            }
+            None => {}
+        }
+        Ok((check(request().send().await?).await?, None))
     }
 
     fn post(&self, path: &str) -> reqwest::RequestBuilder {
@@ -150,21 +249,16 @@ impl GridClient {
             stream: Some(req.stream),
             pay_in_coin: None,
         };
-        let resp = check(
-            self.post(routes::CHAT_COMPLETIONS)
-                .json(&body)
-                .send()
-                .await?,
-        )
-        .await?;
+        let body = serde_json::to_vec(&body).map_err(|e| ProtoError::Json(e.to_string()))?;
+        let (resp, payment) = self.post_paid(routes::CHAT_COMPLETIONS, &body).await?;
         let is_sse = resp
             .headers()
             .get(reqwest::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
-        if is_sse {
+        let mut out = if is_sse {
             self.read_stream(res, &req.model, &ed, &key, &nonce, resp, &mut on_delta)
-                .await
+                .await?
         } else {
             let bytes = resp.bytes().await?;
             if bytes.len() > MAX_REPLY_BYTES {
@@ -174,8 +268,10 @@ impl GridClient {
                 serde_json::from_slice(&bytes).map_err(|e| ProtoError::Json(e.to_string()))?;
             let out = open_whole(res, &ed, &key, &reply)?;
             on_delta(&out.content);
-            Ok(out)
-        }
+            out
+        };
+        out.payment = payment;
+        Ok(out)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -265,6 +361,7 @@ impl GridClient {
                         content,
                         usage,
                         usage_signed,
+                        payment: None,
                     });
                 }
             }
@@ -298,6 +395,7 @@ fn open_whole(
         content: result["content"].as_str().unwrap_or_default().to_string(),
         usage,
         usage_signed,
+        payment: None,
     })
 }
 

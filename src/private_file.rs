@@ -131,6 +131,35 @@ pub fn tighten(path: &Path, wanted: u32) -> Result<(), PrivateFileError> {
     Ok(())
 }
 
+/// Read a secret (a key, a token) from a private file: the file is
+/// tightened to [`FILE_MODE`] first, and one larger than `max_bytes` is
+/// refused. The bytes are wiped when dropped.
+pub fn read_secret(
+    path: &Path,
+    max_bytes: u64,
+) -> Result<zeroize::Zeroizing<Vec<u8>>, PrivateFileError> {
+    use std::io::Read;
+    tighten(path, FILE_MODE)?;
+    let f = fs::File::open(path).map_err(io_err(path))?;
+    // Room for the whole read up front: a growing buffer would leave
+    // copies of the secret behind in freed memory.
+    let cap = usize::try_from(max_bytes.saturating_add(1)).unwrap_or(usize::MAX);
+    let mut buf = zeroize::Zeroizing::new(Vec::with_capacity(cap.min(1 << 20)));
+    f.take(max_bytes + 1)
+        .read_to_end(&mut buf)
+        .map_err(io_err(path))?;
+    if buf.len() as u64 > max_bytes {
+        return Err(PrivateFileError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("larger than {max_bytes} bytes"),
+            ),
+        });
+    }
+    Ok(buf)
+}
+
 #[cfg(all(test, unix))]
 mod tests {
     use std::os::unix::fs::PermissionsExt;

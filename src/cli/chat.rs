@@ -19,6 +19,29 @@ pub struct ChatArgs {
     /// API key (`x402c_…`); not needed by a coordinator in development mode.
     #[arg(long, env = "SGL_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// Pay from a wallet instead of an API key: a file holding an EVM
+    /// private key (64 hex digits), read owner-only (it is tightened to
+    /// 0600). With --pay x402 each request's 402 is paid with an x402
+    /// payment (an EIP-3009 authorization of USDC on Base or Base Sepolia);
+    /// with --pay credits each request is signed by the wallet (X-Auth) and
+    /// its prepaid credits pay.
+    #[cfg(feature = "payments")]
+    #[arg(
+        long,
+        env = "SGL_WALLET_KEY_FILE",
+        value_name = "FILE",
+        conflicts_with = "api_key"
+    )]
+    pub wallet_key: Option<std::path::PathBuf>,
+    /// How --wallet-key pays.
+    #[cfg(feature = "payments")]
+    #[arg(long, value_enum, default_value = "x402")]
+    pub pay: PayWith,
+    /// The most one request paid by x402 may cost, in USD; a 402 asking
+    /// more is refused unsigned.
+    #[cfg(feature = "payments")]
+    #[arg(long, default_value = "1", value_name = "USD")]
+    pub max_payment: String,
     /// Model to ask.
     #[arg(long, default_value = "smollm2-135m")]
     pub model: String,
@@ -62,6 +85,36 @@ pub struct ChatArgs {
     pub prompt: Vec<String>,
 }
 
+/// How a wallet pays for a chat request.
+#[cfg(feature = "payments")]
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum PayWith {
+    /// A per-request x402 payment.
+    X402,
+    /// The wallet's prepaid credits, by a signed request.
+    Credits,
+}
+
+/// The wallet payment the flags ask for, if any.
+#[cfg(feature = "payments")]
+fn wallet_payment(args: &ChatArgs) -> anyhow::Result<Option<sgl::client::WalletPayment>> {
+    use sgl::client::WalletPayment;
+    let Some(path) = &args.wallet_key else {
+        return Ok(None);
+    };
+    let key = sgl::payments::wallet::WalletKey::load(path)
+        .with_context(|| format!("loading the wallet key {}", path.display()))?;
+    Ok(Some(match args.pay {
+        PayWith::X402 => {
+            let cap = sgl::money::Micros::parse_usd(&args.max_payment).with_context(|| {
+                format!("--max-payment {:?} is not a USD amount", args.max_payment)
+            })?;
+            WalletPayment::X402 { key, cap }
+        }
+        PayWith::Credits => WalletPayment::Credits { key },
+    }))
+}
+
 pub fn run(args: ChatArgs) -> anyhow::Result<()> {
     let prompt = if args.prompt.is_empty() {
         let mut s = String::new();
@@ -95,7 +148,12 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let client = GridClient::new(&args.coordinator, args.api_key.clone())?;
+        #[allow(unused_mut)]
+        let mut client = GridClient::new(&args.coordinator, args.api_key.clone())?;
+        #[cfg(feature = "payments")]
+        if let Some(w) = wallet_payment(&args)? {
+            client = client.with_wallet(w);
+        }
         let res = client.reserve(&req).await.context("reserving a node")?;
         tracing::info!(node_id = %res.node_id, level = ?res.attestation_level, "reserved");
         let verdict = if args.verify_evidence {
@@ -152,6 +210,7 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
                     "usage_signed": out.usage_signed,
                     "attestation_level": res.attestation_level,
                     "signatures_verified": true,
+                    "payment": out.payment,
                     "evidence": verdict.as_ref().map(|v| serde_json::json!({
                         "verified": v.verified,
                         "format": v.format.as_str(),
@@ -164,6 +223,17 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
             println!();
         } else {
             println!("{}", out.content);
+        }
+        if let (false, Some(p)) = (args.json, &out.payment) {
+            let amount = p["amount_micro_usd"].as_u64().unwrap_or(0);
+            eprintln!(
+                "paid {} USD by {} (transaction {})",
+                sgl::money::Micros(amount).to_usd_string(),
+                p["scheme"].as_str().unwrap_or("x402"),
+                p["settlement"]["transaction"]
+                    .as_str()
+                    .unwrap_or("not reported"),
+            );
         }
         Ok(())
     })

@@ -9,7 +9,8 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
 use sgl::coordinator::{self, Config, Grid};
 use sgl::money::Micros;
-use sgl::payments::config::{EvmNetwork, PaymentsConfig};
+use sgl::payments::config::{EvmNetwork, MppConfig, PaymentsConfig};
+use sgl::payments::facilitator::{CdpKey, FacilitatorAuth};
 use sgl::payments::Payments;
 use sgl::store::{Store, WalletId};
 
@@ -155,7 +156,9 @@ pub struct ServeArgs {
     /// Wallet that receives x402 and MPP payments (0x…). Needed outside --dev.
     #[arg(long, env = "SGL_PAY_TO")]
     pub pay_to: Option<String>,
-    /// x402 facilitator base URL (POST /verify, POST /settle).
+    /// x402 facilitator base URL (POST /verify, POST /settle, GET /supported).
+    /// At start the coordinator asks GET /supported and refuses to run unless
+    /// the facilitator settles scheme `exact` on --network for x402 v1 and v2.
     #[arg(long, env = "SGL_FACILITATOR_URL")]
     pub facilitator_url: Option<String>,
     /// Run without billing: nodes register and the API is served, but chat
@@ -164,9 +167,56 @@ pub struct ServeArgs {
     /// --pay-to and --facilitator-url are set.
     #[arg(long, env = "SGL_NO_BILLING")]
     pub no_billing: bool,
+    /// A file holding a bearer token the facilitator wants
+    /// (`Authorization: Bearer …` on every request). The token itself may be
+    /// given in the environment variable SGL_FACILITATOR_TOKEN instead.
+    #[arg(long, env = "SGL_FACILITATOR_TOKEN_FILE", value_name = "FILE")]
+    pub facilitator_token_file: Option<PathBuf>,
+    /// A Coinbase CDP API key for the facilitator (such as CDP's x402
+    /// facilitator): the key file the CDP portal offers (JSON with `id` or
+    /// `name` and `privateKey`), or a file holding the secret alone (an EC
+    /// P-256 PEM key or a base64 Ed25519 key). Every request then carries a
+    /// JWT signed for it. The secret itself may be given in the environment
+    /// variable SGL_FACILITATOR_CDP_KEY_SECRET instead.
+    #[arg(long, env = "SGL_FACILITATOR_CDP_KEY_FILE", value_name = "FILE")]
+    pub facilitator_cdp_key_file: Option<PathBuf>,
+    /// The CDP API key id (a UUID or `organizations/…/apiKeys/…`), when the
+    /// key file does not name it.
+    #[arg(long, env = "SGL_FACILITATOR_CDP_KEY_ID", value_name = "ID")]
+    pub facilitator_cdp_key_id: Option<String>,
     /// Network and asset payments are taken in.
-    #[arg(long, value_enum, default_value = "base")]
+    #[arg(long, env = "SGL_NETWORK", value_enum, default_value = "base")]
     pub network: Network,
+    /// Accept MPP (the `Payment` HTTP authentication scheme) beside x402:
+    /// every 402 also carries `WWW-Authenticate: Payment` (method `evm`,
+    /// intent `charge`, credential type `authorization`: an EIP-3009
+    /// authorization of USDC on --network, what the pympp and mppx clients
+    /// pay with), `Authorization: Payment` credentials are verified, each
+    /// challenge is redeemed once, and paid answers carry `Payment-Receipt`.
+    /// Needs --pay-to and --facilitator-url, which settles MPP payments.
+    #[arg(long, env = "SGL_MPP")]
+    pub mpp: bool,
+    /// The MPP realm named in challenges. Default: the host of --public-url.
+    #[arg(long, env = "SGL_MPP_REALM", value_name = "REALM")]
+    pub mpp_realm: Option<String>,
+    /// A file holding the MPP secret (at least 32 bytes), the HMAC key that
+    /// binds challenge ids to their terms; coordinators behind one public
+    /// URL must share it. The secret itself may be given in the environment
+    /// variable SGL_MPP_SECRET instead. Without either, each process draws a
+    /// random one, and challenges issued before a restart are refused.
+    #[arg(long, env = "SGL_MPP_SECRET_FILE", value_name = "FILE")]
+    pub mpp_secret_file: Option<PathBuf>,
+    /// Seconds an MPP challenge stays valid.
+    #[arg(
+        long,
+        env = "SGL_MPP_CHALLENGE_TTL",
+        default_value_t = 300,
+        value_name = "SECONDS"
+    )]
+    pub mpp_challenge_ttl: u64,
+    /// The wallet MPP payments go to (0x…). Default: --pay-to.
+    #[arg(long, env = "SGL_MPP_RECIPIENT", value_name = "ADDRESS")]
+    pub mpp_recipient: Option<String>,
     /// Seconds between node heartbeats.
     #[arg(long, default_value_t = 5)]
     pub heartbeat_interval: u64,
@@ -557,9 +607,132 @@ fn offline_payments(store: Store) -> anyhow::Result<Payments> {
     Ok(Payments::new(cfg, store)?)
 }
 
+/// The largest secret file read (keys, tokens).
+const MAX_SECRET_FILE_BYTES: u64 = 16 * 1024;
+
+/// A secret from an environment variable, if set (and not empty).
+fn env_secret(name: &str) -> Option<zeroize::Zeroizing<String>> {
+    std::env::var(name)
+        .ok()
+        .map(zeroize::Zeroizing::new)
+        .filter(|v| !v.trim().is_empty())
+}
+
+/// The text of a secret file, read owner-only (tightened to 0600 first).
+fn secret_file_text(
+    path: &std::path::Path,
+    what: &str,
+) -> anyhow::Result<zeroize::Zeroizing<String>> {
+    let bytes = sgl::private_file::read_secret(path, MAX_SECRET_FILE_BYTES)
+        .with_context(|| format!("reading {what}"))?;
+    let text = std::str::from_utf8(&bytes)
+        .with_context(|| format!("{what} ({}) is not UTF-8 text", path.display()))?;
+    Ok(zeroize::Zeroizing::new(text.to_owned()))
+}
+
+/// The facilitator's credentials from the flags and the environment; never
+/// logged.
+fn facilitator_auth(args: &ServeArgs) -> anyhow::Result<FacilitatorAuth> {
+    let token = match &args.facilitator_token_file {
+        Some(p) => Some(secret_file_text(p, "--facilitator-token-file")?),
+        None => env_secret("SGL_FACILITATOR_TOKEN"),
+    };
+    let cdp_secret = match &args.facilitator_cdp_key_file {
+        Some(p) => Some(secret_file_text(p, "--facilitator-cdp-key-file")?),
+        None => env_secret("SGL_FACILITATOR_CDP_KEY_SECRET"),
+    };
+    match (token, cdp_secret) {
+        (Some(_), Some(_)) => {
+            bail!("give the facilitator either a bearer token or a CDP API key, not both")
+        }
+        (Some(t), None) => {
+            FacilitatorAuth::bearer(&t).map_err(|e| anyhow::anyhow!("facilitator token: {e}"))
+        }
+        (None, Some(secret)) => {
+            let key = CdpKey::from_file_text(&secret, args.facilitator_cdp_key_id.as_deref())
+                .map_err(|e| anyhow::anyhow!("facilitator CDP key: {e}"))?;
+            Ok(FacilitatorAuth::Cdp(key))
+        }
+        (None, None) => {
+            if args.facilitator_cdp_key_id.is_some() {
+                bail!("--facilitator-cdp-key-id needs --facilitator-cdp-key-file or SGL_FACILITATOR_CDP_KEY_SECRET");
+            }
+            Ok(FacilitatorAuth::None)
+        }
+    }
+}
+
+/// The host (and port) of a URL, the default MPP realm.
+fn url_host(url: &str) -> Option<String> {
+    let u = reqwest::Url::parse(url).ok()?;
+    let host = u.host_str()?;
+    Some(match u.port() {
+        Some(p) => format!("{host}:{p}"),
+        None => host.to_owned(),
+    })
+}
+
+/// MPP from the flags and the environment, when --mpp is on.
+fn mpp_config(args: &ServeArgs, public_url: &str) -> anyhow::Result<Option<MppConfig>> {
+    if !args.mpp {
+        if args.mpp_realm.is_some()
+            || args.mpp_secret_file.is_some()
+            || args.mpp_recipient.is_some()
+        {
+            bail!("--mpp-realm, --mpp-secret-file and --mpp-recipient need --mpp");
+        }
+        return Ok(None);
+    }
+    let realm = match &args.mpp_realm {
+        Some(r) => r.clone(),
+        None => url_host(public_url)
+            .with_context(|| format!("no host in --public-url {public_url}; give --mpp-realm"))?,
+    };
+    if !MppConfig::valid_realm(&realm) {
+        bail!("--mpp-realm must be printable ASCII without quotes or backslashes");
+    }
+    let secret = match &args.mpp_secret_file {
+        Some(p) => Some(secret_file_text(p, "--mpp-secret-file")?),
+        None => env_secret("SGL_MPP_SECRET"),
+    };
+    let secret = match secret {
+        Some(s) => {
+            let bytes = zeroize::Zeroizing::new(s.trim().as_bytes().to_vec());
+            if bytes.len() < MppConfig::MIN_SECRET_BYTES {
+                bail!(
+                    "the MPP secret must be at least {} bytes",
+                    MppConfig::MIN_SECRET_BYTES
+                );
+            }
+            bytes
+        }
+        None => {
+            let mut b = zeroize::Zeroizing::new(vec![0u8; 32]);
+            rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut b);
+            tracing::info!("MPP secret: drawn at random for this process");
+            b
+        }
+    };
+    if !(10..=86_400).contains(&args.mpp_challenge_ttl) {
+        bail!("--mpp-challenge-ttl must be between 10 and 86400 seconds");
+    }
+    let mut cfg = MppConfig::new(realm, secret);
+    cfg.validity = Duration::from_secs(args.mpp_challenge_ttl);
+    if let Some(r) = &args.mpp_recipient {
+        cfg.recipient = Some(
+            sgl::payments::evm::parse_address(r)
+                .map_err(|e| anyhow::anyhow!("--mpp-recipient: {e}"))?,
+        );
+    }
+    Ok(Some(cfg))
+}
+
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if args.in_memory && !args.dev {
         bail!("--in-memory keeps no ledger and is for development only: add --dev");
+    }
+    if args.in_memory && args.mpp {
+        bail!("--mpp needs a store for its redeemed challenges: drop --in-memory");
     }
     let public_url = args
         .public_url
@@ -642,9 +815,22 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                         Network::Base => EvmNetwork::base_usdc(),
                         Network::BaseSepolia => EvmNetwork::base_sepolia_usdc(),
                     }];
-                    Some(Payments::new(cfg, store.clone())?)
+                    cfg.facilitator_auth = facilitator_auth(&args)?;
+                    cfg.mpp = mpp_config(&args, &public_url)?;
+                    let p = Payments::new(cfg, store.clone())?;
+                    // Fail at start, not at the first paying client.
+                    p.check_facilitator()
+                        .await
+                        .map_err(|e| anyhow::anyhow!("{e}"))
+                        .context("the facilitator cannot settle what this coordinator accepts")?;
+                    Some(p)
                 }
-                (None, None) if args.dev => Some(offline_payments(store.clone())?),
+                (None, None) if args.dev => {
+                    if args.mpp {
+                        bail!("--mpp needs --pay-to and --facilitator-url");
+                    }
+                    Some(offline_payments(store.clone())?)
+                }
                 _ => bail!(
                     "billing needs --pay-to and --facilitator-url (or --no-billing to start \
                      without it, or --dev)"

@@ -8,6 +8,7 @@ use alloy_primitives::{address, Address};
 use zeroize::Zeroizing;
 
 use super::evm::TokenDomain;
+use super::facilitator::FacilitatorAuth;
 use crate::money::Micros;
 
 /// An EVM network and the EIP-3009 token accepted on it.
@@ -61,7 +62,10 @@ impl EvmNetwork {
     }
 }
 
-/// MPP (`Payment` HTTP auth) settings.
+/// MPP (`Payment` HTTP auth) settings. The challenges offer method `evm`,
+/// intent `charge`, credential type `authorization` (an EIP-3009
+/// authorization of the first configured network's token): what the
+/// official clients (`pympp`, `mppx`) pay with.
 #[derive(Clone)]
 pub struct MppConfig {
     /// The protection space named in challenges (usually the public host).
@@ -70,6 +74,34 @@ pub struct MppConfig {
     pub secret: Zeroizing<Vec<u8>>,
     /// How long a challenge stays valid.
     pub validity: Duration,
+    /// Who MPP payments go to; None: `PaymentsConfig::pay_to`.
+    pub recipient: Option<Address>,
+}
+
+impl MppConfig {
+    /// The shortest HMAC secret accepted.
+    pub const MIN_SECRET_BYTES: usize = 32;
+
+    /// MPP in `realm` with challenges bound by `secret`, valid five minutes,
+    /// paying `PaymentsConfig::pay_to`.
+    pub fn new(realm: impl Into<String>, secret: Zeroizing<Vec<u8>>) -> Self {
+        MppConfig {
+            realm: realm.into(),
+            secret,
+            validity: Duration::from_secs(300),
+            recipient: None,
+        }
+    }
+
+    /// Whether `realm` can be sent as a quoted parameter of
+    /// `WWW-Authenticate` as is: printable ASCII without `"` or `\`.
+    pub fn valid_realm(realm: &str) -> bool {
+        !realm.is_empty()
+            && realm.len() <= 256
+            && realm
+                .bytes()
+                .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    }
 }
 
 impl std::fmt::Debug for MppConfig {
@@ -78,6 +110,7 @@ impl std::fmt::Debug for MppConfig {
             .field("realm", &self.realm)
             .field("secret", &"<redacted>")
             .field("validity", &self.validity)
+            .field("recipient", &self.recipient)
             .finish()
     }
 }
@@ -92,6 +125,8 @@ pub struct PaymentsConfig {
     /// x402 facilitator base URL (`POST /verify`, `POST /settle`,
     /// `GET /supported` below it).
     pub facilitator_url: String,
+    /// The credentials the facilitator wants (a bearer token, a CDP key).
+    pub facilitator_auth: FacilitatorAuth,
     /// Public base URL (`https://grid.example.com`) used to build the
     /// resource URL of a challenge. None: `http://` + the request's Host.
     pub public_base_url: Option<String>,
@@ -115,6 +150,7 @@ impl PaymentsConfig {
             networks: vec![EvmNetwork::base_usdc()],
             pay_to,
             facilitator_url: facilitator_url.into(),
+            facilitator_auth: FacilitatorAuth::None,
             public_base_url: None,
             max_timeout_seconds: 300,
             mpp: None,
@@ -122,5 +158,13 @@ impl PaymentsConfig {
             min_topup: Micros::USD,
             max_topup: Micros(100_000 * 1_000_000),
         }
+    }
+
+    /// Who MPP payments go to.
+    pub fn mpp_recipient(&self) -> Address {
+        self.mpp
+            .as_ref()
+            .and_then(|m| m.recipient)
+            .unwrap_or(self.pay_to)
     }
 }

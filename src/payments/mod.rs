@@ -1,6 +1,7 @@
 //! Payments and wallet auth: x402 (v1 and v2, scheme `exact` on EVM), MPP
 //! (`Payment` HTTP auth, `evm/charge`), the x402 facilitator client, credits,
-//! request signatures (EVM EIP-191, Solana ed25519) and API keys.
+//! request signatures (EVM EIP-191, Solana ed25519) and API keys; and the
+//! payer's side of x402 and X-Auth ([`wallet`]) for `sgl chat`.
 //!
 //! Owns: verifying what a client presents (payments, signatures, keys),
 //! settling payments through the facilitator, the credits position of each
@@ -24,6 +25,7 @@ pub mod facilitator;
 pub mod http;
 pub mod mpp;
 pub mod service;
+pub mod wallet;
 pub mod x402;
 pub mod xauth;
 

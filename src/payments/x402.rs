@@ -180,7 +180,7 @@ impl VerifiedPayment {
 }
 
 /// Decode a base64 JSON header value (standard alphabet, padding optional).
-fn decode_header_json(value: &str) -> Result<Value, PaymentError> {
+pub fn decode_header_json(value: &str) -> Result<Value, PaymentError> {
     if value.len() > MAX_HEADER_BYTES {
         return Err(PaymentError::InvalidPayload("header too large"));
     }
@@ -196,6 +196,15 @@ fn decode_header_json(value: &str) -> Result<Value, PaymentError> {
 pub fn encode_header_json<T: Serialize>(value: &T) -> String {
     // Serialising these plain structs cannot fail.
     STANDARD.encode(serde_json::to_vec(value).unwrap_or_default())
+}
+
+/// Parse a `PAYMENT-REQUIRED` (v2 challenge) header value.
+pub fn parse_payment_required(value: &str) -> Result<PaymentRequiredV2, PaymentError> {
+    let json = decode_header_json(value)?;
+    if json.get("x402Version").and_then(Value::as_u64) != Some(2) {
+        return Err(PaymentError::InvalidVersion);
+    }
+    serde_json::from_value(json).map_err(|_| PaymentError::InvalidPayload("v2 payment required"))
 }
 
 /// Parse an `X-PAYMENT` (v1) or `PAYMENT-SIGNATURE` (v2) header value.

@@ -20,6 +20,7 @@ mod grid_payouts;
 mod grid_prices;
 mod grid_restart_state;
 mod grid_units;
+mod grid_served_payments;
 mod grid_x402;
 mod node_agent;
 mod node_init;

@@ -446,6 +446,7 @@ fn mpp_vector() {
         realm: s(&i["realm"]).into(),
         secret: Zeroizing::new(b"test-secret".to_vec()),
         validity: Duration::from_secs(300),
+        recipient: None,
     };
     let offer = Offer {
         resource_url: "http://127.0.0.1:8080/paid".into(),

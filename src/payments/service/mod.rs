@@ -101,7 +101,8 @@ impl Payments {
         if cfg.networks.is_empty() {
             return Err(PaymentError::BadRequest("no payment network configured"));
         }
-        let facilitator = FacilitatorClient::new(&cfg.facilitator_url)?;
+        let facilitator =
+            FacilitatorClient::with_auth(&cfg.facilitator_url, cfg.facilitator_auth.clone())?;
         Ok(Payments {
             inner: Arc::new(Inner {
                 cfg,
@@ -128,10 +129,19 @@ impl Payments {
         &self.inner.clock
     }
 
-    /// A startup check: the facilitator (`GET /supported`) settles `exact`
-    /// on every configured network, for x402 v1 and v2.
+    /// A startup check: the facilitator answers `GET /supported` (with the
+    /// configured credentials) and settles scheme `exact` on every
+    /// configured network, for x402 v1 and v2 (MPP settles as v2). The
+    /// error names the facilitator's URL and what it lacks.
     pub async fn check_facilitator(&self) -> Result<(), PaymentError> {
-        let sup = self.inner.facilitator.supported().await?;
+        let url = format!("{}/supported", self.inner.facilitator.base_url());
+        let sup = self.inner.facilitator.supported().await.map_err(|e| {
+            let why = match e {
+                PaymentError::FacilitatorUnavailable(m) => m,
+                other => other.to_string(),
+            };
+            PaymentError::FacilitatorUnavailable(format!("GET {url}: {why}"))
+        })?;
         for net in &self.inner.cfg.networks {
             for (version, name) in [(1u8, net.v1_name.clone()), (2, net.caip2())] {
                 let listed = sup
@@ -140,7 +150,7 @@ impl Payments {
                     .any(|k| k.x402_version == version && k.scheme == "exact" && k.network == name);
                 if !listed {
                     return Err(PaymentError::FacilitatorUnavailable(format!(
-                        "the facilitator does not settle exact on {name} (x402 v{version})"
+                        "the facilitator at {url} does not list scheme \"exact\" on network \"{name}\" for x402 v{version}"
                     )));
                 }
             }

@@ -43,7 +43,7 @@ impl Payments {
             h.insert(HeaderName::from_static(x402::PAYMENT_REQUIRED), v);
         }
         if let Some(m) = &cfg.mpp {
-            let ch = mpp::issue(m, &cfg.networks[0], &cfg.pay_to, offer, self.now());
+            let ch = mpp::issue(m, &cfg.networks[0], &cfg.mpp_recipient(), offer, self.now());
             if let Ok(v) = HeaderValue::from_str(&ch.www_authenticate()) {
                 h.insert(axum::http::header::WWW_AUTHENTICATE, v);
             }

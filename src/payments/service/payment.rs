@@ -165,7 +165,7 @@ impl Payments {
             .ok_or(PaymentError::MppMalformed("MPP is not enabled here"))?;
         let net = &cfg.networks[0];
         let cred = mpp::parse_authorization(value)?;
-        let v = mpp::verify(m, net, &cfg.pay_to, offer, &cred, self.now())?;
+        let v = mpp::verify(m, net, &cfg.mpp_recipient(), offer, &cred, self.now())?;
         let store = &self.inner.store;
         if !store
             .reserve_mpp_challenge(
