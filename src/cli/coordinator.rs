@@ -15,8 +15,9 @@ use sgl::store::{Store, WalletId};
 
 #[derive(Debug, Subcommand)]
 pub enum CoordinatorCommand {
-    /// Serve the client API (/v1/…), the node API (/grid/…) and the API key
-    /// and credits routes (/compute/…).
+    /// Serve the client API (/v1/…), the node API (/grid/…), the API key
+    /// and credits routes (/compute/…) and, with --compute-provider, the
+    /// Machines API (/compute/plans, /compute/provision, /compute/instances/…).
     Serve(ServeArgs),
     /// Node registration codes.
     #[command(subcommand)]
@@ -132,6 +133,9 @@ pub struct ServeArgs {
     /// Intel PCS/PCCS base URL for TDX collateral (e.g. https://api.trustedservices.intel.com).
     #[arg(long)]
     pub pcs_url: Option<String>,
+    #[cfg(feature = "compute-plane")]
+    #[command(flatten)]
+    pub compute: super::compute::ComputeServeArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -400,7 +404,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ..Config::default()
     };
     runtime()?.block_on(async move {
+        // The Machines API's routes, when configured.
+        #[allow(unused_mut)]
+        let mut extra = axum::Router::new();
         let grid = if args.in_memory {
+            #[cfg(feature = "compute-plane")]
+            if !args.compute.providers.is_empty() {
+                bail!("--compute-provider needs a database (not --in-memory)");
+            }
             Grid::new(config)
         } else {
             let store = args.db.open().await?;
@@ -419,6 +430,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 (None, None) if args.dev => Some(offline_payments(store.clone())?),
                 _ => bail!("billing needs --pay-to and --facilitator-url (or run with --dev)"),
             };
+            #[cfg(feature = "compute-plane")]
+            if let Some(machines) =
+                super::compute::machines_router(&args.compute, payments.as_ref()).await?
+            {
+                extra = machines;
+            }
             Grid::with_store(config, store, payments).await?
         };
         let listener = tokio::net::TcpListener::bind(args.listen)
@@ -429,7 +446,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             "sgl coordinator listening on http://{addr}{}",
             if args.dev { " (development mode)" } else { "" }
         );
-        coordinator::serve(grid, listener, super::shutdown_signal())
+        coordinator::serve_with(grid, extra, listener, super::shutdown_signal())
             .await
             .context("serving")
     })

@@ -114,6 +114,17 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_with(grid, Router::new(), listener, shutdown).await
+}
+
+/// Serve a grid with `extra` routes beside its own (the compute plane's
+/// Machines API, on the same store and payments).
+pub async fn serve_with(
+    grid: Grid,
+    extra: Router,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let reaper = {
         let grid = grid.clone();
         tokio::spawn(async move {
@@ -124,7 +135,7 @@ pub async fn serve(
             }
         })
     };
-    let result = axum::serve(crate::http::no_delay(listener), router(grid))
+    let result = axum::serve(crate::http::no_delay(listener), extra.merge(router(grid)))
         .with_graceful_shutdown(shutdown)
         .await;
     reaper.abort();

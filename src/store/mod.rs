@@ -6,8 +6,9 @@
 //! Owns: the credit balances and their ledger, credit holds
 //! ([`credits`]), API key hashes ([`api_keys`]), the single-use records
 //! that make payments and signed requests unreplayable ([`payments`]:
-//! EIP-3009 authorization nonces, X-Auth nonces, MPP challenge ids) and the
-//! coordinator's tables ([`grid`]). It knows nothing of HTTP or signatures:
+//! EIP-3009 authorization nonces, X-Auth nonces, MPP challenge ids), the
+//! coordinator's tables ([`grid`]) and the Machines API's orders and their
+//! audit trail ([`compute`]). It knows nothing of HTTP or signatures:
 //! callers hand it normalised, already-verified values.
 //!
 //! Money is [`Micros`] in rows and signatures alike (integer micro-USD,
@@ -37,12 +38,14 @@ mod tx;
 pub mod api_keys;
 #[macro_use]
 pub mod credits;
+pub mod compute;
 pub mod grid;
 mod migrate;
 pub mod payments;
 mod sql_money;
 
 pub use api_keys::ApiKeyRecord;
+pub use compute::{ComputeAudit, ComputeOrder, NewComputeOrder};
 pub use credits::{CreditBalance, HoldId, LedgerEntry};
 pub use grid::UsageRow;
 pub use payments::{PaymentNonceKey, PendingPayment};
