@@ -16,8 +16,9 @@ use sgl::store::{Store, WalletId};
 
 #[derive(Debug, Subcommand)]
 pub enum CoordinatorCommand {
-    /// Serve the client API (/v1/…), the node API (/grid/…) and the API key
-    /// and credits routes (/compute/…).
+    /// Serve the client API (/v1/…), the node API (/grid/…), the API key
+    /// and credits routes (/compute/…) and, with --compute-provider, the
+    /// Machines API (/compute/plans, /compute/provision, /compute/instances/…).
     Serve(Box<ServeArgs>),
     /// Node registration codes.
     #[command(subcommand)]
@@ -263,6 +264,9 @@ pub struct ServeArgs {
     pub allowed_models: Vec<String>,
     #[command(flatten)]
     pub server: super::ServerLimitArgs,
+    #[cfg(feature = "compute-plane")]
+    #[command(flatten)]
+    pub compute: super::compute::ComputeServeArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -785,7 +789,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ..Config::default()
     };
     runtime()?.block_on(async move {
+        // The Machines API's routes, when configured.
+        #[allow(unused_mut)]
+        let mut extra = axum::Router::new();
         let grid = if args.in_memory {
+            #[cfg(feature = "compute-plane")]
+            if !args.compute.providers.is_empty() {
+                bail!("--compute-provider needs a database (not --in-memory)");
+            }
             Grid::new(config)
         } else {
             let store = args
@@ -836,6 +847,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                      without it, or --dev)"
                 ),
             };
+            #[cfg(feature = "compute-plane")]
+            if let Some(machines) =
+                super::compute::machines_router(&args.compute, payments.as_ref()).await?
+            {
+                extra = machines;
+            }
             Grid::with_store(config, store, payments).await?
         };
         let listener = tokio::net::TcpListener::bind(args.listen)
@@ -846,7 +863,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             "sgl coordinator listening on http://{addr}{}",
             if args.dev { " (development mode)" } else { "" }
         );
-        coordinator::serve(grid, listener, super::shutdown_signal())
+        coordinator::serve_with(grid, extra, listener, super::shutdown_signal())
             .await
             .context("serving")
     })

@@ -4,6 +4,8 @@
 mod attest;
 #[cfg(feature = "node")]
 mod bench;
+#[cfg(feature = "compute-plane")]
+mod compute;
 #[cfg(feature = "node")]
 mod chat;
 #[cfg(feature = "coordinator")]
@@ -60,6 +62,10 @@ pub enum Command {
     #[cfg(feature = "coordinator")]
     #[command(subcommand)]
     Coordinator(coordinator::CoordinatorCommand),
+    /// Rent and manage machines (the Machines API): plans, provision, list,
+    /// show, password, extend, resize, destroy, credits.
+    #[cfg(feature = "compute-plane")]
+    Compute(compute::ComputeArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -76,6 +82,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(args),
         #[cfg(feature = "coordinator")]
         Command::Coordinator(cmd) => coordinator::run(cmd),
+        #[cfg(feature = "compute-plane")]
+        Command::Compute(args) => compute::run(args),
     }
 }
 

@@ -135,6 +135,17 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_with(grid, Router::new(), listener, shutdown).await
+}
+
+/// Serve a grid with `extra` routes beside its own (the compute plane's
+/// Machines API, on the same store and payments).
+pub async fn serve_with(
+    grid: Grid,
+    extra: Router,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let reaper = {
         let grid = grid.clone();
         tokio::spawn(async move {
@@ -160,7 +171,7 @@ pub async fn serve(
         })
     });
     let limits = grid.config.server_limits;
-    let result = crate::http::serve(listener, router(grid), limits, shutdown).await;
+    let result = crate::http::serve(listener, extra.merge(router(grid)), limits, shutdown).await;
     reaper.abort();
     if let Some(h) = holds {
         h.abort();

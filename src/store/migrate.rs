@@ -31,6 +31,11 @@ const SQLITE: &[(i64, &str, &str)] = &[
         "hold_leases",
         include_str!("../../migrations/sqlite/0004_hold_leases.sql"),
     ),
+    (
+        5,
+        "compute",
+        include_str!("../../migrations/sqlite/0005_compute.sql"),
+    ),
 ];
 const POSTGRES: &[(i64, &str, &str)] = &[
     (
@@ -52,6 +57,11 @@ const POSTGRES: &[(i64, &str, &str)] = &[
         4,
         "hold_leases",
         include_str!("../../migrations/postgres/0004_hold_leases.sql"),
+    ),
+    (
+        5,
+        "compute",
+        include_str!("../../migrations/postgres/0005_compute.sql"),
     ),
 ];
 

@@ -6,9 +6,10 @@
 //! Owns: the credit balances and their ledger, credit holds
 //! ([`credits`]), API key hashes ([`api_keys`]), the single-use records
 //! that make payments and signed requests unreplayable ([`payments`]:
-//! EIP-3009 authorization nonces, X-Auth nonces, MPP challenge ids) and the
+//! EIP-3009 authorization nonces, X-Auth nonces, MPP challenge ids), the
 //! coordinator's tables ([`grid`]), operator payouts and earnings
-//! ([`payouts`]). It knows nothing of HTTP or signatures:
+//! ([`payouts`]) and the Machines API's orders and their audit trail
+//! ([`compute`]). It knows nothing of HTTP or signatures:
 //! callers hand it normalised, already-verified values.
 //!
 //! Money is [`Micros`] in rows and signatures alike (integer micro-USD,
@@ -38,6 +39,7 @@ mod tx;
 pub mod api_keys;
 #[macro_use]
 pub mod credits;
+pub mod compute;
 pub mod grid;
 mod grid_state;
 mod migrate;
@@ -46,6 +48,7 @@ pub mod payouts;
 mod sql_money;
 
 pub use api_keys::ApiKeyRecord;
+pub use compute::{ComputeAudit, ComputeOrder, NewComputeOrder};
 pub use credits::{CreditBalance, HoldId, LedgerEntry};
 pub use grid::UsageRow;
 pub use payments::{PaymentNonceKey, PendingPayment};
