@@ -51,6 +51,7 @@ pub async fn start_with(store: TestStore) -> MachinesServer {
         realm: addr.to_string(),
         secret: Zeroizing::new(MPP_SECRET.as_bytes().to_vec()),
         validity: Duration::from_secs(300),
+        recipient: None,
     });
     let clock = ManualClock::starting_now();
     let payments = Payments::with_clock(cfg, store.store.clone(), clock.clock()).unwrap();
