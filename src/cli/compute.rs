@@ -391,8 +391,8 @@ impl Client {
 
 fn print_instances(list: &[serde_json::Value]) {
     println!(
-        "{:<36}  {:<12}  {:<22}  {:<6}  {:<15}  {}",
-        "ID", "STATUS", "PLAN", "REGION", "IP", "EXPIRES"
+        "{:<36}  {:<12}  {:<22}  {:<6}  {:<15}  EXPIRES",
+        "ID", "STATUS", "PLAN", "REGION", "IP"
     );
     for i in list {
         println!(

@@ -655,7 +655,7 @@ fn facilitator_auth(args: &ServeArgs) -> anyhow::Result<FacilitatorAuth> {
         (None, Some(secret)) => {
             let key = CdpKey::from_file_text(&secret, args.facilitator_cdp_key_id.as_deref())
                 .map_err(|e| anyhow::anyhow!("facilitator CDP key: {e}"))?;
-            Ok(FacilitatorAuth::Cdp(key))
+            Ok(FacilitatorAuth::Cdp(Box::new(key)))
         }
         (None, None) => {
             if args.facilitator_cdp_key_id.is_some() {

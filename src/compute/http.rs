@@ -19,6 +19,9 @@
 //! PROTOCOL.md §1.5; another wallet's machine is 404, as a missing one.
 //! Work that reaches a provider runs in its own task, so a client that
 //! hangs up cannot stop an order half way.
+// The parsing helpers return the finished error response, as handlers do;
+// it is built once per refused request, so its size does not matter.
+#![allow(clippy::result_large_err)]
 
 use axum::body::Body;
 use axum::extract::{Path, Query, State};

@@ -198,8 +198,9 @@ pub enum FacilitatorAuth {
     None,
     /// `Authorization: Bearer <token>` on every request.
     Bearer(Zeroizing<String>),
-    /// A CDP API key: a fresh signed JWT on every request.
-    Cdp(CdpKey),
+    /// A CDP API key: a fresh signed JWT on every request (boxed: the key is
+    /// large beside the other variants).
+    Cdp(Box<CdpKey>),
 }
 
 impl std::fmt::Debug for FacilitatorAuth {

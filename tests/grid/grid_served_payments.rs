@@ -374,7 +374,7 @@ async fn mpp_clients_on(dir: &Path, db: &str, pympp: bool, mppx: Option<&Path>) 
         2 * payers.len()
     );
     assert_eq!(fac.state.auth_refused.load(Ordering::SeqCst), 0);
-    assert!(fac.state.auth_accepted.load(Ordering::SeqCst) >= 1 + 4 * payers.len());
+    assert!(fac.state.auth_accepted.load(Ordering::SeqCst) > 4 * payers.len());
     let secret: Value = serde_json::from_str(&key_json).unwrap();
     let secret = secret["privateKey"].as_str().unwrap();
     assert!(
