@@ -143,7 +143,12 @@ pub async fn machines_router(
 #[derive(Debug, Args)]
 pub struct ComputeArgs {
     /// The coordinator serving the Machines API.
-    #[arg(long, env = "SGL_COMPUTE_URL", default_value = "http://127.0.0.1:8080", global = true)]
+    #[arg(
+        long,
+        env = "SGL_COMPUTE_URL",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
     pub url: String,
     /// An API key (`x402c_…`) for management calls and credits.
     #[arg(long, env = "COMPUTE_API_KEY", hide_env_values = true, global = true)]
@@ -237,7 +242,8 @@ impl Wallet {
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
         );
         let hex_key = text.trim().trim_start_matches("0x");
-        let bytes = zeroize::Zeroizing::new(hex::decode(hex_key).context("the wallet key must be hex")?);
+        let bytes =
+            zeroize::Zeroizing::new(hex::decode(hex_key).context("the wallet key must be hex")?);
         let key = k256::ecdsa::SigningKey::from_slice(&bytes).context("not a secp256k1 key")?;
         let address = alloy_primitives::Address::from_public_key(key.verifying_key());
         Ok(Wallet { key, address })
@@ -258,13 +264,19 @@ impl Wallet {
         Ok(format!("0x{}", hex::encode(out)))
     }
 
-    fn xauth(&self, method: &str, path: &str, body: &[u8]) -> anyhow::Result<Vec<(String, String)>> {
+    fn xauth(
+        &self,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> anyhow::Result<Vec<(String, String)>> {
         let ts = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)?
             .as_millis()
             .to_string();
         let nonce = uuid::Uuid::new_v4().to_string();
-        let msg = sgl::payments::xauth::message("base", &self.addr(), method, path, body, &ts, &nonce);
+        let msg =
+            sgl::payments::xauth::message("base", &self.addr(), method, path, body, &ts, &nonce);
         let sig = self.sign(&alloy_primitives::eip191_hash_message(msg.as_bytes()))?;
         Ok(vec![
             ("X-Auth-Address".into(), self.addr()),
@@ -348,9 +360,10 @@ impl Client {
         };
         let mut payment: Option<String> = None;
         loop {
-            let mut req = self
-                .http
-                .request(method.clone(), format!("{}{path}", self.base.trim_end_matches('/')));
+            let mut req = self.http.request(
+                method.clone(),
+                format!("{}{path}", self.base.trim_end_matches('/')),
+            );
             if let Some(k) = &self.api_key {
                 req = req.header("x-api-key", k);
             } else if let Some(w) = &self.wallet {
@@ -363,19 +376,23 @@ impl Client {
                 req = req.header("x-payment", p);
             }
             if body.is_some() {
-                req = req.header("content-type", "application/json").body(bytes.clone());
+                req = req
+                    .header("content-type", "application/json")
+                    .body(bytes.clone());
             }
             let resp = req.send().await.context("calling the coordinator")?;
             let status = resp.status();
             let v: serde_json::Value = resp.json().await.unwrap_or(serde_json::Value::Null);
             if status == reqwest::StatusCode::PAYMENT_REQUIRED && pay && payment.is_none() {
                 if v["error"]["code"] == "insufficient_credits" {
-                    bail!("insufficient credits: {} USD short", v["shortfall"].as_str().unwrap_or("?"));
+                    bail!(
+                        "insufficient credits: {} USD short",
+                        v["shortfall"].as_str().unwrap_or("?")
+                    );
                 }
-                let w = self
-                    .wallet
-                    .as_ref()
-                    .context("payment required: pass --wallet-key-file to pay with x402, or --credits")?;
+                let w = self.wallet.as_ref().context(
+                    "payment required: pass --wallet-key-file to pay with x402, or --credits",
+                )?;
                 payment = Some(w.pay(&v)?);
                 continue;
             }
@@ -433,15 +450,28 @@ pub fn run(args: ComputeArgs) -> anyhow::Result<()> {
                 };
                 let v = client.call(M::GET, &path, None, false).await?;
                 if !args.json {
-                    println!("{:<26}  {:<12}  {:>4}  {:>7}  {:>6}  {:>10}  {:>9}  LOCATIONS", "ID", "PROVIDER", "CPU", "RAM MB", "DISK", "USD/HOUR", "USD/DAY");
+                    println!(
+                        "{:<26}  {:<12}  {:>4}  {:>7}  {:>6}  {:>10}  {:>9}  LOCATIONS",
+                        "ID", "PROVIDER", "CPU", "RAM MB", "DISK", "USD/HOUR", "USD/DAY"
+                    );
                     for p in v["plans"].as_array().into_iter().flatten() {
                         println!(
                             "{:<26}  {:<12}  {:>4}  {:>7}  {:>6}  {:>10}  {:>9}  {}",
                             p["id"].as_str().unwrap_or(""),
                             p["provider"].as_str().unwrap_or(""),
-                            p["vcpu_count"], p["ram"], p["disk"],
-                            p["hourly_cost"], p["our_daily"],
-                            p["locations"].as_array().map(|l| l.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(",")).unwrap_or_default()
+                            p["vcpu_count"],
+                            p["ram"],
+                            p["disk"],
+                            p["hourly_cost"],
+                            p["our_daily"],
+                            p["locations"]
+                                .as_array()
+                                .map(|l| l
+                                    .iter()
+                                    .filter_map(|x| x.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(","))
+                                .unwrap_or_default()
                         );
                     }
                     return Ok(());
@@ -452,7 +482,12 @@ pub fn run(args: ComputeArgs) -> anyhow::Result<()> {
                 let v = client.call(M::GET, "/compute/regions", None, false).await?;
                 if !args.json {
                     for r in v["regions"].as_array().into_iter().flatten() {
-                        println!("{:<8}  {:<12}  {}", r["id"].as_str().unwrap_or(""), r["provider"].as_str().unwrap_or(""), r["city"].as_str().unwrap_or(""));
+                        println!(
+                            "{:<8}  {:<12}  {}",
+                            r["id"].as_str().unwrap_or(""),
+                            r["provider"].as_str().unwrap_or(""),
+                            r["city"].as_str().unwrap_or("")
+                        );
                     }
                     return Ok(());
                 }
@@ -462,21 +497,42 @@ pub fn run(args: ComputeArgs) -> anyhow::Result<()> {
                 let v = client.call(M::GET, "/compute/os", None, false).await?;
                 if !args.json {
                     for o in v["os_options"].as_array().into_iter().flatten() {
-                        println!("{:<10}  {:<12}  {}", o["id"], o["provider"].as_str().unwrap_or(""), o["name"].as_str().unwrap_or(""));
+                        println!(
+                            "{:<10}  {:<12}  {}",
+                            o["id"],
+                            o["provider"].as_str().unwrap_or(""),
+                            o["name"].as_str().unwrap_or("")
+                        );
                     }
                     return Ok(());
                 }
                 v
             }
-            ComputeCommand::Provision { plan, region, os_id, hours, label, ssh_key_file, provider, credits } => {
+            ComputeCommand::Provision {
+                plan,
+                region,
+                os_id,
+                hours,
+                label,
+                ssh_key_file,
+                provider,
+                credits,
+            } => {
                 let ssh = match ssh_key_file {
-                    Some(f) => Some(std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?.trim().to_owned()),
+                    Some(f) => Some(
+                        std::fs::read_to_string(f)
+                            .with_context(|| format!("reading {}", f.display()))?
+                            .trim()
+                            .to_owned(),
+                    ),
                     None => None,
                 };
                 let body = json!({"plan": plan, "region": region, "os_id": os_id, "label": label,
                     "prepaid_hours": hours, "ssh_public_key": ssh, "provider": provider,
                     "use_credits": credits});
-                let v = client.call(M::POST, "/compute/provision", Some(body), !credits).await?;
+                let v = client
+                    .call(M::POST, "/compute/provision", Some(body), !credits)
+                    .await?;
                 if !args.json {
                     print_instances(std::slice::from_ref(&v["order"]));
                     if let Some(k) = v["management_api_key"].as_str() {
@@ -487,7 +543,9 @@ pub fn run(args: ComputeArgs) -> anyhow::Result<()> {
                 v
             }
             ComputeCommand::List => {
-                let v = client.call(M::GET, "/compute/instances", None, false).await?;
+                let v = client
+                    .call(M::GET, "/compute/instances", None, false)
+                    .await?;
                 if !args.json {
                     print_instances(v["instances"].as_array().map(Vec::as_slice).unwrap_or(&[]));
                     return Ok(());
@@ -495,7 +553,9 @@ pub fn run(args: ComputeArgs) -> anyhow::Result<()> {
                 v
             }
             ComputeCommand::Show { id } => {
-                let v = client.call(M::GET, &format!("/compute/instances/{id}"), None, false).await?;
+                let v = client
+                    .call(M::GET, &format!("/compute/instances/{id}"), None, false)
+                    .await?;
                 if !args.json {
                     print_instances(std::slice::from_ref(&v["instance"]));
                     return Ok(());
@@ -503,34 +563,76 @@ pub fn run(args: ComputeArgs) -> anyhow::Result<()> {
                 v
             }
             ComputeCommand::Password { id } => {
-                let v = client.call(M::POST, &format!("/compute/instances/{id}/password"), None, false).await?;
+                let v = client
+                    .call(
+                        M::POST,
+                        &format!("/compute/instances/{id}/password"),
+                        None,
+                        false,
+                    )
+                    .await?;
                 if !args.json {
-                    println!("root@{}  {}", v["access"]["ip_address"].as_str().unwrap_or("?"), v["access"]["password"].as_str().unwrap_or(""));
+                    println!(
+                        "root@{}  {}",
+                        v["access"]["ip_address"].as_str().unwrap_or("?"),
+                        v["access"]["password"].as_str().unwrap_or("")
+                    );
                     return Ok(());
                 }
                 v
             }
             ComputeCommand::Extend { id, hours, credits } => {
-                client.call(M::POST, &format!("/compute/instances/{id}/extend"),
-                    Some(json!({"extend_hours": hours, "use_credits": credits})), !credits).await?
+                client
+                    .call(
+                        M::POST,
+                        &format!("/compute/instances/{id}/extend"),
+                        Some(json!({"extend_hours": hours, "use_credits": credits})),
+                        !credits,
+                    )
+                    .await?
             }
-            ComputeCommand::Resize { id, plan, confirm_disk_resize } => {
-                client.call(M::POST, &format!("/compute/instances/{id}/resize"),
-                    Some(json!({"plan": plan, "confirm_disk_resize": confirm_disk_resize})), false).await?
+            ComputeCommand::Resize {
+                id,
+                plan,
+                confirm_disk_resize,
+            } => {
+                client
+                    .call(
+                        M::POST,
+                        &format!("/compute/instances/{id}/resize"),
+                        Some(json!({"plan": plan, "confirm_disk_resize": confirm_disk_resize})),
+                        false,
+                    )
+                    .await?
             }
             ComputeCommand::Destroy { id } => {
-                client.call(M::DELETE, &format!("/compute/instances/{id}"), None, false).await?
+                client
+                    .call(M::DELETE, &format!("/compute/instances/{id}"), None, false)
+                    .await?
             }
             ComputeCommand::Balance => {
-                let v = client.call(M::GET, "/compute/credits/balance", None, false).await?;
+                let v = client
+                    .call(M::GET, "/compute/credits/balance", None, false)
+                    .await?;
                 if !args.json {
-                    println!("{}: balance {} USD", v["wallet"].as_str().unwrap_or(""), v["balance"].as_str().unwrap_or("0"));
+                    println!(
+                        "{}: balance {} USD",
+                        v["wallet"].as_str().unwrap_or(""),
+                        v["balance"].as_str().unwrap_or("0")
+                    );
                     return Ok(());
                 }
                 v
             }
             ComputeCommand::Topup { amount } => {
-                client.call(M::POST, "/compute/credits/topup", Some(json!({"amount": amount})), true).await?
+                client
+                    .call(
+                        M::POST,
+                        "/compute/credits/topup",
+                        Some(json!({"amount": amount})),
+                        true,
+                    )
+                    .await?
             }
         };
         if args.json {
@@ -540,7 +642,10 @@ pub fn run(args: ComputeArgs) -> anyhow::Result<()> {
                 ComputeCommand::Extend { .. } | ComputeCommand::Resize { .. } => {
                     print_instances(std::slice::from_ref(&out["instance"]))
                 }
-                ComputeCommand::Topup { .. } => println!("new balance {} USD", out["new_balance"].as_str().unwrap_or("?")),
+                ComputeCommand::Topup { .. } => println!(
+                    "new balance {} USD",
+                    out["new_balance"].as_str().unwrap_or("?")
+                ),
                 _ => println!("{}", out["status"].as_str().unwrap_or("done")),
             }
         }

@@ -4,10 +4,10 @@
 mod attest;
 #[cfg(feature = "node")]
 mod bench;
-#[cfg(feature = "compute-plane")]
-mod compute;
 #[cfg(feature = "node")]
 mod chat;
+#[cfg(feature = "compute-plane")]
+mod compute;
 #[cfg(feature = "coordinator")]
 mod coordinator;
 #[cfg(feature = "node")]

@@ -101,7 +101,9 @@ impl Snapshot {
     }
 
     pub fn has_os(&self, provider: ProviderKind, id: u64) -> bool {
-        self.os.iter().any(|o| o.provider == provider && o.os.id == id)
+        self.os
+            .iter()
+            .any(|o| o.provider == provider && o.os.id == id)
     }
 }
 

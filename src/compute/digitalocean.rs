@@ -32,9 +32,11 @@ pub struct DigitalOcean {
 pub fn family_of(slug: &str) -> &'static str {
     if slug.starts_with("gpu-") {
         "vcg"
-    } else if ["c-", "c2-", "g-", "gd-", "m-", "m3-", "m6-", "so-", "so1_5-"]
-        .iter()
-        .any(|p| slug.starts_with(p))
+    } else if [
+        "c-", "c2-", "g-", "gd-", "m-", "m3-", "m6-", "so-", "so1_5-",
+    ]
+    .iter()
+    .any(|p| slug.starts_with(p))
     {
         "vdc"
     } else if slug.ends_with("-intel") || slug.ends_with("-amd") {

@@ -123,14 +123,16 @@ fn usd(m: Micros) -> Value {
 
 /// The body, at most [`MAX_BODY_BYTES`].
 async fn read_body(body: Body) -> Result<axum::body::Bytes, Response> {
-    axum::body::to_bytes(body, MAX_BODY_BYTES).await.map_err(|_| {
-        error_response(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "invalid_request_error",
-            "body_too_large",
-            "the request body is too large",
-        )
-    })
+    axum::body::to_bytes(body, MAX_BODY_BYTES)
+        .await
+        .map_err(|_| {
+            error_response(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "body_too_large",
+                "the request body is too large",
+            )
+        })
 }
 
 /// The body as a JSON object (an empty body is an empty object).
@@ -319,14 +321,13 @@ async fn os(State(m): State<Machines>) -> Response {
         Ok(s) => s,
         Err(r) => return r,
     };
-    let list: Vec<Value> = s
-        .os
-        .iter()
-        .map(|o| {
-            json!({"id": o.os.id, "name": o.os.name, "arch": o.os.arch,
+    let list: Vec<Value> =
+        s.os.iter()
+            .map(|o| {
+                json!({"id": o.os.id, "name": o.os.name, "arch": o.os.arch,
                 "family": o.os.family, "provider": o.provider.as_str()})
-        })
-        .collect();
+            })
+            .collect();
     Json(json!({"os_options": list})).into_response()
 }
 
@@ -450,7 +451,8 @@ struct Order {
 
 fn parse_provision(m: &Machines, s: &Snapshot, body: &[u8]) -> Result<Order, Response> {
     let o = json_object(body)?;
-    let plan_id = field_str(&o, "plan", 128)?.ok_or_else(|| bad("invalid_plan", "plan is required"))?;
+    let plan_id =
+        field_str(&o, "plan", 128)?.ok_or_else(|| bad("invalid_plan", "plan is required"))?;
     let region =
         field_str(&o, "region", 64)?.ok_or_else(|| bad("invalid_region", "region is required"))?;
     let os_id = field_u64(&o, "os_id")?.ok_or_else(|| bad("invalid_os_id", "os_id is required"))?;
@@ -807,7 +809,9 @@ async fn destroy(
             .compute_end(&o.id, "destroyed", owner.as_str(), "destroyed by its owner")
             .await
         {
-            Ok(_) => Json(json!({"success": true, "id": o.id, "status": "destroyed"})).into_response(),
+            Ok(_) => {
+                Json(json!({"success": true, "id": o.id, "status": "destroyed"})).into_response()
+            }
             Err(e) => internal(e),
         }
     })
@@ -1062,10 +1066,7 @@ async fn resize(
                     target.spec.vcpu_count < c.spec.vcpu_count || target.spec.ram < c.spec.ram
                 });
             if smaller {
-                return bad(
-                    "downgrade_not_supported",
-                    "Vultr resizes are upgrade-only",
-                );
+                return bad("downgrade_not_supported", "Vultr resizes are upgrade-only");
             }
         }
         ProviderKind::DigitalOcean => {
@@ -1108,7 +1109,15 @@ async fn resize(
         );
         match m
             .store()
-            .compute_resize(&o.id, &target.id, target.hourly, disk, expires, owner.as_str(), &detail)
+            .compute_resize(
+                &o.id,
+                &target.id,
+                target.hourly,
+                disk,
+                expires,
+                owner.as_str(),
+                &detail,
+            )
             .await
         {
             Ok(true) => {}

@@ -381,7 +381,11 @@ fn decimal_usd_ceil(s: &str) -> Option<Micros> {
     };
     let mut micros = whole.checked_mul(1_000_000)?;
     let (head, tail) = frac.split_at(frac.len().min(6));
-    let mut head_val: u64 = if head.is_empty() { 0 } else { head.parse().ok()? };
+    let mut head_val: u64 = if head.is_empty() {
+        0
+    } else {
+        head.parse().ok()?
+    };
     for _ in head.len()..6 {
         head_val *= 10;
     }

@@ -98,7 +98,10 @@ mod tests {
         let s = Sealer::new([7; 32]);
         let sealed = s.seal("order-1", "v5{Fkvb#2ycPGwHs");
         assert!(!sealed.contains("Fkvb"));
-        assert_eq!(s.open("order-1", &sealed).unwrap().as_str(), "v5{Fkvb#2ycPGwHs");
+        assert_eq!(
+            s.open("order-1", &sealed).unwrap().as_str(),
+            "v5{Fkvb#2ycPGwHs"
+        );
         assert!(s.open("order-2", &sealed).is_err());
         assert!(Sealer::new([8; 32]).open("order-1", &sealed).is_err());
         assert!(Sealer::from_hex("00").is_none());

@@ -107,10 +107,7 @@ fn plan(v: &Value) -> Option<ProviderPlan> {
         hourly_cost: usd_number_to_micros(&v["hourly_cost"])?,
         family: as_string(&v["type"]),
         gpu_vram_gb: as_u64(&v["gpu_vram_gb"]),
-        gpu_type: v
-            .get("gpu_type")
-            .and_then(Value::as_str)
-            .map(str::to_owned),
+        gpu_type: v.get("gpu_type").and_then(Value::as_str).map(str::to_owned),
         locations: v
             .get("locations")
             .and_then(Value::as_array)
@@ -131,7 +128,9 @@ impl Provider for Vultr {
 
     fn plans(&self) -> BoxFuture<'_, Result<Vec<ProviderPlan>>> {
         Box::pin(async move {
-            let items = self.list("/plans", "plans", &[("type", "all".into())]).await?;
+            let items = self
+                .list("/plans", "plans", &[("type", "all".into())])
+                .await?;
             Ok(items.iter().filter_map(plan).collect())
         })
     }
@@ -223,7 +222,12 @@ impl Provider for Vultr {
         Box::pin(async move {
             match self
                 .api
-                .call(Method::DELETE, &format!("/instances/{}", enc(id)), &[], None)
+                .call(
+                    Method::DELETE,
+                    &format!("/instances/{}", enc(id)),
+                    &[],
+                    None,
+                )
                 .await
             {
                 Ok(_) => Ok(()),

@@ -91,9 +91,9 @@ macro_rules! order_from_row {
         use sqlx::Row as _;
         let r = &$row;
         let u = |v: i64| u64::try_from(v).map_err(|_| StoreError::Corrupt("negative count"));
-        let pw: bool = r.try_get::<bool, _>("pw").or_else(|_| {
-            r.try_get::<i64, _>("pw").map(|v| v != 0)
-        })?;
+        let pw: bool = r
+            .try_get::<bool, _>("pw")
+            .or_else(|_| r.try_get::<i64, _>("pw").map(|v| v != 0))?;
         ComputeOrder {
             id: r.try_get("id")?,
             owner: WalletId(r.try_get("owner")?),
@@ -276,13 +276,13 @@ impl Store {
         write_tx!(self, |tx, lock| {
             if let (Some(wallet), Some(hold)) = (hold_from, &hold_id) {
                 let mut b = lock_wallet!(tx, lock, wallet);
-                b.balance = b
-                    .balance
-                    .checked_sub(price)
-                    .ok_or(StoreError::InsufficientCredits {
-                        balance: b.balance,
-                        needed: price,
-                    })?;
+                b.balance =
+                    b.balance
+                        .checked_sub(price)
+                        .ok_or(StoreError::InsufficientCredits {
+                            balance: b.balance,
+                            needed: price,
+                        })?;
                 b.held = checked_add(b.held, price)?;
                 sqlx::query(
                     "UPDATE wallets SET balance = $1, held = $2, updated_at = $3 WHERE wallet = $4",
@@ -304,7 +304,15 @@ impl Store {
                 .bind(now)
                 .execute(&mut *tx)
                 .await?;
-                ledger_insert!(tx, wallet, "hold", price, b.balance, Some(hold.as_str()), now);
+                ledger_insert!(
+                    tx,
+                    wallet,
+                    "hold",
+                    price,
+                    b.balance,
+                    Some(hold.as_str()),
+                    now
+                );
             }
             sqlx::query(
                 "INSERT INTO compute_instances (id, owner, provider, plan, region, os_id, label, state, \
@@ -333,7 +341,17 @@ impl Store {
                 "{} {} in {}, {} h prepaid by {}",
                 o.provider, o.plan, o.region, o.prepaid_hours, o.funding
             );
-            audit_insert!(tx, o.id, "ordered", None::<&str>, Some("creating"), actor, Some(price), detail, now);
+            audit_insert!(
+                tx,
+                o.id,
+                "ordered",
+                None::<&str>,
+                Some("creating"),
+                actor,
+                Some(price),
+                detail,
+                now
+            );
         });
         Ok(())
     }
@@ -364,7 +382,17 @@ impl Store {
             .rows_affected();
             if n == 1 {
                 let detail = format!("provider accepted: machine {provider_instance_id}");
-                audit_insert!(tx, id, "accepted", Some("creating"), Some("provisioning"), actor, None::<Micros>, detail, now);
+                audit_insert!(
+                    tx,
+                    id,
+                    "accepted",
+                    Some("creating"),
+                    Some("provisioning"),
+                    actor,
+                    None::<Micros>,
+                    detail,
+                    now
+                );
             }
             n == 1
         }))
@@ -388,7 +416,17 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
             let detail = format!("payment settled: {tx_hash}");
-            audit_insert!(tx, id, "paid", None::<&str>, None::<&str>, actor, Some(amount), detail, now);
+            audit_insert!(
+                tx,
+                id,
+                "paid",
+                None::<&str>,
+                None::<&str>,
+                actor,
+                Some(amount),
+                detail,
+                now
+            );
         });
         Ok(())
     }
@@ -418,7 +456,17 @@ impl Store {
             .await?;
             let charged = o.hold_id.as_ref().map(|_| o.paid);
             let detail = format!("active at {ip}");
-            audit_insert!(tx, id, "active", Some("provisioning"), Some("active"), actor, charged, detail, now);
+            audit_insert!(
+                tx,
+                id,
+                "active",
+                Some("provisioning"),
+                Some("active"),
+                actor,
+                charged,
+                detail,
+                now
+            );
             true
         }))
     }
@@ -462,8 +510,22 @@ impl Store {
             .bind(id)
             .execute(&mut *tx)
             .await?;
-            let event = if returned > Micros::ZERO { "refunded" } else { "failed" };
-            audit_insert!(tx, id, event, Some(o.state.as_str()), Some("failed"), actor, Some(returned), detail, now);
+            let event = if returned > Micros::ZERO {
+                "refunded"
+            } else {
+                "failed"
+            };
+            audit_insert!(
+                tx,
+                id,
+                event,
+                Some(o.state.as_str()),
+                Some("failed"),
+                actor,
+                Some(returned),
+                detail,
+                now
+            );
             Some(returned)
         }))
     }
@@ -546,7 +608,17 @@ impl Store {
                     .bind(id)
                     .execute(&mut *tx)
                     .await?;
-                    audit_insert!(tx, id, "password_read", Some(state.as_str()), Some(state.as_str()), actor, None::<Micros>, "root password read once and erased", now);
+                    audit_insert!(
+                        tx,
+                        id,
+                        "password_read",
+                        Some(state.as_str()),
+                        Some(state.as_str()),
+                        actor,
+                        None::<Micros>,
+                        "root password read once and erased",
+                        now
+                    );
                     Some(sealed)
                 }
                 _ => None,
@@ -594,7 +666,15 @@ impl Store {
             .execute(&mut *tx)
             .await?;
             let reference = format!("compute-extend:{id}");
-            ledger_insert!(tx, wallet, "debit", amt, b.balance, Some(reference.as_str()), now);
+            ledger_insert!(
+                tx,
+                wallet,
+                "debit",
+                amt,
+                b.balance,
+                Some(reference.as_str()),
+                now
+            );
             extend_in_tx!(tx, &o, hours, amt, None, actor, now);
             true
         });
@@ -662,7 +742,17 @@ impl Store {
             .await?
             .rows_affected();
             if n == 1 {
-                audit_insert!(tx, id, "resized", Some("active"), Some("active"), actor, None::<Micros>, detail, now);
+                audit_insert!(
+                    tx,
+                    id,
+                    "resized",
+                    Some("active"),
+                    Some("active"),
+                    actor,
+                    None::<Micros>,
+                    detail,
+                    now
+                );
             }
             n == 1
         }))
@@ -694,14 +784,30 @@ impl Store {
             .bind(id)
             .execute(&mut *tx)
             .await?;
-            audit_insert!(tx, id, to_state, Some(o.state.as_str()), Some(to_state), actor, None::<Micros>, detail, now);
+            audit_insert!(
+                tx,
+                id,
+                to_state,
+                Some(o.state.as_str()),
+                Some(to_state),
+                actor,
+                None::<Micros>,
+                detail,
+                now
+            );
             true
         }))
     }
 
     /// Add an audit row outside a state change (an operator note, a
     /// reconciliation finding).
-    pub async fn compute_note(&self, id: &str, event: &str, actor: &str, detail: &str) -> Result<()> {
+    pub async fn compute_note(
+        &self,
+        id: &str,
+        event: &str,
+        actor: &str,
+        detail: &str,
+    ) -> Result<()> {
         let now = self.now_ms();
         with_pool!(self, |pool| {
             sqlx::query(
@@ -761,4 +867,3 @@ impl Store {
             .collect())
     }
 }
-

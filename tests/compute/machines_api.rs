@@ -36,11 +36,24 @@ fn do_order(hours: u64) -> Value {
 }
 
 async fn provision(s: &MachinesServer, key: Option<&str>, body: &Value) -> (StatusCode, Value) {
-    let (st, v, _) = call(Method::POST, &format!("{}/compute/provision", s.base), key, Some(body), &[]).await;
+    let (st, v, _) = call(
+        Method::POST,
+        &format!("{}/compute/provision", s.base),
+        key,
+        Some(body),
+        &[],
+    )
+    .await;
     (st, v)
 }
 
-async fn inst(s: &MachinesServer, key: &str, id: &str, verb: &str, body: Option<&Value>) -> (StatusCode, Value) {
+async fn inst(
+    s: &MachinesServer,
+    key: &str,
+    id: &str,
+    verb: &str,
+    body: Option<&Value>,
+) -> (StatusCode, Value) {
     let (m, path) = match verb {
         "show" => (Method::GET, format!("/compute/instances/{id}")),
         "destroy" => (Method::DELETE, format!("/compute/instances/{id}")),
@@ -57,7 +70,14 @@ fn is_json_error(v: &Value) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn catalogue_merges_providers_at_our_prices_and_survives_an_outage() {
     let s = start_with(sqlite_store().await).await;
-    let (st, v, _) = call(Method::GET, &format!("{}/compute/plans", s.base), None, None, &[]).await;
+    let (st, v, _) = call(
+        Method::GET,
+        &format!("{}/compute/plans", s.base),
+        None,
+        None,
+        &[],
+    )
+    .await;
     assert_eq!(st, StatusCode::OK, "{v}");
     let plans = v["plans"].as_array().unwrap();
     assert_eq!(v["count"], 9);
@@ -69,51 +89,131 @@ async fn catalogue_merges_providers_at_our_prices_and_survives_an_outage() {
     assert_eq!(vc2["monthly_cost"], json!(6.0));
     assert_eq!(vc2["provider"], "vultr");
     let d = plans.iter().find(|p| p["id"] == "do:s-1vcpu-1gb").unwrap();
-    assert_eq!((d["provider"].as_str(), d["hourly_cost_micros"].as_u64()), (Some("digitalocean"), Some(DO_HOURLY)));
-    assert!(plans.iter().all(|p| p["provider"] == "vultr" || p["id"].as_str().unwrap().starts_with("do:")));
+    assert_eq!(
+        (d["provider"].as_str(), d["hourly_cost_micros"].as_u64()),
+        (Some("digitalocean"), Some(DO_HOURLY))
+    );
+    assert!(plans
+        .iter()
+        .all(|p| p["provider"] == "vultr" || p["id"].as_str().unwrap().starts_with("do:")));
 
-    let (_, gpu, _) = call(Method::GET, &format!("{}/compute/plans?type=vcg", s.base), None, None, &[]).await;
-    let ids: Vec<&str> = gpu["plans"].as_array().unwrap().iter().map(|p| p["id"].as_str().unwrap()).collect();
+    let (_, gpu, _) = call(
+        Method::GET,
+        &format!("{}/compute/plans?type=vcg", s.base),
+        None,
+        None,
+        &[],
+    )
+    .await;
+    let ids: Vec<&str> = gpu["plans"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids, ["vcg-a100-1c-6g-4vram", "do:gpu-h100x1-80gb"]);
     assert!(gpu["plans"][0]["type"] == "GPU" && gpu["plans"][0]["gpu_vram_gb"] == 4);
-    let (st, bad, _) = call(Method::GET, &format!("{}/compute/plans?type=xl", s.base), None, None, &[]).await;
+    let (st, bad, _) = call(
+        Method::GET,
+        &format!("{}/compute/plans?type=xl", s.base),
+        None,
+        None,
+        &[],
+    )
+    .await;
     assert!(st == StatusCode::BAD_REQUEST && is_json_error(&bad));
 
-    let (_, r, _) = call(Method::GET, &format!("{}/compute/regions", s.base), None, None, &[]).await;
+    let (_, r, _) = call(
+        Method::GET,
+        &format!("{}/compute/regions", s.base),
+        None,
+        None,
+        &[],
+    )
+    .await;
     assert_eq!(r["regions"].as_array().unwrap().len(), 6);
-    let (_, o, _) = call(Method::GET, &format!("{}/compute/os", s.base), None, None, &[]).await;
+    let (_, o, _) = call(
+        Method::GET,
+        &format!("{}/compute/os", s.base),
+        None,
+        None,
+        &[],
+    )
+    .await;
     let os = o["os_options"].as_array().unwrap();
     assert_eq!(os.len(), 5);
-    assert!(os.iter().any(|o| o["id"] == 2284 && o["name"] == "Ubuntu 24.04 LTS x64"));
+    assert!(os
+        .iter()
+        .any(|o| o["id"] == 2284 && o["name"] == "Ubuntu 24.04 LTS x64"));
 
     // Cached: no refetch within the refresh interval.
     let calls = s.vultr.state.catalogue_calls.load(Ordering::SeqCst);
-    call(Method::GET, &format!("{}/compute/plans", s.base), None, None, &[]).await;
+    call(
+        Method::GET,
+        &format!("{}/compute/plans", s.base),
+        None,
+        None,
+        &[],
+    )
+    .await;
     assert_eq!(s.vultr.state.catalogue_calls.load(Ordering::SeqCst), calls);
     // Both providers down and the cache stale: the cached copy is served.
     s.vultr.state.down.store(true, Ordering::SeqCst);
     s.digitalocean.state.down.store(true, Ordering::SeqCst);
     s.clock.advance(Duration::from_secs(601));
-    let (st, v, _) = call(Method::GET, &format!("{}/compute/plans", s.base), None, None, &[]).await;
+    let (st, v, _) = call(
+        Method::GET,
+        &format!("{}/compute/plans", s.base),
+        None,
+        None,
+        &[],
+    )
+    .await;
     assert_eq!((st, v["count"].as_u64()), (StatusCode::OK, Some(9)));
     // Back up: the next stale read refetches.
     s.vultr.state.down.store(false, Ordering::SeqCst);
     s.clock.advance(Duration::from_secs(601));
-    call(Method::GET, &format!("{}/compute/plans", s.base), None, None, &[]).await;
+    call(
+        Method::GET,
+        &format!("{}/compute/plans", s.base),
+        None,
+        None,
+        &[],
+    )
+    .await;
     assert!(s.vultr.state.catalogue_calls.load(Ordering::SeqCst) > calls);
 }
 
 /// Pay a 402 answer with an x402 v1 payment from Anvil key #0.
-async fn pay_x402(s: &MachinesServer, url: &str, body: &Value, key: Option<&str>) -> (StatusCode, Value) {
+async fn pay_x402(
+    s: &MachinesServer,
+    url: &str,
+    body: &Value,
+    key: Option<&str>,
+) -> (StatusCode, Value) {
     let (st, challenge, h) = call(Method::POST, url, key, Some(body), &[]).await;
     assert_eq!(st, StatusCode::PAYMENT_REQUIRED, "{challenge}");
     assert_eq!(challenge["x402Version"], 1);
     assert!(h.contains_key("payment-required") && h.contains_key("www-authenticate"));
-    let amount: u64 = challenge["accepts"][0]["maxAmountRequired"].as_str().unwrap().parse().unwrap();
+    let amount: u64 = challenge["accepts"][0]["maxAmountRequired"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     let k = signing::key(signing::ANVIL0);
-    let payment = PayParams::new(PAY_TO, amount).x402_v1(&k);
-    let (st, v, _) = call(Method::POST, url, key, Some(body), &[("X-PAYMENT", payment)]).await;
-    let _ = s;
+    let mut params = PayParams::new(PAY_TO, amount);
+    // The server's clock may have been moved forward; the payment must be
+    // valid at its time.
+    params.valid_before = u64::try_from(s.clock.now_ms() / 1000).unwrap() + 300;
+    let payment = params.x402_v1(&k);
+    let (st, v, _) = call(
+        Method::POST,
+        url,
+        key,
+        Some(body),
+        &[("X-PAYMENT", payment)],
+    )
+    .await;
     (st, v)
 }
 
@@ -132,22 +232,44 @@ async fn vultr_lifecycle_credits_x402_password_extend_resize_destroy_reap() {
         assert_eq!(st, StatusCode::OK, "{v}");
         let o = &v["order"];
         let id = o["id"].as_str().unwrap().to_owned();
-        assert_eq!((o["status"].as_str(), o["plan"].as_str(), o["provider"].as_str()), (Some("active"), Some("vc2-1c-1gb"), Some("vultr")));
+        assert_eq!(
+            (
+                o["status"].as_str(),
+                o["plan"].as_str(),
+                o["provider"].as_str()
+            ),
+            (Some("active"), Some("vc2-1c-1gb"), Some("vultr"))
+        );
         assert!(o["ip_address"].as_str().unwrap().starts_with("192.0.2."));
         assert_eq!(o["vultr_instance_id"], o["provider_instance_id"]);
         assert_eq!(v["charged_micros"], price);
-        assert!(!v.to_string().contains("Fkvb"), "no password in the provision answer");
+        assert!(
+            !v.to_string().contains("Fkvb"),
+            "no password in the provision answer"
+        );
         assert_eq!(s.balance(A).await, Micros(10_000_000 - price));
 
-        let (st, l, _) = call(Method::GET, &format!("{}/compute/instances", s.base), Some(&key), None, &[]).await;
+        let (st, l, _) = call(
+            Method::GET,
+            &format!("{}/compute/instances", s.base),
+            Some(&key),
+            None,
+            &[],
+        )
+        .await;
         assert_eq!((st, l["count"].as_u64()), (StatusCode::OK, Some(1)));
         assert!(!l.to_string().contains("Fkvb"));
         let (st, d) = inst(&s, &key, &id, "show", None).await;
-        assert_eq!((st, d["instance"]["password_available"].as_bool()), (StatusCode::OK, Some(true)));
+        assert_eq!(
+            (st, d["instance"]["password_available"].as_bool()),
+            (StatusCode::OK, Some(true))
+        );
 
         // The password once, then 409.
         let machine_id = o["provider_instance_id"].as_str().unwrap().to_owned();
-        let expected_pw = s.vultr.state.machines.lock().unwrap()[&machine_id].password.clone();
+        let expected_pw = s.vultr.state.machines.lock().unwrap()[&machine_id]
+            .password
+            .clone();
         let (st, p) = inst(&s, &key, &id, "password", None).await;
         assert_eq!(st, StatusCode::OK, "{p}");
         assert_eq!(p["access"]["password"], expected_pw.as_str());
@@ -159,14 +281,31 @@ async fn vultr_lifecycle_credits_x402_password_extend_resize_destroy_reap() {
 
         // Extend with credits.
         let before = d["instance"]["expires_at_ms"].as_i64().unwrap();
-        let (st, e) = inst(&s, &key, &id, "extend", Some(&json!({"extend_hours": 24, "use_credits": true}))).await;
+        let (st, e) = inst(
+            &s,
+            &key,
+            &id,
+            "extend",
+            Some(&json!({"extend_hours": 24, "use_credits": true})),
+        )
+        .await;
         assert_eq!(st, StatusCode::OK, "{e}");
-        assert_eq!(e["instance"]["expires_at_ms"].as_i64().unwrap(), before + 24 * 3_600_000);
+        assert_eq!(
+            e["instance"]["expires_at_ms"].as_i64().unwrap(),
+            before + 24 * 3_600_000
+        );
         assert_eq!(s.balance(A).await, Micros(10_000_000 - 2 * price));
 
         // Resize up: the remaining prepaid value is kept to the micro-dollar.
         s.clock.advance(Duration::from_secs(3 * 3600 + 17));
-        let (st, r) = inst(&s, &key, &id, "resize", Some(&json!({"plan": "vc2-2c-4gb"}))).await;
+        let (st, r) = inst(
+            &s,
+            &key,
+            &id,
+            "resize",
+            Some(&json!({"plan": "vc2-2c-4gb"})),
+        )
+        .await;
         assert_eq!(st, StatusCode::OK, "{r}");
         let at = r["resize"]["resized_at_ms"].as_i64().unwrap();
         let old_exp = r["resize"]["previous_expires_at_ms"].as_i64().unwrap();
@@ -176,22 +315,52 @@ async fn vultr_lifecycle_credits_x402_password_extend_resize_destroy_reap() {
         let new_exp = at + (value as i128 * 3_600_000 / VC2_4GB_HOURLY as i128) as i64;
         assert_eq!(r["instance"]["expires_at_ms"], new_exp);
         assert_eq!(r["instance"]["plan"], "vc2-2c-4gb");
-        assert_eq!(s.vultr.state.machines.lock().unwrap()[&machine_id].plan, "vc2-2c-4gb");
-        assert_eq!(s.balance(A).await, Micros(10_000_000 - 2 * price), "a resize charges nothing");
+        assert_eq!(
+            s.vultr.state.machines.lock().unwrap()[&machine_id].plan,
+            "vc2-2c-4gb"
+        );
+        assert_eq!(
+            s.balance(A).await,
+            Micros(10_000_000 - 2 * price),
+            "a resize charges nothing"
+        );
         // Down is refused (Vultr is upgrade-only), and nothing changes.
-        let (st, r) = inst(&s, &key, &id, "resize", Some(&json!({"plan": "vc2-1c-1gb"}))).await;
-        assert_eq!((st, r["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("downgrade_not_supported")));
+        let (st, r) = inst(
+            &s,
+            &key,
+            &id,
+            "resize",
+            Some(&json!({"plan": "vc2-1c-1gb"})),
+        )
+        .await;
+        assert_eq!(
+            (st, r["error"]["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("downgrade_not_supported"))
+        );
         let (_, d) = inst(&s, &key, &id, "show", None).await;
         assert_eq!(d["instance"]["plan"], "vc2-2c-4gb");
 
         // x402 without auth: the payer owns the machine.
-        let (st, v) = pay_x402(&s, &format!("{}/compute/provision", s.base), &vultr_order(48, false), None).await;
+        let (st, v) = pay_x402(
+            &s,
+            &format!("{}/compute/provision", s.base),
+            &vultr_order(48, false),
+            None,
+        )
+        .await;
         assert_eq!(st, StatusCode::OK, "{v}");
         assert_eq!(v["charged_micros"], VC2_HOURLY * 48);
         assert!(v["tx_hash"].as_str().unwrap().starts_with("0x"));
         assert_eq!(v["order"]["payment"], "x402-v1");
         let paid_id = v["order"]["id"].as_str().unwrap().to_owned();
-        let owner = s.store.store.compute_order(&paid_id).await.unwrap().unwrap().owner;
+        let owner = s
+            .store
+            .store
+            .compute_order(&paid_id)
+            .await
+            .unwrap()
+            .unwrap()
+            .owner;
         assert_eq!(owner.as_str(), anvil0());
         assert_eq!(s.facilitator.state.settle_calls.load(Ordering::SeqCst), 1);
 
@@ -205,19 +374,64 @@ async fn vultr_lifecycle_credits_x402_password_extend_resize_destroy_reap() {
         assert_eq!(st, StatusCode::CONFLICT);
 
         // The reaper: the paid machine expires after 48 h plus the grace.
-        let paid_machine = s.store.store.compute_order(&paid_id).await.unwrap().unwrap().provider_instance_id.unwrap();
+        let paid_machine = s
+            .store
+            .store
+            .compute_order(&paid_id)
+            .await
+            .unwrap()
+            .unwrap()
+            .provider_instance_id
+            .unwrap();
         s.clock.advance(Duration::from_secs(48 * 3600 + 1800));
-        assert_eq!(s.machines.reap_once().await, 0, "expired, but within the grace");
+        assert_eq!(
+            s.machines.reap_once().await,
+            0,
+            "expired, but within the grace"
+        );
         s.clock.advance(Duration::from_secs(1860));
         assert_eq!(s.machines.reap_once().await, 1);
         assert!(!s.vultr.state.live(&paid_machine));
-        let o = s.store.store.compute_order(&paid_id).await.unwrap().unwrap();
+        let o = s
+            .store
+            .store
+            .compute_order(&paid_id)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(o.state, "expired");
 
         // Every state change is an audit row.
-        let events: Vec<String> = s.store.store.compute_audit(&id).await.unwrap().into_iter().map(|a| a.event).collect();
-        assert_eq!(events, ["ordered", "accepted", "active", "password_read", "extended", "resized", "destroyed"]);
-        let events: Vec<String> = s.store.store.compute_audit(&paid_id).await.unwrap().into_iter().map(|a| a.event).collect();
+        let events: Vec<String> = s
+            .store
+            .store
+            .compute_audit(&id)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|a| a.event)
+            .collect();
+        assert_eq!(
+            events,
+            [
+                "ordered",
+                "accepted",
+                "active",
+                "password_read",
+                "extended",
+                "resized",
+                "destroyed"
+            ]
+        );
+        let events: Vec<String> = s
+            .store
+            .store
+            .compute_audit(&paid_id)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|a| a.event)
+            .collect();
         assert_eq!(events, ["ordered", "accepted", "paid", "active", "expired"]);
         s.store
     })
@@ -232,24 +446,59 @@ async fn digitalocean_lifecycle_ssh_key_disk_confirmation_destroy() {
         let mut no_key = do_order(24);
         no_key.as_object_mut().unwrap().remove("ssh_public_key");
         let (st, v) = provision(&s, Some(&key), &no_key).await;
-        assert_eq!((st, v["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("ssh_key_required")));
+        assert_eq!(
+            (st, v["error"]["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("ssh_key_required"))
+        );
 
         let (st, v) = provision(&s, Some(&key), &do_order(24)).await;
         assert_eq!(st, StatusCode::OK, "{v}");
         let id = v["order"]["id"].as_str().unwrap().to_owned();
-        let droplet = v["order"]["provider_instance_id"].as_str().unwrap().to_owned();
+        let droplet = v["order"]["provider_instance_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
         assert_eq!(v["order"]["plan"], "do:s-1vcpu-1gb");
-        assert!(v["order"]["ip_address"].as_str().unwrap().starts_with("198.51.100."));
+        assert!(v["order"]["ip_address"]
+            .as_str()
+            .unwrap()
+            .starts_with("198.51.100."));
         assert_eq!(s.balance(A).await, Micros(5_000_000 - DO_HOURLY * 24));
-        assert_eq!(s.digitalocean.state.ssh_keys.lock().unwrap().as_slice(), [SSH_KEY]);
+        assert_eq!(
+            s.digitalocean.state.ssh_keys.lock().unwrap().as_slice(),
+            [SSH_KEY]
+        );
         let (st, p) = inst(&s, &key, &id, "password", None).await;
-        assert_eq!((st, p["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("no_password")));
+        assert_eq!(
+            (st, p["error"]["code"].as_str()),
+            (StatusCode::CONFLICT, Some("no_password"))
+        );
 
         // Disk growth needs the confirmation; a smaller disk is refused.
-        let (st, r) = inst(&s, &key, &id, "resize", Some(&json!({"plan": "do:s-1vcpu-2gb"}))).await;
-        assert_eq!((st, r["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("confirm_disk_resize_required")));
+        let (st, r) = inst(
+            &s,
+            &key,
+            &id,
+            "resize",
+            Some(&json!({"plan": "do:s-1vcpu-2gb"})),
+        )
+        .await;
+        assert_eq!(
+            (st, r["error"]["code"].as_str()),
+            (
+                StatusCode::BAD_REQUEST,
+                Some("confirm_disk_resize_required")
+            )
+        );
         assert!(s.digitalocean.state.resizes.lock().unwrap().is_empty());
-        let (st, r) = inst(&s, &key, &id, "resize", Some(&json!({"plan": "do:s-1vcpu-2gb", "confirm_disk_resize": true}))).await;
+        let (st, r) = inst(
+            &s,
+            &key,
+            &id,
+            "resize",
+            Some(&json!({"plan": "do:s-1vcpu-2gb", "confirm_disk_resize": true})),
+        )
+        .await;
         assert_eq!(st, StatusCode::OK, "{r}");
         assert_eq!(r["resize"]["disk_resized"], true);
         assert_eq!(
@@ -257,11 +506,31 @@ async fn digitalocean_lifecycle_ssh_key_disk_confirmation_destroy() {
             [(droplet.clone(), "s-1vcpu-2gb".to_owned(), true)]
         );
         let (st, r) = inst(&s, &key, &id, "resize", Some(&json!({"plan": "do:c-2"}))).await;
-        assert_eq!((st, r["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("disk_shrink_not_supported")));
-        let (st, r) = inst(&s, &key, &id, "resize", Some(&json!({"plan": "vc2-2c-4gb"}))).await;
-        assert_eq!((st, r["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("provider_mismatch")));
+        assert_eq!(
+            (st, r["error"]["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("disk_shrink_not_supported"))
+        );
+        let (st, r) = inst(
+            &s,
+            &key,
+            &id,
+            "resize",
+            Some(&json!({"plan": "vc2-2c-4gb"})),
+        )
+        .await;
+        assert_eq!(
+            (st, r["error"]["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("provider_mismatch"))
+        );
 
-        let (st, e) = inst(&s, &key, &id, "extend", Some(&json!({"extend_hours": 5, "use_credits": true}))).await;
+        let (st, e) = inst(
+            &s,
+            &key,
+            &id,
+            "extend",
+            Some(&json!({"extend_hours": 5, "use_credits": true})),
+        )
+        .await;
         assert_eq!(st, StatusCode::OK, "{e}");
         let (st, _) = inst(&s, &key, &id, "destroy", None).await;
         assert_eq!(st, StatusCode::OK);
@@ -279,9 +548,18 @@ async fn provider_failures_return_exactly_what_was_paid() {
         let key = s.funded_key(A, Micros(1_000_000)).await;
         s.vultr.state.fail_create.store(true, Ordering::SeqCst);
         let (st, v) = provision(&s, Some(&key), &vultr_order(24, true)).await;
-        assert_eq!((st, v["error"]["code"].as_str()), (StatusCode::BAD_GATEWAY, Some("provider_error")), "{v}");
+        assert_eq!(
+            (st, v["error"]["code"].as_str()),
+            (StatusCode::BAD_GATEWAY, Some("provider_error")),
+            "{v}"
+        );
         assert_eq!(s.balance(A).await, Micros(1_000_000));
-        let b = s.payments.store().balance(&sgl::store::WalletId::new_unchecked(A)).await.unwrap();
+        let b = s
+            .payments
+            .store()
+            .balance(&sgl::store::WalletId::new_unchecked(A))
+            .await
+            .unwrap();
         assert_eq!((b.held, b.total_spent), (Micros::ZERO, Micros::ZERO));
         s.vultr.state.fail_create.store(false, Ordering::SeqCst);
 
@@ -289,14 +567,29 @@ async fn provider_failures_return_exactly_what_was_paid() {
         // machine never came up (500s): destroyed, and exactly the price
         // refunded to the payer's credits.
         s.vultr.state.fail_get.store(true, Ordering::SeqCst);
-        let (st, v) = pay_x402(&s, &format!("{}/compute/provision", s.base), &vultr_order(30, false), None).await;
+        let (st, v) = pay_x402(
+            &s,
+            &format!("{}/compute/provision", s.base),
+            &vultr_order(30, false),
+            None,
+        )
+        .await;
         assert_eq!(st, StatusCode::BAD_GATEWAY, "{v}");
         let price = VC2_HOURLY * 30;
         assert_eq!(v["refunded_micros"], price);
         assert_eq!(s.facilitator.state.settle_calls.load(Ordering::SeqCst), 1);
         assert_eq!(s.balance(&anvil0()).await, Micros(price));
-        assert_eq!(s.vultr.state.machine_count(), 0, "the machine was destroyed");
-        let orders = s.store.store.compute_orders_of(&sgl::store::WalletId::new_unchecked(anvil0())).await.unwrap();
+        assert_eq!(
+            s.vultr.state.machine_count(),
+            0,
+            "the machine was destroyed"
+        );
+        let orders = s
+            .store
+            .store
+            .compute_orders_of(&sgl::store::WalletId::new_unchecked(anvil0()))
+            .await
+            .unwrap();
         assert_eq!(orders.len(), 1);
         assert_eq!(orders[0].state, "failed");
         let audit = s.store.store.compute_audit(&orders[0].id).await.unwrap();
@@ -318,7 +611,14 @@ async fn fifty_concurrent_credit_provisions_never_overdraw() {
         for _ in 0..50 {
             let (base, key) = (s.base.clone(), key.clone());
             tasks.push(tokio::spawn(async move {
-                let (st, v, _) = call(Method::POST, &format!("{base}/compute/provision"), Some(&key), Some(&vultr_order(24, true)), &[]).await;
+                let (st, v, _) = call(
+                    Method::POST,
+                    &format!("{base}/compute/provision"),
+                    Some(&key),
+                    Some(&vultr_order(24, true)),
+                    &[],
+                )
+                .await;
                 (st, v)
             }));
         }
@@ -337,11 +637,26 @@ async fn fifty_concurrent_credit_provisions_never_overdraw() {
             }
         }
         assert_eq!((ok, short), (20, 30));
-        let b = s.payments.store().balance(&sgl::store::WalletId::new_unchecked(A)).await.unwrap();
-        assert_eq!((b.balance, b.held, b.total_spent), (Micros(100_000), Micros::ZERO, Micros(price * 20)));
-        let orders = s.store.store.compute_orders_of(&sgl::store::WalletId::new_unchecked(A)).await.unwrap();
+        let b = s
+            .payments
+            .store()
+            .balance(&sgl::store::WalletId::new_unchecked(A))
+            .await
+            .unwrap();
+        assert_eq!(
+            (b.balance, b.held, b.total_spent),
+            (Micros(100_000), Micros::ZERO, Micros(price * 20))
+        );
+        let orders = s
+            .store
+            .store
+            .compute_orders_of(&sgl::store::WalletId::new_unchecked(A))
+            .await
+            .unwrap();
         assert_eq!(orders.len(), 20);
-        assert!(orders.iter().all(|o| o.state == "active" && o.paid == Micros(price)));
+        assert!(orders
+            .iter()
+            .all(|o| o.state == "active" && o.paid == Micros(price)));
         assert_eq!(s.vultr.state.machine_count(), 20);
         s.store
     })
@@ -357,23 +672,47 @@ async fn wallet_b_cannot_touch_wallet_a_instances() {
         let (st, v) = provision(&s, Some(&a), &vultr_order(24, true)).await;
         assert_eq!(st, StatusCode::OK, "{v}");
         let id = v["order"]["id"].as_str().unwrap().to_owned();
-        let machine = v["order"]["provider_instance_id"].as_str().unwrap().to_owned();
+        let machine = v["order"]["provider_instance_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
 
-        let (st, l, _) = call(Method::GET, &format!("{}/compute/instances", s.base), Some(&b), None, &[]).await;
+        let (st, l, _) = call(
+            Method::GET,
+            &format!("{}/compute/instances", s.base),
+            Some(&b),
+            None,
+            &[],
+        )
+        .await;
         assert_eq!((st, l["count"].as_u64()), (StatusCode::OK, Some(0)));
         for (verb, body) in [
             ("show", None),
             ("password", None),
-            ("extend", Some(json!({"extend_hours": 24, "use_credits": true}))),
+            (
+                "extend",
+                Some(json!({"extend_hours": 24, "use_credits": true})),
+            ),
             ("extend", Some(json!({"extend_hours": 24}))),
             ("resize", Some(json!({"plan": "vc2-2c-4gb"}))),
             ("destroy", None),
         ] {
             let (st, v) = inst(&s, &b, &id, verb, body.as_ref()).await;
-            assert_eq!((st, v["error"]["code"].as_str()), (StatusCode::NOT_FOUND, Some("instance_not_found")), "{verb}");
+            assert_eq!(
+                (st, v["error"]["code"].as_str()),
+                (StatusCode::NOT_FOUND, Some("instance_not_found")),
+                "{verb}"
+            );
         }
         // Without any credentials: 401.
-        let (st, _, _) = call(Method::GET, &format!("{}/compute/instances/{id}", s.base), None, None, &[]).await;
+        let (st, _, _) = call(
+            Method::GET,
+            &format!("{}/compute/instances/{id}", s.base),
+            None,
+            None,
+            &[],
+        )
+        .await;
         assert_eq!(st, StatusCode::UNAUTHORIZED);
         // Nothing moved.
         assert_eq!(s.balance(B).await, Micros(2_000_000));
@@ -417,7 +756,12 @@ async fn bad_input_gets_a_json_4xx_and_changes_nothing() {
             with("label", json!("x".repeat(65))),
             with("label", json!("bad\nlabel")),
             with("ssh_public_key", json!("ssh-ed25519 not-base64!")),
-            with("ssh_public_key", json!("ssh-rsa AAAAC3NzaC1lZDI1NTE5AAAAIGnW0fK6rdEoYzJZ6qFdU8e6uJ3cJHFH3s3ZZqj1fR3R")),
+            with(
+                "ssh_public_key",
+                json!(
+                    "ssh-rsa AAAAC3NzaC1lZDI1NTE5AAAAIGnW0fK6rdEoYzJZ6qFdU8e6uJ3cJHFH3s3ZZqj1fR3R"
+                ),
+            ),
             with("use_credits", json!("yes")),
             with("provider", json!("aws")),
             with("provider", json!("digitalocean")),
@@ -426,12 +770,18 @@ async fn bad_input_gets_a_json_4xx_and_changes_nothing() {
         ];
         for body in &bad_bodies {
             let (st, v) = provision(&s, Some(&key), body).await;
-            assert!(st.is_client_error() && st != StatusCode::PAYMENT_REQUIRED && is_json_error(&v), "{body}: {st} {v}");
+            assert!(
+                st.is_client_error() && st != StatusCode::PAYMENT_REQUIRED && is_json_error(&v),
+                "{body}: {st} {v}"
+            );
         }
         // A 1 MB label and a body that is not JSON.
         let huge = with("label", json!("x".repeat(1 << 20)));
         let (st, v) = provision(&s, Some(&key), &huge).await;
-        assert!(st == StatusCode::PAYLOAD_TOO_LARGE && is_json_error(&v), "{st} {v}");
+        assert!(
+            st == StatusCode::PAYLOAD_TOO_LARGE && is_json_error(&v),
+            "{st} {v}"
+        );
         let r = reqwest::Client::new()
             .post(format!("{}/compute/provision", s.base))
             .header("x-api-key", &key)
@@ -445,15 +795,24 @@ async fn bad_input_gets_a_json_4xx_and_changes_nothing() {
         for (verb, body) in [
             ("extend", json!({"extend_hours": 0, "use_credits": true})),
             ("extend", json!({"extend_hours": "24", "use_credits": true})),
-            ("extend", json!({"extend_hours": 1_000_000_000u64, "use_credits": true})),
+            (
+                "extend",
+                json!({"extend_hours": 1_000_000_000u64, "use_credits": true}),
+            ),
             ("extend", json!({"extend_hours": 24, "use_credits": 1})),
             ("resize", json!({"plan": 5})),
             ("resize", json!({"plan": "nope"})),
-            ("resize", json!({"plan": "vc2-2c-4gb", "confirm_disk_resize": "yes"})),
+            (
+                "resize",
+                json!({"plan": "vc2-2c-4gb", "confirm_disk_resize": "yes"}),
+            ),
             ("resize", json!({})),
         ] {
             let (st, v) = inst(&s, &key, &id, verb, Some(&body)).await;
-            assert!(st.is_client_error() && is_json_error(&v), "{verb} {body}: {st} {v}");
+            assert!(
+                st.is_client_error() && is_json_error(&v),
+                "{verb} {body}: {st} {v}"
+            );
         }
         let long_id = "a".repeat(100);
         for verb in ["show", "password", "destroy"] {
@@ -463,7 +822,12 @@ async fn bad_input_gets_a_json_4xx_and_changes_nothing() {
         // Nothing changed.
         assert_eq!(s.balance(A).await, balance);
         assert_eq!(s.vultr.state.creates.load(Ordering::SeqCst), creates);
-        let orders = s.store.store.compute_orders_of(&sgl::store::WalletId::new_unchecked(A)).await.unwrap();
+        let orders = s
+            .store
+            .store
+            .compute_orders_of(&sgl::store::WalletId::new_unchecked(A))
+            .await
+            .unwrap();
         assert_eq!(orders.len(), 1);
         assert!(orders[0].plan == "vc2-1c-1gb" && orders[0].password_waiting);
         s.store
@@ -481,14 +845,24 @@ async fn mpp_without_auth_returns_a_management_key_and_extend_by_x402_needs_the_
     let challenge = h["www-authenticate"].to_str().unwrap().to_owned();
     let k = signing::key(signing::ANVIL0);
     let cred = signing::mpp_credential(&k, &challenge, None);
-    let (st, v, h) = call(Method::POST, &url, None, Some(&body), &[("Authorization", cred)]).await;
+    let (st, v, h) = call(
+        Method::POST,
+        &url,
+        None,
+        Some(&body),
+        &[("Authorization", cred)],
+    )
+    .await;
     assert_eq!(st, StatusCode::OK, "{v}");
     assert!(h.contains_key("payment-receipt"));
     let mkey = v["management_api_key"].as_str().unwrap().to_owned();
     assert!(mkey.starts_with("x402c_") && v["management_api_key_id"].is_string());
     let id = v["order"]["id"].as_str().unwrap().to_owned();
     let (st, d) = inst(&s, &mkey, &id, "show", None).await;
-    assert_eq!((st, d["instance"]["payment"].as_str()), (StatusCode::OK, Some("mpp")));
+    assert_eq!(
+        (st, d["instance"]["payment"].as_str()),
+        (StatusCode::OK, Some("mpp"))
+    );
 
     // Extend paid by x402 with the management key: the payer is the owner.
     let ext = format!("{}/compute/instances/{id}/extend", s.base);

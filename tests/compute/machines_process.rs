@@ -88,9 +88,11 @@ async fn killed_between_order_and_provider_answer_reconciles_to_one_state() {
                 .await
         });
         let state = vultr.state.clone();
-        wait_until("the provider to receive the create", Duration::from_secs(30), || {
-            state.creates.load(Ordering::SeqCst) == 1
-        });
+        wait_until(
+            "the provider to receive the create",
+            Duration::from_secs(30),
+            || state.creates.load(Ordering::SeqCst) == 1,
+        );
         // SIGKILL between the written order and the provider's answer.
         c.0.kill().unwrap();
         c.0.wait().unwrap();
@@ -100,7 +102,14 @@ async fn killed_between_order_and_provider_answer_reconciles_to_one_state() {
 
         vultr.state.hang_create.store(false, Ordering::SeqCst);
         let _c = coordinator(&db.url, port, &vultr, &dig, &["--dev"]);
-        let (st, l, _) = call(Method::GET, &format!("{base}/compute/instances"), Some(&key), None, &[]).await;
+        let (st, l, _) = call(
+            Method::GET,
+            &format!("{base}/compute/instances"),
+            Some(&key),
+            None,
+            &[],
+        )
+        .await;
         assert_eq!(st, StatusCode::OK, "{l}");
         let list = l["instances"].as_array().unwrap();
         assert_eq!(list.len(), 1, "{l}");
@@ -108,7 +117,11 @@ async fn killed_between_order_and_provider_answer_reconciles_to_one_state() {
         assert_eq!(list[0]["status"], "active", "{l}");
         assert!(list[0]["ip_address"].is_string());
         let balance = crate::grid_support::balance(&db.url, wallet);
-        assert!(balance.contains("balance 0.7984 USD, held 0.00 USD"), "{}: {balance}", db.backend);
+        assert!(
+            balance.contains("balance 0.7984 USD, held 0.00 USD"),
+            "{}: {balance}",
+            db.backend
+        );
         let tag = format!("sgl-order-{}", list[0]["id"].as_str().unwrap());
         assert_eq!(vultr.state.creates_for(&tag), 1);
         assert_eq!(vultr.state.max_creates_per_tag(), 1);
@@ -142,10 +155,30 @@ async fn official_x402_python_client_rents_a_machine_from_the_coordinator() {
         assert_eq!(dig.state.machine_count(), 2);
         // The payer owns them: its API key lists both.
         let payer = "0xf39fd6e51aad88f6f4ce6ab8827279cfffb92266";
-        let key = sgl_ok(&["coordinator", "keys", "create", "--wallet", payer, "--database-url", &db.url]);
-        let (st, l, _) = call(Method::GET, &format!("{base}/compute/instances"), Some(key.trim()), None, &[]).await;
+        let key = sgl_ok(&[
+            "coordinator",
+            "keys",
+            "create",
+            "--wallet",
+            payer,
+            "--database-url",
+            &db.url,
+        ]);
+        let (st, l, _) = call(
+            Method::GET,
+            &format!("{base}/compute/instances"),
+            Some(key.trim()),
+            None,
+            &[],
+        )
+        .await;
         assert_eq!(st, StatusCode::OK);
-        let listed: Vec<&str> = l["instances"].as_array().unwrap().iter().map(|i| i["id"].as_str().unwrap()).collect();
+        let listed: Vec<&str> = l["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["id"].as_str().unwrap())
+            .collect();
         for id in ids {
             assert!(listed.contains(&id), "{id} not in {listed:?}");
         }
@@ -196,53 +229,134 @@ async fn sgl_compute_drives_the_lifecycle() {
             &["--pay-to", &pay_to, "--facilitator-url", &fac.url],
         );
         let payer = "0xf39fd6e51aad88f6f4ce6ab8827279cfffb92266";
-        let key = sgl_ok(&["coordinator", "keys", "create", "--wallet", payer, "--database-url", &db.url]);
+        let key = sgl_ok(&[
+            "coordinator",
+            "keys",
+            "create",
+            "--wallet",
+            payer,
+            "--database-url",
+            &db.url,
+        ]);
         let key = key.trim().to_owned();
         let wk = ["--wallet-key-file", wallet_file.as_str()];
 
         let plans = json_of(sgl_compute(&base, &["plans", "--type", "vps", "--json"]));
-        assert!(plans["plans"].as_array().unwrap().iter().any(|p| p["id"] == "vc2-1c-1gb"));
+        assert!(plans["plans"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["id"] == "vc2-1c-1gb"));
         let table = sgl_compute(&base, &["plans"]).unwrap();
         assert!(table.contains("do:s-1vcpu-1gb"), "{table}");
         assert!(sgl_compute(&base, &["regions"]).unwrap().contains("nyc3"));
-        assert!(sgl_compute(&base, &["os"]).unwrap().contains("Ubuntu 24.04"));
+        assert!(sgl_compute(&base, &["os"])
+            .unwrap()
+            .contains("Ubuntu 24.04"));
 
         // Credits bought with x402 from the wallet key (X-Auth signed).
         let t = json_of(sgl_compute(&base, &["topup", "2", "--json", wk[0], wk[1]]));
         assert_eq!(t["deposited_micros"], 2_000_000);
-        let b = json_of(sgl_compute(&base, &["balance", "--json", "--api-key", &key]));
+        let b = json_of(sgl_compute(
+            &base,
+            &["balance", "--json", "--api-key", &key],
+        ));
         assert_eq!(b["balance_micros"], 2_000_000);
 
         // A Vultr machine from credits, a DigitalOcean one paid with x402.
-        let v = json_of(sgl_compute(&base, &["provision", "vc2-1c-1gb", "ewr", "--os-id", "2284",
-            "--credits", "--json", "--api-key", &key]));
+        let v = json_of(sgl_compute(
+            &base,
+            &[
+                "provision",
+                "vc2-1c-1gb",
+                "ewr",
+                "--os-id",
+                "2284",
+                "--credits",
+                "--json",
+                "--api-key",
+                &key,
+            ],
+        ));
         let id = v["order"]["id"].as_str().unwrap().to_owned();
         assert_eq!(v["order"]["status"], "active");
-        let d = json_of(sgl_compute(&base, &["provision", "do:s-1vcpu-1gb", "nyc3", "--os-id",
-            "123456789", "--ssh-key-file", &ssh_file, "--json", wk[0], wk[1]]));
-        assert_eq!((d["order"]["status"].as_str(), d["order"]["payment"].as_str()), (Some("active"), Some("x402-v1")));
+        let d = json_of(sgl_compute(
+            &base,
+            &[
+                "provision",
+                "do:s-1vcpu-1gb",
+                "nyc3",
+                "--os-id",
+                "123456789",
+                "--ssh-key-file",
+                &ssh_file,
+                "--json",
+                wk[0],
+                wk[1],
+            ],
+        ));
+        assert_eq!(
+            (
+                d["order"]["status"].as_str(),
+                d["order"]["payment"].as_str()
+            ),
+            (Some("active"), Some("x402-v1"))
+        );
         let did = d["order"]["id"].as_str().unwrap().to_owned();
 
         let l = json_of(sgl_compute(&base, &["list", "--json", "--api-key", &key]));
         assert_eq!(l["count"], 2);
-        assert!(sgl_compute(&base, &["list", wk[0], wk[1]]).unwrap().contains(&did));
-        let s = json_of(sgl_compute(&base, &["show", &id, "--json", "--api-key", &key]));
+        assert!(sgl_compute(&base, &["list", wk[0], wk[1]])
+            .unwrap()
+            .contains(&did));
+        let s = json_of(sgl_compute(
+            &base,
+            &["show", &id, "--json", "--api-key", &key],
+        ));
         assert_eq!(s["instance"]["password_available"], true);
-        let p = json_of(sgl_compute(&base, &["password", &id, "--json", "--api-key", &key]));
-        assert!(p["access"]["password"].as_str().unwrap().starts_with("v5{Fkvb"));
+        let p = json_of(sgl_compute(
+            &base,
+            &["password", &id, "--json", "--api-key", &key],
+        ));
+        assert!(p["access"]["password"]
+            .as_str()
+            .unwrap()
+            .starts_with("v5{Fkvb"));
         let again = sgl_compute(&base, &["password", &id, "--api-key", &key]).unwrap_err();
         assert!(again.contains("409"), "{again}");
-        let e = json_of(sgl_compute(&base, &["extend", &id, "--hours", "24", "--credits", "--json", "--api-key", &key]));
+        let e = json_of(sgl_compute(
+            &base,
+            &[
+                "extend",
+                &id,
+                "--hours",
+                "24",
+                "--credits",
+                "--json",
+                "--api-key",
+                &key,
+            ],
+        ));
         assert_eq!(e["charged_micros"], 8_400 * 24);
-        let r = json_of(sgl_compute(&base, &["resize", &id, "vc2-2c-4gb", "--json", "--api-key", &key]));
+        let r = json_of(sgl_compute(
+            &base,
+            &["resize", &id, "vc2-2c-4gb", "--json", "--api-key", &key],
+        ));
         assert_eq!(r["instance"]["plan"], "vc2-2c-4gb");
-        let down = sgl_compute(&base, &["resize", &id, "vc2-1c-1gb", "--api-key", &key]).unwrap_err();
+        let down =
+            sgl_compute(&base, &["resize", &id, "vc2-1c-1gb", "--api-key", &key]).unwrap_err();
         assert!(down.contains("downgrade_not_supported"), "{down}");
-        let x = json_of(sgl_compute(&base, &["destroy", &did, "--json", wk[0], wk[1]]));
+        let x = json_of(sgl_compute(
+            &base,
+            &["destroy", &did, "--json", wk[0], wk[1]],
+        ));
         assert_eq!(x["status"], "destroyed");
         sgl_compute(&base, &["destroy", &id, "--api-key", &key]).unwrap();
         assert_eq!(vultr.state.machine_count() + dig.state.machine_count(), 0);
-        let b = json_of(sgl_compute(&base, &["balance", "--json", "--api-key", &key]));
+        let b = json_of(sgl_compute(
+            &base,
+            &["balance", "--json", "--api-key", &key],
+        ));
         assert_eq!(b["balance_micros"], 2_000_000 - 2 * 8_400 * 24);
     }
 }

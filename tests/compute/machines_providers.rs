@@ -53,7 +53,10 @@ async fn vultr_client_pages_retries_creates_and_deletes() {
     assert_eq!(v.os_images().await.unwrap().len(), 3);
 
     // Asynchronous creation: pending at 0.0.0.0, then active.
-    let created = v.create(&spec("vc2-1c-1gb", "ewr", 2284, "sgl-order-t1", false)).await.unwrap();
+    let created = v
+        .create(&spec("vc2-1c-1gb", "ewr", 2284, "sgl-order-t1", false))
+        .await
+        .unwrap();
     assert_eq!(created.status, "pending");
     assert!(created.ip.is_none() && created.default_password.is_some());
     let active = until_active(&v, &created.id).await;
@@ -62,15 +65,24 @@ async fn vultr_client_pages_retries_creates_and_deletes() {
     assert_eq!(found.id, created.id);
     assert!(v.find_by_tag("sgl-order-none").await.unwrap().is_none());
     // An SSH key is registered first and referenced by id.
-    let with_key = v.create(&spec("vc2-1c-1gb", "ewr", 2284, "sgl-order-t2", true)).await.unwrap();
+    let with_key = v
+        .create(&spec("vc2-1c-1gb", "ewr", 2284, "sgl-order-t2", true))
+        .await
+        .unwrap();
     assert_eq!(s.state.ssh_keys.lock().unwrap().as_slice(), [SSH_KEY]);
     let m = s.state.machines.lock().unwrap()[&with_key.id].clone();
     assert_eq!(m.ssh_keys.len(), 1);
 
     v.resize(&created.id, "vc2-2c-4gb", false).await.unwrap();
     // The provider's own refusal comes back with its message.
-    let e = v.resize(&created.id, "vc2-1c-1gb", false).await.unwrap_err();
-    assert!(matches!(&e, ProviderError::Api { status: 400, message, .. } if message == "Unable to downgrade plan."), "{e}");
+    let e = v
+        .resize(&created.id, "vc2-1c-1gb", false)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, ProviderError::Api { status: 400, message, .. } if message == "Unable to downgrade plan."),
+        "{e}"
+    );
     v.delete(&created.id).await.unwrap();
     assert!(!s.state.live(&created.id));
     // Deleting what is gone is not an error; reading it is a 404.
@@ -81,9 +93,14 @@ async fn vultr_client_pages_retries_creates_and_deletes() {
     // A bad token, and a rate limit that never ends.
     let bad = Vultr::new(api(&s.url, "wrong")).unwrap();
     let e = bad.plans().await.unwrap_err();
-    assert!(matches!(&e, ProviderError::Api { status: 401, message, .. } if message == "Invalid API token."));
+    assert!(
+        matches!(&e, ProviderError::Api { status: 401, message, .. } if message == "Invalid API token.")
+    );
     s.state.rate_limit_next.store(100, Ordering::SeqCst);
-    assert!(matches!(v.plans().await, Err(ProviderError::RateLimited(_))));
+    assert!(matches!(
+        v.plans().await,
+        Err(ProviderError::RateLimited(_))
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -96,7 +113,10 @@ async fn digitalocean_client_pages_retries_creates_and_resizes() {
     // Six sizes over three pages; the unavailable one is dropped.
     assert_eq!(sizes.len(), 5);
     let basic = sizes.iter().find(|p| p.id == "s-1vcpu-1gb").unwrap();
-    assert_eq!((basic.hourly_cost, basic.family.as_str()), (Micros(8_930), "vps"));
+    assert_eq!(
+        (basic.hourly_cost, basic.family.as_str()),
+        (Micros(8_930), "vps")
+    );
     let gpu = sizes.iter().find(|p| p.id == "gpu-h100x1-80gb").unwrap();
     assert_eq!((gpu.family.as_str(), gpu.gpu_vram_gb), ("vcg", Some(80)));
     assert_eq!(sizes.iter().find(|p| p.id == "c-2").unwrap().family, "vdc");
@@ -106,14 +126,23 @@ async fn digitalocean_client_pages_retries_creates_and_resizes() {
     assert_eq!(d.os_images().await.unwrap().len(), 2);
 
     let created = d
-        .create(&spec("s-1vcpu-1gb", "nyc3", 123456789, "sgl-order-d1", true))
+        .create(&spec(
+            "s-1vcpu-1gb",
+            "nyc3",
+            123456789,
+            "sgl-order-d1",
+            true,
+        ))
         .await
         .unwrap();
     assert_eq!(created.status, "new");
     assert!(created.ip.is_none() && created.default_password.is_none());
     let active = until_active(&d, &created.id).await;
     assert!(active.ip.unwrap().starts_with("198.51.100."));
-    assert_eq!(d.find_by_tag("sgl-order-d1").await.unwrap().unwrap().id, created.id);
+    assert_eq!(
+        d.find_by_tag("sgl-order-d1").await.unwrap().unwrap().id,
+        created.id
+    );
     d.resize(&created.id, "s-1vcpu-2gb", true).await.unwrap();
     assert_eq!(
         s.state.resizes.lock().unwrap().last().unwrap(),
@@ -128,7 +157,13 @@ async fn digitalocean_client_pages_retries_creates_and_resizes() {
         if message == "The resource you were accessing could not be found."));
     s.state.fail_create.store(true, Ordering::SeqCst);
     let e = d
-        .create(&spec("s-1vcpu-1gb", "nyc3", 123456789, "sgl-order-d2", true))
+        .create(&spec(
+            "s-1vcpu-1gb",
+            "nyc3",
+            123456789,
+            "sgl-order-d2",
+            true,
+        ))
         .await
         .unwrap_err();
     assert!(matches!(e, ProviderError::Api { status: 500, .. }));

@@ -79,7 +79,11 @@ fn images() -> Vec<Value> {
 
 /// A page-numbered list; the next link is an absolute URL.
 fn paged(base: &str, path: &str, key: &str, items: &[Value], q: &Q) -> Response {
-    let page: usize = q.get("page").and_then(|p| p.parse().ok()).unwrap_or(1).max(1);
+    let page: usize = q
+        .get("page")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(1)
+        .max(1);
     let cap = 2;
     let (slice, next) = page_of(items, (page - 1) * cap, cap);
     let mut pages = serde_json::Map::new();
@@ -92,7 +96,10 @@ fn paged(base: &str, path: &str, key: &str, items: &[Value], q: &Q) -> Response 
         }
         pages.insert(
             "next".into(),
-            json!(format!("{base}{path}?page={}&per_page={cap}{extra}", page + 1)),
+            json!(format!(
+                "{base}{path}?page={}&per_page={cap}{extra}",
+                page + 1
+            )),
         );
     }
     json(
@@ -152,7 +159,10 @@ async fn create_key(State((s, _)): S, h: HeaderMap, Json(b): Json<Value>) -> Res
         return r;
     }
     let Some(key) = b["public_key"].as_str() else {
-        return err(StatusCode::UNPROCESSABLE_ENTITY, "Key invalid, key should be of the form ...");
+        return err(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Key invalid, key should be of the form ...",
+        );
     };
     let n = s.next();
     s.ssh_keys.lock().unwrap().push(key.to_owned());
@@ -168,7 +178,10 @@ async fn create(State((s, _)): S, h: HeaderMap, Json(b): Json<Value>) -> Respons
         return r;
     }
     if s.fail_create.load(Ordering::SeqCst) {
-        return err(StatusCode::INTERNAL_SERVER_ERROR, "Server was unable to give you a response.");
+        return err(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Server was unable to give you a response.",
+        );
     }
     let (Some(name), Some(region), Some(size), Some(image)) = (
         b["name"].as_str(),
@@ -176,9 +189,15 @@ async fn create(State((s, _)): S, h: HeaderMap, Json(b): Json<Value>) -> Respons
         b["size"].as_str(),
         b["image"].as_u64(),
     ) else {
-        return err(StatusCode::UNPROCESSABLE_ENTITY, "You specified invalid droplet attributes.");
+        return err(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "You specified invalid droplet attributes.",
+        );
     };
-    if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.') {
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+    {
         return err(StatusCode::UNPROCESSABLE_ENTITY, "Name is invalid.");
     }
     let Some(sz) = sizes().into_iter().find(|p| p["slug"] == size) else {
@@ -187,7 +206,11 @@ async fn create(State((s, _)): S, h: HeaderMap, Json(b): Json<Value>) -> Respons
     let n = s.next();
     let tags: Vec<String> = b["tags"]
         .as_array()
-        .map(|t| t.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+        .map(|t| {
+            t.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
         .unwrap_or_default();
     let m = Machine {
         id: (3_164_000 + n).to_string(),
@@ -205,7 +228,11 @@ async fn create(State((s, _)): S, h: HeaderMap, Json(b): Json<Value>) -> Respons
     };
     s.creates.fetch_add(1, Ordering::SeqCst);
     for t in &tags {
-        *s.creates_by_tag.lock().unwrap().entry(t.clone()).or_default() += 1;
+        *s.creates_by_tag
+            .lock()
+            .unwrap()
+            .entry(t.clone())
+            .or_default() += 1;
     }
     s.machines.lock().unwrap().insert(m.id.clone(), m.clone());
     if s.hang_create.load(Ordering::SeqCst) {
@@ -239,7 +266,10 @@ async fn get_droplet(State((s, _)): S, h: HeaderMap, Path(id): Path<String>) -> 
         return r;
     }
     if s.fail_get.load(Ordering::SeqCst) {
-        return err(StatusCode::INTERNAL_SERVER_ERROR, "Server was unable to give you a response.");
+        return err(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Server was unable to give you a response.",
+        );
     }
     let mut machines = s.machines.lock().unwrap();
     match machines.get_mut(&id).filter(|m| !m.deleted) {
@@ -247,7 +277,10 @@ async fn get_droplet(State((s, _)): S, h: HeaderMap, Path(id): Path<String>) -> 
             m.gets += 1;
             json(StatusCode::OK, json!({"droplet": droplet_json(m)}))
         }
-        None => err(StatusCode::NOT_FOUND, "The resource you were accessing could not be found."),
+        None => err(
+            StatusCode::NOT_FOUND,
+            "The resource you were accessing could not be found.",
+        ),
     }
 }
 
@@ -262,7 +295,10 @@ async fn delete_droplet(State((s, _)): S, h: HeaderMap, Path(id): Path<String>) 
             s.deletes.fetch_add(1, Ordering::SeqCst);
             axum::response::IntoResponse::into_response(StatusCode::NO_CONTENT)
         }
-        None => err(StatusCode::NOT_FOUND, "The resource you were accessing could not be found."),
+        None => err(
+            StatusCode::NOT_FOUND,
+            "The resource you were accessing could not be found.",
+        ),
     }
 }
 
@@ -276,27 +312,42 @@ async fn droplet_action(
         return r;
     }
     if b["type"] != "resize" {
-        return err(StatusCode::UNPROCESSABLE_ENTITY, "Action type is not supported here.");
+        return err(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Action type is not supported here.",
+        );
     }
     let (Some(size), Some(disk)) = (b["size"].as_str(), b["disk"].as_bool()) else {
-        return err(StatusCode::UNPROCESSABLE_ENTITY, "size and disk are required.");
+        return err(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "size and disk are required.",
+        );
     };
     let Some(sz) = sizes().into_iter().find(|p| p["slug"] == size) else {
         return err(StatusCode::UNPROCESSABLE_ENTITY, "Size is not available.");
     };
     let mut machines = s.machines.lock().unwrap();
     let Some(m) = machines.get_mut(&id).filter(|m| !m.deleted) else {
-        return err(StatusCode::NOT_FOUND, "The resource you were accessing could not be found.");
+        return err(
+            StatusCode::NOT_FOUND,
+            "The resource you were accessing could not be found.",
+        );
     };
     let new_disk = sz["disk"].as_u64().unwrap_or(0);
     if new_disk < m.disk {
-        return err(StatusCode::UNPROCESSABLE_ENTITY, "The disk of a Droplet cannot be decreased.");
+        return err(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "The disk of a Droplet cannot be decreased.",
+        );
     }
     m.plan = size.into();
     if disk {
         m.disk = new_disk;
     }
-    s.resizes.lock().unwrap().push((id.clone(), size.to_owned(), disk));
+    s.resizes
+        .lock()
+        .unwrap()
+        .push((id.clone(), size.to_owned(), disk));
     json(
         StatusCode::CREATED,
         json!({"action": {"id": 36804745, "status": "in-progress", "type": "resize",

@@ -129,8 +129,7 @@ fn gate(
     if auth != format!("Bearer {token}") {
         return Some(err(StatusCode::UNAUTHORIZED, "Invalid API token."));
     }
-    if s
-        .rate_limit_next
+    if s.rate_limit_next
         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
         .is_ok()
     {

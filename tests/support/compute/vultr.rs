@@ -68,7 +68,11 @@ fn paged(key: &str, items: &[Value], q: &Q) -> Response {
         .unwrap_or(0);
     let (page, next) = page_of(items, start, 2);
     let next = next.map(|n| format!("c{n}")).unwrap_or_default();
-    let prev = if start > 0 { format!("c{}", start.saturating_sub(2)) } else { String::new() };
+    let prev = if start > 0 {
+        format!("c{}", start.saturating_sub(2))
+    } else {
+        String::new()
+    };
     json(
         StatusCode::OK,
         json!({key: page, "meta": {"total": items.len(), "links": {"next": next, "prev": prev}}}),
@@ -134,11 +138,16 @@ async fn create(State(s): S, h: HeaderMap, Json(b): Json<Value>) -> Response {
         return r;
     }
     if s.fail_create.load(Ordering::SeqCst) {
-        return err(StatusCode::INTERNAL_SERVER_ERROR, "Unable to create instance.");
+        return err(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Unable to create instance.",
+        );
     }
-    let (Some(plan), Some(region), Some(os_id)) =
-        (b["plan"].as_str(), b["region"].as_str(), b["os_id"].as_u64())
-    else {
+    let (Some(plan), Some(region), Some(os_id)) = (
+        b["plan"].as_str(),
+        b["region"].as_str(),
+        b["os_id"].as_u64(),
+    ) else {
         return err(StatusCode::BAD_REQUEST, "Invalid plan, region or os_id.");
     };
     let Some(p) = plans().into_iter().find(|p| p["id"] == plan) else {
@@ -147,7 +156,11 @@ async fn create(State(s): S, h: HeaderMap, Json(b): Json<Value>) -> Response {
     let n = s.next();
     let tags: Vec<String> = b["tags"]
         .as_array()
-        .map(|t| t.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+        .map(|t| {
+            t.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
         .unwrap_or_default();
     let m = Machine {
         id: format!("cb676a46-66fd-4dfb-b839-{n:012}"),
@@ -165,7 +178,11 @@ async fn create(State(s): S, h: HeaderMap, Json(b): Json<Value>) -> Response {
     };
     s.creates.fetch_add(1, Ordering::SeqCst);
     for t in &tags {
-        *s.creates_by_tag.lock().unwrap().entry(t.clone()).or_default() += 1;
+        *s.creates_by_tag
+            .lock()
+            .unwrap()
+            .entry(t.clone())
+            .or_default() += 1;
     }
     s.machines.lock().unwrap().insert(m.id.clone(), m.clone());
     if s.hang_create.load(Ordering::SeqCst) {
