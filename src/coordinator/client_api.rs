@@ -143,10 +143,13 @@ pub async fn chat(
         headers: &headers,
         body: &body,
     };
+    // The reservation holds the node's slot while the payment is verified
+    // and, for x402 or MPP, settled: no node sees the job before it is paid.
     let bill = match billing::authorize(&grid, &parts, price, quote, &job_id).await {
         Ok(b) => b,
         Err(resp) => return Ok(resp),
     };
+    let receipt = bill.receipt.clone();
     let taken = grid
         .lock()
         .take_reservation(&req.reservation_token, Instant::now())
@@ -160,7 +163,9 @@ pub async fn chat(
     if stream {
         payload["stream"] = json!(true);
     }
-    let mut rx = dispatch(&grid, &job_id, node_id, &model, payload, stream, bill);
+    let mut rx = dispatch(
+        &grid, &job_id, node_id, &model, payload, stream, bill, false,
+    );
     tracing::info!(%job_id, %node_id, stream, quote = quote.0, "sealed job dispatched");
     let wait = grid.config.stuck_job_timeout + Duration::from_secs(5);
     let first = tokio::time::timeout(wait, rx.recv())
@@ -172,12 +177,20 @@ pub async fn chat(
         Some(JobEvent::Failed(why)) => {
             Err(ClientError::node_failed(format!("the node failed: {why}")))
         }
-        Some(JobEvent::Complete(done, receipt)) => {
-            let mut resp = sealed_json(&job_id, &model, created, done)?;
+        Some(JobEvent::Unstarted(why, bill)) => {
+            // Not dispatched for retry, so not expected; close the bill.
+            billing::close_unstarted(&grid, &job_id, node_id, &model, bill).await;
+            Err(ClientError::node_failed(format!("the node failed: {why}")))
+        }
+        Some(JobEvent::Complete(done, billed)) => {
+            let mut resp = sealed_json(&job_id, &model, created, done, billed.refunded)?;
             resp.headers_mut().extend(receipt);
+            resp.headers_mut().extend(billed.headers);
             Ok(resp)
         }
-        Some(JobEvent::Chunk(first)) => Ok(super::relay::sealed(job_id, first, rx)),
+        Some(first @ (JobEvent::Chunk(_) | JobEvent::Final(..))) => {
+            Ok(super::relay::sealed(job_id, first, rx, receipt))
+        }
     }
 }
 
@@ -186,6 +199,7 @@ fn sealed_json(
     model: &str,
     created: u64,
     done: CompleteRequest,
+    refunded: Option<crate::money::Micros>,
 ) -> Result<Response, ClientError> {
     let sealed = done
         .sealed_result
@@ -202,6 +216,7 @@ fn sealed_json(
         result_envelope_signature: done.result_envelope_signature.unwrap_or_default(),
         result_envelope_version: ENVELOPE_VERSION.into(),
         usage_signature: done.usage_signature,
+        refunded_micros: refunded.map(|m| m.0),
     };
     Ok(Json(body).into_response())
 }

@@ -16,17 +16,25 @@ use std::time::Instant;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use super::billing::JobBilling;
+use super::billing::{Billed, JobBilling};
 use crate::proto::api::{ChunkRequest, CompleteRequest, PendingJob};
 use crate::proto::identity::NodeId;
 
 /// What a node tells a waiting client.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum JobEvent {
+    /// A stream chunk that is not the last.
     Chunk(ChunkRequest),
-    /// The result and the headers to add to the answer (payment receipts).
-    Complete(CompleteRequest, axum::http::HeaderMap),
+    /// The final chunk of a stream, after the job was billed (its refund
+    /// goes into the last event the client sees).
+    Final(ChunkRequest, Billed),
+    /// The whole result, after the job was billed.
+    Complete(CompleteRequest, Billed),
     Failed(String),
+    /// The node failed before any output and the request may try another
+    /// node: the job's billing comes back unclosed, so the retry is paid by
+    /// the same (already settled) payment, never by a second one.
+    Unstarted(String, JobBilling),
 }
 
 /// Where a job stands.
@@ -98,6 +106,11 @@ impl Stage {
     /// Offered and never acknowledged: may be offered again, or timed out.
     pub fn is_offered(&self) -> bool {
         matches!(self, Stage::Offered)
+    }
+
+    /// No output of the job has reached its client yet.
+    pub fn nothing_relayed(&self) -> bool {
+        matches!(self, Stage::Offered | Stage::Running)
     }
 
     /// The node listed the job in a heartbeat.
@@ -210,6 +223,13 @@ pub struct Job {
     pub events: mpsc::Sender<JobEvent>,
     /// Who pays, and what is held; closed when the job ends.
     pub billing: Option<JobBilling>,
+    /// Whether a failure before any output hands the billing back to the
+    /// request, which tries another node ([`JobEvent::Unstarted`]).
+    pub retry: bool,
+    /// Whether a heartbeat of the node has listed the job. Only such a job
+    /// is a ghost when a later heartbeat leaves it out: a heartbeat built
+    /// before the node took the job may arrive after its first chunk.
+    acknowledged: bool,
     stage: Stage,
 }
 
@@ -235,12 +255,25 @@ impl Job {
             offered_at,
             events,
             billing,
+            retry: false,
+            acknowledged: false,
             stage: Stage::Offered,
         }
     }
 
     pub fn stage(&self) -> &Stage {
         &self.stage
+    }
+
+    /// A heartbeat of the node listed the job as active.
+    pub fn acknowledge(&mut self) {
+        self.acknowledged = true;
+        self.stage.listed();
+    }
+
+    /// Whether a heartbeat of the node has ever listed the job.
+    pub fn is_acknowledged(&self) -> bool {
+        self.acknowledged
     }
 
     /// The stage, to apply a transition to.

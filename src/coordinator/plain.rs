@@ -4,7 +4,7 @@
 //! `chat.completion.chunk` SSE. Not end to end: the coordinator sees the text.
 //! A node that fails before any output is replaced once by another.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, Method, Uri};
 use axum::response::{IntoResponse, Response};
@@ -18,7 +18,8 @@ use super::error::ClientError;
 use super::job::JobEvent;
 use super::relay::{self, data, done_marker, sse, PlainStream};
 use super::router::{choose_node, dispatch};
-use super::state::Grid;
+use super::state::{random_token, Grid, Reservation};
+use crate::money::TokenPrice;
 use crate::payments::RequestParts;
 use crate::proto::api::{ReserveRequest, SealedInputPayload, SealedReplyPlaintext};
 use crate::proto::e2e::{self, ResponseKey};
@@ -40,7 +41,7 @@ fn validate(req: &ChatCompletionRequest) -> Result<u64, ClientError> {
 }
 
 struct Dispatched {
-    job_id: String,
+    node_id: NodeId,
     model: String,
     rx: mpsc::Receiver<JobEvent>,
     key: ResponseKey,
@@ -48,8 +49,6 @@ struct Dispatched {
     first: JobEvent,
 }
 
-/// Route, seal and dispatch; wait for the first event. A node that fails
-/// before any output is excluded and the request tried once more elsewhere.
 /// A bound on the prompt's tokens: a token covers at least one byte, plus
 /// the chat template's few tokens per message.
 fn prompt_bound(req: &ChatCompletionRequest) -> u64 {
@@ -59,19 +58,37 @@ fn prompt_bound(req: &ChatCompletionRequest) -> u64 {
         .sum()
 }
 
-enum Attempt {
-    Sent(Box<Dispatched>, NodeId),
-    /// Billing refused (402, 401): answer this.
-    Refused(Response),
+/// A node's slot, held (as a reservation no client knows) from the choice
+/// of the node until its job is dispatched, so that the payment is settled
+/// for a node that can still take the job.
+struct SlotHold {
+    grid: Grid,
+    token: String,
 }
 
-async fn run_once(
+impl Drop for SlotHold {
+    fn drop(&mut self) {
+        self.grid
+            .lock()
+            .take_reservation(&self.token, Instant::now());
+    }
+}
+
+/// The node chosen for a request.
+struct Target {
+    node_id: NodeId,
+    x25519: X25519Public,
+    streams: bool,
+    price: TokenPrice,
+    hold: SlotHold,
+}
+
+/// Choose a node for the request (not `exclude`) and hold its slot.
+fn pick(
     grid: &Grid,
-    http: &RequestParts<'_>,
     req: &ChatCompletionRequest,
-    max_tokens: u64,
     exclude: Option<NodeId>,
-) -> Result<Attempt, ClientError> {
+) -> Result<Target, ClientError> {
     let route = ReserveRequest {
         model: Some(req.model.clone()),
         node: req
@@ -87,65 +104,98 @@ async fn run_once(
             .map(String::from),
         ..Default::default()
     };
-    let (node_id, x25519, streams, price) = {
-        let inner = grid.lock();
-        let node_id = choose_node(grid, &inner, &route, &req.model, exclude)?;
-        let node = inner
-            .node(&node_id)
-            .ok_or_else(|| ClientError::internal("chosen node vanished"))?;
-        let x: X25519Public = node
-            .x25519
-            .ok_or_else(|| ClientError::internal("chosen node has no key"))?;
-        (
+    let mut inner = grid.lock();
+    let node_id = choose_node(grid, &inner, &route, &req.model, exclude)?;
+    let node = inner
+        .node(&node_id)
+        .ok_or_else(|| ClientError::internal("chosen node vanished"))?;
+    let x25519 = node
+        .x25519
+        .ok_or_else(|| ClientError::internal("chosen node has no key"))?;
+    let streams = node.capabilities.streaming;
+    let price = grid.effective_price(node, &req.model);
+    let token = random_token();
+    inner.insert_reservation(
+        token.clone(),
+        Reservation {
             node_id,
-            x,
-            node.capabilities.streaming,
-            grid.effective_price(node, &req.model),
-        )
+            model: req.model.clone(),
+            expires: Instant::now() + grid.config.reservation_ttl,
+        },
+    );
+    Ok(Target {
+        node_id,
+        x25519,
+        streams,
+        price,
+        hold: SlotHold {
+            grid: grid.clone(),
+            token,
+        },
+    })
+}
+
+/// Seal the request to the target node, dispatch it as `job_id` with
+/// `bill`, and wait for the first event. A job that fails before any
+/// output hands `bill` back ([`JobEvent::Unstarted`]).
+async fn send(
+    grid: &Grid,
+    req: &ChatCompletionRequest,
+    job_id: &str,
+    target: Target,
+    bill: billing::JobBilling,
+    max_tokens: u64,
+) -> Result<Dispatched, ClientError> {
+    let nonce = (req.is_stream() && target.streams).then(e2e::random_request_nonce);
+    let sealed = (|| {
+        let inner = JobPayload::from_openai(req, max_tokens, nonce.as_deref());
+        let inner = serde_json::to_vec(&inner).map_err(ClientError::internal)?;
+        let (enc, key) = e2e::seal_input(&target.x25519, &inner).map_err(ClientError::internal)?;
+        let payload = SealedInputPayload {
+            enc,
+            stream: nonce.is_some().then_some(true),
+        };
+        let payload = serde_json::to_value(payload).map_err(ClientError::internal)?;
+        Ok::<_, ClientError>((payload, key))
+    })();
+    let (payload, key) = match sealed {
+        Ok(s) => s,
+        Err(e) => {
+            billing::close_unstarted(grid, job_id, target.node_id, &req.model, bill).await;
+            return Err(e);
+        }
     };
-    let job_id = uuid::Uuid::new_v4().to_string();
-    let quote = price.cost(prompt_bound(req), max_tokens);
-    let bill = match billing::authorize(grid, http, price, quote, &job_id).await {
-        Ok(b) => b,
-        Err(resp) => return Ok(Attempt::Refused(resp)),
-    };
-    let nonce = (req.is_stream() && streams).then(e2e::random_request_nonce);
-    let inner = JobPayload::from_openai(req, max_tokens, nonce.as_deref());
-    let inner = serde_json::to_vec(&inner).map_err(ClientError::internal)?;
-    let (enc, key) = e2e::seal_input(&x25519, &inner).map_err(ClientError::internal)?;
-    let payload = SealedInputPayload {
-        enc,
-        stream: nonce.is_some().then_some(true),
-    };
-    let payload = serde_json::to_value(payload).map_err(ClientError::internal)?;
+    // The job takes the slot the hold kept.
+    drop(target.hold);
     let mut rx = dispatch(
         grid,
-        &job_id,
-        node_id,
+        job_id,
+        target.node_id,
         &req.model,
         payload,
         nonce.is_some(),
         bill,
+        true,
     );
-    tracing::info!(%job_id, %node_id, stream = nonce.is_some(), "plain job dispatched");
+    tracing::info!(%job_id, node_id = %target.node_id, stream = nonce.is_some(), "plain job dispatched");
     let wait = grid.config.stuck_job_timeout + Duration::from_secs(5);
     let first = tokio::time::timeout(wait, rx.recv())
         .await
         .map_err(|_| ClientError::node_timeout())?;
     let first = first.unwrap_or(JobEvent::Failed("the job ended without a result".into()));
-    Ok(Attempt::Sent(
-        Box::new(Dispatched {
-            job_id,
-            model: req.model.clone(),
-            rx,
-            key,
-            nonce,
-            first,
-        }),
-        node_id,
-    ))
+    Ok(Dispatched {
+        node_id: target.node_id,
+        model: req.model.clone(),
+        rx,
+        key,
+        nonce,
+        first,
+    })
 }
 
+/// Choose a node, take the payment (settled before dispatch, §7f), dispatch.
+/// A node that fails before any output is excluded and the same job, paid
+/// by the same payment, tried once more elsewhere.
 pub async fn chat(
     grid: Grid,
     method: &Method,
@@ -161,23 +211,40 @@ pub async fn chat(
         headers,
         body,
     };
-    let (mut d, node_id) = match run_once(&grid, &http, &req, max_tokens, None).await? {
-        Attempt::Sent(d, n) => (*d, n),
-        Attempt::Refused(resp) => return Ok(resp),
+    let job_id = uuid::Uuid::new_v4().to_string();
+    let target = pick(&grid, &req, None)?;
+    let quote = target.price.cost(prompt_bound(&req), max_tokens);
+    let bill = match billing::authorize(&grid, &http, target.price, quote, &job_id).await {
+        Ok(b) => b,
+        Err(resp) => return Ok(resp),
     };
-    if let JobEvent::Failed(why) = &d.first {
-        tracing::warn!(job_id = %d.job_id, why = %why, "node failed before any output; retrying on another node");
-        match run_once(&grid, &http, &req, max_tokens, Some(node_id)).await {
-            Ok(Attempt::Sent(again, _)) => d = *again,
-            Ok(Attempt::Refused(resp)) => return Ok(resp),
-            Err(_) => return Err(ClientError::node_failed(format!("the node failed: {why}"))),
+    let receipt = bill.receipt.clone();
+    let mut d = send(&grid, &req, &job_id, target, bill, max_tokens).await?;
+    if let JobEvent::Unstarted(why, mut bill) = d.first {
+        tracing::warn!(%job_id, why = %why, "node failed before any output; retrying on another node");
+        let again = match pick(&grid, &req, Some(d.node_id)) {
+            Ok(t) => t,
+            Err(_) => {
+                billing::close_unstarted(&grid, &job_id, d.node_id, &req.model, bill).await;
+                return Err(ClientError::node_failed(format!("the node failed: {why}")));
+            }
+        };
+        // The retry is billed at its node's price, within the same quote.
+        bill.price = again.price;
+        d = send(&grid, &req, &job_id, again, bill, max_tokens).await?;
+        if let JobEvent::Unstarted(why, bill) = d.first {
+            billing::close_unstarted(&grid, &job_id, d.node_id, &req.model, bill).await;
+            return Err(ClientError::node_failed(format!("the node failed: {why}")));
         }
     }
     let created = grid.config.clock.now_secs();
-    let id = format!("chatcmpl-{}", d.job_id);
+    let id = format!("chatcmpl-{job_id}");
     match d.first {
-        JobEvent::Failed(why) => Err(ClientError::node_failed(format!("the node failed: {why}"))),
-        JobEvent::Complete(done, receipt) => {
+        JobEvent::Failed(why) | JobEvent::Unstarted(why, _) => {
+            Err(ClientError::node_failed(format!("the node failed: {why}")))
+        }
+        JobEvent::Complete(done, billed) => {
+            let refunded = billed.refunded.map(|m| m.0);
             let sealed = done
                 .sealed_result
                 .ok_or_else(|| ClientError::node_failed("the node answered in plain"))?;
@@ -197,13 +264,15 @@ pub async fn chat(
                 let usage = req
                     .include_usage()
                     .then(|| ChatCompletionChunk::usage(&id, created, &d.model, reply.usage));
-                let all = events
-                    .into_iter()
-                    .chain(usage)
-                    .map(|c| data(&c))
-                    .collect::<Vec<_>>();
+                let mut all = events.into_iter().chain(usage).collect::<Vec<_>>();
+                // The refund rides on the last chunk before `[DONE]`.
+                if let Some(last) = all.last_mut() {
+                    last.refunded_micros = refunded;
+                }
+                let all = all.iter().map(data).collect::<Vec<_>>();
                 let mut resp = sse(Box::pin(stream::iter(all).chain(done_marker())));
                 resp.headers_mut().extend(receipt);
+                resp.headers_mut().extend(billed.headers);
                 return Ok(resp);
             }
             let body = ChatCompletionResponse {
@@ -221,12 +290,14 @@ pub async fn chat(
                 }],
                 usage: Some(reply.usage),
                 usage_signature: done.usage_signature,
+                refunded_micros: refunded,
             };
             let mut resp = Json(body).into_response();
             resp.headers_mut().extend(receipt);
+            resp.headers_mut().extend(billed.headers);
             Ok(resp)
         }
-        JobEvent::Chunk(first) => {
+        first @ (JobEvent::Chunk(_) | JobEvent::Final(..)) => {
             let nonce = d.nonce.clone().unwrap_or_default();
             let opener = d.key.stream_opener(&nonce).map_err(ClientError::internal)?;
             Ok(relay::plain(PlainStream {
@@ -239,6 +310,7 @@ pub async fn chat(
                 rx: d.rx,
                 pending: Some(first),
                 done: false,
+                receipt,
             }))
         }
     }

@@ -114,7 +114,10 @@ pub(crate) fn choose_node(
         .ok_or_else(ClientError::no_capacity)
 }
 
-/// Create a job for a reserved node and offer it; returns its events.
+/// Create a job for a reserved node and offer it; returns its events. With
+/// `retry`, a failure before any output hands the billing back
+/// ([`JobEvent::Unstarted`]) instead of closing it.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn dispatch(
     grid: &Grid,
     job_id: &str,
@@ -123,9 +126,10 @@ pub(crate) fn dispatch(
     payload: Value,
     stream: bool,
     billing: JobBilling,
+    retry: bool,
 ) -> mpsc::Receiver<JobEvent> {
     let (tx, rx) = mpsc::channel(64);
-    let job = Job::offered(
+    let mut job = Job::offered(
         job_id.to_string(),
         node_id,
         model.to_string(),
@@ -135,6 +139,7 @@ pub(crate) fn dispatch(
         tx,
         Some(billing),
     );
+    job.retry = retry;
     let mut inner = grid.lock();
     let pending = job.pending();
     inner.insert_job(job);

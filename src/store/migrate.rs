@@ -21,6 +21,11 @@ const SQLITE: &[(i64, &str, &str)] = &[
         "grid",
         include_str!("../../migrations/sqlite/0002_grid.sql"),
     ),
+    (
+        3,
+        "job payments",
+        include_str!("../../migrations/sqlite/0003_job_payments.sql"),
+    ),
 ];
 const POSTGRES: &[(i64, &str, &str)] = &[
     (
@@ -32,6 +37,11 @@ const POSTGRES: &[(i64, &str, &str)] = &[
         2,
         "grid",
         include_str!("../../migrations/postgres/0002_grid.sql"),
+    ),
+    (
+        3,
+        "job payments",
+        include_str!("../../migrations/postgres/0003_job_payments.sql"),
     ),
 ];
 

@@ -38,6 +38,7 @@ pub mod api_keys;
 #[macro_use]
 pub mod credits;
 pub mod grid;
+pub mod job_payments;
 mod migrate;
 pub mod payments;
 mod sql_money;
@@ -45,6 +46,7 @@ mod sql_money;
 pub use api_keys::ApiKeyRecord;
 pub use credits::{CreditBalance, HoldId, LedgerEntry};
 pub use grid::UsageRow;
+pub use job_payments::JobPayment;
 pub use payments::{PaymentNonceKey, PendingPayment};
 
 /// The owner of a credit balance and of API keys: a normalised wallet

@@ -14,6 +14,7 @@ mod grid_billing;
 mod grid_cli;
 mod grid_e2e;
 mod grid_node_kill;
+mod grid_prepaid;
 mod grid_prices;
 mod grid_x402;
 mod node_agent;

@@ -5,7 +5,7 @@
 //! same (asset, from, nonce) twice fails as the token contract would.
 //! Switches make it refuse or fail, to test that failures consume nothing.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -26,6 +26,8 @@ pub struct FacilitatorState {
     pub crash_settle: AtomicBool,
     pub verify_calls: AtomicUsize,
     pub settle_calls: AtomicUsize,
+    /// Settle calls per authorization (asset:from:nonce), refused or not.
+    pub settle_attempts: Mutex<HashMap<String, usize>>,
     settled: Mutex<HashSet<String>>,
 }
 
@@ -98,14 +100,6 @@ async fn settle(
     let auth = authorization(&body).cloned().unwrap_or_default();
     let network = body["paymentRequirements"]["network"].clone();
     let payer = auth["from"].clone();
-    if s.refuse_settle.load(Ordering::SeqCst) {
-        return (
-            StatusCode::OK,
-            Json(
-                json!({"success": false, "errorReason": "unexpected_settle_error", "transaction": "", "network": network, "payer": payer}),
-            ),
-        );
-    }
     let asset = body["paymentRequirements"]["asset"]
         .as_str()
         .unwrap_or("")
@@ -115,6 +109,19 @@ async fn settle(
         auth["from"].as_str().unwrap_or("").to_lowercase(),
         auth["nonce"].as_str().unwrap_or("").to_lowercase()
     );
+    *s.settle_attempts
+        .lock()
+        .unwrap()
+        .entry(key.clone())
+        .or_default() += 1;
+    if s.refuse_settle.load(Ordering::SeqCst) {
+        return (
+            StatusCode::OK,
+            Json(
+                json!({"success": false, "errorReason": "unexpected_settle_error", "transaction": "", "network": network, "payer": payer}),
+            ),
+        );
+    }
     if !s.settled.lock().unwrap().insert(key.clone()) {
         // The token contract refuses a used authorization.
         return (
