@@ -1,17 +1,20 @@
 //! Billing a grid job (PROTOCOL.md §5.10, §6.12): the coordinator's side of
 //! the one billing path of [`crate::payments::billing`].
 //!
-//! - At request time, [`authorize`] opens the job's [`Charge`] for its
-//!   quote (`max_tokens` and the prompt bound at the node's price): an API
-//!   key or a wallet signature holds credits; an x402 or MPP payment is
-//!   verified and reserved; with neither, a 402 challenge. In development
-//!   mode a request without credentials runs free.
+//! - At request time, once the node is reserved, [`authorize`] opens the
+//!   job's [`Charge`] for its quote (`max_tokens` and the prompt bound at
+//!   the node's price): an API key or a wallet signature holds credits; an
+//!   x402 or MPP payment is verified, bound to the job and **settled before
+//!   the job is dispatched** (PROTOCOL.md §7f), so no byte of an answer
+//!   leaves unpaid; a settlement failure is a 402 and no node ever sees the
+//!   job. With neither, a 402 challenge. In development mode a request
+//!   without credentials runs free.
 //! - When the job ends, [`close`] settles the charge at the job's cost: a
 //!   completed job its signed usage at the node's price (never above the
 //!   quote); a client abort only the completion tokens delivered; a failure
-//!   nothing (the charge is released). A per-request payment is settled
-//!   with the facilitator before the result is released. Every job leaves
-//!   one usage row with the revenue split
+//!   nothing (the hold is released, a prepaid payment refunded whole). A
+//!   prepaid payment keeps the cost and credits quote − cost back to the
+//!   payer wallet. Every job leaves one usage row with the revenue split
 //!   ([`crate::payments::billing::Split`]), written with the hold's
 //!   settlement or release in one transaction for a credit charge.
 
@@ -21,7 +24,7 @@ use axum::response::{IntoResponse, Response};
 use super::state::Grid;
 use crate::money::{Micros, TokenPrice};
 use crate::payments::billing::{Charge, ChargeRefused};
-use crate::payments::{http as pay_http, RequestParts};
+use crate::payments::{http as pay_http, PaymentError, RequestParts};
 use crate::proto::openai::Usage;
 use crate::store::UsageRow;
 
@@ -31,13 +34,26 @@ use crate::store::UsageRow;
 pub struct JobBilling {
     pub price: TokenPrice,
     pub charge: Charge,
+    /// The settlement receipt of a payment (`PAYMENT-RESPONSE`,
+    /// `X-PAYMENT-RESPONSE` or `Payment-Receipt`), for the answer's headers.
+    pub receipt: HeaderMap,
 }
 
 impl JobBilling {
-    /// Give back what a request reserved when it never became a job.
+    /// Give back what a request reserved when it never became a job (a
+    /// settled payment is refunded whole to credits).
     pub async fn release(self) {
         self.charge.release().await;
     }
+}
+
+/// What closing a job's bill gives its answer.
+#[derive(Debug, Clone, Default)]
+pub struct Billed {
+    /// Headers to add to the answer.
+    pub headers: HeaderMap,
+    /// What a settled payment credited back to its payer (quote − cost).
+    pub refunded: Option<Micros>,
 }
 
 /// How a job ended, for billing.
@@ -74,7 +90,11 @@ pub async fn authorize(
     quote: Micros,
     reference: &str,
 ) -> Result<JobBilling, Response> {
-    let bill = |charge| JobBilling { price, charge };
+    let bill = |charge| JobBilling {
+        price,
+        charge,
+        receipt: HeaderMap::new(),
+    };
     let Some(p) = grid.payments.as_ref() else {
         if grid.config.dev {
             return Ok(bill(Charge::free(quote)));
@@ -90,7 +110,13 @@ pub async fn authorize(
     };
     let offer = p.offer(parts.headers, parts.uri, quote, "sgl grid chat completion");
     match p.open_charge(parts, &offer, reference).await {
-        Ok(charge) => Ok(bill(charge)),
+        Ok(charge) => prepay(p, charge, &offer, reference)
+            .await
+            .map(|(charge, receipt)| JobBilling {
+                price,
+                charge,
+                receipt,
+            }),
         Err(ChargeRefused::PaymentRequired) if grid.config.dev => Ok(bill(Charge::free(quote))),
         Err(ChargeRefused::PaymentRequired) => Err(pay_http::challenge(
             p,
@@ -101,17 +127,50 @@ pub async fn authorize(
     }
 }
 
+/// Settle a payment before the job is dispatched. The settlement runs in
+/// its own task, so a client that leaves meanwhile cannot cut it short: the
+/// charge then comes back to a dropped handler and refunds itself.
+async fn prepay(
+    p: &crate::payments::Payments,
+    mut charge: Charge,
+    offer: &crate::payments::x402::Offer,
+    job_id: &str,
+) -> Result<(Charge, HeaderMap), Response> {
+    let settled = tokio::spawn(async move {
+        let r = charge.prepay().await;
+        (charge, r)
+    })
+    .await;
+    match settled {
+        Ok((charge, Ok(receipt))) => Ok((charge, receipt)),
+        Ok((_, Err(e))) => {
+            tracing::warn!(%job_id, error = %e, "settlement failed; the job does not run");
+            Err(match e {
+                // The facilitator failing to settle is the payment's
+                // failure, answered like a refusal: a 402 with the reason.
+                PaymentError::FacilitatorUnavailable(_) => pay_http::challenge(p, offer, e.code()),
+                e => pay_http::refusal(p, &e, Some(offer)),
+            })
+        }
+        Err(e) => {
+            tracing::error!(%job_id, error = %e, "the settlement task failed");
+            Err(super::error::ClientError::internal("settlement failed").into_response())
+        }
+    }
+}
+
 /// Close a job's bill. Returns the headers to add to the client's answer
-/// (payment receipts); `Err` when the charge could not be settled, in which
-/// case the result must not be released.
+/// and the refund of a payment; `Err` when a credit hold could not be
+/// settled, in which case the result must not be released. A settled
+/// payment never withholds the result: the payer has paid.
 pub async fn close(
     grid: &Grid,
     meta: &JobMeta,
     billing: Option<JobBilling>,
     outcome: Outcome,
-) -> Result<HeaderMap, String> {
-    let Some(JobBilling { price, charge }) = billing else {
-        return Ok(HeaderMap::new());
+) -> Result<Billed, String> {
+    let Some(JobBilling { price, charge, .. }) = billing else {
+        return Ok(Billed::default());
     };
     let (status, prompt, completion, usage_sig, result_sig) = match &outcome {
         Outcome::Completed {
@@ -139,6 +198,7 @@ pub async fn close(
     };
     let quote = charge.quote();
     let method = charge.method();
+    let prepaid = charge.is_prepaid();
     let row = UsageRow {
         job_id: meta.job_id.clone(),
         node_id: meta.node_id.clone(),
@@ -164,16 +224,33 @@ pub async fn close(
     };
     // A credit charge writes the row in the transaction that settles or
     // releases its hold; what comes back here is still to be written.
-    let (cost, headers, result, unrecorded) = if matches!(outcome, Outcome::Failed) {
+    let (cost, billed, result, unrecorded) = if matches!(outcome, Outcome::Failed) {
         let left = charge.release_recording(Some(row)).await;
-        (Micros::ZERO, HeaderMap::new(), Ok(()), left)
+        let billed = Billed {
+            headers: HeaderMap::new(),
+            refunded: prepaid.then_some(quote),
+        };
+        (Micros::ZERO, billed, Ok(()), left)
     } else {
         let fallback = row.clone();
-        match charge
-            .settle_recording(price.cost(prompt, completion).min(quote), Some(row))
-            .await
-        {
-            Ok(r) => (r.charged, r.headers, Ok(()), r.unrecorded),
+        let cost = price.cost(prompt, completion).min(quote);
+        match charge.settle_recording(cost, Some(row)).await {
+            Ok(r) => (
+                r.charged,
+                Billed {
+                    headers: r.headers,
+                    refunded: r.refunded,
+                },
+                Ok(()),
+                r.unrecorded,
+            ),
+            Err(e) if prepaid => {
+                // The payment stands and the answer is released; only the
+                // refund of the unused part failed, which the log names.
+                tracing::error!(job_id = %meta.job_id, error = %e, "could not refund the unused part of a payment");
+                let row = crate::payments::billing::priced(fallback, cost);
+                (cost, Billed::default(), Ok(()), Some(row))
+            }
             Err(e) => {
                 tracing::warn!(job_id = %meta.job_id, error = %e, "settlement failed; withholding the result");
                 // Nothing was charged: the row says so. A credit hold that
@@ -184,7 +261,7 @@ pub async fn close(
                 };
                 (
                     Micros::ZERO,
-                    HeaderMap::new(),
+                    Billed::default(),
                     Err(format!("payment settlement failed: {}", e.code())),
                     Some(failed),
                 )
@@ -198,5 +275,30 @@ pub async fn close(
         }
     }
     tracing::info!(job_id = %meta.job_id, status, method, cost = cost.0, "job billed");
-    result.map(|()| headers)
+    result.map(|()| billed)
+}
+
+/// Close the bill of a job that failed before any output and will not be
+/// tried again (no other node, or a second failure): nothing is charged, a
+/// payment is refunded whole, and the job leaves its one usage row.
+pub async fn close_unstarted(
+    grid: &Grid,
+    job_id: &str,
+    node_id: crate::proto::identity::NodeId,
+    model: &str,
+    billing: JobBilling,
+) {
+    let operator_wallet = grid
+        .lock()
+        .node(&node_id)
+        .map(|n| n.wallet_address.clone())
+        .unwrap_or_default();
+    let meta = JobMeta {
+        job_id: job_id.to_string(),
+        node_id: node_id.to_string(),
+        operator_wallet,
+        model: model.to_string(),
+    };
+    // A failure closes without settling anything, so it cannot fail.
+    let _ = close(grid, &meta, Some(billing), Outcome::Failed).await;
 }

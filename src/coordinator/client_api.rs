@@ -210,10 +210,15 @@ pub async fn chat(
         headers: &headers,
         body: &body,
     };
+    // The payment is verified and, for x402 or MPP, settled before the
+    // slot is taken: no node sees the job before it is paid. Should the slot
+    // be gone by then, the bill's release refunds a settled payment whole
+    // to the payer's credits.
     let bill = match billing::authorize(&grid, &parts, price, quote, &job_id).await {
         Ok(b) => b,
         Err(resp) => return Ok(resp),
     };
+    let receipt = bill.receipt.clone();
     // The node's slot is taken now, not at reserve time (§7f).
     let taken = grid
         .lock()
@@ -236,7 +241,9 @@ pub async fn chat(
     if stream {
         payload["stream"] = json!(true);
     }
-    let mut rx = dispatch(&grid, &job_id, node_id, &model, payload, stream, bill, true);
+    let mut rx = dispatch(
+        &grid, &job_id, node_id, &model, payload, stream, bill, true, false,
+    );
     tracing::info!(%job_id, %node_id, stream, quote = quote.0, "sealed job dispatched");
     let wait = grid.config.stuck_job_timeout + Duration::from_secs(5);
     let first = tokio::time::timeout(wait, rx.recv())
@@ -252,12 +259,20 @@ pub async fn chat(
             crate::proto::api::FAIL_BAD_SEALED_INPUT,
             format!("the node cannot open the sealed input: {why}"),
         )),
-        Some(JobEvent::Complete(done, receipt)) => {
-            let mut resp = sealed_json(&job_id, &model, created, done)?;
+        Some(JobEvent::Unstarted(why, bill)) => {
+            // Not dispatched for retry, so not expected; close the bill.
+            billing::close_unstarted(&grid, &job_id, node_id, &model, bill).await;
+            Err(ClientError::node_failed(format!("the node failed: {why}")))
+        }
+        Some(JobEvent::Complete(done, billed)) => {
+            let mut resp = sealed_json(&job_id, &model, created, done, billed.refunded)?;
             resp.headers_mut().extend(receipt);
+            resp.headers_mut().extend(billed.headers);
             Ok(resp)
         }
-        Some(JobEvent::Chunk(first)) => Ok(super::relay::sealed(job_id, first, rx)),
+        Some(first @ (JobEvent::Chunk(_) | JobEvent::Final(..))) => {
+            Ok(super::relay::sealed(job_id, first, rx, receipt))
+        }
     }
 }
 
@@ -266,6 +281,7 @@ fn sealed_json(
     model: &str,
     created: u64,
     done: CompleteRequest,
+    refunded: Option<crate::money::Micros>,
 ) -> Result<Response, ClientError> {
     let sealed = done
         .sealed_result
@@ -282,6 +298,7 @@ fn sealed_json(
         result_envelope_signature: done.result_envelope_signature.unwrap_or_default(),
         result_envelope_version: ENVELOPE_VERSION.into(),
         usage_signature: done.usage_signature,
+        refunded_micros: refunded.map(|m| m.0),
     };
     Ok(Json(body).into_response())
 }

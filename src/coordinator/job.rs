@@ -16,20 +16,28 @@ use std::time::Instant;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use super::billing::JobBilling;
+use super::billing::{Billed, JobBilling};
 use crate::proto::api::{ChunkRequest, CompleteRequest, PendingJob};
 use crate::proto::identity::NodeId;
 
 /// What a node tells a waiting client.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum JobEvent {
+    /// A stream chunk that is not the last.
     Chunk(ChunkRequest),
-    /// The result and the headers to add to the answer (payment receipts).
-    Complete(CompleteRequest, axum::http::HeaderMap),
+    /// The final chunk of a stream, after the job was billed (its refund
+    /// goes into the last event the client sees).
+    Final(ChunkRequest, Billed),
+    /// The whole result, after the job was billed.
+    Complete(CompleteRequest, Billed),
     Failed(String),
     /// The node could not open or read the client's sealed input (§7f): a
     /// 400 `bad_sealed_input` for the client, not the node's failure.
     BadInput(String),
+    /// The node failed before any output and the request may try another
+    /// node: the job's billing comes back unclosed, so the retry is paid by
+    /// the same (already settled) payment, never by a second one.
+    Unstarted(String, JobBilling),
 }
 
 /// Where a job stands.
@@ -101,6 +109,11 @@ impl Stage {
     /// Offered and never acknowledged: may be offered again, or timed out.
     pub fn is_offered(&self) -> bool {
         matches!(self, Stage::Offered)
+    }
+
+    /// No output of the job has reached its client yet.
+    pub fn nothing_relayed(&self) -> bool {
+        matches!(self, Stage::Offered | Stage::Running)
     }
 
     /// The node listed the job in a heartbeat.
@@ -220,6 +233,9 @@ pub struct Job {
     /// from which a listing without this job means the node lost it; `None`
     /// until the job is known to run (§6.5, the ghost rule).
     pub ghost_from: Option<u64>,
+    /// Whether a failure before any output hands the billing back to the
+    /// request, which tries another node ([`JobEvent::Unstarted`]).
+    pub retry: bool,
     stage: Stage,
 }
 
@@ -247,6 +263,7 @@ impl Job {
             billing,
             client_sealed: false,
             ghost_from: None,
+            retry: false,
             stage: Stage::Offered,
         }
     }

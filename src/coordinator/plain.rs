@@ -19,6 +19,7 @@ use super::job::JobEvent;
 use super::relay::{self, data, done_marker, sse, PlainStream};
 use super::router::{choose_node, dispatch};
 use super::state::Grid;
+use crate::money::TokenPrice;
 use crate::payments::RequestParts;
 use crate::proto::api::{ReserveRequest, SealedInputPayload, SealedReplyPlaintext};
 use crate::proto::e2e::{self, ResponseKey};
@@ -58,7 +59,7 @@ pub(super) fn too_large() -> ClientError {
 }
 
 struct Dispatched {
-    job_id: String,
+    node_id: NodeId,
     model: String,
     rx: mpsc::Receiver<JobEvent>,
     key: ResponseKey,
@@ -66,8 +67,6 @@ struct Dispatched {
     first: JobEvent,
 }
 
-/// Route, seal and dispatch; wait for the first event. A node that fails
-/// before any output is excluded and the request tried once more elsewhere.
 /// A bound on the prompt's tokens: a token covers at least one byte, plus
 /// the chat template's few tokens per message and what it adds once
 /// ([`super::pricing::TEMPLATE_TOKENS`]).
@@ -79,19 +78,23 @@ fn prompt_bound(req: &ChatCompletionRequest) -> u64 {
         .saturating_add(super::pricing::TEMPLATE_TOKENS)
 }
 
-enum Attempt {
-    Sent(Box<Dispatched>, NodeId),
-    /// Billing refused (402, 401): answer this.
-    Refused(Response),
+/// The node chosen for a request.
+struct Target {
+    node_id: NodeId,
+    x25519: X25519Public,
+    streams: bool,
+    price: TokenPrice,
 }
 
-async fn run_once(
+/// Choose a node for the request (not `exclude`). Nothing holds its slot
+/// while the payment settles (reservations take none, §7f): a node that
+/// has filled up meanwhile refuses the job before any output, and the same
+/// paid job is tried on another node.
+fn pick(
     grid: &Grid,
-    http: &RequestParts<'_>,
     req: &ChatCompletionRequest,
-    max_tokens: u64,
     exclude: Option<NodeId>,
-) -> Result<Attempt, ClientError> {
+) -> Result<Target, ClientError> {
     let route = ReserveRequest {
         model: Some(req.model.clone()),
         node: req
@@ -107,85 +110,93 @@ async fn run_once(
             .map(String::from),
         ..Default::default()
     };
-    let (node_id, x25519, streams, price) = {
-        let inner = grid.lock();
-        let node_id = choose_node(grid, &inner, &route, &req.model, exclude)?;
-        let node = inner
-            .node(&node_id)
-            .ok_or_else(|| ClientError::internal("chosen node vanished"))?;
-        let x: X25519Public = node
-            .x25519
-            .ok_or_else(|| ClientError::internal("chosen node has no key"))?;
-        (
-            node_id,
-            x,
-            node.capabilities.streaming,
-            grid.effective_price(node, &req.model),
-        )
-    };
-    let nonce = (req.is_stream() && streams).then(e2e::random_request_nonce);
-    let inner = JobPayload::from_openai(req, max_tokens, nonce.as_deref());
-    let inner = serde_json::to_vec(&inner).map_err(ClientError::internal)?;
-    // Sizes before work (§7f): a prompt whose sealed form the node would
-    // refuse is refused here, before any base58 and before billing.
-    if max_sealed_chars(inner.len()) > e2e::MAX_CIPHERTEXT_CHARS {
-        return Err(too_large());
+    let inner = grid.lock();
+    let node_id = choose_node(grid, &inner, &route, &req.model, exclude)?;
+    let node = inner
+        .node(&node_id)
+        .ok_or_else(|| ClientError::internal("chosen node vanished"))?;
+    let x25519 = node
+        .x25519
+        .ok_or_else(|| ClientError::internal("chosen node has no key"))?;
+    let streams = node.capabilities.streaming;
+    let price = grid.effective_price(node, &req.model);
+    Ok(Target {
+        node_id,
+        x25519,
+        streams,
+        price,
+    })
+}
+
+/// Seal the request to the target node, dispatch it as `job_id` with
+/// `bill`, and wait for the first event. A job that fails before any
+/// output hands `bill` back ([`JobEvent::Unstarted`]).
+async fn send(
+    grid: &Grid,
+    req: &ChatCompletionRequest,
+    job_id: &str,
+    target: Target,
+    bill: billing::JobBilling,
+    max_tokens: u64,
+) -> Result<Dispatched, ClientError> {
+    let nonce = (req.is_stream() && target.streams).then(e2e::random_request_nonce);
+    let x25519 = target.x25519;
+    let sealed = async {
+        let inner = JobPayload::from_openai(req, max_tokens, nonce.as_deref());
+        let inner = serde_json::to_vec(&inner).map_err(ClientError::internal)?;
+        // Sealing encodes base58, whose cost grows with the square of the
+        // length: off the async threads, so other clients are not held up.
+        let (enc, key) = tokio::task::spawn_blocking(move || e2e::seal_input(&x25519, &inner))
+            .await
+            .map_err(ClientError::internal)?
+            .map_err(ClientError::internal)?;
+        let payload = SealedInputPayload {
+            enc,
+            stream: nonce.is_some().then_some(true),
+            // The quote binds the node (§7f).
+            max_tokens_cap: Some(max_tokens),
+        };
+        let payload = serde_json::to_value(payload).map_err(ClientError::internal)?;
+        Ok::<_, ClientError>((payload, key))
     }
-    let job_id = uuid::Uuid::new_v4().to_string();
-    let quote = price.cost(prompt_bound(req), max_tokens);
-    let bill = match billing::authorize(grid, http, price, quote, &job_id).await {
-        Ok(b) => b,
-        Err(resp) => return Ok(Attempt::Refused(resp)),
-    };
-    // Sealing encodes base58, whose cost grows with the square of the
-    // length: off the async threads, so other clients are not held up.
-    let sealed = tokio::task::spawn_blocking(move || e2e::seal_input(&x25519, &inner)).await;
-    let (enc, key) = match sealed {
-        Ok(Ok(sealed)) => sealed,
-        Ok(Err(e)) => {
-            bill.release().await;
-            return Err(ClientError::internal(e));
-        }
+    .await;
+    let (payload, key) = match sealed {
+        Ok(s) => s,
         Err(e) => {
-            bill.release().await;
-            return Err(ClientError::internal(e));
+            billing::close_unstarted(grid, job_id, target.node_id, &req.model, bill).await;
+            return Err(e);
         }
     };
-    let payload = SealedInputPayload {
-        enc,
-        stream: nonce.is_some().then_some(true),
-        max_tokens_cap: Some(max_tokens),
-    };
-    let payload = serde_json::to_value(payload).map_err(ClientError::internal)?;
     let mut rx = dispatch(
         grid,
-        &job_id,
-        node_id,
+        job_id,
+        target.node_id,
         &req.model,
         payload,
         nonce.is_some(),
         bill,
         false,
+        true,
     );
-    tracing::info!(%job_id, %node_id, stream = nonce.is_some(), "plain job dispatched");
+    tracing::info!(%job_id, node_id = %target.node_id, stream = nonce.is_some(), "plain job dispatched");
     let wait = grid.config.stuck_job_timeout + Duration::from_secs(5);
     let first = tokio::time::timeout(wait, rx.recv())
         .await
         .map_err(|_| ClientError::node_timeout())?;
     let first = first.unwrap_or(JobEvent::Failed("the job ended without a result".into()));
-    Ok(Attempt::Sent(
-        Box::new(Dispatched {
-            job_id,
-            model: req.model.clone(),
-            rx,
-            key,
-            nonce,
-            first,
-        }),
-        node_id,
-    ))
+    Ok(Dispatched {
+        node_id: target.node_id,
+        model: req.model.clone(),
+        rx,
+        key,
+        nonce,
+        first,
+    })
 }
 
+/// Choose a node, take the payment (settled before dispatch, §7f), dispatch.
+/// A node that fails before any output is excluded and the same job, paid
+/// by the same payment, tried once more elsewhere.
 pub async fn chat(
     grid: Grid,
     method: &Method,
@@ -201,27 +212,52 @@ pub async fn chat(
         headers,
         body,
     };
-    let (mut d, node_id) = match run_once(&grid, &http, &req, max_tokens, None).await? {
-        Attempt::Sent(d, n) => (*d, n),
-        Attempt::Refused(resp) => return Ok(resp),
+    // Sizes before work (§7f): a prompt whose sealed form the node would
+    // refuse is refused here, before any base58 and before billing. The
+    // bound counts a stream nonce whether or not the node streams.
+    let probe = JobPayload::from_openai(&req, max_tokens, Some(&e2e::random_request_nonce()));
+    let probe_len = serde_json::to_vec(&probe)
+        .map_err(ClientError::internal)?
+        .len();
+    if max_sealed_chars(probe_len) > e2e::MAX_CIPHERTEXT_CHARS {
+        return Err(too_large());
+    }
+    let job_id = uuid::Uuid::new_v4().to_string();
+    let target = pick(&grid, &req, None)?;
+    let quote = target.price.cost(prompt_bound(&req), max_tokens);
+    let bill = match billing::authorize(&grid, &http, target.price, quote, &job_id).await {
+        Ok(b) => b,
+        Err(resp) => return Ok(resp),
     };
-    if let JobEvent::Failed(why) = &d.first {
-        tracing::warn!(job_id = %d.job_id, why = %why, "node failed before any output; retrying on another node");
-        match run_once(&grid, &http, &req, max_tokens, Some(node_id)).await {
-            Ok(Attempt::Sent(again, _)) => d = *again,
-            Ok(Attempt::Refused(resp)) => return Ok(resp),
-            Err(_) => return Err(ClientError::node_failed(format!("the node failed: {why}"))),
+    let receipt = bill.receipt.clone();
+    let mut d = send(&grid, &req, &job_id, target, bill, max_tokens).await?;
+    if let JobEvent::Unstarted(why, mut bill) = d.first {
+        tracing::warn!(%job_id, why = %why, "node failed before any output; retrying on another node");
+        let again = match pick(&grid, &req, Some(d.node_id)) {
+            Ok(t) => t,
+            Err(_) => {
+                billing::close_unstarted(&grid, &job_id, d.node_id, &req.model, bill).await;
+                return Err(ClientError::node_failed(format!("the node failed: {why}")));
+            }
+        };
+        // The retry is billed at its node's price, within the same quote.
+        bill.price = again.price;
+        d = send(&grid, &req, &job_id, again, bill, max_tokens).await?;
+        if let JobEvent::Unstarted(why, bill) = d.first {
+            billing::close_unstarted(&grid, &job_id, d.node_id, &req.model, bill).await;
+            return Err(ClientError::node_failed(format!("the node failed: {why}")));
         }
     }
     let created = grid.config.clock.now_secs();
-    let id = format!("chatcmpl-{}", d.job_id);
+    let id = format!("chatcmpl-{job_id}");
     match d.first {
         // The coordinator sealed this input itself: a node that cannot open
         // it has failed.
-        JobEvent::Failed(why) | JobEvent::BadInput(why) => {
+        JobEvent::Failed(why) | JobEvent::BadInput(why) | JobEvent::Unstarted(why, _) => {
             Err(ClientError::node_failed(format!("the node failed: {why}")))
         }
-        JobEvent::Complete(done, receipt) => {
+        JobEvent::Complete(done, billed) => {
+            let refunded = billed.refunded.map(|m| m.0);
             let sealed = done
                 .sealed_result
                 .ok_or_else(|| ClientError::node_failed("the node answered in plain"))?;
@@ -243,13 +279,15 @@ pub async fn chat(
                 let usage = req
                     .include_usage()
                     .then(|| ChatCompletionChunk::usage(&id, created, &d.model, reply.usage));
-                let all = events
-                    .into_iter()
-                    .chain(usage)
-                    .map(|c| data(&c))
-                    .collect::<Vec<_>>();
+                let mut all = events.into_iter().chain(usage).collect::<Vec<_>>();
+                // The refund rides on the last chunk before `[DONE]`.
+                if let Some(last) = all.last_mut() {
+                    last.refunded_micros = refunded;
+                }
+                let all = all.iter().map(data).collect::<Vec<_>>();
                 let mut resp = sse(Box::pin(stream::iter(all).chain(done_marker())));
                 resp.headers_mut().extend(receipt);
+                resp.headers_mut().extend(billed.headers);
                 return Ok(resp);
             }
             let body = ChatCompletionResponse {
@@ -267,12 +305,14 @@ pub async fn chat(
                 }],
                 usage: Some(reply.usage),
                 usage_signature: done.usage_signature,
+                refunded_micros: refunded,
             };
             let mut resp = Json(body).into_response();
             resp.headers_mut().extend(receipt);
+            resp.headers_mut().extend(billed.headers);
             Ok(resp)
         }
-        JobEvent::Chunk(first) => {
+        first @ (JobEvent::Chunk(_) | JobEvent::Final(..)) => {
             let nonce = d.nonce.clone().unwrap_or_default();
             let opener = d.key.stream_opener(&nonce).map_err(ClientError::internal)?;
             Ok(relay::plain(PlainStream {
@@ -285,6 +325,7 @@ pub async fn chat(
                 rx: d.rx,
                 pending: Some(first),
                 done: false,
+                receipt,
             }))
         }
     }

@@ -3,12 +3,14 @@
 //! signature; plain mode opens each chunk in order and re-sends its text as
 //! OpenAI `chat.completion.chunk` events. Either way `[DONE]` follows the
 //! final chunk only: a stream that fails ends with `event: error` and closes.
+//! A paid stream's settlement receipt goes in the response headers, and the
+//! refund of the unused quote in the last chunk before `[DONE]` (§7f).
 
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::time::Duration;
 
-use axum::http::header;
+use axum::http::{header, HeaderMap};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::stream::{self, Stream, StreamExt};
@@ -16,6 +18,7 @@ use tokio::sync::mpsc;
 
 use super::job::JobEvent;
 use super::plain::finish_reason;
+use crate::money::Micros;
 use crate::proto::api::{ChunkRequest, SealedSseChunk};
 use crate::proto::e2e::StreamOpener;
 use crate::proto::envelope::ENVELOPE_VERSION;
@@ -58,7 +61,7 @@ fn error_event(message: &str) -> Event {
         .data(serde_json::to_string(&body).unwrap_or_default())
 }
 
-fn sse_chunk(job_id: &str, c: ChunkRequest) -> Event {
+fn sse_chunk(job_id: &str, c: ChunkRequest, refunded: Option<Micros>) -> Event {
     let chunk = SealedSseChunk {
         seq: c.seq.unwrap_or(0),
         is_final: c.is_final == Some(true),
@@ -69,6 +72,7 @@ fn sse_chunk(job_id: &str, c: ChunkRequest) -> Event {
         sigv: ENVELOPE_VERSION.into(),
         usage: c.usage,
         usage_signature: c.usage_signature,
+        refunded_micros: refunded.map(|m| m.0),
     };
     Event::default().data(serde_json::to_string(&chunk).unwrap_or_default())
 }
@@ -78,20 +82,44 @@ enum Relay {
     Done,
 }
 
+/// The SSE events of one job event of a sealed stream, and whether the
+/// stream is over.
+fn sealed_events(job_id: &str, ev: Option<JobEvent>) -> (Vec<Event>, bool) {
+    match ev {
+        Some(JobEvent::Final(c, billed)) => {
+            (vec![sse_chunk(job_id, c, billed.refunded), done()], true)
+        }
+        Some(JobEvent::Chunk(c)) => {
+            let fin = c.is_final == Some(true);
+            let mut evs = vec![sse_chunk(job_id, c, None)];
+            if fin {
+                evs.push(done());
+            }
+            (evs, fin)
+        }
+        Some(JobEvent::Failed(why)) | Some(JobEvent::BadInput(why)) => {
+            (vec![error_event(&format!("the node failed: {why}"))], true)
+        }
+        Some(JobEvent::Complete(..) | JobEvent::Unstarted(..)) | None => (
+            vec![error_event("the stream ended without a final chunk")],
+            true,
+        ),
+    }
+}
+
 /// Relay node chunks as SSE, unread: each `data:` line is one JSON object;
 /// after the final chunk `[DONE]`; a failure mid-stream is `event: error`.
+/// `first` is the first chunk (or the final one), already received;
+/// `receipt` goes in the headers.
 pub(super) fn sealed(
     job_id: String,
-    first: ChunkRequest,
+    first: JobEvent,
     rx: mpsc::Receiver<JobEvent>,
+    receipt: HeaderMap,
 ) -> Response {
-    let first_final = first.is_final == Some(true);
-    let mut head = vec![Ok::<_, Infallible>(sse_chunk(&job_id, first))];
-    if first_final {
-        head.push(Ok(done()));
-    }
-    let head = stream::iter(head);
-    let state = if first_final {
+    let (head, over) = sealed_events(&job_id, Some(first));
+    let head = stream::iter(head.into_iter().map(Ok::<_, Infallible>));
+    let state = if over {
         Relay::Done
     } else {
         Relay::Open(job_id, rx)
@@ -99,35 +127,23 @@ pub(super) fn sealed(
     let rest = stream::unfold(state, |state| async move {
         match state {
             Relay::Done => None,
-            Relay::Open(job_id, mut rx) => match rx.recv().await {
-                Some(JobEvent::Chunk(c)) => {
-                    let fin = c.is_final == Some(true);
-                    let mut evs = vec![sse_chunk(&job_id, c)];
-                    if fin {
-                        evs.push(done());
-                    }
-                    Some((
-                        evs,
-                        if fin {
-                            Relay::Done
-                        } else {
-                            Relay::Open(job_id, rx)
-                        },
-                    ))
-                }
-                Some(JobEvent::Failed(why)) | Some(JobEvent::BadInput(why)) => Some((
-                    vec![error_event(&format!("the node failed: {why}"))],
-                    Relay::Done,
-                )),
-                Some(JobEvent::Complete(..)) | None => Some((
-                    vec![error_event("the stream ended without a final chunk")],
-                    Relay::Done,
-                )),
-            },
+            Relay::Open(job_id, mut rx) => {
+                let (evs, over) = sealed_events(&job_id, rx.recv().await);
+                Some((
+                    evs,
+                    if over {
+                        Relay::Done
+                    } else {
+                        Relay::Open(job_id, rx)
+                    },
+                ))
+            }
         }
     })
     .flat_map(|events| stream::iter(events.into_iter().map(Ok::<_, Infallible>)));
-    sse(Box::pin(head.chain(rest)))
+    let mut resp = sse(Box::pin(head.chain(rest)));
+    resp.headers_mut().extend(receipt);
+    resp
 }
 
 /// A plain-mode stream being relayed.
@@ -139,14 +155,17 @@ pub(super) struct PlainStream {
     pub include_usage: bool,
     pub opener: StreamOpener,
     pub rx: mpsc::Receiver<JobEvent>,
-    /// The first chunk, already received.
-    pub pending: Option<ChunkRequest>,
+    /// The first chunk (or the final one), already received.
+    pub pending: Option<JobEvent>,
     pub done: bool,
+    /// The settlement receipt, for the response headers.
+    pub receipt: HeaderMap,
 }
 
 /// Relay a plain-mode stream: the role chunk, then each node chunk opened
 /// and re-sent as OpenAI events.
-pub(super) fn plain(state: PlainStream) -> Response {
+pub(super) fn plain(mut state: PlainStream) -> Response {
+    let receipt = std::mem::take(&mut state.receipt);
     let head = stream::iter(vec![data(&ChatCompletionChunk::role(
         &state.id,
         state.created,
@@ -157,14 +176,16 @@ pub(super) fn plain(state: PlainStream) -> Response {
             return None;
         }
         let ev = match s.pending.take() {
-            Some(c) => Some(JobEvent::Chunk(c)),
+            Some(ev) => Some(ev),
             None => s.rx.recv().await,
         };
         let events = s.translate(ev);
         Some((events, s))
     })
     .flat_map(stream::iter);
-    sse(Box::pin(head.chain(body)))
+    let mut resp = sse(Box::pin(head.chain(body)));
+    resp.headers_mut().extend(receipt);
+    resp
 }
 
 impl PlainStream {
@@ -176,12 +197,13 @@ impl PlainStream {
     /// Open each chunk in order (the opener is rebuilt per chunk from the
     /// running seq, since it borrows the key) and turn it into OpenAI events.
     fn translate(&mut self, ev: Option<JobEvent>) -> Vec<Result<Event, Infallible>> {
-        let c = match ev {
-            Some(JobEvent::Chunk(c)) => c,
+        let (c, refunded) = match ev {
+            Some(JobEvent::Chunk(c)) => (c, None),
+            Some(JobEvent::Final(c, billed)) => (c, billed.refunded),
             Some(JobEvent::Failed(why)) | Some(JobEvent::BadInput(why)) => {
                 return self.error(&format!("the node failed: {why}"))
             }
-            Some(JobEvent::Complete(..)) | None => {
+            Some(JobEvent::Complete(..) | JobEvent::Unstarted(..)) | None => {
                 return self.error("the stream ended without a final chunk")
             }
         };
@@ -208,17 +230,15 @@ impl PlainStream {
             self.done = true;
             let usage = c.usage.unwrap_or_default();
             let finish = finish_reason(None, usage, self.max_tokens);
-            out.push(data(&ChatCompletionChunk::finish(
-                &self.id,
-                self.created,
-                &self.model,
-                finish,
-            )));
+            let mut last = ChatCompletionChunk::finish(&self.id, self.created, &self.model, finish);
             if self.include_usage {
-                let mut u = ChatCompletionChunk::usage(&self.id, self.created, &self.model, usage);
-                u.usage_signature = c.usage_signature;
-                out.push(data(&u));
+                out.push(data(&last));
+                last = ChatCompletionChunk::usage(&self.id, self.created, &self.model, usage);
+                last.usage_signature = c.usage_signature;
             }
+            // The refund rides on the last chunk before `[DONE]`.
+            last.refunded_micros = refunded.map(|m| m.0);
+            out.push(data(&last));
             out.push(Ok(done()));
         }
         out

@@ -8,7 +8,7 @@
 
 use axum::http::HeaderMap;
 
-use super::billing::Outcome;
+use super::billing::{Billed, Outcome};
 use super::error::NodeApiError;
 use super::job::{ChunkHead, ChunkStep, JobEvent, Refused};
 use super::state::Grid;
@@ -189,7 +189,7 @@ pub async fn complete(
     };
     grid.end_job(
         job_id,
-        Some(JobEvent::Complete(req, HeaderMap::new())),
+        Some(JobEvent::Complete(req, Billed::default())),
         true,
         outcome,
     )

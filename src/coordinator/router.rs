@@ -115,7 +115,9 @@ pub(crate) fn choose_node(
 }
 
 /// Create a job for a reserved node and offer it; returns its events.
-/// `client_sealed`: the client sealed the input (sealed mode).
+/// `client_sealed`: the client sealed the input (sealed mode). With
+/// `retry`, a failure before any output hands the billing back
+/// ([`JobEvent::Unstarted`]) instead of closing it.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn dispatch(
     grid: &Grid,
@@ -126,6 +128,7 @@ pub(crate) fn dispatch(
     stream: bool,
     billing: JobBilling,
     client_sealed: bool,
+    retry: bool,
 ) -> mpsc::Receiver<JobEvent> {
     let (tx, rx) = mpsc::channel(64);
     let mut job = Job::offered(
@@ -139,6 +142,7 @@ pub(crate) fn dispatch(
         Some(billing),
     );
     job.client_sealed = client_sealed;
+    job.retry = retry;
     let mut inner = grid.lock();
     let pending = job.pending();
     inner.insert_job(job);

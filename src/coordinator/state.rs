@@ -389,6 +389,9 @@ impl Inner {
             } else if job.ghost_from.is_some_and(|from| heartbeat >= from) {
                 ghosts.push(job.id.clone());
             }
+            // Otherwise the job streams but no heartbeat has listed it yet
+            // (this one was built before the node took it): neither lost
+            // nor to be offered again.
         }
         (ghosts, pending)
     }
@@ -746,10 +749,12 @@ impl Grid {
         Some((job, meta))
     }
 
-    /// End a job: bill it, then tell the waiting client. A per-request
-    /// payment that cannot be settled turns the result into a failure (the
-    /// output is withheld). `None` when the job had already ended;
-    /// otherwise whether the client received the event.
+    /// End a job: bill it, then tell the waiting client. A credit hold that
+    /// cannot be settled turns the result into a failure (the output is
+    /// withheld). A job that may be retried and failed before any output
+    /// hands its billing back unclosed ([`JobEvent::Unstarted`]). `None`
+    /// when the job had already ended; otherwise whether the client
+    /// received the event.
     pub async fn end_job(
         &self,
         job_id: &str,
@@ -773,11 +778,43 @@ impl Grid {
             let mut inner = self.lock();
             self.take_job_tallied(&mut inner, job_id, tally)?
         };
+        if let (Outcome::Failed, Some(JobEvent::Failed(why))) = (&outcome, &event) {
+            if job.retry && job.stage().nothing_relayed() {
+                if let Some(billing) = job.billing.take() {
+                    let back = JobEvent::Unstarted(why.clone(), billing);
+                    match job.events.send(back).await {
+                        Ok(()) => return Some(true),
+                        // The client has gone: close the bill here.
+                        Err(mpsc::error::SendError(ev)) => {
+                            if let JobEvent::Unstarted(_, billing) = ev {
+                                job.billing = Some(billing);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // A whole answer whose client has already gone delivered nothing:
+        // bill it as an abort with no tokens (a payment is refunded whole).
+        let outcome = match outcome {
+            Outcome::Completed {
+                usage_signature, ..
+            } if job.events.is_closed() && matches!(event, Some(JobEvent::Complete(..))) => {
+                Outcome::Aborted {
+                    completion_tokens: 0,
+                    usage_signature,
+                }
+            }
+            other => other,
+        };
         let billed = billing::close(self, &meta, job.billing.take(), outcome).await;
         let event = match (billed, event) {
             (Err(why), Some(_)) => Some(JobEvent::Failed(why)),
-            (Ok(headers), Some(JobEvent::Complete(done, _))) => {
-                Some(JobEvent::Complete(done, headers))
+            (Ok(billed), Some(JobEvent::Complete(done, _))) => {
+                Some(JobEvent::Complete(done, billed))
+            }
+            (Ok(billed), Some(JobEvent::Chunk(c))) if c.is_final == Some(true) => {
+                Some(JobEvent::Final(c, billed))
             }
             (_, event) => event,
         };

@@ -460,6 +460,7 @@ async fn json_response(mut rx: Events, cid: String, created: u64, model: String)
                         u64::from(completion_tokens),
                     )),
                     usage_signature: None,
+                    refunded_micros: None,
                 };
                 return Json(resp).into_response();
             }

@@ -2,27 +2,38 @@
 //! plane's jobs take from a quote to a charge.
 //!
 //! 1. **Hold.** [`Payments::open_charge`] gates a request quoted at
-//!    `offer.price`: a presented x402 or MPP payment is verified and
-//!    reserved; an account (API key or X-Auth signature) gets a credit hold
-//!    of the quote, keyed by the job. The result is one [`Charge`] per job,
-//!    which owns that hold or pending payment.
-//! 2. **Settle** ([`Charge::settle`]) when the work produced billable output,
+//!    `offer.price`: a presented x402 or MPP payment is verified, reserved
+//!    and bound to the job (`reference`), and must come from the
+//!    authenticated wallet when the request also carries an account; an
+//!    account (API key or X-Auth signature) alone gets a credit hold of the
+//!    quote, keyed by the job. The result is one [`Charge`] per job, which
+//!    owns that hold or pending payment.
+//! 2. **Prepay** ([`Charge::prepay`], PROTOCOL.md §7f): a pending payment
+//!    is settled with the facilitator now, before any of the work is
+//!    released, and the charge becomes a prepaid one. The grid does this
+//!    for every payment; a caller that skips it settles at the end instead.
+//! 3. **Settle** ([`Charge::settle`]) when the work produced billable output,
 //!    at its metered cost (from the node's signed usage): credits are
 //!    charged the cost, at most the quote, and the rest returns to the
-//!    balance; an `exact` payment is settled with the facilitator for the
-//!    quote, before the result is released.
-//! 3. **Release** ([`Charge::release`]) when the work failed or never
-//!    started: the hold returns whole, the payment's authorization may be
-//!    presented again, nothing is charged.
+//!    balance; a prepaid payment keeps the cost and credits the rest to the
+//!    payer wallet (a `refund` ledger row); a payment not yet settled is
+//!    settled with the facilitator for the quote, before the result is
+//!    released.
+//! 4. **Release** ([`Charge::release`]) when the work failed or never
+//!    started: the hold returns whole, a pending payment's authorization
+//!    may be presented again, a prepaid payment is refunded whole to
+//!    credits; nothing is charged.
 //!
-//! A charge must end in one of the two; one that is dropped instead keeps
-//! its hold or reservation (fail closed: money stays reserved, never
-//! spent twice) and says so in the log; a credit hold left so is released
-//! once its lease lapses (see [`crate::store::credits`]).
+//! A charge must end in settle or release; one that is dropped instead
+//! keeps its hold or reservation (fail closed: money stays reserved, never
+//! spent twice) and says so in the log, except a prepaid one, whose payer
+//! is refunded in full (the money has moved; the work is not delivered).
 //!
 //! A grid job hands its usage row to the charge: a credit charge writes it
 //! in the same transaction that settles or releases the hold, so no hold is
-//! settled without its row, whatever crashes when.
+//! settled without its row, whatever crashes when; a credit hold left by a
+//! dropped charge is released once its lease lapses (see
+//! [`crate::store::credits`]).
 //!
 //! [`Split`] divides what a job was charged among the operator, the
 //! platform, stakers and burn.
@@ -30,10 +41,10 @@
 use axum::http::HeaderMap;
 
 use super::error::PaymentError;
-use super::service::{Payer, Payments, PendingPayment, RequestParts};
+use super::service::{Payer, PaymentMethod, Payments, PendingPayment, RequestParts};
 use super::x402::Offer;
 use crate::money::Micros;
-use crate::store::{CreditBalance, HoldId, UsageRow, WalletId};
+use crate::store::{CreditBalance, HoldId, StoreError, UsageRow, WalletId};
 
 /// What funds a job.
 #[derive(Debug)]
@@ -53,6 +64,16 @@ enum Funding {
         payments: Payments,
         pending: Box<PendingPayment>,
     },
+    /// A payment settled up front ([`Charge::prepay`]): `paid` has moved to
+    /// the payee; what the job does not use goes back to `wallet` as
+    /// credits.
+    Prepaid {
+        payments: Payments,
+        method: PaymentMethod,
+        wallet: WalletId,
+        paid: Micros,
+        transaction: String,
+    },
 }
 
 /// One job's charge in progress: the quote and the hold or pending payment
@@ -61,6 +82,8 @@ enum Funding {
 #[must_use = "a charge must end in settle or release"]
 pub struct Charge {
     quote: Micros,
+    /// The job the charge pays for (ledger references).
+    reference: String,
     funding: Funding,
 }
 
@@ -83,8 +106,11 @@ pub struct Receipt {
     pub transaction: Option<String>,
     /// Headers for the success response (`PAYMENT-RESPONSE`, …).
     pub headers: HeaderMap,
-    /// The wallet's credit position after a credit charge.
+    /// The wallet's credit position after a credit charge or a refund.
     pub balance: Option<CreditBalance>,
+    /// What a prepaid payment credited back to its payer (`None` for other
+    /// charges).
+    pub refunded: Option<Micros>,
     /// The usage row given to [`Charge::settle_recording`], priced at
     /// `charged`, when it is still to be written (it was written with the
     /// settlement otherwise).
@@ -116,10 +142,16 @@ impl Payments {
         let funding = match self.authorize(req, Some(offer)).await {
             Ok(None) => return Err(ChargeRefused::PaymentRequired),
             Err(e) => return Err(ChargeRefused::Refused(e)),
-            Ok(Some(Payer::Payment(p))) => Funding::Payment {
-                payments: self.clone(),
-                pending: Box::new(p),
-            },
+            Ok(Some(Payer::Payment(p))) => {
+                if let Err(e) = self.payment_for_job(req, &p, reference).await {
+                    self.release(p).await;
+                    return Err(ChargeRefused::Refused(e));
+                }
+                Funding::Payment {
+                    payments: self.clone(),
+                    pending: Box::new(p),
+                }
+            }
             Ok(Some(account)) => {
                 let api_key_id = match &account {
                     Payer::ApiKey { key_id, .. } => Some(key_id.clone()),
@@ -138,7 +170,30 @@ impl Payments {
                 }
             }
         };
-        Ok(Charge { quote, funding })
+        Ok(Charge {
+            quote,
+            reference: reference.to_string(),
+            funding,
+        })
+    }
+
+    /// The checks between a verified payment and its job: when the request
+    /// also names an account (X-Auth signature or API key of an EVM
+    /// wallet), the payment must come from that wallet; then the payment is
+    /// bound to the job in the store.
+    async fn payment_for_job(
+        &self,
+        req: &RequestParts<'_>,
+        p: &PendingPayment,
+        job: &str,
+    ) -> Result<(), PaymentError> {
+        if let Some(account) = self.authenticate(req).await? {
+            let w = account.wallet();
+            if w.as_str().starts_with("0x") && *w != p.wallet {
+                return Err(PaymentError::PayerMismatch);
+            }
+        }
+        self.bind_to_job(p, job).await
     }
 }
 
@@ -147,6 +202,7 @@ impl Charge {
     pub fn free(quote: Micros) -> Charge {
         Charge {
             quote,
+            reference: String::new(),
             funding: Funding::Free,
         }
     }
@@ -162,7 +218,13 @@ impl Charge {
             Funding::Free => "free",
             Funding::Credits { .. } => "credits",
             Funding::Payment { pending, .. } => pending.method.scheme(),
+            Funding::Prepaid { method, .. } => method.scheme(),
         }
+    }
+
+    /// Whether the charge is a payment already settled ([`Charge::prepay`]).
+    pub fn is_prepaid(&self) -> bool {
+        matches!(self.funding, Funding::Prepaid { .. })
     }
 
     /// The wallet that pays, unless the charge is free.
@@ -171,6 +233,7 @@ impl Charge {
             Funding::Free => None,
             Funding::Credits { wallet, .. } => Some(wallet),
             Funding::Payment { pending, .. } => Some(&pending.wallet),
+            Funding::Prepaid { wallet, .. } => Some(wallet),
         }
     }
 
@@ -192,6 +255,41 @@ impl Charge {
 
     fn take(&mut self) -> Funding {
         std::mem::replace(&mut self.funding, Funding::Free)
+    }
+
+    /// The ledger reference of this charge's refund.
+    fn refund_reference(&self) -> String {
+        format!("refund:{}", self.reference)
+    }
+
+    /// Settle a pending payment now, before any of the work is released
+    /// (PROTOCOL.md §7f): afterwards the charge is prepaid, and
+    /// [`Charge::settle`] / [`Charge::release`] credit the unused part back
+    /// to the payer. Returns the headers for the answer (`PAYMENT-RESPONSE`,
+    /// `X-PAYMENT-RESPONSE` or `Payment-Receipt`); nothing for credits or a
+    /// free charge, which are unchanged.
+    ///
+    /// On `Err` the payment was not settled and its reservation is given
+    /// back: the charge is spent (free) and the work must not run.
+    pub async fn prepay(&mut self) -> Result<HeaderMap, PaymentError> {
+        match self.take() {
+            Funding::Payment { payments, pending } => {
+                let (method, wallet) = (pending.method, pending.wallet.clone());
+                let s = payments.settle(*pending, None).await?;
+                self.funding = Funding::Prepaid {
+                    payments,
+                    method,
+                    wallet,
+                    paid: s.amount,
+                    transaction: s.transaction,
+                };
+                Ok(s.headers)
+            }
+            other => {
+                self.funding = other;
+                Ok(HeaderMap::new())
+            }
+        }
     }
 
     /// The work produced billable output costing `cost`: charge credits at
@@ -219,6 +317,7 @@ impl Charge {
                 headers: HeaderMap::new(),
                 balance: None,
                 unrecorded: usage.map(|u| priced(u, Micros::ZERO)),
+                refunded: None,
             }),
             Funding::Credits { payments, hold, .. } => {
                 let charged = cost.min(self.quote);
@@ -237,6 +336,7 @@ impl Charge {
                     headers: HeaderMap::new(),
                     balance: Some(balance),
                     unrecorded: None,
+                    refunded: None,
                 })
             }
             Funding::Payment { payments, pending } => {
@@ -247,6 +347,28 @@ impl Charge {
                     headers: s.headers,
                     balance: None,
                     unrecorded: usage.map(|u| priced(u, s.amount)),
+                    refunded: None,
+                })
+            }
+            Funding::Prepaid {
+                payments,
+                wallet,
+                paid,
+                transaction,
+                ..
+            } => {
+                let charged = cost.min(self.quote).min(paid);
+                // `charged <= paid`, so this cannot underflow.
+                let refund = Micros(paid.0 - charged.0);
+                let balance =
+                    refund_to(&payments, &wallet, refund, &self.refund_reference()).await?;
+                Ok(Receipt {
+                    charged,
+                    transaction: Some(transaction),
+                    headers: HeaderMap::new(),
+                    balance,
+                    refunded: Some(refund),
+                    unrecorded: usage.map(|u| priced(u, charged)),
                 })
             }
         }
@@ -284,21 +406,86 @@ impl Charge {
                 payments.release(*pending).await;
                 usage
             }
+            Funding::Prepaid {
+                payments,
+                wallet,
+                paid,
+                ..
+            } => {
+                refund_whole(&payments, &wallet, paid, &self.refund_reference()).await;
+                usage
+            }
         }
+    }
+}
+
+/// Refund a prepaid payment whole, logging a failure for an operator.
+async fn refund_whole(payments: &Payments, wallet: &WalletId, paid: Micros, reference: &str) {
+    if let Err(e) = refund_to(payments, wallet, paid, reference).await {
+        tracing::error!(error = %e, wallet = %wallet, refund = paid.0, %reference,
+            "could not refund a prepaid payment; credit it by hand");
+    }
+}
+
+/// Credit `amount` back to `wallet` under `reference`; nothing (no ledger
+/// row) when it is zero. A reference already refunded is not credited
+/// again and reads as done.
+async fn refund_to(
+    payments: &Payments,
+    wallet: &WalletId,
+    amount: Micros,
+    reference: &str,
+) -> Result<Option<CreditBalance>, PaymentError> {
+    if amount == Micros::ZERO {
+        return Ok(None);
+    }
+    match payments.refund_credits(wallet, amount, reference).await {
+        Ok(b) => Ok(Some(b)),
+        Err(PaymentError::Store(StoreError::DuplicateReference)) => {
+            tracing::warn!(%reference, "refund already credited");
+            Ok(None)
+        }
+        Err(e) => Err(e),
     }
 }
 
 impl Drop for Charge {
     fn drop(&mut self) {
-        match &self.funding {
-            Funding::Free => {}
-            Funding::Credits { hold, .. } => tracing::error!(
-                hold = %hold.0,
-                "a charge was dropped unsettled; its credit hold stays until its lease lapses"
-            ),
-            Funding::Payment { .. } => tracing::error!(
-                "a charge was dropped unsettled; its payment stays reserved and is never settled"
-            ),
+        if !self.is_prepaid() {
+            match &self.funding {
+                Funding::Free | Funding::Prepaid { .. } => {}
+                Funding::Credits { hold, .. } => tracing::error!(
+                    hold = %hold.0,
+                    "a charge was dropped unsettled; its credit hold stays until its lease lapses"
+                ),
+                Funding::Payment { .. } => tracing::error!(
+                    "a charge was dropped unsettled; its payment stays reserved and is never settled"
+                ),
+            }
+            return;
+        }
+        if let Funding::Prepaid {
+            payments,
+            wallet,
+            paid,
+            ..
+        } = self.take()
+        {
+            // The payer has paid and the work was never delivered (a request
+            // abandoned between settlement and dispatch, say): refund it
+            // whole, off the dropping thread. The task holds plain values,
+            // not a charge, so dropping it unrun cannot come back here.
+            let reference = self.refund_reference();
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    tracing::warn!(%reference, "a prepaid charge was dropped; refunding it whole");
+                    rt.spawn(async move {
+                        refund_whole(&payments, &wallet, paid, &reference).await;
+                    });
+                }
+                Err(_) => tracing::error!(%reference, wallet = %wallet, refund = paid.0,
+                    "a prepaid charge was dropped outside a runtime; credit it by hand"),
+            }
         }
     }
 }

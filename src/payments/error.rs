@@ -61,6 +61,8 @@ pub enum PaymentError {
     ApiKeyConflict,
     #[error("insufficient credits: balance {balance}, needed {needed}")]
     InsufficientCredits { balance: Micros, needed: Micros },
+    #[error("the payment comes from another wallet than the authenticated one")]
+    PayerMismatch,
     #[error("bad request: {0}")]
     BadRequest(&'static str),
     #[error("not found")]
@@ -113,6 +115,7 @@ impl PaymentError {
             PaymentError::ApiKeyInvalid => "invalid_api_key",
             PaymentError::ApiKeyConflict => "conflicting_api_keys",
             PaymentError::InsufficientCredits { .. } => "insufficient_credits",
+            PaymentError::PayerMismatch => "payer_mismatch",
             PaymentError::BadRequest(_) => "invalid_request",
             PaymentError::NotFound => "not_found",
             PaymentError::Store(_) => "internal_error",

@@ -71,10 +71,14 @@ pub fn challenge(payments: &Payments, offer: &Offer, reason: &str) -> Response {
 /// 500/502 (details go to the log only).
 pub fn refusal(payments: &Payments, err: &PaymentError, offer: Option<&Offer>) -> Response {
     match err {
-        PaymentError::InsufficientCredits { .. } => {
+        PaymentError::InsufficientCredits { balance, needed } => {
+            // The shortfall is `needed - balance`: both are given, in USD
+            // (as `/compute/credits/balance` gives amounts) and in µUSD.
             let mut body = json!({"error": {
                 "message": "insufficient credits", "type": "payment_required",
-                "code": "insufficient_credits"}});
+                "code": "insufficient_credits",
+                "balance": balance.to_usd_string(), "needed": needed.to_usd_string(),
+                "balance_micros": balance.0, "needed_micros": needed.0}});
             if let Some(offer) = offer {
                 let v1 = payments.challenge_body(offer, "insufficient_credits");
                 body["x402Version"] = json!(1);
@@ -87,6 +91,12 @@ pub fn refusal(payments: &Payments, err: &PaymentError, offer: Option<&Offer>) -
             }
             resp
         }
+        PaymentError::PayerMismatch => error_response(
+            StatusCode::FORBIDDEN,
+            "authentication_error",
+            err.code(),
+            "the payment must come from the authenticated wallet",
+        ),
         e if e.is_mpp() || (e.is_payment_refusal() && offer.is_some()) => {
             let Some(offer) = offer else {
                 return error_response(

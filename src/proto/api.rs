@@ -102,6 +102,10 @@ pub struct SealedChatResponse {
     pub result_envelope_version: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage_signature: Option<String>,
+    /// sgl extension §7f: what a per-request payment (x402, MPP) credited
+    /// back to the payer's credits, quote − cost, in µUSD.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refunded_micros: Option<u64>,
 }
 
 /// One sealed SSE event of a sealed stream (§5.3.2).
@@ -120,6 +124,10 @@ pub struct SealedSseChunk {
     pub usage: Option<Usage>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage_signature: Option<String>,
+    /// sgl extension §7f, on the final chunk: what a per-request payment (x402, MPP) credited
+    /// back to the payer's credits, quote − cost, in µUSD.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refunded_micros: Option<u64>,
 }
 
 /// The plaintext of a sealed non-stream reply (§3.5), compact JSON.
@@ -718,6 +726,7 @@ mod tests {
             sigv: "v1".into(),
             usage: None,
             usage_signature: None,
+            refunded_micros: None,
         };
         assert_eq!(
             serde_json::to_string(&c).unwrap(),

@@ -206,6 +206,10 @@ pub struct ChatCompletionResponse {
     /// sgl extension §7d, plain mode.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage_signature: Option<String>,
+    /// sgl extension §7f: what a per-request payment (x402, MPP) credited
+    /// back to the payer's credits, quote − cost, in µUSD.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refunded_micros: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -234,6 +238,10 @@ pub struct ChatCompletionChunk {
     pub usage: Option<Usage>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage_signature: Option<String>,
+    /// sgl extension §7f, on the last chunk before `[DONE]`: what a per-request payment (x402, MPP) credited
+    /// back to the payer's credits, quote − cost, in µUSD.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refunded_micros: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -261,6 +269,7 @@ impl ChatCompletionChunk {
             choices,
             usage: None,
             usage_signature: None,
+            refunded_micros: None,
         }
     }
 

@@ -52,7 +52,8 @@ impl From<BalanceRow> for CreditBalance {
 pub struct LedgerEntry {
     pub id: i64,
     pub wallet: WalletId,
-    /// `topup`, `debit`, `hold`, `settle` or `release`.
+    /// `topup`, `debit`, `hold`, `settle`, `release` or `refund` (the unused
+    /// part of a job's per-request payment, [`Store::refund`]).
     pub kind: String,
     pub amount: Micros,
     pub balance_after: Micros,

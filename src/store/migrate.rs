@@ -36,6 +36,11 @@ const SQLITE: &[(i64, &str, &str)] = &[
         "compute",
         include_str!("../../migrations/sqlite/0005_compute.sql"),
     ),
+    (
+        6,
+        "job payments",
+        include_str!("../../migrations/sqlite/0006_job_payments.sql"),
+    ),
 ];
 const POSTGRES: &[(i64, &str, &str)] = &[
     (
@@ -62,6 +67,11 @@ const POSTGRES: &[(i64, &str, &str)] = &[
         5,
         "compute",
         include_str!("../../migrations/postgres/0005_compute.sql"),
+    ),
+    (
+        6,
+        "job payments",
+        include_str!("../../migrations/postgres/0006_job_payments.sql"),
     ),
 ];
 

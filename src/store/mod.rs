@@ -42,6 +42,7 @@ pub mod credits;
 pub mod compute;
 pub mod grid;
 mod grid_state;
+pub mod job_payments;
 mod migrate;
 pub mod payments;
 pub mod payouts;
@@ -51,6 +52,7 @@ pub use api_keys::ApiKeyRecord;
 pub use compute::{ComputeAudit, ComputeOrder, NewComputeOrder};
 pub use credits::{CreditBalance, HoldId, LedgerEntry};
 pub use grid::UsageRow;
+pub use job_payments::JobPayment;
 pub use payments::{PaymentNonceKey, PendingPayment};
 pub use payouts::{EarningsRow, MarkPaidRefused, PayoutBatch, PayoutLine};
 

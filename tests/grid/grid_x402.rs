@@ -3,7 +3,8 @@
 //! the prompt bound and max_tokens; an x402 v2 payment for that challenge
 //! runs the job, is settled through the facilitator before the answer is
 //! released, and is recorded in the ledger; the same payment twice is
-//! refused. The node is the real agent with the echo load-test engine; the
+//! refused; what the job did not use is credited back to the payer. The
+//! node is the real agent with the echo load-test engine; the
 //! facilitator is the loopback stand-in.
 #![cfg(feature = "coordinator")]
 
@@ -111,7 +112,12 @@ async fn x402_pays_a_grid_chat_once() {
     let row = t.store.usage_for_job(&job_id).await.unwrap().unwrap();
     assert_eq!(row.method, "x402-v2");
     assert_eq!(row.status, "completed");
-    assert_eq!(row.cost.0, amount, "the price actually paid is recorded");
+    // The quote was settled; the job's cost (4 prompt tokens as the echo
+    // engine counts them, 3 completion tokens) is kept and the rest
+    // credited back to the payer (PROTOCOL.md §7f).
+    let cost = (4 * 5_000_000u64 + 3 * 10_000_000).div_ceil(1_000_000);
+    assert_eq!((row.quoted.0, row.cost.0), (amount, cost));
+    assert_eq!(answer["refunded_micros"], amount - cost);
     assert_eq!(
         row.payer_wallet.as_deref(),
         Some("0xf39fd6e51aad88f6f4ce6ab8827279cfffb92266")

@@ -17,6 +17,7 @@ mod grid_edges;
 mod grid_faults;
 mod grid_node_kill;
 mod grid_payouts;
+mod grid_prepaid;
 mod grid_prices;
 mod grid_restart_state;
 mod grid_served_payments;

@@ -34,4 +34,15 @@ impl Payments {
     pub async fn release_credits(&self, hold: &HoldId) -> Result<CreditBalance, PaymentError> {
         Ok(self.inner.store.release_hold(hold).await?)
     }
+
+    /// Credit back the unused part of a job's per-request payment, once per
+    /// `reference` (a repeat is refused, never credited twice).
+    pub async fn refund_credits(
+        &self,
+        wallet: &WalletId,
+        amount: Micros,
+        reference: &str,
+    ) -> Result<CreditBalance, PaymentError> {
+        Ok(self.inner.store.refund(wallet, amount, reference).await?)
+    }
 }

@@ -342,6 +342,23 @@ impl Payments {
         })
     }
 
+    /// Bind a reserved payment to the one job it pays for (its nonce, and
+    /// an MPP credential's challenge id), before the job is dispatched or
+    /// the payment settled. Refused when the reservation already names a
+    /// job: one payment pays for at most one job.
+    pub async fn bind_to_job(&self, p: &PendingPayment, job_id: &str) -> Result<(), PaymentError> {
+        let store = &self.inner.store;
+        if !store.bind_payment_nonce(&p.key, job_id).await? {
+            return Err(PaymentError::NonceUsed);
+        }
+        if let Some(id) = &p.mpp_challenge {
+            if !store.bind_mpp_challenge(id, job_id).await? {
+                return Err(PaymentError::MppChallengeUsed);
+            }
+        }
+        Ok(())
+    }
+
     /// Give back a reserved payment that will not be settled (the work
     /// failed, or the facilitator refused): the authorization and the MPP
     /// challenge may be presented again, and nothing is charged.

@@ -8,7 +8,7 @@
 //! bearer token, or a Coinbase CDP API key's per-request JWT, checked as CDP
 //! checks it (signature, `iss`, `sub`, `kid`, `nonce`, `uri`, time window).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -46,6 +46,8 @@ pub struct FacilitatorState {
     pub crash_settle: AtomicBool,
     pub verify_calls: AtomicUsize,
     pub settle_calls: AtomicUsize,
+    /// Settle calls per authorization (asset:from:nonce), refused or not.
+    pub settle_attempts: Mutex<HashMap<String, usize>>,
     settled: Mutex<HashSet<String>>,
     /// Credentials every request must carry; None: none asked.
     pub auth: Mutex<Option<ExpectedAuth>>,
@@ -65,6 +67,7 @@ impl Default for FacilitatorState {
             verify_calls: AtomicUsize::default(),
             settle_calls: AtomicUsize::default(),
             settled: Mutex::default(),
+            settle_attempts: Mutex::default(),
             auth: Mutex::default(),
             auth_accepted: AtomicUsize::default(),
             auth_refused: AtomicUsize::default(),
@@ -263,14 +266,6 @@ async fn settle(
     let auth = authorization(&body).cloned().unwrap_or_default();
     let network = body["paymentRequirements"]["network"].clone();
     let payer = auth["from"].clone();
-    if s.refuse_settle.load(Ordering::SeqCst) {
-        return (
-            StatusCode::OK,
-            Json(
-                json!({"success": false, "errorReason": "unexpected_settle_error", "transaction": "", "network": network, "payer": payer}),
-            ),
-        );
-    }
     let asset = body["paymentRequirements"]["asset"]
         .as_str()
         .unwrap_or("")
@@ -280,6 +275,19 @@ async fn settle(
         auth["from"].as_str().unwrap_or("").to_lowercase(),
         auth["nonce"].as_str().unwrap_or("").to_lowercase()
     );
+    *s.settle_attempts
+        .lock()
+        .unwrap()
+        .entry(key.clone())
+        .or_default() += 1;
+    if s.refuse_settle.load(Ordering::SeqCst) {
+        return (
+            StatusCode::OK,
+            Json(
+                json!({"success": false, "errorReason": "unexpected_settle_error", "transaction": "", "network": network, "payer": payer}),
+            ),
+        );
+    }
     if !s.settled.lock().unwrap().insert(key.clone()) {
         // The token contract refuses a used authorization.
         return (
