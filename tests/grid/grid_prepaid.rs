@@ -59,9 +59,10 @@ fn at_price(prompt_tokens: u64, completion_tokens: u64) -> u64 {
 }
 
 /// The coordinator's prompt bound of a plain request with one user message
-/// (§5.10): role bytes + content bytes + 16.
+/// (§5.10, §7f): role bytes + content bytes + 16, plus 256 for the chat
+/// template.
 fn prompt_bound(text: &str) -> u64 {
-    ("user".len() + text.len()) as u64 + 16
+    ("user".len() + text.len()) as u64 + 16 + 256
 }
 
 /// The prompt tokens the test engine reports for one user message: its
