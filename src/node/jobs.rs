@@ -603,11 +603,12 @@ mod tests {
         let (mut j, _) = sealed_job(&n, json!({"prompt": "x", "max_tokens": 8192}), None);
         j.input_payload["max_tokens_cap"] = json!(3);
         assert_eq!(parse_job(&n, &j, true).unwrap().max_tokens, 3);
-        // A cap above the sealed budget changes nothing; a malformed one is ignored.
+        // A cap above the sealed budget changes nothing; a malformed one is
+        // refused (fail closed: the coordinator always sends an integer).
         j.input_payload["max_tokens_cap"] = json!(100_000);
         assert_eq!(parse_job(&n, &j, true).unwrap().max_tokens, 8192);
         j.input_payload["max_tokens_cap"] = json!("many");
-        assert_eq!(parse_job(&n, &j, true).unwrap().max_tokens, 8192);
+        assert!(parse_job(&n, &j, true).is_err());
         let p = job(json!({"prompt": "x", "max_tokens": 50, "max_tokens_cap": 7}));
         assert_eq!(parse_job(&n, &p, true).unwrap().max_tokens, 7);
     }

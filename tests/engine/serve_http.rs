@@ -190,8 +190,8 @@ async fn completions_errors_health_and_metrics() {
         .await
         .unwrap();
     expect_error(r, 400).await;
-    // An oversized body: 400, on its own connection (the server stops
-    // reading it and closes that connection).
+    // An oversized body: 413 with a JSON error, on its own connection (the
+    // server stops reading it and closes that connection).
     let huge = "x".repeat(5 << 20);
     let r = reqwest::Client::new()
         .post(format!("{base}/v1/chat/completions"))
@@ -199,7 +199,7 @@ async fn completions_errors_health_and_metrics() {
         .send()
         .await
         .unwrap();
-    expect_error(r, 400).await;
+    expect_error(r, 413).await;
 
     // Eight concurrent streams all complete, each with its own greedy text.
     let prompts: Vec<String> = (0..8)

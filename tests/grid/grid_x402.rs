@@ -78,9 +78,10 @@ async fn x402_pays_a_grid_chat_once() {
         .unwrap()
         .parse()
         .unwrap();
-    // Prompt bound: role + content bytes + 16 = 4 + 15 + 16 = 35 tokens at
-    // 5 USD/1M, plus 20 completion tokens at 10 USD/1M.
-    let expected_quote = (35 * 5_000_000u64 + 20 * 10_000_000).div_ceil(1_000_000);
+    // Prompt bound: role + content bytes + 16 = 4 + 15 + 16 = 35, plus 256
+    // for the chat template (§7f) = 291 tokens at 5 USD/1M, plus 20
+    // completion tokens at 10 USD/1M.
+    let expected_quote = ((35 + 256) * 5_000_000u64 + 20 * 10_000_000).div_ceil(1_000_000);
     assert_eq!(amount, expected_quote);
     assert_eq!(v2["resource"]["url"], url.as_str());
     let v1: Value = r.json().await.unwrap();
