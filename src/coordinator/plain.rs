@@ -78,18 +78,31 @@ fn prompt_bound(req: &ChatCompletionRequest) -> u64 {
         .saturating_add(super::pricing::TEMPLATE_TOKENS)
 }
 
+/// A node's slot, held from the choice of the node until its job is
+/// dispatched, so that concurrent requests spread over the nodes while
+/// their payments settle.
+struct SlotHold {
+    grid: Grid,
+    node_id: NodeId,
+}
+
+impl Drop for SlotHold {
+    fn drop(&mut self) {
+        self.grid.lock().release_slot(&self.node_id);
+    }
+}
+
 /// The node chosen for a request.
 struct Target {
     node_id: NodeId,
     x25519: X25519Public,
     streams: bool,
     price: TokenPrice,
+    hold: SlotHold,
 }
 
-/// Choose a node for the request (not `exclude`). Nothing holds its slot
-/// while the payment settles (reservations take none, §7f): a node that
-/// has filled up meanwhile refuses the job before any output, and the same
-/// paid job is tried on another node.
+/// Choose a node for the request (not `exclude`) and hold its slot until
+/// the job is dispatched.
 fn pick(
     grid: &Grid,
     req: &ChatCompletionRequest,
@@ -110,7 +123,7 @@ fn pick(
             .map(String::from),
         ..Default::default()
     };
-    let inner = grid.lock();
+    let mut inner = grid.lock();
     let node_id = choose_node(grid, &inner, &route, &req.model, exclude)?;
     let node = inner
         .node(&node_id)
@@ -120,11 +133,16 @@ fn pick(
         .ok_or_else(|| ClientError::internal("chosen node has no key"))?;
     let streams = node.capabilities.streaming;
     let price = grid.effective_price(node, &req.model);
+    inner.hold_slot(node_id);
     Ok(Target {
         node_id,
         x25519,
         streams,
         price,
+        hold: SlotHold {
+            grid: grid.clone(),
+            node_id,
+        },
     })
 }
 
@@ -167,6 +185,8 @@ async fn send(
             return Err(e);
         }
     };
+    // The job takes the slot the hold kept.
+    drop(target.hold);
     let mut rx = dispatch(
         grid,
         job_id,

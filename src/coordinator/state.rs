@@ -225,6 +225,10 @@ pub struct Inner {
     used_codes: Vec<String>,
     /// The generation of the last node WebSocket accepted.
     socket_generation: u64,
+    /// Slots held per node by plain requests whose payment is settling:
+    /// the node is chosen first, and its slot must not be handed to
+    /// another request before the paid job is dispatched.
+    settling: HashMap<NodeId, u32>,
 }
 
 impl Inner {
@@ -311,7 +315,25 @@ impl Inner {
     /// a slot is taken when the chat call claims one.
     pub fn load(&self, node_id: &NodeId) -> u32 {
         let jobs = self.jobs.values().filter(|j| &j.node_id == node_id).count();
-        u32::try_from(jobs).unwrap_or(u32::MAX)
+        let settling = self.settling.get(node_id).copied().unwrap_or(0);
+        u32::try_from(jobs)
+            .unwrap_or(u32::MAX)
+            .saturating_add(settling)
+    }
+
+    /// Hold a slot of `node_id` while a request's payment settles.
+    pub fn hold_slot(&mut self, node_id: NodeId) {
+        *self.settling.entry(node_id).or_default() += 1;
+    }
+
+    /// Give back a slot held by [`Inner::hold_slot`].
+    pub fn release_slot(&mut self, node_id: &NodeId) {
+        if let Some(n) = self.settling.get_mut(node_id) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.settling.remove(node_id);
+            }
+        }
     }
 
     /// A new WebSocket of a node becomes the one jobs are pushed to; returns
