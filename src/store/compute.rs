@@ -647,34 +647,8 @@ impl Store {
             if o.state != "active" {
                 return Ok(None);
             }
-            let mut b = lock_wallet!(tx, lock, wallet);
-            b.balance = b
-                .balance
-                .checked_sub(amt)
-                .ok_or(StoreError::InsufficientCredits {
-                    balance: b.balance,
-                    needed: amt,
-                })?;
-            b.total_spent = checked_add(b.total_spent, amt)?;
-            sqlx::query(
-                "UPDATE wallets SET balance = $1, total_spent = $2, updated_at = $3 WHERE wallet = $4",
-            )
-            .bind(b.balance)
-            .bind(b.total_spent)
-            .bind(now)
-            .bind(wallet.as_str())
-            .execute(&mut *tx)
-            .await?;
             let reference = format!("compute-extend:{id}");
-            ledger_insert!(
-                tx,
-                wallet,
-                "debit",
-                amt,
-                b.balance,
-                Some(reference.as_str()),
-                now
-            );
+            debit_in_tx!(tx, lock, wallet, amt, reference.as_str(), now);
             extend_in_tx!(tx, &o, hours, amt, None, actor, now);
             true
         });

@@ -97,6 +97,43 @@ macro_rules! lock_wallet {
     }};
 }
 
+/// The body of a debit inside `$tx`: spends `$amt` from the wallet's
+/// balance (refused when it is short) and writes the ledger row; evaluates
+/// to the new position. Shared by credit spending and the Machines API,
+/// which debits in the same transaction as its order's change.
+macro_rules! debit_in_tx {
+    ($tx:ident, $lock:ident, $wallet:expr, $amt:expr, $reference:expr, $now:expr) => {{
+        let mut b = lock_wallet!($tx, $lock, $wallet);
+        b.balance = b
+            .balance
+            .checked_sub($amt)
+            .ok_or(StoreError::InsufficientCredits {
+                balance: b.balance,
+                needed: $amt,
+            })?;
+        b.total_spent = checked_add(b.total_spent, $amt)?;
+        sqlx::query(
+            "UPDATE wallets SET balance = $1, total_spent = $2, updated_at = $3 WHERE wallet = $4",
+        )
+        .bind(b.balance)
+        .bind(b.total_spent)
+        .bind($now)
+        .bind($wallet.as_str())
+        .execute(&mut *$tx)
+        .await?;
+        ledger_insert!(
+            $tx,
+            $wallet,
+            "debit",
+            $amt,
+            b.balance,
+            Some($reference),
+            $now
+        );
+        b
+    }};
+}
+
 /// The body of a top-up inside `$tx`: creates the wallet row if needed,
 /// adds `$amt`, writes the ledger row; evaluates to the new position.
 macro_rules! top_up_in_tx {
@@ -172,26 +209,7 @@ impl Store {
         let amt = storable(amount)?;
         let now = self.now_ms();
         let b = write_tx!(self, |tx, lock| {
-            let mut b = lock_wallet!(tx, lock, wallet);
-            b.balance = b
-                .balance
-                .checked_sub(amt)
-                .ok_or(StoreError::InsufficientCredits {
-                    balance: b.balance,
-                    needed: amount,
-                })?;
-            b.total_spent = checked_add(b.total_spent, amt)?;
-            sqlx::query(
-                "UPDATE wallets SET balance = $1, total_spent = $2, updated_at = $3 WHERE wallet = $4",
-            )
-            .bind(b.balance)
-            .bind(b.total_spent)
-            .bind(now)
-            .bind(wallet.as_str())
-            .execute(&mut *tx)
-            .await?;
-            ledger_insert!(tx, wallet, "debit", amt, b.balance, Some(reference), now);
-            b
+            debit_in_tx!(tx, lock, wallet, amt, reference, now)
         });
         Ok(b)
     }
