@@ -98,16 +98,45 @@ async fn instances(base: &str, key: &str) -> Vec<Value> {
     l["instances"].as_array().unwrap().clone()
 }
 
+/// Both stand-ins, a `--dev` coordinator on them, and an API key of a
+/// wallet holding $1 of credits.
+struct Credited {
+    vultr: StandIn,
+    dig: StandIn,
+    key: String,
+    port: u16,
+    base: String,
+    c: Proc,
+}
+
+async fn credited(db: &str, wallet: &str) -> Credited {
+    let (vultr, dig) = start_both().await;
+    let key = funded_api_key(db, wallet, "1");
+    let port = free_port();
+    let c = coordinator(db, port, &vultr, &dig, &["--dev"]);
+    Credited {
+        vultr,
+        dig,
+        key,
+        port,
+        base: format!("http://127.0.0.1:{port}"),
+        c,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_between_order_and_provider_answer_reconciles_to_one_state() {
     let dir = tempfile::tempdir().unwrap();
     for db in cli_databases("machines_kill", dir.path()) {
-        let (vultr, dig) = start_both().await;
         let wallet = "0x3000000000000000000000000000000000000003";
-        let key = funded_api_key(&db.url, wallet, "1");
-        let port = free_port();
-        let base = format!("http://127.0.0.1:{port}");
-        let mut c = coordinator(&db.url, port, &vultr, &dig, &["--dev"]);
+        let Credited {
+            vultr,
+            dig,
+            key,
+            port,
+            base,
+            mut c,
+        } = credited(&db.url, wallet).await;
 
         // The stand-in creates the machine, then never answers; SIGKILL
         // between the written order and the provider's answer.
@@ -195,12 +224,15 @@ async fn orders_of(base: &str, db: &str, wallet: &str) -> Vec<Value> {
 async fn killed_before_the_provider_saw_the_order_reconciles_to_no_charge() {
     let dir = tempfile::tempdir().unwrap();
     for db in cli_databases("machines_kill_early", dir.path()) {
-        let (vultr, dig) = start_both().await;
         let wallet = "0x3000000000000000000000000000000000000004";
-        let key = funded_api_key(&db.url, wallet, "1");
-        let port = free_port();
-        let base = format!("http://127.0.0.1:{port}");
-        let mut c = coordinator(&db.url, port, &vultr, &dig, &["--dev"]);
+        let Credited {
+            vultr,
+            dig,
+            key,
+            port,
+            base,
+            mut c,
+        } = credited(&db.url, wallet).await;
 
         // The create request arrives, but the provider never books the
         // machine nor answers (lost on the way, from the provider's side).
