@@ -100,6 +100,10 @@ pub async fn machines_router(
     let api = |url: &str, tok: String| {
         let mut c = ApiConfig::new(url, tok);
         c.backoff = Duration::from_millis(args.compute_retry_backoff_ms);
+        // Provider actions (a DigitalOcean power-off or resize) are polled
+        // like a machine being created.
+        c.action_poll = Duration::from_millis(args.compute_poll_interval_ms);
+        c.action_attempts = args.compute_poll_attempts.max(1);
         c
     };
     let mut providers: Vec<Arc<dyn Provider>> = Vec::new();

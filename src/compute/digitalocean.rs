@@ -7,17 +7,20 @@
 //! "message": "…"}`. `POST /droplets` answers 202 with the droplet `new`
 //! and no networks; `GET /droplets/{id}` reports `active` and the public
 //! IPv4 in `networks.v4`. A resize is a droplet action (`{"type":
-//! "resize", "size": …, "disk": bool}`); growing the disk is irreversible.
+//! "resize", "size": …, "disk": bool}`) on a powered-off droplet, so it is
+//! run as `power_off`, `resize`, `power_on`, each polled until `completed`
+//! (`GET /droplets/{id}/actions/{action_id}`); growing the disk is
+//! irreversible.
 //! The API exposes no root password: DigitalOcean machines need an SSH key.
 
 use reqwest::Method;
 use serde_json::{json, Value};
 
 use super::provider::{
-    as_string, as_u64, usd_number_to_micros, Api, ApiConfig, BoxFuture, CreateSpec, Provider,
-    ProviderInstance, ProviderKind, ProviderOs, ProviderPlan, ProviderRegion, Result,
+    as_string, as_u64, enc, tagged, usd_number_to_micros, Api, ApiConfig, BoxFuture, CreateSpec,
+    Provider, ProviderError, ProviderInstance, ProviderKind, ProviderOs, ProviderPlan,
+    ProviderRegion, Result,
 };
-use super::vultr::enc;
 
 pub const DEFAULT_BASE_URL: &str = "https://api.digitalocean.com/v2";
 const MAX_PAGES: usize = 100;
@@ -85,6 +88,44 @@ impl DigitalOcean {
             }
         }
         Err(self.api.decode_err("too many pages"))
+    }
+
+    /// Start a droplet action and wait until DigitalOcean reports it
+    /// `completed` (polling `GET /droplets/{id}/actions/{action_id}`); an
+    /// `errored` action, or one still running after the configured polls,
+    /// is an error.
+    async fn act(&self, id: &str, body: &Value) -> Result<()> {
+        let kind = as_string(&body["type"]);
+        let path = format!("/droplets/{}/actions", enc(id));
+        let mut action = self.api.call(Method::POST, &path, &[], Some(body)).await?;
+        let action_id = as_u64(&action["action"]["id"])
+            .ok_or_else(|| self.api.decode_err("action without id"))?;
+        let cfg = self.api.config();
+        for attempt in 0..cfg.action_attempts.max(1) {
+            if attempt > 0 {
+                tokio::time::sleep(cfg.action_poll).await;
+                action = self
+                    .api
+                    .call(Method::GET, &format!("{path}/{action_id}"), &[], None)
+                    .await?;
+            }
+            match action["action"]["status"].as_str() {
+                Some("completed") => return Ok(()),
+                Some("errored") => {
+                    return Err(ProviderError::Api {
+                        provider: self.api.name(),
+                        status: 500,
+                        message: format!("the {kind} action errored"),
+                    })
+                }
+                _ => {}
+            }
+        }
+        Err(ProviderError::Api {
+            provider: self.api.name(),
+            status: 504,
+            message: format!("the {kind} action did not complete in time"),
+        })
     }
 
     fn droplet(&self, v: &Value) -> Result<ProviderInstance> {
@@ -251,30 +292,12 @@ impl Provider for DigitalOcean {
             let items = self
                 .list("/droplets", "droplets", &[("tag_name", tag.to_owned())])
                 .await?;
-            items
-                .iter()
-                .find(|d| {
-                    d.get("tags")
-                        .and_then(Value::as_array)
-                        .is_some_and(|t| t.iter().any(|t| t.as_str() == Some(tag)))
-                })
-                .map(|d| self.droplet(d))
-                .transpose()
+            tagged(&items, tag).map(|d| self.droplet(d)).transpose()
         })
     }
 
     fn delete<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<()>> {
-        Box::pin(async move {
-            match self
-                .api
-                .call(Method::DELETE, &format!("/droplets/{}", enc(id)), &[], None)
-                .await
-            {
-                Ok(_) => Ok(()),
-                Err(e) if e.is_not_found() => Ok(()),
-                Err(e) => Err(e),
-            }
-        })
+        Box::pin(async move { self.api.delete(&format!("/droplets/{}", enc(id))).await })
     }
 
     fn resize<'a>(
@@ -284,16 +307,23 @@ impl Provider for DigitalOcean {
         grow_disk: bool,
     ) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
-            let body = json!({"type": "resize", "size": plan, "disk": grow_disk});
-            self.api
-                .call(
-                    Method::POST,
-                    &format!("/droplets/{}/actions", enc(id)),
-                    &[],
-                    Some(&body),
+            // DigitalOcean resizes only a powered-off droplet (a running
+            // one is refused with 422): power off, resize, power on, each
+            // action awaited until it completed.
+            let droplet = self.get(id).await?;
+            if droplet.status != "off" {
+                self.act(id, &json!({"type": "power_off"})).await?;
+            }
+            let resized = self
+                .act(
+                    id,
+                    &json!({"type": "resize", "size": plan, "disk": grow_disk}),
                 )
-                .await
-                .map(|_| ())
+                .await;
+            // Power on again whatever the resize answered, so a refused
+            // resize does not leave the machine off.
+            let powered = self.act(id, &json!({"type": "power_on"})).await;
+            resized.and(powered)
         })
     }
 }

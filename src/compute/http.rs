@@ -12,7 +12,7 @@
 //! | `GET /compute/instances/{id}` | X-Auth or key | one machine |
 //! | `DELETE /compute/instances/{id}` | X-Auth or key | destroy |
 //! | `POST /compute/instances/{id}/password` | X-Auth or key | the root password, once |
-//! | `POST /compute/instances/{id}/extend` | X-Auth or key, and payment or credits | more prepaid hours |
+//! | `POST /compute/instances/{id}/extend` | X-Auth or key with x402, MPP or credits; or x402 alone from the owner's wallet | more prepaid hours |
 //! | `POST /compute/instances/{id}/resize` | X-Auth or key | another plan, same prepaid value |
 //!
 //! Errors are `{"error": {message, type, code}}` with the HTTP status of
@@ -30,9 +30,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
+use std::sync::Arc;
 
 use super::catalogue::{Plan, Snapshot};
-use super::provider::ProviderKind;
+use super::provider::{Provider, ProviderKind};
 use super::service::{FinishError, Machines, SYSTEM};
 use crate::money::Micros;
 use crate::payments::http::{challenge, error_response, refusal};
@@ -415,17 +416,62 @@ async fn owner_of(m: &Machines, req: &RequestParts<'_>) -> Result<WalletId, Resp
     }
 }
 
-/// The caller's instance `id`; 404 for a missing one and for another
-/// wallet's alike.
-async fn owned(m: &Machines, id: &str, owner: &WalletId) -> Result<ComputeOrder, Response> {
+/// Instance `id`, whoever owns it; 404 when there is none.
+async fn instance(m: &Machines, id: &str) -> Result<ComputeOrder, Response> {
     if id.len() > 64 {
         return Err(not_found());
     }
     match m.store().compute_order(id).await {
-        Ok(Some(o)) if &o.owner == owner => Ok(o),
-        Ok(_) => Err(not_found()),
+        Ok(Some(o)) => Ok(o),
+        Ok(None) => Err(not_found()),
         Err(e) => Err(internal(e)),
     }
+}
+
+/// The caller's instance `id`; 404 for a missing one and for another
+/// wallet's alike.
+async fn owned(m: &Machines, id: &str, owner: &WalletId) -> Result<ComputeOrder, Response> {
+    match instance(m, id).await? {
+        o if &o.owner == owner => Ok(o),
+        _ => Err(not_found()),
+    }
+}
+
+/// A management route's answer: `Err` carries a finished error response,
+/// so that steps can be chained with `?`.
+type Answer = Result<Response, Response>;
+
+/// What every management route starts from: the request body (read within
+/// its limit), the authenticated caller, and the caller's instance.
+struct Managed {
+    owner: WalletId,
+    order: ComputeOrder,
+    body: axum::body::Bytes,
+}
+
+/// Read the body, authenticate the caller (X-Auth over the body, or an
+/// API key) and look up their instance `id` (404 when it is missing or
+/// someone else's).
+async fn managed(
+    m: &Machines,
+    id: &str,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Managed, Response> {
+    let body = read_body(body).await?;
+    let owner = owner_of(m, &parts(method, uri, headers, &body)).await?;
+    let order = owned(m, id, &owner).await?;
+    Ok(Managed { owner, order, body })
+}
+
+/// The configured client of a stored order's provider.
+fn provider_for(m: &Machines, provider: &str) -> Result<Arc<dyn Provider>, Response> {
+    ProviderKind::parse(provider)
+        .and_then(|k| m.provider(k))
+        .cloned()
+        .ok_or_else(|| internal("provider not configured"))
 }
 
 /// Run provider-facing work in its own task, so that a dropped request
@@ -588,12 +634,7 @@ async fn provision(
         let owner = match &account {
             Some(w) if w.as_str().starts_with("0x") && *w != pending.wallet => {
                 p.release(pending).await;
-                return error_response(
-                    StatusCode::FORBIDDEN,
-                    "authentication_error",
-                    "payer_mismatch",
-                    "the payment wallet must be the authenticated wallet",
-                );
+                return refusal(&p, &PaymentError::PayerMismatch, None);
             }
             Some(w) => w.clone(),
             None => pending.wallet.clone(),
@@ -738,18 +779,15 @@ async fn provision(
     .await
 }
 
-async fn list(State(m): State<Machines>, method: Method, uri: Uri, headers: HeaderMap) -> Response {
-    let owner = match owner_of(&m, &parts(&method, &uri, &headers, b"")).await {
-        Ok(w) => w,
-        Err(r) => return r,
-    };
-    match m.store().compute_orders_of(&owner).await {
-        Ok(v) => {
-            let list: Vec<Value> = v.iter().map(instance_json).collect();
-            Json(json!({"count": list.len(), "instances": list})).into_response()
-        }
-        Err(e) => internal(e),
-    }
+async fn list(State(m): State<Machines>, method: Method, uri: Uri, headers: HeaderMap) -> Answer {
+    let owner = owner_of(&m, &parts(&method, &uri, &headers, b"")).await?;
+    let v = m
+        .store()
+        .compute_orders_of(&owner)
+        .await
+        .map_err(internal)?;
+    let list: Vec<Value> = v.iter().map(instance_json).collect();
+    Ok(Json(json!({"count": list.len(), "instances": list})).into_response())
 }
 
 async fn show(
@@ -758,15 +796,10 @@ async fn show(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-) -> Response {
-    let owner = match owner_of(&m, &parts(&method, &uri, &headers, b"")).await {
-        Ok(w) => w,
-        Err(r) => return r,
-    };
-    match owned(&m, &id, &owner).await {
-        Ok(o) => Json(json!({"instance": instance_json(&o)})).into_response(),
-        Err(r) => r,
-    }
+    body: Body,
+) -> Answer {
+    let c = managed(&m, &id, &method, &uri, &headers, body).await?;
+    Ok(Json(json!({"instance": instance_json(&c.order)})).into_response())
 }
 
 async fn destroy(
@@ -776,29 +809,18 @@ async fn destroy(
     uri: Uri,
     headers: HeaderMap,
     body: Body,
-) -> Response {
-    let body = match read_body(body).await {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
-    let owner = match owner_of(&m, &parts(&method, &uri, &headers, &body)).await {
-        Ok(w) => w,
-        Err(r) => return r,
-    };
-    let o = match owned(&m, &id, &owner).await {
-        Ok(o) => o,
-        Err(r) => return r,
-    };
+) -> Answer {
+    let Managed {
+        owner, order: o, ..
+    } = managed(&m, &id, &method, &uri, &headers, body).await?;
     if o.state != "active" && o.state != "provisioning" {
-        return conflict("not_running", &format!("the instance is {}", o.state));
+        return Err(conflict(
+            "not_running",
+            &format!("the instance is {}", o.state),
+        ));
     }
-    let Some(provider) = ProviderKind::parse(&o.provider)
-        .and_then(|k| m.provider(k))
-        .cloned()
-    else {
-        return internal("provider not configured");
-    };
-    detached(async move {
+    let provider = provider_for(&m, &o.provider)?;
+    Ok(detached(async move {
         if let Some(mid) = &o.provider_instance_id {
             if let Err(e) = provider.delete(mid).await {
                 return provider_failed(e, Micros::ZERO);
@@ -815,7 +837,7 @@ async fn destroy(
             Err(e) => internal(e),
         }
     })
-    .await
+    .await)
 }
 
 async fn password(
@@ -825,50 +847,46 @@ async fn password(
     uri: Uri,
     headers: HeaderMap,
     body: Body,
-) -> Response {
-    let body = match read_body(body).await {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
-    let owner = match owner_of(&m, &parts(&method, &uri, &headers, &body)).await {
-        Ok(w) => w,
-        Err(r) => return r,
-    };
-    let o = match owned(&m, &id, &owner).await {
-        Ok(o) => o,
-        Err(r) => return r,
-    };
+) -> Answer {
+    let Managed {
+        owner, order: o, ..
+    } = managed(&m, &id, &method, &uri, &headers, body).await?;
     if o.ssh_key || o.provider != "vultr" {
-        return conflict(
+        return Err(conflict(
             "no_password",
             "this instance uses SSH key access; there is no password fallback",
-        );
+        ));
     }
-    let sealed = match m.store().compute_take_password(&o.id, owner.as_str()).await {
-        Ok(Some(s)) => s,
-        Ok(None) => {
-            return conflict(
+    let sealed = m
+        .store()
+        .compute_take_password(&o.id, owner.as_str())
+        .await
+        .map_err(internal)?
+        .ok_or_else(|| {
+            conflict(
                 "password_already_retrieved",
                 "the one-time password was already retrieved or is not available",
             )
+        })?;
+    let pw = m.config().sealer.open(&o.id, &sealed).map_err(internal)?;
+    Ok(Json(json!({
+        "success": true,
+        "access": {
+            "method": "one_time_password",
+            "username": "root",
+            "ip_address": o.ip_address,
+            "password": pw.as_str(),
         }
-        Err(e) => return internal(e),
-    };
-    match m.config().sealer.open(&o.id, &sealed) {
-        Ok(pw) => Json(json!({
-            "success": true,
-            "access": {
-                "method": "one_time_password",
-                "username": "root",
-                "ip_address": o.ip_address,
-                "password": pw.as_str(),
-            }
-        }))
-        .into_response(),
-        Err(e) => internal(e),
-    }
+    }))
+    .into_response())
 }
 
+/// `POST /compute/instances/{id}/extend`. With X-Auth or an API key the
+/// caller's instance is extended, by credits, x402 or MPP. Without, only
+/// an x402 payment can extend (as seed 000 allows), and only when its
+/// payer wallet owns the instance: any other payer gets the 404 of a
+/// missing instance and its payment is released unsettled. MPP and credits
+/// need an account (an MPP payment need not name a wallet).
 async fn extend(
     State(m): State<Machines>,
     Path(id): Path<String>,
@@ -876,64 +894,56 @@ async fn extend(
     uri: Uri,
     headers: HeaderMap,
     body: Body,
-) -> Response {
-    let body = match read_body(body).await {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
-    let fields = match json_object(&body) {
-        Ok(f) => f,
-        Err(r) => return r,
-    };
+) -> Answer {
+    let body = read_body(body).await?;
+    let fields = json_object(&body)?;
     let cfg = m.config();
-    let hours = match field_u64(&fields, "extend_hours") {
-        Ok(Some(h)) if h >= 1 && h <= cfg.max_hours => h,
-        Ok(_) => {
-            return bad(
+    let hours = field_u64(&fields, "extend_hours")?
+        .filter(|h| (1..=cfg.max_hours).contains(h))
+        .ok_or_else(|| {
+            bad(
                 "invalid_extend_hours",
                 &format!("extend_hours must be between 1 and {}", cfg.max_hours),
             )
-        }
-        Err(r) => return r,
-    };
-    let use_credits = match field_bool(&fields, "use_credits") {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
-    match field_str(&fields, "network", 64) {
-        Ok(n) if network_ok(&m, n.as_deref()) => {}
-        Ok(_) => return bad("invalid_network", "unsupported network"),
-        Err(r) => return r,
+        })?;
+    let use_credits = field_bool(&fields, "use_credits")?;
+    if !network_ok(&m, field_str(&fields, "network", 64)?.as_deref()) {
+        return Err(bad("invalid_network", "unsupported network"));
     }
     let p = m.payments().clone();
-    let owner = match owner_of(&m, &parts(&method, &uri, &headers, &body)).await {
-        Ok(w) => w,
-        Err(r) => return r,
+    let account = account_of(&m, &parts(&method, &uri, &headers, &body)).await?;
+    let o = match &account {
+        Some(owner) => owned(&m, &id, owner).await?,
+        None if use_credits => return Err(refusal(&p, &PaymentError::AuthMissing, None)),
+        // Whose it is can be known only from the payment.
+        None => instance(&m, &id).await?,
     };
-    let o = match owned(&m, &id, &owner).await {
-        Ok(o) => o,
-        Err(r) => return r,
+    let not_running = || {
+        Err(conflict(
+            "not_running",
+            &format!("the instance is {}", o.state),
+        ))
     };
-    if o.state != "active" {
-        return conflict("not_running", &format!("the instance is {}", o.state));
+    if account.is_some() && o.state != "active" {
+        return not_running();
     }
-    let Some(price) = price_of(o.hourly, hours).filter(|p| i64::try_from(p.0).is_ok()) else {
-        return bad("invalid_extend_hours", "price out of range");
-    };
-    if use_credits {
+    let price = price_of(o.hourly, hours)
+        .filter(|p| i64::try_from(p.0).is_ok())
+        .ok_or_else(|| bad("invalid_extend_hours", "price out of range"))?;
+    if let (true, Some(owner)) = (use_credits, &account) {
         return match m
             .store()
-            .compute_extend_with_credits(&o.id, &owner, hours, price, owner.as_str())
+            .compute_extend_with_credits(&o.id, owner, hours, price, owner.as_str())
             .await
         {
-            Ok(Some(o)) => Json(json!({"success": true, "instance": instance_json(&o),
+            Ok(Some(o)) => Ok(Json(json!({"success": true, "instance": instance_json(&o),
                 "charged": price.to_usd_string(), "charged_micros": price.0}))
-            .into_response(),
-            Ok(None) => conflict("not_running", "the instance is not active"),
+            .into_response()),
+            Ok(None) => Err(conflict("not_running", "the instance is not active")),
             Err(StoreError::InsufficientCredits { balance, needed }) => {
-                short_credits(balance, needed)
+                Err(short_credits(balance, needed))
             }
-            Err(e) => internal(e),
+            Err(e) => Err(internal(e)),
         };
     }
     let offer = p.offer(
@@ -944,26 +954,39 @@ async fn extend(
     );
     let pending = match p.accept_payment(&headers, &offer).await {
         Ok(Some(pending)) => pending,
-        Ok(None) => return challenge(&p, &offer, "payment required"),
-        Err(e) => return refusal(&p, &e, Some(&offer)),
+        Ok(None) => return Err(challenge(&p, &offer, "payment required")),
+        Err(e) => return Err(refusal(&p, &e, Some(&offer))),
     };
-    if owner.as_str().starts_with("0x") && pending.wallet != owner {
-        p.release(pending).await;
-        return error_response(
-            StatusCode::FORBIDDEN,
+    // Who may pay is checked before anything settles: a refused payment
+    // is released, never charged.
+    let refused = match &account {
+        Some(owner) if owner.as_str().starts_with("0x") && pending.wallet != *owner => {
+            Some(refusal(&p, &PaymentError::PayerMismatch, None))
+        }
+        Some(_) => None,
+        None if pending.method == PaymentMethod::Mpp => Some(error_response(
+            StatusCode::UNAUTHORIZED,
             "authentication_error",
-            "payer_mismatch",
-            "the payment wallet must be the authenticated wallet",
-        );
+            "auth_required",
+            "an MPP extension needs X-Auth or an API key (the management_api_key of an MPP provision)",
+        )),
+        None if pending.wallet != o.owner => Some(not_found()),
+        None if o.state != "active" => not_running().err(),
+        None => None,
+    };
+    if let Some(r) = refused {
+        p.release(pending).await;
+        return Err(r);
     }
-    detached(async move {
+    let actor = account.unwrap_or_else(|| pending.wallet.clone());
+    Ok(detached(async move {
         let s = match p.settle(pending, None).await {
             Ok(s) => s,
             Err(e) => return refusal(&p, &e, Some(&offer)),
         };
         match m
             .store()
-            .compute_extend_paid(&o.id, hours, price, &s.transaction, owner.as_str())
+            .compute_extend_paid(&o.id, hours, price, &s.transaction, actor.as_str())
             .await
         {
             Ok(Some(o)) => {
@@ -978,7 +1001,7 @@ async fn extend(
             Err(e) => internal(e),
         }
     })
-    .await
+    .await)
 }
 
 /// The prepaid value left at `now_ms`: `hourly × remaining time`, rounded
@@ -1005,53 +1028,39 @@ async fn resize(
     uri: Uri,
     headers: HeaderMap,
     body: Body,
-) -> Response {
-    let body = match read_body(body).await {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
-    let fields = match json_object(&body) {
-        Ok(f) => f,
-        Err(r) => return r,
-    };
-    let plan_id = match field_str(&fields, "plan", 128) {
-        Ok(Some(p)) => p,
-        Ok(None) => return bad("invalid_plan", "plan is required"),
-        Err(r) => return r,
-    };
-    let confirm = match field_bool(&fields, "confirm_disk_resize") {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
-    let owner = match owner_of(&m, &parts(&method, &uri, &headers, &body)).await {
-        Ok(w) => w,
-        Err(r) => return r,
-    };
-    let o = match owned(&m, &id, &owner).await {
-        Ok(o) => o,
-        Err(r) => return r,
-    };
+) -> Answer {
+    let Managed {
+        owner,
+        order: o,
+        body,
+    } = managed(&m, &id, &method, &uri, &headers, body).await?;
+    let fields = json_object(&body)?;
+    let plan_id =
+        field_str(&fields, "plan", 128)?.ok_or_else(|| bad("invalid_plan", "plan is required"))?;
+    let confirm = field_bool(&fields, "confirm_disk_resize")?;
     if o.state != "active" {
-        return conflict("not_running", &format!("the instance is {}", o.state));
+        return Err(conflict(
+            "not_running",
+            &format!("the instance is {}", o.state),
+        ));
     }
-    let snap = match snapshot(&m).await {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
-    let Some(target) = snap.plan(&plan_id).cloned() else {
-        return bad("unknown_plan", "no such plan");
-    };
+    let snap = snapshot(&m).await?;
+    let target = snap
+        .plan(&plan_id)
+        .cloned()
+        .ok_or_else(|| bad("unknown_plan", "no such plan"))?;
+    let refused = |code: &str, message: &str| Err(bad(code, message));
     if target.provider.as_str() != o.provider {
-        return bad(
+        return refused(
             "provider_mismatch",
             "a resize stays on the instance's provider",
         );
     }
     if target.id == o.plan {
-        return bad("same_plan", "the instance already has this plan");
+        return refused("same_plan", "the instance already has this plan");
     }
     if !target.spec.locations.is_empty() && !target.spec.locations.contains(&o.region) {
-        return bad(
+        return refused(
             "region_unavailable",
             "the plan is not offered in the instance's region",
         );
@@ -1066,31 +1075,30 @@ async fn resize(
                     target.spec.vcpu_count < c.spec.vcpu_count || target.spec.ram < c.spec.ram
                 });
             if smaller {
-                return bad("downgrade_not_supported", "Vultr resizes are upgrade-only");
+                return refused("downgrade_not_supported", "Vultr resizes are upgrade-only");
             }
         }
         ProviderKind::DigitalOcean => {
             if target.spec.disk < o.disk_gb {
-                return bad(
+                return refused(
                     "disk_shrink_not_supported",
                     "a DigitalOcean disk cannot shrink; choose a plan with at least the current disk",
                 );
             }
             if grow_disk && !confirm {
-                return bad(
+                return refused(
                     "confirm_disk_resize_required",
                     "this resize grows the disk, which cannot be undone: send confirm_disk_resize: true",
                 );
             }
         }
     }
-    let Some(provider) = m.provider(target.provider).cloned() else {
-        return internal("provider not configured");
-    };
-    let Some(mid) = o.provider_instance_id.clone() else {
-        return conflict("not_running", "the instance has no machine yet");
-    };
-    detached(async move {
+    let provider = provider_for(&m, &o.provider)?;
+    let mid = o
+        .provider_instance_id
+        .clone()
+        .ok_or_else(|| conflict("not_running", "the instance has no machine yet"))?;
+    Ok(detached(async move {
         let grow = grow_disk && target.provider == ProviderKind::DigitalOcean;
         if let Err(e) = provider.resize(&mid, &target.spec.id, grow).await {
             return provider_failed(e, Micros::ZERO);
@@ -1145,5 +1153,5 @@ async fn resize(
             Err(e) => internal(e),
         }
     })
-    .await
+    .await)
 }

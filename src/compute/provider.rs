@@ -193,6 +193,11 @@ pub struct ApiConfig {
     /// each retry.
     pub backoff: Duration,
     pub timeout: Duration,
+    /// Between two polls of an asynchronous provider action (a
+    /// DigitalOcean power or resize action).
+    pub action_poll: Duration,
+    /// Polls before an action that never completed is given up.
+    pub action_attempts: u32,
 }
 
 impl ApiConfig {
@@ -203,6 +208,9 @@ impl ApiConfig {
             max_retries: 5,
             backoff: Duration::from_millis(500),
             timeout: Duration::from_secs(60),
+            action_poll: Duration::from_secs(2),
+            // Ten minutes: a resize that grows a disk copies it.
+            action_attempts: 300,
         }
     }
 }
@@ -242,6 +250,10 @@ impl Api {
 
     pub fn name(&self) -> &'static str {
         self.name
+    }
+
+    pub fn config(&self) -> &ApiConfig {
+        &self.cfg
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -318,12 +330,47 @@ impl Api {
         }
     }
 
+    /// Delete the resource at `path`; one already gone (404) counts as
+    /// deleted, so a repeated destroy is not an error.
+    pub async fn delete(&self, path: &str) -> Result<()> {
+        match self.call(Method::DELETE, path, &[], None).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.is_not_found() => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     pub fn decode_err(&self, detail: impl Into<String>) -> ProviderError {
         ProviderError::Decode {
             provider: self.name,
             detail: detail.into(),
         }
     }
+}
+
+/// The first of `items` whose `tags` list holds `tag`. Both providers
+/// filter lists by tag themselves; the tag is checked again here, so a
+/// filter the provider ignored cannot adopt someone else's machine.
+pub fn tagged<'a>(items: &'a [Value], tag: &str) -> Option<&'a Value> {
+    items.iter().find(|i| {
+        i.get("tags")
+            .and_then(Value::as_array)
+            .is_some_and(|t| t.iter().any(|t| t.as_str() == Some(tag)))
+    })
+}
+
+/// An id as one path segment (ids come from the provider, but a stored id
+/// is never trusted to be path-safe).
+pub fn enc(id: &str) -> String {
+    id.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.' {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
 }
 
 /// `Retry-After` in seconds (the form both providers send), capped.

@@ -12,8 +12,8 @@ use serde_json::{json, Value};
 use zeroize::Zeroizing;
 
 use super::provider::{
-    as_string, as_u64, usd_number_to_micros, Api, ApiConfig, BoxFuture, CreateSpec, Provider,
-    ProviderInstance, ProviderKind, ProviderOs, ProviderPlan, ProviderRegion, Result,
+    as_string, as_u64, enc, tagged, usd_number_to_micros, Api, ApiConfig, BoxFuture, CreateSpec,
+    Provider, ProviderInstance, ProviderKind, ProviderOs, ProviderPlan, ProviderRegion, Result,
 };
 
 /// The public API root.
@@ -205,36 +205,12 @@ impl Provider for Vultr {
             let items = self
                 .list("/instances", "instances", &[("tag", tag.to_owned())])
                 .await?;
-            // The filter is the provider's; check the tag again.
-            items
-                .iter()
-                .find(|i| {
-                    i.get("tags")
-                        .and_then(Value::as_array)
-                        .is_some_and(|t| t.iter().any(|t| t.as_str() == Some(tag)))
-                })
-                .map(|i| self.instance(i))
-                .transpose()
+            tagged(&items, tag).map(|i| self.instance(i)).transpose()
         })
     }
 
     fn delete<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<()>> {
-        Box::pin(async move {
-            match self
-                .api
-                .call(
-                    Method::DELETE,
-                    &format!("/instances/{}", enc(id)),
-                    &[],
-                    None,
-                )
-                .await
-            {
-                Ok(_) => Ok(()),
-                Err(e) if e.is_not_found() => Ok(()),
-                Err(e) => Err(e),
-            }
-        })
+        Box::pin(async move { self.api.delete(&format!("/instances/{}", enc(id))).await })
     }
 
     fn resize<'a>(
@@ -256,18 +232,4 @@ impl Provider for Vultr {
                 .map(|_| ())
         })
     }
-}
-
-/// An id as one path segment (ids come from the provider, but a stored id
-/// is never trusted to be path-safe).
-pub(super) fn enc(id: &str) -> String {
-    id.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.' {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
 }

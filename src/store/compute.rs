@@ -11,7 +11,7 @@
 
 use crate::money::Micros;
 
-use super::credits::checked_add;
+use super::credits::{checked_add, HoldClose, NO_LEASE};
 use super::sql_money::storable;
 use super::{Result, Store, StoreError, WalletId};
 
@@ -159,60 +159,6 @@ macro_rules! lock_order {
     }};
 }
 
-/// Close the credit hold `$hold` inside `$tx`: charge all of it
-/// (`$charge` true) or return all of it. A hold already closed is left
-/// alone (evaluates to false).
-macro_rules! close_hold_in_tx {
-    ($tx:ident, $lock:ident, $hold:expr, $charge:expr, $now:expr) => {{
-        let row: Option<(String, Micros, String, Option<String>)> = sqlx::query_as(&format!(
-            "SELECT wallet, amount, state, reference FROM credit_holds WHERE id = $1{}",
-            $lock
-        ))
-        .bind($hold)
-        .fetch_optional(&mut *$tx)
-        .await?;
-        match row {
-            Some((wallet, held, state, reference)) if state == "held" => {
-                let wallet = WalletId(wallet);
-                let mut b = lock_wallet!($tx, $lock, &wallet);
-                b.held = b
-                    .held
-                    .checked_sub(held)
-                    .ok_or(StoreError::Corrupt("held below zero"))?;
-                let (state, kind, charged) = if $charge {
-                    b.total_spent = checked_add(b.total_spent, held)?;
-                    ("settled", "settle", held)
-                } else {
-                    b.balance = checked_add(b.balance, held)?;
-                    ("released", "release", Micros::ZERO)
-                };
-                sqlx::query(
-                    "UPDATE wallets SET balance = $1, held = $2, total_spent = $3, updated_at = $4 WHERE wallet = $5",
-                )
-                .bind(b.balance)
-                .bind(b.held)
-                .bind(b.total_spent)
-                .bind($now)
-                .bind(wallet.as_str())
-                .execute(&mut *$tx)
-                .await?;
-                sqlx::query(
-                    "UPDATE credit_holds SET state = $1, charged = $2, closed_at = $3 WHERE id = $4",
-                )
-                .bind(state)
-                .bind(charged)
-                .bind($now)
-                .bind($hold)
-                .execute(&mut *$tx)
-                .await?;
-                ledger_insert!($tx, &wallet, kind, held, b.balance, reference.as_deref(), $now);
-                true
-            }
-            _ => false,
-        }
-    }};
-}
-
 /// Push an order's expiry by `hours` and add `amount` to what it was paid,
 /// with its audit row, inside `$tx`.
 macro_rules! extend_in_tx {
@@ -275,42 +221,16 @@ impl Store {
         let hold_id = hold_from.map(|_| hold_id_of(o.id));
         write_tx!(self, |tx, lock| {
             if let (Some(wallet), Some(hold)) = (hold_from, &hold_id) {
-                let mut b = lock_wallet!(tx, lock, wallet);
-                b.balance =
-                    b.balance
-                        .checked_sub(price)
-                        .ok_or(StoreError::InsufficientCredits {
-                            balance: b.balance,
-                            needed: price,
-                        })?;
-                b.held = checked_add(b.held, price)?;
-                sqlx::query(
-                    "UPDATE wallets SET balance = $1, held = $2, updated_at = $3 WHERE wallet = $4",
-                )
-                .bind(b.balance)
-                .bind(b.held)
-                .bind(now)
-                .bind(wallet.as_str())
-                .execute(&mut *tx)
-                .await?;
-                sqlx::query(
-                    "INSERT INTO credit_holds (id, wallet, amount, state, reference, created_at) \
-                     VALUES ($1, $2, $3, 'held', $4, $5)",
-                )
-                .bind(hold)
-                .bind(wallet.as_str())
-                .bind(price)
-                .bind(hold)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-                ledger_insert!(
+                // The credits hold path, with no lease: only this order's
+                // state changes close it.
+                hold_in_tx!(
                     tx,
+                    lock,
                     wallet,
-                    "hold",
                     price,
-                    b.balance,
-                    Some(hold.as_str()),
+                    hold.as_str(),
+                    hold.as_str(),
+                    NO_LEASE,
                     now
                 );
             }
@@ -444,7 +364,9 @@ impl Store {
                 return Ok(false);
             }
             if let Some(hold) = &o.hold_id {
-                close_hold_in_tx!(tx, lock, hold.as_str(), true, now);
+                // A hold already closed (by an earlier attempt) charges
+                // nothing again.
+                let _ = close_hold_in_tx!(tx, lock, hold.as_str(), HoldClose::ChargeAll, now);
             }
             sqlx::query(
                 "UPDATE compute_instances SET state = 'active', ip_address = $1, updated_at = $2 WHERE id = $3",
@@ -493,7 +415,7 @@ impl Store {
             }
             let mut returned = Micros::ZERO;
             if let Some(hold) = &o.hold_id {
-                if close_hold_in_tx!(tx, lock, hold.as_str(), false, now) {
+                if close_hold_in_tx!(tx, lock, hold.as_str(), HoldClose::Release, now).is_ok() {
                     returned = o.paid;
                 }
             } else if refund_payment {

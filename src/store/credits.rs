@@ -163,6 +163,136 @@ macro_rules! top_up_in_tx {
     }};
 }
 
+/// The body of a hold inside `$tx`: moves `$amt` from the wallet's balance
+/// to its held credits (refused when the balance is short), writes the
+/// hold row `$id` with its lease end and the ledger row; evaluates to the
+/// new position. Shared by metered requests (leased holds) and Machines
+/// orders ([`NO_LEASE`]).
+macro_rules! hold_in_tx {
+    ($tx:ident, $lock:ident, $wallet:expr, $amt:expr, $id:expr, $reference:expr, $lease_until:expr, $now:expr) => {{
+        let mut b = lock_wallet!($tx, $lock, $wallet);
+        b.balance = b
+            .balance
+            .checked_sub($amt)
+            .ok_or(StoreError::InsufficientCredits {
+                balance: b.balance,
+                needed: $amt,
+            })?;
+        b.held = $crate::store::credits::checked_add(b.held, $amt)?;
+        sqlx::query(
+            "UPDATE wallets SET balance = $1, held = $2, updated_at = $3 WHERE wallet = $4",
+        )
+        .bind(b.balance)
+        .bind(b.held)
+        .bind($now)
+        .bind($wallet.as_str())
+        .execute(&mut *$tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO credit_holds (id, wallet, amount, state, reference, created_at, lease_until) \
+             VALUES ($1, $2, $3, 'held', $4, $5, $6)",
+        )
+        .bind($id)
+        .bind($wallet.as_str())
+        .bind($amt)
+        .bind($reference)
+        .bind($now)
+        .bind($lease_until)
+        .execute(&mut *$tx)
+        .await?;
+        ledger_insert!($tx, $wallet, "hold", $amt, b.balance, Some($reference), $now);
+        b
+    }};
+}
+
+/// How a hold is closed.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum HoldClose {
+    /// Charge this much (at most the held amount); the rest returns.
+    Charge(Micros),
+    /// Charge the whole held amount.
+    ChargeAll,
+    /// Charge nothing; all of it returns.
+    Release,
+}
+
+/// The body of closing hold `$hold` inside `$tx` ([`HoldClose`]): the
+/// wallet's held credits drop by the hold, the uncharged part returns to
+/// its balance, the hold row and a ledger row are written. Evaluates to
+/// `Ok(new position)`, or `Err` for an unknown or already closed hold (or
+/// a charge above the hold), having changed nothing. Shared by metered
+/// requests and Machines orders.
+macro_rules! close_hold_in_tx {
+    ($tx:ident, $lock:ident, $hold:expr, $close:expr, $now:expr) => {{
+        let row: Option<(String, $crate::money::Micros, String, Option<String>)> = sqlx::query_as(&format!(
+            "SELECT wallet, amount, state, reference FROM credit_holds WHERE id = $1{}",
+            $lock
+        ))
+        .bind($hold)
+        .fetch_optional(&mut *$tx)
+        .await?;
+        match row {
+            None => Err($crate::store::StoreError::UnknownHold),
+            Some((_, _, state, _)) if state != "held" => Err($crate::store::StoreError::HoldClosed),
+            Some((wallet, held, _, reference)) => {
+                let charged = match $close {
+                    $crate::store::credits::HoldClose::Charge(c) => Some(c),
+                    $crate::store::credits::HoldClose::ChargeAll => Some(held),
+                    $crate::store::credits::HoldClose::Release => None,
+                };
+                let charge = charged.unwrap_or($crate::money::Micros::ZERO);
+                match held.checked_sub(charge) {
+                    None => Err($crate::store::StoreError::ChargeExceedsHold {
+                        charged: charge,
+                        held,
+                    }),
+                    Some(refund) => {
+                        let wallet = $crate::store::WalletId(wallet);
+                        let mut b = lock_wallet!($tx, $lock, &wallet);
+                        b.held = b
+                            .held
+                            .checked_sub(held)
+                            .ok_or($crate::store::StoreError::Corrupt("held below zero"))?;
+                        b.balance = $crate::store::credits::checked_add(b.balance, refund)?;
+                        b.total_spent = $crate::store::credits::checked_add(b.total_spent, charge)?;
+                        sqlx::query(
+                            "UPDATE wallets SET balance = $1, held = $2, total_spent = $3, updated_at = $4 WHERE wallet = $5",
+                        )
+                        .bind(b.balance)
+                        .bind(b.held)
+                        .bind(b.total_spent)
+                        .bind($now)
+                        .bind(wallet.as_str())
+                        .execute(&mut *$tx)
+                        .await?;
+                        let (state, kind, logged) = match charged {
+                            Some(_) => ("settled", "settle", charge),
+                            None => ("released", "release", held),
+                        };
+                        sqlx::query(
+                            "UPDATE credit_holds SET state = $1, charged = $2, closed_at = $3 WHERE id = $4",
+                        )
+                        .bind(state)
+                        .bind(charge)
+                        .bind($now)
+                        .bind($hold)
+                        .execute(&mut *$tx)
+                        .await?;
+                        ledger_insert!($tx, &wallet, kind, logged, b.balance, reference.as_deref(), $now);
+                        Ok(b)
+                    }
+                }
+            }
+        }
+    }};
+}
+
+/// The lease end of a hold that no lapsed-hold sweep takes: a Machines
+/// order's hold, closed by the order's own state changes (and by the
+/// reconciliation of orders in flight at start), however long a machine
+/// takes to come up.
+pub const NO_LEASE: i64 = i64::MAX;
+
 /// `a + b`, or [`StoreError::AmountOutOfRange`].
 pub(super) fn checked_add(a: Micros, b: Micros) -> Result<Micros> {
     a.checked_add(b).ok_or(StoreError::AmountOutOfRange)
@@ -222,37 +352,7 @@ impl Store {
         let lease_until = self.lease_end(now);
         let id = HoldId(uuid::Uuid::new_v4().to_string());
         let id = write_tx!(self, |tx, lock| {
-            let mut b = lock_wallet!(tx, lock, wallet);
-            b.balance = b
-                .balance
-                .checked_sub(amt)
-                .ok_or(StoreError::InsufficientCredits {
-                    balance: b.balance,
-                    needed: amount,
-                })?;
-            b.held = checked_add(b.held, amt)?;
-            sqlx::query(
-                "UPDATE wallets SET balance = $1, held = $2, updated_at = $3 WHERE wallet = $4",
-            )
-            .bind(b.balance)
-            .bind(b.held)
-            .bind(now)
-            .bind(wallet.as_str())
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query(
-                "INSERT INTO credit_holds (id, wallet, amount, state, reference, created_at, lease_until) \
-                 VALUES ($1, $2, $3, 'held', $4, $5, $6)",
-            )
-            .bind(&id.0)
-            .bind(wallet.as_str())
-            .bind(amt)
-            .bind(reference)
-            .bind(now)
-            .bind(lease_until)
-            .execute(&mut *tx)
-            .await?;
-            ledger_insert!(tx, wallet, "hold", amt, b.balance, Some(reference), now);
+            hold_in_tx!(tx, lock, wallet, amt, &id.0, reference, lease_until, now);
             id
         });
         Ok(id)
@@ -402,64 +502,9 @@ impl Store {
         usage: Option<&UsageRow>,
     ) -> Result<CreditBalance> {
         let now = self.now_ms();
+        let close = charged.map_or(HoldClose::Release, HoldClose::Charge);
         let b = write_tx!(self, |tx, lock| {
-            let row: Option<(String, Micros, String, Option<String>)> = sqlx::query_as(&format!(
-                "SELECT wallet, amount, state, reference FROM credit_holds WHERE id = $1{lock}"
-            ))
-            .bind(&hold.0)
-            .fetch_optional(&mut *tx)
-            .await?;
-            let (wallet, held, state, reference) = row.ok_or(StoreError::UnknownHold)?;
-            if state != "held" {
-                return Err(StoreError::HoldClosed);
-            }
-            let charge = charged.unwrap_or(Micros::ZERO);
-            let refund = held
-                .checked_sub(charge)
-                .ok_or(StoreError::ChargeExceedsHold {
-                    charged: charge,
-                    held,
-                })?;
-            let wallet = WalletId(wallet);
-            let mut b = lock_wallet!(tx, lock, &wallet);
-            b.held = b
-                .held
-                .checked_sub(held)
-                .ok_or(StoreError::Corrupt("held below zero"))?;
-            b.balance = checked_add(b.balance, refund)?;
-            b.total_spent = checked_add(b.total_spent, charge)?;
-            sqlx::query(
-                "UPDATE wallets SET balance = $1, held = $2, total_spent = $3, updated_at = $4 WHERE wallet = $5",
-            )
-            .bind(b.balance)
-            .bind(b.held)
-            .bind(b.total_spent)
-            .bind(now)
-            .bind(wallet.as_str())
-            .execute(&mut *tx)
-            .await?;
-            let (state, kind, logged) = match charged {
-                Some(_) => ("settled", "settle", charge),
-                None => ("released", "release", held),
-            };
-            sqlx::query(
-                "UPDATE credit_holds SET state = $1, charged = $2, closed_at = $3 WHERE id = $4",
-            )
-            .bind(state)
-            .bind(charge)
-            .bind(now)
-            .bind(&hold.0)
-            .execute(&mut *tx)
-            .await?;
-            ledger_insert!(
-                tx,
-                &wallet,
-                kind,
-                logged,
-                b.balance,
-                reference.as_deref(),
-                now
-            );
+            let b = close_hold_in_tx!(tx, lock, hold.0.as_str(), close, now)?;
             if let Some(u) = usage {
                 usage_insert!(&mut *tx, u);
             }

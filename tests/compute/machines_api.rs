@@ -191,6 +191,17 @@ async fn pay_x402(
     body: &Value,
     key: Option<&str>,
 ) -> (StatusCode, Value) {
+    pay_x402_from(s, signing::ANVIL0, url, body, key).await
+}
+
+/// Pay a 402 answer with an x402 v1 payment from wallet key `payer`.
+async fn pay_x402_from(
+    s: &MachinesServer,
+    payer: &str,
+    url: &str,
+    body: &Value,
+    key: Option<&str>,
+) -> (StatusCode, Value) {
     let (st, challenge, h) = call(Method::POST, url, key, Some(body), &[]).await;
     assert_eq!(st, StatusCode::PAYMENT_REQUIRED, "{challenge}");
     assert_eq!(challenge["x402Version"], 1);
@@ -200,7 +211,7 @@ async fn pay_x402(
         .unwrap()
         .parse()
         .unwrap();
-    let k = signing::key(signing::ANVIL0);
+    let k = signing::key(payer);
     let mut params = PayParams::new(PAY_TO, amount);
     // The server's clock may have been moved forward; the payment must be
     // valid at its time.
@@ -505,6 +516,21 @@ async fn digitalocean_lifecycle_ssh_key_disk_confirmation_destroy() {
             s.digitalocean.state.resizes.lock().unwrap().as_slice(),
             [(droplet.clone(), "s-1vcpu-2gb".to_owned(), true)]
         );
+        // Powered off, resized and powered on, in that order (the stand-in
+        // refuses to resize a running droplet, as DigitalOcean does).
+        let actions: Vec<String> = s
+            .digitalocean
+            .state
+            .action_log
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(d, k)| format!("{d}:{k}"))
+            .collect();
+        assert_eq!(
+            actions,
+            ["power_off", "resize", "power_on"].map(|k| format!("{droplet}:{k}"))
+        );
         let (st, r) = inst(&s, &key, &id, "resize", Some(&json!({"plan": "do:c-2"}))).await;
         assert_eq!(
             (st, r["error"]["code"].as_str()),
@@ -563,6 +589,49 @@ async fn provider_failures_return_exactly_what_was_paid() {
         assert_eq!((b.held, b.total_spent), (Micros::ZERO, Micros::ZERO));
         s.vultr.state.fail_create.store(false, Ordering::SeqCst);
 
+        // x402, and the provider refuses the create outright, with a 500 or
+        // with a 4xx and its reason: the payment settles only after the
+        // provider accepted, so nothing settles and nothing is owed; the
+        // answer is a JSON error carrying the provider's reason.
+        let url = format!("{}/compute/provision", s.base);
+        for (switch, status) in [
+            (&s.vultr.state.fail_create, 500),
+            (&s.vultr.state.refuse_create, 400),
+        ] {
+            switch.store(true, Ordering::SeqCst);
+            let (st, v) = pay_x402(&s, &url, &vultr_order(24, false), None).await;
+            switch.store(false, Ordering::SeqCst);
+            assert_eq!(
+                (st, v["error"]["code"].as_str()),
+                (StatusCode::BAD_GATEWAY, Some("provider_error")),
+                "{v}"
+            );
+            let reason = if status == 500 {
+                crate::compute_support::FAILURE
+            } else {
+                crate::compute_support::REFUSAL
+            };
+            let message = v["error"]["message"].as_str().unwrap();
+            assert!(
+                message.contains(reason) && message.contains(&status.to_string()),
+                "{message}"
+            );
+            assert!(v.get("refunded_micros").is_none(), "{v}");
+        }
+        assert_eq!(s.facilitator.state.settle_calls.load(Ordering::SeqCst), 0);
+        assert_eq!(s.balance(&anvil0()).await, Micros::ZERO);
+        let refused = s
+            .store
+            .store
+            .compute_orders_of(&sgl::store::WalletId::new_unchecked(anvil0()))
+            .await
+            .unwrap();
+        assert_eq!(refused.len(), 2);
+        assert!(refused
+            .iter()
+            .all(|o| o.state == "failed" && o.tx_hash.is_none()));
+        assert_eq!(s.vultr.state.machine_count(), 0);
+
         // x402: the provider accepted, the payment settled, then the
         // machine never came up (500s): destroyed, and exactly the price
         // refunded to the payer's credits.
@@ -590,9 +659,12 @@ async fn provider_failures_return_exactly_what_was_paid() {
             .compute_orders_of(&sgl::store::WalletId::new_unchecked(anvil0()))
             .await
             .unwrap();
-        assert_eq!(orders.len(), 1);
-        assert_eq!(orders[0].state, "failed");
-        let audit = s.store.store.compute_audit(&orders[0].id).await.unwrap();
+        // The order whose machine never came up is the one that was paid.
+        assert_eq!(orders.len(), 3);
+        let paid: Vec<_> = orders.iter().filter(|o| o.tx_hash.is_some()).collect();
+        assert_eq!(paid.len(), 1);
+        assert_eq!(paid[0].state, "failed");
+        let audit = s.store.store.compute_audit(&paid[0].id).await.unwrap();
         let refund = audit.iter().find(|a| a.event == "refunded").unwrap();
         assert_eq!(refund.amount, Some(Micros(price)));
         s.store
@@ -836,38 +908,205 @@ async fn bad_input_gets_a_json_4xx_and_changes_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mpp_without_auth_returns_a_management_key_and_extend_by_x402_needs_the_owner() {
-    let s = start_with(sqlite_store().await).await;
-    let url = format!("{}/compute/provision", s.base);
-    let body = vultr_order(24, false);
-    let (st, _, h) = call(Method::POST, &url, None, Some(&body), &[]).await;
-    assert_eq!(st, StatusCode::PAYMENT_REQUIRED);
-    let challenge = h["www-authenticate"].to_str().unwrap().to_owned();
-    let k = signing::key(signing::ANVIL0);
-    let cred = signing::mpp_credential(&k, &challenge, None);
-    let (st, v, h) = call(
-        Method::POST,
-        &url,
-        None,
-        Some(&body),
-        &[("Authorization", cred)],
-    )
-    .await;
-    assert_eq!(st, StatusCode::OK, "{v}");
-    assert!(h.contains_key("payment-receipt"));
-    let mkey = v["management_api_key"].as_str().unwrap().to_owned();
-    assert!(mkey.starts_with("x402c_") && v["management_api_key_id"].is_string());
-    let id = v["order"]["id"].as_str().unwrap().to_owned();
-    let (st, d) = inst(&s, &mkey, &id, "show", None).await;
-    assert_eq!(
-        (st, d["instance"]["payment"].as_str()),
-        (StatusCode::OK, Some("mpp"))
-    );
+async fn mpp_without_auth_returns_a_management_key_and_only_the_owner_extends_without_auth() {
+    each_backend("machines_mpp", |t: TestStore| async move {
+        let s = start_with(t).await;
+        let url = format!("{}/compute/provision", s.base);
+        let body = vultr_order(24, false);
+        let (st, _, h) = call(Method::POST, &url, None, Some(&body), &[]).await;
+        assert_eq!(st, StatusCode::PAYMENT_REQUIRED);
+        let challenge = h["www-authenticate"].to_str().unwrap().to_owned();
+        let k = signing::key(signing::ANVIL0);
+        let cred = signing::mpp_credential(&k, &challenge, None);
+        let (st, v, h) = call(
+            Method::POST,
+            &url,
+            None,
+            Some(&body),
+            &[("Authorization", cred)],
+        )
+        .await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+        assert!(h.contains_key("payment-receipt"));
+        // The one-time management key fields of seed 000.
+        let mkey = v["management_api_key"].as_str().unwrap().to_owned();
+        assert!(mkey.starts_with("x402c_") && v["management_api_key_id"].is_string());
+        assert_eq!(v["management_api_key_last4"], mkey[mkey.len() - 4..]);
+        assert!(v["management_note"]
+            .as_str()
+            .unwrap()
+            .contains("shown once"));
+        let id = v["order"]["id"].as_str().unwrap().to_owned();
+        let (st, d) = inst(&s, &mkey, &id, "show", None).await;
+        assert_eq!(
+            (st, d["instance"]["payment"].as_str()),
+            (StatusCode::OK, Some("mpp"))
+        );
+        let settled = || s.facilitator.state.settle_calls.load(Ordering::SeqCst);
+        assert_eq!(settled(), 1);
 
-    // Extend paid by x402 with the management key: the payer is the owner.
-    let ext = format!("{}/compute/instances/{id}/extend", s.base);
-    let (st, v) = pay_x402(&s, &ext, &json!({"extend_hours": 24}), Some(&mkey)).await;
-    assert_eq!(st, StatusCode::OK, "{v}");
-    assert_eq!(v["charged_micros"], VC2_HOURLY * 24);
-    assert_eq!(v["instance"]["paid_micros"], VC2_HOURLY * 48);
+        // Extend paid by x402 with the management key: the payer is the owner.
+        let ext = format!("{}/compute/instances/{id}/extend", s.base);
+        let (st, v) = pay_x402(&s, &ext, &json!({"extend_hours": 24}), Some(&mkey)).await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+        assert_eq!(v["charged_micros"], VC2_HOURLY * 24);
+        assert_eq!(v["instance"]["paid_micros"], VC2_HOURLY * 48);
+        assert_eq!(settled(), 2);
+        let expires = v["instance"]["expires_at_ms"].as_i64().unwrap();
+
+        // Without auth, an x402 payment from the owner's wallet extends…
+        let (st, v) = pay_x402(&s, &ext, &json!({"extend_hours": 24}), None).await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+        assert_eq!(v["instance"]["paid_micros"], VC2_HOURLY * 72);
+        assert_eq!(
+            v["instance"]["expires_at_ms"].as_i64().unwrap(),
+            expires + 24 * 3_600_000
+        );
+        assert_eq!(settled(), 3);
+        // …and one from wallet B gets the 404 of a missing instance, its
+        // payment unsettled and the instance unchanged.
+        let (st, v) = pay_x402_from(
+            &s,
+            signing::ANVIL1,
+            &ext,
+            &json!({"extend_hours": 24}),
+            None,
+        )
+        .await;
+        assert_eq!(
+            (st, v["error"]["code"].as_str()),
+            (StatusCode::NOT_FOUND, Some("instance_not_found")),
+            "{v}"
+        );
+        assert_eq!(settled(), 3);
+        let (_, d) = inst(&s, &mkey, &id, "show", None).await;
+        assert_eq!(d["instance"]["paid_micros"], VC2_HOURLY * 72);
+        // A missing instance is a 404 before any challenge.
+        let (st, v, _) = call(
+            Method::POST,
+            &format!("{}/compute/instances/no-such-id/extend", s.base),
+            None,
+            Some(&json!({"extend_hours": 24})),
+            &[],
+        )
+        .await;
+        assert_eq!(st, StatusCode::NOT_FOUND, "{v}");
+
+        // MPP without auth cannot extend: refused before it settles.
+        let (st, _, h) = call(
+            Method::POST,
+            &ext,
+            None,
+            Some(&json!({"extend_hours": 24})),
+            &[],
+        )
+        .await;
+        assert_eq!(st, StatusCode::PAYMENT_REQUIRED);
+        let challenge = h["www-authenticate"].to_str().unwrap().to_owned();
+        let cred = signing::mpp_credential(&k, &challenge, None);
+        let (st, v, _) = call(
+            Method::POST,
+            &ext,
+            None,
+            Some(&json!({"extend_hours": 24})),
+            &[("Authorization", cred)],
+        )
+        .await;
+        assert_eq!(
+            (st, v["error"]["code"].as_str()),
+            (StatusCode::UNAUTHORIZED, Some("auth_required")),
+            "{v}"
+        );
+        assert_eq!(settled(), 3);
+        // Credits need auth too.
+        let (st, v, _) = call(
+            Method::POST,
+            &ext,
+            None,
+            Some(&json!({"extend_hours": 24, "use_credits": true})),
+            &[],
+        )
+        .await;
+        assert_eq!(st, StatusCode::UNAUTHORIZED, "{v}");
+        let (_, d) = inst(&s, &mkey, &id, "show", None).await;
+        assert_eq!(d["instance"]["paid_micros"], VC2_HOURLY * 72);
+        s.store
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_hold_is_closed_only_by_its_order_never_by_the_lease_sweep() {
+    each_backend("machines_hold", |t: TestStore| async move {
+        let store = &t.store;
+        let w = sgl::store::WalletId::new_unchecked(A);
+        store
+            .top_up(&w, Micros(1_000_000), "grant-hold")
+            .await
+            .unwrap();
+        let price = Micros(VC2_HOURLY * 24);
+        let order = |id: &'static str| sgl::store::NewComputeOrder {
+            id,
+            owner: &w,
+            provider: "vultr",
+            plan: "vc2-1c-1gb",
+            region: "ewr",
+            os_id: 2284,
+            label: "held",
+            hourly: Micros(VC2_HOURLY),
+            price,
+            prepaid_hours: 24,
+            disk_gb: 25,
+            expires_at_ms: 0,
+            funding: "credits",
+            ssh_key: false,
+        };
+        for id in ["hold-a", "hold-b"] {
+            store
+                .compute_create_order(&order(id), Some(&w), "test")
+                .await
+                .unwrap();
+        }
+        // The grid's sweeps of lapsed holds (a replica's, and a SQLite
+        // coordinator's at start, which takes every leased hold) leave an
+        // order's hold alone, however long its machine takes.
+        assert_eq!(store.release_lapsed_holds(false).await.unwrap(), 0);
+        assert_eq!(store.release_lapsed_holds(true).await.unwrap(), 0);
+        let b = store.balance(&w).await.unwrap();
+        assert_eq!(
+            (b.balance, b.held),
+            (Micros(1_000_000 - 2 * price.0), Micros(2 * price.0))
+        );
+        // Only the order's own changes close it: charged whole when it runs,
+        // returned whole when it fails, each once.
+        assert!(store
+            .compute_mark_provisioning("hold-a", "m-a", None, "test")
+            .await
+            .unwrap());
+        assert!(store
+            .compute_activate("hold-a", "192.0.2.9", "test")
+            .await
+            .unwrap());
+        assert_eq!(
+            store
+                .compute_fail("hold-b", false, "test", "gave up")
+                .await
+                .unwrap(),
+            Some(price)
+        );
+        assert_eq!(
+            store
+                .compute_fail("hold-b", false, "test", "again")
+                .await
+                .unwrap(),
+            None
+        );
+        let b = store.balance(&w).await.unwrap();
+        assert_eq!(
+            (b.balance, b.held, b.total_spent),
+            (Micros(1_000_000 - price.0), Micros::ZERO, price)
+        );
+        t
+    })
+    .await;
 }

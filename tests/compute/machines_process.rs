@@ -1,8 +1,9 @@
 //! The coordinator as a real process serving the Machines API
 //! (`--compute-provider vultr --compute-provider digitalocean`, tokens and
 //! API roots from the environment): paid by the official x402 Python
-//! client, killed between the order and the provider's answer, and driven
-//! by `sgl compute`.
+//! client and by the official MPP Python client (pympp), killed between
+//! the order and the provider's answer (with credits held, and with
+//! per-request payments in flight), and driven by `sgl compute`.
 
 use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
@@ -14,10 +15,11 @@ use serde_json::{json, Value};
 use crate::compute_support::server::call;
 use crate::compute_support::{start_both, StandIn, DO_TOKEN, SSH_KEY, VULTR_TOKEN};
 use crate::grid_support::{
-    free_port, funded_api_key, python_has, run_py, sgl_ok, wait_until, Proc, SGL,
+    api_key, free_port, funded_api_key, python_has, run_py, wait_until, Proc, SGL,
 };
 use crate::pay_common::facilitator;
 use crate::pay_common::server::PAY_TO;
+use crate::pay_common::signing::{self, PayParams};
 use crate::pay_common::stores::cli_databases;
 
 const SECRET: &str = "4242424242424242424242424242424242424242424242424242424242424242";
@@ -65,56 +67,100 @@ fn vultr_order(credits: bool) -> Value {
         "prepaid_hours": 24, "use_credits": credits})
 }
 
+/// Send `body` to `url` in the background, wait until `arrived` holds
+/// (what the provider was asked), then SIGKILL the coordinator `c`: the
+/// answer is never read.
+async fn kill_when(
+    c: &mut Proc,
+    sends: Vec<tokio::task::JoinHandle<()>>,
+    what: &str,
+    arrived: impl FnMut() -> bool,
+) {
+    wait_until(what, Duration::from_secs(30), arrived);
+    c.0.kill().unwrap();
+    c.0.wait().unwrap();
+    for s in sends {
+        let _ = s.await;
+    }
+}
+
+/// The instances an API key lists.
+async fn instances(base: &str, key: &str) -> Vec<Value> {
+    let (st, l, _) = call(
+        Method::GET,
+        &format!("{base}/compute/instances"),
+        Some(key),
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{l}");
+    l["instances"].as_array().unwrap().clone()
+}
+
+/// Both stand-ins, a `--dev` coordinator on them, and an API key of a
+/// wallet holding $1 of credits.
+struct Credited {
+    vultr: StandIn,
+    dig: StandIn,
+    key: String,
+    port: u16,
+    base: String,
+    c: Proc,
+}
+
+async fn credited(db: &str, wallet: &str) -> Credited {
+    let (vultr, dig) = start_both().await;
+    let key = funded_api_key(db, wallet, "1");
+    let port = free_port();
+    let c = coordinator(db, port, &vultr, &dig, &["--dev"]);
+    Credited {
+        vultr,
+        dig,
+        key,
+        port,
+        base: format!("http://127.0.0.1:{port}"),
+        c,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_between_order_and_provider_answer_reconciles_to_one_state() {
     let dir = tempfile::tempdir().unwrap();
     for db in cli_databases("machines_kill", dir.path()) {
-        let (vultr, dig) = start_both().await;
         let wallet = "0x3000000000000000000000000000000000000003";
-        let key = funded_api_key(&db.url, wallet, "1");
-        let port = free_port();
-        let base = format!("http://127.0.0.1:{port}");
-        let mut c = coordinator(&db.url, port, &vultr, &dig, &["--dev"]);
+        let Credited {
+            vultr,
+            dig,
+            key,
+            port,
+            base,
+            mut c,
+        } = credited(&db.url, wallet).await;
 
-        // The stand-in creates the machine, then never answers.
+        // The stand-in creates the machine, then never answers; SIGKILL
+        // between the written order and the provider's answer.
         vultr.state.hang_create.store(true, Ordering::SeqCst);
-        let (b, k) = (base.clone(), key.clone());
-        let pending = tokio::spawn(async move {
-            reqwest::Client::new()
-                .post(format!("{b}/compute/provision"))
-                .header("x-api-key", k)
-                .json(&vultr_order(true))
-                .send()
-                .await
-        });
-        let state = vultr.state.clone();
-        wait_until(
-            "the provider to receive the create",
-            Duration::from_secs(30),
-            || state.creates.load(Ordering::SeqCst) == 1,
+        let send = send_in_background(
+            format!("{base}/compute/provision"),
+            Some(key.clone()),
+            vultr_order(true),
+            vec![],
         );
-        // SIGKILL between the written order and the provider's answer.
-        c.0.kill().unwrap();
-        c.0.wait().unwrap();
-        let _ = pending.await;
+        let state = vultr.state.clone();
+        kill_when(&mut c, vec![send], "the provider to create", || {
+            state.creates.load(Ordering::SeqCst) == 1
+        })
+        .await;
         let held = crate::grid_support::balance(&db.url, wallet);
         assert!(held.contains("held 0.2016 USD"), "{held}");
 
         vultr.state.hang_create.store(false, Ordering::SeqCst);
         let _c = coordinator(&db.url, port, &vultr, &dig, &["--dev"]);
-        let (st, l, _) = call(
-            Method::GET,
-            &format!("{base}/compute/instances"),
-            Some(&key),
-            None,
-            &[],
-        )
-        .await;
-        assert_eq!(st, StatusCode::OK, "{l}");
-        let list = l["instances"].as_array().unwrap();
-        assert_eq!(list.len(), 1, "{l}");
+        let list = instances(&base, &key).await;
+        assert_eq!(list.len(), 1, "{list:?}");
         // Found by its tag and adopted: active and charged once.
-        assert_eq!(list[0]["status"], "active", "{l}");
+        assert_eq!(list[0]["status"], "active", "{list:?}");
         assert!(list[0]["ip_address"].is_string());
         let balance = crate::grid_support::balance(&db.url, wallet);
         assert!(
@@ -126,6 +172,244 @@ async fn killed_between_order_and_provider_answer_reconciles_to_one_state() {
         assert_eq!(vultr.state.creates_for(&tag), 1);
         assert_eq!(vultr.state.max_creates_per_tag(), 1);
         assert_eq!(vultr.state.machine_count(), 1);
+    }
+}
+
+/// The payment headers answering the 402 that an unpaid `body` at `url`
+/// gets: x402 v1 (`X-PAYMENT`) or MPP (`Authorization: Payment`), signed
+/// by Anvil key #0.
+async fn paid_headers(url: &str, body: &Value, mpp: bool) -> Vec<(&'static str, String)> {
+    let (st, challenge, h) = call(Method::POST, url, None, Some(body), &[]).await;
+    assert_eq!(st, StatusCode::PAYMENT_REQUIRED, "{challenge}");
+    let k = signing::key(signing::ANVIL0);
+    if mpp {
+        let c = h["www-authenticate"].to_str().unwrap();
+        vec![("Authorization", signing::mpp_credential(&k, c, None))]
+    } else {
+        let amount: u64 = challenge["accepts"][0]["maxAmountRequired"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        vec![("X-PAYMENT", PayParams::new(PAY_TO, amount).x402_v1(&k))]
+    }
+}
+
+/// Send `body` to `url` with `headers` in the background (its answer
+/// never comes: the coordinator is killed first).
+fn send_in_background(
+    url: String,
+    key: Option<String>,
+    body: Value,
+    headers: Vec<(&'static str, String)>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut req = reqwest::Client::new().post(url).json(&body);
+        if let Some(k) = key {
+            req = req.header("x-api-key", k);
+        }
+        for (n, v) in headers {
+            req = req.header(n, v);
+        }
+        let _ = req.send().await;
+    })
+}
+
+/// A wallet's orders, as a new API key of it lists them.
+async fn orders_of(base: &str, db: &str, wallet: &str) -> Vec<Value> {
+    instances(base, &api_key(db, wallet)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_before_the_provider_saw_the_order_reconciles_to_no_charge() {
+    let dir = tempfile::tempdir().unwrap();
+    for db in cli_databases("machines_kill_early", dir.path()) {
+        let wallet = "0x3000000000000000000000000000000000000004";
+        let Credited {
+            vultr,
+            dig,
+            key,
+            port,
+            base,
+            mut c,
+        } = credited(&db.url, wallet).await;
+
+        // The create request arrives, but the provider never books the
+        // machine nor answers (lost on the way, from the provider's side).
+        // SIGKILL with the order written (and its price held) and no
+        // machine at the provider.
+        vultr.state.hang_before_create.store(true, Ordering::SeqCst);
+        let send = send_in_background(
+            format!("{base}/compute/provision"),
+            Some(key.clone()),
+            vultr_order(true),
+            vec![],
+        );
+        let state = vultr.state.clone();
+        kill_when(&mut c, vec![send], "the create request to arrive", || {
+            state.create_requests.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        let held = crate::grid_support::balance(&db.url, wallet);
+        assert!(held.contains("held 0.2016 USD"), "{held}");
+
+        vultr
+            .state
+            .hang_before_create
+            .store(false, Ordering::SeqCst);
+        let _c = coordinator(&db.url, port, &vultr, &dig, &["--dev"]);
+        let list = instances(&base, &key).await;
+        assert_eq!(list.len(), 1, "{list:?}");
+        // Asked by its tag, the provider has no machine: void, the hold
+        // released whole, nothing charged, nothing created.
+        assert_eq!(list[0]["status"], "failed", "{list:?}");
+        assert!(list[0]["provider_instance_id"].is_null());
+        let balance = crate::grid_support::balance(&db.url, wallet);
+        assert!(
+            balance.contains("balance 1.00 USD, held 0.00 USD"),
+            "{}: {balance}",
+            db.backend
+        );
+        let tag = format!("sgl-order-{}", list[0]["id"].as_str().unwrap());
+        assert_eq!(vultr.state.creates_for(&tag), 0);
+        assert_eq!(vultr.state.creates.load(Ordering::SeqCst), 0);
+        assert_eq!(vultr.state.machine_count(), 0);
+        // The restarted coordinator serves new orders as usual.
+        let (st, v, _) = call(
+            Method::POST,
+            &format!("{base}/compute/provision"),
+            Some(&key),
+            Some(&vultr_order(true)),
+            &[],
+        )
+        .await;
+        assert_eq!(
+            (st, v["order"]["status"].as_str()),
+            (StatusCode::OK, Some("active")),
+            "{v}"
+        );
+        assert_eq!(vultr.state.max_creates_per_tag(), 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_with_per_request_payments_in_flight_reconciles_to_no_charge() {
+    let dir = tempfile::tempdir().unwrap();
+    for db in cli_databases("machines_kill_paid", dir.path()) {
+        let (vultr, dig) = start_both().await;
+        let fac = facilitator::start().await;
+        let port = free_port();
+        let base = format!("http://127.0.0.1:{port}");
+        let pay_to = format!("{PAY_TO:#x}");
+        let args = ["--pay-to", &pay_to, "--facilitator-url", &fac.url, "--mpp"];
+        let mut c = coordinator(&db.url, port, &vultr, &dig, &args);
+
+        // An x402 order on Vultr and an MPP order on DigitalOcean: each
+        // payment verified (its authorization held only by this process),
+        // each machine created at the provider, neither answer ever sent.
+        vultr.state.hang_create.store(true, Ordering::SeqCst);
+        dig.state.hang_create.store(true, Ordering::SeqCst);
+        let url = format!("{base}/compute/provision");
+        let do_order = json!({"plan": "do:s-1vcpu-1gb", "region": "nyc3", "os_id": 123456789u64,
+            "label": "mpp", "prepaid_hours": 24, "ssh_public_key": SSH_KEY});
+        let x402 = paid_headers(&url, &vultr_order(false), false).await;
+        let mpp = paid_headers(&url, &do_order, true).await;
+        let sends = vec![
+            send_in_background(url.clone(), None, vultr_order(false), x402),
+            send_in_background(url.clone(), None, do_order, mpp),
+        ];
+        let (vs, ds) = (vultr.state.clone(), dig.state.clone());
+        kill_when(&mut c, sends, "both providers to create", || {
+            vs.creates.load(Ordering::SeqCst) == 1 && ds.creates.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        assert_eq!(vultr.state.machine_count() + dig.state.machine_count(), 2);
+
+        vultr.state.hang_create.store(false, Ordering::SeqCst);
+        dig.state.hang_create.store(false, Ordering::SeqCst);
+        let _c = coordinator(&db.url, port, &vultr, &dig, &args);
+        let payer = format!("{:#x}", signing::address(&signing::key(signing::ANVIL0)));
+        let orders = orders_of(&base, &db.url, &payer).await;
+        assert_eq!(orders.len(), 2, "{orders:?}");
+        // The payments were never settled, so neither machine may live:
+        // both were found by tag and destroyed, both orders void, and
+        // nothing was charged or credited.
+        for o in &orders {
+            assert_eq!(o["status"], "failed", "{}: {o}", db.backend);
+            assert!(o["tx_hash"].is_null(), "{o}");
+            let tag = format!("sgl-order-{}", o["id"].as_str().unwrap());
+            let stand = if o["provider"] == "vultr" {
+                &vultr
+            } else {
+                &dig
+            };
+            assert_eq!(stand.state.creates_for(&tag), 1, "{o}");
+        }
+        let mut funding: Vec<&str> = orders
+            .iter()
+            .map(|o| o["payment"].as_str().unwrap())
+            .collect();
+        funding.sort_unstable();
+        assert_eq!(funding, ["mpp", "x402-v1"]);
+        assert_eq!(vultr.state.machine_count() + dig.state.machine_count(), 0);
+        assert_eq!(vultr.state.max_creates_per_tag(), 1);
+        assert_eq!(dig.state.max_creates_per_tag(), 1);
+        assert_eq!(fac.state.settle_calls.load(Ordering::SeqCst), 0);
+        let balance = crate::grid_support::balance(&db.url, &payer);
+        assert!(
+            balance.contains("balance 0.00 USD, held 0.00 USD"),
+            "{}: {balance}",
+            db.backend
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn official_mpp_python_client_rents_a_machine_without_an_account() {
+    if !python_has("mpp, mpp.methods.evm, eth_account, httpx") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for db in cli_databases("machines_pympp", dir.path()) {
+        let (vultr, dig) = start_both().await;
+        let fac = facilitator::start().await;
+        let port = free_port();
+        let base = format!("http://127.0.0.1:{port}");
+        let pay_to = format!("{PAY_TO:#x}");
+        let _c = coordinator(
+            &db.url,
+            port,
+            &vultr,
+            &dig,
+            &["--pay-to", &pay_to, "--facilitator-url", &fac.url, "--mpp"],
+        );
+        // Seed 000's MPP example.
+        let order = json!({"plan": "vc2-1c-1gb", "region": "ewr", "os_id": 2284,
+            "label": "mpp-vps", "prepaid_hours": 24, "ssh_public_key": SSH_KEY});
+        let out = run_py("mpp_machines_pay.py", &[&base, &order.to_string()]).await;
+        let field = |name: &str| {
+            out.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}=")))
+                .unwrap_or_else(|| panic!("no {name}= in {out}"))
+                .to_owned()
+        };
+        let (payer, id) = (field("payer"), field("order"));
+        // Provision and the keyed extension settled; the unauthenticated
+        // extension and the replay did not.
+        assert_eq!(fac.state.settle_calls.load(Ordering::SeqCst), 2);
+        assert_eq!(vultr.state.machine_count(), 1);
+        let orders = orders_of(&base, &db.url, &payer).await;
+        assert_eq!(orders.len(), 1);
+        let o = &orders[0];
+        assert_eq!(
+            (o["id"].as_str(), o["payment"].as_str()),
+            (Some(id.as_str()), Some("mpp"))
+        );
+        assert_eq!(o["status"], "active");
+        // vc2-1c-1gb at $0.0084/h: 24 h provisioned, 24 h extended.
+        assert_eq!(o["paid_micros"], 8_400 * 48);
+        assert_eq!(o["prepaid_hours"], 48);
+        assert_eq!(o["ssh_key"], true);
     }
 }
 
@@ -155,30 +439,8 @@ async fn official_x402_python_client_rents_a_machine_from_the_coordinator() {
         assert_eq!(dig.state.machine_count(), 2);
         // The payer owns them: its API key lists both.
         let payer = "0xf39fd6e51aad88f6f4ce6ab8827279cfffb92266";
-        let key = sgl_ok(&[
-            "coordinator",
-            "keys",
-            "create",
-            "--wallet",
-            payer,
-            "--database-url",
-            &db.url,
-        ]);
-        let (st, l, _) = call(
-            Method::GET,
-            &format!("{base}/compute/instances"),
-            Some(key.trim()),
-            None,
-            &[],
-        )
-        .await;
-        assert_eq!(st, StatusCode::OK);
-        let listed: Vec<&str> = l["instances"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|i| i["id"].as_str().unwrap())
-            .collect();
+        let list = orders_of(&base, &db.url, payer).await;
+        let listed: Vec<&str> = list.iter().map(|i| i["id"].as_str().unwrap()).collect();
         for id in ids {
             assert!(listed.contains(&id), "{id} not in {listed:?}");
         }
@@ -229,16 +491,7 @@ async fn sgl_compute_drives_the_lifecycle() {
             &["--pay-to", &pay_to, "--facilitator-url", &fac.url],
         );
         let payer = "0xf39fd6e51aad88f6f4ce6ab8827279cfffb92266";
-        let key = sgl_ok(&[
-            "coordinator",
-            "keys",
-            "create",
-            "--wallet",
-            payer,
-            "--database-url",
-            &db.url,
-        ]);
-        let key = key.trim().to_owned();
+        let key = api_key(&db.url, payer);
         let wk = ["--wallet-key-file", wallet_file.as_str()];
 
         let plans = json_of(sgl_compute(&base, &["plans", "--type", "vps", "--json"]));

@@ -143,13 +143,46 @@ async fn digitalocean_client_pages_retries_creates_and_resizes() {
         d.find_by_tag("sgl-order-d1").await.unwrap().unwrap().id,
         created.id
     );
+    // DigitalOcean refuses to resize a running droplet (422
+    // unprocessable_entity), as a request sent straight to the stand-in
+    // shows; the client powers it off first and on again after.
+    let raw = reqwest::Client::new()
+        .post(format!("{}/droplets/{}/actions", s.url, created.id))
+        .bearer_auth(DO_TOKEN)
+        .json(&serde_json::json!({"type": "resize", "size": "s-1vcpu-2gb", "disk": false}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(raw.status(), 422);
+    let body: serde_json::Value = raw.json().await.unwrap();
+    assert_eq!(body["id"], "unprocessable_entity");
+    assert!(s.state.resizes.lock().unwrap().is_empty());
+    s.state.action_log.lock().unwrap().clear();
+    s.state.actions_refused.lock().unwrap().clear();
+
     d.resize(&created.id, "s-1vcpu-2gb", true).await.unwrap();
     assert_eq!(
         s.state.resizes.lock().unwrap().last().unwrap(),
         &(created.id.clone(), "s-1vcpu-2gb".to_owned(), true)
     );
+    let kinds =
+        |log: &[(String, String)]| -> Vec<String> { log.iter().map(|(_, k)| k.clone()).collect() };
+    assert_eq!(
+        kinds(&s.state.action_log.lock().unwrap()),
+        ["power_off", "resize", "power_on"]
+    );
+    // Each action was awaited: none was refused for a pending one.
+    assert!(s.state.actions_refused.lock().unwrap().is_empty());
+    let after = d.get(&created.id).await.unwrap();
+    assert_eq!(after.status, "active", "powered on again");
     let e = d.resize(&created.id, "c-2", false).await.unwrap_err();
     assert!(matches!(&e, ProviderError::Api { status: 422, .. }), "{e}");
+    // A refused resize still powers the droplet on again.
+    assert_eq!(
+        kinds(&s.state.action_log.lock().unwrap())[3..],
+        ["power_off", "power_on"]
+    );
+    assert_eq!(d.get(&created.id).await.unwrap().status, "active");
     d.delete(&created.id).await.unwrap();
     d.delete(&created.id).await.unwrap();
     let e = d.get(&created.id).await.unwrap_err();

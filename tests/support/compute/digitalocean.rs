@@ -2,7 +2,9 @@
 //! `/v2/images?type=distribution` (page paging: `links.pages.next` is the
 //! next page's URL), `POST /v2/account/keys`, `POST /v2/droplets` (202,
 //! `new`, no networks), `GET /v2/droplets[?tag_name=]`, `GET|DELETE
-//! /v2/droplets/{id}`, `POST /v2/droplets/{id}/actions` (`resize`).
+//! /v2/droplets/{id}`, `POST /v2/droplets/{id}/actions` (`power_off`,
+//! `power_on`, `resize` of a droplet that is off) and `GET
+//! /v2/droplets/{id}/actions/{action_id}`.
 //! Errors are `{"id": "…", "message": "…"}`.
 
 use std::sync::atomic::Ordering;
@@ -15,7 +17,10 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use super::{gate, json, page_of, Machine, StandIn, StandState, ACTIVE_AFTER_GETS, DO_TOKEN};
+use super::{
+    gate, json, no_content, page_of, tags_of, Machine, StandAction, StandIn, StandState,
+    ACTIVE_AFTER_GETS, DO_TOKEN,
+};
 
 type S = State<(Arc<StandState>, String)>;
 type Q = Query<std::collections::HashMap<String, String>>;
@@ -108,8 +113,13 @@ fn paged(base: &str, path: &str, key: &str, items: &[Value], q: &Q) -> Response 
     )
 }
 
-fn droplet_json(m: &Machine) -> Value {
+fn droplet_json(s: &StandState, m: &Machine) -> Value {
     let active = m.gets > ACTIVE_AFTER_GETS;
+    let status = match (active, m.off) {
+        (false, _) => "new",
+        (true, true) => "off",
+        (true, false) => "active",
+    };
     let v4 = if active {
         json!([{"ip_address": "10.128.0.5", "netmask": "255.255.0.0", "gateway": "", "type": "private"},
                {"ip_address": m.ip, "netmask": "255.255.240.0", "gateway": "198.51.100.1", "type": "public"}])
@@ -118,7 +128,7 @@ fn droplet_json(m: &Machine) -> Value {
     };
     json!({
         "id": m.id.parse::<u64>().unwrap_or(0), "name": m.label, "memory": 1024, "vcpus": 1,
-        "disk": m.disk, "locked": false, "status": if active { "active" } else { "new" },
+        "disk": m.disk, "locked": locked(s, &m.id), "status": status,
         "created_at": "2026-01-01T00:00:00Z", "features": [], "backup_ids": [],
         "snapshot_ids": [], "image": {"id": m.os_id}, "size_slug": m.plan,
         "networks": {"v4": v4, "v6": []}, "region": {"slug": m.region, "name": m.region},
@@ -177,11 +187,8 @@ async fn create(State((s, _)): S, h: HeaderMap, Json(b): Json<Value>) -> Respons
     if let Some(r) = gate(&s, &h, DO_TOKEN, err) {
         return r;
     }
-    if s.fail_create.load(Ordering::SeqCst) {
-        return err(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "Server was unable to give you a response.",
-        );
+    if let Some(r) = s.create_gate(StatusCode::UNPROCESSABLE_ENTITY, err).await {
+        return r;
     }
     let (Some(name), Some(region), Some(size), Some(image)) = (
         b["name"].as_str(),
@@ -204,43 +211,25 @@ async fn create(State((s, _)): S, h: HeaderMap, Json(b): Json<Value>) -> Respons
         return err(StatusCode::UNPROCESSABLE_ENTITY, "Size is not available.");
     };
     let n = s.next();
-    let tags: Vec<String> = b["tags"]
-        .as_array()
-        .map(|t| {
-            t.iter()
-                .filter_map(|v| v.as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default();
     let m = Machine {
         id: (3_164_000 + n).to_string(),
         plan: size.into(),
         region: region.into(),
         os_id: image,
         label: name.into(),
-        tags: tags.clone(),
+        tags: tags_of(&b),
         ssh_keys: b["ssh_keys"].as_array().cloned().unwrap_or_default(),
         gets: 0,
         ip: format!("198.51.100.{}", n % 250 + 1),
         password: String::new(),
         disk: sz["disk"].as_u64().unwrap_or(0),
         deleted: false,
+        off: false,
     };
-    s.creates.fetch_add(1, Ordering::SeqCst);
-    for t in &tags {
-        *s.creates_by_tag
-            .lock()
-            .unwrap()
-            .entry(t.clone())
-            .or_default() += 1;
-    }
-    s.machines.lock().unwrap().insert(m.id.clone(), m.clone());
-    if s.hang_create.load(Ordering::SeqCst) {
-        std::future::pending::<()>().await;
-    }
+    s.book(&m).await;
     json(
         StatusCode::ACCEPTED,
-        json!({"droplet": droplet_json(&m),
+        json!({"droplet": droplet_json(&s, &m),
             "links": {"actions": [{"id": 7515, "rel": "create", "href": "https://api.digitalocean.com/v2/actions/7515"}]}}),
     )
 }
@@ -249,15 +238,7 @@ async fn list_droplets(State((s, base)): S, h: HeaderMap, q: Q) -> Response {
     if let Some(r) = gate(&s, &h, DO_TOKEN, err) {
         return r;
     }
-    let all: Vec<Value> = s
-        .machines
-        .lock()
-        .unwrap()
-        .values()
-        .filter(|m| !m.deleted)
-        .filter(|m| q.get("tag_name").is_none_or(|t| m.tags.contains(t)))
-        .map(droplet_json)
-        .collect();
+    let all = s.listed(q.get("tag_name"), |m| droplet_json(&s, m));
     paged(&base, "/droplets", "droplets", &all, &q)
 }
 
@@ -271,12 +252,8 @@ async fn get_droplet(State((s, _)): S, h: HeaderMap, Path(id): Path<String>) -> 
             "Server was unable to give you a response.",
         );
     }
-    let mut machines = s.machines.lock().unwrap();
-    match machines.get_mut(&id).filter(|m| !m.deleted) {
-        Some(m) => {
-            m.gets += 1;
-            json(StatusCode::OK, json!({"droplet": droplet_json(m)}))
-        }
+    match s.polled(&id, |m| droplet_json(&s, m)) {
+        Some(v) => json(StatusCode::OK, json!({"droplet": v})),
         None => err(
             StatusCode::NOT_FOUND,
             "The resource you were accessing could not be found.",
@@ -288,20 +265,40 @@ async fn delete_droplet(State((s, _)): S, h: HeaderMap, Path(id): Path<String>) 
     if let Some(r) = gate(&s, &h, DO_TOKEN, err) {
         return r;
     }
-    let mut machines = s.machines.lock().unwrap();
-    match machines.get_mut(&id).filter(|m| !m.deleted) {
-        Some(m) => {
-            m.deleted = true;
-            s.deletes.fetch_add(1, Ordering::SeqCst);
-            axum::response::IntoResponse::into_response(StatusCode::NO_CONTENT)
-        }
-        None => err(
+    if s.remove(&id) {
+        no_content()
+    } else {
+        err(
             StatusCode::NOT_FOUND,
             "The resource you were accessing could not be found.",
-        ),
+        )
     }
 }
 
+/// Whether droplet `id` has an action still in progress (DigitalOcean
+/// locks it: another action is refused with 422).
+fn locked(s: &StandState, id: &str) -> bool {
+    s.actions
+        .lock()
+        .unwrap()
+        .values()
+        .any(|a| a.droplet == id && !a.completed())
+}
+
+fn action_json(a: &StandAction, region: &str) -> Value {
+    let done = a.completed();
+    json!({"action": {"id": a.id, "status": if done { "completed" } else { "in-progress" },
+        "type": a.kind, "started_at": "2026-01-01T00:00:00Z",
+        "completed_at": if done { json!("2026-01-01T00:01:00Z") } else { Value::Null },
+        "resource_id": a.droplet.parse::<u64>().unwrap_or(0), "resource_type": "droplet",
+        "region_slug": region}})
+}
+
+/// `POST /v2/droplets/{id}/actions`: `power_off`, `power_on` and `resize`
+/// (`size`, `disk`). As at DigitalOcean, an action on a droplet with one
+/// still in progress, and a resize of a droplet that is not off, are
+/// refused with 422 `unprocessable_entity`. The effect is applied at once;
+/// the action reports `completed` after it was polled.
 async fn droplet_action(
     State((s, _)): S,
     h: HeaderMap,
@@ -311,21 +308,7 @@ async fn droplet_action(
     if let Some(r) = gate(&s, &h, DO_TOKEN, err) {
         return r;
     }
-    if b["type"] != "resize" {
-        return err(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "Action type is not supported here.",
-        );
-    }
-    let (Some(size), Some(disk)) = (b["size"].as_str(), b["disk"].as_bool()) else {
-        return err(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "size and disk are required.",
-        );
-    };
-    let Some(sz) = sizes().into_iter().find(|p| p["slug"] == size) else {
-        return err(StatusCode::UNPROCESSABLE_ENTITY, "Size is not available.");
-    };
+    let kind = b["type"].as_str().unwrap_or("").to_owned();
     let mut machines = s.machines.lock().unwrap();
     let Some(m) = machines.get_mut(&id).filter(|m| !m.deleted) else {
         return err(
@@ -333,28 +316,82 @@ async fn droplet_action(
             "The resource you were accessing could not be found.",
         );
     };
-    let new_disk = sz["disk"].as_u64().unwrap_or(0);
-    if new_disk < m.disk {
-        return err(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "The disk of a Droplet cannot be decreased.",
-        );
+    let refuse = |message: &str| {
+        s.actions_refused
+            .lock()
+            .unwrap()
+            .push((id.clone(), kind.clone()));
+        err(StatusCode::UNPROCESSABLE_ENTITY, message)
+    };
+    if locked(&s, &id) {
+        return refuse("Droplet already has a pending event.");
     }
-    m.plan = size.into();
-    if disk {
-        m.disk = new_disk;
+    match kind.as_str() {
+        "power_off" => m.off = true,
+        "power_on" => m.off = false,
+        "resize" => {
+            let (Some(size), Some(disk)) = (b["size"].as_str(), b["disk"].as_bool()) else {
+                return refuse("size and disk are required.");
+            };
+            if !m.off {
+                return refuse("Droplet is currently on. Please power it off to run this event.");
+            }
+            let Some(sz) = sizes().into_iter().find(|p| p["slug"] == size) else {
+                return refuse("Size is not available.");
+            };
+            let new_disk = sz["disk"].as_u64().unwrap_or(0);
+            if new_disk < m.disk {
+                return refuse("The disk of a Droplet cannot be decreased.");
+            }
+            m.plan = size.into();
+            if disk {
+                m.disk = new_disk;
+            }
+            s.resizes
+                .lock()
+                .unwrap()
+                .push((id.clone(), size.to_owned(), disk));
+        }
+        _ => return refuse("Action type is not supported here."),
     }
-    s.resizes
+    let a = StandAction {
+        id: 36_804_000 + s.next() as u64,
+        droplet: id.clone(),
+        kind: kind.clone(),
+        gets: 0,
+    };
+    s.actions.lock().unwrap().insert(a.id, a.clone());
+    s.action_log.lock().unwrap().push((id.clone(), kind));
+    json(StatusCode::CREATED, action_json(&a, &m.region))
+}
+
+/// `GET /v2/droplets/{id}/actions/{action_id}`.
+async fn get_action(
+    State((s, _)): S,
+    h: HeaderMap,
+    Path((id, action_id)): Path<(String, u64)>,
+) -> Response {
+    if let Some(r) = gate(&s, &h, DO_TOKEN, err) {
+        return r;
+    }
+    let region = s
+        .machines
         .lock()
         .unwrap()
-        .push((id.clone(), size.to_owned(), disk));
-    json(
-        StatusCode::CREATED,
-        json!({"action": {"id": 36804745, "status": "in-progress", "type": "resize",
-            "started_at": "2026-01-01T00:00:00Z", "completed_at": null,
-            "resource_id": id.parse::<u64>().unwrap_or(0), "resource_type": "droplet",
-            "region_slug": m.region}}),
-    )
+        .get(&id)
+        .map(|m| m.region.clone())
+        .unwrap_or_default();
+    let mut actions = s.actions.lock().unwrap();
+    match actions.get_mut(&action_id).filter(|a| a.droplet == id) {
+        Some(a) => {
+            a.gets += 1;
+            json(StatusCode::OK, action_json(a, &region))
+        }
+        None => err(
+            StatusCode::NOT_FOUND,
+            "The resource you were accessing could not be found.",
+        ),
+    }
 }
 
 pub async fn start() -> StandIn {
@@ -371,6 +408,7 @@ pub async fn start() -> StandIn {
         .route("/v2/droplets", post(create).get(list_droplets))
         .route("/v2/droplets/{id}", get(get_droplet).delete(delete_droplet))
         .route("/v2/droplets/{id}/actions", post(droplet_action))
+        .route("/v2/droplets/{id}/actions/{action_id}", get(get_action))
         .with_state((state.clone(), base.clone()));
     tokio::spawn(async move { axum::serve(listener, app).await });
     StandIn { url: base, state }

@@ -37,7 +37,35 @@ pub struct Machine {
     pub password: String,
     pub disk: u64,
     pub deleted: bool,
+    /// Powered off (DigitalOcean: a resize needs it).
+    pub off: bool,
 }
+
+/// A DigitalOcean droplet action at the stand-in.
+#[derive(Clone, Debug)]
+pub struct StandAction {
+    pub id: u64,
+    pub droplet: String,
+    /// `power_off`, `power_on` or `resize`.
+    pub kind: String,
+    /// Polls answered so far (it completes after `ACTION_DONE_AFTER_GETS`).
+    pub gets: usize,
+}
+
+impl StandAction {
+    pub fn completed(&self) -> bool {
+        self.gets >= ACTION_DONE_AFTER_GETS
+    }
+}
+
+/// An action answers `in-progress` to this many polls minus one, then
+/// `completed`; until then its droplet is locked.
+pub const ACTION_DONE_AFTER_GETS: usize = 2;
+
+/// The reason a stand-in gives when `refuse_create` is on.
+pub const REFUSAL: &str = "Server add failed: this plan is sold out in the selected location.";
+/// The message of a create that fails with 500 (`fail_create`).
+pub const FAILURE: &str = "Unable to create the machine: internal error.";
 
 /// A machine answers `pending` to this many GETs, then `active`.
 pub const ACTIVE_AFTER_GETS: usize = 1;
@@ -50,6 +78,12 @@ pub struct StandState {
     pub creates: AtomicUsize,
     pub deletes: AtomicUsize,
     pub resizes: Mutex<Vec<(String, String, bool)>>,
+    /// DigitalOcean droplet actions by id.
+    pub actions: Mutex<BTreeMap<u64, StandAction>>,
+    /// Every droplet action accepted, in order: (droplet, type).
+    pub action_log: Mutex<Vec<(String, String)>>,
+    /// Every droplet action refused with 422, in order: (droplet, type).
+    pub actions_refused: Mutex<Vec<(String, String)>>,
     pub ssh_keys: Mutex<Vec<String>>,
     /// Every catalogue request (plans/sizes, regions, os/images).
     pub catalogue_calls: AtomicUsize,
@@ -64,6 +98,14 @@ pub struct StandState {
     pub fail_get: AtomicBool,
     /// Creates record the machine, then never answer.
     pub hang_create: AtomicBool,
+    /// Creates never answer and create nothing (the order never reached
+    /// the provider's books).
+    pub hang_before_create: AtomicBool,
+    /// Creates are refused as a client error (4xx) with the provider's
+    /// reason, `REFUSAL`.
+    pub refuse_create: AtomicBool,
+    /// Create requests received (created or not).
+    pub create_requests: AtomicUsize,
     next_id: AtomicUsize,
 }
 
@@ -102,6 +144,82 @@ impl StandState {
             .unwrap()
             .get(id)
             .is_some_and(|m| !m.deleted)
+    }
+
+    /// What every create does first: count it, and hang or refuse when
+    /// switched to. Some(response) ends the request.
+    async fn create_gate(
+        &self,
+        refusal: StatusCode,
+        err: fn(StatusCode, &str) -> Response,
+    ) -> Option<Response> {
+        self.create_requests.fetch_add(1, Ordering::SeqCst);
+        if self.hang_before_create.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        if self.fail_create.load(Ordering::SeqCst) {
+            return Some(err(StatusCode::INTERNAL_SERVER_ERROR, FAILURE));
+        }
+        if self.refuse_create.load(Ordering::SeqCst) {
+            return Some(err(refusal, REFUSAL));
+        }
+        None
+    }
+
+    /// Book a machine the provider accepted: counted (also per tag) and
+    /// stored; then, when `hang_create` is on, the answer never comes.
+    async fn book(&self, m: &Machine) {
+        self.creates.fetch_add(1, Ordering::SeqCst);
+        for t in &m.tags {
+            *self
+                .creates_by_tag
+                .lock()
+                .unwrap()
+                .entry(t.clone())
+                .or_default() += 1;
+        }
+        self.machines
+            .lock()
+            .unwrap()
+            .insert(m.id.clone(), m.clone());
+        if self.hang_create.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// The live machines, carrying `tag` when one is given, as `render`
+    /// writes them.
+    fn listed(&self, tag: Option<&String>, render: impl Fn(&Machine) -> Value) -> Vec<Value> {
+        self.machines
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|m| !m.deleted && tag.is_none_or(|t| m.tags.contains(t)))
+            .map(render)
+            .collect()
+    }
+
+    /// Live machine `id`, counted as polled once more (it turns active
+    /// after `ACTIVE_AFTER_GETS`), as `render` writes it; None when it is
+    /// gone.
+    fn polled(&self, id: &str, render: impl Fn(&Machine) -> Value) -> Option<Value> {
+        let mut machines = self.machines.lock().unwrap();
+        let m = machines.get_mut(id).filter(|m| !m.deleted)?;
+        m.gets += 1;
+        Some(render(m))
+    }
+
+    /// Delete live machine `id`; false when there was none.
+    fn remove(&self, id: &str) -> bool {
+        let mut machines = self.machines.lock().unwrap();
+        match machines.get_mut(id).filter(|m| !m.deleted) {
+            Some(m) => {
+                m.deleted = true;
+                self.deletes.fetch_add(1, Ordering::SeqCst);
+                true
+            }
+            None => false,
+        }
     }
 
     fn next(&self) -> usize {
@@ -143,6 +261,23 @@ fn gate(
         return Some(err(StatusCode::INTERNAL_SERVER_ERROR, "Internal error."));
     }
     None
+}
+
+/// The string items of a create body's `tags`.
+fn tags_of(body: &Value) -> Vec<String> {
+    body["tags"]
+        .as_array()
+        .map(|t| {
+            t.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// 204 No Content.
+fn no_content() -> Response {
+    StatusCode::NO_CONTENT.into_response()
 }
 
 fn json(status: StatusCode, v: Value) -> Response {

@@ -37,6 +37,8 @@ pub struct MachinesServer {
 pub fn api(url: &str, token: &str) -> ApiConfig {
     let mut c = ApiConfig::new(url, token);
     c.backoff = Duration::from_millis(5);
+    c.action_poll = Duration::from_millis(5);
+    c.action_attempts = 50;
     c
 }
 

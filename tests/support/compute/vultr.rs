@@ -14,7 +14,10 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use super::{gate, json, page_of, Machine, StandIn, StandState, ACTIVE_AFTER_GETS, VULTR_TOKEN};
+use super::{
+    gate, json, no_content, page_of, tags_of, Machine, StandIn, StandState, ACTIVE_AFTER_GETS,
+    VULTR_TOKEN,
+};
 
 type S = State<Arc<StandState>>;
 type Q = Query<std::collections::HashMap<String, String>>;
@@ -137,11 +140,8 @@ async fn create(State(s): S, h: HeaderMap, Json(b): Json<Value>) -> Response {
     if let Some(r) = gate(&s, &h, VULTR_TOKEN, err) {
         return r;
     }
-    if s.fail_create.load(Ordering::SeqCst) {
-        return err(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "Unable to create instance.",
-        );
+    if let Some(r) = s.create_gate(StatusCode::BAD_REQUEST, err).await {
+        return r;
     }
     let (Some(plan), Some(region), Some(os_id)) = (
         b["plan"].as_str(),
@@ -154,41 +154,22 @@ async fn create(State(s): S, h: HeaderMap, Json(b): Json<Value>) -> Response {
         return err(StatusCode::BAD_REQUEST, "Invalid plan.");
     };
     let n = s.next();
-    let tags: Vec<String> = b["tags"]
-        .as_array()
-        .map(|t| {
-            t.iter()
-                .filter_map(|v| v.as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default();
     let m = Machine {
         id: format!("cb676a46-66fd-4dfb-b839-{n:012}"),
         plan: plan.into(),
         region: region.into(),
         os_id,
         label: b["label"].as_str().unwrap_or("").into(),
-        tags: tags.clone(),
+        tags: tags_of(&b),
         ssh_keys: b["sshkey_id"].as_array().cloned().unwrap_or_default(),
         gets: 0,
         ip: format!("192.0.2.{}", n % 250 + 1),
         password: format!("v5{{Fkvb#2ycPGw{n}"),
         disk: p["disk"].as_u64().unwrap_or(0),
         deleted: false,
+        off: false,
     };
-    s.creates.fetch_add(1, Ordering::SeqCst);
-    for t in &tags {
-        *s.creates_by_tag
-            .lock()
-            .unwrap()
-            .entry(t.clone())
-            .or_default() += 1;
-    }
-    s.machines.lock().unwrap().insert(m.id.clone(), m.clone());
-    if s.hang_create.load(Ordering::SeqCst) {
-        // The machine exists; the answer never comes.
-        std::future::pending::<()>().await;
-    }
+    s.book(&m).await;
     let mut v = instance_json(&m);
     v["default_password"] = json!(m.password);
     json(StatusCode::ACCEPTED, json!({"instance": v}))
@@ -198,15 +179,7 @@ async fn list_instances(State(s): S, h: HeaderMap, q: Q) -> Response {
     if let Some(r) = gate(&s, &h, VULTR_TOKEN, err) {
         return r;
     }
-    let all: Vec<Value> = s
-        .machines
-        .lock()
-        .unwrap()
-        .values()
-        .filter(|m| !m.deleted)
-        .filter(|m| q.get("tag").is_none_or(|t| m.tags.contains(t)))
-        .map(instance_json)
-        .collect();
+    let all = s.listed(q.get("tag"), instance_json);
     paged("instances", &all, &q)
 }
 
@@ -217,12 +190,8 @@ async fn get_instance(State(s): S, h: HeaderMap, Path(id): Path<String>) -> Resp
     if s.fail_get.load(Ordering::SeqCst) {
         return err(StatusCode::INTERNAL_SERVER_ERROR, "Internal error.");
     }
-    let mut machines = s.machines.lock().unwrap();
-    match machines.get_mut(&id).filter(|m| !m.deleted) {
-        Some(m) => {
-            m.gets += 1;
-            json(StatusCode::OK, json!({"instance": instance_json(m)}))
-        }
+    match s.polled(&id, instance_json) {
+        Some(v) => json(StatusCode::OK, json!({"instance": v})),
         None => err(StatusCode::NOT_FOUND, "Instance not found."),
     }
 }
@@ -264,14 +233,10 @@ async fn delete_instance(State(s): S, h: HeaderMap, Path(id): Path<String>) -> R
     if let Some(r) = gate(&s, &h, VULTR_TOKEN, err) {
         return r;
     }
-    let mut machines = s.machines.lock().unwrap();
-    match machines.get_mut(&id).filter(|m| !m.deleted) {
-        Some(m) => {
-            m.deleted = true;
-            s.deletes.fetch_add(1, Ordering::SeqCst);
-            axum::response::IntoResponse::into_response(StatusCode::NO_CONTENT)
-        }
-        None => err(StatusCode::NOT_FOUND, "Instance not found."),
+    if s.remove(&id) {
+        no_content()
+    } else {
+        err(StatusCode::NOT_FOUND, "Instance not found.")
     }
 }
 

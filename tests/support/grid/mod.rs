@@ -194,10 +194,10 @@ pub async fn wait_online(base: &str, timeout: Duration) -> Value {
     }
 }
 
-/// An API key for `wallet` holding `usd` of credits, made with the real CLI
-/// in the coordinator's database.
-pub fn funded_api_key(db: &str, wallet: &str, usd: &str) -> String {
-    let key = sgl_ok(&[
+/// A new API key for `wallet`, made with the real CLI in the
+/// coordinator's database.
+pub fn api_key(db: &str, wallet: &str) -> String {
+    sgl_ok(&[
         "coordinator",
         "keys",
         "create",
@@ -205,7 +205,15 @@ pub fn funded_api_key(db: &str, wallet: &str, usd: &str) -> String {
         wallet,
         "--database-url",
         db,
-    ]);
+    ])
+    .trim()
+    .to_string()
+}
+
+/// An API key for `wallet` holding `usd` of credits, made with the real CLI
+/// in the coordinator's database.
+pub fn funded_api_key(db: &str, wallet: &str, usd: &str) -> String {
+    let key = api_key(db, wallet);
     sgl_ok(&[
         "coordinator",
         "credits",
@@ -217,7 +225,7 @@ pub fn funded_api_key(db: &str, wallet: &str, usd: &str) -> String {
         "--database-url",
         db,
     ]);
-    key.trim().to_string()
+    key
 }
 
 /// `sgl coordinator credits balance` for `wallet`, as printed.
