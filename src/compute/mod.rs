@@ -11,11 +11,13 @@
 //! - [`http`]: the `/compute/…` routes, on the same [`Payments`] (store,
 //!   keys, credits) as `/compute/api-keys` and `/compute/credits/*`.
 //! - [`seal`]: root passwords sealed at rest until read once.
+//! - [`exec`]: pay-per-request code execution in bubblewrap sandboxes.
 //!
 //! [`Payments`]: crate::payments::Payments
 
 pub mod catalogue;
 pub mod digitalocean;
+pub mod exec;
 pub mod http;
 pub mod provider;
 pub mod seal;
