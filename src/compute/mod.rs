@@ -12,11 +12,13 @@
 //!   keys, credits) as `/compute/api-keys` and `/compute/credits/*`.
 //! - [`seal`]: root passwords sealed at rest until read once.
 //! - [`exec`]: pay-per-request code execution in bubblewrap sandboxes.
+//! - [`discovery`]: `GET /.well-known/x402`, the paid resources served here.
 //!
 //! [`Payments`]: crate::payments::Payments
 
 pub mod catalogue;
 pub mod digitalocean;
+pub mod discovery;
 pub mod exec;
 pub mod http;
 pub mod provider;

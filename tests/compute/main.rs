@@ -10,6 +10,8 @@ mod grid_support;
 #[path = "../support/pay/mod.rs"]
 mod pay_common;
 
+#[cfg(feature = "coordinator")]
+mod exec_process;
 mod machines_api;
 #[cfg(feature = "coordinator")]
 mod machines_process;

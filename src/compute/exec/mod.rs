@@ -11,8 +11,11 @@
 //! - [`network`]: the network policy (`none`, or egress through `pasta`
 //!   without access to the host's loopback or private ranges).
 
+pub mod bazaar;
+pub mod http;
 pub mod network;
 pub mod pool;
+pub mod pricing;
 pub mod sandbox;
 
 use std::path::PathBuf;
