@@ -16,3 +16,6 @@ mod machines_api;
 #[cfg(feature = "coordinator")]
 mod machines_process;
 mod machines_providers;
+mod sandbox_basic;
+mod sandbox_contain;
+mod sandbox_support;

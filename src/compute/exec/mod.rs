@@ -107,7 +107,7 @@ impl Size {
             // The wall clock is the real bound; CPU seconds only stop a
             // process that outlives it somehow, so allow every vCPU busy.
             cpu_seconds: max_s * vcpu,
-            max_processes: 64 * vcpu,
+            max_processes: 16 * vcpu,
             max_file_bytes: 64 * MIB * vcpu,
             max_open_files: 256,
             max_output_bytes: 1024 * 1024,
@@ -132,6 +132,10 @@ impl Size {
     }
 }
 
+/// The default first uid of the sandboxes: far above the uids of accounts
+/// and of the subordinate ranges (`/etc/subuid`) distributions hand out.
+pub const DEFAULT_UID_BASE: u32 = 3_000_000_000;
+
 /// The configuration of a [`SandboxPool`].
 #[derive(Debug, Clone)]
 pub struct SandboxConfig {
@@ -148,6 +152,9 @@ pub struct SandboxConfig {
     pub work_root: PathBuf,
     /// The limits of each size, indexed small, med, large.
     pub limits: [SizeLimits; 3],
+    /// The first of the unprivileged host uids the runs take, one per
+    /// concurrent run (up to 65536 of them); no account may use them.
+    pub uid_base: u32,
 }
 
 impl SandboxConfig {
@@ -165,6 +172,7 @@ impl SandboxConfig {
             queue_wait: Duration::from_secs(2),
             work_root: work_root.into(),
             limits: Size::ALL.map(Size::limits),
+            uid_base: DEFAULT_UID_BASE,
         }
     }
 

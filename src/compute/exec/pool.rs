@@ -4,7 +4,7 @@
 //! `queue_wait`, then gets [`SandboxError::Busy`] (the HTTP layer answers
 //! 503 with `Retry-After` and does not settle).
 
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -30,8 +30,9 @@ pub struct SandboxPermit {
 }
 
 impl SandboxPool {
-    /// Checks that the tools exist and the work root is private; fails
-    /// closed on anything that would weaken the isolation.
+    /// Checks that the tools exist, prepares the work root and starts one
+    /// sandbox as a probe; fails closed on anything that would weaken the
+    /// isolation.
     pub fn new(cfg: SandboxConfig) -> Result<Self, SandboxError> {
         if cfg.slots == 0 {
             return Err(SandboxError::Setup("slots must be at least 1".into()));
@@ -45,19 +46,7 @@ impl SandboxPool {
                 .map_err(|e| SandboxError::Setup(format!("{what} at {}: {e}", path.display())))?;
         }
         network::check(&cfg)?;
-        sandbox::check_platform()?;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&cfg.work_root)
-            .map_err(|e| {
-                SandboxError::Setup(format!("work root {}: {e}", cfg.work_root.display()))
-            })?;
-        // An existing directory keeps its mode through create(); make sure
-        // no other host user can look into the work directories.
-        std::fs::set_permissions(&cfg.work_root, std::fs::Permissions::from_mode(0o700)).map_err(
-            |e| SandboxError::Setup(format!("work root {}: {e}", cfg.work_root.display())),
-        )?;
+        sandbox::prepare(&cfg)?;
         let slots = Arc::new(Semaphore::new(cfg.slots));
         Ok(SandboxPool {
             inner: Arc::new(Inner { cfg, slots }),
