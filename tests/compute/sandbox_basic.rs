@@ -134,9 +134,9 @@ async fn two_requests_share_nothing() {
     let first = py(
         &p.pool,
         "import os\n\
+         print(os.getcwd(), os.listdir('/tmp'))\n\
          open('/work/left.txt', 'w').write('x')\n\
-         open('/tmp/left.txt', 'w').write('x')\n\
-         print(os.getcwd(), os.listdir('/tmp'))",
+         open('/tmp/left.txt', 'w').write('x')",
         T,
     )
     .await;
