@@ -134,9 +134,9 @@ async fn two_requests_share_nothing() {
     let first = py(
         &p.pool,
         "import os\n\
+         print(os.getcwd(), os.listdir('/tmp'))\n\
          open('/work/left.txt', 'w').write('x')\n\
-         open('/tmp/left.txt', 'w').write('x')\n\
-         print(os.getcwd(), os.listdir('/tmp'))",
+         open('/tmp/left.txt', 'w').write('x')",
         T,
     )
     .await;
@@ -173,12 +173,16 @@ async fn pool_is_bounded() {
     let pool = p.pool.clone();
     let waiter = tokio::spawn(async move { pool.acquire().await.map(|_| ()) });
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let out = held
+    drop(held);
+    waiter.await.unwrap().unwrap();
+    assert_eq!(p.pool.busy(), 0);
+    // A permit runs once and frees its slot.
+    let permit = p.pool.acquire().await.unwrap();
+    let out = permit
         .run(request(Stack::Python, "print('held')", T))
         .await
         .unwrap();
     assert_eq!(out.stdout, "held\n");
-    waiter.await.unwrap().unwrap();
     assert_eq!(p.pool.busy(), 0);
 }
 

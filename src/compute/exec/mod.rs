@@ -133,8 +133,9 @@ impl Size {
 }
 
 /// The default first uid of the sandboxes: far above the uids of accounts
-/// and of the subordinate ranges (`/etc/subuid`) distributions hand out.
-pub const DEFAULT_UID_BASE: u32 = 3_000_000_000;
+/// and of the subordinate ranges (`/etc/subuid`) distributions hand out, and
+/// below 2^31, which bwrap's uid map cannot go past.
+pub const DEFAULT_UID_BASE: u32 = 1_900_000_000;
 
 /// The configuration of a [`SandboxPool`].
 #[derive(Debug, Clone)]

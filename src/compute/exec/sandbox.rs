@@ -136,9 +136,14 @@ mod linux {
                     .into(),
             ));
         }
-        if cfg.uid_base == 0 || cfg.uid_base.checked_add(UID_RANGE).is_none() {
+        if cfg.uid_base == 0
+            || cfg
+                .uid_base
+                .checked_add(UID_RANGE)
+                .is_none_or(|end| end > i32::MAX as u32)
+        {
             return Err(SandboxError::Setup(format!(
-                "uid_base {} leaves no room for {UID_RANGE} unprivileged uids",
+                "uid_base {} leaves no room below 2^31 for {UID_RANGE} unprivileged uids",
                 cfg.uid_base
             )));
         }
@@ -221,10 +226,32 @@ mod linux {
         }
     }
 
-    /// Sends SIGKILL to every process of `uid`, from a child that switched to
-    /// that uid (so `kill(-1)` reaches exactly those processes); false when
-    /// that could not be done.
+    /// Kills every process of `uid` and waits until none is left, not even
+    /// a zombie (those still count against its RLIMIT_NPROC); false when
+    /// that could not be had within about a second.
     fn kill_all_of(uid: u32) -> bool {
+        for _ in 0..100 {
+            match sweep(uid) {
+                Sweep::Empty => return true,
+                Sweep::Killed => std::thread::sleep(Duration::from_millis(10)),
+                Sweep::Failed => return false,
+            }
+        }
+        tracing::warn!(uid, "processes of a sandbox uid outlived its run");
+        false
+    }
+
+    enum Sweep {
+        /// No process of the uid exists.
+        Empty,
+        /// Some were signalled (or are zombies not yet reaped).
+        Killed,
+        Failed,
+    }
+
+    /// One SIGKILL to every process of `uid`, from a child that switched to
+    /// that uid, so that `kill(-1)` reaches exactly those processes.
+    fn sweep(uid: u32) -> Sweep {
         // SAFETY: between fork and _exit the child only makes
         // async-signal-safe system calls.
         unsafe {
@@ -233,21 +260,34 @@ mod linux {
                 let ok = libc::setgroups(0, std::ptr::null()) == 0
                     && libc::setgid(uid) == 0
                     && libc::setuid(uid) == 0;
-                if ok {
-                    libc::kill(-1, libc::SIGKILL);
-                }
-                libc::_exit(if ok { 0 } else { 1 });
+                let code = if !ok {
+                    1
+                } else if libc::kill(-1, libc::SIGKILL) == 0 {
+                    2
+                } else if *libc::__errno_location() == libc::ESRCH {
+                    0
+                } else {
+                    1
+                };
+                libc::_exit(code);
             }
             if pid < 0 {
-                return false;
+                return Sweep::Failed;
             }
             let mut status = 0;
             loop {
                 if libc::waitpid(pid, &mut status, 0) == pid {
-                    return libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+                    if !libc::WIFEXITED(status) {
+                        return Sweep::Failed;
+                    }
+                    return match libc::WEXITSTATUS(status) {
+                        0 => Sweep::Empty,
+                        2 => Sweep::Killed,
+                        _ => Sweep::Failed,
+                    };
                 }
                 if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-                    return false;
+                    return Sweep::Failed;
                 }
             }
         }
