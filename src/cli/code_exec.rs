@@ -80,11 +80,17 @@ pub struct CodeExecServeArgs {
         value_name = "POLICY"
     )]
     pub code_exec_network: NetworkPolicy,
-    /// The parent of the per-request work directories (created 0700).
-    /// Default: sandboxes/ in the coordinator's data directory
-    /// ($SGL_COORDINATOR_DIR or ~/.local/share/sgl-coordinator).
-    #[arg(long, env = "SGL_CODE_EXEC_WORK_DIR", value_name = "DIR")]
-    pub code_exec_work_dir: Option<PathBuf>,
+    /// The parent of the per-request work directories (made 0711; each run's
+    /// own is 0700 and owned by the run's uid). The sandbox's uid binds its
+    /// directory by path, so every directory above must be searchable by
+    /// other users: not the coordinator's private data directory.
+    #[arg(
+        long,
+        env = "SGL_CODE_EXEC_WORK_DIR",
+        default_value = "/var/lib/sgl-sandboxes",
+        value_name = "DIR"
+    )]
+    pub code_exec_work_dir: PathBuf,
     /// A size's price in USDC atomic units (micro-USD): SIZE=BASE[:PER_SECOND],
     /// the base covering the size's default timeout and the per-second rate
     /// each second asked for beyond it (repeatable; comma-separated in the
@@ -121,7 +127,6 @@ pub struct CodeExecServeArgs {
 pub fn code_exec(
     args: &CodeExecServeArgs,
     payments: Option<&Payments>,
-    data_dir: impl FnOnce() -> anyhow::Result<PathBuf>,
 ) -> anyhow::Result<Option<CodeExec>> {
     if !args.code_exec {
         return Ok(None);
@@ -132,11 +137,7 @@ pub fn code_exec(
              (or --dev), not --in-memory or --no-billing"
         );
     };
-    let work_root = match &args.code_exec_work_dir {
-        Some(d) => d.clone(),
-        None => data_dir()?.join("sandboxes"),
-    };
-    let mut cfg = SandboxConfig::new(work_root);
+    let mut cfg = SandboxConfig::new(&args.code_exec_work_dir);
     cfg.bwrap = args.code_exec_bwrap.clone();
     cfg.python = args.code_exec_python.clone();
     cfg.node = args.code_exec_node.clone();
@@ -314,7 +315,10 @@ fn run_body(a: &RunArgs) -> anyhow::Result<serde_json::Value> {
 }
 
 /// Write the returned files under `dir`, refusing names that would leave it.
-fn write_outputs(dir: &Path, files: &serde_json::Map<String, serde_json::Value>) -> anyhow::Result<()> {
+fn write_outputs(
+    dir: &Path,
+    files: &serde_json::Map<String, serde_json::Value>,
+) -> anyhow::Result<()> {
     for (name, b64) in files {
         if !valid_file_name(name) {
             bail!("the server returned a file named {name:?}; not written");

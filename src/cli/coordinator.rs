@@ -100,7 +100,13 @@ impl DbArgs {
         if let Some(u) = &self.database_url {
             return Ok(u.clone());
         }
-        let dir = data_dir().context("pass --database-url")?;
+        let dir = match std::env::var_os("SGL_COORDINATOR_DIR") {
+            Some(d) => PathBuf::from(d),
+            None => dirs::data_dir()
+                .context("no data directory; pass --database-url")?
+                .join("sgl-coordinator"),
+        };
+        sgl::private_file::create_dir(&dir)?;
         Ok(dir.join("coordinator.db").display().to_string())
     }
 
@@ -110,19 +116,6 @@ impl DbArgs {
             .await
             .with_context(|| format!("opening the database {}", redact(&url)))
     }
-}
-
-/// The coordinator's data directory ($SGL_COORDINATOR_DIR or
-/// ~/.local/share/sgl-coordinator), created owner-only.
-fn data_dir() -> anyhow::Result<PathBuf> {
-    let dir = match std::env::var_os("SGL_COORDINATOR_DIR") {
-        Some(d) => PathBuf::from(d),
-        None => dirs::data_dir()
-            .context("no data directory")?
-            .join("sgl-coordinator"),
-    };
-    sgl::private_file::create_dir(&dir)?;
-    Ok(dir)
 }
 
 /// A database URL without its password, for messages.
@@ -864,8 +857,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             {
                 let machines =
                     super::compute::machines_router(&args.compute, payments.as_ref()).await?;
-                let exec =
-                    super::code_exec::code_exec(&args.compute.exec, payments.as_ref(), data_dir)?;
+                let exec = super::code_exec::code_exec(&args.compute.exec, payments.as_ref())?;
                 if let Some(p) = &payments {
                     let doc = super::code_exec::discovery_doc(
                         &args.compute.exec,

@@ -17,7 +17,7 @@
 //! stale proof stops the server at start instead of being published.
 
 use alloy_primitives::Address;
-use axum::response::{IntoResponse, Response};
+use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
@@ -131,7 +131,7 @@ pub fn router(doc: Discovery) -> Router {
         PATH,
         get(move || {
             let body = body.clone();
-            async move { Json(body.as_ref().clone()).into_response() as Response }
+            async move { Json(body.as_ref().clone()).into_response() }
         }),
     )
 }
@@ -144,9 +144,18 @@ mod tests {
 
     #[test]
     fn origins() {
-        assert_eq!(origin("https://Grid.Example.com/").unwrap(), "https://grid.example.com");
-        assert_eq!(origin("https://g.example:443/x?y").unwrap(), "https://g.example");
-        assert_eq!(origin("http://127.0.0.1:8080").unwrap(), "http://127.0.0.1:8080");
+        assert_eq!(
+            origin("https://Grid.Example.com/").unwrap(),
+            "https://grid.example.com"
+        );
+        assert_eq!(
+            origin("https://g.example:443/x?y").unwrap(),
+            "https://g.example"
+        );
+        assert_eq!(
+            origin("http://127.0.0.1:8080").unwrap(),
+            "http://127.0.0.1:8080"
+        );
         assert!(origin("ftp://x").is_err());
         assert!(origin("not a url").is_err());
     }

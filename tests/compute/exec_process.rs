@@ -81,6 +81,9 @@ struct ExecServer {
     fac: Facilitator,
     _proc: Proc,
     dir: tempfile::TempDir,
+    /// The sandboxes' work root: apart from `dir`, whose 0700 the
+    /// sandbox's uid could not pass.
+    _work: tempfile::TempDir,
 }
 
 impl ExecServer {
@@ -119,9 +122,15 @@ fn serve_args(db: &str, port: u16, pay_to: &str, fac: &str, work: &Path) -> Vec<
 async fn start(pay_to: &str, extra: &[&str]) -> ExecServer {
     let dir = tempfile::tempdir().unwrap();
     let fac = facilitator::start().await;
-    let db = dir.path().join("coordinator.db").to_str().unwrap().to_owned();
+    let db = dir
+        .path()
+        .join("coordinator.db")
+        .to_str()
+        .unwrap()
+        .to_owned();
     let port = free_port();
-    let mut args = serve_args(&db, port, pay_to, &fac.url, &dir.path().join("sandboxes"));
+    let work = tempfile::tempdir().unwrap();
+    let mut args = serve_args(&db, port, pay_to, &fac.url, work.path());
     args.extend(extra.iter().map(|s| s.to_string()));
     let child = Command::new(SGL)
         .args(&args)
@@ -129,8 +138,11 @@ async fn start(pay_to: &str, extra: &[&str]) -> ExecServer {
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
-    let proc = Proc(child);
+    let mut proc = Proc(child);
     wait_until("the coordinator to listen", Duration::from_secs(30), || {
+        if let Ok(Some(status)) = proc.0.try_wait() {
+            panic!("the coordinator exited at start ({status}); see its stderr above");
+        }
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
     });
     ExecServer {
@@ -139,6 +151,7 @@ async fn start(pay_to: &str, extra: &[&str]) -> ExecServer {
         fac,
         _proc: proc,
         dir,
+        _work: work,
     }
 }
 
@@ -175,7 +188,9 @@ fn decoded_header(h: &reqwest::header::HeaderMap, name: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn official_python_client_pays_and_runs_python() {
-    if !sandbox_available() || !python_has("x402, x402.http.clients.httpx, eth_account, httpx, jsonschema") {
+    if !sandbox_available()
+        || !python_has("x402, x402.http.clients.httpx, eth_account, httpx, jsonschema")
+    {
         return;
     }
     let s = start(&pay_to(), &[]).await;
@@ -344,12 +359,24 @@ async fn bad_requests_sizes_timeouts_and_replays() {
     let url = s.url();
     // 400s come before any payment is asked for.
     for (body, code) in [
-        (json!({"code": "print(1)", "stack": "ruby"}), "invalid_stack"),
+        (
+            json!({"code": "print(1)", "stack": "ruby"}),
+            "invalid_stack",
+        ),
         (json!({"code": "print(1)", "size": "xl"}), "invalid_size"),
         (json!({"stack": "python"}), "missing_code"),
-        (json!({"code": "x", "files": {"a.txt": "%%%"}}), "invalid_file"),
-        (json!({"code": "x", "files": {"../a.txt": "aGk="}}), "invalid_file_name"),
-        (json!({"code": "x", "timeout_seconds": -1}), "invalid_timeout_seconds"),
+        (
+            json!({"code": "x", "files": {"a.txt": "%%%"}}),
+            "invalid_file",
+        ),
+        (
+            json!({"code": "x", "files": {"../a.txt": "aGk="}}),
+            "invalid_file_name",
+        ),
+        (
+            json!({"code": "x", "timeout_seconds": -1}),
+            "invalid_timeout_seconds",
+        ),
     ] {
         let (st, h, v) = post(&url, &body, &[]).await;
         assert_eq!(st, StatusCode::BAD_REQUEST, "{body}: {v}");
@@ -376,7 +403,12 @@ async fn bad_requests_sizes_timeouts_and_replays() {
     assert_eq!(s.fac.state.verify_calls.load(Ordering::SeqCst), 0);
 
     // The quote: a longer timeout costs the per-second rate beyond 30 s.
-    let (st, h, v) = post(&url, &json!({"code": "print(1)", "timeout_seconds": 90}), &[]).await;
+    let (st, h, v) = post(
+        &url,
+        &json!({"code": "print(1)", "timeout_seconds": 90}),
+        &[],
+    )
+    .await;
     assert_eq!(st, StatusCode::PAYMENT_REQUIRED);
     assert_eq!(v["accepts"][0]["amount"], "5000", "{v}");
     assert_eq!(decoded_header(&h, "payment-required"), v);
@@ -386,20 +418,31 @@ async fn bad_requests_sizes_timeouts_and_replays() {
     // 408: a loop past its 1 s timeout is stopped and not settled; its
     // output is withheld; the same authorization then pays for a run.
     let sig = payment(&url, 2000);
-    let spin = json!({"code": "print('secret', flush=True)\nwhile True: pass", "timeout_seconds": 1});
+    let spin =
+        json!({"code": "print('secret', flush=True)\nwhile True: pass", "timeout_seconds": 1});
     let (st, h, v) = post(&url, &spin, &[("payment-signature", sig.clone())]).await;
     assert_eq!(st, StatusCode::REQUEST_TIMEOUT, "{v}");
     assert_eq!(v["error"]["code"], "execution_timeout");
     assert!(!v.to_string().contains("secret"));
     assert!(!h.contains_key("payment-response"));
     assert_eq!(s.settled(), 0);
-    let (st, h, v) = post(&url, &json!({"code": "print(1)"}), &[("payment-signature", sig.clone())]).await;
+    let (st, h, v) = post(
+        &url,
+        &json!({"code": "print(1)"}),
+        &[("payment-signature", sig.clone())],
+    )
+    .await;
     assert_eq!(st, StatusCode::OK, "{v}");
     assert!(h.contains_key("payment-response"));
     assert_eq!(s.settled(), 1);
 
     // The settled authorization again: refused, nothing settled.
-    let (st, h, v) = post(&url, &json!({"code": "print(1)"}), &[("payment-signature", sig)]).await;
+    let (st, h, v) = post(
+        &url,
+        &json!({"code": "print(1)"}),
+        &[("payment-signature", sig)],
+    )
+    .await;
     assert_eq!(st, StatusCode::PAYMENT_REQUIRED, "{v}");
     assert_eq!(v["error"], "invalid_exact_evm_nonce_already_used");
     assert!(h.contains_key("payment-required"));
@@ -413,7 +456,10 @@ async fn bad_requests_sizes_timeouts_and_replays() {
     )
     .await;
     assert_eq!(st, StatusCode::OK, "{v}");
-    assert_eq!((v["exit_code"].as_i64(), v["stderr"].as_str()), (Some(3), Some("bad\n")));
+    assert_eq!(
+        (v["exit_code"].as_i64(), v["stderr"].as_str()),
+        (Some(3), Some("bad\n"))
+    );
     assert_eq!(s.settled(), 2);
 
     // x402 v2 only: a v1 payment is refused with the v2 challenge.
@@ -450,7 +496,10 @@ async fn credits_pay_the_exact_price() {
             .await
             .unwrap();
         let v: Value = r.json().await.unwrap();
-        (v["balance_micros"].as_u64().unwrap(), v["held_micros"].as_u64())
+        (
+            v["balance_micros"].as_u64().unwrap(),
+            v["held_micros"].as_u64(),
+        )
     };
     // 60 s on small: 2000 + 30 × 50.
     let (st, h, v) = post(
@@ -480,8 +529,15 @@ async fn credits_pay_the_exact_price() {
     let k = signing::key(ANVIL1);
     let signer = format!("{:#x}", signing::address(&k));
     crate::grid_support::sgl_ok(&[
-        "coordinator", "credits", "grant", "--wallet", &signer, "--amount", "0.001",
-        "--database-url", &s.db,
+        "coordinator",
+        "credits",
+        "grant",
+        "--wallet",
+        &signer,
+        "--amount",
+        "0.001",
+        "--database-url",
+        &s.db,
     ]);
     let now_ms = i64::try_from(signing::unix_now() * 1000).unwrap();
     let mut req = reqwest::Client::new()
@@ -552,7 +608,10 @@ async fn sgl_compute_run_end_to_end() {
     assert_eq!(code, 5, "{stdout}\n{stderr}");
     assert_eq!(stdout, "to stdout\n");
     assert!(stderr.contains("to stderr"), "{stderr}");
-    assert_eq!(std::fs::read_to_string(out_dir.join("out/r.txt")).unwrap(), "HELLO");
+    assert_eq!(
+        std::fs::read_to_string(out_dir.join("out/r.txt")).unwrap(),
+        "HELLO"
+    );
     assert_eq!(s.settled(), 1);
 
     // Node.js, paid from credits with an API key.
@@ -561,7 +620,16 @@ async fn sgl_compute_run_end_to_end() {
     std::fs::write(&js, "console.log([1, 2, 3].map(x => x * 2).join(','))\n").unwrap();
     let (code, stdout, stderr) = sgl_compute(
         &s.base,
-        &["run", "--stack", "node", js.to_str().unwrap(), "--pay", "credits", "--api-key", &key],
+        &[
+            "run",
+            "--stack",
+            "node",
+            js.to_str().unwrap(),
+            "--pay",
+            "credits",
+            "--api-key",
+            &key,
+        ],
     );
     assert_eq!((code, stdout.as_str()), (0, "2,4,6\n"), "{stderr}");
     // A timeout exits 124 and costs nothing.
@@ -595,7 +663,12 @@ async fn discovery_lists_resources_and_proves_ownership() {
     let public = "https://exec.example.test";
     let s = start(
         &format!("{payee_addr:#x}"),
-        &["--ownership-key-file", key_file.to_str().unwrap(), "--public-url", public],
+        &[
+            "--ownership-key-file",
+            key_file.to_str().unwrap(),
+            "--public-url",
+            public,
+        ],
     )
     .await;
     let v: Value = reqwest::get(format!("{}/.well-known/x402", s.base))
@@ -623,16 +696,17 @@ async fn discovery_lists_resources_and_proves_ownership() {
     assert!(md.contains("/api/x402/compute"));
     let proofs = v["ownershipProofs"].as_array().unwrap();
     assert_eq!(proofs.len(), 1);
-    let signer = sgl::payments::evm::recover_personal(
-        public.as_bytes(),
-        proofs[0].as_str().unwrap(),
-    )
-    .unwrap();
+    let signer =
+        sgl::payments::evm::recover_personal(public.as_bytes(), proofs[0].as_str().unwrap())
+            .unwrap();
     assert_eq!(signer, payee_addr);
     // The 402 names the same payee the proof does.
     let (st, _, c) = post(&s.url(), &json!({"code": "print(1)"}), &[]).await;
     assert_eq!(st, StatusCode::PAYMENT_REQUIRED);
-    assert_eq!(c["resource"]["url"], "https://exec.example.test/api/x402/compute");
+    assert_eq!(
+        c["resource"]["url"],
+        "https://exec.example.test/api/x402/compute"
+    );
     assert_eq!(
         c["accepts"][0]["payTo"].as_str().unwrap().to_lowercase(),
         format!("{payee_addr:#x}")
@@ -644,12 +718,21 @@ async fn discovery_lists_resources_and_proves_ownership() {
     let db = dir.path().join("other.db");
     let wrong = dir.path().join("wrong.key");
     std::fs::write(&wrong, ANVIL0).unwrap();
-    let work = dir.path().join("w");
+    let work = tempfile::tempdir().unwrap();
     for (extra, says) in [
-        (vec!["--ownership-key-file", wrong.to_str().unwrap()], "not of the pay-to wallet"),
+        (
+            vec!["--ownership-key-file", wrong.to_str().unwrap()],
+            "not of the pay-to wallet",
+        ),
         (vec!["--code-exec-bwrap", "/nonexistent/bwrap"], "bwrap"),
     ] {
-        let mut args = serve_args(db.to_str().unwrap(), free_port(), &format!("{payee_addr:#x}"), &fac.url, &work);
+        let mut args = serve_args(
+            db.to_str().unwrap(),
+            free_port(),
+            &format!("{payee_addr:#x}"),
+            &fac.url,
+            work.path(),
+        );
         args.extend(extra.iter().map(|s| s.to_string()));
         let out = Command::new(SGL).args(&args).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);

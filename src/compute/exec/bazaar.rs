@@ -137,8 +137,14 @@ mod tests {
         assert!(conforms(&output_example(), &response_schema()));
         let e = extension();
         assert_eq!(e["info"]["input"]["method"], "POST");
-        assert_eq!(e["schema"]["properties"]["input"]["properties"]["body"], request_schema());
-        assert_eq!(e["schema"]["properties"]["output"]["properties"]["example"], response_schema());
+        assert_eq!(
+            e["schema"]["properties"]["input"]["properties"]["body"],
+            request_schema()
+        );
+        assert_eq!(
+            e["schema"]["properties"]["output"]["properties"]["example"],
+            response_schema()
+        );
         // Small enough for a header (base64 of the whole 402 stays well
         // under the usual 8 KiB header limits).
         assert!(e.to_string().len() < 4096, "{}", e.to_string().len());

@@ -30,6 +30,10 @@
 //! From the payment on, the work runs in its own task: a client that hangs
 //! up does not leave a payment half way between reserved and settled.
 
+// The parsing helpers return the finished error response, as handlers do;
+// it is built once per refused request, so its size does not matter.
+#![allow(clippy::result_large_err)]
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -123,7 +127,12 @@ pub fn router(exec: CodeExec) -> Router {
 }
 
 fn bad(code: &str, message: &str) -> Response {
-    error_response(StatusCode::BAD_REQUEST, "invalid_request_error", code, message)
+    error_response(
+        StatusCode::BAD_REQUEST,
+        "invalid_request_error",
+        code,
+        message,
+    )
 }
 
 fn too_large(code: &str, message: &str) -> Response {
@@ -152,8 +161,10 @@ fn busy(retry_after: u64) -> Response {
         "sandboxes_busy",
         "every sandbox is busy; nothing was charged, retry later",
     );
-    r.headers_mut()
-        .insert(axum::http::header::RETRY_AFTER, HeaderValue::from(retry_after));
+    r.headers_mut().insert(
+        axum::http::header::RETRY_AFTER,
+        HeaderValue::from(retry_after),
+    );
     r
 }
 
@@ -204,7 +215,11 @@ fn parse(cfg: &SandboxConfig, body: &[u8]) -> Result<ExecRequest, Response> {
     let size = enum_field(
         &o,
         "size",
-        &[("small", Size::Small), ("med", Size::Med), ("large", Size::Large)],
+        &[
+            ("small", Size::Small),
+            ("med", Size::Med),
+            ("large", Size::Large),
+        ],
         Size::Small,
     )?;
     let code = match o.get("code") {
@@ -261,10 +276,7 @@ fn parse(cfg: &SandboxConfig, body: &[u8]) -> Result<ExecRequest, Response> {
 
 fn parse_files(m: &Map<String, Value>, stack: Stack) -> Result<Vec<(String, Vec<u8>)>, Response> {
     if m.len() > MAX_FILES {
-        return Err(bad(
-            "too_many_files",
-            &format!("at most {MAX_FILES} files"),
-        ));
+        return Err(bad("too_many_files", &format!("at most {MAX_FILES} files")));
     }
     let mut total = 0usize;
     let mut out = Vec::with_capacity(m.len());
@@ -282,7 +294,10 @@ fn parse_files(m: &Map<String, Value>, stack: Stack) -> Result<Vec<(String, Vec<
             ));
         }
         let Value::String(b64) = v else {
-            return Err(bad("invalid_file", &format!("{name}: must be a base64 string")));
+            return Err(bad(
+                "invalid_file",
+                &format!("{name}: must be a base64 string"),
+            ));
         };
         // Refuse what cannot fit before decoding it.
         if total + b64.len() / 4 * 3 > MAX_FILES_BYTES + 3 {
@@ -366,7 +381,11 @@ fn not_v2(headers: &HeaderMap) -> Option<&'static str> {
     let mpp = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim_start().get(..8).is_some_and(|p| p.eq_ignore_ascii_case("payment ")));
+        .is_some_and(|v| {
+            v.trim_start()
+                .get(..8)
+                .is_some_and(|p| p.eq_ignore_ascii_case("payment "))
+        });
     if mpp {
         return Some("unsupported_scheme");
     }
@@ -395,10 +414,7 @@ async fn read_body(body: Body) -> Result<Vec<u8>, Response> {
         })?;
         if let Ok(data) = frame.into_data() {
             if out.len() + data.len() > MAX_BODY_BYTES {
-                return Err(too_large(
-                    "body_too_large",
-                    "the request body is too large",
-                ));
+                return Err(too_large("body_too_large", "the request body is too large"));
             }
             out.extend_from_slice(&data);
         }
@@ -436,7 +452,11 @@ async fn execute(
         &headers,
         &uri,
         price,
-        &format!("Execute {} code ({})", req.stack.as_str(), req.size.as_str()),
+        &format!(
+            "Execute {} code ({})",
+            req.stack.as_str(),
+            req.size.as_str()
+        ),
     );
     if let Some(why) = not_v2(&headers) {
         return challenge(p, &offer, why);
@@ -579,8 +599,11 @@ mod tests {
         let ok = parse(&p, br#"{"code": "print(1)"}"#).unwrap();
         assert_eq!((ok.stack, ok.size), (Stack::Python, Size::Small));
         assert_eq!(ok.timeout, Duration::from_secs(30));
-        let clamped = parse(&p, br#"{"code": "x", "size": "med", "timeout_seconds": 99999}"#)
-            .unwrap();
+        let clamped = parse(
+            &p,
+            br#"{"code": "x", "size": "med", "timeout_seconds": 99999}"#,
+        )
+        .unwrap();
         assert_eq!(clamped.timeout, Duration::from_secs(600));
         let files = parse(
             &p,
@@ -593,25 +616,54 @@ mod tests {
             (&br#"{"stack": "python"}"#[..], StatusCode::BAD_REQUEST),
             (br#"{"code": ""}"#, StatusCode::BAD_REQUEST),
             (br#"{"code": 5}"#, StatusCode::BAD_REQUEST),
-            (br#"{"code": "x", "stack": "ruby"}"#, StatusCode::BAD_REQUEST),
+            (
+                br#"{"code": "x", "stack": "ruby"}"#,
+                StatusCode::BAD_REQUEST,
+            ),
             (br#"{"code": "x", "size": "huge"}"#, StatusCode::BAD_REQUEST),
-            (br#"{"code": "x", "timeout_seconds": 0}"#, StatusCode::BAD_REQUEST),
-            (br#"{"code": "x", "timeout_seconds": 1.5}"#, StatusCode::BAD_REQUEST),
-            (br#"{"code": "x", "files": {"../x": "aGk="}}"#, StatusCode::BAD_REQUEST),
-            (br#"{"code": "x", "files": {"main.py": "aGk="}}"#, StatusCode::BAD_REQUEST),
-            (br#"{"code": "x", "files": {"a": "***"}}"#, StatusCode::BAD_REQUEST),
+            (
+                br#"{"code": "x", "timeout_seconds": 0}"#,
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                br#"{"code": "x", "timeout_seconds": 1.5}"#,
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                br#"{"code": "x", "files": {"../x": "aGk="}}"#,
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                br#"{"code": "x", "files": {"main.py": "aGk="}}"#,
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                br#"{"code": "x", "files": {"a": "***"}}"#,
+                StatusCode::BAD_REQUEST,
+            ),
             (br#"{"code": "x", "files": []}"#, StatusCode::BAD_REQUEST),
             (br#"[1]"#, StatusCode::BAD_REQUEST),
         ] {
-            assert_eq!(status(parse(&p, body)), want, "{}", String::from_utf8_lossy(body));
+            assert_eq!(
+                status(parse(&p, body)),
+                want,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
         }
         let big = json!({"code": "#".repeat(MAX_CODE_BYTES + 1)}).to_string();
-        assert_eq!(status(parse(&p, big.as_bytes())), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(
+            status(parse(&p, big.as_bytes())),
+            StatusCode::PAYLOAD_TOO_LARGE
+        );
         let just = json!({"code": "#".repeat(MAX_CODE_BYTES)}).to_string();
         assert_eq!(status(parse(&p, just.as_bytes())), StatusCode::OK);
         let half = STANDARD.encode(vec![0u8; MAX_FILES_BYTES / 2 + 1]);
         let two = json!({"code": "x", "files": {"a": half, "b": half}}).to_string();
-        assert_eq!(status(parse(&p, two.as_bytes())), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(
+            status(parse(&p, two.as_bytes())),
+            StatusCode::PAYLOAD_TOO_LARGE
+        );
         assert!(two.len() < MAX_BODY_BYTES);
     }
 }

@@ -101,7 +101,11 @@ impl FromStr for PriceOverride {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let usage = || format!("{s:?}: expected SIZE=BASE[:PER_SECOND] in USDC atomic units, e.g. small=2000:50");
+        let usage = || {
+            format!(
+                "{s:?}: expected SIZE=BASE[:PER_SECOND] in USDC atomic units, e.g. small=2000:50"
+            )
+        };
         let (size, amounts) = s.split_once('=').ok_or_else(usage)?;
         let size = match size.trim() {
             "small" => Size::Small,
