@@ -91,6 +91,11 @@ pub struct CodeExecServeArgs {
         value_name = "DIR"
     )]
     pub code_exec_work_dir: PathBuf,
+    /// The first of the 65,536 unprivileged host uids the sandboxes run as
+    /// (one per concurrent run; below 2^31). Coordinators sharing a host
+    /// need ranges of their own: a run's leftovers are killed by uid.
+    #[arg(long, env = "SGL_CODE_EXEC_UID_BASE", value_name = "UID")]
+    pub code_exec_uid_base: Option<u32>,
     /// A size's price in USDC atomic units (micro-USD): SIZE=BASE[:PER_SECOND],
     /// the base covering the size's default timeout and the per-second rate
     /// each second asked for beyond it (repeatable; comma-separated in the
@@ -150,6 +155,9 @@ pub fn code_exec(
         cfg.slots = n;
     }
     cfg.queue_wait = Duration::from_millis(args.code_exec_queue_wait_ms);
+    if let Some(u) = args.code_exec_uid_base {
+        cfg.uid_base = u;
+    }
     let pool = SandboxPool::new(cfg).map_err(|e| {
         anyhow::anyhow!(
             "--code-exec: the sandbox cannot start: {e} (install bubblewrap, python3 and \

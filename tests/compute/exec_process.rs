@@ -98,6 +98,12 @@ impl ExecServer {
 
 /// The `sgl coordinator serve` arguments of an exec server on `port`.
 fn serve_args(db: &str, port: u16, pay_to: &str, fac: &str, work: &Path) -> Vec<String> {
+    // A uid range of its own (below 2^31, apart from the default one the
+    // in-process sandbox tests use): runs' leftovers are killed by uid, so
+    // processes sharing a range would kill each other's sandboxes.
+    let uid_base =
+        1_000_000_000 + (rand_core::RngCore::next_u32(&mut rand_core::OsRng) % 12_000) * 65_536;
+    let uid_base = uid_base.to_string();
     [
         "coordinator",
         "serve",
@@ -112,6 +118,8 @@ fn serve_args(db: &str, port: u16, pay_to: &str, fac: &str, work: &Path) -> Vec<
         "--code-exec",
         "--code-exec-work-dir",
         work.to_str().unwrap(),
+        "--code-exec-uid-base",
+        &uid_base,
     ]
     .iter()
     .map(|s| s.to_string())
@@ -544,7 +552,14 @@ async fn credits_pay_the_exact_price() {
         .post(&url)
         .header("content-type", "application/json")
         .body(bytes.clone());
-    for (n, v) in signing::xauth_headers(&k, "POST", "/api/x402/compute", &bytes, now_ms, "n-1") {
+    for (n, v) in signing::xauth_headers(
+        &k,
+        "POST",
+        "/api/x402/compute",
+        &bytes,
+        now_ms,
+        "exec-credits-1",
+    ) {
         req = req.header(n, v);
     }
     let r = req.send().await.unwrap();
