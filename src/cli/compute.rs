@@ -1,6 +1,7 @@
 //! The Machines API from the command line: the coordinator's switch-on
 //! flags (`sgl coordinator serve --compute-provider …`) and the client
-//! (`sgl compute plans|regions|os|provision|list|show|password|extend|resize|destroy|balance|topup`).
+//! (`sgl compute plans|regions|os|provision|list|show|password|extend|resize|destroy|balance|topup`;
+//! `sgl compute run` is in [`super::code_exec`]).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -62,6 +63,8 @@ pub struct ComputeServeArgs {
     /// (or SGL_COMPUTE_SECRET).
     #[arg(long, value_name = "FILE")]
     pub compute_secret_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub exec: super::code_exec::CodeExecServeArgs,
 }
 
 fn sealer(args: &ComputeServeArgs) -> anyhow::Result<Sealer> {
@@ -232,6 +235,10 @@ pub enum ComputeCommand {
         /// USD, e.g. 50 or 2.5.
         amount: String,
     },
+    /// Run a Python or Node.js program in a sandbox (POST /api/x402/compute),
+    /// paid with x402 from the wallet key or with credits (--pay credits);
+    /// prints its stdout and stderr and exits with its exit status.
+    Run(Box<super::code_exec::RunArgs>),
 }
 
 /// A wallet key for signing.
@@ -429,6 +436,15 @@ fn print_instances(list: &[serde_json::Value]) {
 }
 
 pub fn run(args: ComputeArgs) -> anyhow::Result<()> {
+    if let ComputeCommand::Run(r) = &args.cmd {
+        return super::code_exec::run(
+            &args.url,
+            args.api_key.as_deref().filter(|k| !k.trim().is_empty()),
+            args.wallet_key_file.as_deref(),
+            args.json,
+            r,
+        );
+    }
     let wallet = args
         .wallet_key_file
         .as_deref()
@@ -638,6 +654,8 @@ pub fn run(args: ComputeArgs) -> anyhow::Result<()> {
                     )
                     .await?
             }
+            // Served before the client is built.
+            ComputeCommand::Run(_) => return Ok(()),
         };
         if args.json {
             println!("{}", serde_json::to_string(&out)?);

@@ -17,8 +17,10 @@ use sgl::store::{Store, WalletId};
 #[derive(Debug, Subcommand)]
 pub enum CoordinatorCommand {
     /// Serve the client API (/v1/…), the node API (/grid/…), the API key
-    /// and credits routes (/compute/…) and, with --compute-provider, the
-    /// Machines API (/compute/plans, /compute/provision, /compute/instances/…).
+    /// and credits routes (/compute/…), the x402 discovery document
+    /// (/.well-known/x402) and, with --compute-provider, the Machines API
+    /// (/compute/plans, /compute/provision, /compute/instances/…), with
+    /// --code-exec, sandboxed code execution (/api/x402/compute).
     Serve(Box<ServeArgs>),
     /// Node registration codes.
     #[command(subcommand)]
@@ -797,6 +799,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             if !args.compute.providers.is_empty() {
                 bail!("--compute-provider needs a database (not --in-memory)");
             }
+            #[cfg(feature = "compute-plane")]
+            if args.compute.exec.code_exec {
+                bail!("--code-exec needs a database and billing (not --in-memory)");
+            }
             Grid::new(config)
         } else {
             let store = args
@@ -848,10 +854,31 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 ),
             };
             #[cfg(feature = "compute-plane")]
-            if let Some(machines) =
-                super::compute::machines_router(&args.compute, payments.as_ref()).await?
             {
-                extra = machines;
+                let machines =
+                    super::compute::machines_router(&args.compute, payments.as_ref()).await?;
+                let exec = super::code_exec::code_exec(&args.compute.exec, payments.as_ref())?;
+                if let Some(p) = &payments {
+                    let doc = super::code_exec::discovery_doc(
+                        &args.compute.exec,
+                        p,
+                        &public_url,
+                        machines.is_some(),
+                        exec.as_ref(),
+                    )?;
+                    extra = extra.merge(sgl::compute::discovery::router(doc));
+                }
+                if let Some(m) = machines {
+                    extra = extra.merge(m);
+                }
+                if let Some(x) = exec {
+                    eprintln!(
+                        "code execution: {} sandbox slot(s), network {}",
+                        x.pool().slots(),
+                        x.pool().config().network
+                    );
+                    extra = extra.merge(sgl::compute::exec::http::router(x));
+                }
             }
             Grid::with_store(config, store, payments).await?
         };

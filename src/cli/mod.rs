@@ -7,6 +7,8 @@ mod bench;
 #[cfg(feature = "node")]
 mod chat;
 #[cfg(feature = "compute-plane")]
+mod code_exec;
+#[cfg(feature = "compute-plane")]
 mod compute;
 #[cfg(feature = "coordinator")]
 mod coordinator;

@@ -11,11 +11,15 @@
 //! - [`http`]: the `/compute/…` routes, on the same [`Payments`] (store,
 //!   keys, credits) as `/compute/api-keys` and `/compute/credits/*`.
 //! - [`seal`]: root passwords sealed at rest until read once.
+//! - [`exec`]: pay-per-request code execution in bubblewrap sandboxes.
+//! - [`discovery`]: `GET /.well-known/x402`, the paid resources served here.
 //!
 //! [`Payments`]: crate::payments::Payments
 
 pub mod catalogue;
 pub mod digitalocean;
+pub mod discovery;
+pub mod exec;
 pub mod http;
 pub mod provider;
 pub mod seal;

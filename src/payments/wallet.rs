@@ -191,6 +191,13 @@ impl WalletKey {
         Ok(x402::encode_header_json(&payload))
     }
 
+    /// An EIP-191 (`personal_sign`) signature of `message`: 65 bytes
+    /// `r ‖ s ‖ v`, hex. The x402 discovery document's ownership proofs
+    /// are these, over the server's origin.
+    pub fn sign_personal(&self, message: &[u8]) -> String {
+        self.sign_digest(&eip191_hash_message(message))
+    }
+
     /// `X-Auth-*` headers signing a request (chain `base`, EIP-191) at
     /// `now_ms`, so that the wallet's credits pay for it.
     pub fn xauth_headers(

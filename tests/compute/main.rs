@@ -10,7 +10,12 @@ mod grid_support;
 #[path = "../support/pay/mod.rs"]
 mod pay_common;
 
+#[cfg(feature = "coordinator")]
+mod exec_process;
 mod machines_api;
 #[cfg(feature = "coordinator")]
 mod machines_process;
 mod machines_providers;
+mod sandbox_basic;
+mod sandbox_contain;
+mod sandbox_support;
