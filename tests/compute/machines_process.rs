@@ -1,9 +1,9 @@
 //! The coordinator as a real process serving the Machines API
 //! (`--compute-provider vultr --compute-provider digitalocean`, tokens and
-//! API roots from the environment): paid by the official x402 Python
-//! client and by the official MPP Python client (pympp), killed between
-//! the order and the provider's answer (with credits held, and with
-//! per-request payments in flight), and driven by `sgl compute`.
+//! API roots from the environment): each provider paid by the official
+//! x402 Python client and by the official MPP Python client (pympp),
+//! killed between the order and the provider's answer (with credits held,
+//! and with per-request payments in flight), and driven by `sgl compute`.
 
 use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use crate::compute_support::server::call;
 use crate::compute_support::{start_both, StandIn, DO_TOKEN, SSH_KEY, VULTR_TOKEN};
 use crate::grid_support::{
-    api_key, free_port, funded_api_key, python_has, run_py, wait_until, Proc, SGL,
+    api_key, free_port, funded_api_key, python_has, run_py_with, wait_until, Proc, SGL,
 };
 use crate::pay_common::facilitator;
 use crate::pay_common::server::PAY_TO;
@@ -364,6 +364,37 @@ async fn killed_with_per_request_payments_in_flight_reconciles_to_no_charge() {
     }
 }
 
+/// One rental per provider, each by its own payer (Anvil keys #0 and #1),
+/// so that each payer's orders are those of one provider: the provider,
+/// its order (seed 000's example, with an SSH key), the payer's key, and
+/// the order's hourly price.
+fn rentals() -> [(&'static str, Value, String, u64); 2] {
+    [
+        (
+            "vultr",
+            json!({"plan": "vc2-1c-1gb", "region": "ewr", "os_id": 2284,
+                "label": "paid-vps", "prepaid_hours": 24, "ssh_public_key": SSH_KEY}),
+            format!("0x{}", signing::ANVIL0),
+            // vc2-1c-1gb: $0.007/h, +20 %.
+            8_400,
+        ),
+        (
+            "digitalocean",
+            json!({"plan": "do:s-1vcpu-1gb", "provider": "digitalocean", "region": "sfo3",
+                "os_id": 123456789u64, "label": "paid-vps", "prepaid_hours": 24,
+                "ssh_public_key": SSH_KEY}),
+            format!("0x{}", signing::ANVIL1),
+            // s-1vcpu-1gb: $0.00893/h, +20 %.
+            10_716,
+        ),
+    ]
+}
+
+fn payer_of(key: &str) -> String {
+    let k = signing::key(key.trim_start_matches("0x"));
+    format!("{:#x}", signing::address(&k))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn official_mpp_python_client_rents_a_machine_without_an_account() {
     if !python_has("mpp, mpp.methods.evm, eth_account, httpx") {
@@ -383,33 +414,46 @@ async fn official_mpp_python_client_rents_a_machine_without_an_account() {
             &dig,
             &["--pay-to", &pay_to, "--facilitator-url", &fac.url, "--mpp"],
         );
-        // Seed 000's MPP example.
-        let order = json!({"plan": "vc2-1c-1gb", "region": "ewr", "os_id": 2284,
-            "label": "mpp-vps", "prepaid_hours": 24, "ssh_public_key": SSH_KEY});
-        let out = run_py("mpp_machines_pay.py", &[&base, &order.to_string()]).await;
-        let field = |name: &str| {
-            out.lines()
-                .find_map(|l| l.strip_prefix(&format!("{name}=")))
-                .unwrap_or_else(|| panic!("no {name}= in {out}"))
-                .to_owned()
-        };
-        let (payer, id) = (field("payer"), field("order"));
-        // Provision and the keyed extension settled; the unauthenticated
-        // extension and the replay did not.
-        assert_eq!(fac.state.settle_calls.load(Ordering::SeqCst), 2);
-        assert_eq!(vultr.state.machine_count(), 1);
-        let orders = orders_of(&base, &db.url, &payer).await;
-        assert_eq!(orders.len(), 1);
-        let o = &orders[0];
-        assert_eq!(
-            (o["id"].as_str(), o["payment"].as_str()),
-            (Some(id.as_str()), Some("mpp"))
-        );
-        assert_eq!(o["status"], "active");
-        // vc2-1c-1gb at $0.0084/h: 24 h provisioned, 24 h extended.
-        assert_eq!(o["paid_micros"], 8_400 * 48);
-        assert_eq!(o["prepaid_hours"], 48);
-        assert_eq!(o["ssh_key"], true);
+        for (n, (provider, order, key, hourly)) in rentals().into_iter().enumerate() {
+            let out = run_py_with(
+                "mpp_machines_pay.py",
+                &[&base, &order.to_string()],
+                &[("SGL_TEST_PAYER_KEY", &key)],
+            )
+            .await;
+            let field = |name: &str| {
+                out.lines()
+                    .find_map(|l| l.strip_prefix(&format!("{name}=")))
+                    .unwrap_or_else(|| panic!("no {name}= in {out}"))
+                    .to_owned()
+            };
+            let (payer, id) = (field("payer"), field("order"));
+            assert_eq!(payer, payer_of(&key));
+            // Provision and the keyed extension settled; the
+            // unauthenticated extension and the replay did not.
+            let settled = fac.state.settle_calls.load(Ordering::SeqCst);
+            assert_eq!(settled, 2 * (n + 1), "{provider}");
+            let stand = if provider == "vultr" { &vultr } else { &dig };
+            assert_eq!(stand.state.machine_count(), 1, "{provider}");
+            let orders = orders_of(&base, &db.url, &payer).await;
+            assert_eq!(orders.len(), 1, "{provider}: {orders:?}");
+            let o = &orders[0];
+            assert_eq!(
+                (
+                    o["id"].as_str(),
+                    o["payment"].as_str(),
+                    o["provider"].as_str()
+                ),
+                (Some(id.as_str()), Some("mpp"), Some(provider))
+            );
+            assert_eq!(o["status"], "active", "{o}");
+            // 24 h provisioned, 24 h extended.
+            assert_eq!(o["paid_micros"], hourly * 48, "{o}");
+            assert_eq!(o["prepaid_hours"], 48, "{o}");
+            assert_eq!(o["ssh_key"], true, "{o}");
+        }
+        assert_eq!(vultr.state.max_creates_per_tag(), 1);
+        assert_eq!(dig.state.max_creates_per_tag(), 1);
     }
 }
 
@@ -432,19 +476,35 @@ async fn official_x402_python_client_rents_a_machine_from_the_coordinator() {
             &dig,
             &["--pay-to", &pay_to, "--facilitator-url", &fac.url],
         );
-        let order = json!({"plan": "do:s-1vcpu-1gb", "provider": "digitalocean", "region": "sfo3",
-            "os_id": 123456789u64, "label": "py", "prepaid_hours": 24, "ssh_public_key": SSH_KEY});
-        let out = run_py("x402_machines_pay.py", &[&base, &order.to_string()]).await;
-        let ids: Vec<&str> = out.lines().rev().take(2).collect();
-        assert_eq!(dig.state.machine_count(), 2);
-        // The payer owns them: its API key lists both.
-        let payer = "0xf39fd6e51aad88f6f4ce6ab8827279cfffb92266";
-        let list = orders_of(&base, &db.url, payer).await;
-        let listed: Vec<&str> = list.iter().map(|i| i["id"].as_str().unwrap()).collect();
-        for id in ids {
-            assert!(listed.contains(&id), "{id} not in {listed:?}");
+        for (n, (provider, order, key, hourly)) in rentals().into_iter().enumerate() {
+            let out = run_py_with(
+                "x402_machines_pay.py",
+                &[&base, &order.to_string()],
+                &[("SGL_TEST_PAYER_KEY", &key)],
+            )
+            .await;
+            let mut ids: Vec<&str> = out.lines().rev().take(2).collect();
+            ids.sort_unstable();
+            let stand = if provider == "vultr" { &vultr } else { &dig };
+            assert_eq!(stand.state.machine_count(), 2, "{provider}");
+            // The v2 and the v1 payment settled; the v1 replay did not.
+            let settled = fac.state.settle_calls.load(Ordering::SeqCst);
+            assert_eq!(settled, 2 * (n + 1), "{provider}");
+            // The payer owns both, and only them: its API key lists them.
+            let list = orders_of(&base, &db.url, &payer_of(&key)).await;
+            let mut listed: Vec<&str> = list.iter().map(|i| i["id"].as_str().unwrap()).collect();
+            listed.sort_unstable();
+            assert_eq!(listed, ids, "{provider}");
+            for o in &list {
+                assert_eq!(o["provider"], provider, "{o}");
+                assert_eq!(o["status"], "active", "{o}");
+                assert_eq!(o["paid_micros"], hourly * 24, "{o}");
+                assert!(o["ip_address"].is_string(), "{o}");
+                assert!(o["payment"].as_str().unwrap().starts_with("x402"), "{o}");
+            }
         }
-        assert_eq!(fac.state.settle_calls.load(Ordering::SeqCst), 2);
+        assert_eq!(vultr.state.max_creates_per_tag(), 1);
+        assert_eq!(dig.state.max_creates_per_tag(), 1);
     }
 }
 

@@ -274,12 +274,18 @@ pub fn python_has(modules: &str) -> bool {
 /// Run `tests/py/SCRIPT ARGS`, which must succeed within five minutes; its
 /// stdout (also printed).
 pub async fn run_py(script: &str, args: &[&str]) -> String {
+    run_py_with(script, args, &[]).await
+}
+
+/// [`run_py`] with extra environment variables.
+pub async fn run_py_with(script: &str, args: &[&str], envs: &[(&str, &str)]) -> String {
     let path = format!("{}/tests/py/{script}", env!("CARGO_MANIFEST_DIR"));
     let out = tokio::time::timeout(
         Duration::from_secs(300),
         tokio::process::Command::new(python())
             .arg(&path)
             .args(args)
+            .envs(envs.iter().copied())
             .output(),
     )
     .await
