@@ -73,7 +73,8 @@ pub async fn assert_healthy(pool: &SandboxPool) {
     assert_eq!(pool.busy(), 0);
 }
 
-/// Host processes running under a sandbox uid (none may outlive a run).
+/// Live host processes under a sandbox uid (none may outlive a run; a
+/// zombie waiting for the host's init to reap it runs nothing).
 pub fn sandbox_processes(uid_base: u32) -> Vec<String> {
     let mut left = Vec::new();
     for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
@@ -85,7 +86,10 @@ pub fn sandbox_processes(uid_base: u32) -> Vec<String> {
             .find_map(|l| l.strip_prefix("Uid:"))
             .and_then(|l| l.split_whitespace().next())
             .and_then(|u| u.parse::<u32>().ok());
-        if uid.is_some_and(|u| u >= uid_base && u < uid_base.saturating_add(65536)) {
+        let zombie = status
+            .lines()
+            .any(|l| l.starts_with("State:") && l.contains('Z'));
+        if !zombie && uid.is_some_and(|u| u >= uid_base && u < uid_base.saturating_add(65536)) {
             left.push(status.lines().next().unwrap_or("").to_owned());
         }
     }

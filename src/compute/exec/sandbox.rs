@@ -197,17 +197,34 @@ mod linux {
         clean: bool,
     }
 
-    static TAKEN_UIDS: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
+    /// The uids held by runs, and where the next search starts.
+    struct UidTable {
+        taken: BTreeSet<u32>,
+        next: u32,
+    }
+
+    static TAKEN_UIDS: Mutex<UidTable> = Mutex::new(UidTable {
+        taken: BTreeSet::new(),
+        next: 0,
+    });
 
     impl RunUid {
+        /// Takes uids round-robin over the range rather than the lowest free
+        /// one: a uid comes back only after the whole range, long after the
+        /// host's init reaped the zombies of its last run (each holds one of
+        /// its NPROC slots until then).
         fn take(base: u32) -> Result<Self, SandboxError> {
-            let mut taken = TAKEN_UIDS
+            let mut table = TAKEN_UIDS
                 .lock()
                 .map_err(|_| SandboxError::Setup("uid table poisoned".into()))?;
-            let uid = (base..base + UID_RANGE)
-                .find(|u| !taken.contains(u))
+            let start = table.next;
+            let offset = (0..UID_RANGE)
+                .map(|i| (start + i) % UID_RANGE)
+                .find(|o| !table.taken.contains(&(base + o)))
                 .ok_or(SandboxError::Busy)?;
-            taken.insert(uid);
+            table.next = (offset + 1) % UID_RANGE;
+            let uid = base + offset;
+            table.taken.insert(uid);
             Ok(RunUid { uid, clean: false })
         }
     }
@@ -220,31 +237,61 @@ mod linux {
             if !self.clean {
                 kill_all_of(self.uid);
             }
-            if let Ok(mut taken) = TAKEN_UIDS.lock() {
-                taken.remove(&self.uid);
+            if let Ok(mut table) = TAKEN_UIDS.lock() {
+                table.taken.remove(&self.uid);
             }
         }
     }
 
-    /// Kills every process of `uid` and waits until none is left, not even
-    /// a zombie (those still count against its RLIMIT_NPROC); false when
-    /// that could not be had within about a second.
+    /// Kills every process of `uid` and waits until none is left running;
+    /// false when that could not be had within about a second. Zombies are
+    /// left to their reaper: bwrap's PID-namespace init is reparented to the
+    /// host's init when bwrap exits, which may take seconds to reap it, and a
+    /// zombie runs nothing (it only holds one of the uid's NPROC slots).
     fn kill_all_of(uid: u32) -> bool {
         for _ in 0..100 {
-            match sweep(uid) {
-                Sweep::Empty => return true,
-                Sweep::Killed => std::thread::sleep(Duration::from_millis(10)),
-                Sweep::Failed => return false,
+            if !has_live_processes(uid) {
+                return true;
             }
+            if let Sweep::Failed = sweep(uid) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
         tracing::warn!(uid, "processes of a sandbox uid outlived its run");
         false
     }
 
+    /// Whether a process of `uid` exists that is not a zombie: its `/proc`
+    /// entry belongs to it. (`kill(-1)` cannot tell: it reports success with
+    /// nothing to signal on some kernels.)
+    fn has_live_processes(uid: u32) -> bool {
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return true;
+        };
+        entries.flatten().any(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+                && e.metadata().is_ok_and(|m| m.uid() == uid)
+                && !is_zombie(&e.path())
+        })
+    }
+
+    /// The state field of `/proc/PID/stat` (after the parenthesised name,
+    /// which may itself hold spaces or parentheses) is `Z`.
+    fn is_zombie(proc_dir: &Path) -> bool {
+        std::fs::read_to_string(proc_dir.join("stat")).is_ok_and(|stat| {
+            stat.rfind(')')
+                .and_then(|i| stat[i + 1..].split_whitespace().next())
+                == Some("Z")
+        })
+    }
+
     enum Sweep {
-        /// No process of the uid exists.
+        /// Nothing of the uid was there to signal.
         Empty,
-        /// Some were signalled (or are zombies not yet reaped).
+        /// Some were signalled.
         Killed,
         Failed,
     }
