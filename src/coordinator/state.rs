@@ -438,6 +438,14 @@ impl Inner {
             .collect()
     }
 
+    /// The jobs running here on a settled payment, whose refunds are open.
+    pub fn open_refunds(&self) -> Vec<String> {
+        self.jobs
+            .values()
+            .filter_map(|j| Some(j.billing.as_ref()?.charge.refund_job()?.to_string()))
+            .collect()
+    }
+
     /// The jobs offered to a node and not yet acknowledged.
     pub fn offered_to(&self, node_id: &NodeId) -> Vec<PendingJob> {
         self.jobs
@@ -508,6 +516,12 @@ impl Grid {
                     "released the credit holds of jobs that no longer run"
                 );
             }
+            // Refunds of settled payments likewise: each one recorded as
+            // owed is credited now, and the whole payment of a job that no
+            // longer runs.
+            // A store that refuses them now does not stop the start: the
+            // reaper retries.
+            p.credit_due_refunds(all).await;
         }
         let rows = store.load_nodes().await?;
         {
@@ -860,10 +874,20 @@ impl Grid {
     /// release every hold whose lease has lapsed (its coordinator is gone).
     pub async fn renew_and_reap_holds(&self) {
         let Some(p) = &self.payments else { return };
-        let running = self.lock().open_holds();
+        let (running, mut refunds) = {
+            let inner = self.lock();
+            (inner.open_holds(), inner.open_refunds())
+        };
         if let Err(e) = p.store().renew_holds(&running).await {
             tracing::error!(error = %e, "could not renew credit hold leases");
             // Reaping now could release holds of jobs that still run.
+            return;
+        }
+        // A refund kept in memory (the store refused it) keeps its open row
+        // from lapsing into a whole refund until its exact amount is in.
+        refunds.extend(p.owed_refund_jobs());
+        if let Err(e) = p.store().renew_job_refunds(&refunds).await {
+            tracing::error!(error = %e, "could not renew refund leases");
             return;
         }
         match p.store().release_lapsed_holds(false).await {
@@ -871,6 +895,7 @@ impl Grid {
             Ok(n) => tracing::warn!(holds = n, "released lapsed credit holds"),
             Err(e) => tracing::error!(error = %e, "could not release lapsed credit holds"),
         }
+        p.credit_due_refunds(false).await;
     }
 
     /// Periodic upkeep: expire reservations, fail jobs nobody picked up or that
