@@ -44,6 +44,9 @@ pub struct Config {
     /// Unclaimed reservations one client (API key's wallet, else address)
     /// may hold at once; over it, 429 `too_many_reservations` (§7f).
     pub max_reservations_per_client: usize,
+    /// Reverse proxies whose `X-Forwarded-For` names the client
+    /// ([`super::client_addr`]).
+    pub trusted_proxies: super::client_addr::TrustedProxies,
     /// The most parallel slots a node's heartbeat may claim (§7f); a larger
     /// claim is clamped to it.
     pub max_node_slots: u32,
@@ -87,6 +90,7 @@ impl Default for Config {
             missed_heartbeats: 3,
             reservation_ttl: Duration::from_secs(10),
             max_reservations_per_client: 16,
+            trusted_proxies: Default::default(),
             max_node_slots: 256,
             allowed_models: Vec::new(),
             dispatch_timeout: Duration::from_secs(30),
