@@ -14,8 +14,9 @@
 //!    open (it does not lapse into a whole refund); once the fault goes,
 //!    the reaper credits exactly quote − cost, with the usage row, without
 //!    a restart.
-//! 3. The coordinator is SIGKILLed with a paid stream mid-generation: after
-//!    the restart the payer gets the whole payment back.
+//! 3. The coordinator is SIGKILLed with a paid stream mid-generation (400
+//!    tokens at 50 ms each, killed at the first chunk): after the restart
+//!    the payer gets the whole payment back.
 //!
 //! Afterwards, and after one more restart: one refund ledger row per job,
 //! and what the facilitator settled = Σ usage cost + the payer's credits,
@@ -44,8 +45,9 @@ use sgl::store::{Store, WalletId};
 
 /// Anvil key #0's address: the payer.
 const PAYER: &str = "0xf39fd6e51aad88f6f4ce6ab8827279cfffb92266";
-/// The echo node holds a job open after this many tokens.
-const STALL_AFTER: usize = 30;
+/// The echo node's pause before each token: a 400-token answer takes 20 s,
+/// so one killed at its first chunk is certainly mid-generation.
+const TOKEN_DELAY_MS: &str = "50";
 
 /// `sgl coordinator serve` with payments on `port`, waited for until it
 /// listens.
@@ -249,7 +251,6 @@ async fn refund_faults_on(db: &str, work: &Path) {
     let nd = work.join("node");
     let nd = nd.to_str().unwrap();
     node_init(nd, &base, OPERATOR);
-    let stall = STALL_AFTER.to_string();
     let _node = node_start(
         nd,
         &[
@@ -259,8 +260,8 @@ async fn refund_faults_on(db: &str, work: &Path) {
             "none",
             "--registration-code",
             &code,
-            "--echo-stall-after",
-            &stall,
+            "--echo-token-delay-ms",
+            TOKEN_DELAY_MS,
         ],
         Stdio::null(),
     );
@@ -338,10 +339,10 @@ async fn refund_faults_on(db: &str, work: &Path) {
     assert_eq!(credits(&store).await, before + paid - cost);
     jobs.push((job, paid, cost));
 
-    // 3. SIGKILL with a paid stream mid-generation (the echo engine holds
-    // it open after STALL_AFTER tokens): the payer gets it all back.
-    let body = json!({"model": MODEL, "max_tokens": 64, "stream": true,
-                      "messages": [{"role": "user", "content": words(STALL_AFTER + 10)}]});
+    // 3. SIGKILL with a paid stream mid-generation: the payer gets it all
+    // back.
+    let body = json!({"model": MODEL, "max_tokens": 400, "stream": true,
+                      "messages": [{"role": "user", "content": words(400)}]});
     let (mut r, paid) = pay(&base, &body).await;
     assert_eq!(r.status(), 200);
     let mut seen = String::new();

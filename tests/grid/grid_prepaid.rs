@@ -871,7 +871,7 @@ async fn a_sealed_chat_is_settled_before_dispatch_and_metered() {
         let text = opener
             .open(
                 c["seq"].as_u64().unwrap(),
-                c["is_final"].as_bool().unwrap(),
+                c["final"].as_bool().unwrap(),
                 c["eph"].as_str(),
                 c["ct"].as_str().unwrap(),
             )
