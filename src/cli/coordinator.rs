@@ -257,6 +257,18 @@ pub struct ServeArgs {
     /// wallet, else per address); past it, 429 too_many_reservations.
     #[arg(long, default_value_t = 16)]
     pub max_reservations_per_client: usize,
+    /// A reverse proxy (address or CIDR block) whose X-Forwarded-For names
+    /// the client, for the limits kept per client address (repeatable; the
+    /// environment variable takes a comma-separated list). From a trusted
+    /// proxy the client is the rightmost X-Forwarded-For entry that is not
+    /// itself a trusted proxy; from any other peer the header is ignored.
+    #[arg(
+        long = "trusted-proxy",
+        env = "SGL_TRUSTED_PROXIES",
+        value_name = "CIDR",
+        value_delimiter = ','
+    )]
+    pub trusted_proxies: Vec<sgl::coordinator::client_addr::Cidr>,
     /// The most parallel slots a node may claim in its heartbeat; a larger
     /// claim is clamped to it.
     #[arg(long, default_value_t = 256)]
@@ -785,6 +797,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         price_cooldown: Duration::from_secs(args.price_cooldown),
         reservation_ttl: Duration::from_secs(args.reservation_ttl),
         max_reservations_per_client: args.max_reservations_per_client.max(1),
+        trusted_proxies: sgl::coordinator::client_addr::TrustedProxies(
+            args.trusted_proxies.clone(),
+        ),
         max_node_slots: args.max_node_slots.max(1),
         allowed_models: args.allowed_models.clone(),
         server_limits: args.server.limits(),

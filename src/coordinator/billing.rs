@@ -16,7 +16,8 @@
 //!   prepaid payment keeps the cost and credits quote − cost back to the
 //!   payer wallet. Every job leaves one usage row with the revenue split
 //!   ([`crate::payments::billing::Split`]), written with the hold's
-//!   settlement or release in one transaction for a credit charge.
+//!   settlement or release in one transaction for a credit charge, and with
+//!   the refund (credited, or recorded as owed) for a prepaid payment.
 
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
@@ -223,7 +224,10 @@ pub async fn close(
         created_at: grid.config.clock.now_ms(),
     };
     // A credit charge writes the row in the transaction that settles or
-    // releases its hold; what comes back here is still to be written.
+    // releases its hold, a prepaid one in the transaction that credits its
+    // refund (or records it as owed); what comes back here is still to be
+    // written. A prepaid charge never fails to settle: the payment stands
+    // and what it did not use stays owed until the store takes it.
     let (cost, billed, result, unrecorded) = if matches!(outcome, Outcome::Failed) {
         let left = charge.release_recording(Some(row)).await;
         let billed = Billed {
@@ -244,13 +248,6 @@ pub async fn close(
                 Ok(()),
                 r.unrecorded,
             ),
-            Err(e) if prepaid => {
-                // The payment stands and the answer is released; only the
-                // refund of the unused part failed, which the log names.
-                tracing::error!(job_id = %meta.job_id, error = %e, "could not refund the unused part of a payment");
-                let row = crate::payments::billing::priced(fallback, cost);
-                (cost, Billed::default(), Ok(()), Some(row))
-            }
             Err(e) => {
                 tracing::warn!(job_id = %meta.job_id, error = %e, "settlement failed; withholding the result");
                 // Nothing was charged: the row says so. A credit hold that

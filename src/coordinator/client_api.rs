@@ -35,8 +35,9 @@ fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ClientEr
 }
 
 /// Who holds a reservation, for the per-client cap (§7f): the wallet of a
-/// valid API key, else the peer address. An invalid key counts as its
-/// address, so made-up keys buy no extra room.
+/// valid API key, else the client's address ([`super::client_addr`]: the
+/// peer, or behind a trusted proxy the address it forwarded for). An
+/// invalid key counts as its address, so made-up keys buy no extra room.
 async fn reservation_client(
     grid: &Grid,
     method: &Method,
@@ -55,8 +56,8 @@ async fn reservation_client(
             return format!("wallet:{}", payer.wallet());
         }
     }
-    match peer {
-        Some(addr) => format!("ip:{}", addr.ip()),
+    match super::client_addr::client_ip(peer, headers, &grid.config.trusted_proxies) {
+        Some(ip) => format!("ip:{ip}"),
         None => "ip:unknown".into(),
     }
 }

@@ -10,6 +10,7 @@
 
 pub mod attestation;
 pub mod billing;
+pub mod client_addr;
 pub mod client_api;
 pub mod error;
 pub mod job;

@@ -44,6 +44,9 @@ pub struct Config {
     /// Unclaimed reservations one client (API key's wallet, else address)
     /// may hold at once; over it, 429 `too_many_reservations` (§7f).
     pub max_reservations_per_client: usize,
+    /// Reverse proxies whose `X-Forwarded-For` names the client
+    /// ([`super::client_addr`]).
+    pub trusted_proxies: super::client_addr::TrustedProxies,
     /// The most parallel slots a node's heartbeat may claim (§7f); a larger
     /// claim is clamped to it.
     pub max_node_slots: u32,
@@ -87,6 +90,7 @@ impl Default for Config {
             missed_heartbeats: 3,
             reservation_ttl: Duration::from_secs(10),
             max_reservations_per_client: 16,
+            trusted_proxies: Default::default(),
             max_node_slots: 256,
             allowed_models: Vec::new(),
             dispatch_timeout: Duration::from_secs(30),
@@ -438,6 +442,14 @@ impl Inner {
             .collect()
     }
 
+    /// The jobs running here on a settled payment, whose refunds are open.
+    pub fn open_refunds(&self) -> Vec<String> {
+        self.jobs
+            .values()
+            .filter_map(|j| Some(j.billing.as_ref()?.charge.refund_job()?.to_string()))
+            .collect()
+    }
+
     /// The jobs offered to a node and not yet acknowledged.
     pub fn offered_to(&self, node_id: &NodeId) -> Vec<PendingJob> {
         self.jobs
@@ -508,6 +520,12 @@ impl Grid {
                     "released the credit holds of jobs that no longer run"
                 );
             }
+            // Refunds of settled payments likewise: each one recorded as
+            // owed is credited now, and the whole payment of a job that no
+            // longer runs.
+            // A store that refuses them now does not stop the start: the
+            // reaper retries.
+            p.credit_due_refunds(all).await;
         }
         let rows = store.load_nodes().await?;
         {
@@ -860,10 +878,20 @@ impl Grid {
     /// release every hold whose lease has lapsed (its coordinator is gone).
     pub async fn renew_and_reap_holds(&self) {
         let Some(p) = &self.payments else { return };
-        let running = self.lock().open_holds();
+        let (running, mut refunds) = {
+            let inner = self.lock();
+            (inner.open_holds(), inner.open_refunds())
+        };
         if let Err(e) = p.store().renew_holds(&running).await {
             tracing::error!(error = %e, "could not renew credit hold leases");
             // Reaping now could release holds of jobs that still run.
+            return;
+        }
+        // A refund kept in memory (the store refused it) keeps its open row
+        // from lapsing into a whole refund until its exact amount is in.
+        refunds.extend(p.owed_refund_jobs());
+        if let Err(e) = p.store().renew_job_refunds(&refunds).await {
+            tracing::error!(error = %e, "could not renew refund leases");
             return;
         }
         match p.store().release_lapsed_holds(false).await {
@@ -871,6 +899,7 @@ impl Grid {
             Ok(n) => tracing::warn!(holds = n, "released lapsed credit holds"),
             Err(e) => tracing::error!(error = %e, "could not release lapsed credit holds"),
         }
+        p.credit_due_refunds(false).await;
     }
 
     /// Periodic upkeep: expire reservations, fail jobs nobody picked up or that

@@ -44,7 +44,7 @@ use super::error::PaymentError;
 use super::service::{Payer, PaymentMethod, Payments, PendingPayment, RequestParts};
 use super::x402::Offer;
 use crate::money::Micros;
-use crate::store::{CreditBalance, HoldId, StoreError, UsageRow, WalletId};
+use crate::store::{CreditBalance, HoldId, UsageRow, WalletId};
 
 /// What funds a job.
 #[derive(Debug)]
@@ -257,9 +257,13 @@ impl Charge {
         std::mem::replace(&mut self.funding, Funding::Free)
     }
 
-    /// The ledger reference of this charge's refund.
-    fn refund_reference(&self) -> String {
-        format!("refund:{}", self.reference)
+    /// The job whose refund this charge owes, while it is a prepaid one
+    /// (its lease in the store is renewed while the job runs).
+    pub fn refund_job(&self) -> Option<&str> {
+        match &self.funding {
+            Funding::Prepaid { .. } => Some(&self.reference),
+            _ => None,
+        }
     }
 
     /// Settle a pending payment now, before any of the work is released
@@ -275,7 +279,7 @@ impl Charge {
         match self.take() {
             Funding::Payment { payments, pending } => {
                 let (method, wallet) = (pending.method, pending.wallet.clone());
-                let s = payments.settle(*pending, None).await?;
+                let s = payments.settle_for_job(*pending, &self.reference).await?;
                 self.funding = Funding::Prepaid {
                     payments,
                     method,
@@ -360,15 +364,23 @@ impl Charge {
                 let charged = cost.min(self.quote).min(paid);
                 // `charged <= paid`, so this cannot underflow.
                 let refund = Micros(paid.0 - charged.0);
-                let balance =
-                    refund_to(&payments, &wallet, refund, &self.refund_reference()).await?;
+                // The refund and the usage row in one transaction; a refund
+                // the store cannot take now stays owed (never lost).
+                let balance = payments
+                    .refund_job(
+                        &self.reference,
+                        &wallet,
+                        refund,
+                        usage.map(|u| priced(u, charged)),
+                    )
+                    .await;
                 Ok(Receipt {
                     charged,
                     transaction: Some(transaction),
                     headers: HeaderMap::new(),
                     balance,
                     refunded: Some(refund),
-                    unrecorded: usage.map(|u| priced(u, charged)),
+                    unrecorded: None,
                 })
             }
         }
@@ -412,40 +424,14 @@ impl Charge {
                 paid,
                 ..
             } => {
-                refund_whole(&payments, &wallet, paid, &self.refund_reference()).await;
-                usage
+                // Refunded whole, with the (unbilled) usage row in the same
+                // transaction.
+                payments
+                    .refund_job(&self.reference, &wallet, paid, usage)
+                    .await;
+                None
             }
         }
-    }
-}
-
-/// Refund a prepaid payment whole, logging a failure for an operator.
-async fn refund_whole(payments: &Payments, wallet: &WalletId, paid: Micros, reference: &str) {
-    if let Err(e) = refund_to(payments, wallet, paid, reference).await {
-        tracing::error!(error = %e, wallet = %wallet, refund = paid.0, %reference,
-            "could not refund a prepaid payment; credit it by hand");
-    }
-}
-
-/// Credit `amount` back to `wallet` under `reference`; nothing (no ledger
-/// row) when it is zero. A reference already refunded is not credited
-/// again and reads as done.
-async fn refund_to(
-    payments: &Payments,
-    wallet: &WalletId,
-    amount: Micros,
-    reference: &str,
-) -> Result<Option<CreditBalance>, PaymentError> {
-    if amount == Micros::ZERO {
-        return Ok(None);
-    }
-    match payments.refund_credits(wallet, amount, reference).await {
-        Ok(b) => Ok(Some(b)),
-        Err(PaymentError::Store(StoreError::DuplicateReference)) => {
-            tracing::warn!(%reference, "refund already credited");
-            Ok(None)
-        }
-        Err(e) => Err(e),
     }
 }
 
@@ -474,17 +460,19 @@ impl Drop for Charge {
             // The payer has paid and the work was never delivered (a request
             // abandoned between settlement and dispatch, say): refund it
             // whole, off the dropping thread. The task holds plain values,
-            // not a charge, so dropping it unrun cannot come back here.
-            let reference = self.refund_reference();
+            // not a charge, so dropping it unrun cannot come back here. Run
+            // or not, the store holds the refund open, and the reaper
+            // credits it whole once its lease lapses.
+            let job = std::mem::take(&mut self.reference);
             match tokio::runtime::Handle::try_current() {
                 Ok(rt) => {
-                    tracing::warn!(%reference, "a prepaid charge was dropped; refunding it whole");
+                    tracing::warn!(job_id = %job, "a prepaid charge was dropped; refunding it whole");
                     rt.spawn(async move {
-                        refund_whole(&payments, &wallet, paid, &reference).await;
+                        payments.refund_job(&job, &wallet, paid, None).await;
                     });
                 }
-                Err(_) => tracing::error!(%reference, wallet = %wallet, refund = paid.0,
-                    "a prepaid charge was dropped outside a runtime; credit it by hand"),
+                Err(_) => tracing::warn!(job_id = %job, wallet = %wallet, refund = paid.0,
+                    "a prepaid charge was dropped outside a runtime; the reaper refunds it"),
             }
         }
     }

@@ -137,7 +137,17 @@ macro_rules! debit_in_tx {
 /// The body of a top-up inside `$tx`: creates the wallet row if needed,
 /// adds `$amt`, writes the ledger row; evaluates to the new position.
 macro_rules! top_up_in_tx {
-    ($tx:ident, $lock:ident, $wallet:expr, $amt:expr, $reference:expr, $now:expr) => {{
+    ($tx:ident, $lock:ident, $wallet:expr, $amt:expr, $reference:expr, $now:expr) => {
+        credit_in_tx!($tx, $lock, $wallet, $amt, "topup", $reference, $now)
+    };
+}
+
+/// The body of a credit inside `$tx`, logged as `$kind` (`topup`, or
+/// `refund` for a job's unused payment): creates the wallet row if needed,
+/// adds `$amt` to the balance and to what was deposited, writes the ledger
+/// row; evaluates to the new position.
+macro_rules! credit_in_tx {
+    ($tx:ident, $lock:ident, $wallet:expr, $amt:expr, $kind:expr, $reference:expr, $now:expr) => {{
         sqlx::query(
             "INSERT INTO wallets (wallet, balance, held, total_deposited, total_spent, updated_at) \
              VALUES ($1, 0, 0, 0, 0, $2) ON CONFLICT (wallet) DO NOTHING",
@@ -158,7 +168,7 @@ macro_rules! top_up_in_tx {
         .bind($wallet.as_str())
         .execute(&mut *$tx)
         .await?;
-        ledger_insert!($tx, $wallet, "topup", $amt, b.balance, Some($reference), $now);
+        ledger_insert!($tx, $wallet, $kind, $amt, b.balance, Some($reference), $now);
         b
     }};
 }
@@ -391,7 +401,7 @@ impl Store {
     }
 
     /// When a lease taken or renewed at `now_ms` ends.
-    fn lease_end(&self, now_ms: i64) -> i64 {
+    pub(super) fn lease_end(&self, now_ms: i64) -> i64 {
         let lease = i64::try_from(self.hold_lease.as_millis()).unwrap_or(i64::MAX);
         now_ms.saturating_add(lease)
     }

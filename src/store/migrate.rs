@@ -41,6 +41,11 @@ const SQLITE: &[(i64, &str, &str)] = &[
         "job payments",
         include_str!("../../migrations/sqlite/0006_job_payments.sql"),
     ),
+    (
+        7,
+        "job refunds",
+        include_str!("../../migrations/sqlite/0007_job_refunds.sql"),
+    ),
 ];
 const POSTGRES: &[(i64, &str, &str)] = &[
     (
@@ -72,6 +77,11 @@ const POSTGRES: &[(i64, &str, &str)] = &[
         6,
         "job payments",
         include_str!("../../migrations/postgres/0006_job_payments.sql"),
+    ),
+    (
+        7,
+        "job refunds",
+        include_str!("../../migrations/postgres/0007_job_refunds.sql"),
     ),
 ];
 

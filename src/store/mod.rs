@@ -42,6 +42,8 @@ pub mod credits;
 pub mod compute;
 pub mod grid;
 mod grid_state;
+#[macro_use]
+pub mod job_refunds;
 pub mod job_payments;
 mod migrate;
 pub mod payments;
@@ -53,6 +55,7 @@ pub use compute::{ComputeAudit, ComputeOrder, NewComputeOrder};
 pub use credits::{CreditBalance, HoldId, LedgerEntry};
 pub use grid::UsageRow;
 pub use job_payments::JobPayment;
+pub use job_refunds::JobRefund;
 pub use payments::{PaymentNonceKey, PendingPayment};
 pub use payouts::{EarningsRow, MarkPaidRefused, PayoutBatch, PayoutLine};
 

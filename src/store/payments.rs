@@ -73,8 +73,41 @@ impl Store {
         transaction: &str,
         credit: Option<(&WalletId, Micros)>,
     ) -> Result<Option<CreditBalance>> {
+        self.settle_nonce(key, transaction, credit, None).await
+    }
+
+    /// Mark a reserved nonce settled for the job `job_id` and, in the same
+    /// transaction, open that job's refund of the whole payment `paid` to
+    /// `payer` ([`crate::store::job_refunds`]): from the moment the store
+    /// knows the money moved, it knows what is owed back.
+    pub async fn settle_payment_nonce_for_job(
+        &self,
+        key: &PaymentNonceKey,
+        transaction: &str,
+        job_id: &str,
+        payer: &WalletId,
+        paid: Micros,
+    ) -> Result<()> {
+        self.settle_nonce(
+            key,
+            transaction,
+            None,
+            Some((job_id, payer, storable(paid)?)),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn settle_nonce(
+        &self,
+        key: &PaymentNonceKey,
+        transaction: &str,
+        credit: Option<(&WalletId, Micros)>,
+        refund: Option<(&str, &WalletId, Micros)>,
+    ) -> Result<Option<CreditBalance>> {
         let chain = key.chain()?;
         let now = self.now_ms();
+        let lease_until = self.lease_end(now);
         // The top-up reference is the replay key, so a credit can never be
         // applied twice for one authorization.
         let reference = format!(
@@ -101,6 +134,9 @@ impl Store {
             .rows_affected();
             if n != 1 {
                 return Err(StoreError::Corrupt("payment nonce not pending"));
+            }
+            if let Some((job, payer, paid)) = refund {
+                open_refund_in_tx!(tx, job, payer, paid, lease_until, now);
             }
             match credit {
                 Some((wallet, amt)) => Some(top_up_in_tx!(tx, lock, wallet, amt, &reference, now)),

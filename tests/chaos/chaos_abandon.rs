@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::chaos_grid::{plain_chat, post_chat, read_until, EchoGrid};
+use crate::chaos_grid::{on_each_store, plain_chat, post_chat, read_until, EchoGrid};
 use crate::grid_support::providers;
 
 /// One stream, left after its first chunk; retried while every slot is busy.
@@ -32,7 +32,16 @@ async fn abandon_one(http: reqwest::Client, base: String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abandoned_streams_and_sockets_free_their_slots() {
-    let grid = EchoGrid::start(&[], &["--max-batch", "8", "--echo-token-delay-ms", "20"]).await;
+    on_each_store("abandon", abandoned_streams_and_sockets_free_their_slots_on).await;
+}
+
+async fn abandoned_streams_and_sockets_free_their_slots_on(db: String) {
+    let grid = EchoGrid::start(
+        &db,
+        &[],
+        &["--max-batch", "8", "--echo-token-delay-ms", "20"],
+    )
+    .await;
     let http = reqwest::Client::new();
     // 100 streams, four at a time, each left after its first chunk.
     for _ in 0..(100 / 4) {

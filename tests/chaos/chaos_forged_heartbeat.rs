@@ -8,12 +8,16 @@
 use serde_json::{json, Value};
 use sgl::proto::identity::{NodeId, NodeIdentity};
 
-use crate::chaos_grid::{plain_chat, post_chat, EchoGrid};
+use crate::chaos_grid::{on_each_store, plain_chat, post_chat, EchoGrid};
 use crate::grid_support::MODEL;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_heartbeats_are_refused_or_clamped() {
-    let grid = EchoGrid::start(&["--max-node-slots", "8"], &[]).await;
+    on_each_store("forged", forged_heartbeats_are_refused_or_clamped_on).await;
+}
+
+async fn forged_heartbeats_are_refused_or_clamped_on(db: String) {
+    let grid = EchoGrid::start(&db, &["--max-node-slots", "8"], &[]).await;
     let (node_id, token) = grid.node_credentials();
     let http = reqwest::Client::new();
     let base = grid.base.clone();

@@ -24,10 +24,10 @@ pub struct EchoGrid {
 }
 
 impl EchoGrid {
-    /// `sgl coordinator serve --dev --in-memory COORD…` and `sgl node start
-    /// --engine echo NODE…`, waited for until the node takes work.
-    pub async fn start(coordinator_args: &[&str], node_args: &[&str]) -> EchoGrid {
-        let mut args = vec!["--in-memory"];
+    /// `sgl coordinator serve --dev --database-url DB COORD…` and `sgl node
+    /// start --engine echo NODE…`, waited for until the node takes work.
+    pub async fn start(db: &str, coordinator_args: &[&str], node_args: &[&str]) -> EchoGrid {
+        let mut args = vec!["--database-url", db];
         args.extend_from_slice(coordinator_args);
         let coordinator = CoordinatorProc::start(&args);
         Self::with(coordinator, node_args).await
@@ -59,8 +59,9 @@ impl EchoGrid {
     }
 }
 
-/// `sgl coordinator serve --dev --in-memory ARGS` with its open-file limit
-/// (soft and hard) lowered to `files` by the shell's `ulimit`.
+/// `sgl coordinator serve --dev ARGS` (ARGS name the store) with its
+/// open-file limit (soft and hard) lowered to `files` by the shell's
+/// `ulimit`.
 pub fn coordinator_with_file_limit(files: u32, args: &[&str]) -> CoordinatorProc {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
@@ -71,7 +72,6 @@ pub fn coordinator_with_file_limit(files: u32, args: &[&str]) -> CoordinatorProc
             "coordinator",
             "serve",
             "--dev",
-            "--in-memory",
             "--listen",
             &listen,
             "--heartbeat-interval",
@@ -87,6 +87,21 @@ pub fn coordinator_with_file_limit(files: u32, args: &[&str]) -> CoordinatorProc
     CoordinatorProc {
         base: format!("http://{listen}"),
         proc,
+    }
+}
+
+/// Run `body` on each store a coordinator process can use: a SQLite file,
+/// then PostgreSQL (skipped when unreachable unless SGL_REQUIRE_POSTGRES=1;
+/// see `pay_common::stores::cli_databases`). `body` gets the database URL.
+pub async fn on_each_store<F, Fut>(tag: &str, body: F)
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let dir = tempfile::tempdir().unwrap();
+    for db in crate::pay_common::stores::cli_databases(tag, dir.path()) {
+        eprintln!("backend: {}", db.backend);
+        body(db.url.clone()).await;
     }
 }
 

@@ -9,12 +9,21 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::chaos_grid::{plain_chat, post_chat, read_until, EchoGrid};
+use crate::chaos_grid::{on_each_store, plain_chat, post_chat, read_until, EchoGrid};
 use crate::grid_support::{providers, MODEL};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_killed_mid_stream_fails_its_client_within_three_seconds() {
+    on_each_store(
+        "nodekill",
+        a_node_killed_mid_stream_fails_its_client_within_three_seconds_on,
+    )
+    .await;
+}
+
+async fn a_node_killed_mid_stream_fails_its_client_within_three_seconds_on(db: String) {
     let mut grid = EchoGrid::start(
+        &db,
         &["--missed-heartbeats", "15"],
         &["--echo-token-delay-ms", "50"],
     )

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use sgl::proto::e2e::{ALG_V2, MAX_CIPHERTEXT_CHARS};
 
-use crate::chaos_grid::{plain_chat, post_chat, EchoGrid};
+use crate::chaos_grid::{on_each_store, plain_chat, post_chat, EchoGrid};
 use crate::grid_support::MODEL;
 
 /// A plain chat whose user message is `bytes` long (words of the echo).
@@ -54,7 +54,15 @@ async fn raw_exchange(base: &str, request: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversize_prompts_are_refused_before_work_and_others_stay_fast() {
-    let grid = EchoGrid::start(&[], &["--max-batch", "8"]).await;
+    on_each_store(
+        "oversize",
+        oversize_prompts_are_refused_before_work_and_others_stay_fast_on,
+    )
+    .await;
+}
+
+async fn oversize_prompts_are_refused_before_work_and_others_stay_fast_on(db: String) {
+    let grid = EchoGrid::start(&db, &[], &["--max-batch", "8"]).await;
     let http = reqwest::Client::new();
     let base = grid.base.clone();
 

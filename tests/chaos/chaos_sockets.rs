@@ -10,14 +10,27 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::chaos_grid::{coordinator_with_file_limit, plain_chat, post_chat, EchoGrid};
+use crate::chaos_grid::{
+    coordinator_with_file_limit, on_each_store, plain_chat, post_chat, EchoGrid,
+};
 use crate::grid_support::providers;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_sockets_past_the_file_limit_leave_clients_served() {
+    on_each_store(
+        "sockets",
+        idle_sockets_past_the_file_limit_leave_clients_served_on,
+    )
+    .await;
+}
+
+async fn idle_sockets_past_the_file_limit_leave_clients_served_on(db: String) {
     // A header timeout far longer than the test: only the connection limit
     // keeps the coordinator accepting.
-    let coordinator = coordinator_with_file_limit(1024, &["--header-read-timeout", "600"]);
+    let coordinator = coordinator_with_file_limit(
+        1024,
+        &["--database-url", &db, "--header-read-timeout", "600"],
+    );
     let grid = EchoGrid::with(coordinator, &[]).await;
     let addr = grid.base.trim_start_matches("http://").to_string();
     let mut idle = Vec::with_capacity(1100);
@@ -66,7 +79,12 @@ async fn until_closed(tcp: &mut TcpStream, wait: Duration) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_and_idle_connections_are_closed() {
+    on_each_store("slow", slow_and_idle_connections_are_closed_on).await;
+}
+
+async fn slow_and_idle_connections_are_closed_on(db: String) {
     let grid = EchoGrid::start(
+        &db,
         &["--header-read-timeout", "2", "--body-read-timeout", "2"],
         &[],
     )

@@ -16,3 +16,4 @@ mod chaos_sockets;
 mod coordinator_kill;
 mod disk_full;
 mod ledger;
+mod refund_fault;

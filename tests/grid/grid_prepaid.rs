@@ -41,6 +41,9 @@ use sgl::node::agent::{self, AgentConfig};
 use sgl::node::executor::{ExecError, ExecEvent, Executor, ServedModel};
 use sgl::node::jobs::ChatJob;
 use sgl::payments::{MppConfig, Payments, PaymentsConfig};
+use sgl::proto::api::{ReserveResponse, SealedReplyPlaintext};
+use sgl::proto::e2e;
+use sgl::proto::identity::X25519Public;
 use sgl::proto::limits::TOKENS_PER_CHUNK;
 use sgl::store::WalletId;
 use tokio::sync::{mpsc, watch};
@@ -790,4 +793,129 @@ async fn hundred_paid_chats_on(t: TestStore) -> TestStore {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_hundred_paid_chats_and_a_killed_node_settle_each_payment_once() {
     stores::each_backend("prepaid100", hundred_paid_chats_on).await;
+}
+
+/// Reserve a node anonymously and seal `inner` to it: the clear body of a
+/// sealed chat (PROTOCOL.md §5) and the key that opens its answer.
+async fn sealed_body(
+    g: &PaidGrid,
+    inner: Value,
+    max_tokens: u64,
+    stream: bool,
+) -> (Value, e2e::ResponseKey) {
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/reserve", g.base))
+        .json(&json!({"model": MODEL}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let res: ReserveResponse = r.json().await.unwrap();
+    let x = X25519Public::from_b58(&res.node_x25519_pubkey).unwrap();
+    let (enc, rk) = e2e::seal_input(&x, inner.to_string().as_bytes()).unwrap();
+    let mut body =
+        json!({"reservation_token": res.reservation_token, "max_tokens": max_tokens, "enc": enc});
+    if stream {
+        body["stream"] = json!(true);
+    }
+    (body, rk)
+}
+
+/// The sealed-mode paid path (§7f) runs the same prepay as plain mode: an
+/// x402 payment is settled before the job is dispatched (no content byte,
+/// no node job, when settlement fails), its receipt is in the headers of
+/// streams and non-streams, and quote − cost comes back as credits, stated
+/// beside the usage (in the last sealed chunk of a stream).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sealed_chat_is_settled_before_dispatch_and_metered() {
+    let g = paid_grid(stores::sqlite_store().await).await;
+    let node = Node::spawn(&g, false).await;
+    g.wait_nodes(1).await;
+    let text = words(20);
+    let cost = at_price(echo_prompt_tokens(&text), 20);
+
+    // A stream whose settlement fails: a 402 before any byte, no SSE, the
+    // node never sees the job, nothing credited.
+    let nonce = e2e::random_request_nonce();
+    let inner = json!({"messages": [{"role": "user", "content": text}],
+                       "max_tokens": 64, "stream": true, "nonce": nonce});
+    let (body, rk) = sealed_body(&g, inner, 64, true).await;
+    let quote = g.quote(&body).await;
+    assert!(quote > cost);
+    let pay = PayParams::new(PAY_TO, quote).x402_v2(&key(ANVIL0), &g.url);
+    g.fac.state.refuse_settle.store(true, Ordering::SeqCst);
+    let r = g.send_paid(&body, &pay).await;
+    assert_eq!(r.status(), 402);
+    assert!(!r.headers().contains_key("payment-response"));
+    let raw = r.text().await.unwrap();
+    assert!(!raw.contains("data:"), "{raw}");
+    assert_eq!(g.settle_calls(), 1);
+    assert_eq!(node.started(), 0, "a node ran an unpaid sealed job");
+    assert_eq!(g.payer_credits().await, 0);
+
+    // Settled: the receipt in the headers, the sealed chunks open to the
+    // echo, and the last one states the refund of quote − cost.
+    g.fac.state.refuse_settle.store(false, Ordering::SeqCst);
+    let r = g.send_paid(&body, &pay).await;
+    assert_eq!(r.status(), 200);
+    let receipt = decode(r.headers()["payment-response"].to_str().unwrap());
+    assert_eq!(receipt["success"], true);
+    let all = read_all(r, String::new()).await;
+    let data = sse_data(&all);
+    assert_eq!(data.last(), Some(&"[DONE]"), "{all}");
+    let mut opener = rk.stream_opener(&nonce).unwrap();
+    let mut content = String::new();
+    let mut last = Value::Null;
+    for d in &data[..data.len() - 1] {
+        let c: Value = serde_json::from_str(d).unwrap();
+        let text = opener
+            .open(
+                c["seq"].as_u64().unwrap(),
+                c["final"].as_bool().unwrap(),
+                c["eph"].as_str(),
+                c["ct"].as_str().unwrap(),
+            )
+            .unwrap();
+        content.push_str(&text);
+        last = c;
+    }
+    opener.finish().unwrap();
+    assert_eq!(content, text);
+    assert_eq!(last["refunded_micros"], quote - cost, "{last}");
+    assert_eq!(g.settle_calls(), 2);
+    assert_eq!(g.payer_credits().await, quote - cost);
+    let job = last["job"].as_str().unwrap().to_string();
+    let row = g.t.store.usage_for_job(&job).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            row.method.as_str(),
+            row.status.as_str(),
+            row.cost.0,
+            row.quoted.0
+        ),
+        ("x402-v2", "completed", cost, quote)
+    );
+    let paid = g.t.store.job_payments(&job).await.unwrap();
+    assert_eq!(paid.len(), 1);
+    assert_eq!(paid[0].state, "settled");
+
+    // Non-stream: the same, the refund beside the usage in the body.
+    let inner = json!({"messages": [{"role": "user", "content": text}], "max_tokens": 64});
+    let (body, rk) = sealed_body(&g, inner, 64, false).await;
+    let quote2 = g.quote(&body).await;
+    let r = g.pay(&body, quote2).await;
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().contains_key("payment-response"));
+    let v: Value = r.json().await.unwrap();
+    let sealed = serde_json::from_value(v["sealed_result"].clone()).unwrap();
+    let reply: SealedReplyPlaintext =
+        serde_json::from_slice(&rk.open_output(&sealed).unwrap()).unwrap();
+    assert_eq!(reply.content, text);
+    assert_eq!(v["usage"]["completion_tokens"], 20, "{v}");
+    assert_eq!(v["refunded_micros"], quote2 - cost, "{v}");
+    assert_eq!(g.settle_calls(), 3);
+    assert_eq!(g.payer_credits().await, quote - cost + quote2 - cost);
+    assert_eq!(node.started(), 2);
+    drop(node);
+    stores::cleanup(g.t).await;
 }

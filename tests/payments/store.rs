@@ -390,3 +390,131 @@ async fn holds_lapse_unless_renewed_and_settle_with_their_usage_row() {
     })
     .await;
 }
+
+/// A settled job payment's refund (PROTOCOL.md §7f): opened with the
+/// settlement record, credited once with the job's usage row; recorded as
+/// owed when the credit cannot be made, and credited later at that amount;
+/// a refund whose job nobody renews is credited whole once its lease lapses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn job_refunds_are_opened_with_the_settlement_and_credited_once() {
+    each_backend("refunds", |t: TestStore| async move {
+        let clock = sgl::clock::ManualClock::starting_now();
+        let s = t
+            .store
+            .clone()
+            .with_clock(clock.clock())
+            .with_hold_lease(std::time::Duration::from_secs(10));
+        let payer = "0xdddd000000000000000000000000000000000004";
+        let w = wallet(payer);
+        let settle = |job: &'static str, nonce: &'static str| {
+            let s = s.clone();
+            let w = w.clone();
+            async move {
+                let key = PaymentNonceKey {
+                    chain_id: 8453,
+                    asset: "0xusdc".into(),
+                    payer: payer.into(),
+                    nonce: nonce.into(),
+                };
+                let p = PendingPayment {
+                    key: &key,
+                    scheme: "x402-v2",
+                    resource: "https://x/y",
+                    amount: "500",
+                };
+                assert!(s.reserve_payment_nonce(&p).await.unwrap());
+                assert!(s.bind_payment_nonce(&key, job).await.unwrap());
+                s.settle_payment_nonce_for_job(&key, "0xfeed", job, &w, Micros(500))
+                    .await
+                    .unwrap();
+            }
+        };
+        settle("job-a", "0x01").await;
+        settle("job-b", "0x02").await;
+        settle("job-c", "0x03").await;
+        let open = s.job_refund("job-a").await.unwrap().unwrap();
+        assert_eq!(
+            (open.state.as_str(), open.paid, open.owed),
+            ("open", Micros(500), None)
+        );
+        assert_eq!(s.uncredited_job_refunds().await.unwrap(), 3);
+        // Nothing is due while the leases run.
+        assert_eq!(s.credit_due_job_refunds(false).await.unwrap(), 0);
+
+        // Job a ends: 400 back, with its usage row, once.
+        let row = sgl::payments::billing::priced(usage_row("job-a", &w), Micros(100));
+        let b = s
+            .settle_job_refund("job-a", &w, Micros(400), Some(&row))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(b.balance, Micros(400));
+        assert!(s
+            .settle_job_refund("job-a", &w, Micros(400), Some(&row))
+            .await
+            .unwrap()
+            .is_none());
+        assert_eq!(
+            s.usage_for_job("job-a").await.unwrap().unwrap().cost,
+            Micros(100)
+        );
+
+        // Job b's credit fails (its usage row clashes): nothing changes;
+        // recorded as owed instead, it is credited by the reaper at 300.
+        s.record_usage(&usage_row("job-b", &w)).await.unwrap();
+        let row = sgl::payments::billing::priced(usage_row("job-b", &w), Micros(200));
+        assert!(matches!(
+            s.settle_job_refund("job-b", &w, Micros(300), Some(&row))
+                .await,
+            Err(StoreError::DuplicateReference)
+        ));
+        assert_eq!(s.job_refund("job-b").await.unwrap().unwrap().state, "open");
+        assert!(s
+            .owe_job_refund("job-b", &w, Micros(300), None)
+            .await
+            .unwrap());
+        assert!(!s
+            .owe_job_refund("job-b", &w, Micros(1), None)
+            .await
+            .unwrap());
+        assert_eq!(s.credit_due_job_refunds(false).await.unwrap(), 1);
+        assert_eq!(s.balance(&w).await.unwrap().balance, Micros(700));
+        // A refund above the payment is refused.
+        assert!(s
+            .settle_job_refund("job-c", &w, Micros(501), None)
+            .await
+            .is_err());
+
+        // Job c runs on (renewed), then its coordinator dies: whole once
+        // the lease lapses, and only then.
+        clock.advance(std::time::Duration::from_secs(9));
+        assert_eq!(s.renew_job_refunds(&["job-c".into()]).await.unwrap(), 1);
+        clock.advance(std::time::Duration::from_secs(9));
+        assert_eq!(s.credit_due_job_refunds(false).await.unwrap(), 0);
+        clock.advance(std::time::Duration::from_secs(2));
+        assert_eq!(s.credit_due_job_refunds(false).await.unwrap(), 1);
+        assert_eq!(s.credit_due_job_refunds(true).await.unwrap(), 0);
+        let b = s.balance(&w).await.unwrap();
+        assert_eq!(
+            (b.balance, b.total_deposited),
+            (Micros(1_200), Micros(1_200))
+        );
+        assert_eq!(s.uncredited_job_refunds().await.unwrap(), 0);
+        let ledger = s.ledger(&w, 10).await.unwrap();
+        let mut refs: Vec<_> = ledger
+            .iter()
+            .map(|e| (e.kind.as_str(), e.reference.clone().unwrap(), e.amount.0))
+            .collect();
+        refs.sort();
+        assert_eq!(
+            refs,
+            [
+                ("refund", "refund:job-a".to_string(), 400),
+                ("refund", "refund:job-b".to_string(), 300),
+                ("refund", "refund:job-c".to_string(), 500),
+            ]
+        );
+        t
+    })
+    .await;
+}

@@ -46,6 +46,7 @@ pub mod credits;
 pub mod keys;
 pub mod offer;
 pub mod payment;
+pub mod refunds;
 
 pub use auth::{api_key, Payer};
 pub use payment::{PaymentMethod, PendingPayment, Settlement};
@@ -65,6 +66,8 @@ struct Inner {
     store: Store,
     facilitator: FacilitatorClient,
     clock: Clock,
+    /// Refunds the store could not take yet ([`refunds`]).
+    owed: refunds::OwedRefunds,
 }
 
 /// The payments service. Cheap to clone.
@@ -109,6 +112,7 @@ impl Payments {
                 store: store.with_clock(clock.clone()),
                 facilitator,
                 clock,
+                owed: Default::default(),
             }),
         })
     }

@@ -256,6 +256,29 @@ impl Payments {
         p: PendingPayment,
         credit: Option<(&WalletId, Micros)>,
     ) -> Result<Settlement, PaymentError> {
+        self.settle_with(p, credit, None).await
+    }
+
+    /// Settle a payment bound to the job `job_id` before the job runs: the
+    /// settlement record opens the job's refund of the whole payment in the
+    /// same transaction ([`crate::store::job_refunds`]), so what the job
+    /// does not use is owed back whatever crashes when. A settlement the
+    /// store could not record is kept here as owed in full, and credited
+    /// once the store takes writes again.
+    pub async fn settle_for_job(
+        &self,
+        p: PendingPayment,
+        job_id: &str,
+    ) -> Result<Settlement, PaymentError> {
+        self.settle_with(p, None, Some(job_id)).await
+    }
+
+    async fn settle_with(
+        &self,
+        p: PendingPayment,
+        credit: Option<(&WalletId, Micros)>,
+        job: Option<&str>,
+    ) -> Result<Settlement, PaymentError> {
         let version = Self::facilitator_version(&p);
         let res = self
             .inner
@@ -277,20 +300,38 @@ impl Payments {
             }
         };
         let store = &self.inner.store;
-        let balance = match store
-            .settle_payment_nonce(&p.key, &settled.transaction, credit)
-            .await
-        {
+        let recorded = match job {
+            Some(job) => store
+                .settle_payment_nonce_for_job(
+                    &p.key,
+                    &settled.transaction,
+                    job,
+                    &p.wallet,
+                    p.amount,
+                )
+                .await
+                .map(|()| None),
+            None => {
+                store
+                    .settle_payment_nonce(&p.key, &settled.transaction, credit)
+                    .await
+            }
+        };
+        let balance = match recorded {
             Ok(b) => b,
             Err(e) => {
                 // The money moved but the record did not: an operator must
-                // reconcile this transaction by hand.
+                // reconcile this transaction by hand. A job's payment is
+                // owed back whole meanwhile (the job does not run).
                 tracing::error!(
                     transaction = %settled.transaction,
                     payer = %evm::lower(&p.payer),
                     error = %e,
                     "payment settled but not recorded"
                 );
+                if let Some(job) = job {
+                    self.keep_owed_refund(job, &p.wallet, p.amount, None);
+                }
                 return Err(e.into());
             }
         };
