@@ -63,7 +63,8 @@ pub struct CodeExecServeArgs {
         value_name = "PATH"
     )]
     pub code_exec_node: PathBuf,
-    /// pasta (Debian's `passt`), for --code-exec-network egress.
+    /// pasta (Debian's `passt`), for --code-exec-network egress (not yet
+    /// available: see --code-exec-network).
     #[arg(
         long,
         env = "SGL_CODE_EXEC_PASTA",
@@ -71,8 +72,9 @@ pub struct CodeExecServeArgs {
         value_name = "PATH"
     )]
     pub code_exec_pasta: PathBuf,
-    /// What sandboxed code may reach: `none`, or `egress` (the internet,
-    /// never the host's loopback or private ranges).
+    /// What sandboxed code may reach: `none` (no network at all). `egress`
+    /// (the internet, never the host's loopback or private ranges) is
+    /// refused at start until the sandbox can enforce that exclusion.
     #[arg(
         long,
         env = "SGL_CODE_EXEC_NETWORK",
