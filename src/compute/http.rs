@@ -366,7 +366,7 @@ pub fn instance_json(o: &ComputeOrder) -> Value {
 
 /// The 402 answered when credits are short: the position and the
 /// shortfall.
-fn short_credits(balance: Micros, needed: Micros) -> Response {
+pub(crate) fn short_credits(balance: Micros, needed: Micros) -> Response {
     let shortfall = needed.checked_sub(balance).unwrap_or_default();
     (
         StatusCode::PAYMENT_REQUIRED,

@@ -104,13 +104,7 @@ macro_rules! lock_wallet {
 macro_rules! debit_in_tx {
     ($tx:ident, $lock:ident, $wallet:expr, $amt:expr, $reference:expr, $now:expr) => {{
         let mut b = lock_wallet!($tx, $lock, $wallet);
-        b.balance = b
-            .balance
-            .checked_sub($amt)
-            .ok_or(StoreError::InsufficientCredits {
-                balance: b.balance,
-                needed: $amt,
-            })?;
+        b.balance = $crate::store::credits::take(b.balance, $amt)?;
         b.total_spent = checked_add(b.total_spent, $amt)?;
         sqlx::query(
             "UPDATE wallets SET balance = $1, total_spent = $2, updated_at = $3 WHERE wallet = $4",
@@ -181,13 +175,7 @@ macro_rules! credit_in_tx {
 macro_rules! hold_in_tx {
     ($tx:ident, $lock:ident, $wallet:expr, $amt:expr, $id:expr, $reference:expr, $lease_until:expr, $now:expr) => {{
         let mut b = lock_wallet!($tx, $lock, $wallet);
-        b.balance = b
-            .balance
-            .checked_sub($amt)
-            .ok_or(StoreError::InsufficientCredits {
-                balance: b.balance,
-                needed: $amt,
-            })?;
+        b.balance = $crate::store::credits::take(b.balance, $amt)?;
         b.held = $crate::store::credits::checked_add(b.held, $amt)?;
         sqlx::query(
             "UPDATE wallets SET balance = $1, held = $2, updated_at = $3 WHERE wallet = $4",
@@ -302,6 +290,17 @@ macro_rules! close_hold_in_tx {
 /// reconciliation of orders in flight at start), however long a machine
 /// takes to come up.
 pub const NO_LEASE: i64 = i64::MAX;
+
+/// `balance - amount`, or [`StoreError::InsufficientCredits`] with both
+/// figures when the balance is short.
+pub(super) fn take(balance: Micros, amount: Micros) -> Result<Micros> {
+    balance
+        .checked_sub(amount)
+        .ok_or(StoreError::InsufficientCredits {
+            balance,
+            needed: amount,
+        })
+}
 
 /// `a + b`, or [`StoreError::AmountOutOfRange`].
 pub(super) fn checked_add(a: Micros, b: Micros) -> Result<Micros> {

@@ -347,18 +347,7 @@ fn challenge(payments: &Payments, offer: &Offer, error: &str) -> Response {
 fn refused(payments: &Payments, offer: &Offer, e: &PaymentError) -> Response {
     match e {
         PaymentError::InsufficientCredits { balance, needed } => {
-            let shortfall = needed.checked_sub(*balance).unwrap_or_default();
-            let body = json!({
-                "error": {"message": format!("insufficient credits: {} USD short", shortfall.to_usd_string()),
-                    "type": "payment_required", "code": "insufficient_credits"},
-                "balance": balance.to_usd_string(),
-                "balance_micros": balance.0,
-                "needed": needed.to_usd_string(),
-                "needed_micros": needed.0,
-                "shortfall": shortfall.to_usd_string(),
-                "shortfall_micros": shortfall.0,
-            });
-            let mut resp = (StatusCode::PAYMENT_REQUIRED, Json(body)).into_response();
+            let mut resp = crate::compute::http::short_credits(*balance, *needed);
             // An x402 client may pay instead.
             let v = payment_required(payments, offer, e.code());
             if let Ok(h) = HeaderValue::from_str(&x402::encode_header_json(&v)) {
