@@ -135,15 +135,15 @@ async fn two_requests_share_nothing() {
         &p.pool,
         "import os\n\
          print(os.getcwd(), os.listdir('/tmp'))\n\
-         open('/work/left.txt', 'w').write('x')\n\
+         open('/sandbox/left.txt', 'w').write('x')\n\
          open('/tmp/left.txt', 'w').write('x')",
         T,
     )
     .await;
-    assert_eq!(first.stdout, "/work []\n", "{}", first.stderr);
+    assert_eq!(first.stdout, "/sandbox []\n", "{}", first.stderr);
     let second = py(
         &p.pool,
-        "import os\nprint(os.path.exists('/work/left.txt'), os.path.exists('left.txt'), os.listdir('/tmp'), os.listdir('.'))",
+        "import os\nprint(os.path.exists('/sandbox/left.txt'), os.path.exists('left.txt'), os.listdir('/tmp'), os.listdir('.'))",
         T,
     )
     .await;

@@ -159,7 +159,7 @@ async fn host_files_are_out_of_reach() {
         assert!(
             [
                 "bin", "dev", "etc", "lib", "lib32", "lib64", "libx32", "proc", "sbin", "tmp",
-                "usr", "work"
+                "usr", "sandbox"
             ]
             .contains(r),
             "unexpected /{r} in {root:?}"
@@ -248,14 +248,14 @@ async fn writes_outside_the_work_dir_fail() {
          \x20       return 'WROTE'\n\
          \x20   except Exception as e:\n\
          \x20       return type(e).__name__\n\
-         ps = [{o:?}, '/usr/x', '/etc/x', '/x', '/dev/x', '/proc/x', '/work/../x', '/tmp/ok', '/work/ok']\n\
+         ps = [{o:?}, '/usr/x', '/etc/x', '/x', '/dev/x', '/proc/x', '/sandbox/../x', '/tmp/ok', '/sandbox/ok']\n\
          print(json.dumps({{p: write(p) for p in ps}}))\n",
         o = outside.path().join("x").to_str().unwrap()
     );
     let out = py(&p.pool, &code, T).await;
     let v = json_line(&out);
     for (k, w) in v.as_object().unwrap() {
-        let allowed = k == "/tmp/ok" || k == "/work/ok";
+        let allowed = k == "/tmp/ok" || k == "/sandbox/ok";
         assert_eq!(w == "WROTE", allowed, "{k}: {w}");
     }
     assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);

@@ -16,7 +16,7 @@
 //!   (`ld.so.cache`, `ssl/certs`, `alternatives`, `localtime`; no `passwd`,
 //!   `shadow` or anything else), a fresh `/proc` of the PID namespace, a
 //!   minimal `/dev`, size-capped tmpfs on `/tmp` and `/dev/shm`, and the work
-//!   directory on `/work` (the cwd). The root and `/dev` are remounted
+//!   directory on `/sandbox` (the cwd). The root and `/dev` are remounted
 //!   read-only so that their tmpfs cannot be filled. The work directory is
 //!   `work_root/sbx_…`, mode 0700, owned by the run's uid, holding only the
 //!   request's files, and removed after the run; `work_root` is 0711, so no
@@ -49,7 +49,7 @@
 //!   `max_result_files_bytes`.
 
 /// The path the work directory has inside the sandbox.
-pub const SANDBOX_WORK_DIR: &str = "/work";
+pub const SANDBOX_WORK_DIR: &str = "/sandbox";
 
 #[cfg(target_os = "linux")]
 pub(crate) use linux::{prepare, run};
