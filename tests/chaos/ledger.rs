@@ -25,7 +25,7 @@ pub async fn wait_no_open_holds(store: &Store, limit: Duration) {
         }
         assert!(
             start.elapsed() < limit,
-            "{n} credit holds ({amount} µUSD) still held after {limit:?}"
+            "{n} credit holds ({amount}) still held after {limit:?}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
