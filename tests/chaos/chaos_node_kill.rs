@@ -25,7 +25,10 @@ async fn a_node_killed_mid_stream_fails_its_client_within_three_seconds_on(db: S
     let mut grid = EchoGrid::start(
         &db,
         &["--missed-heartbeats", "15"],
-        &["--echo-token-delay-ms", "50"],
+        // The node sends a few tokens, then holds the job open until it is
+        // cancelled: the answer cannot finish before the kill, however
+        // slowly its first chunk travels on a loaded machine.
+        &["--echo-stall-after", "8"],
     )
     .await;
     let http = reqwest::Client::new();
