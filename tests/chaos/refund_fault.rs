@@ -251,7 +251,7 @@ async fn refund_faults_on(db: &str, work: &Path) {
     let nd = work.join("node");
     let nd = nd.to_str().unwrap();
     node_init(nd, &base, OPERATOR);
-    let _node = node_start(
+    let mut node = node_start(
         nd,
         &[
             "--engine",
@@ -340,7 +340,25 @@ async fn refund_faults_on(db: &str, work: &Path) {
     jobs.push((job, paid, cost));
 
     // 3. SIGKILL with a paid stream mid-generation: the payer gets it all
-    // back.
+    // back. The node is restarted to stall its job after a few tokens, so
+    // the answer cannot finish before the kill however slowly its first
+    // chunk travels (pacing alone raced the kill on a loaded machine).
+    node.0.kill().unwrap();
+    let _ = node.0.wait();
+    node = node_start(
+        nd,
+        &[
+            "--engine",
+            "echo",
+            "--evidence",
+            "none",
+            "--echo-stall-after",
+            "8",
+        ],
+        Stdio::null(),
+    );
+    wait_node_active(nd, Duration::from_secs(60));
+    grid_support::wait_online(&base, Duration::from_secs(60)).await;
     let body = json!({"model": MODEL, "max_tokens": 400, "stream": true,
                       "messages": [{"role": "user", "content": words(400)}]});
     let (mut r, paid) = pay(&base, &body).await;
@@ -399,4 +417,5 @@ async fn refund_faults_on(db: &str, work: &Path) {
     assert_eq!(fac.state.settle_calls.load(Ordering::SeqCst), jobs.len());
     store.close().await;
     drop(coordinator);
+    drop(node);
 }
