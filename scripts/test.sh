@@ -78,6 +78,19 @@ SGL_REQUIRE_MODEL=1 SGL_REQUIRE_OPENAI=1 SGL_REQUIRE_PY_CLIENTS=1 SGL_REQUIRE_NP
   SGL_REQUIRE_POSTGRES=1 SGL_REQUIRE_SYSTEMD=1 SGL_REQUIRE_CHAOS=1 SGL_REQUIRE_SANDBOX=1 \
   cargo test --features "$FEATURES" --no-fail-fast
 
+step "the CPU kernel sets this machine runs besides its fastest (forced with SGL_KERNEL)"
+# The run above used the fastest set; each kernel's bit-for-bit tests ran there
+# for every set the CPU has. The engine's tests again with each slower set.
+for kernels in avx2 portable; do
+  if [ "$kernels" = avx2 ] && ! { grep -qw avx2 /proc/cpuinfo && grep -qw fma /proc/cpuinfo; }; then
+    echo "-- $kernels: this CPU lacks AVX2/FMA, skipped"
+    continue
+  fi
+  echo "-- $kernels"
+  SGL_KERNEL=$kernels SGL_REQUIRE_MODEL=1 \
+    cargo test --features "$FEATURES" --test engine -- engine_backends engine_model
+done
+
 if [ "${SGL_CUDA_CHECK:-1}" = 1 ]; then
   step "GPU build (compile check, no GPU needed)"
   # shellcheck source=scripts/cuda-toolchain.sh

@@ -83,6 +83,8 @@ struct DecodeRun {
 struct Report {
     model: String,
     target: String,
+    /// The CPU kernel set that ran (in-process only).
+    kernels: String,
     weight_formats: Vec<String>,
     weight_bytes_per_token: u64,
     threads: usize,
@@ -262,6 +264,10 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let report = Report {
         model,
         target: args.url.clone().unwrap_or_else(|| "in-process".into()),
+        kernels: match &args.url {
+            None => sgl::engine::cpu::qmat::isa().name().into(),
+            Some(_) => "remote".into(),
+        },
         weight_formats: formats,
         weight_bytes_per_token: weight_bytes,
         threads,
@@ -293,7 +299,7 @@ fn print_report(r: &Report) {
         r.model,
         r.weight_formats.join(",")
     );
-    println!("target           {}", r.target);
+    println!("target           {} (kernels {})", r.target, r.kernels);
     println!(
         "bandwidth        {:.1} GiB/s on {} threads; {:.1} MiB weights/token; limit {:.1} tok/s",
         r.bandwidth_gib_s,

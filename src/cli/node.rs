@@ -251,6 +251,17 @@ pub struct EngineArgs {
     /// A file holding a Jinja chat template to use instead of the model's.
     #[arg(long)]
     pub chat_template: Option<PathBuf>,
+    /// CPU kernels: auto (the fastest this CPU runs), avx512, avx2 or
+    /// portable. All compute the same numbers; forcing one tests or
+    /// measures it. A set the CPU lacks is refused.
+    #[arg(long, env = "SGL_KERNEL", default_value = "auto", value_parser = parse_kernel)]
+    pub kernel: sgl::engine::cpu::qmat::KernelChoice,
+}
+
+#[cfg(feature = "node")]
+fn parse_kernel(s: &str) -> Result<sgl::engine::cpu::qmat::KernelChoice, String> {
+    s.parse()
+        .map_err(|e: sgl::engine::cpu::qmat::KernelError| e.to_string())
 }
 
 /// `--device`: `cpu`, and on a build with the `cuda` feature `cuda` (the
@@ -318,6 +329,11 @@ impl EngineArgs {
         use sgl::engine::EngineConfig;
         // The catalogue and the cache are the node's business: the engine
         // gets a file and the id to serve it as.
+        // Process-wide, as the kernels are; before the model loads, so that
+        // a set this CPU lacks fails at once.
+        let kernels = sgl::engine::cpu::qmat::select(self.kernel)
+            .map_err(|e| anyhow::anyhow!("--kernel: {e}"))?;
+        tracing::debug!(kernels = kernels.name(), "CPU kernels selected");
         let model = sgl::node::model_cache::resolve(&self.model)?;
         let id = self.served_name.clone().unwrap_or(model.id);
         let mut c = EngineConfig::new(model.path, id);

@@ -6,14 +6,28 @@
 //! sixteen keys at once and sums their lanes together in one transposing
 //! tree. Both versions perform exactly the same additions in the same order
 //! (lane `i` with `i + 8`, then `i + 4`, `i + 2`, `i + 1`, as [`super::dot`]),
-//! so the logits do not depend on which one ran.
+//! so the logits do not depend on which one ran. The AVX2 version takes one
+//! key at a time, its sixteen lanes in two vectors summed by the same tree.
 
 use super::dot;
-use super::qmat::simd_available;
+use super::qmat::{isa, Isa};
 
 /// `out[j] = dot(q, k_j) * scale` for `j < out.len()`, where key `j` is
 /// `keys[j * stride + off..][..q.len()]`.
 pub fn scores(q: &[f32], keys: &[f32], stride: usize, off: usize, scale: f32, out: &mut [f32]) {
+    scores_with(isa(), q, keys, stride, off, scale, out)
+}
+
+/// [`scores`] with the loops of `set`, which the CPU must run.
+fn scores_with(
+    set: Isa,
+    q: &[f32],
+    keys: &[f32],
+    stride: usize,
+    off: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
     let hd = q.len();
     let len = out.len();
     assert!(
@@ -22,9 +36,9 @@ pub fn scores(q: &[f32], keys: &[f32], stride: usize, off: usize, scale: f32, ou
     );
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if simd_available() {
-        // SAFETY: the CPU has AVX-512 (checked); every key read lies inside
-        // `keys` (asserted above).
+    if set == Isa::Avx512 {
+        // SAFETY: the CPU has AVX-512 (the set runs only where it does);
+        // every key read lies inside `keys` (asserted above).
         done = unsafe {
             match hd {
                 64 => avx512::scores::<4>(q, keys, stride, off, scale, out),
@@ -32,7 +46,18 @@ pub fn scores(q: &[f32], keys: &[f32], stride: usize, off: usize, scale: f32, ou
                 _ => 0,
             }
         };
+    } else if set == Isa::Avx2 {
+        // SAFETY: as above, for AVX2 and FMA.
+        done = unsafe {
+            match hd {
+                64 => avx2::scores::<4>(q, keys, stride, off, scale, out),
+                128 => avx2::scores::<8>(q, keys, stride, off, scale, out),
+                _ => 0,
+            }
+        };
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = set;
     for (j, o) in out.iter_mut().enumerate().skip(done) {
         let at = j * stride + off;
         *o = dot(q, &keys[at..at + hd]) * scale;
@@ -42,13 +67,27 @@ pub fn scores(q: &[f32], keys: &[f32], stride: usize, off: usize, scale: f32, ou
 /// `acc[d] += w[j] * v_j[d]` for every `j` in order, where value `j` is
 /// `values[j * stride + off..][..acc.len()]`.
 pub fn weighted_sum(w: &[f32], values: &[f32], stride: usize, off: usize, acc: &mut [f32]) {
+    weighted_sum_with(isa(), w, values, stride, off, acc)
+}
+
+/// [`weighted_sum`] with the loops of `set`, which the CPU must run.
+fn weighted_sum_with(
+    set: Isa,
+    w: &[f32],
+    values: &[f32],
+    stride: usize,
+    off: usize,
+    acc: &mut [f32],
+) {
     let hd = acc.len();
     assert!(
         w.is_empty() || (w.len() - 1) * stride + off + hd <= values.len(),
         "values"
     );
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = set;
     #[cfg(target_arch = "x86_64")]
-    if simd_available() && (hd == 64 || hd == 128) {
+    if set == Isa::Avx512 && (hd == 64 || hd == 128) {
         // SAFETY: as in `scores`.
         unsafe {
             if hd == 64 {
@@ -59,10 +98,116 @@ pub fn weighted_sum(w: &[f32], values: &[f32], stride: usize, off: usize, acc: &
         };
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if set == Isa::Avx2 && (hd == 64 || hd == 128) {
+        // SAFETY: as in `scores`.
+        unsafe {
+            if hd == 64 {
+                avx2::weighted_sum::<4>(w, values, stride, off, acc)
+            } else {
+                avx2::weighted_sum::<8>(w, values, stride, off, acc)
+            }
+        };
+        return;
+    }
     for (j, &wj) in w.iter().enumerate() {
         let v = &values[j * stride + off..j * stride + off + hd];
         for (a, x) in acc.iter_mut().zip(v) {
             *a += wj * x;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// Scores of every key, one at a time: lanes `0..8` and `8..16` of the
+    /// plain loop's sixteen in two vectors, then the same tree. Returns how
+    /// many keys it did. `C` is the head size in vectors of sixteen.
+    ///
+    /// # Safety
+    /// As [`super::avx512::scores`], for AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn scores<const C: usize>(
+        q: &[f32],
+        keys: &[f32],
+        stride: usize,
+        off: usize,
+        scale: f32,
+        out: &mut [f32],
+    ) -> usize {
+        let zero = _mm256_setzero_ps();
+        let mut qv = [[zero; 2]; C];
+        for (c, v) in qv.iter_mut().enumerate() {
+            // SAFETY: `q` holds `16 * C` values (the caller's contract).
+            unsafe {
+                v[0] = _mm256_loadu_ps(q.as_ptr().add(16 * c));
+                v[1] = _mm256_loadu_ps(q.as_ptr().add(16 * c + 8));
+            }
+        }
+        for (j, o) in out.iter_mut().enumerate() {
+            let key = j * stride + off;
+            let (mut lo, mut hi) = (zero, zero);
+            for (c, v) in qv.iter().enumerate() {
+                // SAFETY: the key's `16 * C` values lie inside `keys` (the
+                // caller's contract).
+                let (a, b) = unsafe {
+                    (
+                        _mm256_loadu_ps(keys.as_ptr().add(key + 16 * c)),
+                        _mm256_loadu_ps(keys.as_ptr().add(key + 16 * c + 8)),
+                    )
+                };
+                lo = _mm256_fmadd_ps(v[0], a, lo);
+                hi = _mm256_fmadd_ps(v[1], b, hi);
+            }
+            // Lane i with i + 8, i + 4, i + 2, i + 1.
+            let s8 = _mm256_add_ps(lo, hi);
+            let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps::<1>(s8));
+            let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+            let s1 = _mm_add_ss(s2, _mm_shuffle_ps::<0b01>(s2, s2));
+            *o = _mm_cvtss_f32(s1) * scale;
+        }
+        out.len()
+    }
+
+    /// [`super::weighted_sum`] for a head of `16 * C` values.
+    ///
+    /// # Safety
+    /// As [`super::avx512::weighted_sum`], for AVX2.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn weighted_sum<const C: usize>(
+        w: &[f32],
+        values: &[f32],
+        stride: usize,
+        off: usize,
+        acc: &mut [f32],
+    ) {
+        let mut a = [[_mm256_setzero_ps(); 2]; C];
+        for (c, v) in a.iter_mut().enumerate() {
+            for (h, v) in v.iter_mut().enumerate() {
+                // SAFETY: `acc` holds `16 * C` values (the caller's contract).
+                *v = unsafe { _mm256_loadu_ps(acc.as_ptr().add(16 * c + 8 * h)) };
+            }
+        }
+        for (j, &wj) in w.iter().enumerate() {
+            let at = j * stride + off;
+            let wb = _mm256_set1_ps(wj);
+            for (c, v) in a.iter_mut().enumerate() {
+                for (h, v) in v.iter_mut().enumerate() {
+                    // SAFETY: value `j`'s `16 * C` values lie inside
+                    // `values` (the caller's contract).
+                    let x = unsafe { _mm256_loadu_ps(values.as_ptr().add(at + 16 * c + 8 * h)) };
+                    // A product, then a sum: the rounding of `*a += w * x`.
+                    *v = _mm256_add_ps(*v, _mm256_mul_ps(wb, x));
+                }
+            }
+        }
+        for (c, v) in a.iter().enumerate() {
+            for (h, v) in v.iter().enumerate() {
+                // SAFETY: as for the loads from `acc`.
+                unsafe { _mm256_storeu_ps(acc.as_mut_ptr().add(16 * c + 8 * h), *v) };
+            }
         }
     }
 }
@@ -191,10 +336,21 @@ mod tests {
     use super::*;
     use crate::engine::cpu::qmat::tests::lcg;
 
-    /// Bit-identical to the plain loops, for both head sizes, for runs of
-    /// keys that are and are not whole blocks of sixteen.
+    /// Bit-identical to the plain loops, for every set of loops this CPU
+    /// runs, both head sizes, and runs of keys that are and are not whole
+    /// blocks of sixteen.
     #[test]
     fn vector_loops_match_the_plain_ones_bit_for_bit() {
+        for set in [Isa::Portable, Isa::Avx2, Isa::Avx512] {
+            if !set.supported() {
+                eprintln!("this CPU cannot run the {set:?} loops; not checked");
+                continue;
+            }
+            check(set);
+        }
+    }
+
+    fn check(set: Isa) {
         let mut s = 9u64;
         for hd in [64usize, 128, 48] {
             let stride = 3 * hd;
@@ -202,15 +358,19 @@ mod tests {
                 let keys: Vec<f32> = (0..len * stride).map(|_| lcg(&mut s) * 4.0).collect();
                 let q: Vec<f32> = (0..hd).map(|_| lcg(&mut s) * 4.0).collect();
                 let mut got = vec![0f32; len];
-                scores(&q, &keys, stride, hd, 0.125, &mut got);
+                scores_with(set, &q, &keys, stride, hd, 0.125, &mut got);
                 for (j, g) in got.iter().enumerate() {
                     let at = j * stride + hd;
                     let want = dot(&q, &keys[at..at + hd]) * 0.125;
-                    assert_eq!(g.to_bits(), want.to_bits(), "hd {hd} len {len} key {j}");
+                    assert_eq!(
+                        g.to_bits(),
+                        want.to_bits(),
+                        "{set:?} hd {hd} len {len} key {j}"
+                    );
                 }
                 let w: Vec<f32> = (0..len).map(|_| lcg(&mut s)).collect();
                 let mut acc = vec![0f32; hd];
-                weighted_sum(&w, &keys, stride, 2 * hd - hd, &mut acc);
+                weighted_sum_with(set, &w, &keys, stride, 2 * hd - hd, &mut acc);
                 let mut want = vec![0f32; hd];
                 for (j, &wj) in w.iter().enumerate() {
                     for (d, a) in want.iter_mut().enumerate() {
@@ -221,7 +381,7 @@ mod tests {
                     acc.iter().map(|v| v.to_bits()).collect(),
                     want.iter().map(|v| v.to_bits()).collect(),
                 );
-                assert_eq!(a, b, "hd {hd} len {len}");
+                assert_eq!(a, b, "{set:?} hd {hd} len {len}");
             }
         }
     }

@@ -39,6 +39,11 @@ fn sum_words(part: &[u64]) -> u64 {
         // SAFETY: the CPU has AVX-512F.
         return unsafe { sum_words_avx512(part) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2.
+        return unsafe { sum_words_avx2(part) };
+    }
     // Four accumulators let the loads overlap.
     let mut acc = [0u64; 4];
     let chunks = part.chunks_exact(4);
@@ -75,6 +80,37 @@ unsafe fn sum_words_avx512(part: &[u64]) -> u64 {
     );
     rest.iter()
         .fold(_mm512_reduce_add_epi64(v) as u64, |a, b| a.wrapping_add(*b))
+}
+
+/// [`sum_words`] with 32-byte loads.
+///
+/// # Safety
+/// The CPU must have AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn sum_words_avx2(part: &[u64]) -> u64 {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm256_setzero_si256(); 4];
+    let chunks = part.chunks_exact(16);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (i, a) in acc.iter_mut().enumerate() {
+            // SAFETY: `c` holds 16 words, four vectors of four.
+            let v = unsafe { _mm256_loadu_si256(c.as_ptr().add(i * 4) as *const __m256i) };
+            *a = _mm256_add_epi64(*a, v);
+        }
+    }
+    let v = _mm256_add_epi64(
+        _mm256_add_epi64(acc[0], acc[1]),
+        _mm256_add_epi64(acc[2], acc[3]),
+    );
+    let mut lanes = [0u64; 4];
+    // SAFETY: `lanes` holds four words.
+    unsafe { _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, v) };
+    lanes
+        .iter()
+        .chain(rest)
+        .fold(0u64, |a, b| a.wrapping_add(*b))
 }
 
 #[cfg(test)]

@@ -298,9 +298,9 @@ impl CpuModel {
         bytes += (cfg.hidden * 4) as u64;
         let (cos, sin) = rope_tables(&cfg);
         tracing::info!(
-            vnni = qmat::simd_available(),
+            kernels = qmat::isa().name(),
             amx = qmat::amx_available(),
-            "CPU matmul kernels (the portable one where neither)"
+            "CPU kernels"
         );
         Ok(CpuModel {
             cfg,

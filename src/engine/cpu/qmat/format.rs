@@ -280,7 +280,7 @@ impl QMatrix {
     }
 
     /// The record of block `b` of panel `p`.
-    fn record(&self, p: usize, b: usize) -> &[Line] {
+    pub(super) fn record(&self, p: usize, b: usize) -> &[Line] {
         let (nb, rl) = (self.k / QK, self.format.record_lines());
         &self.data[(p * nb + b) * rl..(p * nb + b + 1) * rl]
     }

@@ -14,9 +14,10 @@
 //! lane of a 16-lane VNNI dot product is one output column. A panel is one
 //! contiguous stream, which is how a decode step reads it from memory.
 //!
-//! Three kernels compute the same numbers, bit for bit: the AMX one for many
-//! activation rows (prefill), the AVX-512 VNNI one for a few (decode), and a
-//! portable one. For every output they do the same sequence of floating-point
+//! Four kernels compute the same numbers, bit for bit: the AMX one for many
+//! activation rows (prefill), the AVX-512 VNNI one for a few (decode), the
+//! AVX2 one for CPUs without AVX-512 (every row count), and a portable one.
+//! Which set runs is decided at run time ([`isa`], [`select`]). For every output they do the same sequence of floating-point
 //! operations (see [`reference`]), and each output depends only on its own
 //! activation row and weight row. So a sequence's results do not depend on
 //! what else is in the batch, nor on which kernel ran, which the scheduler
@@ -24,6 +25,8 @@
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 mod detect;
 mod format;
 mod portable;
@@ -35,7 +38,10 @@ mod vnni;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-pub use self::detect::{amx_available, simd_available};
+pub use self::detect::{
+    amx_available, avx2_active, best_isa, isa, select, simd_available, Isa, KernelChoice,
+    KernelError,
+};
 pub use self::format::{QError, QFormat, QMatrix};
 pub use self::quant::ActQ;
 
@@ -70,6 +76,7 @@ const ZERO_LINE: Line = Line([0; 64]);
 /// sits on a knife edge between "The capital … is Paris" and "L'Étoile",
 /// and most orders tried (all-sequential, minimums folded in, two or four
 /// interleaved dot sums) tip it to the latter.
+#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) fn reference(w: &QMatrix, j: usize, x: &ActQ, r: usize) -> f32 {
     let k = w.k;
     let nb = k / QK;
@@ -107,6 +114,7 @@ pub(crate) fn reference(w: &QMatrix, j: usize, x: &ActQ, r: usize) -> f32 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kernel {
     Portable,
+    Avx2,
     Vnni,
     Amx,
 }
@@ -117,21 +125,21 @@ const AMX_MIN_ROWS: usize = 16;
 
 impl Kernel {
     fn choose(m: usize) -> Kernel {
-        if !simd_available() {
-            Kernel::Portable
-        } else if m >= AMX_MIN_ROWS && amx_available() {
-            Kernel::Amx
-        } else {
-            Kernel::Vnni
+        match isa() {
+            Isa::Portable => Kernel::Portable,
+            Isa::Avx2 => Kernel::Avx2,
+            Isa::Avx512 if m >= AMX_MIN_ROWS && amx_available() => Kernel::Amx,
+            Isa::Avx512 => Kernel::Vnni,
         }
     }
 
-    /// Whether this kernel can run here.
+    /// Whether this CPU can run this kernel (whichever set is selected).
     pub(crate) fn available(self) -> bool {
         match self {
             Kernel::Portable => true,
-            Kernel::Vnni => simd_available(),
-            Kernel::Amx => amx_available(),
+            Kernel::Avx2 => Isa::Avx2.supported(),
+            Kernel::Vnni => Isa::Avx512.supported(),
+            Kernel::Amx => detect::amx_supported(),
         }
     }
 }
@@ -186,6 +194,8 @@ pub(crate) fn matmul_with(w: &QMatrix, x: &ActQ, out: &mut [f32], pool: &Pool, k
                     // computes a column does not change its value.
                     #[cfg(target_arch = "x86_64")]
                     Kernel::Vnni => unsafe { vnni::panel(w, x, p, out_ptr.0) },
+                    #[cfg(target_arch = "x86_64")]
+                    Kernel::Avx2 => unsafe { avx2::panel(w, x, p, out_ptr.0) },
                     #[cfg(target_arch = "x86_64")]
                     Kernel::Amx => {
                         if let Some(t) = amx.as_mut() {

@@ -1,8 +1,8 @@
 //! Activation quantisation: each row in blocks of 32 signed bytes with a
-//! scale, and the per-block terms the kernels need (scalar and AVX-512,
-//! to the same bits).
+//! scale, and the per-block terms the kernels need (scalar, AVX2 and
+//! AVX-512, to the same bits).
 
-use super::detect::simd_available;
+use super::detect::{isa, Isa};
 use super::format::QFormat;
 use super::{AMX_MIN_ROWS, QK, TILE_ROWS};
 use crate::engine::cpu::pool::Pool;
@@ -70,6 +70,79 @@ pub(super) unsafe fn quantize_block_avx512(x: &[f32], q: &mut [u8]) -> (f32, i32
         };
     }
     (d, _mm512_reduce_add_epi32(sum))
+}
+
+/// [`quantize_block`] with AVX2 vectors, to the same bits, as
+/// [`quantize_block_avx512`] does it.
+///
+/// # Safety
+/// The CPU must have AVX2; `x` and `q` must hold 32 values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn quantize_block_avx2(x: &[f32], q: &mut [u8]) -> (f32, i32) {
+    use std::arch::x86_64::*;
+    debug_assert!(x.len() == QK && q.len() == QK);
+    // SAFETY: `x` holds 32 values (the caller's contract).
+    let v = unsafe {
+        [
+            _mm256_loadu_ps(x.as_ptr()),
+            _mm256_loadu_ps(x.as_ptr().add(8)),
+            _mm256_loadu_ps(x.as_ptr().add(16)),
+            _mm256_loadu_ps(x.as_ptr().add(24)),
+        ]
+    };
+    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(i32::MAX));
+    macro_rules! abs {
+        ($v:expr) => {
+            _mm256_and_ps($v, abs_mask)
+        };
+    }
+    let m = _mm256_max_ps(
+        _mm256_max_ps(abs!(v[0]), abs!(v[1])),
+        _mm256_max_ps(abs!(v[2]), abs!(v[3])),
+    );
+    let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    let m = _mm_max_ss(m, _mm_shuffle_ps::<0b01>(m, m));
+    // As the scalar code: a block of zeros (or of -0.0) has amax 0.
+    let amax = _mm_cvtss_f32(m).max(0.0);
+    let d = amax / 127.0;
+    let inv = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+    let (half, one) = (_mm256_set1_ps(0.5), _mm256_set1_ps(1.0));
+    let (lo, hi) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
+    let sign_bit = _mm256_set1_ps(-0.0);
+    let mut sum = _mm256_setzero_si256();
+    let mut ints = [_mm256_setzero_si256(); 4];
+    for (v, out) in v.into_iter().zip(ints.iter_mut()) {
+        let y = _mm256_mul_ps(v, inv);
+        let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(y);
+        // Where the dropped fraction is at least a half, one step away from
+        // zero (+1 or -1 with the sign of y), as `f32::round`.
+        let away = _mm256_cmp_ps::<_CMP_GE_OQ>(abs!(_mm256_sub_ps(y, t)), half);
+        let step = _mm256_or_ps(one, _mm256_and_ps(y, sign_bit));
+        let r = _mm256_add_ps(t, _mm256_and_ps(away, step));
+        let r = _mm256_min_ps(_mm256_max_ps(r, lo), hi);
+        let i = _mm256_cvttps_epi32(r);
+        sum = _mm256_add_epi32(sum, i);
+        *out = i;
+    }
+    // Within -127..=127, so the saturating packs are exact; they interleave
+    // the 128-bit lanes, which the permutation undoes.
+    let a = _mm256_packs_epi32(ints[0], ints[1]);
+    let b = _mm256_packs_epi32(ints[2], ints[3]);
+    let bytes = _mm256_permutevar8x32_epi32(
+        _mm256_packs_epi16(a, b),
+        _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7),
+    );
+    // SAFETY: `q` holds 32 bytes (the caller's contract).
+    unsafe { _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, bytes) };
+    let s = _mm_add_epi32(
+        _mm256_castsi256_si128(sum),
+        _mm256_extracti128_si256::<1>(sum),
+    );
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+    (d, _mm_cvtsi128_si32(s))
 }
 
 /// Activations `[m, k]` quantised per block of 32 to signed bytes in their
@@ -161,16 +234,22 @@ impl ActQ {
 }
 
 fn quantize_row(x: &[f32], q: &mut [u8], d: &mut [f32], s: &mut [f32], c: &mut [i32]) {
+    let set = isa();
     for (b, (xb, qb)) in x.chunks_exact(QK).zip(q.chunks_exact_mut(QK)).enumerate() {
         #[cfg(target_arch = "x86_64")]
-        let (db, sum) = if simd_available() {
-            // SAFETY: the CPU has AVX-512 F/BW; both blocks hold 32 values.
-            unsafe { quantize_block_avx512(xb, qb) }
-        } else {
-            quantize_block(xb, qb)
+        let (db, sum) = match set {
+            // SAFETY: the CPU has AVX-512 F/BW (the selected set runs only
+            // where it does); both blocks hold 32 values.
+            Isa::Avx512 => unsafe { quantize_block_avx512(xb, qb) },
+            // SAFETY: as above, for AVX2.
+            Isa::Avx2 => unsafe { quantize_block_avx2(xb, qb) },
+            Isa::Portable => quantize_block(xb, qb),
         };
         #[cfg(not(target_arch = "x86_64"))]
-        let (db, sum) = quantize_block(xb, qb);
+        let (db, sum) = {
+            let _ = set;
+            quantize_block(xb, qb)
+        };
         d[b] = db;
         s[b] = db * sum as f32;
         c[b] = -128 * sum;

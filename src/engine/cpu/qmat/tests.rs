@@ -5,7 +5,7 @@ use half::f16;
 use super::format::f16_le;
 use super::quant::quantize_block;
 #[cfg(target_arch = "x86_64")]
-use super::quant::quantize_block_avx512;
+use super::quant::{quantize_block_avx2, quantize_block_avx512};
 use super::*;
 
 /// A small deterministic generator for test data in `[-0.5, 0.5)`.
@@ -53,9 +53,9 @@ fn check(w: &QMatrix, m: usize, seed: &mut u64, pool: &Pool) {
             want[r * n + j] = got;
         }
     }
-    for kernel in [Kernel::Portable, Kernel::Vnni, Kernel::Amx] {
+    for kernel in [Kernel::Portable, Kernel::Avx2, Kernel::Vnni, Kernel::Amx] {
         if !kernel.available() {
-            eprintln!("{kernel:?} cannot run here; not checked");
+            eprintln!("this CPU cannot run the {kernel:?} kernel; not checked");
             continue;
         }
         if kernel == Kernel::Amx && m < AMX_MIN_ROWS {
@@ -116,10 +116,6 @@ fn q4_1_kernels_match_the_reference_bit_for_bit() {
 
 #[test]
 fn vector_quantisation_gives_the_scalar_bits() {
-    if !simd_available() {
-        eprintln!("no AVX-512 here; not checked");
-        return;
-    }
     let mut s = 13u64;
     let mut blocks: Vec<Vec<f32>> = (0..2000)
         .map(|i| (0..QK).map(|_| lcg(&mut s) * (1 + i % 7) as f32).collect())
@@ -133,18 +129,62 @@ fn vector_quantisation_gives_the_scalar_bits() {
     blocks.push(vec![0.0; QK]);
     blocks.push(vec![-0.0; QK]);
     blocks.push((0..QK).map(|i| if i == 3 { -1e-30 } else { 0.0 }).collect());
-    for x in &blocks {
-        let (mut a, mut b) = ([0u8; QK], [0u8; QK]);
-        let want = quantize_block(x, &mut a);
-        // SAFETY: checked above that the CPU has AVX-512.
-        let got = unsafe { quantize_block_avx512(x, &mut b) };
-        assert_eq!(
-            (got.0.to_bits(), got.1),
-            (want.0.to_bits(), want.1),
-            "{x:?}"
-        );
-        assert_eq!(a, b, "{x:?}");
+    // The largest magnitude in each of the four AVX2 vectors in turn.
+    for at in [0usize, 9, 18, 31] {
+        blocks.push((0..QK).map(|i| if i == at { -3.0 } else { 0.25 }).collect());
     }
+    let mut checked = 0;
+    for isa in [Isa::Avx2, Isa::Avx512] {
+        if !isa.supported() {
+            eprintln!("this CPU cannot run the {isa:?} quantisation; not checked");
+            continue;
+        }
+        checked += 1;
+        for x in &blocks {
+            let (mut a, mut b) = ([0u8; QK], [0u8; QK]);
+            let want = quantize_block(x, &mut a);
+            // SAFETY: checked above that the CPU has the instruction set.
+            let got = unsafe {
+                match isa {
+                    Isa::Avx2 => quantize_block_avx2(x, &mut b),
+                    _ => quantize_block_avx512(x, &mut b),
+                }
+            };
+            assert_eq!(
+                (got.0.to_bits(), got.1),
+                (want.0.to_bits(), want.1),
+                "{isa:?} {x:?}"
+            );
+            assert_eq!(a, b, "{isa:?} {x:?}");
+        }
+    }
+    eprintln!("{checked} vector quantisations checked");
+}
+
+/// The selected set follows `select`, and a set the CPU lacks is refused
+/// with its name.
+#[test]
+fn a_kernel_set_is_selected_only_where_the_cpu_runs_it() {
+    let before = isa();
+    for set in [Isa::Portable, Isa::Avx2, Isa::Avx512] {
+        let r = select(KernelChoice::Only(set));
+        if set.supported() {
+            assert_eq!(r.ok(), Some(set));
+            assert_eq!(isa(), set);
+        } else {
+            let e = r.expect_err("an unsupported set is refused").to_string();
+            assert!(e.contains(set.name()), "{e}");
+        }
+    }
+    assert_eq!(select(KernelChoice::Auto).ok(), Some(best_isa()));
+    assert!("avx3".parse::<KernelChoice>().is_err());
+    assert_eq!(
+        "AVX2".parse::<KernelChoice>().ok(),
+        Some(KernelChoice::Only(Isa::Avx2))
+    );
+    // Every set gives the same bits, so the other tests do not mind which
+    // ran meanwhile; leave the process as it was.
+    select(KernelChoice::Only(before)).expect("it ran before");
 }
 
 #[test]
