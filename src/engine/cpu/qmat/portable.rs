@@ -3,6 +3,7 @@
 
 use super::{ActQ, QFormat, QMatrix, SyncPtr, PANEL, QK};
 
+#[allow(clippy::needless_range_loop)]
 pub(super) fn portable_panel(w: &QMatrix, x: &ActQ, p: usize, out: SyncPtr) {
     let (n, k) = (w.n, w.k);
     let nb = k / QK;
