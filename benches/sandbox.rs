@@ -4,7 +4,9 @@
 //!
 //! - `python3 -c 'print(1)'` run directly (the interpreter's own start),
 //! - the pool with `/usr/bin/true` as the interpreter (the sandbox alone),
-//! - plain `bwrap … true` with the same kind of namespaces (bwrap alone).
+//! - plain `bwrap … true` with the same kind of namespaces (bwrap alone),
+//! - `print(1)` under the `egress` network policy (a namespace, pasta and
+//!   its rules per run), where pasta and ip are installed.
 //!
 //! `cargo bench --features compute-plane --bench sandbox` (as root, with
 //! bubblewrap installed; `--profile test` reuses the test build).
@@ -13,7 +15,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use sgl::compute::exec::{ExecRequest, SandboxConfig, SandboxPool, Size, Stack};
+use sgl::compute::exec::{ExecRequest, NetworkPolicy, SandboxConfig, SandboxPool, Size, Stack};
 
 fn runs() -> usize {
     std::env::var("SGL_BENCH_N")
@@ -90,6 +92,9 @@ async fn main() {
             return;
         }
     };
+    let mut egress = cfg.clone();
+    egress.network = NetworkPolicy::Egress;
+    egress.work_root = root.path().join("egress");
     let mut bare = cfg;
     bare.python = "/usr/bin/true".into();
     bare.work_root = root.path().join("true");
@@ -142,4 +147,11 @@ async fn main() {
         "SandboxPool print(1) end to end",
         time_pool(n, &pool, "print(1)").await,
     );
+    match SandboxPool::new(egress) {
+        Ok(egress) => report(
+            "SandboxPool print(1) end to end, network egress",
+            time_pool(n, &egress, "print(1)").await,
+        ),
+        Err(e) => eprintln!("egress unavailable, not measured: {e}"),
+    }
 }

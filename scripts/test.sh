@@ -36,11 +36,12 @@ if ! pg_isready -h 127.0.0.1 -p 5432 >/dev/null 2>&1; then
 fi
 pg_isready -h 127.0.0.1 -p 5432
 
-step "system packages: systemd tools (the unit files' security score), bubblewrap and passt (the code-execution sandbox)"
+step "system packages: systemd tools (the unit files' security score), bubblewrap, passt and iproute2 (the code-execution sandbox and its egress policy)"
 missing=()
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)
 command -v pasta >/dev/null 2>&1 || missing+=(passt)
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then apt_get=(apt-get); else apt_get=(sudo apt-get); fi
   "${apt_get[@]}" update -qq

@@ -63,8 +63,7 @@ pub struct CodeExecServeArgs {
         value_name = "PATH"
     )]
     pub code_exec_node: PathBuf,
-    /// pasta (Debian's `passt`), for --code-exec-network egress (not yet
-    /// available: see --code-exec-network).
+    /// pasta (Debian's `passt`), for --code-exec-network egress.
     #[arg(
         long,
         env = "SGL_CODE_EXEC_PASTA",
@@ -72,9 +71,21 @@ pub struct CodeExecServeArgs {
         value_name = "PATH"
     )]
     pub code_exec_pasta: PathBuf,
-    /// What sandboxed code may reach: `none` (no network at all). `egress`
-    /// (the internet, never the host's loopback or private ranges) is
-    /// refused at start until the sandbox can enforce that exclusion.
+    /// iproute2's `ip`, for --code-exec-network egress (each run's network
+    /// namespace and its rules).
+    #[arg(
+        long,
+        env = "SGL_CODE_EXEC_IP",
+        default_value = "/sbin/ip",
+        value_name = "PATH"
+    )]
+    pub code_exec_ip: PathBuf,
+    /// What sandboxed code may reach: `none` (no network at all) or `egress`
+    /// (the internet through pasta, in a network namespace of its own per
+    /// run whose rules prohibit the host's addresses, loopback, private,
+    /// link-local, CGNAT, multicast and reserved ranges; DNS through the
+    /// host's resolver). egress needs pasta (Debian's `passt`) and `ip`
+    /// (iproute2); the server refuses to start without them.
     #[arg(
         long,
         env = "SGL_CODE_EXEC_NETWORK",
@@ -149,6 +160,7 @@ pub fn code_exec(
     cfg.python = args.code_exec_python.clone();
     cfg.node = args.code_exec_node.clone();
     cfg.pasta = args.code_exec_pasta.clone();
+    cfg.ip = args.code_exec_ip.clone();
     cfg.network = args.code_exec_network;
     if let Some(n) = args.code_exec_slots {
         if n == 0 {
@@ -163,7 +175,9 @@ pub fn code_exec(
     let pool = SandboxPool::new(cfg).map_err(|e| {
         anyhow::anyhow!(
             "--code-exec: the sandbox cannot start: {e} (install bubblewrap, python3 and \
-             nodejs, or point --code-exec-bwrap/--code-exec-python/--code-exec-node at them)"
+             nodejs (and passt and iproute2 for --code-exec-network egress), or point \
+             --code-exec-bwrap/--code-exec-python/--code-exec-node/--code-exec-pasta/--code-exec-ip \
+             at them)"
         )
     })?;
     let pricing = ExecPricing::with_overrides(&args.code_exec_prices);

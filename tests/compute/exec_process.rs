@@ -769,3 +769,197 @@ async fn discovery_lists_resources_and_proves_ownership() {
         assert!(err.contains(says), "{err}");
     }
 }
+
+/// The host's primary non-loopback address of a family: the source address
+/// the host's routes pick towards a public address (a UDP "connect" sends
+/// nothing). None where the host has no such route.
+fn host_address(v6: bool) -> Option<std::net::IpAddr> {
+    let (bind, to) = if v6 {
+        ("[::]:0", "[2606:4700:4700::1111]:53")
+    } else {
+        ("0.0.0.0:0", "1.1.1.1:53")
+    };
+    let s = std::net::UdpSocket::bind(bind).ok()?;
+    s.connect(to).ok()?;
+    let ip = s.local_addr().ok()?.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+}
+
+// Linux errno values, as the sandboxed Python reports them.
+const EPERM: i32 = 1;
+const EACCES: i32 = 13;
+const ENETUNREACH: i32 = 101;
+const ECONNREFUSED: i32 = 111;
+const EHOSTUNREACH: i32 = 113;
+
+/// Python for the egress test: each connection attempt as the errno it met
+/// (0 when it connected), the answers to route and rule changes sent over
+/// rtnetlink, and DNS.
+const EGRESS_PROBE: &str = r#"
+import json, socket, struct
+targets = json.loads(TARGETS)
+def connect(h, p):
+    fam = socket.AF_INET6 if ':' in h else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    s.settimeout(4)
+    try:
+        s.connect((h, p))
+        return 0
+    except socket.timeout:
+        return 'timeout'
+    except OSError as e:
+        return e.errno
+    finally:
+        s.close()
+def netlink(msg_type, body):
+    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+    s.bind((0, 0))
+    # NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE
+    s.send(struct.pack('=IHHII', 16 + len(body), msg_type, 0x1 | 0x4 | 0x400, 1, 0) + body)
+    data = s.recv(65536)
+    return -struct.unpack('=i', data[16:20])[0]
+# RTM_NEWROUTE 10.0.0.0/8 via lo in the main table.
+route = struct.pack('=BBBBBBBBI', socket.AF_INET, 8, 0, 0, 254, 3, 0, 1, 0) \
+    + struct.pack('=HH4s', 8, 1, bytes([10, 0, 0, 0])) + struct.pack('=HHI', 8, 4, 1)
+# RTM_DELRULE of the rule that prohibits 10.0.0.0/8 (priority 200).
+rule = struct.pack('=BBBBBBBBI', socket.AF_INET, 8, 0, 0, 0, 0, 0, 8, 0) \
+    + struct.pack('=HH4s', 8, 1, bytes([10, 0, 0, 0])) + struct.pack('=HHI', 8, 6, 200)
+out = {'new_route': netlink(24, route), 'del_rule': netlink(33, rule)}
+for name, (h, p) in targets.items():
+    out[name] = connect(h, p)
+try:
+    out['dns'] = socket.getaddrinfo('pypi.org', 443, socket.AF_INET)[0][4][0]
+except OSError as e:
+    out['dns'] = str(e)
+print(json.dumps(out))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn egress_reaches_out_but_never_the_host_or_private_ranges() {
+    if !sandbox_available() {
+        return;
+    }
+    if !Path::new("/usr/bin/pasta").exists() {
+        assert!(
+            std::env::var("SGL_REQUIRE_SANDBOX").as_deref() != Ok("1"),
+            "SGL_REQUIRE_SANDBOX=1 but pasta is missing (apt install passt)"
+        );
+        eprintln!("skipping: no pasta (apt install passt)");
+        return;
+    }
+    let s = start(&pay_to(), &["--code-exec-network", "egress"]).await;
+    let url = s.url();
+    let own: u16 = s.base.rsplit(':').next().unwrap().parse().unwrap();
+    // A listener of the host on every address, IPv4 and IPv6: whatever
+    // reaches the host's addresses would land here.
+    let trap4 = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = trap4.local_addr().unwrap().port();
+    let trap6 = std::net::TcpListener::bind(format!("[::]:{port}")).ok();
+    for t in std::iter::once(&trap4).chain(trap6.as_ref()) {
+        t.set_nonblocking(true).unwrap();
+    }
+    let mut targets = serde_json::Map::new();
+    let mut add = |name: &str, host: String, p: u16| {
+        targets.insert(name.into(), json!([host, p]));
+    };
+    add("postgres", "127.0.0.1".into(), 5432);
+    add("own_loopback", "127.0.0.1".into(), own);
+    add("trap_loopback", "127.0.0.1".into(), port);
+    add("trap_v6_loopback", "::1".into(), port);
+    add("own_v6_loopback", "::1".into(), own);
+    // A private address: the host's resolver on this kind of host, else
+    // any; prohibited whether or not something answers there.
+    add("private", "10.255.255.53".into(), 53);
+    add("private_172", "172.16.0.1".into(), 80);
+    add("private_192", "192.168.0.1".into(), 80);
+    add("link_local_metadata", "169.254.169.254".into(), 80);
+    add("ula_v6", "fd00::1".into(), 80);
+    let host4 = host_address(false);
+    let host6 = host_address(true);
+    for (tag, a) in [("v4", host4), ("v6", host6)] {
+        if let Some(a) = a {
+            add(&format!("own_host_{tag}"), a.to_string(), own);
+            add(&format!("trap_host_{tag}"), a.to_string(), port);
+        }
+    }
+    // A public address: routed out through pasta (connected where the host
+    // has internet, refused or timed out where it has not; never refused
+    // by a rule).
+    add("public", "1.1.1.1".into(), 443);
+    let targets = Value::Object(targets).to_string();
+    let code = format!("TARGETS = {targets:?}\n{EGRESS_PROBE}");
+    let (st, _, v) = post(
+        &url,
+        &json!({"code": code}),
+        &[("payment-signature", payment(&url, 2000))],
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["exit_code"], 0, "{v}");
+    let out: Value = serde_json::from_str(v["stdout"].as_str().unwrap().trim()).unwrap();
+    eprintln!("egress probe: {out}");
+
+    // The code holds no CAP_NET_ADMIN over its namespace.
+    assert_eq!(out["new_route"], EPERM, "{out}");
+    assert_eq!(out["del_rule"], EPERM, "{out}");
+    // Prohibited by a rule (EACCES), so never sent at all.
+    for k in [
+        "private",
+        "private_172",
+        "private_192",
+        "link_local_metadata",
+        "ula_v6",
+    ] {
+        assert_eq!(out[k], EACCES, "{k}: {out}");
+    }
+    // The loopback and the host's own addresses are the namespace's own
+    // (nothing listens there) or prohibited: refused either way.
+    for (k, r) in out.as_object().unwrap() {
+        if k.starts_with("own_") || k.starts_with("trap_") || k == "postgres" {
+            assert!(*r == ECONNREFUSED || *r == EACCES, "{k}: {out}");
+        }
+    }
+    for t in std::iter::once(&trap4).chain(trap6.as_ref()) {
+        assert!(t.accept().is_err(), "the sandbox reached the host: {out}");
+    }
+    // The public address was routed: not prohibited, not unroutable.
+    assert!(
+        ![EACCES, ENETUNREACH, EHOSTUNREACH, EPERM]
+            .iter()
+            .any(|e| out["public"] == *e),
+        "{out}"
+    );
+    // DNS goes through the host's resolver: a name the host resolves, the
+    // sandbox resolves.
+    use std::net::ToSocketAddrs as _;
+    if ("pypi.org", 443).to_socket_addrs().is_ok() {
+        assert!(
+            out["dns"]
+                .as_str()
+                .is_some_and(|a| a.parse::<std::net::IpAddr>().is_ok()),
+            "{out}"
+        );
+    }
+    assert_eq!(s.settled(), 1);
+
+    // The server stays up and the next run is normal; its namespace is gone
+    // after it.
+    let (st, _, v) = post(
+        &url,
+        &json!({"code": "print(6 * 7)"}),
+        &[("payment-signature", payment(&url, 2000))],
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["stdout"], "42\n", "{v}");
+    let pid = s._proc.0.id();
+    let left: Vec<String> = std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| n.starts_with(&format!("sgl-egress-{pid}-")))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(left.is_empty(), "namespaces left: {left:?}");
+}

@@ -221,11 +221,19 @@ fn unsafe_configurations_fail_closed() {
     cfg.node = "/nonexistent/node".into();
     assert!(SandboxPool::new(cfg).is_err());
 
-    // Egress cannot yet be kept off the host's loopback and private ranges.
-    let mut cfg = base.clone();
-    cfg.network = NetworkPolicy::Egress;
-    let e = SandboxPool::new(cfg).err().expect("egress refused");
-    assert!(e.to_string().contains("egress"), "{e}");
+    // Egress without pasta or ip is refused, not run with less isolation.
+    for tool in ["pasta", "ip"] {
+        let mut cfg = base.clone();
+        cfg.network = NetworkPolicy::Egress;
+        match tool {
+            "pasta" => cfg.pasta = "/nonexistent/pasta".into(),
+            _ => cfg.ip = "/nonexistent/ip".into(),
+        }
+        let e = SandboxPool::new(cfg)
+            .err()
+            .expect("egress without its tools refused");
+        assert!(e.to_string().contains(tool), "{e}");
+    }
 
     let mut cfg = base;
     cfg.slots = 0;

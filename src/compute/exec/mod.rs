@@ -143,7 +143,10 @@ pub struct SandboxConfig {
     pub bwrap: PathBuf,
     pub python: PathBuf,
     pub node: PathBuf,
+    /// pasta (Debian's `passt`), for the `egress` policy.
     pub pasta: PathBuf,
+    /// iproute2's `ip`, for the `egress` policy's namespaces and rules.
+    pub ip: PathBuf,
     pub network: NetworkPolicy,
     /// How many sandboxes run at once.
     pub slots: usize,
@@ -166,6 +169,7 @@ impl SandboxConfig {
             python: PathBuf::from("/usr/bin/python3"),
             node: PathBuf::from("/usr/bin/node"),
             pasta: PathBuf::from("/usr/bin/pasta"),
+            ip: PathBuf::from("/sbin/ip"),
             network: NetworkPolicy::None,
             slots: std::thread::available_parallelism()
                 .map(|n| n.get())

@@ -87,7 +87,7 @@ impl SandboxPermit {
     }
 }
 
-fn executable(path: &Path) -> Result<(), String> {
+pub(crate) fn executable(path: &Path) -> Result<(), String> {
     let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
     if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
         return Err("not an executable file".into());

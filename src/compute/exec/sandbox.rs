@@ -9,8 +9,10 @@
 //!   nothing but the run's work directory. This is why the runner needs root:
 //!   to switch to that uid.
 //! - **Namespaces.** New mount, PID, IPC, UTS, cgroup and network namespaces
-//!   per run; `--new-session` (no terminal injection), `--die-with-parent`
-//!   (and bwrap itself dies with this process through `PR_SET_PDEATHSIG`).
+//!   per run (under the `egress` policy the network namespace is made by
+//!   root before bwrap starts and bwrap joins it: see [`super::network`]);
+//!   `--new-session` (no terminal injection), `--die-with-parent` (and bwrap
+//!   itself dies with this process through `PR_SET_PDEATHSIG`).
 //! - **File system.** Only `/usr` (read-only; `/bin`, `/lib`, `/lib64`,
 //!   `/sbin` as on the host), a few `/etc` files the interpreters and TLS need
 //!   (`ld.so.cache`, `ssl/certs`, `alternatives`, `localtime`; no `passwd`,
@@ -103,6 +105,7 @@ mod linux {
     use rand_core::{OsRng, RngCore};
     use tokio::io::AsyncReadExt;
 
+    use super::super::network::{EgressNs, RESOLV_CONF};
     use super::super::{
         ExecOutcome, ExecRequest, NetworkPolicy, SandboxConfig, SandboxError, SizeLimits, Stack,
     };
@@ -125,6 +128,9 @@ mod linux {
     pub(crate) fn prepare(cfg: &SandboxConfig) -> Result<(), SandboxError> {
         check_platform(cfg)?;
         prepare_work_root(&cfg.work_root)?;
+        if cfg.network == NetworkPolicy::Egress {
+            super::super::network::prepare_egress(cfg)?;
+        }
         probe(cfg)
     }
 
@@ -455,8 +461,15 @@ mod linux {
                 "C.UTF-8",
             ],
         );
-        if cfg.network == NetworkPolicy::None {
-            push(&mut a, &["--unshare-net"]);
+        match cfg.network {
+            NetworkPolicy::None => push(&mut a, &["--unshare-net"]),
+            NetworkPolicy::Egress => {
+                // The namespace bwrap was started in (see `command`); the
+                // resolver there is pasta's DNS forwarder.
+                a.push("--ro-bind".into());
+                a.push(cfg.work_root.join(RESOLV_CONF).into_os_string());
+                a.push("/etc/resolv.conf".into());
+            }
         }
         push(&mut a, &["--ro-bind", "/usr", "/usr"]);
         for top in ["bin", "lib", "lib64", "lib32", "libx32", "sbin"] {
@@ -527,8 +540,9 @@ mod linux {
         }
     }
 
-    /// The bwrap command for one run, ready to spawn: uid switched, rlimits
-    /// set, fds other than stdio and the status pipe closed at exec.
+    /// The bwrap command for one run, ready to spawn: in the run's egress
+    /// network namespace when it has one, uid switched, rlimits set, fds
+    /// other than stdio and the status pipe closed at exec.
     fn command(
         cfg: &SandboxConfig,
         limits: &SizeLimits,
@@ -536,6 +550,7 @@ mod linux {
         work: &Path,
         program: &[OsString],
         status_w: i32,
+        netns: Option<i32>,
     ) -> std::process::Command {
         let mut cmd = std::process::Command::new(&cfg.bwrap);
         cmd.args(bwrap_args(cfg, limits, work, program))
@@ -544,8 +559,6 @@ mod linux {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .uid(uid)
-            .gid(uid)
             .process_group(0);
         let rl = [
             (libc::RLIMIT_AS, limits.memory_bytes),
@@ -561,6 +574,20 @@ mod linux {
             cmd.pre_exec(move || {
                 // bwrap dies with us; --die-with-parent carries it inward.
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // Joining a namespace needs root, so it comes before the
+                // switch to the run's uid, which is therefore made here and
+                // not with Command::uid (std switches before pre_exec).
+                if let Some(fd) = netns {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(uid) != 0
+                    || libc::setuid(uid) != 0
+                {
                     return Err(std::io::Error::last_os_error());
                 }
                 for (res, v) in rl {
@@ -718,6 +745,7 @@ mod linux {
             .map_err(|e| setup_err("setup task", e))??;
         }
 
+        let netns = egress_ns(cfg, &sandbox_id).await?;
         let (status_r, status_w) = status_pipe()?;
         let std_cmd = command(
             cfg,
@@ -726,6 +754,10 @@ mod linux {
             &work.path,
             &program(cfg, req.stack),
             status_w.as_raw_fd(),
+            netns
+                .as_ref()
+                .and_then(|n| n.fd.as_ref())
+                .map(|f| f.as_raw_fd()),
         );
         let mut cmd = tokio::process::Command::from(std_cmd);
         cmd.kill_on_drop(true);
@@ -764,6 +796,10 @@ mod linux {
             uid.clean = tokio::task::spawn_blocking(move || kill_all_of(u))
                 .await
                 .unwrap_or(false);
+        }
+        if let Some(ns) = netns {
+            // `ip netns delete` is a process: off the runtime's threads.
+            let _ = tokio::task::spawn_blocking(move || drop(ns)).await;
         }
         for task in [out_task, err_task].into_iter().flatten() {
             let abort = task.abort_handle();
@@ -817,6 +853,18 @@ mod linux {
             files,
             files_truncated,
         })
+    }
+
+    /// The network namespace of a run under `egress`; none under `none`
+    /// (bwrap makes an empty one).
+    async fn egress_ns(cfg: &SandboxConfig, tag: &str) -> Result<Option<EgressNs>, SandboxError> {
+        if cfg.network != NetworkPolicy::Egress {
+            return Ok(None);
+        }
+        let (cfg, tag) = (cfg.clone(), tag.to_owned());
+        tokio::task::spawn_blocking(move || EgressNs::create(&cfg, &tag).map(Some))
+            .await
+            .map_err(|e| setup_err("egress task", e))?
     }
 
     /// New or changed regular files under `root`, within `cap` bytes in all.
@@ -932,6 +980,12 @@ mod linux {
             path: cfg.work_root.join(format!("probe_{}", hex::encode(id))),
         };
         make_dir(&work.path, uid.uid)?;
+        let netns = match cfg.network {
+            NetworkPolicy::None => None,
+            NetworkPolicy::Egress => {
+                Some(EgressNs::create(cfg, &format!("probe{}", hex::encode(id)))?)
+            }
+        };
         let (status_r, status_w) = status_pipe()?;
         let out = command(
             cfg,
@@ -940,6 +994,10 @@ mod linux {
             &work.path,
             &[cfg.python.clone().into(), "-c".into(), "pass".into()],
             status_w.as_raw_fd(),
+            netns
+                .as_ref()
+                .and_then(|n| n.fd.as_ref())
+                .map(|f| f.as_raw_fd()),
         )
         .output()
         .map_err(|e| setup_err("starting bwrap", e))?;
