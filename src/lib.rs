@@ -31,6 +31,8 @@ pub mod coordinator;
 pub mod engine;
 #[cfg(any(feature = "node", feature = "coordinator"))]
 pub mod http;
+#[cfg(any(feature = "node", feature = "coordinator"))]
+pub mod metrics;
 pub mod money;
 pub mod node;
 #[cfg(feature = "payments")]

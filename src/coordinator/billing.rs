@@ -110,14 +110,25 @@ pub async fn authorize(
         .into_response());
     };
     let offer = p.offer(parts.headers, parts.uri, quote, "sgl grid chat completion");
-    match p.open_charge(parts, &offer, reference).await {
-        Ok(charge) => prepay(p, charge, &offer, reference)
-            .await
-            .map(|(charge, receipt)| JobBilling {
+    let opened = p.open_charge(parts, &offer, reference).await;
+    grid.metrics.payment_verified(match &opened {
+        Ok(_) => "accepted",
+        Err(ChargeRefused::PaymentRequired) => "payment_required",
+        Err(ChargeRefused::Refused(_)) => "refused",
+    });
+    match opened {
+        Ok(charge) => {
+            let method = charge.method();
+            let paid = prepay(p, charge, &offer, reference).await;
+            if !matches!(method, "free" | "credits") {
+                grid.metrics.payment_settled(method, paid.is_ok());
+            }
+            paid.map(|(charge, receipt)| JobBilling {
                 price,
                 charge,
                 receipt,
-            }),
+            })
+        }
         Err(ChargeRefused::PaymentRequired) if grid.config.dev => Ok(bill(Charge::free(quote))),
         Err(ChargeRefused::PaymentRequired) => Err(pay_http::challenge(
             p,
@@ -266,6 +277,8 @@ pub async fn close(
         }
     };
     let status = if result.is_err() { "failed" } else { status };
+    grid.metrics
+        .job_closed(status, method, (prompt, completion), cost.0, result.is_ok());
     if let (Some(store), Some(row)) = (grid.store(), unrecorded) {
         if let Err(e) = store.record_usage(&row).await {
             tracing::error!(job_id = %meta.job_id, error = %e, "could not record usage");

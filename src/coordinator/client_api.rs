@@ -94,6 +94,17 @@ pub async fn reserve(
             "clusters are not supported",
         ));
     }
+    // Only vision-capable nodes qualify for images (§5.1), and no sgl
+    // engine reads images: refused here rather than failed by the node
+    // after it was paid for. Plain requests with image parts are refused
+    // alike, by the one request check (`InvalidRequest::NonTextContent`).
+    if req.image_count.is_some_and(|n| n > 0) {
+        return Err(ClientError::invalid(
+            "images_not_supported",
+            "no vision model is served on this grid: image_count must be 0",
+        )
+        .with_param("image_count"));
+    }
     let client = reservation_client(&grid, &method, &uri, &headers, peer).await;
     let mut inner = grid.lock();
     let node_id = choose_node(&grid, &inner, &req, &model, None)?;

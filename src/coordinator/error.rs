@@ -24,6 +24,8 @@ pub struct ClientError {
     pub kind: &'static str,
     pub code: &'static str,
     pub message: String,
+    /// The request parameter at fault (OpenAI's `param`), when one is.
+    pub param: Option<String>,
     /// Keys added beside `error` at the top of the body (e.g. `retry_after_s`,
     /// the x402 `accepts` of a 402).
     /// Boxed: it is rare, and keeps `Result<_, ClientError>` small.
@@ -49,8 +51,15 @@ impl ClientError {
             kind,
             code,
             message: message.into(),
+            param: None,
             extra: None,
         }
+    }
+
+    /// The same error naming the parameter at fault.
+    pub fn with_param(mut self, param: &str) -> Self {
+        self.param = Some(param.to_string());
+        self
     }
     pub fn invalid(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(
@@ -109,18 +118,16 @@ impl From<InvalidRequest> for ClientError {
     fn from(e: InvalidRequest) -> Self {
         let status =
             StatusCode::from_u16(InvalidRequest::STATUS).unwrap_or(StatusCode::BAD_REQUEST);
-        Self::new(
-            status,
-            InvalidRequest::KIND,
-            InvalidRequest::CODE,
-            e.to_string(),
-        )
+        Self {
+            param: Some(e.param()),
+            ..Self::new(status, InvalidRequest::KIND, e.code(), e.to_string())
+        }
     }
 }
 
 impl IntoResponse for ClientError {
     fn into_response(self) -> Response {
-        let body = ErrorResponse::new(self.message, self.kind, self.code);
+        let body = ErrorResponse::new(self.message, self.kind, self.code).with_param(self.param);
         let Some(extra) = self.extra else {
             return (self.status, Json(body)).into_response();
         };

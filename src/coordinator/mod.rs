@@ -15,6 +15,7 @@ pub mod client_api;
 pub mod error;
 pub mod job;
 pub mod market;
+pub mod metrics;
 pub mod node_api;
 mod plain;
 pub mod pricing;
@@ -99,6 +100,7 @@ fn client_routes() -> Router<Grid> {
         )
         .route(routes::ATTESTATION_POLICY, get(market::policy::policy))
         .route(routes::HEALTH, get(|| async { "ok" }))
+        .route(routes::METRICS, get(metrics::scrape))
 }
 
 /// The node API (§6).
@@ -172,7 +174,15 @@ pub async fn serve_with(
         })
     });
     let limits = grid.config.server_limits;
-    let result = crate::http::serve(listener, extra.merge(router(grid)), limits, shutdown).await;
+    // Counted over every route, the extra ones too; after routing, so that
+    // the route template is known.
+    let app = extra
+        .merge(router(grid.clone()))
+        .layer(middleware::from_fn_with_state(
+            grid.metrics.clone(),
+            metrics::track,
+        ));
+    let result = crate::http::serve(listener, app, limits, shutdown).await;
     reaper.abort();
     if let Some(h) = holds {
         h.abort();

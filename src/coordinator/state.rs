@@ -470,6 +470,8 @@ pub struct Grid {
     store: Option<Store>,
     /// Node documents to write, in order, by one writer task.
     saver: Option<mpsc::UnboundedSender<(String, String, String)>>,
+    /// What `/metrics` reports.
+    pub metrics: Arc<super::metrics::Metrics>,
 }
 
 /// 32 random bytes as b58: tokens and opaque ids.
@@ -488,6 +490,7 @@ impl Grid {
             payments: None,
             store: None,
             saver: None,
+            metrics: Arc::default(),
         }
     }
 
@@ -504,6 +507,7 @@ impl Grid {
             payments,
             store: Some(store.clone()),
             saver: None,
+            metrics: Arc::default(),
         };
         // Holds always end (§7f): the holds of jobs that are not running are
         // released before anything is served. A SQLite database belongs to

@@ -57,7 +57,9 @@ async fn session(grid: Grid, node_id: NodeId, socket: WebSocket) {
         (generation, inner.offered_to(&node_id))
     };
     tracing::info!(%node_id, generation, "node WebSocket connected");
+    let open = grid.metrics.socket_opened();
     talk(&mut rx, socket, waiting).await;
+    drop(open);
     // The socket is gone. If it was the node's last, the node is taken for
     // dead at once (a killed process closes its sockets long before its
     // heartbeats are missed): its jobs fail now, and it is not routed to

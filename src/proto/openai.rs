@@ -5,13 +5,16 @@
 //!
 //! Requests keep unknown parameters in `extra`, because the public grid forwards
 //! them inside the job payload (PROTOCOL.md §5.4). [`ChatCompletionRequest::validate`]
-//! is the one check every client-facing server runs on a request.
+//! is the one check every client-facing server runs on a request; it refuses
+//! the OpenAI parameters no engine implements ([`UNSUPPORTED`]).
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+mod unsupported;
 mod validate;
 
+pub use unsupported::{first_unsupported, Unsupported, UNSUPPORTED};
 pub use validate::{check_messages, InvalidRequest, ROLES};
 
 /// `POST /v1/chat/completions` body.
@@ -355,6 +358,9 @@ pub struct ErrorDetail {
     pub message: String,
     #[serde(rename = "type")]
     pub kind: String,
+    /// The request parameter at fault, when there is one (OpenAI's `param`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub param: Option<String>,
     pub code: Option<String>,
 }
 
@@ -364,9 +370,16 @@ impl ErrorResponse {
             error: ErrorDetail {
                 message: message.into(),
                 kind: kind.to_string(),
+                param: None,
                 code: Some(code.to_string()),
             },
         }
+    }
+
+    /// The same body naming the parameter at fault.
+    pub fn with_param(mut self, param: Option<String>) -> Self {
+        self.error.param = param;
+        self
     }
 }
 

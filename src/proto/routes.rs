@@ -63,7 +63,7 @@ pub const ALLOWED_BINARIES: &str = "/grid/allowed-binaries";
 
 /// `GET`: liveness, on the coordinator and the node's local server.
 pub const HEALTH: &str = "/health";
-/// `GET`: Prometheus metrics of the node's local server.
+/// `GET`: Prometheus metrics, on the coordinator and the node's local server.
 pub const METRICS: &str = "/metrics";
 
 /// A template with its `{id}` filled in, percent-encoded so that only

@@ -10,6 +10,7 @@ mod grid_support;
 mod pay_common;
 
 mod coordinator_flow;
+mod grid_api;
 mod grid_billing;
 mod grid_cli;
 mod grid_e2e;

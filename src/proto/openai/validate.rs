@@ -1,8 +1,9 @@
 //! The one check of a client's chat request, OpenAI's rules with the
 //! protocol's caps: every client-facing server (the coordinator's plain mode,
 //! `sgl node serve` with any engine) runs it before anything else, so the same
-//! body gets the same answer wherever it is sent. Unknown parameters are not
-//! refused; they are kept in [`ChatCompletionRequest::extra`].
+//! body gets the same answer wherever it is sent. OpenAI parameters no engine
+//! implements are refused ([`super::unsupported`]); parameters that are not
+//! OpenAI's are not, and are kept in [`ChatCompletionRequest::extra`].
 //!
 //! The message checks (count, bytes, text only) are shared with a job's
 //! payload ([`crate::proto::job`]), which is otherwise lenient (§6.7).
@@ -46,8 +47,13 @@ pub enum InvalidRequest {
     TooManyStops,
     #[error("stop sequences must be 1 to {MAX_STOP_LEN} bytes")]
     StopLength,
-    #[error("only n = 1 is supported")]
-    N,
+    #[error(
+        "unsupported parameter: {param:?} is not implemented by this server's engine; send {accepted}, null, or leave it out"
+    )]
+    Unsupported {
+        param: &'static str,
+        accepted: &'static str,
+    },
 }
 
 impl InvalidRequest {
@@ -55,12 +61,38 @@ impl InvalidRequest {
     pub const STATUS: u16 = 400;
     /// The OpenAI error type of every refusal.
     pub const KIND: &'static str = "invalid_request_error";
-    /// The error code of every refusal.
+    /// The error code of every refusal but [`InvalidRequest::Unsupported`].
     pub const CODE: &'static str = "invalid_request";
+    /// The error code of [`InvalidRequest::Unsupported`], OpenAI's own.
+    pub const UNSUPPORTED_CODE: &'static str = "unsupported_parameter";
+
+    /// The error code of this refusal.
+    pub fn code(&self) -> &'static str {
+        match self {
+            InvalidRequest::Unsupported { .. } => Self::UNSUPPORTED_CODE,
+            _ => Self::CODE,
+        }
+    }
+
+    /// The parameter at fault (OpenAI's `param`).
+    pub fn param(&self) -> String {
+        match self {
+            InvalidRequest::NoMessages
+            | InvalidRequest::TooManyMessages(_)
+            | InvalidRequest::MessagesTooLarge => "messages".into(),
+            InvalidRequest::UnknownRole { index, .. } => format!("messages[{index}].role"),
+            InvalidRequest::NonTextContent(i) => format!("messages[{i}].content"),
+            InvalidRequest::Temperature => "temperature".into(),
+            InvalidRequest::TopP => "top_p".into(),
+            InvalidRequest::MaxTokens => "max_tokens".into(),
+            InvalidRequest::TooManyStops | InvalidRequest::StopLength => "stop".into(),
+            InvalidRequest::Unsupported { param, .. } => (*param).into(),
+        }
+    }
 
     /// The OpenAI error body (§1.5).
     pub fn to_response(&self) -> ErrorResponse {
-        ErrorResponse::new(self.to_string(), Self::KIND, Self::CODE)
+        ErrorResponse::new(self.to_string(), Self::KIND, self.code()).with_param(Some(self.param()))
     }
 }
 
@@ -129,12 +161,12 @@ impl ChatCompletionRequest {
         if stops.iter().any(|s| s.is_empty() || s.len() > MAX_STOP_LEN) {
             return Err(InvalidRequest::StopLength);
         }
-        // `n` is not a typed field: the public grid forwards unknown
-        // parameters, and only this value is refused.
-        if let Some(n) = self.extra.get("n").filter(|v| !v.is_null()) {
-            if n.as_u64() != Some(1) {
-                return Err(InvalidRequest::N);
-            }
+        // What no engine implements is refused by name, never dropped.
+        if let Some(p) = super::first_unsupported(&self.extra) {
+            return Err(InvalidRequest::Unsupported {
+                param: p.name,
+                accepted: p.accepted,
+            });
         }
         Ok(())
     }
@@ -220,7 +252,10 @@ mod tests {
         );
         assert_eq!(
             ok(json!({"messages": user(), "n": 2})),
-            Err(InvalidRequest::N)
+            Err(InvalidRequest::Unsupported {
+                param: "n",
+                accepted: "1"
+            })
         );
         assert_eq!(ok(json!({"messages": user(), "n": 1})), Ok(()));
         assert_eq!(
@@ -248,6 +283,54 @@ mod tests {
         let big = "x".repeat(MAX_MESSAGE_BYTES);
         let r = req(json!({"messages": [{"role": "user", "content": big}]}));
         assert_eq!(r.validate(), Err(InvalidRequest::MessagesTooLarge));
+    }
+
+    #[test]
+    fn unimplemented_parameters_are_refused_by_name() {
+        let refused = [
+            ("n", json!(2)),
+            ("logprobs", json!(true)),
+            ("top_logprobs", json!(3)),
+            ("response_format", json!({"type": "json_object"})),
+            (
+                "tools",
+                json!([{"type": "function", "function": {"name": "f"}}]),
+            ),
+            ("tool_choice", json!("required")),
+            ("functions", json!([{"name": "f"}])),
+            ("function_call", json!({"name": "f"})),
+            ("logit_bias", json!({"50256": -100})),
+            ("frequency_penalty", json!(0.5)),
+            ("presence_penalty", json!(-1)),
+            ("modalities", json!(["text", "audio"])),
+            ("audio", json!({"voice": "alloy", "format": "wav"})),
+            ("prediction", json!({"type": "content", "content": "x"})),
+            ("web_search_options", json!({})),
+            ("reasoning_effort", json!("low")),
+            ("verbosity", json!("low")),
+            ("service_tier", json!("flex")),
+            ("store", json!(true)),
+        ];
+        assert_eq!(refused.len(), crate::proto::openai::UNSUPPORTED.len());
+        for (name, value) in refused {
+            let mut body = json!({"messages": user()});
+            body[name] = value;
+            let e = req(body).validate().unwrap_err();
+            assert_eq!(e.code(), "unsupported_parameter", "{name}");
+            assert_eq!(e.param(), name);
+            assert!(e.to_string().contains(name), "{e}");
+            let v = serde_json::to_value(e.to_response()).unwrap();
+            assert_eq!(v["error"]["param"], name);
+        }
+        let noops = json!({
+            "messages": user(), "n": 1, "logprobs": false, "top_logprobs": null,
+            "response_format": {"type": "text"}, "tools": [], "tool_choice": "none",
+            "functions": [], "function_call": "auto", "logit_bias": {},
+            "frequency_penalty": 0, "presence_penalty": 0.0, "modalities": ["text"],
+            "audio": null, "verbosity": "medium", "service_tier": "auto", "store": false,
+            "parallel_tool_calls": true, "user": "u-1", "metadata": {"k": "v"},
+        });
+        assert_eq!(req(noops).validate(), Ok(()));
     }
 
     #[test]
