@@ -24,6 +24,11 @@ pub struct EchoGrid {
 }
 
 impl EchoGrid {
+    /// What the node has logged so far.
+    pub fn node_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("node.log")).unwrap_or_default()
+    }
+
     /// `sgl coordinator serve --dev --database-url DB COORD…` and `sgl node
     /// start --engine echo NODE…`, waited for until the node takes work.
     pub async fn start(db: &str, coordinator_args: &[&str], node_args: &[&str]) -> EchoGrid {
@@ -42,7 +47,9 @@ impl EchoGrid {
         node_init(nd, &base, OPERATOR);
         let mut args = vec!["--engine", "echo", "--model", MODEL];
         args.extend_from_slice(node_args);
-        let node = node_start(nd, &args, Stdio::null());
+        // The node's log is kept beside it, for a failing test to show.
+        let log = std::fs::File::create(dir.path().join("node.log")).unwrap();
+        let node = node_start(nd, &args, Stdio::from(log));
         wait_online(&base, Duration::from_secs(60)).await;
         EchoGrid {
             coordinator,

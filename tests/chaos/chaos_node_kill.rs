@@ -33,7 +33,7 @@ async fn a_node_killed_mid_stream_fails_its_client_within_three_seconds_on(db: S
     .await;
     let http = reqwest::Client::new();
     let mut resp = post_chat(&http, &grid.base, &plain_chat(400, true)).await;
-    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.status(), 200, "node log:\n{}", grid.node_log());
     let seen = read_until(&mut resp, "\"content\"").await;
     assert!(!seen.contains("[DONE]"), "finished before the kill: {seen}");
     grid.node.0.kill().unwrap();
