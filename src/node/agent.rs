@@ -103,6 +103,14 @@ struct Shared {
     token: RwLock<String>,
     executor: Arc<dyn Executor>,
     running: Mutex<HashSet<String>>,
+    /// Jobs taken and waiting for a slot: not yet running, so not listed
+    /// as active, but not taken twice either.
+    waiting: Mutex<HashSet<String>>,
+    /// One permit a slot.
+    slots: Arc<tokio::sync::Semaphore>,
+    /// How long a job offered at capacity waits for a slot: the interval
+    /// after which the coordinator would offer it again anyway.
+    slot_wait: Duration,
     seen: Mutex<VecDeque<String>>,
     draining: AtomicBool,
 }
@@ -256,8 +264,11 @@ pub async fn run(
         identity,
         node_id,
         token: RwLock::new(token),
+        slots: Arc::new(tokio::sync::Semaphore::new(executor.slots().max(1) as usize)),
         executor,
         running: Mutex::new(HashSet::new()),
+        waiting: Mutex::new(HashSet::new()),
+        slot_wait: config.heartbeat_interval,
         seen: Mutex::new(VecDeque::new()),
         draining: AtomicBool::new(false),
     });
@@ -568,8 +579,14 @@ async fn ws_loop(shared: Arc<Shared>, jobs: mpsc::Sender<PendingJob>) {
     }
 }
 
-/// Take offered jobs: each id once (over the last 1,024), and only while a
-/// slot is free — a job deferred at capacity is offered again (§6.5).
+/// Take offered jobs: each id once (over the last 1,024). A job offered
+/// while every slot is busy waits for one, up to a heartbeat interval, and
+/// starts the moment a slot frees: the coordinator frees its count of the
+/// node's slot when the last chunk of a job arrives, a moment before this
+/// side's job task ends, so at full load the next job often lands in that
+/// gap. Left unstarted it would wait for the next heartbeat's re-offer
+/// (seconds). A job still waiting after that is given up and offered again
+/// (§6.5).
 async fn dispatch(shared: Arc<Shared>, mut jobs: mpsc::Receiver<PendingJob>) {
     while let Some(job) = jobs.recv().await {
         if shared.draining.load(Ordering::SeqCst) {
@@ -581,30 +598,51 @@ async fn dispatch(shared: Arc<Shared>, mut jobs: mpsc::Receiver<PendingJob>) {
                 continue;
             }
         }
+        if !shared
+            .waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(job.id.clone())
         {
-            let mut running = shared.running.lock().unwrap_or_else(|e| e.into_inner());
-            if running.len() as u32 >= shared.executor.slots().max(1) {
-                tracing::debug!(job_id = %job.id, "at capacity; deferring");
-                continue;
-            }
-            running.insert(job.id.clone());
-        }
-        {
-            let mut seen = shared.seen.lock().unwrap_or_else(|e| e.into_inner());
-            seen.push_back(job.id.clone());
-            while seen.len() > SEEN_JOBS {
-                seen.pop_front();
-            }
+            continue;
         }
         let shared = shared.clone();
         tokio::spawn(async move {
             let id = job.id.clone();
+            let slot = tokio::time::timeout(shared.slot_wait, shared.slots.clone().acquire_owned());
+            let permit = slot.await;
+            let started = match permit {
+                Ok(Ok(permit)) if !shared.draining.load(Ordering::SeqCst) => {
+                    shared
+                        .running
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(id.clone());
+                    let mut seen = shared.seen.lock().unwrap_or_else(|e| e.into_inner());
+                    seen.push_back(id.clone());
+                    while seen.len() > SEEN_JOBS {
+                        seen.pop_front();
+                    }
+                    Some(permit)
+                }
+                _ => None,
+            };
+            shared
+                .waiting
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+            let Some(permit) = started else {
+                tracing::debug!(job_id = %id, "no slot freed in time; left for the next offer");
+                return;
+            };
             run_job(&shared, job).await;
             shared
                 .running
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&id);
+            drop(permit);
         });
     }
 }

@@ -314,3 +314,50 @@ async fn two_nodes_route_to_the_cheaper_and_list_it_first() {
     a.stop().await;
     b.stop().await;
 }
+
+/// At full load the coordinator frees its count of a node's slot when a
+/// job's result arrives, a moment before the node's job task ends; a job
+/// pushed in that gap finds every slot of the node still busy. It must start
+/// when the slot frees, not wait for the next heartbeat's re-offer: with
+/// heartbeats every 30 s, every request here finishes within seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_pushed_while_every_slot_is_busy_starts_when_one_frees() {
+    let base = start(Config {
+        heartbeat_interval: Duration::from_secs(30),
+        ..dev()
+    })
+    .await;
+    let node = spawn_agent(node_dir(&base), Duration::from_secs(30), true);
+    wait_for_node(&base).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let http = reqwest::Client::new();
+    // As many clients as the echo agent has slots, each back to back.
+    let mut clients = Vec::new();
+    for c in 0..4 {
+        let (http, base) = (http.clone(), base.clone());
+        clients.push(tokio::spawn(async move {
+            for i in 0..30 {
+                let body = json!({"model": MODEL, "max_tokens": 8,
+                    "messages": [{"role": "user", "content": format!("client {c} request {i}")}]});
+                let sent = http
+                    .post(format!("{base}/v1/chat/completions"))
+                    .json(&body)
+                    .send();
+                let resp = tokio::time::timeout(Duration::from_secs(10), sent)
+                    .await
+                    .unwrap_or_else(|_| panic!("client {c} request {i} stalled"))
+                    .unwrap();
+                assert_eq!(resp.status(), 200);
+                let v: Value = resp.json().await.unwrap();
+                assert_eq!(
+                    v["choices"][0]["message"]["content"],
+                    format!("client {c} request {i}")
+                );
+            }
+        }));
+    }
+    for c in clients {
+        c.await.unwrap();
+    }
+    node.stop().await;
+}
