@@ -153,7 +153,18 @@ impl Shared {
         id: &str,
         body: &B,
     ) -> Result<reqwest::Response, reqwest::Error> {
-        self.request(template, id).json(body).send().await
+        match self.request(template, id).json(body).send().await {
+            // A kept-alive connection the coordinator closed as this request
+            // went out fails before any answer: send it once more on a new
+            // one. Every node call may be repeated (a repeated chunk is
+            // answered again, a repeated result or failure is refused as
+            // already ended), so a retry never bills or relays twice.
+            Err(e) if e.is_connect() || (e.is_request() && !e.is_timeout()) => {
+                tracing::debug!(error = %e, route = template, "request failed before an answer; retrying once");
+                self.request(template, id).json(body).send().await
+            }
+            other => other,
+        }
     }
 
     /// An authenticated POST to the route `template` (`{id}` filled with
@@ -254,6 +265,10 @@ pub async fn run(
     let http = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(10))
         .timeout(Duration::from_secs(60))
+        // Below the coordinator's 10 s idle timeout (src/http.rs): a pooled
+        // connection is dropped here before the server may close it, so a
+        // request seldom races the server's close.
+        .pool_idle_timeout(Duration::from_secs(5))
         .build()?;
 
     let (node_id, token) = attach(&http, &base, &config, &identity, &file, &*executor).await?;
