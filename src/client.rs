@@ -1,7 +1,8 @@
 //! A sealed-mode grid client (PROTOCOL.md §5.1, §5.3): reserve a node, seal
 //! the prompt to its key, and open and verify the reply — every signature,
 //! the usage receipt, the stream order — failing closed at the first fault.
-//! `sgl chat` is a thin command over it.
+//! `sgl chat` is a thin command over it, and [`proxy`] serves it to
+//! unmodified OpenAI clients (`sgl proxy`).
 
 use futures_util::StreamExt;
 use serde_json::Value;
@@ -16,6 +17,8 @@ use crate::proto::identity::{
 use crate::proto::job::JobPayload;
 use crate::proto::openai::{ChatMessage, Usage};
 use crate::proto::{routes, ProtoError};
+
+pub mod proxy;
 
 /// A reply larger than this is refused.
 const MAX_REPLY_BYTES: usize = 16 * 1024 * 1024;
@@ -74,6 +77,9 @@ pub struct ChatOutcome {
     pub usage: Option<Usage>,
     /// Whether the node's signed usage receipt verified.
     pub usage_signed: bool,
+    /// Why generation stopped (`stop`, `length`), when the node said so in
+    /// its sealed reply; a stream does not carry it.
+    pub finish_reason: Option<String>,
     /// What a per-request payment paid, and the coordinator's settlement
     /// receipt (`PAYMENT-RESPONSE`), when the request was paid that way.
     pub payment: Option<Value>,
@@ -196,14 +202,22 @@ impl GridClient {
 
     /// Reserve a node and check the keybind of the key it will seal to.
     pub async fn reserve(&self, req: &ChatRequest) -> Result<ReserveResponse, ClientError> {
-        let body = ReserveRequest {
+        self.reserve_with(&ReserveRequest {
             model: Some(req.model.clone()),
             node: req.node.clone(),
             max_price: req.max_price,
             require_attestation: req.require_attestation.clone(),
             ..Default::default()
-        };
-        let resp = check(self.post(routes::RESERVE).json(&body).send().await?).await?;
+        })
+        .await
+    }
+
+    /// [`GridClient::reserve`] for a reservation body as given.
+    pub async fn reserve_with(
+        &self,
+        body: &ReserveRequest,
+    ) -> Result<ReserveResponse, ClientError> {
+        let resp = check(self.post(routes::RESERVE).json(body).send().await?).await?;
         let res: ReserveResponse = resp.json().await?;
         let ed = Ed25519Public::from_b58(&res.node_ed25519_pubkey)?;
         let x = X25519Public::from_b58(&res.node_x25519_pubkey)?;
@@ -223,9 +237,6 @@ impl GridClient {
         req: &ChatRequest,
         mut on_delta: impl FnMut(&str),
     ) -> Result<ChatOutcome, ClientError> {
-        let x = X25519Public::from_b58(&res.node_x25519_pubkey)?;
-        let ed = Ed25519Public::from_b58(&res.node_ed25519_pubkey)?;
-        let nonce = e2e::random_request_nonce();
         // The §3.4 payload, as the public SDKs seal it.
         let inner = JobPayload {
             messages: Some(
@@ -237,56 +248,116 @@ impl GridClient {
             temperature: Some(req.temperature),
             max_tokens: Some(req.max_tokens),
             stream: req.stream.then_some(true),
-            nonce: req.stream.then(|| nonce.clone()),
             ..Default::default()
         };
-        let inner = serde_json::to_vec(&inner).map_err(|e| ProtoError::Json(e.to_string()))?;
+        self.send_sealed(res, &req.model, inner)
+            .await?
+            .open(|_, delta| on_delta(delta))
+            .await
+    }
+
+    /// Seal `payload` to the reserved node and send it; the reply's status
+    /// and headers have come back successful, its body is not read yet. A
+    /// stream (`payload.stream`) gets a fresh request nonce here, whatever
+    /// the payload held.
+    pub async fn send_sealed(
+        &self,
+        res: &ReserveResponse,
+        model: &str,
+        mut payload: JobPayload,
+    ) -> Result<SealedReply, ClientError> {
+        let x = X25519Public::from_b58(&res.node_x25519_pubkey)?;
+        let ed = Ed25519Public::from_b58(&res.node_ed25519_pubkey)?;
+        let stream = payload.wants_stream();
+        let nonce = e2e::random_request_nonce();
+        payload.nonce = stream.then(|| nonce.clone());
+        let inner = serde_json::to_vec(&payload).map_err(|e| ProtoError::Json(e.to_string()))?;
         let (enc, key) = e2e::seal_input(&x, &inner)?;
         let body = SealedChatRequest {
             reservation_token: res.reservation_token.clone(),
             enc,
-            max_tokens: Some(req.max_tokens),
-            stream: Some(req.stream),
+            max_tokens: payload.max_tokens,
+            stream: Some(stream),
             pay_in_coin: None,
         };
         let body = serde_json::to_vec(&body).map_err(|e| ProtoError::Json(e.to_string()))?;
         let (resp, payment) = self.post_paid(routes::CHAT_COMPLETIONS, &body).await?;
-        let is_sse = resp
+        Ok(SealedReply {
+            resp,
+            payment,
+            key,
+            nonce,
+            ed,
+            node_id: res.node_id.clone(),
+            node_ed25519_b58: res.node_ed25519_pubkey.clone(),
+            model: model.to_string(),
+        })
+    }
+}
+
+/// A sealed request the coordinator accepted, its reply still to be read,
+/// verified and opened ([`SealedReply::open`]).
+pub struct SealedReply {
+    resp: reqwest::Response,
+    payment: Option<Value>,
+    key: ResponseKey,
+    nonce: String,
+    ed: Ed25519Public,
+    node_id: String,
+    node_ed25519_b58: String,
+    model: String,
+}
+
+impl SealedReply {
+    /// Whether the reply is a sealed stream (SSE); otherwise one sealed JSON
+    /// body, also when a stream was asked of a node that does not stream.
+    pub fn is_stream(&self) -> bool {
+        self.resp
             .headers()
             .get(reqwest::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("text/event-stream"));
-        let mut out = if is_sse {
-            self.read_stream(res, &req.model, &ed, &key, &nonce, resp, &mut on_delta)
-                .await?
+            .is_some_and(|v| v.starts_with("text/event-stream"))
+    }
+
+    /// Read, verify and open the reply. `on_delta(job_id, text)` sees each
+    /// piece of text once its signature has verified and it has opened (the
+    /// whole answer at once for a JSON reply). Fails at the first fault; a
+    /// caller that has shown deltas must then discard them.
+    pub async fn open(
+        self,
+        mut on_delta: impl FnMut(&str, &str),
+    ) -> Result<ChatOutcome, ClientError> {
+        let payment = self.payment.clone();
+        let mut out = if self.is_stream() {
+            self.read_stream(&mut on_delta).await?
         } else {
-            let bytes = resp.bytes().await?;
+            let bytes = self.resp.bytes().await?;
             if bytes.len() > MAX_REPLY_BYTES {
                 return Err(ClientError::Protocol("reply too large".into()));
             }
             let reply: Value =
                 serde_json::from_slice(&bytes).map_err(|e| ProtoError::Json(e.to_string()))?;
-            let out = open_whole(res, &ed, &key, &reply)?;
-            on_delta(&out.content);
+            let out = open_whole(
+                &self.node_id,
+                &self.node_ed25519_b58,
+                &self.ed,
+                &self.key,
+                &reply,
+            )?;
+            on_delta(&out.job_id, &out.content);
             out
         };
         out.payment = payment;
         Ok(out)
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn read_stream(
-        &self,
-        res: &ReserveResponse,
-        model: &str,
-        ed: &Ed25519Public,
-        key: &ResponseKey,
-        nonce: &str,
-        resp: reqwest::Response,
-        on_delta: &mut impl FnMut(&str),
+        self,
+        on_delta: &mut impl FnMut(&str, &str),
     ) -> Result<ChatOutcome, ClientError> {
-        let mut opener = key.stream_opener(nonce)?;
-        let mut body = resp.bytes_stream();
+        let (ed, model) = (&self.ed, self.model.as_str());
+        let mut opener = self.key.stream_opener(&self.nonce)?;
+        let mut body = self.resp.bytes_stream();
         let mut buf = String::new();
         let mut content = String::new();
         let mut job_id = String::new();
@@ -338,7 +409,7 @@ impl GridClient {
                 )?;
                 let text = opener.open(seq, is_final, c["eph"].as_str(), ct)?;
                 content.push_str(&text);
-                on_delta(&text);
+                on_delta(job, &text);
                 if is_final {
                     if let Some(u) = c.get("usage").filter(|u| !u.is_null()) {
                         let u: Usage = serde_json::from_value(u.clone())
@@ -357,10 +428,11 @@ impl GridClient {
                     opener.finish()?;
                     return Ok(ChatOutcome {
                         job_id,
-                        node_id: res.node_id.clone(),
+                        node_id: self.node_id.clone(),
                         content,
                         usage,
                         usage_signed,
+                        finish_reason: None,
                         payment: None,
                     });
                 }
@@ -372,12 +444,13 @@ impl GridClient {
 }
 
 fn open_whole(
-    res: &ReserveResponse,
+    node_id: &str,
+    node_ed25519_b58: &str,
     ed: &Ed25519Public,
     key: &ResponseKey,
     reply: &Value,
 ) -> Result<ChatOutcome, ClientError> {
-    envelope::verify_sealed_reply(Some(&res.node_ed25519_pubkey), reply)?;
+    envelope::verify_sealed_reply(Some(node_ed25519_b58), reply)?;
     let sealed = serde_json::from_value(reply["sealed_result"].clone())
         .map_err(|e| ProtoError::Json(e.to_string()))?;
     let plain = key.open_output(&sealed)?;
@@ -391,10 +464,11 @@ fn open_whole(
     });
     Ok(ChatOutcome {
         job_id,
-        node_id: res.node_id.clone(),
+        node_id: node_id.to_string(),
         content: result["content"].as_str().unwrap_or_default().to_string(),
         usage,
         usage_signed,
+        finish_reason: result["finish_reason"].as_str().map(String::from),
         payment: None,
     })
 }

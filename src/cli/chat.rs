@@ -7,8 +7,10 @@ use anyhow::Context;
 use clap::Args;
 use sgl::client::{ChatRequest, GridClient};
 
+/// Where the grid is and how this machine pays it; shared by `sgl chat` and
+/// `sgl proxy`.
 #[derive(Debug, Args)]
-pub struct ChatArgs {
+pub struct GridArgs {
     /// Coordinator base URL.
     #[arg(
         long,
@@ -42,6 +44,64 @@ pub struct ChatArgs {
     #[cfg(feature = "payments")]
     #[arg(long, default_value = "1", value_name = "USD")]
     pub max_payment: String,
+}
+
+impl GridArgs {
+    /// The grid client these flags describe.
+    pub fn client(&self) -> anyhow::Result<GridClient> {
+        #[allow(unused_mut)]
+        let mut client = GridClient::new(&self.coordinator, self.api_key.clone())?;
+        #[cfg(feature = "payments")]
+        if let Some(w) = wallet_payment(self)? {
+            client = client.with_wallet(w);
+        }
+        Ok(client)
+    }
+}
+
+/// How this machine judges a node's evidence; shared by `sgl chat
+/// --verify-evidence` and `sgl proxy`.
+#[derive(Debug, Args)]
+pub struct EvidenceArgs {
+    /// Attestation policy the node's evidence must pass (default: the
+    /// shipped one).
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<std::path::PathBuf>,
+    /// Accept simulated evidence signed by this key (a development grid only).
+    #[arg(long = "simulated-tee-key", value_name = "B58")]
+    pub simulated_tee_keys: Vec<String>,
+    /// Skip only the measurement allow-list of the evidence check.
+    #[arg(long)]
+    pub allow_any_measurement: bool,
+}
+
+impl EvidenceArgs {
+    /// The policy, roots and allowances these flags describe.
+    pub fn policy(&self) -> anyhow::Result<sgl::client::EvidencePolicy> {
+        let policy = match &self.policy {
+            Some(p) => {
+                sgl::attest::Policy::load(p).with_context(|| format!("loading {}", p.display()))?
+            }
+            None => sgl::attest::Policy::default_policy(),
+        };
+        let simulated_keys = self
+            .simulated_tee_keys
+            .iter()
+            .map(|k| sgl::proto::identity::Ed25519Public::from_b58(k))
+            .collect::<Result<Vec<_>, _>>()
+            .context("--simulated-tee-key")?;
+        Ok(sgl::client::EvidencePolicy {
+            policy,
+            simulated_keys,
+            allow_any_measurement: self.allow_any_measurement,
+        })
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub grid: GridArgs,
     /// Model to ask.
     #[arg(long, default_value = "smollm2-135m")]
     pub model: String,
@@ -69,15 +129,8 @@ pub struct ChatArgs {
     /// that the keys the prompt is sealed to are the ones the evidence binds.
     #[arg(long)]
     pub verify_evidence: bool,
-    /// Attestation policy for --verify-evidence (default: the shipped one).
-    #[arg(long, value_name = "FILE")]
-    pub policy: Option<std::path::PathBuf>,
-    /// Accept simulated evidence signed by this key (a development grid only).
-    #[arg(long = "simulated-tee-key", value_name = "B58")]
-    pub simulated_tee_keys: Vec<String>,
-    /// Skip only the measurement allow-list in --verify-evidence.
-    #[arg(long)]
-    pub allow_any_measurement: bool,
+    #[command(flatten)]
+    pub evidence: EvidenceArgs,
     /// Print a JSON summary (content, job id, node, usage, checks) instead of text.
     #[arg(long)]
     pub json: bool,
@@ -97,7 +150,7 @@ pub enum PayWith {
 
 /// The wallet payment the flags ask for, if any.
 #[cfg(feature = "payments")]
-fn wallet_payment(args: &ChatArgs) -> anyhow::Result<Option<sgl::client::WalletPayment>> {
+fn wallet_payment(args: &GridArgs) -> anyhow::Result<Option<sgl::client::WalletPayment>> {
     use sgl::client::WalletPayment;
     let Some(path) = &args.wallet_key else {
         return Ok(None);
@@ -148,31 +201,11 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async {
-        #[allow(unused_mut)]
-        let mut client = GridClient::new(&args.coordinator, args.api_key.clone())?;
-        #[cfg(feature = "payments")]
-        if let Some(w) = wallet_payment(&args)? {
-            client = client.with_wallet(w);
-        }
+        let client = args.grid.client()?;
         let res = client.reserve(&req).await.context("reserving a node")?;
         tracing::info!(node_id = %res.node_id, level = ?res.attestation_level, "reserved");
         let verdict = if args.verify_evidence {
-            let policy = match &args.policy {
-                Some(p) => sgl::attest::Policy::load(p)
-                    .with_context(|| format!("loading {}", p.display()))?,
-                None => sgl::attest::Policy::default_policy(),
-            };
-            let simulated_keys = args
-                .simulated_tee_keys
-                .iter()
-                .map(|k| sgl::proto::identity::Ed25519Public::from_b58(k))
-                .collect::<Result<Vec<_>, _>>()
-                .context("--simulated-tee-key")?;
-            let how = sgl::client::EvidencePolicy {
-                policy,
-                simulated_keys,
-                allow_any_measurement: args.allow_any_measurement,
-            };
+            let how = args.evidence.policy()?;
             let v = client
                 .verify_node_evidence(&res, &how)
                 .await

@@ -17,6 +17,8 @@ mod model;
 mod node;
 mod price;
 mod proto;
+#[cfg(feature = "node")]
+mod proxy;
 
 use clap::{Parser, Subcommand};
 
@@ -46,6 +48,9 @@ pub enum Command {
     /// Ask the grid: a sealed chat request, every signature verified.
     #[cfg(feature = "node")]
     Chat(chat::ChatArgs),
+    /// A local OpenAI-compatible server that seals every request end to end.
+    #[cfg(feature = "node")]
+    Proxy(proxy::ProxyArgs),
     /// Hardware attestation: produce evidence bound to this node's keys and a
     /// challenge, verify evidence against a policy, detect evidence sources.
     Attest(attest::AttestArgs),
@@ -78,6 +83,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Proto(cmd) => proto::run(cmd),
         #[cfg(feature = "node")]
         Command::Chat(args) => chat::run(args),
+        #[cfg(feature = "node")]
+        Command::Proxy(args) => proxy::run(args),
         #[cfg(feature = "node")]
         Command::Model(cmd) => model::run(cmd),
         #[cfg(feature = "node")]

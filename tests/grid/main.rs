@@ -20,6 +20,7 @@ mod grid_node_kill;
 mod grid_payouts;
 mod grid_prepaid;
 mod grid_prices;
+mod grid_proxy;
 mod grid_restart_state;
 mod grid_served_payments;
 mod grid_units;
