@@ -459,7 +459,7 @@ mod tests {
         // (the start, at 0 s: 70 s); 100 s in: the one at 30 s.
         let t = h.record(s(70), totals(5, 50, &[(2, 3), (5, 2)]));
         assert_eq!((t.window_seconds, t.jobs_completed), (70.0, 5));
-        let t = h.record(s(100), totals(9, 90, &[(2, 3), (5, 2), (14, 4)]));
+        let t = h.record(s(100), totals(9, 90, &[(2, 3), (5, 4), (14, 2)]));
         assert_eq!((t.window_seconds, t.jobs_completed), (70.0, 6));
         assert_eq!(t.latency.requests, 6);
         assert_eq!(t.latency.p50_seconds, Some(LATENCY_BOUNDS[5]));
