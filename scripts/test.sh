@@ -36,13 +36,14 @@ if ! pg_isready -h 127.0.0.1 -p 5432 >/dev/null 2>&1; then
 fi
 pg_isready -h 127.0.0.1 -p 5432
 
-step "system packages: systemd tools (the unit files' security score), bubblewrap, passt and iproute2 (the code-execution sandbox and its egress policy), promtool (the /metrics check)"
+step "system packages: systemd tools (the unit files' security score), bubblewrap, passt and iproute2 (the code-execution sandbox and its egress policy), promtool (the /metrics check), chromium (the grid explorer's browser test)"
 missing=()
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)
 command -v pasta >/dev/null 2>&1 || missing+=(passt)
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then apt_get=(apt-get); else apt_get=(sudo apt-get); fi
   "${apt_get[@]}" update -qq
@@ -51,6 +52,7 @@ fi
 systemd-analyze --version | head -n1
 bwrap --version
 promtool --version | head -n1
+chromium --version
 
 step "format"
 cargo fmt --all -- --check
@@ -76,11 +78,11 @@ step "tests"
 # What the tests may skip elsewhere is required here: the model, the Python
 # clients, the npm client (mppx, installed by its test with npm into
 # ~/.cache/sgl/npm or $SGL_NPM_CACHE), PostgreSQL, systemd-analyze, bubblewrap (the
-# code-execution sandbox), promtool (both /metrics) and the chaos suite's own tmpfs
-# (mounting needs root).
+# code-execution sandbox), promtool (both /metrics), chromium (the explorer page) and the
+# chaos suite's own tmpfs (mounting needs root).
 SGL_REQUIRE_MODEL=1 SGL_REQUIRE_OPENAI=1 SGL_REQUIRE_PY_CLIENTS=1 SGL_REQUIRE_NPM_CLIENTS=1 \
   SGL_REQUIRE_POSTGRES=1 SGL_REQUIRE_SYSTEMD=1 SGL_REQUIRE_CHAOS=1 SGL_REQUIRE_SANDBOX=1 \
-  SGL_REQUIRE_PROMTOOL=1 \
+  SGL_REQUIRE_PROMTOOL=1 SGL_REQUIRE_CHROMIUM=1 \
   cargo test --features "$FEATURES" --no-fail-fast
 
 step "the CPU kernel sets this machine runs besides its fastest (forced with SGL_KERNEL)"

@@ -44,6 +44,20 @@ impl Histogram {
         self.count.load(Ordering::Relaxed)
     }
 
+    /// The bucket bounds, in seconds.
+    pub fn bounds(&self) -> &'static [f64] {
+        self.bounds
+    }
+
+    /// The cumulative count at each bound (`le`), in the order of
+    /// [`Self::bounds`].
+    pub fn buckets(&self) -> Vec<u64> {
+        self.counts
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect()
+    }
+
     /// The family's `# HELP` and `# TYPE` lines, then its one series.
     pub fn render(&self, out: &mut String, name: &str, help: &str) {
         header(out, name, help, "histogram");

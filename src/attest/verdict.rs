@@ -1,13 +1,14 @@
 //! The verdict: every check with pass/fail and why, in the order the verifier
 //! ran them, so an operator or a client sees exactly which step failed.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::evidence::{EvidenceFormat, SnpCerts};
 
 /// One step of verification. The string forms are stable (they appear in
-/// `--json` output and in logs).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+/// `--json` output and in logs, and the coordinator keeps them with a node's
+/// record).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Step {
     /// Evidence shape and size limits.
@@ -77,7 +78,7 @@ impl std::fmt::Display for Step {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CheckStatus {
     Pass,
@@ -86,7 +87,7 @@ pub enum CheckStatus {
     Skipped,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Check {
     pub step: Step,
     pub status: CheckStatus,

@@ -21,6 +21,9 @@ pub struct VendorServices {
 pub struct Accepted {
     pub level: AttestationLevel,
     pub policy_digest: String,
+    /// Every step the verifier ran, as it ran them (shown by the grid
+    /// explorer).
+    pub checks: Vec<attest::Check>,
     /// The evidence as published: the node's, plus any certificates or
     /// collateral the verifier fetched itself.
     pub evidence: WireEvidence,
@@ -77,6 +80,7 @@ pub async fn verify(
     Ok(Accepted {
         level,
         policy_digest: verdict.policy_digest,
+        checks: verdict.checks,
         evidence,
     })
 }

@@ -26,7 +26,7 @@ use crate::proto::api::AttestationLevel;
 
 /// Request latency buckets, in seconds: from a cached listing to a long
 /// generation answered whole.
-const LATENCY_BOUNDS: &[f64] = &[
+pub const LATENCY_BOUNDS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
@@ -40,6 +40,15 @@ impl Counter {
             let key = values.iter().map(|v| v.to_string()).collect();
             *m.entry(key).or_default() += n;
         }
+    }
+
+    /// The sum over the series whose label at `pos` is `value`.
+    fn sum_where(&self, pos: usize, value: &str) -> u64 {
+        let Ok(m) = self.0.lock() else { return 0 };
+        m.iter()
+            .filter(|(values, _)| values.get(pos).is_some_and(|v| v == value))
+            .map(|(_, n)| *n)
+            .sum()
     }
 
     fn render(&self, out: &mut String, name: &str, help: &str, keys: &[&str]) {
@@ -92,7 +101,54 @@ fn method_label(m: &Method) -> &'static str {
     }
 }
 
+/// Counts since start, which the grid explorer ([`super::explorer`])
+/// turns into rates over a recent window by subtracting an older copy.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// HTTP requests answered, every route.
+    pub requests: u64,
+    /// Chat completions answered 200: the cumulative count at each bound of
+    /// [`LATENCY_BOUNDS`] (time to the response's head), and the total.
+    pub chat_buckets: Vec<u64>,
+    pub chat_count: u64,
+    /// Jobs whose bill closed, by outcome.
+    pub jobs_completed: u64,
+    pub jobs_aborted: u64,
+    pub jobs_failed: u64,
+    /// Tokens billed, every payment method.
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
 impl Metrics {
+    /// The counts as they stand now.
+    pub fn totals(&self) -> Totals {
+        let mut t = Totals {
+            chat_buckets: vec![0; LATENCY_BOUNDS.len()],
+            ..Totals::default()
+        };
+        if let Ok(m) = self.http.lock() {
+            for ((method, route, status), h) in m.iter() {
+                t.requests += h.count();
+                if *method == "POST"
+                    && route == crate::proto::routes::CHAT_COMPLETIONS
+                    && *status == 200
+                {
+                    t.chat_count += h.count();
+                    for (sum, n) in t.chat_buckets.iter_mut().zip(h.buckets()) {
+                        *sum += n;
+                    }
+                }
+            }
+        }
+        t.jobs_completed = self.jobs.sum_where(0, "completed");
+        t.jobs_aborted = self.jobs.sum_where(0, "aborted");
+        t.jobs_failed = self.jobs.sum_where(0, "failed");
+        t.prompt_tokens = self.tokens.sum_where(0, "prompt");
+        t.completion_tokens = self.tokens.sum_where(0, "completion");
+        t
+    }
+
     fn request(&self, method: &'static str, route: String, status: u16, took: Duration) {
         if let Ok(mut m) = self.http.lock() {
             m.entry((method, route, status))

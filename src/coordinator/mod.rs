@@ -13,6 +13,7 @@ pub mod billing;
 pub mod client_addr;
 pub mod client_api;
 pub mod error;
+pub mod explorer;
 pub mod job;
 pub mod market;
 pub mod metrics;
@@ -38,12 +39,15 @@ pub use state::{Config, Grid};
 use crate::proto::routes;
 
 /// The whole HTTP surface: the client API and the node API, each with its
-/// error shape (PROTOCOL.md §1.5), and `not_supported` for any other route.
+/// error shape (PROTOCOL.md §1.5), the grid explorer, and `not_supported`
+/// for any other route.
 pub fn router(grid: Grid) -> Router {
     let payments = grid.payments.clone();
     let client: Router = client_routes()
         .layer(DefaultBodyLimit::max(client_api::MAX_BODY_BYTES))
-        .with_state(grid.clone());
+        .with_state(grid.clone())
+        // The explorer page at `/` and what it reads (an extension).
+        .merge(explorer::routes(grid.clone()));
     let client = match payments {
         // API keys and credits, the same routes the compute plane serves.
         Some(p) => client.merge(crate::payments::http::router(p)),

@@ -204,6 +204,7 @@ pub async fn verify_attestation(
     let mut level = AttestationLevel::SelfReported;
     let mut evidence_kept = None;
     let mut policy_digest = None;
+    let mut checks = Vec::new();
     if let Some(ev) = &req.evidence {
         if keybind.is_none() {
             return Err(NodeApiError::bad(
@@ -226,6 +227,7 @@ pub async fn verify_attestation(
         .map_err(|why| NodeApiError::bad("evidence_rejected", why))?;
         level = verdict.level;
         policy_digest = Some(verdict.policy_digest);
+        checks = verdict.checks;
         evidence_kept = Some(verdict.evidence);
     }
     let mut inner = grid.lock();
@@ -245,6 +247,7 @@ pub async fn verify_attestation(
         verified_at: verified_at.clone(),
         policy_digest: policy_digest.clone(),
         report_hash: report.compute_report_hash(),
+        checks,
     });
     node.last_seen = Instant::now();
     grid.persist(&mut inner, &node_id);

@@ -184,6 +184,10 @@ pub struct AttestationRecord {
     pub verified_at: String,
     pub policy_digest: Option<String>,
     pub report_hash: String,
+    /// The verdict step by step; empty without evidence (self-reported) and
+    /// in records written before the steps were kept.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checks: Vec<crate::attest::Check>,
 }
 
 #[derive(Debug)]

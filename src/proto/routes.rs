@@ -66,6 +66,19 @@ pub const HEALTH: &str = "/health";
 /// `GET`: Prometheus metrics, on the coordinator and the node's local server.
 pub const METRICS: &str = "/metrics";
 
+// ------------------------------------- grid explorer (an extension of §5)
+
+/// `GET`: the grid explorer page, on the coordinator (HTML; a request that
+/// accepts JSON and not HTML gets §5.12's `not_supported`, as before).
+pub const EXPLORER: &str = "/";
+/// `GET`: the explorer's script and style sheet.
+pub const EXPLORER_SCRIPT: &str = "/explorer/explorer.js";
+pub const EXPLORER_STYLE: &str = "/explorer/explorer.css";
+/// `GET`, no auth: what the explorer shows beside the public listings:
+/// slots and load, every node with its verdict step by step, and recent
+/// traffic and latency.
+pub const EXPLORER_JSON: &str = "/grid/explorer.json";
+
 /// A template with its `{id}` filled in, percent-encoded so that only
 /// `A–Z a–z 0–9 - . _ ~` stay as they are (§1.2): an id a peer chose cannot
 /// reach another path. Ids the protocol issues (UUIDs) come out unchanged.

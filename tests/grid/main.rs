@@ -15,6 +15,7 @@ mod grid_billing;
 mod grid_cli;
 mod grid_e2e;
 mod grid_edges;
+mod grid_explorer;
 mod grid_faults;
 mod grid_node_kill;
 mod grid_payouts;
