@@ -139,7 +139,8 @@ fn lock_wallets(w: &Wallets) -> MutexGuard<'_, HashMap<WalletId, Arc<Block>>> {
 }
 
 enum Msg {
-    Settle(Item),
+    /// Boxed: an item is a usage row, a close is a pointer.
+    Settle(Box<Item>),
     /// Write what is queued, give every block back, then answer.
     Close(oneshot::Sender<()>),
 }
@@ -428,7 +429,9 @@ impl Reservations {
             block: ticket.block.clone(),
             reply,
         };
-        if let Err(mpsc::error::SendError(Msg::Settle(item))) = self.queue.send(Msg::Settle(item)) {
+        if let Err(mpsc::error::SendError(Msg::Settle(item))) =
+            self.queue.send(Msg::Settle(Box::new(item)))
+        {
             undo(&item);
             return Err(StoreError::Corrupt("the settlement writer has stopped"));
         }
@@ -514,7 +517,7 @@ impl Writer {
             let mut next = Some(first);
             while let Some(m) = next.take() {
                 match m {
-                    Msg::Settle(item) => batch.push(item),
+                    Msg::Settle(item) => batch.push(*item),
                     Msg::Close(reply) => closing.push(reply),
                 }
                 if batch.len() >= self.cfg.max_batch {
@@ -529,7 +532,7 @@ impl Writer {
                 // Whatever was queued before the close is written first.
                 while let Ok(m) = rx.try_recv() {
                     match m {
-                        Msg::Settle(item) => self.write(vec![item]).await,
+                        Msg::Settle(item) => self.write(vec![*item]).await,
                         Msg::Close(reply) => closing.push(reply),
                     }
                 }
