@@ -236,6 +236,29 @@ pub struct ServeArgs {
     /// (it serves one coordinator); on PostgreSQL only lapsed ones.
     #[arg(long, env = "SGL_HOLD_LEASE", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub hold_lease: u64,
+    /// Credits of a wallet reserved at once for its grid requests, in
+    /// quotes of the request that asks: the coordinator holds that block of
+    /// the wallet's balance (a leased hold, renewed like the others) and
+    /// admits the wallet's requests from it in memory, settling finished
+    /// jobs in batched transactions; 0 takes a hold per request instead.
+    /// While a block is held, the wallet's balance shows it as held.
+    #[arg(
+        long,
+        env = "SGL_CREDIT_BLOCK",
+        default_value_t = 64,
+        value_name = "QUOTES"
+    )]
+    pub credit_block: u32,
+    /// Milliseconds a wallet's credit block stays after its last request
+    /// ends (sequential requests then reuse it); 0 gives it back with the
+    /// settlement of that request, so a wallet at rest holds nothing.
+    #[arg(
+        long,
+        env = "SGL_CREDIT_BLOCK_IDLE_MS",
+        default_value_t = 0,
+        value_name = "MS"
+    )]
+    pub credit_block_idle_ms: u64,
     /// Attestation policy (TOML); default: the one shipped in attestation/policy.toml.
     #[arg(long, value_name = "FILE")]
     pub policy: Option<PathBuf>,
@@ -313,7 +336,9 @@ pub enum KeysCommand {
         #[command(flatten)]
         db: DbArgs,
     },
-    /// Revoke one of a wallet's keys by id.
+    /// Revoke one of a wallet's keys by id. A running coordinator remembers
+    /// a key it checked for one second, so the key stops working within a
+    /// second.
     Revoke {
         #[arg(long)]
         wallet: String,
@@ -895,8 +920,16 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     extra = extra.merge(sgl::compute::exec::http::router(x));
                 }
             }
+            if let (Some(p), true) = (&payments, args.credit_block > 0) {
+                p.enable_reservations(sgl::payments::reservations::ReserveConfig {
+                    block_quotes: args.credit_block,
+                    idle: Duration::from_millis(args.credit_block_idle_ms),
+                    ..Default::default()
+                });
+            }
             Grid::with_store(config, store, payments).await?
         };
+        let payments = grid.payments.clone();
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("binding {}", args.listen))?;
@@ -905,9 +938,15 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             "sgl coordinator listening on http://{addr}{}",
             if args.dev { " (development mode)" } else { "" }
         );
-        coordinator::serve_with(grid, extra, listener, super::shutdown_signal())
+        let served = coordinator::serve_with(grid, extra, listener, super::shutdown_signal())
             .await
-            .context("serving")
+            .context("serving");
+        // Settlements still queued are written, and the credit blocks given
+        // back, before the process leaves.
+        if let Some(r) = payments.as_ref().and_then(|p| p.reservations()) {
+            r.close().await;
+        }
+        served
     })
 }
 

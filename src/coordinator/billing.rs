@@ -3,7 +3,9 @@
 //!
 //! - At request time, once the node is reserved, [`authorize`] opens the
 //!   job's [`Charge`] for its quote (`max_tokens` and the prompt bound at
-//!   the node's price): an API key or a wallet signature holds credits; an
+//!   the node's price): an API key or a wallet signature holds credits
+//!   (from its wallet's reservation in this process when reservations are
+//!   on, [`crate::payments::reservations`]: no store write per request); an
 //!   x402 or MPP payment is verified, bound to the job and **settled before
 //!   the job is dispatched** (PROTOCOL.md §7f), so no byte of an answer
 //!   leaves unpaid; a settlement failure is a 402 and no node ever sees the
@@ -16,7 +18,8 @@
 //!   prepaid payment keeps the cost and credits quote − cost back to the
 //!   payer wallet. Every job leaves one usage row with the revenue split
 //!   ([`crate::payments::billing::Split`]), written with the hold's
-//!   settlement or release in one transaction for a credit charge, and with
+//!   settlement or release in one transaction for a credit charge (with
+//!   the reservation's batch, for a reserved one), and with
 //!   the refund (credited, or recorded as owed) for a prepaid payment.
 
 use axum::http::HeaderMap;
@@ -110,7 +113,7 @@ pub async fn authorize(
         .into_response());
     };
     let offer = p.offer(parts.headers, parts.uri, quote, "sgl grid chat completion");
-    let opened = p.open_charge(parts, &offer, reference).await;
+    let opened = p.open_charge_reserving(parts, &offer, reference).await;
     grid.metrics.payment_verified(match &opened {
         Ok(_) => "accepted",
         Err(ChargeRefused::PaymentRequired) => "payment_required",

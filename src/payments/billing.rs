@@ -35,16 +35,25 @@
 //! dropped charge is released once its lease lapses (see
 //! [`crate::store::credits`]).
 //!
+//! With reservations enabled ([`Payments::enable_reservations`]), a grid
+//! job's credits ([`Payments::open_charge_reserving`]) come from its
+//! wallet's reservation in memory instead of a hold of its own, and its
+//! settlement (cost, ledger and usage rows in one transaction, batched
+//! with others) is written by the reservations' writer before `settle`
+//! returns; see [`crate::payments::reservations`] for why a crash leaves
+//! the ledger exact.
+//!
 //! [`Split`] divides what a job was charged among the operator, the
 //! platform, stakers and burn.
 
 use axum::http::HeaderMap;
 
 use super::error::PaymentError;
+use super::reservations::Ticket;
 use super::service::{Payer, PaymentMethod, Payments, PendingPayment, RequestParts};
 use super::x402::Offer;
 use crate::money::Micros;
-use crate::store::{CreditBalance, HoldId, UsageRow, WalletId};
+use crate::store::{BlockSettled, CreditBalance, HoldId, StoreError, UsageRow, WalletId};
 
 /// What funds a job.
 #[derive(Debug)]
@@ -57,6 +66,13 @@ enum Funding {
         payments: Payments,
         wallet: WalletId,
         hold: HoldId,
+        api_key_id: Option<String>,
+    },
+    /// Credits admitted against the wallet's reservation in this process
+    /// ([`crate::payments::reservations`]).
+    Reserved {
+        payments: Payments,
+        ticket: Ticket,
         api_key_id: Option<String>,
     },
     /// A verified, reserved x402 or MPP payment for exactly the quote.
@@ -138,6 +154,29 @@ impl Payments {
         offer: &Offer,
         reference: &str,
     ) -> Result<Charge, ChargeRefused> {
+        self.open_charge_with(req, offer, reference, false).await
+    }
+
+    /// [`Payments::open_charge`] for a grid job: an account's credits come
+    /// from its wallet's reservation in this process when reservations are
+    /// enabled ([`Payments::enable_reservations`]), with no store write per
+    /// request; otherwise a hold of the quote, as `open_charge`.
+    pub async fn open_charge_reserving(
+        &self,
+        req: &RequestParts<'_>,
+        offer: &Offer,
+        reference: &str,
+    ) -> Result<Charge, ChargeRefused> {
+        self.open_charge_with(req, offer, reference, true).await
+    }
+
+    async fn open_charge_with(
+        &self,
+        req: &RequestParts<'_>,
+        offer: &Offer,
+        reference: &str,
+        reserve: bool,
+    ) -> Result<Charge, ChargeRefused> {
         let quote = offer.price;
         let funding = match self.authorize(req, Some(offer)).await {
             Ok(None) => return Err(ChargeRefused::PaymentRequired),
@@ -158,15 +197,30 @@ impl Payments {
                     _ => None,
                 };
                 let wallet = account.wallet().clone();
-                let hold = self
-                    .hold_credits(&wallet, quote, reference)
-                    .await
-                    .map_err(ChargeRefused::Refused)?;
-                Funding::Credits {
-                    payments: self.clone(),
-                    wallet,
-                    hold,
-                    api_key_id,
+                match self.reservations().filter(|_| reserve) {
+                    Some(r) => {
+                        let ticket = r
+                            .admit(&wallet, quote)
+                            .await
+                            .map_err(|e| ChargeRefused::Refused(e.into()))?;
+                        Funding::Reserved {
+                            payments: self.clone(),
+                            ticket,
+                            api_key_id,
+                        }
+                    }
+                    None => {
+                        let hold = self
+                            .hold_credits(&wallet, quote, reference)
+                            .await
+                            .map_err(ChargeRefused::Refused)?;
+                        Funding::Credits {
+                            payments: self.clone(),
+                            wallet,
+                            hold,
+                            api_key_id,
+                        }
+                    }
                 }
             }
         };
@@ -216,7 +270,7 @@ impl Charge {
     pub fn method(&self) -> &'static str {
         match &self.funding {
             Funding::Free => "free",
-            Funding::Credits { .. } => "credits",
+            Funding::Credits { .. } | Funding::Reserved { .. } => "credits",
             Funding::Payment { pending, .. } => pending.method.scheme(),
             Funding::Prepaid { method, .. } => method.scheme(),
         }
@@ -232,6 +286,7 @@ impl Charge {
         match &self.funding {
             Funding::Free => None,
             Funding::Credits { wallet, .. } => Some(wallet),
+            Funding::Reserved { ticket, .. } => Some(ticket.wallet()),
             Funding::Payment { pending, .. } => Some(&pending.wallet),
             Funding::Prepaid { wallet, .. } => Some(wallet),
         }
@@ -240,12 +295,15 @@ impl Charge {
     /// The API key that authorised a credit charge.
     pub fn api_key_id(&self) -> Option<&str> {
         match &self.funding {
-            Funding::Credits { api_key_id, .. } => api_key_id.as_deref(),
+            Funding::Credits { api_key_id, .. } | Funding::Reserved { api_key_id, .. } => {
+                api_key_id.as_deref()
+            }
             _ => None,
         }
     }
 
-    /// The credit hold this charge owns, if it is a credit charge.
+    /// The credit hold this charge owns, if it is a credit charge with a
+    /// hold of its own (a reserved one's block is renewed by its writer).
     pub fn hold(&self) -> Option<&HoldId> {
         match &self.funding {
             Funding::Credits { hold, .. } => Some(hold),
@@ -343,6 +401,42 @@ impl Charge {
                     refunded: None,
                 })
             }
+            Funding::Reserved {
+                payments, ticket, ..
+            } => {
+                let charged = cost.min(self.quote);
+                let Some(r) = payments.reservations() else {
+                    return Err(PaymentError::Store(StoreError::Corrupt(
+                        "a reserved charge without reservations",
+                    )));
+                };
+                let wallet = ticket.wallet().clone();
+                let priced_row = usage.map(|u| priced(u, charged));
+                let balance = match r
+                    .settle(ticket, charged, &self.reference, priced_row)
+                    .await?
+                {
+                    BlockSettled::Charged(b) | BlockSettled::Debited(b) => Some(b),
+                    BlockSettled::Recorded => None,
+                    BlockSettled::Refused => {
+                        // The reservation lapsed under the job and the
+                        // balance cannot pay: nothing was charged.
+                        let b = payments.store().balance(&wallet).await.ok();
+                        return Err(PaymentError::InsufficientCredits {
+                            balance: b.map_or(Micros::ZERO, |b| b.balance),
+                            needed: charged,
+                        });
+                    }
+                };
+                Ok(Receipt {
+                    charged,
+                    transaction: None,
+                    headers: HeaderMap::new(),
+                    balance,
+                    unrecorded: None,
+                    refunded: None,
+                })
+            }
             Funding::Payment { payments, pending } => {
                 let s = payments.settle(*pending, None).await?;
                 Ok(Receipt {
@@ -414,6 +508,20 @@ impl Charge {
                     }
                 }
             }
+            Funding::Reserved {
+                payments, ticket, ..
+            } => {
+                let Some(r) = payments.reservations() else {
+                    return usage;
+                };
+                match r.release(ticket, &self.reference, usage.clone()).await {
+                    Ok(()) => None,
+                    Err(e) => {
+                        tracing::error!(error = %e, job_id = %self.reference, "could not record a released job's usage");
+                        usage
+                    }
+                }
+            }
             Funding::Payment { payments, pending } => {
                 payments.release(*pending).await;
                 usage
@@ -439,7 +547,8 @@ impl Drop for Charge {
     fn drop(&mut self) {
         if !self.is_prepaid() {
             match &self.funding {
-                Funding::Free | Funding::Prepaid { .. } => {}
+                // Its ticket gives the quote back to the reservation.
+                Funding::Free | Funding::Prepaid { .. } | Funding::Reserved { .. } => {}
                 Funding::Credits { hold, .. } => tracing::error!(
                     hold = %hold.0,
                     "a charge was dropped unsettled; its credit hold stays until its lease lapses"

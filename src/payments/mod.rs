@@ -24,6 +24,7 @@ pub mod evm;
 pub mod facilitator;
 pub mod http;
 pub mod mpp;
+pub mod reservations;
 pub mod service;
 pub mod wallet;
 pub mod x402;

@@ -48,6 +48,7 @@ pub mod job_payments;
 mod migrate;
 pub mod payments;
 pub mod payouts;
+pub mod reservations;
 mod sql_money;
 
 pub use api_keys::ApiKeyRecord;
@@ -58,6 +59,7 @@ pub use job_payments::JobPayment;
 pub use job_refunds::JobRefund;
 pub use payments::{PaymentNonceKey, PendingPayment};
 pub use payouts::{EarningsRow, MarkPaidRefused, PayoutBatch, PayoutLine};
+pub use reservations::{BlockCharge, BlockSettled};
 
 /// The owner of a credit balance and of API keys: a normalised wallet
 /// address (EVM: lowercase `0x…`; Solana: the base58 public key as given).

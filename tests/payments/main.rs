@@ -10,4 +10,5 @@ mod pay_common;
 mod payments_http;
 mod payments_py_clients;
 mod payments_vectors;
+mod reservations;
 mod store;

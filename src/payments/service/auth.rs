@@ -1,6 +1,15 @@
 //! Authentication: the account behind a request, by API key
 //! (`X-API-Key` or `Authorization: Bearer`) or wallet signature
 //! (`X-Auth-*`, nonce consumed).
+//!
+//! A key found in the store is remembered for [`KEY_CACHE_TTL`] (by its
+//! SHA-256, never the key), so a busy key does not cost a query per
+//! request; a revoked key therefore stops working within that time.
+//! Unknown keys are not remembered: a key just made works at once.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use axum::http::HeaderMap;
 
@@ -37,6 +46,43 @@ impl Payer {
     }
 }
 
+/// How long a key looked up in the store is taken as valid without
+/// asking it again (and so how long a revoked key may still be accepted).
+pub const KEY_CACHE_TTL: Duration = Duration::from_secs(1);
+
+/// The most keys remembered at once; past it the cache starts afresh.
+const KEY_CACHE_MAX: usize = 16_384;
+
+/// Keys recently found in the store: SHA-256 of the key → (wallet, key id,
+/// when it was looked up).
+#[derive(Debug, Default)]
+pub(super) struct KeyCache(Mutex<HashMap<[u8; 32], (WalletId, String, Instant)>>);
+
+impl KeyCache {
+    fn get(&self, hash: &[u8; 32]) -> Option<(WalletId, String)> {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let (wallet, id, at) = map.get(hash)?;
+        (at.elapsed() < KEY_CACHE_TTL).then(|| (wallet.clone(), id.clone()))
+    }
+
+    fn put(&self, hash: [u8; 32], wallet: WalletId, id: String) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= KEY_CACHE_MAX {
+            map.retain(|_, (_, _, at)| at.elapsed() < KEY_CACHE_TTL);
+            if map.len() >= KEY_CACHE_MAX {
+                map.clear();
+            }
+        }
+        map.insert(hash, (wallet, id, Instant::now()));
+    }
+
+    /// Forget every key (one was revoked here: it stops at once on this
+    /// process, within [`KEY_CACHE_TTL`] on the others).
+    pub(super) fn clear(&self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+}
+
 impl Payments {
     /// The account behind a request: an API key, or a wallet signature.
     /// `Ok(None)` when the request carries neither.
@@ -60,6 +106,11 @@ impl Payments {
             return Err(PaymentError::ApiKeyInvalid);
         }
         let h = apikey::hash(key);
+        // The map is keyed by the SHA-256 of a 256-bit secret, as the
+        // store's index is: its lookup time reveals nothing useful.
+        if let Some((wallet, key_id)) = self.inner.keys.get(&h) {
+            return Ok(Payer::ApiKey { wallet, key_id });
+        }
         let rec = self
             .inner
             .store
@@ -69,6 +120,7 @@ impl Payments {
         if !apikey::hashes_equal(&rec.key_hash, &h) {
             return Err(PaymentError::ApiKeyInvalid);
         }
+        self.inner.keys.put(h, rec.wallet.clone(), rec.id.clone());
         Ok(Payer::ApiKey {
             wallet: rec.wallet,
             key_id: rec.id,

@@ -31,6 +31,8 @@ impl Payments {
     }
 
     pub async fn revoke_api_key(&self, wallet: &WalletId, id: &str) -> Result<bool, PaymentError> {
-        Ok(self.inner.store.revoke_api_key(wallet, id).await?)
+        let revoked = self.inner.store.revoke_api_key(wallet, id).await?;
+        self.inner.keys.clear();
+        Ok(revoked)
     }
 }

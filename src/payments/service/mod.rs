@@ -68,6 +68,11 @@ struct Inner {
     clock: Clock,
     /// Refunds the store could not take yet ([`refunds`]).
     owed: refunds::OwedRefunds,
+    /// Credit reservations for grid jobs, once enabled
+    /// ([`Payments::enable_reservations`]).
+    reservations: std::sync::OnceLock<crate::payments::reservations::Reservations>,
+    /// Recently checked API keys ([`auth`]).
+    keys: auth::KeyCache,
 }
 
 /// The payments service. Cheap to clone.
@@ -113,6 +118,8 @@ impl Payments {
                 facilitator,
                 clock,
                 owed: Default::default(),
+                reservations: Default::default(),
+                keys: Default::default(),
             }),
         })
     }
@@ -123,6 +130,21 @@ impl Payments {
 
     pub fn store(&self) -> &Store {
         &self.inner.store
+    }
+
+    /// Admit grid jobs paid by credits against per-wallet reservations
+    /// ([`crate::payments::reservations`]) instead of a hold each. Must run
+    /// inside a tokio runtime (it starts the settlement writer); a second
+    /// call keeps the first configuration.
+    pub fn enable_reservations(&self, cfg: crate::payments::reservations::ReserveConfig) {
+        self.inner.reservations.get_or_init(|| {
+            crate::payments::reservations::Reservations::start(self.inner.store.clone(), cfg)
+        });
+    }
+
+    /// The credit reservations, when enabled.
+    pub fn reservations(&self) -> Option<&crate::payments::reservations::Reservations> {
+        self.inner.reservations.get()
     }
 
     pub fn facilitator(&self) -> &FacilitatorClient {
