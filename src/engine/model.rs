@@ -282,7 +282,7 @@ impl KvCache {
             ));
         };
         let per = h.floats_per_position();
-        let n = if per == 0 { 0 } else { data.len() / per };
+        let n = data.len().checked_div(per).unwrap_or(0);
         if n * per != data.len() || self.len + n > self.cap {
             return Err(EngineError::Model("KV rows do not fit the cache".into()));
         }

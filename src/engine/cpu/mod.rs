@@ -125,7 +125,7 @@ impl HostCache {
     /// at position `at`. `None` where it does not fit.
     pub fn import(&mut self, at: usize, data: &[f32]) -> Option<()> {
         let per = self.floats_per_position();
-        if per == 0 || data.len() % per != 0 {
+        if per == 0 || !data.len().is_multiple_of(per) {
             return None;
         }
         let span = data.len() / per * self.row;
