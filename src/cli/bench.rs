@@ -56,6 +56,24 @@ pub struct BenchArgs {
     /// Requests sent to each endpoint in the latency comparison.
     #[arg(long, default_value_t = 200)]
     pub requests: usize,
+    /// Multi-turn chats instead: --conversations concurrent chats of
+    /// --turns turns each, a shared system prompt of about --system-tokens
+    /// tokens and the history resent every turn, run once without the
+    /// prefix cache and once with it (--prefix-cache-mb); TTFT per turn.
+    #[arg(long, conflicts_with_all = ["url", "compare_url"])]
+    pub multi_turn: bool,
+    /// Turns of each multi-turn chat.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub turns: u32,
+    /// Concurrent multi-turn chats.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub conversations: u32,
+    /// Approximate length of the multi-turn chats' system prompt, in tokens.
+    #[arg(long, default_value_t = 400, value_parser = clap::value_parser!(u32).range(1..=8000))]
+    pub system_tokens: u32,
+    /// Tokens of each multi-turn reply (at most; a reply may end sooner).
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub turn_tokens: u32,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -125,6 +143,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     if let (Some(url), Some(other)) = (&args.url, &args.compare_url) {
         return compare(&args, url, other).await;
+    }
+    if args.multi_turn {
+        return multi_turn(&args).await;
     }
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     eprintln!(
@@ -615,4 +636,259 @@ async fn compare(args: &BenchArgs, url: &str, other: &str) -> anyhow::Result<()>
         }
     }
     Ok(())
+}
+
+/// One multi-turn run (with or without the prefix cache).
+#[derive(Debug, Serialize)]
+struct MultiTurnRun {
+    prefix_cache_mb: u64,
+    /// p50 TTFT of each turn over the conversations, seconds.
+    ttft_p50_s: Vec<f64>,
+    /// Mean prompt tokens of each turn.
+    prompt_tokens: Vec<f64>,
+    /// Mean prompt tokens the cache supplied, per turn.
+    cached_tokens: Vec<f64>,
+    /// p50 TTFT over every conversation's turns from the third on.
+    ttft_p50_from_turn3_s: f64,
+    prefix_cache_hits: u64,
+    prefix_cache_lookups: u64,
+    wall_s: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct MultiTurnReport {
+    model: String,
+    kernels: String,
+    conversations: u32,
+    turns: u32,
+    system_prompt_tokens: usize,
+    turn_tokens: u32,
+    without_cache: MultiTurnRun,
+    with_cache: MultiTurnRun,
+    /// Without over with, p50 TTFT from the third turn on.
+    ttft_speedup_from_turn3: f64,
+    /// Whether every reply was the same text in both runs (greedy decoding,
+    /// and the cache changes no logits).
+    same_replies: bool,
+}
+
+const QUESTIONS: &[&str] = &[
+    "Which zone is the cheapest to ship to?",
+    "And how long does a parcel take to get there?",
+    "Can I send a parcel of twelve kilograms?",
+    "What if it is fragile?",
+    "Summarise what you told me so far.",
+    "Which day should I bring it in?",
+    "Is there a discount for regular customers?",
+    "How do I track the parcel?",
+    "What happens if nobody is home?",
+    "Thank you, that is all.",
+];
+
+/// A system prompt of at least `tokens` tokens (as the engine's tokenizer
+/// counts them).
+fn system_prompt(engine: &EngineHandle, tokens: usize) -> anyhow::Result<(String, usize)> {
+    let mut s = String::from(
+        "You are the assistant of a parcel shipping company. Answer in one or two sentences. ",
+    );
+    let mut i = 0u32;
+    loop {
+        let n = engine.tokenizer().encode(&s)?.len();
+        if n >= tokens {
+            return Ok((s, n));
+        }
+        s.push_str(&format!(
+            "Rule {i}: parcels to zone {i} leave on day {} of the week, cost {} euros per \
+             kilogram and may weigh up to {} kilograms. ",
+            i % 7 + 1,
+            i % 9 + 2,
+            10 + i % 5 * 5
+        ));
+        i += 1;
+    }
+}
+
+/// One conversation's turns: (TTFT seconds, prompt tokens, cached tokens,
+/// reply) each.
+async fn conversation(
+    engine: &EngineHandle,
+    system: &str,
+    c: u32,
+    args: &BenchArgs,
+) -> anyhow::Result<Vec<(f64, u32, u32, String)>> {
+    let mut messages = vec![ChatMessage::new("system", system)];
+    let mut out = Vec::new();
+    for t in 0..args.turns {
+        let q = QUESTIONS[t as usize % QUESTIONS.len()];
+        messages.push(ChatMessage::new("user", &format!("(Customer {c}) {q}")));
+        let req = GenerationRequest::chat(messages.clone())
+            .max_tokens(args.turn_tokens)
+            .temperature(0.0);
+        let t0 = Instant::now();
+        let mut rx = engine.submit(req)?;
+        let mut first: Option<Duration> = None;
+        let mut text = String::new();
+        let done = loop {
+            match rx.recv().await {
+                Some(GenerationEvent::Token { text: t }) => {
+                    first.get_or_insert_with(|| t0.elapsed());
+                    text.push_str(&t);
+                }
+                Some(GenerationEvent::Done {
+                    prompt_tokens,
+                    cached_tokens,
+                    ..
+                }) => break (prompt_tokens, cached_tokens),
+                Some(GenerationEvent::Error { message }) => bail!("engine: {message}"),
+                None => bail!("the engine ended a stream without Done"),
+            }
+        };
+        let ttft = first.unwrap_or_else(|| t0.elapsed()).as_secs_f64();
+        out.push((ttft, done.0, done.1, text.clone()));
+        messages.push(ChatMessage::new("assistant", &text));
+    }
+    Ok(out)
+}
+
+/// `--multi-turn`: the same chats without and with the prefix cache, one
+/// engine after the other in this process.
+async fn multi_turn(args: &BenchArgs) -> anyhow::Result<()> {
+    let base = args.engine.to_config()?;
+    let budget = base.prefix_cache_bytes;
+    if budget == 0 {
+        bail!("--multi-turn compares against the prefix cache: give --prefix-cache-mb above 0");
+    }
+    let mut runs = Vec::new();
+    let mut replies = Vec::new();
+    let mut meta = None;
+    for bytes in [0, budget] {
+        let mut cfg = base.clone();
+        cfg.prefix_cache_bytes = bytes;
+        eprintln!(
+            "loading {} (prefix cache {} MiB)…",
+            cfg.model.display(),
+            bytes >> 20
+        );
+        let engine = tokio::task::spawn_blocking(move || Engine::load(cfg)).await??;
+        let (system, system_tokens) = system_prompt(&engine, args.system_tokens as usize)?;
+        // Warm up: page in the weights, start the threads (a prompt that
+        // shares nothing with the chats).
+        let target = Target::Local(engine.clone());
+        let _ = one_stream(&target, Workload::Raw(STORY.into()), 4).await?;
+        drop(target);
+        let (hits0, lookups0) = prefix_counters(&engine);
+        eprintln!(
+            "{} conversations of {} turns, system prompt {system_tokens} tokens…",
+            args.conversations, args.turns
+        );
+        let t0 = Instant::now();
+        let convs = (0..args.conversations).map(|c| conversation(&engine, &system, c, args));
+        let all: Vec<_> = futures_util::future::join_all(convs)
+            .await
+            .into_iter()
+            .collect::<anyhow::Result<_>>()?;
+        let wall = t0.elapsed().as_secs_f64();
+        let (hits1, lookups1) = prefix_counters(&engine);
+        let turns = args.turns as usize;
+        let mut ttft_p50 = Vec::with_capacity(turns);
+        let mut prompt = Vec::with_capacity(turns);
+        let mut cached = Vec::with_capacity(turns);
+        let mut late = Vec::new();
+        for t in 0..turns {
+            let mut ttft: Vec<f64> = all.iter().map(|c| c[t].0).collect();
+            if t >= 2 {
+                late.extend(ttft.iter().copied());
+            }
+            ttft.sort_by(f64::total_cmp);
+            ttft_p50.push(percentile(&ttft, 0.5));
+            let n = all.len().max(1) as f64;
+            prompt.push(all.iter().map(|c| f64::from(c[t].1)).sum::<f64>() / n);
+            cached.push(all.iter().map(|c| f64::from(c[t].2)).sum::<f64>() / n);
+        }
+        late.sort_by(f64::total_cmp);
+        replies.push(
+            all.iter()
+                .map(|c| c.iter().map(|t| t.3.clone()).collect::<Vec<_>>())
+                .collect::<Vec<_>>(),
+        );
+        meta.get_or_insert((engine.info().id.clone(), system_tokens));
+        runs.push(MultiTurnRun {
+            prefix_cache_mb: bytes >> 20,
+            ttft_p50_s: ttft_p50,
+            prompt_tokens: prompt,
+            cached_tokens: cached,
+            ttft_p50_from_turn3_s: percentile(&late, 0.5),
+            prefix_cache_hits: hits1 - hits0,
+            prefix_cache_lookups: lookups1 - lookups0,
+            wall_s: wall,
+        });
+    }
+    let (model, system_prompt_tokens) = meta.context("no run")?;
+    let with_cache = runs.pop().context("no run with the cache")?;
+    let without_cache = runs.pop().context("no run without the cache")?;
+    let report = MultiTurnReport {
+        model,
+        kernels: sgl::engine::cpu::qmat::isa().name().into(),
+        conversations: args.conversations,
+        turns: args.turns,
+        system_prompt_tokens,
+        turn_tokens: args.turn_tokens,
+        ttft_speedup_from_turn3: without_cache.ttft_p50_from_turn3_s
+            / with_cache.ttft_p50_from_turn3_s,
+        same_replies: replies.first() == replies.last(),
+        without_cache,
+        with_cache,
+    };
+    print_multi_turn(&report);
+    if let Some(path) = &args.json {
+        let s = serde_json::to_string_pretty(&report)?;
+        if path == "-" {
+            println!("{s}");
+        } else {
+            std::fs::write(path, s + "\n").with_context(|| format!("writing {path}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// (hits, lookups) of the engine's prefix cache so far.
+fn prefix_counters(engine: &EngineHandle) -> (u64, u64) {
+    use std::sync::atomic::Ordering;
+    let m = engine.metrics();
+    (
+        m.prefix_cache_hits.load(Ordering::Relaxed),
+        m.prefix_cache_lookups.load(Ordering::Relaxed),
+    )
+}
+
+fn print_multi_turn(r: &MultiTurnReport) {
+    let (a, b) = (&r.without_cache, &r.with_cache);
+    println!(
+        "model            {} (kernels {}); {} conversations x {} turns, system prompt {} tokens, replies up to {} tokens",
+        r.model, r.kernels, r.conversations, r.turns, r.system_prompt_tokens, r.turn_tokens
+    );
+    println!(
+        "{:>4} {:>14} {:>16} {:>14} {:>9}",
+        "turn", "prompt tokens", "TTFT p50 no cache", "TTFT p50 cache", "cached"
+    );
+    for t in 0..a.ttft_p50_s.len() {
+        println!(
+            "{:>4} {:>14.0} {:>14.1} ms {:>11.1} ms {:>9.0}",
+            t + 1,
+            a.prompt_tokens[t],
+            a.ttft_p50_s[t] * 1e3,
+            b.ttft_p50_s[t] * 1e3,
+            b.cached_tokens[t]
+        );
+    }
+    println!(
+        "turns 3+         TTFT p50 {:.1} ms without the cache, {:.1} ms with it: {:.2}x lower",
+        a.ttft_p50_from_turn3_s * 1e3,
+        b.ttft_p50_from_turn3_s * 1e3,
+        r.ttft_speedup_from_turn3
+    );
+    println!(
+        "prefix cache     {} hits of {} lookups; wall {:.1}s without, {:.1}s with; same replies: {}",
+        b.prefix_cache_hits, b.prefix_cache_lookups, a.wall_s, b.wall_s, r.same_replies
+    );
 }

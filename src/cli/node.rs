@@ -256,6 +256,10 @@ pub struct EngineArgs {
     /// measures it. A set the CPU lacks is refused.
     #[arg(long, env = "SGL_KERNEL", default_value = "auto", value_parser = parse_kernel)]
     pub kernel: sgl::engine::cpu::qmat::KernelChoice,
+    /// MiB of KV rows kept for prompts that start the same way (a chat's
+    /// system prompt and history); 0 turns prefix caching off. CPU only.
+    #[arg(long, default_value_t = sgl::engine::DEFAULT_PREFIX_CACHE_MB, value_parser = clap::value_parser!(u64).range(0..=1 << 20))]
+    pub prefix_cache_mb: u64,
 }
 
 #[cfg(feature = "node")]
@@ -343,6 +347,7 @@ impl EngineArgs {
         c.max_queue = self.max_queue;
         c.prefill_chunk = self.prefill_chunk;
         c.max_context = self.max_context;
+        c.prefix_cache_bytes = self.prefix_cache_mb << 20;
         c.tokenizer_json = self.tokenizer.clone();
         if let Some(p) = &self.chat_template {
             c.chat_template = Some(

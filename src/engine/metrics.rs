@@ -25,6 +25,16 @@ pub struct Metrics {
     pub requests_rejected: AtomicU64,
     pub queue_depth: AtomicU64,
     pub active_sequences: AtomicU64,
+    /// Admitted requests whose prompt was looked up in the prefix cache.
+    pub prefix_cache_lookups: AtomicU64,
+    /// Lookups that restored at least one block.
+    pub prefix_cache_hits: AtomicU64,
+    /// Prompt tokens restored from the prefix cache instead of prefilled.
+    pub prefix_cache_tokens: AtomicU64,
+    /// Bytes of KV rows the prefix cache holds.
+    pub prefix_cache_bytes: AtomicU64,
+    /// Blocks the prefix cache holds.
+    pub prefix_cache_blocks: AtomicU64,
     pub ttft: Histogram,
     pub inter_token: Histogram,
 }
@@ -40,6 +50,11 @@ impl Default for Metrics {
             requests_rejected: AtomicU64::new(0),
             queue_depth: AtomicU64::new(0),
             active_sequences: AtomicU64::new(0),
+            prefix_cache_lookups: AtomicU64::new(0),
+            prefix_cache_hits: AtomicU64::new(0),
+            prefix_cache_tokens: AtomicU64::new(0),
+            prefix_cache_bytes: AtomicU64::new(0),
+            prefix_cache_blocks: AtomicU64::new(0),
             ttft: Histogram::new(TTFT_BOUNDS),
             inter_token: Histogram::new(ITL_BOUNDS),
         }
@@ -116,6 +131,50 @@ impl Metrics {
             "sgl_active_sequences",
             "Sequences in the running batch.",
             &self.active_sequences,
+        );
+        counter(
+            &mut out,
+            "sgl_prefix_cache_lookups_total",
+            "Prompts looked up in the prefix cache.",
+            &self.prefix_cache_lookups,
+        );
+        counter(
+            &mut out,
+            "sgl_prefix_cache_hits_total",
+            "Prompts that found a cached prefix.",
+            &self.prefix_cache_hits,
+        );
+        counter(
+            &mut out,
+            "sgl_prefix_cache_tokens_total",
+            "Prompt tokens restored from the prefix cache instead of prefilled.",
+            &self.prefix_cache_tokens,
+        );
+        gauge(
+            &mut out,
+            "sgl_prefix_cache_bytes",
+            "Bytes of KV rows the prefix cache holds.",
+            &self.prefix_cache_bytes,
+        );
+        gauge(
+            &mut out,
+            "sgl_prefix_cache_blocks",
+            "Token blocks the prefix cache holds.",
+            &self.prefix_cache_blocks,
+        );
+        // The ratio too, for dashboards that do not divide counters.
+        let lookups = self.prefix_cache_lookups.load(Ordering::Relaxed);
+        let hits = self.prefix_cache_hits.load(Ordering::Relaxed);
+        let ratio = if lookups == 0 {
+            0.0
+        } else {
+            hits as f64 / lookups as f64
+        };
+        let _ = writeln!(
+            out,
+            "# HELP sgl_prefix_cache_hit_ratio Hits over lookups of the prefix cache.\n\
+             # TYPE sgl_prefix_cache_hit_ratio gauge\n\
+             sgl_prefix_cache_hit_ratio{{model=\"{model}\"}} {ratio}"
         );
         self.ttft.render(
             &mut out,

@@ -19,7 +19,7 @@
 //! while let Some(ev) = events.recv().await {
 //!     match ev {
 //!         GenerationEvent::Token { text } => print!("{text}"),
-//!         GenerationEvent::Done { finish_reason, prompt_tokens, completion_tokens } => {
+//!         GenerationEvent::Done { finish_reason, prompt_tokens, completion_tokens, .. } => {
 //!             println!("\n{finish_reason:?} {prompt_tokens}+{completion_tokens}");
 //!         }
 //!         GenerationEvent::Error { message } => eprintln!("{message}"),
@@ -43,6 +43,7 @@
 pub mod cpu;
 pub mod metrics;
 pub mod model;
+pub mod prefix;
 pub mod safetensors;
 pub mod sampler;
 mod scheduler;
@@ -105,7 +106,14 @@ pub struct EngineConfig {
     pub tokenizer_json: Option<PathBuf>,
     /// A Jinja chat template to use instead of the model's.
     pub chat_template: Option<String>,
+    /// Budget of the prefix cache ([`prefix`]) in bytes of KV rows; 0 turns
+    /// it off. Used on the CPU forward only.
+    pub prefix_cache_bytes: u64,
 }
+
+/// The prefix cache's default budget: 256 MiB holds about 5,800 positions of
+/// SmolLM2-135M (45 KiB each), a dozen chats of a few hundred tokens.
+pub const DEFAULT_PREFIX_CACHE_MB: u64 = 256;
 
 impl EngineConfig {
     pub fn new(model: impl Into<PathBuf>, id: impl Into<String>) -> Self {
@@ -120,6 +128,7 @@ impl EngineConfig {
             max_context: None,
             tokenizer_json: None,
             chat_template: None,
+            prefix_cache_bytes: DEFAULT_PREFIX_CACHE_MB << 20,
         }
     }
 }
@@ -241,6 +250,9 @@ pub enum GenerationEvent {
         finish_reason: FinishReason,
         prompt_tokens: u32,
         completion_tokens: u32,
+        /// Prompt tokens restored from the prefix cache, not computed
+        /// (OpenAI's `usage.prompt_tokens_details.cached_tokens`).
+        cached_tokens: u32,
     },
     /// The engine failed this request; nothing more follows.
     Error { message: String },

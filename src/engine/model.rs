@@ -227,6 +227,16 @@ impl KvCache {
         })
     }
 
+    /// A host cache without a model, for tests of what holds caches.
+    #[cfg(test)]
+    pub(crate) fn host(cfg: &ModelConfig, capacity: usize) -> Self {
+        KvCache {
+            store: KvStore::Host(HostCache::new(cfg, capacity)),
+            len: 0,
+            cap: capacity,
+        }
+    }
+
     /// Positions already in the cache.
     pub fn len(&self) -> usize {
         self.len
@@ -238,6 +248,53 @@ impl KvCache {
 
     pub fn capacity(&self) -> usize {
         self.cap
+    }
+
+    /// Floats one position takes in [`KvCache::export`]'s output (all
+    /// layers, K and V); `None` where rows cannot be copied out: only the CPU
+    /// forward's host cache can, so prefix caching runs on the CPU only.
+    pub fn floats_per_position(&self) -> Option<usize> {
+        match &self.store {
+            KvStore::Host(h) => Some(h.floats_per_position()),
+            KvStore::Tensors { .. } => None,
+        }
+    }
+
+    /// Append positions `from..from + n` (all layers' K and V) to `out`.
+    pub fn export(&self, from: usize, n: usize, out: &mut Vec<f32>) -> Result<(), EngineError> {
+        match &self.store {
+            KvStore::Host(h) if from + n <= self.len => h
+                .export(from, n, out)
+                .ok_or_else(|| EngineError::Model("KV export out of range".into())),
+            KvStore::Host(_) => Err(EngineError::Model("KV export out of range".into())),
+            KvStore::Tensors { .. } => Err(EngineError::Model(
+                "KV rows are copied on the CPU forward only".into(),
+            )),
+        }
+    }
+
+    /// Append positions that [`KvCache::export`] gave (of another cache of the
+    /// same model) after the ones held; they must fit the capacity.
+    pub fn append(&mut self, data: &[f32]) -> Result<(), EngineError> {
+        let KvStore::Host(h) = &mut self.store else {
+            return Err(EngineError::Model(
+                "KV rows are copied on the CPU forward only".into(),
+            ));
+        };
+        let per = h.floats_per_position();
+        let n = data.len().checked_div(per).unwrap_or(0);
+        if n * per != data.len() || self.len + n > self.cap {
+            return Err(EngineError::Model("KV rows do not fit the cache".into()));
+        }
+        h.import(self.len, data)
+            .ok_or_else(|| EngineError::Model("KV rows do not fit the cache".into()))?;
+        self.len += n;
+        Ok(())
+    }
+
+    /// Forget every position (the buffers stay).
+    pub fn clear(&mut self) {
+        self.len = 0;
     }
 
     /// Make room for `needed` positions. The buffers grow by doubling (one copy

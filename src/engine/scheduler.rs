@@ -21,6 +21,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use super::metrics::Metrics;
 use super::model::{self, KvCache, Model, StepItem};
+use super::prefix::PrefixCache;
 use super::sampler::{self, Rng, SamplingParams};
 use super::template::{ChatTemplate, TemplateMessage};
 use super::tokenizer::{Detokenizer, TextTokenizer};
@@ -134,6 +135,10 @@ impl Engine {
         let tokenizer = Arc::new(tokenizer);
         let metrics = Arc::new(Metrics::default());
         let (tx, rx) = sync_channel::<Job>(max_queue);
+        // Prefix caching needs KV rows it can copy: the CPU forward's.
+        let prefix = KvCache::new(&model, 0)?
+            .floats_per_position()
+            .and_then(|per| PrefixCache::new(cfg.prefix_cache_bytes, per));
         #[cfg(test)]
         let fault = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let worker = Worker {
@@ -144,6 +149,7 @@ impl Engine {
             max_batch,
             prefill_chunk: cfg.prefill_chunk.max(1),
             active: Vec::new(),
+            prefix,
             #[cfg(test)]
             fault: fault.clone(),
         };
@@ -348,6 +354,11 @@ impl EngineHandle {
 struct Seq {
     prompt: Vec<u32>,
     prefilled: usize,
+    /// Prompt tokens whose KV rows came from the prefix cache.
+    cached: usize,
+    /// Sampled tokens fed back (their KV rows follow the prompt's), kept for
+    /// the prefix cache.
+    fed: Vec<u32>,
     cache: KvCache,
     /// The last sampled token, fed in the next step.
     input: Vec<u32>,
@@ -386,6 +397,7 @@ impl Seq {
             finish_reason: reason,
             prompt_tokens: self.prompt.len() as u32,
             completion_tokens: self.generated,
+            cached_tokens: self.cached as u32,
         };
         self.send(ev);
     }
@@ -399,6 +411,9 @@ struct Worker {
     max_batch: usize,
     prefill_chunk: usize,
     active: Vec<Seq>,
+    /// `None`: prefix caching is off (`prefix_cache_bytes` 0, or a backend
+    /// whose KV rows are not copied).
+    prefix: Option<PrefixCache>,
     #[cfg(test)]
     fault: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -466,7 +481,7 @@ impl Worker {
             }
             let ctx = self.model.cfg.context_length;
             let cap = (job.prompt.len() + job.max_tokens.min(256)).min(ctx);
-            let cache = match KvCache::new(&self.model, cap) {
+            let mut cache = match KvCache::new(&self.model, cap) {
                 Ok(c) => c,
                 Err(e) => {
                     let _ = job.tx.send(GenerationEvent::Error {
@@ -475,6 +490,7 @@ impl Worker {
                     continue;
                 }
             };
+            let cached = self.restore_prefix(&job.prompt, &mut cache);
             self.metrics
                 .prompt_tokens
                 .fetch_add(job.prompt.len() as u64, Ordering::Relaxed);
@@ -483,7 +499,9 @@ impl Worker {
                 .fetch_add(1, Ordering::Relaxed);
             self.active.push(Seq {
                 prompt: job.prompt,
-                prefilled: 0,
+                prefilled: cached,
+                cached,
+                fed: Vec::new(),
                 cache,
                 input: Vec::new(),
                 generated: 0,
@@ -505,9 +523,12 @@ impl Worker {
 
     fn step(&mut self) {
         let ctx = self.model.cfg.context_length;
-        // Decide what each sequence brings. Prefill chunks start at multiples
-        // of `prefill_chunk`, whatever else runs, so a sequence is computed the
-        // same way alone or in a batch.
+        // Decide what each sequence brings. Prefill chunks start where the
+        // prefix cache left off, then at steps of `prefill_chunk`, whatever
+        // else runs; where they start does not change a row's numbers (each
+        // row is computed from its token, position and the K/V rows before
+        // it alone), so a sequence is computed the same way alone, in a
+        // batch, or after a cache hit.
         let mut plan: Vec<(usize, usize, usize, bool)> = Vec::new(); // (seq, from, to, logits)
         let mut prefill_used = 0;
         for (i, s) in self.active.iter().enumerate() {
@@ -600,6 +621,15 @@ impl Worker {
             let s = &mut self.active[i];
             if s.prefilled < s.prompt.len() {
                 s.prefilled = to;
+                // The whole prompt is in: others sending the same prefix
+                // (a shared system prompt) can have it while this one decodes.
+                if to == s.prompt.len() {
+                    if let Some(p) = self.prefix.as_mut() {
+                        if let Err(e) = p.insert(&s.prompt, &s.cache) {
+                            tracing::warn!(%e, "prefix cache insert failed");
+                        }
+                    }
+                }
             }
             if !want {
                 continue;
@@ -640,8 +670,54 @@ impl Worker {
                 .fetch_add(finished.len() as u64, Ordering::Relaxed);
             // Removing in descending order keeps the other indices valid.
             for i in finished.into_iter().rev() {
-                self.active.remove(i);
+                let s = self.active.remove(i);
+                // The prompt and the reply: the next turn of a chat resends
+                // both.
+                if let Some(p) = self.prefix.as_mut() {
+                    let mut tokens = s.prompt;
+                    tokens.extend_from_slice(&s.fed);
+                    if let Err(e) = p.insert(&tokens, &s.cache) {
+                        tracing::warn!(%e, "prefix cache insert failed");
+                    }
+                }
             }
+        }
+        self.update_prefix_gauges();
+    }
+
+    /// Copy the cached prefix of `prompt` into the new sequence's `cache`;
+    /// returns the prompt tokens it restored. At least the last prompt token
+    /// is left to prefill: its logits give the first token.
+    fn restore_prefix(&mut self, prompt: &[u32], cache: &mut KvCache) -> usize {
+        let Some(p) = self.prefix.as_mut() else {
+            return 0;
+        };
+        let m = &self.metrics;
+        m.prefix_cache_lookups.fetch_add(1, Ordering::Relaxed);
+        let limit = prompt.len().saturating_sub(1);
+        match p.restore(prompt, limit, cache) {
+            Ok(hit) if hit.tokens > 0 => {
+                m.prefix_cache_hits.fetch_add(1, Ordering::Relaxed);
+                m.prefix_cache_tokens
+                    .fetch_add(hit.tokens as u64, Ordering::Relaxed);
+                hit.tokens
+            }
+            Ok(_) => 0,
+            Err(e) => {
+                // A partial copy is of no use: prefill it all.
+                tracing::warn!(%e, "prefix cache restore failed");
+                cache.clear();
+                0
+            }
+        }
+    }
+
+    fn update_prefix_gauges(&self) {
+        if let Some(p) = &self.prefix {
+            let m = &self.metrics;
+            m.prefix_cache_bytes.store(p.bytes(), Ordering::Relaxed);
+            m.prefix_cache_blocks
+                .store(p.blocks() as u64, Ordering::Relaxed);
         }
     }
 }
@@ -718,6 +794,7 @@ fn accept(
         return Ok(Outcome::Finished);
     }
     s.input.push(id);
+    s.fed.push(id);
     Ok(Outcome::Continue)
 }
 

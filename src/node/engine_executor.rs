@@ -36,10 +36,12 @@ impl From<GenerationEvent> for ExecEvent {
     fn from(ev: GenerationEvent) -> Self {
         match ev {
             GenerationEvent::Token { text } => ExecEvent::Token(text),
+            // The grid's usage carries the three counts only.
             GenerationEvent::Done {
                 finish_reason,
                 prompt_tokens,
                 completion_tokens,
+                ..
             } => ExecEvent::Done {
                 finish: finish_reason,
                 prompt_tokens: u64::from(prompt_tokens),
@@ -65,6 +67,7 @@ impl From<ExecEvent> for GenerationEvent {
                 // Counts beyond u32 cannot come from a context of this size.
                 prompt_tokens: u32::try_from(prompt_tokens).unwrap_or(u32::MAX),
                 completion_tokens: u32::try_from(completion_tokens).unwrap_or(u32::MAX),
+                cached_tokens: 0,
             },
             ExecEvent::Failed(message) => GenerationEvent::Error { message },
         }

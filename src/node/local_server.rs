@@ -441,6 +441,7 @@ async fn json_response(mut rx: Events, cid: String, created: u64, model: String)
                 finish_reason,
                 prompt_tokens,
                 completion_tokens,
+                cached_tokens,
             } => {
                 let resp = ChatCompletionResponse {
                     id: cid,
@@ -455,10 +456,10 @@ async fn json_response(mut rx: Events, cid: String, created: u64, model: String)
                         },
                         finish_reason: Some(finish_reason),
                     }],
-                    usage: Some(Usage::new(
-                        u64::from(prompt_tokens),
-                        u64::from(completion_tokens),
-                    )),
+                    usage: Some(
+                        Usage::new(u64::from(prompt_tokens), u64::from(completion_tokens))
+                            .with_cached_tokens(u64::from(cached_tokens)),
+                    ),
                     usage_signature: None,
                     refunded_micros: None,
                 };
@@ -519,6 +520,7 @@ impl StreamState {
                 finish_reason,
                 prompt_tokens,
                 completion_tokens,
+                cached_tokens,
             }) => {
                 let c = ChatCompletionChunk::finish(
                     &self.cid,
@@ -528,7 +530,8 @@ impl StreamState {
                 );
                 self.chunk(&c);
                 if self.include_usage {
-                    let usage = Usage::new(u64::from(prompt_tokens), u64::from(completion_tokens));
+                    let usage = Usage::new(u64::from(prompt_tokens), u64::from(completion_tokens))
+                        .with_cached_tokens(u64::from(cached_tokens));
                     let c = ChatCompletionChunk::usage(&self.cid, self.created, &self.model, usage);
                     self.chunk(&c);
                 }

@@ -230,6 +230,7 @@ mod tests {
             prompt_tokens: 12,
             completion_tokens: 34,
             total_tokens: 47,
+            prompt_tokens_details: None,
         };
         assert_eq!(
             verify_usage(&pk, JOB, "smollm2-135m", &bad_total, Some(&sig)),

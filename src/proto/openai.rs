@@ -171,6 +171,19 @@ pub struct Usage {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub total_tokens: u64,
+    /// What OpenAI reports of the prompt: the tokens served from the prefix
+    /// cache. Absent where the server does not say (the grid's signed usage
+    /// covers the three counts above only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens_details: Option<PromptTokensDetails>,
+}
+
+/// `usage.prompt_tokens_details`.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens whose computation a cached prefix saved (part of
+    /// `prompt_tokens`, and billed as such).
+    pub cached_tokens: u64,
 }
 
 impl Usage {
@@ -179,7 +192,14 @@ impl Usage {
             prompt_tokens,
             completion_tokens,
             total_tokens: prompt_tokens + completion_tokens,
+            prompt_tokens_details: None,
         }
+    }
+
+    /// With `prompt_tokens_details.cached_tokens`.
+    pub fn with_cached_tokens(mut self, cached_tokens: u64) -> Self {
+        self.prompt_tokens_details = Some(PromptTokensDetails { cached_tokens });
+        self
     }
 
     /// `total_tokens` must equal the sum (PROTOCOL.md §7d).
@@ -409,6 +429,16 @@ mod tests {
         let m: ChatMessage =
             serde_json::from_str(r#"{"role":"assistant","content":null}"#).unwrap();
         assert_eq!(m.content.text(), "");
+    }
+
+    #[test]
+    fn usage_reports_cached_tokens_only_when_known() {
+        let plain = serde_json::to_value(Usage::new(2, 3)).unwrap();
+        assert!(plain.get("prompt_tokens_details").is_none());
+        let cached = Usage::new(40, 3).with_cached_tokens(32);
+        let v = serde_json::to_value(cached).unwrap();
+        assert_eq!(v["prompt_tokens_details"]["cached_tokens"], 32);
+        assert_eq!(serde_json::from_value::<Usage>(v).unwrap(), cached);
     }
 
     #[test]

@@ -1,12 +1,15 @@
 //! The engine on the real SmolLM2-135M: determinism, seeded sampling inside a
-//! batch, stop strings, budgets and exact token counts. Skipped (with a message)
+//! batch, stop strings, budgets and exact token counts, and the prefix
+//! cache changing none of it. Skipped (with a message)
 //! when the model is not cached; SGL_REQUIRE_MODEL=1 makes that a failure.
 #![cfg(feature = "node")]
 
 use crate::engine_support;
 
+use std::sync::atomic::Ordering;
 use std::sync::OnceLock;
 
+use sgl::engine::model::{self, KvCache, Model, StepItem, WeightFormat};
 use sgl::engine::{
     Engine, EngineConfig, EngineHandle, GenerationEvent, GenerationRequest, SubmitError,
 };
@@ -20,9 +23,23 @@ fn engine() -> Option<&'static EngineHandle> {
             let mut cfg = EngineConfig::new(path, engine_support::MODEL_ID);
             // Small chunks so that the prompts here take several prefill steps.
             cfg.prefill_chunk = 16;
+            // Every prompt computed in full: the tests below compare this
+            // engine's answers with the prefix-caching one's.
+            cfg.prefix_cache_bytes = 0;
             Some(Engine::load(cfg).expect("load the model"))
         })
         .as_ref()
+}
+
+/// The same engine with a prefix cache of its own (each test its own, so
+/// that its counters count that test's requests only).
+async fn cached_engine() -> Option<EngineHandle> {
+    let path = engine_support::model_path()?;
+    let mut cfg = EngineConfig::new(path, engine_support::MODEL_ID);
+    cfg.prefill_chunk = 16;
+    cfg.prefix_cache_bytes = 64 << 20;
+    let e = tokio::task::spawn_blocking(move || Engine::load(cfg).expect("load the model"));
+    Some(e.await.unwrap())
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -31,6 +48,33 @@ struct Output {
     finish: FinishReason,
     prompt_tokens: u32,
     completion_tokens: u32,
+}
+
+/// An output and the prompt tokens the prefix cache supplied.
+async fn run_cached(engine: &EngineHandle, req: GenerationRequest) -> (Output, u32) {
+    let mut rx = engine.submit(req).expect("submit");
+    let mut text = String::new();
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            GenerationEvent::Token { text: t } => text.push_str(&t),
+            GenerationEvent::Done {
+                finish_reason,
+                prompt_tokens,
+                completion_tokens,
+                cached_tokens,
+            } => {
+                let out = Output {
+                    text,
+                    finish: finish_reason,
+                    prompt_tokens,
+                    completion_tokens,
+                };
+                return (out, cached_tokens);
+            }
+            GenerationEvent::Error { message } => panic!("engine error: {message}"),
+        }
+    }
+    panic!("stream ended without Done");
 }
 
 async fn run(engine: &EngineHandle, req: GenerationRequest) -> Output {
@@ -43,6 +87,7 @@ async fn run(engine: &EngineHandle, req: GenerationRequest) -> Output {
                 finish_reason,
                 prompt_tokens,
                 completion_tokens,
+                ..
             } => {
                 return Output {
                     text,
@@ -272,4 +317,221 @@ async fn dropped_receiver_frees_the_slot() {
         assert!(std::time::Instant::now() < deadline, "not cancelled");
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
+}
+
+/// A system prompt of a few hundred tokens, as chat clients resend each turn.
+fn system_prompt() -> String {
+    let mut s = String::from(
+        "You are a careful assistant for a shipping company. Answer briefly and politely. ",
+    );
+    for i in 0..12 {
+        s.push_str(&format!(
+            "Rule {i}: parcels to zone {i} leave on day {} and cost {} euros per kilogram. ",
+            i % 7 + 1,
+            i * 3 + 2
+        ));
+    }
+    s
+}
+
+fn step_logits(m: &Model, cache: &mut KvCache, tokens: &[u32]) -> Vec<f32> {
+    let mut items = [StepItem {
+        tokens,
+        cache,
+        want_logits: true,
+    }];
+    let l = m.forward(&mut items).expect("forward").expect("logits");
+    model::row(&l, 0).expect("row")
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+fn rows(cache: &KvCache, n: usize) -> Vec<u32> {
+    let mut out = Vec::new();
+    cache.export(0, n, &mut out).expect("export");
+    bits(&out)
+}
+
+/// The rows a cache hit restores are the rows a full prefill computes, and
+/// the logits after them (prefill of the rest, then decode) are the same bit
+/// for bit: whether the rest runs alone or beside another sequence's
+/// prefill, and whichever chunks filled the cache.
+#[test]
+fn logits_after_a_cached_prefix_are_bit_identical() {
+    use candle_core::Device;
+    use sgl::engine::prefix::{PrefixCache, BLOCK_TOKENS};
+    use sgl::engine::tokenizer::TextTokenizer;
+    let Some(path) = engine_support::model_path() else {
+        return;
+    };
+    let (m, content) =
+        Model::load_gguf(&path, &Device::Cpu, WeightFormat::Auto, None).expect("load");
+    let tok = TextTokenizer::from_gguf(&content.metadata).expect("tokenizer");
+    let sys = system_prompt();
+    let chat = |q: &str| {
+        format!("<|im_start|>system\n{sys}<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n")
+    };
+    let a = tok
+        .encode(&chat("Which day do parcels to zone 4 leave?"))
+        .unwrap();
+    let b = tok
+        .encode(&chat("How much is a kilogram to zone 9?"))
+        .unwrap();
+    let common = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    assert!(
+        common >= 4 * BLOCK_TOKENS,
+        "shared prefix of {common} tokens"
+    );
+
+    // The reference: the whole prompt in one step, then one decode step.
+    let mut full = KvCache::new(&m, a.len() + 2).unwrap();
+    let want = step_logits(&m, &mut full, &a);
+    let next = argmax(&want);
+    let want_next = step_logits(&m, &mut full, &[next]);
+
+    // Another prompt with the same prefix fills the cache, in chunks of 16
+    // (positions computed in other step shapes than the reference's).
+    let mut other = KvCache::new(&m, b.len()).unwrap();
+    for c in b.chunks(16) {
+        step_logits(&m, &mut other, c);
+    }
+    let per = other.floats_per_position().expect("host KV rows");
+    let mut prefix = PrefixCache::new(64 << 20, per).expect("a budget of blocks");
+    prefix.insert(&b, &other).unwrap();
+    assert_eq!(prefix.blocks(), b.len() / BLOCK_TOKENS);
+
+    // A hit: whole blocks of the shared prefix, restored exactly.
+    let mut hit = KvCache::new(&m, a.len() + 2).unwrap();
+    let got = prefix.restore(&a, a.len() - 1, &mut hit).unwrap();
+    assert_eq!(got.tokens, common / BLOCK_TOKENS * BLOCK_TOKENS);
+    assert_eq!(hit.len(), got.tokens);
+    assert_eq!(rows(&hit, got.tokens), rows(&full, got.tokens));
+
+    // The rest of the prompt alone in one step, then a decode step.
+    let logits = step_logits(&m, &mut hit, &a[got.tokens..]);
+    assert_eq!(bits(&logits), bits(&want), "logits after the prefill");
+    assert_eq!(bits(&step_logits(&m, &mut hit, &[next])), bits(&want_next));
+
+    // The rest beside another sequence's prefill in the same step.
+    let mut again = KvCache::new(&m, a.len()).unwrap();
+    let got = prefix.restore(&a, a.len() - 1, &mut again).unwrap();
+    let mut stranger = KvCache::new(&m, 64).unwrap();
+    let stranger_tokens: Vec<u32> = (0..40).map(|i| 200 + i * 31).collect();
+    let mut items = [
+        StepItem {
+            tokens: &stranger_tokens,
+            cache: &mut stranger,
+            want_logits: true,
+        },
+        StepItem {
+            tokens: &a[got.tokens..],
+            cache: &mut again,
+            want_logits: true,
+        },
+    ];
+    let l = m.forward(&mut items).unwrap().unwrap();
+    assert_eq!(bits(&model::row(&l, 1).unwrap()), bits(&want), "in a batch");
+
+    // The cache never restores the last prompt token (its logits are needed).
+    let mut whole = KvCache::new(&m, b.len()).unwrap();
+    let got = prefix.restore(&b, b.len() - 1, &mut whole).unwrap();
+    assert!(got.tokens < b.len());
+}
+
+/// A seeded, sampled request gives the same text with the prefix cache as
+/// without it, on a miss and on hits; the hits say how many prompt tokens
+/// they skipped, and the metrics count them.
+#[tokio::test]
+async fn seeded_request_is_the_same_with_and_without_the_prefix_cache() {
+    let (Some(plain), Some(cached)) = (engine(), cached_engine().await) else {
+        return;
+    };
+    let cached = &cached;
+    let sys = system_prompt();
+    let req = |q: &str| {
+        GenerationRequest::chat(vec![
+            ChatMessage::new("system", &sys),
+            ChatMessage::new("user", q),
+        ])
+        .temperature(0.8)
+        .top_p(0.95)
+        .seed(77)
+        .max_tokens(24)
+    };
+    let q = "Tell me about zone 3.";
+    let want = run(plain, req(q)).await;
+    let m = cached.metrics();
+    let lookups = m.prefix_cache_lookups.load(Ordering::Relaxed);
+    let hits = m.prefix_cache_hits.load(Ordering::Relaxed);
+    // Another question first: the system prompt is then cached.
+    run_cached(cached, req("What is zone 5?")).await;
+    let (first, first_cached) = run_cached(cached, req(q)).await;
+    let (second, second_cached) = run_cached(cached, req(q)).await;
+    assert_eq!(first, want);
+    assert_eq!(second, want);
+    assert!(
+        first_cached > 100,
+        "the system prompt is reused: {first_cached}"
+    );
+    assert_eq!(first_cached % 32, 0);
+    // The second time the whole prompt and the reply before are cached,
+    // all but the last partial block.
+    assert!(second_cached >= first_cached);
+    assert!(second_cached < want.prompt_tokens);
+    assert!(want.prompt_tokens - second_cached <= 32, "{second_cached}");
+    assert_eq!(m.prefix_cache_lookups.load(Ordering::Relaxed), lookups + 3);
+    assert_eq!(m.prefix_cache_hits.load(Ordering::Relaxed), hits + 2);
+    let text = m.render_prometheus("m");
+    for name in [
+        "sgl_prefix_cache_lookups_total",
+        "sgl_prefix_cache_hits_total",
+        "sgl_prefix_cache_tokens_total",
+        "sgl_prefix_cache_hit_ratio",
+        "sgl_prefix_cache_bytes",
+    ] {
+        assert!(text.contains(name), "{name} missing");
+    }
+}
+
+/// A chat's next turn resends the first turn's prompt and reply: the cache
+/// holds the reply's rows too, and every turn answers as without the cache.
+#[tokio::test]
+async fn multi_turn_chat_reuses_the_previous_turn() {
+    let (Some(plain), Some(cached)) = (engine(), cached_engine().await) else {
+        return;
+    };
+    let cached = &cached;
+    let sys = format!("{} (Conversation about rivers.)", system_prompt());
+    let mut messages = vec![ChatMessage::new("system", &sys)];
+    let mut prev_prompt = 0;
+    for (turn, q) in ["Name a long river.", "Where does it flow?", "Thank you."]
+        .iter()
+        .enumerate()
+    {
+        messages.push(ChatMessage::new("user", q));
+        let req = GenerationRequest::chat(messages.clone())
+            .temperature(0.0)
+            .max_tokens(20);
+        let want = run(plain, req.clone()).await;
+        let (got, cached_tokens) = run_cached(cached, req).await;
+        assert_eq!(got, want, "turn {turn}");
+        if turn > 0 {
+            // At least the previous turn's prompt, to its last whole block.
+            assert!(
+                cached_tokens as usize >= prev_prompt / 32 * 32,
+                "turn {turn}: {cached_tokens} of {prev_prompt}"
+            );
+        }
+        prev_prompt = want.prompt_tokens as usize;
+        messages.push(ChatMessage::new("assistant", &got.text));
+    }
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    v.iter()
+        .enumerate()
+        .fold((0, f32::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b })
+        .0 as u32
 }

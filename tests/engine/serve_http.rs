@@ -146,7 +146,20 @@ async fn completions_errors_health_and_metrics() {
     assert!(s.role_first && s.done);
     assert_eq!(s.content, content);
     assert_eq!(s.finish.as_deref(), Some("stop"));
-    assert_eq!(s.usage.as_ref().unwrap(), u);
+    // The same counts; the second time the prompt's whole blocks but the
+    // last come from the prefix cache (on by default).
+    let su = s.usage.as_ref().unwrap();
+    for k in ["prompt_tokens", "completion_tokens", "total_tokens"] {
+        assert_eq!(su[k], u[k], "{k}");
+    }
+    assert_eq!(u["prompt_tokens_details"]["cached_tokens"], 0);
+    let prompt = u["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(
+        su["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap(),
+        (prompt - 1) / 32 * 32
+    );
 
     // Without include_usage there is no usage chunk; max_tokens gives length.
     let mut body = chat("Write a long essay about rivers.", 4);
@@ -252,6 +265,82 @@ async fn completions_errors_health_and_metrics() {
         .and_then(|n| n.parse().ok())
         .unwrap();
     assert!(completion > 0.0);
+}
+
+/// A second turn of a chat with a long system prompt: the answer says how
+/// many prompt tokens the prefix cache supplied, in JSON and in the stream's
+/// usage chunk, the text is the same as on the first, uncached turn, and
+/// `/metrics` counts the hits.
+#[tokio::test]
+async fn prefix_cache_reports_cached_tokens() {
+    if model_path().is_none() {
+        return;
+    }
+    let server = Server::start(&["--prefix-cache-mb", "32"]).await;
+    let base = &server.base;
+    let system = "You answer questions about a library. ".repeat(40);
+    let body = |q: &str| {
+        json!({
+            "model": MODEL_ID,
+            "messages": [
+                {"role": "system", "content": system},
+                {"role": "user", "content": q},
+            ],
+            "temperature": 0,
+            "max_tokens": 12,
+        })
+    };
+    let first: Value = post_chat(base, &body("When does it open?"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(first["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    let prompt = first["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(prompt > 200, "{first}");
+    let again: Value = post_chat(base, &body("When does it open?"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let cached = again["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(cached > 0 && cached < prompt && cached.is_multiple_of(32), "{again}");
+    assert_eq!(
+        again["choices"][0]["message"]["content"],
+        first["choices"][0]["message"]["content"]
+    );
+    assert_eq!(again["usage"]["prompt_tokens"], prompt);
+    // Another question after the same system prompt, streamed.
+    let r = post_chat(base, &streaming(body("Can I borrow ten books?"))).await;
+    let s = parse_stream(&r.text().await.unwrap());
+    let usage = s.usage.expect("a usage chunk");
+    assert!(
+        usage["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
+            >= 200
+    );
+
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{name}{{")))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from\n{text}"))
+    };
+    assert_eq!(value("sgl_prefix_cache_lookups_total"), 3.0);
+    assert_eq!(value("sgl_prefix_cache_hits_total"), 2.0);
+    assert!(value("sgl_prefix_cache_tokens_total") >= (cached + 200) as f64);
+    assert!((value("sgl_prefix_cache_hit_ratio") - 2.0 / 3.0).abs() < 1e-9);
+    assert!(value("sgl_prefix_cache_bytes") > 0.0);
 }
 
 #[tokio::test]

@@ -103,6 +103,40 @@ impl HostCache {
             b.resize(capacity * self.row, 0.0);
         }
     }
+
+    /// Floats positions take, all layers' K and V: the size of what
+    /// [`HostCache::export`] appends per position.
+    pub fn floats_per_position(&self) -> usize {
+        2 * self.k.len() * self.row
+    }
+
+    /// Append positions `from..from + n` to `out`, per layer its K rows then
+    /// its V rows. `None` where the cache does not hold them.
+    pub fn export(&self, from: usize, n: usize, out: &mut Vec<f32>) -> Option<()> {
+        let (a, b) = (from * self.row, (from + n) * self.row);
+        for (k, v) in self.k.iter().zip(&self.v) {
+            out.extend_from_slice(k.get(a..b)?);
+            out.extend_from_slice(v.get(a..b)?);
+        }
+        Some(())
+    }
+
+    /// Write what [`HostCache::export`] gave (any number of whole positions)
+    /// at position `at`. `None` where it does not fit.
+    pub fn import(&mut self, at: usize, data: &[f32]) -> Option<()> {
+        let per = self.floats_per_position();
+        if per == 0 || !data.len().is_multiple_of(per) {
+            return None;
+        }
+        let span = data.len() / per * self.row;
+        let a = at * self.row;
+        let mut parts = data.chunks_exact(span);
+        for (k, v) in self.k.iter_mut().zip(self.v.iter_mut()) {
+            k.get_mut(a..a + span)?.copy_from_slice(parts.next()?);
+            v.get_mut(a..a + span)?.copy_from_slice(parts.next()?);
+        }
+        Some(())
+    }
 }
 
 /// One sequence's part of a step.
