@@ -306,7 +306,10 @@ async fn prefix_cache_reports_cached_tokens() {
     let cached = again["usage"]["prompt_tokens_details"]["cached_tokens"]
         .as_u64()
         .unwrap();
-    assert!(cached > 0 && cached < prompt && cached.is_multiple_of(32), "{again}");
+    assert!(
+        cached > 0 && cached < prompt && cached.is_multiple_of(32),
+        "{again}"
+    );
     assert_eq!(
         again["choices"][0]["message"]["content"],
         first["choices"][0]["message"]["content"]
