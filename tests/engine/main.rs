@@ -8,6 +8,7 @@ mod engine_support;
 mod engine_backends;
 mod engine_device;
 mod engine_model;
+mod engine_qwen2;
 mod engine_safetensors;
 mod openai_sdk;
 mod serve_http;

@@ -9,16 +9,24 @@ use std::time::{Duration, Instant};
 
 pub const MODEL_ID: &str = "smollm2-135m";
 
+/// The Qwen2-architecture catalogue model, the second family under test.
+pub const QWEN2_MODEL_ID: &str = "qwen2.5-coder-0.5b";
+
 /// The cached SmolLM2 GGUF, or `None` (with the reason printed) when it is not
 /// there. With SGL_REQUIRE_MODEL=1 a missing model fails the test instead.
 pub fn model_path() -> Option<PathBuf> {
-    match sgl::node::model_cache::resolve(MODEL_ID) {
+    catalogue_model_path(MODEL_ID)
+}
+
+/// The cached GGUF of a catalogue model, as [`model_path`] for SmolLM2.
+pub fn catalogue_model_path(id: &str) -> Option<PathBuf> {
+    match sgl::node::model_cache::resolve(id) {
         Ok(m) => Some(m.path),
         Err(e) => {
             if std::env::var("SGL_REQUIRE_MODEL").as_deref() == Ok("1") {
                 panic!("SGL_REQUIRE_MODEL=1 but the model is missing: {e}");
             }
-            eprintln!("skipping: {e} (run `sgl model fetch {MODEL_ID}`)");
+            eprintln!("skipping: {e} (run `sgl model fetch {id}`)");
             None
         }
     }
