@@ -317,6 +317,35 @@ impl ConnTask {
     }
 }
 
+/// An error response that is not JSON (axum's own: 404, 405, a body limit)
+/// in the OpenAI error shape; anything else as it is. The OpenAI-compatible
+/// servers (the node's local server, `sgl proxy`) map every response
+/// through it, so a client's SDK can always parse an error.
+pub async fn openai_json_edge(resp: axum::response::Response) -> axum::response::Response {
+    use axum::http::{header, StatusCode};
+    use axum::response::IntoResponse;
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.contains("json"));
+    if is_json || !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let (kind, code) = match status {
+        StatusCode::METHOD_NOT_ALLOWED => ("invalid_request_error", "method_not_allowed"),
+        StatusCode::PAYLOAD_TOO_LARGE => ("invalid_request_error", "request_too_large"),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ("invalid_request_error", "unsupported_media_type"),
+        StatusCode::NOT_FOUND => ("invalid_request_error", "not_supported"),
+        s if s.is_server_error() => ("server_error", "internal_error"),
+        _ => ("invalid_request_error", "invalid_request"),
+    };
+    let message = status.canonical_reason().unwrap_or("error").to_lowercase();
+    let body = crate::proto::openai::ErrorResponse::new(message, kind, code);
+    (status, axum::Json(body)).into_response()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -146,7 +146,9 @@ pub fn router(state: Arc<LocalState>, max_body_bytes: usize) -> Router {
         .route(routes::METRICS, get(metrics))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .fallback(not_supported)
-        .layer(axum::middleware::map_response(json_edge))
+        .layer(axum::middleware::map_response(
+            crate::http::openai_json_edge,
+        ))
         .with_state(state)
 }
 
@@ -158,30 +160,6 @@ async fn not_supported(method: axum::http::Method, uri: axum::http::Uri) -> Resp
         "not_supported",
         format!("{method} {path} is not served here"),
     )
-}
-
-/// An error response that is not JSON (axum's own: 405, a body limit) in
-/// the OpenAI shape; anything else as it is.
-async fn json_edge(resp: Response) -> Response {
-    let status = resp.status();
-    let is_json = resp
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.contains("json"));
-    if is_json || !(status.is_client_error() || status.is_server_error()) {
-        return resp;
-    }
-    let (kind, code) = match status {
-        StatusCode::METHOD_NOT_ALLOWED => ("invalid_request_error", "method_not_allowed"),
-        StatusCode::PAYLOAD_TOO_LARGE => ("invalid_request_error", "request_too_large"),
-        StatusCode::UNSUPPORTED_MEDIA_TYPE => ("invalid_request_error", "unsupported_media_type"),
-        StatusCode::NOT_FOUND => ("invalid_request_error", "not_supported"),
-        s if s.is_server_error() => ("server_error", "internal_error"),
-        _ => ("invalid_request_error", "invalid_request"),
-    };
-    let message = status.canonical_reason().unwrap_or("error").to_lowercase();
-    error(status, kind, code, message)
 }
 
 /// Serve on `listener` until `shutdown` resolves. With [`Source::Engine`] the
