@@ -319,7 +319,9 @@ async fn two_nodes_route_to_the_cheaper_and_list_it_first() {
 /// job's result arrives, a moment before the node's job task ends; a job
 /// pushed in that gap finds every slot of the node still busy. It must start
 /// when the slot frees, not wait for the next heartbeat's re-offer: with
-/// heartbeats every 30 s, every request here finishes within seconds.
+/// heartbeats every 30 s, every request here finishes within seconds. The
+/// gap is narrow; 1,000 requests meet it (without the fix, one of them
+/// stalled within the first few hundred when this test was written).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_pushed_while_every_slot_is_busy_starts_when_one_frees() {
     let base = start(Config {
@@ -336,7 +338,7 @@ async fn a_job_pushed_while_every_slot_is_busy_starts_when_one_frees() {
     for c in 0..4 {
         let (http, base) = (http.clone(), base.clone());
         clients.push(tokio::spawn(async move {
-            for i in 0..30 {
+            for i in 0..250 {
                 let body = json!({"model": MODEL, "max_tokens": 8,
                     "messages": [{"role": "user", "content": format!("client {c} request {i}")}]});
                 let sent = http
