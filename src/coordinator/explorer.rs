@@ -28,7 +28,7 @@ use axum::{Json, Router};
 use serde::Serialize;
 
 use super::metrics::{Totals, LATENCY_BOUNDS};
-use super::state::{Grid, Node};
+use super::state::Grid;
 use crate::attest::Check;
 use crate::proto::api::AttestationLevel;
 use crate::proto::routes;
@@ -225,18 +225,6 @@ pub struct Latency {
     pub p99_seconds: Option<f64>,
 }
 
-fn state_of(grid: &Grid, n: &Node, now: Instant) -> &'static str {
-    if n.level == AttestationLevel::None {
-        "unattested"
-    } else if n.off_grid {
-        "off_grid"
-    } else if !grid.is_online(n, now) {
-        "offline"
-    } else {
-        "active"
-    }
-}
-
 fn state_rank(state: &str) -> u8 {
     match state {
         "active" => 0,
@@ -266,7 +254,7 @@ async fn explorer_json(State(ex): State<Explorer>) -> Json<ExplorerResponse> {
     {
         let inner = grid.lock();
         for n in inner.nodes() {
-            let state = state_of(grid, n, now);
+            let state = super::metrics::node_state(grid, n, now);
             let busy = inner.load(&n.id);
             if state == "active" {
                 capacity.nodes_online += 1;

@@ -20,7 +20,7 @@ use axum::http::{header, HeaderValue, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use super::state::Grid;
+use super::state::{Grid, Node};
 use crate::metrics::{header as family, label_value, labels, Histogram, CONTENT_TYPE};
 use crate::proto::api::AttestationLevel;
 
@@ -303,6 +303,19 @@ pub async fn track(State(metrics): State<Arc<Metrics>>, req: Request, next: Next
     resp
 }
 
+/// A node's state as the metrics and the explorer name it.
+pub(super) fn node_state(grid: &Grid, n: &Node, now: Instant) -> &'static str {
+    if n.level == AttestationLevel::None {
+        "unattested"
+    } else if n.off_grid {
+        "off_grid"
+    } else if !grid.is_online(n, now) {
+        "offline"
+    } else {
+        "active"
+    }
+}
+
 /// The registry's nodes by state (`active`, `offline`, `off_grid`,
 /// `unattested`), TEE type and attestation level, as a gauge.
 fn render_nodes(grid: &Grid, out: &mut String) {
@@ -311,15 +324,7 @@ fn render_nodes(grid: &Grid, out: &mut String) {
         let inner = grid.lock();
         let now = Instant::now();
         for n in inner.nodes() {
-            let state = if n.level == AttestationLevel::None {
-                "unattested"
-            } else if n.off_grid {
-                "off_grid"
-            } else if !grid.is_online(n, now) {
-                "offline"
-            } else {
-                "active"
-            };
+            let state = node_state(grid, n, now);
             let level = serde_json::to_value(n.level)
                 .ok()
                 .and_then(|v| v.as_str().map(String::from))
