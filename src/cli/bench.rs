@@ -303,14 +303,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         decode: runs,
     };
     print_report(&report);
-    if let Some(path) = &args.json {
-        let s = serde_json::to_string_pretty(&report)?;
-        if path == "-" {
-            println!("{s}");
-        } else {
-            std::fs::write(path, s + "\n").with_context(|| format!("writing {path}"))?;
-        }
-    }
+    write_json(args.json.as_deref(), &report)?;
     Ok(())
 }
 
@@ -627,14 +620,7 @@ async fn compare(args: &BenchArgs, url: &str, other: &str) -> anyhow::Result<()>
             run.compared.url, run.concurrency, run.added_p50_ms, run.added_p99_ms
         );
     }
-    if let Some(path) = &args.json {
-        let text = serde_json::to_string_pretty(&report)?;
-        if path == "-" {
-            println!("{text}");
-        } else {
-            std::fs::write(path, text).with_context(|| format!("writing {path}"))?;
-        }
-    }
+    write_json(args.json.as_deref(), &report)?;
     Ok(())
 }
 
@@ -840,14 +826,7 @@ async fn multi_turn(args: &BenchArgs) -> anyhow::Result<()> {
         with_cache,
     };
     print_multi_turn(&report);
-    if let Some(path) = &args.json {
-        let s = serde_json::to_string_pretty(&report)?;
-        if path == "-" {
-            println!("{s}");
-        } else {
-            std::fs::write(path, s + "\n").with_context(|| format!("writing {path}"))?;
-        }
-    }
+    write_json(args.json.as_deref(), &report)?;
     Ok(())
 }
 
@@ -891,4 +870,16 @@ fn print_multi_turn(r: &MultiTurnReport) {
         "prefix cache     {} hits of {} lookups; wall {:.1}s without, {:.1}s with; same replies: {}",
         b.prefix_cache_hits, b.prefix_cache_lookups, a.wall_s, b.wall_s, r.same_replies
     );
+}
+
+/// Write a report as JSON to `path` (`-` for standard output), if asked.
+fn write_json(path: Option<&str>, report: &impl Serialize) -> anyhow::Result<()> {
+    let Some(path) = path else { return Ok(()) };
+    let s = serde_json::to_string_pretty(report)?;
+    if path == "-" {
+        println!("{s}");
+    } else {
+        std::fs::write(path, s + "\n").with_context(|| format!("writing {path}"))?;
+    }
+    Ok(())
 }
