@@ -12,8 +12,10 @@
 # whose user may create databases; default the test database's server),
 # REQUESTS (per concurrency, default 2000), CONCURRENCY (default 1,8),
 # CREDIT_BLOCK (quotes per reservation block, default 64; 0 = a hold per
-# request), CREDIT_BLOCK_IDLE_MS (default 2000), PORT_BASE (default 18180),
-# JSON (a file for the bench's JSON report). Build with --release for
+# request), CREDIT_BLOCK_IDLE_MS (default 2000), CREDIT_SETTLE
+# (before-answer, the coordinator's default, or after-answer), PORT_BASE (default 18180),
+# JSON (a file for the bench's JSON report), BILLED=0 (send no key: the
+# unbilled baseline on the same grid). Build with --release for
 # figures worth quoting.
 set -euo pipefail
 
@@ -23,6 +25,7 @@ REQUESTS=${REQUESTS:-2000}
 CONCURRENCY=${CONCURRENCY:-1,8}
 CREDIT_BLOCK=${CREDIT_BLOCK:-64}
 CREDIT_BLOCK_IDLE_MS=${CREDIT_BLOCK_IDLE_MS:-2000}
+CREDIT_SETTLE=${CREDIT_SETTLE:-before-answer}
 PORT_BASE=${PORT_BASE:-18180}
 COORD=127.0.0.1:$PORT_BASE
 LOCAL_PORT=$((PORT_BASE + 1))
@@ -50,6 +53,7 @@ DB="${PG%/*}/$db_name"
 # with a database, requests that carry an API key are billed to its credits.
 "$SGL" coordinator serve --dev --database-url "$DB" --listen "$COORD" \
     --credit-block "$CREDIT_BLOCK" --credit-block-idle-ms "$CREDIT_BLOCK_IDLE_MS" \
+    --credit-settle "$CREDIT_SETTLE" \
     >"$work/coordinator.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 1 100); do
@@ -64,20 +68,26 @@ curl -sf "http://$COORD/health" >/dev/null || { cat "$work/coordinator.log" >&2;
 pids+=($!)
 "$SGL" node serve --engine echo --port "$LOCAL_PORT" >"$work/local.log" 2>&1 &
 pids+=($!)
+# The status is read whole before it is searched: `grep -q` would close
+# the pipe early, and pipefail would count that as a failure.
+active() { "$SGL" node status --config-dir "$work/node" --json 2>/dev/null | grep -c '"active"' >/dev/null; }
 for _ in $(seq 1 150); do
-    "$SGL" node status --config-dir "$work/node" --json 2>/dev/null | grep -q '"active"' && break
+    active && break
     sleep 0.2
 done
-"$SGL" node status --config-dir "$work/node" --json | grep -q '"active"' \
-    || { cat "$work/node.log" >&2; exit 1; }
+active || { cat "$work/node.log" >&2; exit 1; }
 
 KEY=$("$SGL" coordinator keys create --wallet "$PAYER" --label bench --database-url "$DB" | tr -d '[:space:]')
 "$SGL" coordinator credits grant --wallet "$PAYER" --amount 1000 --database-url "$DB" >/dev/null
 
 json_args=()
 [ -n "${JSON:-}" ] && json_args=(--json "$JSON")
+key_args=(--api-key "$KEY")
+# BILLED=0: the same grid and database, requests without the key (free in
+# development mode): the baseline billing is measured against.
+[ "${BILLED:-1}" = 0 ] && key_args=()
 "$SGL" bench --url "http://127.0.0.1:$LOCAL_PORT" --compare-url "http://$COORD" \
-    --api-key "$KEY" --requests "$REQUESTS" --concurrency "$CONCURRENCY" "${json_args[@]}"
+    "${key_args[@]}" --requests "$REQUESTS" --concurrency "$CONCURRENCY" "${json_args[@]}"
 
 echo
 echo "credits of the paying wallet after the run:"

@@ -259,6 +259,22 @@ pub struct ServeArgs {
         value_name = "MS"
     )]
     pub credit_block_idle_ms: u64,
+    /// When a credit-paid answer is released: `before-answer` (the default)
+    /// withholds it until its settlement batch commits, so every answer
+    /// delivered is billed; `after-answer` releases it at once and commits
+    /// the batch behind it, taking a database commit off every request's
+    /// path. Either way the ledger stays exact after a crash; with
+    /// `after-answer` a crash between an answer and its batch's commit
+    /// (milliseconds) leaves that answer unpaid to the operator, never
+    /// overcharges the client. Needs --credit-block above 0.
+    #[arg(
+        long,
+        env = "SGL_CREDIT_SETTLE",
+        value_enum,
+        default_value_t = sgl::payments::reservations::SettleOrder::BeforeAnswer,
+        value_name = "ORDER"
+    )]
+    pub credit_settle: sgl::payments::reservations::SettleOrder,
     /// Attestation policy (TOML); default: the one shipped in attestation/policy.toml.
     #[arg(long, value_name = "FILE")]
     pub policy: Option<PathBuf>,
@@ -920,10 +936,18 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     extra = extra.merge(sgl::compute::exec::http::router(x));
                 }
             }
+            if args.credit_block == 0
+                && args.credit_settle == sgl::payments::reservations::SettleOrder::AfterAnswer
+            {
+                anyhow::bail!(
+                    "--credit-settle after-answer needs credit blocks (--credit-block above 0)"
+                );
+            }
             if let (Some(p), true) = (&payments, args.credit_block > 0) {
                 p.enable_reservations(sgl::payments::reservations::ReserveConfig {
                     block_quotes: args.credit_block,
                     idle: Duration::from_millis(args.credit_block_idle_ms),
+                    order: args.credit_settle,
                     ..Default::default()
                 });
             }

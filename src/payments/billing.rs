@@ -412,6 +412,24 @@ impl Charge {
                 };
                 let wallet = ticket.wallet().clone();
                 let priced_row = usage.map(|u| priced(u, charged));
+                if r.answers_first() {
+                    // The answer goes now; the batch commits behind it.
+                    let unpaid = priced_row.as_ref().map(|u| UsageRow {
+                        status: "failed".into(),
+                        ..priced(u.clone(), Micros::ZERO)
+                    });
+                    let queued = r.settle_queued(ticket, charged, &self.reference, priced_row)?;
+                    let store = payments.store().clone();
+                    tokio::spawn(settled_behind(queued, store, unpaid));
+                    return Ok(Receipt {
+                        charged,
+                        transaction: None,
+                        headers: HeaderMap::new(),
+                        balance: None,
+                        unrecorded: None,
+                        refunded: None,
+                    });
+                }
                 let balance = match r
                     .settle(ticket, charged, &self.reference, priced_row)
                     .await?
@@ -617,6 +635,31 @@ impl Split {
             stakers,
             burn,
         }
+    }
+}
+
+/// Wait for a settlement queued behind its answer
+/// ([`super::reservations::SettleOrder::AfterAnswer`]). One that was
+/// refused (its block lapsed and the balance could not pay) or could not be
+/// written charged nothing: its job keeps a usage row saying so, as a
+/// settlement that fails before the answer does.
+async fn settled_behind(
+    queued: super::reservations::Queued,
+    store: crate::store::Store,
+    unpaid: Option<UsageRow>,
+) {
+    let why = match queued.written().await {
+        Ok(BlockSettled::Refused) => "the reservation lapsed and the balance could not pay".into(),
+        Ok(_) => return,
+        Err(e) => e.to_string(),
+    };
+    let Some(row) = unpaid else {
+        tracing::error!(why = %why, "an answered request went unpaid");
+        return;
+    };
+    tracing::error!(job_id = %row.job_id, why = %why, "an answered request went unpaid");
+    if let Err(e) = store.record_usage(&row).await {
+        tracing::error!(job_id = %row.job_id, error = %e, "could not record usage");
     }
 }
 

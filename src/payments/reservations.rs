@@ -23,9 +23,12 @@
 //!   block, the hold and the wallet's `held` drop by the sum of the costs
 //!   and `total_spent` rises by it, each job with its ledger and usage
 //!   rows. While one batch commits the next one gathers, so a busy wallet
-//!   costs one transaction per batch, not two row locks per request. The
-//!   caller waits for its batch to commit: an answer is released only once
-//!   its bill is durable, as with per-request holds.
+//!   costs one transaction per batch, not two row locks per request. By
+//!   default the caller waits for its batch to commit: an answer is
+//!   released only once its bill is durable, as with per-request holds.
+//!   With [`SettleOrder::AfterAnswer`] it does not wait
+//!   ([`Reservations::settle_queued`]): the answer goes at once and the
+//!   batch commits behind it, taking the commit off the request's path.
 //! - **Give-back.** A block with no request in flight and nothing queued
 //!   is given back (its rest released to the balance, the hold closed):
 //!   with [`ReserveConfig::idle`] zero, in the transaction that settles its
@@ -52,11 +55,13 @@
 //! deposited (everything admitted came out of the balance first); what is
 //! lost is the operator's pay for the answers of the last batch, which the
 //! caller had not yet released (it waits for the commit), except where the
-//! connection delivered them anyway. A block whose lease lapsed while the
+//! connection delivered them anyway (always, with
+//! [`SettleOrder::AfterAnswer`]). A block whose lease lapsed while the
 //! process lived (the database was unreachable for a whole lease) is found
 //! closed at the next settlement: its jobs are then charged from the
 //! balance when it covers them, refused otherwise (their answers
-//! withheld), and the block is forgotten.
+//! withheld, or with [`SettleOrder::AfterAnswer`] recorded as failed and
+//! unpaid), and the block is forgotten.
 //!
 //! # Durability
 //!
@@ -87,6 +92,25 @@ pub struct ReserveConfig {
     pub idle: Duration,
     /// The most jobs one settlement transaction writes.
     pub max_batch: usize,
+    /// Whether an answer waits for its batch to commit.
+    pub order: SettleOrder,
+}
+
+/// When a request's answer is released relative to the commit of its
+/// settlement. Either way the ledger stays exact after a crash (see the
+/// module comment); what differs is who bears the last batch: with
+/// [`SettleOrder::BeforeAnswer`] an answer is withheld until it is billed,
+/// with [`SettleOrder::AfterAnswer`] it is released at once and the batch
+/// commits behind it, so a crash in between delivers those answers unpaid
+/// (the operator's loss, never the client's) and a request costs no commit
+/// on its own path.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum SettleOrder {
+    /// The answer waits for its batch's commit.
+    #[default]
+    BeforeAnswer,
+    /// The answer goes at once; its batch commits behind it.
+    AfterAnswer,
 }
 
 impl Default for ReserveConfig {
@@ -95,6 +119,7 @@ impl Default for ReserveConfig {
             block_quotes: 64,
             idle: Duration::ZERO,
             max_batch: 256,
+            order: SettleOrder::BeforeAnswer,
         }
     }
 }
@@ -168,6 +193,21 @@ impl std::fmt::Debug for Msg {
             Msg::Settle(_) => "Settle",
             Msg::Close(_) => "Close",
         })
+    }
+}
+
+/// A settlement handed to the writer; it is written (or refused) whether
+/// or not anyone waits for it, and [`Reservations::close`] writes it before
+/// the process ends.
+#[derive(Debug)]
+pub struct Queued(oneshot::Receiver<Result<BlockSettled, StoreError>>);
+
+impl Queued {
+    /// How its batch ended.
+    pub async fn written(self) -> Result<BlockSettled, StoreError> {
+        self.0.await.unwrap_or(Err(StoreError::Corrupt(
+            "the settlement writer has stopped",
+        )))
     }
 }
 
@@ -382,14 +422,35 @@ impl Reservations {
     /// (nothing of it was; the quote is free again).
     pub async fn settle(
         &self,
-        mut ticket: Ticket,
+        ticket: Ticket,
         charged: Micros,
         reference: &str,
         usage: Option<UsageRow>,
     ) -> Result<BlockSettled, StoreError> {
+        self.settle_queued(ticket, charged, reference, usage)?
+            .written()
+            .await
+    }
+
+    /// Whether answers go before their settlement commits
+    /// ([`SettleOrder::AfterAnswer`]).
+    pub fn answers_first(&self) -> bool {
+        self.cfg.order == SettleOrder::AfterAnswer
+    }
+
+    /// Queue a request's settlement as [`Reservations::settle`] does,
+    /// without waiting for its batch: the cost has left the block's free
+    /// part in memory, and [`Queued::written`] tells how the batch ended.
+    pub fn settle_queued(
+        &self,
+        mut ticket: Ticket,
+        charged: Micros,
+        reference: &str,
+        usage: Option<UsageRow>,
+    ) -> Result<Queued, StoreError> {
         let charged = charged.min(ticket.amount);
         ticket.end(Micros(ticket.amount.0 - charged.0), true);
-        self.queue_item(&ticket, charged, reference, usage).await
+        self.enqueue(&ticket, charged, reference, usage)
     }
 
     /// A request that charges nothing: its quote is free again at once,
@@ -417,6 +478,18 @@ impl Reservations {
         reference: &str,
         usage: Option<UsageRow>,
     ) -> Result<BlockSettled, StoreError> {
+        self.enqueue(ticket, charged, reference, usage)?
+            .written()
+            .await
+    }
+
+    fn enqueue(
+        &self,
+        ticket: &Ticket,
+        charged: Micros,
+        reference: &str,
+        usage: Option<UsageRow>,
+    ) -> Result<Queued, StoreError> {
         let (reply, rx) = oneshot::channel();
         let item = Item {
             charge: BlockCharge {
@@ -435,9 +508,7 @@ impl Reservations {
             undo(&item);
             return Err(StoreError::Corrupt("the settlement writer has stopped"));
         }
-        rx.await.unwrap_or(Err(StoreError::Corrupt(
-            "the settlement writer has stopped",
-        )))
+        Ok(Queued(rx))
     }
 
     /// Write everything queued and give every block back (shutdown).

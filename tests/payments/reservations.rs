@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use axum::http::{HeaderMap, HeaderValue, Method, Uri};
 use sgl::money::{Micros, MicrosPerM};
 use sgl::payments::billing::ChargeRefused;
-use sgl::payments::reservations::{Reservations, ReserveConfig};
+use sgl::payments::reservations::{Reservations, ReserveConfig, SettleOrder};
 use sgl::payments::{PaymentError, Payments, PaymentsConfig, RequestParts};
 use sgl::store::{BlockSettled, Store, UsageRow, WalletId};
 
@@ -82,7 +82,19 @@ async fn no_open_holds(store: &Store) {
 /// usage row; nothing is overdrawn and the ledger is exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_thousand_concurrent_charges_race_one_wallet_to_zero() {
-    each_backend("rsvrace", |t: TestStore| async move {
+    race_to_zero("rsvrace", SettleOrder::BeforeAnswer).await;
+}
+
+/// The same race with answers released before their batches commit
+/// (`--credit-settle after-answer`): once the batches are written the
+/// ledger is the same to the micro-unit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_thousand_charges_answered_before_their_commit_race_to_zero() {
+    race_to_zero("rsvracea", SettleOrder::AfterAnswer).await;
+}
+
+async fn race_to_zero(tag: &'static str, order: SettleOrder) {
+    each_backend(tag, move |t: TestStore| async move {
         let store = t.store.clone();
         let payer = wallet("0x5151000000000000000000000000000000000051");
         let deposit = Micros(250 * QUOTE.0 + QUOTE.0 / 2);
@@ -91,6 +103,7 @@ async fn a_thousand_concurrent_charges_race_one_wallet_to_zero() {
         // Small blocks: many growths race the admissions.
         p.enable_reservations(ReserveConfig {
             block_quotes: 8,
+            order,
             ..Default::default()
         });
         let (key, _) = p.create_api_key(&payer, "race").await.unwrap();
