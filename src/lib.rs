@@ -14,6 +14,8 @@
 //! - [`store`]: database access, SQLite and PostgreSQL.
 //! - [`money`], [`clock`], [`timefmt`]: integer USD micro-units, the
 //!   injectable wall clock and time formats, shared by every room.
+//! - [`openapi`]: the OpenAPI 3.1 documents of the coordinator and the
+//!   node's local server, from the wire types.
 //! - [`private_file`]: owner-only files and directories (keys, databases).
 #![deny(unsafe_code)]
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -35,6 +37,7 @@ pub mod http;
 pub mod metrics;
 pub mod money;
 pub mod node;
+pub mod openapi;
 #[cfg(feature = "payments")]
 pub mod payments;
 pub mod private_file;

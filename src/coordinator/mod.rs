@@ -39,8 +39,8 @@ pub use state::{Config, Grid};
 use crate::proto::routes;
 
 /// The whole HTTP surface: the client API and the node API, each with its
-/// error shape (PROTOCOL.md §1.5), the grid explorer, and `not_supported`
-/// for any other route.
+/// error shape (PROTOCOL.md §1.5), the grid explorer, the OpenAPI document,
+/// and `not_supported` for any other route.
 pub fn router(grid: Grid) -> Router {
     let payments = grid.payments.clone();
     let client: Router = client_routes()
@@ -105,6 +105,7 @@ fn client_routes() -> Router<Grid> {
         .route(routes::ATTESTATION_POLICY, get(market::policy::policy))
         .route(routes::HEALTH, get(|| async { "ok" }))
         .route(routes::METRICS, get(metrics::scrape))
+        .merge(crate::openapi::router(crate::openapi::coordinator()))
 }
 
 /// The node API (§6).

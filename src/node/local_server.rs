@@ -144,6 +144,7 @@ pub fn router(state: Arc<LocalState>, max_body_bytes: usize) -> Router {
         .route(routes::MODELS, get(models))
         .route(routes::HEALTH, get(health))
         .route(routes::METRICS, get(metrics))
+        .merge(crate::openapi::router(crate::openapi::node()))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .fallback(not_supported)
         .layer(axum::middleware::map_response(

@@ -16,7 +16,7 @@ use super::openai::Usage;
 // ------------------------------------------------------------ errors (§1.5)
 
 /// The node API error body: `{"error": "<message>", "code": "<code>"}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NodeError {
     pub error: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -26,7 +26,7 @@ pub struct NodeError {
 // ------------------------------------------------------- client API (§5)
 
 /// `POST /v1/reserve` request (§5.1).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ReserveRequest {
     #[serde(default)]
     pub model: Option<String>,
@@ -46,7 +46,7 @@ pub struct ReserveRequest {
 }
 
 /// `POST /v1/reserve` response (§5.1, §7c).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ReserveResponse {
     pub reservation_token: String,
     pub node_id: String,
@@ -66,7 +66,7 @@ pub struct ReserveResponse {
 }
 
 /// How far a node's attestation reaches (§7a).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum AttestationLevel {
     Hardware,
@@ -76,7 +76,7 @@ pub enum AttestationLevel {
 }
 
 /// Sealed-mode `POST /v1/chat/completions` body (§5.3).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SealedChatRequest {
     pub reservation_token: String,
     pub enc: EncEnvelope,
@@ -89,7 +89,7 @@ pub struct SealedChatRequest {
 }
 
 /// Sealed-mode non-stream response (§5.3.1).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SealedChatResponse {
     pub id: String,
     pub object: String,
@@ -109,7 +109,7 @@ pub struct SealedChatResponse {
 }
 
 /// One sealed SSE event of a sealed stream (§5.3.2).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SealedSseChunk {
     pub seq: u64,
     #[serde(rename = "final")]
@@ -131,7 +131,7 @@ pub struct SealedSseChunk {
 }
 
 /// The plaintext of a sealed non-stream reply (§3.5), compact JSON.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SealedReplyPlaintext {
     pub content: String,
     pub model: String,
@@ -141,7 +141,7 @@ pub struct SealedReplyPlaintext {
 }
 
 /// `GET /v1/providers` (§5.5).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ProvidersResponse {
     pub model: String,
     pub cluster: Option<String>,
@@ -149,7 +149,7 @@ pub struct ProvidersResponse {
     pub providers: Vec<Provider>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Provider {
     pub node_id: String,
     pub input_per_m: f64,
@@ -164,7 +164,7 @@ pub struct Provider {
 }
 
 /// `GET /grid/capacity`: the union of the OPENAPI and SDK shapes (§5.7).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CapacityResponse {
     pub total_nodes: u64,
     pub active_nodes: u64,
@@ -193,7 +193,7 @@ pub struct CapacityResponse {
     pub models: Vec<ModelCapacity>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TeeTypeCapacity {
     pub tee_type: String,
     pub total_nodes: u64,
@@ -201,7 +201,7 @@ pub struct TeeTypeCapacity {
     pub available_nodes: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ModelCapacity {
     pub model: String,
     pub nodes: u64,
@@ -211,7 +211,7 @@ pub struct ModelCapacity {
 }
 
 /// A price pair in the camelCase of `GET /grid/nodes/{id}/prices` (§5.8).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PricePair {
     #[serde(rename = "inputPerM")]
     pub input_per_m: f64,
@@ -219,13 +219,13 @@ pub struct PricePair {
     pub output_per_m: f64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NodePricesResponse {
     pub node_id: String,
     pub prices: Vec<NodePriceEntry>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NodePriceEntry {
     pub model: String,
     pub reference: PricePair,
@@ -237,7 +237,7 @@ pub struct NodePriceEntry {
 }
 
 /// `POST /grid/nodes/{id}/prices`: set (`input_per_m`, `output_per_m`) or `reset`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SetPriceRequest {
     pub model: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -248,19 +248,19 @@ pub struct SetPriceRequest {
     pub reset: Option<bool>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SetPriceResponse {
     pub ok: bool,
     pub price: NodePriceEntry,
 }
 
 /// `GET /grid/models` (§5.9): always an object, never a bare array.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GridModelsResponse {
     pub models: Vec<GridModel>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GridModel {
     pub id: String,
     pub owned_by: String,
@@ -271,19 +271,19 @@ pub struct GridModel {
     pub extra: Map<String, Value>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GridModelPricing {
     pub price_per_1k_input_tokens_usd: f64,
     pub price_per_1k_output_tokens_usd: f64,
 }
 
 /// `GET /grid/pricing`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GridPricingResponse {
     pub pricing: Vec<GridPricingEntry>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GridPricingEntry {
     pub model: String,
     pub price_per_1k_input_tokens_usd: f64,
@@ -291,7 +291,7 @@ pub struct GridPricingEntry {
 }
 
 /// `GET /grid/jobs/{id}/attestation`: PYSDK's `AttestationProof` (§5.11).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AttestationProof {
     pub node_id: String,
     pub tee_type: String,
@@ -304,7 +304,7 @@ pub struct AttestationProof {
 }
 
 /// `GET /grid/nodes/{id}/attestation/evidence` (§7b).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EvidenceResponse {
     pub node_id: String,
     pub key_version: u32,
@@ -321,7 +321,7 @@ pub struct EvidenceResponse {
 // --------------------------------------------------------- node API (§6)
 
 /// `POST /grid/nodes/register` (§6.2).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RegisterRequest {
     pub wallet_address: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -340,14 +340,14 @@ pub struct RegisterRequest {
     pub supported_runtimes: Vec<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RegisterResponse {
     pub node_id: String,
     pub auth_token: String,
 }
 
 /// `POST /grid/nodes/{id}/challenge` response (§6.3).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ChallengeResponse {
     pub challenge: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -357,7 +357,7 @@ pub struct ChallengeResponse {
 }
 
 /// `POST /grid/nodes/{id}/verify-attestation` (§6.4, §7a).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct VerifyAttestationRequest {
     pub signature: String,
     pub encryption_public_key: String,
@@ -370,7 +370,7 @@ pub struct VerifyAttestationRequest {
     pub encryption_public_key_signature: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct VerifyAttestationResponse {
     pub verified: bool,
     pub status: String,
@@ -383,7 +383,7 @@ pub struct VerifyAttestationResponse {
 }
 
 /// The self-reported hardware facts (§6.4). Every field is the node's word.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HardwareReport {
     #[serde(default)]
     pub tee_type: String,
@@ -437,7 +437,7 @@ impl HardwareReport {
 
 /// TEE evidence (§7a). `report` is base64; `certs` (SEV-SNP) and `collateral`
 /// (TDX) are optional; `gpu` never changes the attestation level.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Evidence {
     pub format: String,
     pub report: String,
@@ -450,7 +450,7 @@ pub struct Evidence {
 }
 
 /// `POST /grid/nodes/heartbeat` (§6.5).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HeartbeatRequest {
     #[serde(default)]
     pub current_load: f64,
@@ -473,7 +473,7 @@ pub struct HeartbeatRequest {
     pub max_concurrent_jobs: u32,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Capabilities {
     #[serde(default)]
     pub streaming: bool,
@@ -484,7 +484,7 @@ pub struct Capabilities {
     pub signed_usage: Option<bool>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HeartbeatResponse {
     pub status: String,
     #[serde(default)]
@@ -496,7 +496,7 @@ pub struct HeartbeatResponse {
 }
 
 /// A job offered to a node (§6.5, §6.7).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PendingJob {
     pub id: String,
     pub job_type: String,
@@ -507,7 +507,7 @@ pub struct PendingJob {
 /// The sealed shape of `input_payload` (§6.7): the client's `enc` unchanged,
 /// the clear-text stream marker, and the token cap the payment was quoted
 /// for (§7f), nothing else.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SealedInputPayload {
     pub enc: EncEnvelope,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -565,7 +565,7 @@ pub enum WsMessage {
 }
 
 /// `POST /grid/jobs/{id}/complete` (§6.8): plain or sealed.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CompleteRequest {
     /// Plain form: the compact JSON text of the result (not encrypted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -584,7 +584,7 @@ pub struct CompleteRequest {
 }
 
 /// `POST /grid/jobs/{id}/chunk` (§6.9), or the abort `{"error": true}` (§6.10).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ChunkRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seq: Option<u64>,
@@ -622,14 +622,14 @@ impl ChunkRequest {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ChunkResponse {
     pub ok: bool,
     pub closed: bool,
 }
 
 /// `POST /grid/jobs/{id}/fail`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FailRequest {
     pub reason: String,
     /// Why, as a code: [`FAIL_BAD_SEALED_INPUT`] when the client's sealed
@@ -644,19 +644,19 @@ pub struct FailRequest {
 pub const FAIL_BAD_SEALED_INPUT: &str = "bad_sealed_input";
 
 /// `POST /grid/nodes/{id}/status`.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StatusRequest {
     pub off_grid: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StatusResponse {
     pub ok: bool,
     pub off_grid: bool,
 }
 
 /// `GET /grid/nodes/{id}` (§6.11).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NodeInfoResponse {
     pub status: String,
     pub attestation_verified: bool,
@@ -668,12 +668,12 @@ pub struct NodeInfoResponse {
 }
 
 /// `GET /grid/allowed-binaries`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AllowedBinaries {
     pub hashes: Vec<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct OkResponse {
     pub ok: bool,
 }
@@ -804,7 +804,7 @@ mod tests {
 /// integer micro-USD; `earned` is the operator share of `revenue`, and
 /// `unpaid` = `earned` − `paid` (it includes `in_payout_batch`, the part in
 /// a payout batch planned and not yet marked paid).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EarningsTotals {
     pub jobs: u64,
     pub prompt_tokens: u64,
@@ -817,7 +817,7 @@ pub struct EarningsTotals {
 }
 
 /// One UTC day of [`NodeEarningsResponse::by_day`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DayEarnings {
     /// `YYYY-MM-DD` (UTC).
     pub day: String,
@@ -826,7 +826,7 @@ pub struct DayEarnings {
 }
 
 /// One model of [`NodeEarningsResponse::by_model`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ModelEarnings {
     pub model: String,
     #[serde(flatten)]
@@ -836,7 +836,7 @@ pub struct ModelEarnings {
 /// `GET /grid/nodes/{id}/earnings?days=N`: the node's lifetime totals, and
 /// over the last `days` UTC days (today included) totals per day (days
 /// with usage only, oldest first) and per model.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NodeEarningsResponse {
     pub node_id: String,
     pub operator_wallet: String,

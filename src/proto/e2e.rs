@@ -96,7 +96,7 @@ fn truncate(s: &str) -> String {
 }
 
 /// The client's `enc` object (§3.4). Forwarded by the coordinator unchanged.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EncEnvelope {
     pub ciphertext: String,
     pub client_ephemeral_pubkey: String,
@@ -106,7 +106,7 @@ pub struct EncEnvelope {
 }
 
 /// The node's `sealed_result` (§3.5).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SealedResult {
     pub ciphertext: String,
     pub ephemeral_public_key: String,

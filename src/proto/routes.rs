@@ -65,6 +65,9 @@ pub const ALLOWED_BINARIES: &str = "/grid/allowed-binaries";
 pub const HEALTH: &str = "/health";
 /// `GET`: Prometheus metrics, on the coordinator and the node's local server.
 pub const METRICS: &str = "/metrics";
+/// `GET`: the server's OpenAPI 3.1 document, on the coordinator and the
+/// node's local server (`docs/openapi/`).
+pub const OPENAPI: &str = "/openapi.json";
 
 // ------------------------------------- grid explorer (an extension of §5)
 

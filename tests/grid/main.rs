@@ -18,6 +18,7 @@ mod grid_edges;
 mod grid_explorer;
 mod grid_faults;
 mod grid_node_kill;
+mod grid_openapi;
 mod grid_payouts;
 mod grid_prepaid;
 mod grid_prices;
