@@ -248,7 +248,10 @@ fn lits(g: &JsonGrammar, node: NodeId) -> &[Vec<u8>] {
     }
 }
 
-fn props(g: &JsonGrammar, node: NodeId) -> (&[(Vec<u8>, NodeId)], u64, Option<NodeId>) {
+/// An object's declared properties: each key's bytes and value node.
+type Props<'a> = &'a [(Vec<u8>, NodeId)];
+
+fn props(g: &JsonGrammar, node: NodeId) -> (Props<'_>, u64, Option<NodeId>) {
     match &g.nodes[node as usize] {
         SchemaNode::Object {
             props,
@@ -467,7 +470,7 @@ fn step(g: &JsonGrammar, stack: &mut Config, b: u8) -> bool {
                     SchemaNode::Array { items, min, max } => (*items, *min, *max),
                     _ => return false,
                 };
-                let room = max.map_or(true, |m| *count < m);
+                let room = max.is_none_or(|m| *count < m);
                 match (*phase, b) {
                     (ArrPhase::Open | ArrPhase::Next, b']') if *count >= min => {
                         stack.pop();
