@@ -41,6 +41,7 @@
 // thread team of the CPU forward, each use with its safety argument.
 #[allow(unsafe_code)]
 pub mod cpu;
+pub mod grammar;
 pub mod metrics;
 pub mod model;
 pub mod prefix;
@@ -51,13 +52,14 @@ pub mod template;
 pub mod tokenizer;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 pub use metrics::Metrics;
 pub use model::WeightFormat;
 pub use scheduler::{Engine, EngineHandle, EventReceiver, ModelInfo};
 
 use crate::proto::limits::DEFAULT_TEMPERATURE;
-use crate::proto::openai::{ChatCompletionRequest, ChatMessage, FinishReason};
+use crate::proto::openai::{ChatCompletionRequest, ChatMessage, FinishReason, JsonGrammar};
 
 /// Everything that can go wrong loading or running a model.
 #[derive(Debug, thiserror::Error)]
@@ -161,6 +163,9 @@ pub struct GenerationRequest {
     /// Keep generating past end-of-turn tokens (benchmarks want a fixed
     /// length). OpenAI has no such parameter; the server reads `ignore_eos`.
     pub ignore_eos: bool,
+    /// Constrained decoding (`response_format`): the completion is one JSON
+    /// value of this grammar, and generation ends when it is whole.
+    pub grammar: Option<Arc<JsonGrammar>>,
 }
 
 /// Caps on request parameters: the protocol's, which are OpenAI's where it
@@ -178,6 +183,7 @@ impl GenerationRequest {
             seed: None,
             stop: Vec::new(),
             ignore_eos: false,
+            grammar: None,
         }
     }
 
@@ -212,6 +218,12 @@ impl GenerationRequest {
         self
     }
 
+    /// Decode under `g` (see the [`grammar`](self::grammar) module).
+    pub fn grammar(mut self, g: Arc<JsonGrammar>) -> Self {
+        self.grammar = Some(g);
+        self
+    }
+
     /// The generation an OpenAI chat completion body asks for, with the
     /// protocol's defaults. The model name is the caller's business and is
     /// not checked here; nor are the request's limits, which
@@ -236,6 +248,7 @@ impl GenerationRequest {
                 .get("ignore_eos")
                 .and_then(|v| v.as_bool())
                 .unwrap_or(false),
+            grammar: req.response_grammar().map_err(|e| bad(e.to_string()))?,
         })
     }
 }

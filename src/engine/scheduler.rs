@@ -19,6 +19,7 @@ use candle_core::Device;
 use rand_core::{OsRng, RngCore};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
+use super::grammar::{Constraint, Vocab};
 use super::metrics::Metrics;
 use super::model::{self, KvCache, Model, StepItem};
 use super::prefix::PrefixCache;
@@ -30,7 +31,7 @@ use super::{
     SubmitError, MAX_STOP_LEN, MAX_STOP_SEQUENCES,
 };
 use crate::proto::limits::DEFAULT_MAX_TOKENS;
-use crate::proto::openai::{ChatMessage, FinishReason, ROLES};
+use crate::proto::openai::{ChatMessage, FinishReason, JsonGrammar, ROLES};
 
 /// The events of one request.
 pub type EventReceiver = UnboundedReceiver<GenerationEvent>;
@@ -150,6 +151,7 @@ impl Engine {
             prefill_chunk: cfg.prefill_chunk.max(1),
             active: Vec::new(),
             prefix,
+            vocab: None,
             #[cfg(test)]
             fault: fault.clone(),
         };
@@ -202,6 +204,7 @@ struct Job {
     params: SamplingParams,
     stop: Vec<String>,
     ignore_eos: bool,
+    grammar: Option<Arc<JsonGrammar>>,
     tx: UnboundedSender<GenerationEvent>,
     submitted: Instant,
 }
@@ -328,6 +331,7 @@ impl EngineHandle {
             },
             stop: req.stop,
             ignore_eos: req.ignore_eos,
+            grammar: req.grammar,
             tx,
             submitted: Instant::now(),
         };
@@ -370,6 +374,9 @@ struct Seq {
     rng: Rng,
     stop: Vec<String>,
     ignore_eos: bool,
+    /// `response_format`: the tokens allowed next, and whether the value is
+    /// whole.
+    constraint: Option<Constraint>,
     max_tokens: usize,
     tx: UnboundedSender<GenerationEvent>,
     submitted: Instant,
@@ -414,6 +421,8 @@ struct Worker {
     /// `None`: prefix caching is off (`prefix_cache_bytes` 0, or a backend
     /// whose KV rows are not copied).
     prefix: Option<PrefixCache>,
+    /// The vocabulary as bytes, made at the first constrained request.
+    vocab: Option<Arc<Vocab>>,
     #[cfg(test)]
     fault: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -491,6 +500,14 @@ impl Worker {
                 }
             };
             let cached = self.restore_prefix(&job.prompt, &mut cache);
+            let constraint = job.grammar.map(|g| {
+                let tok = &self.tokenizer;
+                let vocab = self
+                    .vocab
+                    .get_or_insert_with(|| Arc::new(Vocab::new(tok)))
+                    .clone();
+                Constraint::new(g, vocab)
+            });
             self.metrics
                 .prompt_tokens
                 .fetch_add(job.prompt.len() as u64, Ordering::Relaxed);
@@ -510,7 +527,9 @@ impl Worker {
                 rng: Rng::new(job.params.seed),
                 params: job.params,
                 stop: job.stop,
-                ignore_eos: job.ignore_eos,
+                // A grammar decides where the output ends.
+                ignore_eos: job.ignore_eos && constraint.is_none(),
+                constraint,
                 max_tokens: job.max_tokens,
                 tx: job.tx,
                 submitted: job.submitted,
@@ -634,7 +653,7 @@ impl Worker {
             if !want {
                 continue;
             }
-            let r = match logits.as_ref().map(|l| model::row(l, row)) {
+            let mut r = match logits.as_ref().map(|l| model::row(l, row)) {
                 Some(Ok(r)) => r,
                 Some(Err(e)) => {
                     s.send(GenerationEvent::Error {
@@ -652,7 +671,27 @@ impl Worker {
                 }
             };
             row += 1;
+            if let Some(c) = s.constraint.as_mut() {
+                if !c.mask(&mut r) {
+                    s.send(GenerationEvent::Error {
+                        message:
+                            "no token of this model's vocabulary continues the response_format"
+                                .into(),
+                    });
+                    s.gone = true;
+                    continue;
+                }
+            }
             let id = sampler::sample(&r, &s.params, &mut s.rng);
+            if let Some(c) = s.constraint.as_mut() {
+                if !c.accept(id) {
+                    s.send(GenerationEvent::Error {
+                        message: "internal error: the sampler left the response_format".into(),
+                    });
+                    s.gone = true;
+                    continue;
+                }
+            }
             match accept(s, id, &self.tokenizer, &self.metrics) {
                 Ok(Outcome::Continue) => {}
                 Ok(Outcome::Finished) => finished.push(i),
@@ -788,6 +827,11 @@ fn accept(
         let rest = s.held.split_off(keep);
         let out = std::mem::replace(&mut s.held, rest);
         s.emit(out);
+    }
+    // The JSON value is whole: nothing may follow it.
+    if s.constraint.as_ref().is_some_and(Constraint::is_complete) {
+        s.finish(FinishReason::Stop);
+        return Ok(Outcome::Finished);
     }
     if s.generated as usize >= s.max_tokens {
         s.finish(FinishReason::Length);

@@ -213,6 +213,11 @@ impl TextTokenizer {
         self.stop_ids = ids;
     }
 
+    /// The Hugging Face tokenizer underneath, for reading the vocabulary.
+    pub(crate) fn hf(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.vocab_size
     }

@@ -104,6 +104,9 @@ impl Executor for EngineExecutor {
         for s in &job.stop {
             req = req.stop(s.clone());
         }
+        if let Some(g) = &job.grammar {
+            req = req.grammar(g.clone());
+        }
         let mut events = self.engine.submit(req).map_err(|e| match e {
             SubmitError::QueueFull { .. } => ExecError::Busy,
             other => ExecError::Invalid(other.to_string()),

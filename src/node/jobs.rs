@@ -14,6 +14,8 @@
 //! `bad_sealed_input` ([`JobError::fail_code`]): the client's fault, not the
 //! node's.
 
+use std::sync::Arc;
+
 use thiserror::Error;
 
 use crate::proto::api::{
@@ -26,7 +28,7 @@ use crate::proto::identity::{NodeIdentity, X25519Public};
 pub use crate::proto::job::TextMessage as Message;
 use crate::proto::job::{JobParams, JobPayload};
 use crate::proto::limits::TOKENS_PER_CHUNK;
-use crate::proto::openai::{FinishReason, Usage};
+use crate::proto::openai::{FinishReason, JsonGrammar, Usage};
 use crate::proto::ProtoError;
 
 /// Why a job cannot run; the text goes to `/fail` as the reason.
@@ -74,6 +76,8 @@ pub struct ChatJob {
     pub top_p: Option<f64>,
     pub seed: Option<u64>,
     pub stop: Vec<String>,
+    /// `response_format`: the grammar the output follows.
+    pub grammar: Option<Arc<JsonGrammar>>,
     pub reply: Reply,
 }
 
@@ -182,6 +186,7 @@ fn chat_job(
         top_p,
         seed,
         stop,
+        grammar,
     } = payload
         .params()
         .map_err(|e| JobError::Invalid(e.to_string()))?;
@@ -194,6 +199,7 @@ fn chat_job(
         top_p,
         seed,
         stop,
+        grammar,
         reply,
     })
 }

@@ -18,7 +18,12 @@ use super::limits::{
     DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, MAX_MAX_TOKENS, MAX_STOP, MAX_TEMPERATURE,
     MIN_TEMPERATURE,
 };
-use super::openai::{check_messages, ChatCompletionRequest, ChatMessage, InvalidRequest};
+use std::sync::Arc;
+
+use super::openai::response_format::{self, ResponseFormatError};
+use super::openai::{
+    check_messages, ChatCompletionRequest, ChatMessage, InvalidRequest, JsonGrammar,
+};
 
 /// The payload of a chat job. Absent fields are not written, so a payload
 /// built for a public node carries only what §3.4 shows.
@@ -80,6 +85,11 @@ pub struct JobPayload {
         deserialize_with = "lenient::text"
     )]
     pub nonce: Option<String>,
+    /// sgl extension: OpenAI's `response_format`, as the client sent it.
+    /// Unlike the other extras a malformed one fails the job: ignoring it
+    /// would answer with text the client cannot parse.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_format: Option<Value>,
 }
 
 /// A message after §6.7: its role and its text.
@@ -101,6 +111,8 @@ pub struct JobParams {
     pub seed: Option<u64>,
     /// Non-empty strings, at most [`MAX_STOP`].
     pub stop: Vec<String>,
+    /// The grammar `response_format` asks for; `None` for plain text.
+    pub grammar: Option<Arc<JsonGrammar>>,
 }
 
 /// Why a job's payload cannot run; the node fails the job with this reason.
@@ -110,6 +122,8 @@ pub enum JobPayloadError {
     NoPrompt,
     #[error(transparent)]
     Messages(#[from] InvalidRequest),
+    #[error(transparent)]
+    ResponseFormat(#[from] ResponseFormatError),
 }
 
 /// A job's completion budget under §6.7: the one asked for, else the default,
@@ -155,6 +169,11 @@ impl JobPayload {
             stop: req.stop.as_ref().map(|s| s.to_vec()),
             stream: stream_nonce.map(|_| true),
             nonce: stream_nonce.map(String::from),
+            response_format: req
+                .extra
+                .get("response_format")
+                .filter(|v| !v.is_null())
+                .cloned(),
         }
     }
 
@@ -182,7 +201,12 @@ impl JobPayload {
             }],
             (None, None) => return Err(JobPayloadError::NoPrompt),
         };
+        let grammar = match &self.response_format {
+            Some(v) => response_format::parse(v)?,
+            None => None,
+        };
         Ok(JobParams {
+            grammar,
             messages,
             temperature: job_temperature(self.temperature),
             max_tokens: job_max_tokens(self.max_tokens.or(self.max_completion_tokens)),
@@ -372,5 +396,28 @@ mod tests {
         let j = back.params().unwrap();
         assert_eq!((j.max_tokens, j.stop.clone()), (64, vec!["x".to_string()]));
         assert!(back.wants_stream());
+    }
+
+    #[test]
+    fn response_format_travels_and_a_bad_one_fails_the_job() {
+        let req: ChatCompletionRequest = serde_json::from_value(json!({
+            "model": "m", "messages": [{"role": "user", "content": "hi"}],
+            "response_format": {"type": "json_object"}
+        }))
+        .unwrap();
+        let v = serde_json::to_value(JobPayload::from_openai(&req, 8, None)).unwrap();
+        assert_eq!(v["response_format"], json!({"type": "json_object"}));
+        let back: JobPayload = serde_json::from_value(v).unwrap();
+        assert!(back.params().unwrap().grammar.is_some());
+        let text = payload(json!({"prompt": "x", "response_format": {"type": "text"}}));
+        assert!(text.params().unwrap().grammar.is_none());
+        let bad = payload(
+            json!({"prompt": "x", "response_format": {"type": "json_schema",
+            "json_schema": {"name": "s", "schema": {"type": "string", "pattern": "a+"}}}}),
+        );
+        assert!(matches!(
+            bad.params(),
+            Err(JobPayloadError::ResponseFormat(_))
+        ));
     }
 }

@@ -11,9 +11,12 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+pub mod json_schema;
+pub mod response_format;
 mod unsupported;
 mod validate;
 
+pub use json_schema::JsonGrammar;
 pub use unsupported::{first_unsupported, Unsupported, UNSUPPORTED};
 pub use validate::{check_messages, InvalidRequest, ROLES};
 

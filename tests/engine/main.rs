@@ -7,6 +7,7 @@ mod engine_support;
 
 mod engine_backends;
 mod engine_device;
+mod engine_json;
 mod engine_model;
 mod engine_qwen2;
 mod engine_safetensors;

@@ -47,3 +47,34 @@ async fn openai_python_sdk_streams_and_non_streams() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `response_format` (`json_object`, `json_schema`) through the SDK, JSON and
+/// SSE: the output parses and validates with the `jsonschema` package.
+#[tokio::test]
+async fn openai_python_sdk_json_mode() {
+    if !openai_importable() || engine_support::model_path().is_none() {
+        return;
+    }
+    let server = engine_support::Server::start(&[]).await;
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/py/openai_json_mode_check.py"
+    );
+    let out = tokio::task::spawn_blocking({
+        let base = server.base.clone();
+        move || {
+            Command::new("python3")
+                .args([script, &base, engine_support::MODEL_ID])
+                .output()
+                .expect("run python3")
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "JSON mode check failed:\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -77,7 +77,6 @@ fn unsupported() -> Vec<(&'static str, Value)> {
         ("n", json!(2)),
         ("logprobs", json!(true)),
         ("top_logprobs", json!(2)),
-        ("response_format", json!({"type": "json_object"})),
         (
             "tools",
             json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]),

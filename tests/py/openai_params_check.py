@@ -19,7 +19,6 @@ def main() -> None:
     refused = {
         "n": {"n": 2},
         "logprobs": {"logprobs": True},
-        "response_format": {"response_format": {"type": "json_object"}},
         "tools": {"tools": [tool]},
         "tool_choice": {"tool_choice": "required"},
         "frequency_penalty": {"frequency_penalty": 0.5},

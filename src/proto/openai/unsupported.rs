@@ -5,7 +5,7 @@
 //!
 //! A value that asks for nothing beyond what the engine does anyway (OpenAI's
 //! default, such as `n: 1`, `logprobs: false` or
-//! `response_format: {"type": "text"}`) is accepted, and `null` always is,
+//! `tool_choice: "none"`) is accepted, and `null` always is,
 //! as OpenAI reads it as absent. When an engine learns a parameter, its row
 //! goes, together with [`crate::proto::job::JobPayload::from_openai`] learning
 //! to carry it.
@@ -13,7 +13,8 @@
 //! The parameters an engine does implement are the typed fields of
 //! [`super::ChatCompletionRequest`] (`model`, `messages`, `temperature`,
 //! `top_p`, `max_tokens`, `max_completion_tokens`, `seed`, `stop`, `stream`,
-//! `stream_options`). Request metadata that asks nothing of the engine
+//! `stream_options`), and `response_format`, checked by
+//! [`super::response_format`]. Request metadata that asks nothing of the engine
 //! (`user`, `metadata`, `safety_identifier`, `prompt_cache_key`) and keys that
 //! are not OpenAI's (the grid's `node`, `max_price`, `require_attestation`)
 //! are not in the table and are accepted, as is `parallel_tool_calls`, which
@@ -68,14 +69,6 @@ pub const UNSUPPORTED: &[Unsupported] = &[
         name: "top_logprobs",
         accepted: "0",
         is_noop: |v| v.as_u64() == Some(0),
-    },
-    Unsupported {
-        name: "response_format",
-        accepted: "{\"type\": \"text\"}",
-        is_noop: |v| {
-            v.as_object()
-                .is_some_and(|o| o.len() == 1 && o.get("type") == Some(&Value::from("text")))
-        },
     },
     Unsupported {
         name: "tools",

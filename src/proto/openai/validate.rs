@@ -10,7 +10,10 @@
 
 use thiserror::Error;
 
-use super::{ChatCompletionRequest, ChatMessage, ErrorResponse};
+use std::sync::Arc;
+
+use super::response_format::{self, ResponseFormatError};
+use super::{ChatCompletionRequest, ChatMessage, ErrorResponse, JsonGrammar};
 use crate::proto::limits::{
     DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, MAX_MAX_TOKENS, MAX_MESSAGES, MAX_MESSAGE_BYTES,
     MAX_STOP, MAX_STOP_LEN, MAX_TEMPERATURE, MIN_TEMPERATURE,
@@ -47,6 +50,10 @@ pub enum InvalidRequest {
     TooManyStops,
     #[error("stop sequences must be 1 to {MAX_STOP_LEN} bytes")]
     StopLength,
+    /// `response_format` is malformed or its schema uses what constrained
+    /// decoding does not follow; the parameter is the keyword at fault.
+    #[error("{0}")]
+    ResponseFormat(ResponseFormatError),
     #[error(
         "unsupported parameter: {param:?} is not implemented by this server's engine; send {accepted}, null, or leave it out"
     )]
@@ -87,6 +94,7 @@ impl InvalidRequest {
             InvalidRequest::MaxTokens => "max_tokens".into(),
             InvalidRequest::TooManyStops | InvalidRequest::StopLength => "stop".into(),
             InvalidRequest::Unsupported { param, .. } => (*param).into(),
+            InvalidRequest::ResponseFormat(e) => e.param(),
         }
     }
 
@@ -168,7 +176,17 @@ impl ChatCompletionRequest {
                 accepted: p.accepted,
             });
         }
+        self.response_grammar()?;
         Ok(())
+    }
+
+    /// The grammar `response_format` asks the output to follow; `None` for
+    /// plain text.
+    pub fn response_grammar(&self) -> Result<Option<Arc<JsonGrammar>>, InvalidRequest> {
+        match self.extra.get("response_format") {
+            None => Ok(None),
+            Some(v) => response_format::parse(v).map_err(InvalidRequest::ResponseFormat),
+        }
     }
 
     /// The completion budget: the one asked for, else [`DEFAULT_MAX_TOKENS`]
@@ -291,7 +309,6 @@ mod tests {
             ("n", json!(2)),
             ("logprobs", json!(true)),
             ("top_logprobs", json!(3)),
-            ("response_format", json!({"type": "json_object"})),
             (
                 "tools",
                 json!([{"type": "function", "function": {"name": "f"}}]),
@@ -331,6 +348,23 @@ mod tests {
             "parallel_tool_calls": true, "user": "u-1", "metadata": {"k": "v"},
         });
         assert_eq!(req(noops).validate(), Ok(()));
+    }
+
+    #[test]
+    fn response_format_is_checked_and_its_keywords_named() {
+        let with = |rf: serde_json::Value| req(json!({"messages": user(), "response_format": rf}));
+        assert!(with(json!({"type": "json_object"})).validate().is_ok());
+        let e = with(json!({"type": "json_schema", "json_schema": {"name": "x",
+            "schema": {"type": "object", "properties": {"n": {"type": "integer", "maximum": 3}}}}}))
+        .validate()
+        .unwrap_err();
+        assert_eq!(
+            (e.code(), e.param()),
+            ("invalid_request", "maximum".to_string())
+        );
+        assert!(e.to_string().contains("\"maximum\""), "{e}");
+        let e = with(json!({"type": "yaml"})).validate().unwrap_err();
+        assert_eq!(e.param(), "response_format");
     }
 
     #[test]
