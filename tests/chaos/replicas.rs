@@ -11,8 +11,9 @@
 //! - the killed replica's node is attached to another replica within two
 //!   heartbeats;
 //! - the ledger is exact: no hold left, each settled hold with its usage
-//!   row, the balance down by exactly the sum of the usage rows (the
-//!   killed replica's unsettled jobs are not billed at all).
+//!   row, the balance down by exactly the sum of the usage rows; the
+//!   killed replica's unsettled jobs are not billed at all (a job it
+//!   settled just before the kill may have lost its last bytes).
 //!
 //! Skipped without PostgreSQL unless SGL_REQUIRE_POSTGRES=1.
 #![cfg(all(feature = "coordinator", feature = "node", unix))]
@@ -140,6 +141,8 @@ struct Outcome {
     started: Instant,
     ended: Instant,
     done: bool,
+    /// Printed with the outcome when an assertion fails.
+    #[allow(dead_code)]
     why: String,
 }
 
@@ -294,9 +297,11 @@ async fn a_replica_killed_under_load_loses_only_its_own_streams() {
 
     // SIGKILL the replica holding node 1, mid-stream.
     let mut killed = replicas[0].take().unwrap();
+    let kill_sent = Instant::now();
     killed.0.kill().unwrap();
-    let killed_at = Instant::now();
     killed.0.wait().unwrap();
+    // Reaped: its sockets are closed from here on.
+    let killed_at = Instant::now();
     drop(killed);
 
     // Node 1 attaches to another replica within two heartbeats.
@@ -329,7 +334,7 @@ async fn a_replica_killed_under_load_loses_only_its_own_streams() {
     }
     let outcomes = outcomes.lock().unwrap().clone();
     let on = |t: usize| outcomes.iter().filter(move |o| o.target == t);
-    let open_at_kill = |o: &&Outcome| o.started < killed_at && o.ended >= killed_at;
+    let open_at_kill = |o: &&Outcome| o.started < kill_sent && o.ended >= kill_sent;
     // The killed replica's open streams ended with an error.
     let cut: Vec<&Outcome> = on(0).filter(open_at_kill).collect();
     assert!(!cut.is_empty(), "no stream was open on the killed replica");
@@ -361,10 +366,17 @@ async fn a_replica_killed_under_load_loses_only_its_own_streams() {
     let store = ledger::open(&url).await;
     ledger::wait_no_open_holds(&store, Duration::from_secs(60)).await;
     let billed = ledger::audit(&store, PAYER, deposited).await;
+    // Every billed job was streamed to its client, but for a settlement
+    // the killed replica committed just before its last bytes were sent.
     let finished = outcomes.iter().filter(|o| o.done).count();
+    let cut_anywhere = outcomes
+        .iter()
+        .filter(open_at_kill)
+        .filter(|o| !o.done)
+        .count();
     assert!(
-        billed <= finished,
-        "{billed} jobs billed, only {finished} streams finished"
+        billed <= finished + cut_anywhere,
+        "{billed} jobs billed, {finished} streams finished, {cut_anywhere} cut"
     );
     store.close().await;
     drop(replicas);

@@ -118,10 +118,13 @@ impl Grid {
     pub fn adopt(&self, node_id: &NodeId, doc: Option<&str>) -> bool {
         let mut inner = self.lock();
         if let Some(n) = inner.nodes.get_mut(node_id) {
-            if let Some(doc) = doc {
-                n.refresh(doc);
-            }
-            if n.remote.take().is_some() {
+            // A node held here is newer in memory than in the store (its
+            // document is written behind): only a mirror takes the store's.
+            if n.remote.is_some() {
+                if let Some(doc) = doc {
+                    n.refresh(doc);
+                }
+                n.remote = None;
                 tracing::info!(%node_id, "node adopted from another replica");
             }
             return true;
