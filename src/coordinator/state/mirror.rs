@@ -168,7 +168,7 @@ impl Grid {
                 continue;
             };
             seen.insert(id);
-            if !inner.nodes.contains_key(&id) {
+            if let std::collections::hash_map::Entry::Vacant(slot) = inner.nodes.entry(id) {
                 // Silent until its holder reports it attached.
                 let stale = now
                     .checked_sub(
@@ -177,7 +177,7 @@ impl Grid {
                     .unwrap_or(now);
                 match Node::from_doc(&r.node_id, &r.doc, stale) {
                     Some(node) => {
-                        inner.nodes.insert(id, node);
+                        slot.insert(node);
                     }
                     None => continue,
                 }
