@@ -152,6 +152,12 @@ pub struct ServeArgs {
     /// Keep everything in memory (development mode only): no store, no billing.
     #[arg(long, conflicts_with = "database_url")]
     pub in_memory: bool,
+    /// Run as one of several coordinator replicas sharing this PostgreSQL
+    /// database behind a load balancer: clients and nodes may reach any
+    /// replica; jobs, node calls and streamed chunks cross between them
+    /// through the database. Needs a postgres:// --database-url.
+    #[arg(long, env = "SGL_REPLICA", conflicts_with = "in_memory")]
+    pub replica: bool,
     /// A single-use registration code a node may register with (repeatable);
     /// `sgl coordinator nodes invite` makes stored ones.
     #[arg(long = "registration-code", value_name = "CODE")]
@@ -951,7 +957,20 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     ..Default::default()
                 });
             }
-            Grid::with_store(config, store, payments).await?
+            let replica = if args.replica {
+                let id = uuid::Uuid::new_v4().simple().to_string();
+                let db = store
+                    .replica_db(&id, sgl::coordinator::replica::LEASE)
+                    .context("--replica")?;
+                Some(sgl::coordinator::replica::Replica::join(db).await?)
+            } else {
+                None
+            };
+            let grid = Grid::with_store(config, store, payments).await?;
+            match replica {
+                Some(r) => grid.with_replica(r),
+                None => grid,
+            }
         };
         let payments = grid.payments.clone();
         let listener = tokio::net::TcpListener::bind(args.listen)

@@ -106,49 +106,76 @@ pub async fn reserve(
         .with_param("image_count"));
     }
     let client = reservation_client(&grid, &method, &uri, &headers, peer).await;
-    let mut inner = grid.lock();
-    let node_id = choose_node(&grid, &inner, &req, &model, None)?;
-    let token = format!("rsv_{}", super::state::random_token());
-    let now = Instant::now();
-    inner
-        .insert_reservation(
-            token.clone(),
-            Reservation {
-                node_id,
-                model,
-                expires: now + grid.config.reservation_ttl,
-                client,
-            },
-            grid.config.max_reservations_per_client,
-            now,
-        )
-        .map_err(|refused| match refused {
-            ReservationRefused::TooMany(wait) => too_many_reservations(wait),
-            _ => ClientError::no_capacity(),
-        })?;
-    let node = inner
-        .node(&node_id)
-        .ok_or_else(|| ClientError::internal("chosen node vanished"))?;
-    let (Some(x), Some(kb)) = (node.x25519, node.keybind) else {
-        return Err(ClientError::internal("chosen node has no published key"));
+    // The lock is scoped to this block: nothing below it awaits under it.
+    let (resp, shared) = {
+        let mut inner = grid.lock();
+        let node_id = choose_node(&grid, &inner, &req, &model, None)?;
+        let token = format!("rsv_{}", super::state::random_token());
+        let now = Instant::now();
+        let reservation = Reservation {
+            node_id,
+            model,
+            expires: now + grid.config.reservation_ttl,
+            client,
+        };
+        // Replicas keep reservations in the database, for a chat call on any.
+        let shared = match grid.replica {
+            Some(_) => Some(reservation),
+            None => {
+                inner
+                    .insert_reservation(
+                        token.clone(),
+                        reservation,
+                        grid.config.max_reservations_per_client,
+                        now,
+                    )
+                    .map_err(|refused| match refused {
+                        ReservationRefused::TooMany(wait) => too_many_reservations(wait),
+                        _ => ClientError::no_capacity(),
+                    })?;
+                None
+            }
+        };
+        let node = inner
+            .node(&node_id)
+            .ok_or_else(|| ClientError::internal("chosen node vanished"))?;
+        let (Some(x), Some(kb)) = (node.x25519, node.keybind) else {
+            return Err(ClientError::internal("chosen node has no published key"));
+        };
+        let resp = ReserveResponse {
+            reservation_token: token,
+            node_id: node_id.to_string(),
+            node_x25519_pubkey: x.to_b58(),
+            node_ed25519_pubkey: node.ed25519.to_b58(),
+            node_x25519_pubkey_sig: Some(kb.to_b58()),
+            key_version: Some(node.key_version),
+            tee_type: node.tee_type.clone(),
+            attestation_verified: node.level != AttestationLevel::None,
+            expires_in_ms: grid.config.reservation_ttl.as_millis() as u64,
+            attestation_level: Some(node.level),
+            evidence_url: Some(format!(
+                "{}{}",
+                grid.config.public_url.trim_end_matches('/'),
+                crate::proto::routes::path(
+                    crate::proto::routes::NODE_EVIDENCE,
+                    &node_id.to_string()
+                )
+            )),
+        };
+        (resp, shared)
     };
-    Ok(Json(ReserveResponse {
-        reservation_token: token,
-        node_id: node_id.to_string(),
-        node_x25519_pubkey: x.to_b58(),
-        node_ed25519_pubkey: node.ed25519.to_b58(),
-        node_x25519_pubkey_sig: Some(kb.to_b58()),
-        key_version: Some(node.key_version),
-        tee_type: node.tee_type.clone(),
-        attestation_verified: node.level != AttestationLevel::None,
-        expires_in_ms: grid.config.reservation_ttl.as_millis() as u64,
-        attestation_level: Some(node.level),
-        evidence_url: Some(format!(
-            "{}{}",
-            grid.config.public_url.trim_end_matches('/'),
-            crate::proto::routes::path(crate::proto::routes::NODE_EVIDENCE, &node_id.to_string())
-        )),
-    }))
+    if let (Some(replica), Some(r)) = (&grid.replica, shared) {
+        let ttl = grid.config.reservation_ttl;
+        let per_client = grid.config.max_reservations_per_client;
+        if !replica
+            .put_reservation(&resp.reservation_token, &r, ttl, per_client)
+            .await
+            .map_err(ClientError::internal)?
+        {
+            return Err(too_many_reservations(ttl));
+        }
+    }
+    Ok(Json(resp))
 }
 
 /// The clear `max_tokens` of a sealed request, as the node will clamp it (§6.7).
@@ -196,6 +223,12 @@ pub async fn chat(
             "the reservation is unknown, expired or used",
         )
     };
+    if let Some(replica) = &grid.replica {
+        replica
+            .fetch_reservation(&grid, &req.reservation_token)
+            .await
+            .map_err(ClientError::internal)?;
+    }
     // Quote from the reservation without spending it: a 402 leaves it usable.
     let (node_id, model, streams, price) = {
         let inner = grid.lock();

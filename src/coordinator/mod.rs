@@ -21,6 +21,7 @@ pub mod node_api;
 mod plain;
 pub mod pricing;
 mod relay;
+pub mod replica;
 pub mod results;
 pub mod router;
 pub mod state;
@@ -55,6 +56,12 @@ pub fn router(grid: Grid) -> Router {
     };
     let client = client.layer(middleware::from_fn(declared_size));
     let node: Router = node_routes()
+        // Replica mode: a call for a node or job held by another replica
+        // goes there (a no-op otherwise).
+        .layer(middleware::from_fn_with_state(
+            grid.clone(),
+            replica::route_node_call,
+        ))
         .layer(DefaultBodyLimit::max(client_api::MAX_BODY_BYTES))
         .layer(middleware::from_fn(declared_size))
         .with_state(grid);
@@ -178,6 +185,11 @@ pub async fn serve_with(
             }
         })
     });
+    let replica_tasks = grid
+        .replica
+        .as_ref()
+        .map(|r| r.start(&grid, router(grid.clone())))
+        .unwrap_or_default();
     let limits = grid.config.server_limits;
     // Counted over every route, the extra ones too; after routing, so that
     // the route template is known.
@@ -186,8 +198,15 @@ pub async fn serve_with(
         .layer(middleware::from_fn_with_state(
             grid.metrics.clone(),
             metrics::track,
-        ));
+        ))
+        .layer(middleware::from_fn_with_state(grid.clone(), replica::gate));
     let result = crate::http::serve(listener, app, limits, shutdown).await;
+    for t in replica_tasks {
+        t.abort();
+    }
+    if let Some(r) = &grid.replica {
+        r.leave().await;
+    }
     reaper.abort();
     if let Some(h) = holds {
         h.abort();

@@ -323,8 +323,21 @@ pub async fn heartbeat(
     }
     let active: HashSet<&str> = req.active_job_ids.iter().map(String::as_str).collect();
     let (ghosts, pending) = inner.sync_jobs(&node_id, &active);
+    // Replica mode: jobs of other replicas' clients are listed to them.
+    let foreign: Vec<String> = match grid.replica {
+        Some(_) => req
+            .active_job_ids
+            .iter()
+            .filter(|id| inner.job(id).is_none())
+            .cloned()
+            .collect(),
+        None => Vec::new(),
+    };
     grid.persist(&mut inner, &node_id);
     drop(inner);
+    if let (Some(replica), false) = (&grid.replica, foreign.is_empty()) {
+        replica.relay_listed(node_id, foreign);
+    }
     for id in ghosts {
         tracing::warn!(job_id = %id, %node_id, "ghost job: acknowledged, then missing from active_job_ids");
         grid.fail_job_later(&id, "the node dropped the job".into());

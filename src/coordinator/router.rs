@@ -146,8 +146,24 @@ pub(crate) fn dispatch(
     let mut inner = grid.lock();
     let pending = job.pending();
     inner.insert_job(job);
-    if let Some(push) = inner.node(&node_id).and_then(|n| n.push().cloned()) {
-        let _ = push.send(pending);
+    let push = inner.node(&node_id).and_then(|n| n.push().cloned());
+    drop(inner);
+    match (&grid.replica, push) {
+        // The node's calls about the job may reach any replica: the job's
+        // replica is recorded before the node can make one.
+        (Some(replica), push) => {
+            let (replica, job_id) = (replica.clone(), job_id.to_string());
+            tokio::spawn(async move {
+                replica.record_job(&job_id).await;
+                if let Some(push) = push {
+                    let _ = push.send(pending);
+                }
+            });
+        }
+        (None, Some(push)) => {
+            let _ = push.send(pending);
+        }
+        (None, None) => {}
     }
     rx
 }

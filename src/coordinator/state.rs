@@ -23,6 +23,9 @@ use crate::proto::api::{AttestationLevel, Capabilities, Evidence, PendingJob};
 use crate::proto::b58;
 use crate::proto::identity::{Ed25519Public, NodeId, Signature, X25519Public};
 
+mod mirror;
+pub use mirror::Remote;
+
 /// SHA-256 of a bearer secret: what is kept of node tokens and codes.
 pub fn secret_hash(secret: &str) -> [u8; 32] {
     Sha256::digest(secret.as_bytes()).into()
@@ -152,6 +155,9 @@ pub struct Node {
     pub attestation: Option<AttestationRecord>,
     /// The document last written to the store (writes only on change).
     saved_doc: Option<String>,
+    /// Set while another replica holds the node (see [`super::replica`]):
+    /// this copy mirrors its stored document and is never written back.
+    remote: Option<mirror::Remote>,
 }
 
 /// What survives a coordinator restart of a node (its row in `grid_nodes`).
@@ -237,6 +243,8 @@ pub struct Inner {
     /// the node is chosen first, and its slot must not be handed to
     /// another request before the paid job is dispatched.
     settling: HashMap<NodeId, u32>,
+    /// Slots of each node taken by the other replicas' jobs (replica mode).
+    remote_load: HashMap<NodeId, u32>,
 }
 
 impl Inner {
@@ -324,9 +332,11 @@ impl Inner {
     pub fn load(&self, node_id: &NodeId) -> u32 {
         let jobs = self.jobs.values().filter(|j| &j.node_id == node_id).count();
         let settling = self.settling.get(node_id).copied().unwrap_or(0);
+        let remote = self.remote_load.get(node_id).copied().unwrap_or(0);
         u32::try_from(jobs)
             .unwrap_or(u32::MAX)
             .saturating_add(settling)
+            .saturating_add(remote)
     }
 
     /// Hold a slot of `node_id` while a request's payment settles.
@@ -371,6 +381,13 @@ impl Inner {
         };
         let was_newest = node.sockets.last().is_some_and(|(g, _)| *g == generation);
         node.sockets.retain(|(g, _)| *g != generation);
+        if node.remote.is_some() {
+            // The node moved to another replica, which now pushes its jobs;
+            // the jobs held here keep running there.
+            let push = node.push().cloned();
+            let again = self.offered_to(node_id);
+            return SocketLoss::Other(push, again);
+        }
         if let Some((_, push)) = node.sockets.last() {
             let push = push.clone();
             let again = if was_newest {
@@ -476,6 +493,8 @@ pub struct Grid {
     saver: Option<mpsc::UnboundedSender<(String, String, String)>>,
     /// What `/metrics` reports.
     pub metrics: Arc<super::metrics::Metrics>,
+    /// Replica mode (`--replica`): the other replicas on the database.
+    pub replica: Option<Arc<super::replica::Replica>>,
 }
 
 /// 32 random bytes as b58: tokens and opaque ids.
@@ -495,6 +514,7 @@ impl Grid {
             store: None,
             saver: None,
             metrics: Arc::default(),
+            replica: None,
         }
     }
 
@@ -512,6 +532,7 @@ impl Grid {
             store: Some(store.clone()),
             saver: None,
             metrics: Arc::default(),
+            replica: None,
         };
         // Holds always end (§7f): the holds of jobs that are not running are
         // released before anything is served. A SQLite database belongs to
@@ -590,6 +611,14 @@ impl Grid {
         Ok(())
     }
 
+    /// The same grid as one of several replicas on its database.
+    pub fn with_replica(self, replica: Arc<super::replica::Replica>) -> Self {
+        Grid {
+            replica: Some(replica),
+            ..self
+        }
+    }
+
     /// The store, when the grid has one.
     pub fn store(&self) -> Option<&Store> {
         self.store.as_ref()
@@ -601,6 +630,10 @@ impl Grid {
         let Some(node) = inner.nodes.get_mut(node_id) else {
             return;
         };
+        if node.remote.is_some() {
+            // Another replica holds it and writes its document.
+            return;
+        }
         let doc = node.to_doc();
         if node.saved_doc.as_deref() == Some(doc.as_str()) {
             return;
@@ -701,6 +734,7 @@ impl Grid {
                 price_changed: HashMap::new(),
                 attestation: None,
                 saved_doc: None,
+                remote: None,
             },
         );
         self.persist(&mut inner, &id);
@@ -946,9 +980,13 @@ impl Grid {
 const SOCKET_LOSS_GRACE: Duration = Duration::from_secs(1);
 
 impl Node {
-    /// The WebSocket jobs are pushed to: the newest one open.
+    /// The WebSocket jobs are pushed to: the newest one open; for a node
+    /// another replica holds, the way to that replica.
     pub fn push(&self) -> Option<&mpsc::UnboundedSender<PendingJob>> {
-        self.sockets.last().map(|(_, push)| push)
+        match &self.remote {
+            Some(r) => r.push.as_ref(),
+            None => self.sockets.last().map(|(_, push)| push),
+        }
     }
 
     /// A heartbeat arrived at `now`.
@@ -1027,6 +1065,7 @@ impl Node {
             price_changed: HashMap::new(),
             attestation: d.attestation,
             saved_doc: Some(text.to_string()),
+            remote: None,
         })
     }
 }

@@ -46,6 +46,11 @@ const SQLITE: &[(i64, &str, &str)] = &[
         "job refunds",
         include_str!("../../migrations/sqlite/0007_job_refunds.sql"),
     ),
+    (
+        8,
+        "replicas",
+        include_str!("../../migrations/sqlite/0008_replicas.sql"),
+    ),
 ];
 const POSTGRES: &[(i64, &str, &str)] = &[
     (
@@ -82,6 +87,11 @@ const POSTGRES: &[(i64, &str, &str)] = &[
         7,
         "job refunds",
         include_str!("../../migrations/postgres/0007_job_refunds.sql"),
+    ),
+    (
+        8,
+        "replicas",
+        include_str!("../../migrations/postgres/0008_replicas.sql"),
     ),
 ];
 

@@ -48,6 +48,7 @@ pub mod job_payments;
 mod migrate;
 pub mod payments;
 pub mod payouts;
+pub mod replica;
 pub mod reservations;
 mod sql_money;
 
@@ -91,6 +92,8 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("unsupported database url (use a SQLite path, sqlite:… or postgres://…)")]
     UnsupportedUrl,
+    #[error("coordinator replicas need a PostgreSQL database")]
+    NeedsPostgres,
     #[error("invalid schema name")]
     InvalidSchema,
     #[error("insufficient credits: balance {balance}, needed {needed}")]

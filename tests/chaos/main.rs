@@ -17,3 +17,4 @@ mod coordinator_kill;
 mod disk_full;
 mod ledger;
 mod refund_fault;
+mod replicas;

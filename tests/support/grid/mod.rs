@@ -5,6 +5,7 @@
 //! `pay_common::stores` (`cli_databases` for a coordinator process).
 #![allow(dead_code)]
 
+pub mod balancer;
 #[cfg(feature = "coordinator")]
 pub mod in_process;
 
