@@ -11,9 +11,11 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+pub mod choices;
 mod unsupported;
 mod validate;
 
+pub use choices::{ChoiceLogprobs, ChoiceParams, TokenLogprob, TopLogprob};
 pub use unsupported::{first_unsupported, Unsupported, UNSUPPORTED};
 pub use validate::{check_messages, InvalidRequest, ROLES};
 
@@ -239,6 +241,9 @@ pub struct ChatCompletionResponse {
 pub struct Choice {
     pub index: u32,
     pub message: AssistantMessage,
+    /// Present when the request asked for `logprobs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<ChoiceLogprobs>,
     pub finish_reason: Option<FinishReason>,
 }
 
@@ -271,6 +276,9 @@ pub struct ChatCompletionChunk {
 pub struct ChunkChoice {
     pub index: u32,
     pub delta: Delta,
+    /// The logprobs of the tokens of this delta, when the request asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<ChoiceLogprobs>,
     pub finish_reason: Option<FinishReason>,
 }
 
@@ -309,6 +317,7 @@ impl ChatCompletionChunk {
             vec![ChunkChoice {
                 index: 0,
                 delta,
+                logprobs: None,
                 finish_reason: None,
             }],
         )
@@ -327,6 +336,7 @@ impl ChatCompletionChunk {
             vec![ChunkChoice {
                 index: 0,
                 delta,
+                logprobs: None,
                 finish_reason: None,
             }],
         )
@@ -337,6 +347,7 @@ impl ChatCompletionChunk {
         let choice = ChunkChoice {
             index: 0,
             delta: Delta::default(),
+            logprobs: None,
             finish_reason: Some(reason),
         };
         Self::with(id, created, model, vec![choice])

@@ -47,3 +47,33 @@ async fn openai_python_sdk_streams_and_non_streams() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `n`, `logprobs` and `top_logprobs` through the SDK, JSON and streamed.
+#[tokio::test]
+async fn openai_python_sdk_n_and_logprobs() {
+    if !openai_importable() || engine_support::model_path().is_none() {
+        return;
+    }
+    let server = engine_support::Server::start(&[]).await;
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/py/openai_choices_check.py"
+    );
+    let out = tokio::task::spawn_blocking({
+        let base = server.base.clone();
+        move || {
+            Command::new("python3")
+                .args([script, &base, engine_support::MODEL_ID])
+                .output()
+                .expect("run python3")
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "SDK check failed:\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -17,8 +17,6 @@ def main() -> None:
     messages = [{"role": "user", "content": "hello"}]
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
     refused = {
-        "n": {"n": 2},
-        "logprobs": {"logprobs": True},
         "response_format": {"response_format": {"type": "json_object"}},
         "tools": {"tools": [tool]},
         "tool_choice": {"tool_choice": "required"},
