@@ -74,10 +74,13 @@ async fn plain(base: &str, key: &str, body: &Value) -> reqwest::Response {
         .unwrap()
 }
 
+/// One streamed choice: its text, its logprob entries, its finish reason.
+type SseChoice = (String, usize, Option<String>);
+
 /// Each choice's text, logprob entries and finish reason, and the usage,
 /// from a plain-mode SSE body.
-fn read_sse(text: &str) -> (Vec<(String, usize, Option<String>)>, Option<Value>) {
-    let mut choices: Vec<(String, usize, Option<String>)> = Vec::new();
+fn read_sse(text: &str) -> (Vec<SseChoice>, Option<Value>) {
+    let mut choices: Vec<SseChoice> = Vec::new();
     let mut usage = None;
     for line in text.lines() {
         let Some(data) = line.strip_prefix("data: ") else {
