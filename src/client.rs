@@ -15,7 +15,8 @@ use crate::proto::identity::{
     attestation_report_data, verify_keybind, Ed25519Public, NodeId, Signature, X25519Public,
 };
 use crate::proto::job::JobPayload;
-use crate::proto::openai::{ChatMessage, Usage};
+use crate::proto::openai::choices::{self, StructuredChunk};
+use crate::proto::openai::{ChatMessage, Choice, ChoiceParams, Usage};
 use crate::proto::{routes, ProtoError};
 
 pub mod proxy;
@@ -66,6 +67,9 @@ pub struct ChatRequest {
     pub node: Option<String>,
     pub max_price: Option<f64>,
     pub require_attestation: Option<String>,
+    /// `n` completions, `logprobs` (sgl extension, sealed inside the
+    /// payload); `max_tokens` is the budget of each completion.
+    pub choices: ChoiceParams,
 }
 
 /// A verified, opened answer.
@@ -83,6 +87,9 @@ pub struct ChatOutcome {
     /// What a per-request payment paid, and the coordinator's settlement
     /// receipt (`PAYMENT-RESPONSE`), when the request was paid that way.
     pub payment: Option<Value>,
+    /// Every choice, with its logprobs, when the request asked for `n` or
+    /// `logprobs`; `content` is the first one's text. Empty otherwise.
+    pub choices: Vec<Choice>,
 }
 
 pub struct GridClient {
@@ -249,7 +256,8 @@ impl GridClient {
             max_tokens: Some(req.max_tokens),
             stream: req.stream.then_some(true),
             ..Default::default()
-        };
+        }
+        .with_choices(req.choices);
         self.send_sealed(res, &req.model, inner)
             .await?
             .open(|_, delta| on_delta(delta))
@@ -273,10 +281,13 @@ impl GridClient {
         payload.nonce = stream.then(|| nonce.clone());
         let inner = serde_json::to_vec(&payload).map_err(|e| ProtoError::Json(e.to_string()))?;
         let (enc, key) = e2e::seal_input(&x, &inner)?;
+        // The clear budget is what the coordinator quotes and caps the node
+        // to: all `n` completions together.
+        let n = u64::from(payload.choices().n);
         let body = SealedChatRequest {
             reservation_token: res.reservation_token.clone(),
             enc,
-            max_tokens: payload.max_tokens,
+            max_tokens: payload.max_tokens.map(|m| m.saturating_mul(n)),
             stream: Some(stream),
             pay_in_coin: None,
         };
@@ -287,6 +298,7 @@ impl GridClient {
             payment,
             key,
             nonce,
+            choices: payload.choices(),
             ed,
             node_id: res.node_id.clone(),
             node_ed25519_b58: res.node_ed25519_pubkey.clone(),
@@ -306,6 +318,9 @@ pub struct SealedReply {
     node_id: String,
     node_ed25519_b58: String,
     model: String,
+    /// What the sealed payload asked of `n` and `logprobs`: the stream's
+    /// chunks are structured ([`StructuredChunk`]) when it asked for either.
+    choices: ChoiceParams,
 }
 
 impl SealedReply {
@@ -364,6 +379,8 @@ impl SealedReply {
         let mut usage = None;
         let mut usage_signed = false;
         let mut error_event = false;
+        let structured = self.choices.is_extended();
+        let mut answers = choices::Answers::new(self.choices.logprobs.is_some());
         while let Some(piece) = body.next().await {
             let piece = piece?;
             buf.push_str(&String::from_utf8_lossy(&piece));
@@ -408,8 +425,26 @@ impl SealedReply {
                     c["sigv"].as_str(),
                 )?;
                 let text = opener.open(seq, is_final, c["eph"].as_str(), ct)?;
-                content.push_str(&text);
-                on_delta(job, &text);
+                if structured && !text.is_empty() {
+                    let chunk: StructuredChunk =
+                        serde_json::from_str(&text).map_err(|e| ProtoError::Json(e.to_string()))?;
+                    for ch in chunk.choices {
+                        let piece = ch.delta.content.unwrap_or_default();
+                        let lp = ch.logprobs.and_then(|l| l.content).unwrap_or_default();
+                        answers.push(ch.index, &piece, lp);
+                        if let Some(f) = ch.finish_reason {
+                            answers.done(ch.index, f, 0, 0, 0);
+                        }
+                        // What a reader of one answer sees: the first choice.
+                        if ch.index == 0 && !piece.is_empty() {
+                            content.push_str(&piece);
+                            on_delta(job, &piece);
+                        }
+                    }
+                } else if !structured {
+                    content.push_str(&text);
+                    on_delta(job, &text);
+                }
                 if is_final {
                     if let Some(u) = c.get("usage").filter(|u| !u.is_null()) {
                         let u: Usage = serde_json::from_value(u.clone())
@@ -426,6 +461,13 @@ impl SealedReply {
                         usage = Some(u);
                     }
                     opener.finish()?;
+                    let choices = if structured {
+                        answers.finish().map(|(c, _)| c).ok_or_else(|| {
+                            ClientError::Protocol("a choice of the stream did not end".into())
+                        })?
+                    } else {
+                        Vec::new()
+                    };
                     return Ok(ChatOutcome {
                         job_id,
                         node_id: self.node_id.clone(),
@@ -434,6 +476,7 @@ impl SealedReply {
                         usage_signed,
                         finish_reason: None,
                         payment: None,
+                        choices,
                     });
                 }
             }
@@ -470,6 +513,10 @@ fn open_whole(
         usage_signed,
         finish_reason: result["finish_reason"].as_str().map(String::from),
         payment: None,
+        choices: result
+            .get("choices")
+            .and_then(|c| serde_json::from_value(c.clone()).ok())
+            .unwrap_or_default(),
     })
 }
 

@@ -716,7 +716,7 @@ async fn conversation(
         let mut text = String::new();
         let done = loop {
             match rx.recv().await {
-                Some(GenerationEvent::Token { text: t }) => {
+                Some(GenerationEvent::Token { text: t, .. }) => {
                     first.get_or_insert_with(|| t0.elapsed());
                     text.push_str(&t);
                 }

@@ -196,6 +196,7 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
         node: args.node.clone(),
         max_price: args.max_price,
         require_attestation: args.require_hardware.then(|| "hardware".to_string()),
+        choices: Default::default(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

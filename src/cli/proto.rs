@@ -126,6 +126,7 @@ fn selftest(args: SelftestArgs) -> anyhow::Result<()> {
         model: "smollm2-135m".into(),
         usage,
         finish_reason: Some("stop".into()),
+        choices: None,
     };
     let sealed = e2e::seal_output(&opened.reply_to, serde_json::to_string(&reply)?.as_bytes())?;
     let sig = envelope::sign_result(&node, &job_id, ResultKind::Sealed, &sealed.ciphertext);

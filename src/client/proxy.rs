@@ -366,6 +366,17 @@ async fn chat(proxy: &Proxy, body: Result<Bytes, BytesRejection>) -> Result<Resp
     if req.model.is_empty() {
         return Err(ProxyError::NoModel);
     }
+    // The proxy relays one stream of text: several choices or logprobs are
+    // served in JSON only.
+    let choices = req.choice_params();
+    if req.is_stream() && choices.is_extended() {
+        let param = if choices.n > 1 { "n" } else { "logprobs" };
+        return Err(InvalidRequest::Unsupported {
+            param,
+            accepted: "1 completion without logprobs when streaming through sgl proxy",
+        }
+        .into());
+    }
     let max_tokens = req.effective_max_tokens();
     let mut payload = JobPayload::from_openai(&req, max_tokens, None);
     payload.stream = req.is_stream().then_some(true);
@@ -451,18 +462,25 @@ fn json_response(out: ChatOutcome, checked: Checked, model: &str, max_tokens: u6
         object: "chat.completion".into(),
         created: now_secs(),
         model: model.to_string(),
-        choices: vec![Choice {
-            index: 0,
-            message: AssistantMessage {
-                role: "assistant".into(),
-                content: out.content,
-            },
-            finish_reason: Some(finish_reason(
-                out.finish_reason.as_deref(),
-                out.usage,
-                max_tokens,
-            )),
-        }],
+        // Every choice the node sent when the request asked for `n` or
+        // `logprobs`; else the one answer.
+        choices: if !out.choices.is_empty() {
+            out.choices
+        } else {
+            vec![Choice {
+                index: 0,
+                message: AssistantMessage {
+                    role: "assistant".into(),
+                    content: out.content,
+                },
+                logprobs: None,
+                finish_reason: Some(finish_reason(
+                    out.finish_reason.as_deref(),
+                    out.usage,
+                    max_tokens,
+                )),
+            }]
+        },
         usage: out.usage,
         usage_signature: None,
         refunded_micros: None,

@@ -171,8 +171,9 @@ async fn send(
         let payload = SealedInputPayload {
             enc,
             stream: nonce.is_some().then_some(true),
-            // The quote binds the node (§7f).
-            max_tokens_cap: Some(max_tokens),
+            // The quote binds the node (§7f): the budget of all `n`
+            // completions together.
+            max_tokens_cap: Some(job_budget(req, max_tokens)),
         };
         let payload = serde_json::to_value(payload).map_err(ClientError::internal)?;
         Ok::<_, ClientError>((payload, key))
@@ -244,7 +245,11 @@ pub async fn chat(
     }
     let job_id = uuid::Uuid::new_v4().to_string();
     let target = pick(&grid, &req, None)?;
-    let quote = target.price.cost(prompt_bound(&req), max_tokens);
+    // `n` completions may each use the whole budget: the quote covers them
+    // all, and the prompt once (they share it).
+    let quote = target
+        .price
+        .cost(prompt_bound(&req), job_budget(&req, max_tokens));
     let bill = match billing::authorize(&grid, &http, target.price, quote, &job_id).await {
         Ok(b) => b,
         Err(resp) => return Ok(resp),
@@ -290,16 +295,25 @@ pub async fn chat(
             let reply: SealedReplyPlaintext = serde_json::from_slice(&plain)
                 .map_err(|e| ClientError::node_failed(format!("reply is not a result: {e}")))?;
             let finish = finish_reason(reply.finish_reason.as_deref(), reply.usage, max_tokens);
+            let choices = reply_choices(&req, reply.choices, reply.content, finish);
             if req.is_stream() {
-                let events = vec![
-                    ChatCompletionChunk::role(&id, created, &d.model),
-                    ChatCompletionChunk::content(&id, created, &d.model, &reply.content),
-                    ChatCompletionChunk::finish(&id, created, &d.model, finish),
-                ];
-                let usage = req
-                    .include_usage()
-                    .then(|| ChatCompletionChunk::usage(&id, created, &d.model, reply.usage));
-                let mut all = events.into_iter().chain(usage).collect::<Vec<_>>();
+                let mut all: Vec<ChatCompletionChunk> = Vec::new();
+                for c in &choices {
+                    let role = ChatCompletionChunk::role(&id, created, &d.model);
+                    all.push(role.for_choice(c.index));
+                    let text =
+                        ChatCompletionChunk::content(&id, created, &d.model, &c.message.content);
+                    all.push(text.for_choice(c.index).with_logprobs(c.logprobs.clone()));
+                    let end = c.finish_reason.unwrap_or(finish);
+                    all.push(
+                        ChatCompletionChunk::finish(&id, created, &d.model, end)
+                            .for_choice(c.index),
+                    );
+                }
+                all.extend(
+                    req.include_usage()
+                        .then(|| ChatCompletionChunk::usage(&id, created, &d.model, reply.usage)),
+                );
                 // The refund rides on the last chunk before `[DONE]`.
                 if let Some(last) = all.last_mut() {
                     last.refunded_micros = refunded;
@@ -315,14 +329,7 @@ pub async fn chat(
                 object: "chat.completion".into(),
                 created,
                 model: d.model,
-                choices: vec![Choice {
-                    index: 0,
-                    message: AssistantMessage {
-                        role: "assistant".into(),
-                        content: reply.content,
-                    },
-                    finish_reason: Some(finish),
-                }],
+                choices,
                 usage: Some(reply.usage),
                 usage_signature: done.usage_signature,
                 refunded_micros: refunded,
@@ -341,6 +348,7 @@ pub async fn chat(
                 created,
                 max_tokens,
                 include_usage: req.include_usage(),
+                choices: req.choice_params(),
                 opener,
                 rx: d.rx,
                 pending: Some(first),
@@ -348,6 +356,34 @@ pub async fn chat(
                 receipt,
             }))
         }
+    }
+}
+
+/// The completion budget of a job: `max_tokens` for each of its `n`
+/// completions. It is what the quote covers and the cap the node is held to.
+fn job_budget(req: &ChatCompletionRequest, max_tokens: u64) -> u64 {
+    max_tokens.saturating_mul(u64::from(req.choice_params().n))
+}
+
+/// The choices of a node's reply: every one it sent for a request that
+/// asked for `n` or `logprobs`, else the one its `content` is.
+fn reply_choices(
+    req: &ChatCompletionRequest,
+    sent: Option<Vec<Choice>>,
+    content: String,
+    finish: FinishReason,
+) -> Vec<Choice> {
+    match sent {
+        Some(c) if req.choice_params().is_extended() && !c.is_empty() => c,
+        _ => vec![Choice {
+            index: 0,
+            message: AssistantMessage {
+                role: "assistant".into(),
+                content,
+            },
+            logprobs: None,
+            finish_reason: Some(finish),
+        }],
     }
 }
 

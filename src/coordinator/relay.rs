@@ -22,7 +22,8 @@ use crate::money::Micros;
 use crate::proto::api::{ChunkRequest, SealedSseChunk};
 use crate::proto::e2e::StreamOpener;
 use crate::proto::envelope::ENVELOPE_VERSION;
-use crate::proto::openai::{ChatCompletionChunk, ErrorResponse};
+use crate::proto::openai::choices::StructuredChunk;
+use crate::proto::openai::{ChatCompletionChunk, ChoiceParams, ErrorResponse};
 
 pub(super) type EventStream = Pin<Box<dyn Stream<Item = Result<Event, Infallible>> + Send>>;
 
@@ -153,6 +154,9 @@ pub(super) struct PlainStream {
     pub created: u64,
     pub max_tokens: u64,
     pub include_usage: bool,
+    /// `n` > 1 or `logprobs`: the node's chunks carry structured choices
+    /// ([`StructuredChunk`]) rather than raw text.
+    pub choices: ChoiceParams,
     pub opener: StreamOpener,
     pub rx: mpsc::Receiver<JobEvent>,
     /// The first chunk (or the final one), already received.
@@ -166,11 +170,17 @@ pub(super) struct PlainStream {
 /// and re-sent as OpenAI events.
 pub(super) fn plain(mut state: PlainStream) -> Response {
     let receipt = std::mem::take(&mut state.receipt);
-    let head = stream::iter(vec![data(&ChatCompletionChunk::role(
-        &state.id,
-        state.created,
-        &state.model,
-    ))]);
+    // OpenAI opens each choice with its role.
+    let head = stream::iter(
+        (0..state.choices.n)
+            .map(|i| {
+                data(
+                    &ChatCompletionChunk::role(&state.id, state.created, &state.model)
+                        .for_choice(i),
+                )
+            })
+            .collect::<Vec<_>>(),
+    );
     let body = stream::unfold(state, |mut s| async move {
         if s.done {
             return None;
@@ -218,6 +228,9 @@ impl PlainStream {
             Err(e) => return self.error(&format!("chunk does not open: {e}")),
         };
         let mut out = Vec::new();
+        if self.choices.is_extended() {
+            return self.translate_structured(&text, fin, c.usage, c.usage_signature, refunded);
+        }
         if !text.is_empty() {
             out.push(data(&ChatCompletionChunk::content(
                 &self.id,
@@ -239,6 +252,55 @@ impl PlainStream {
             // The refund rides on the last chunk before `[DONE]`.
             last.refunded_micros = refunded.map(|m| m.0);
             out.push(data(&last));
+            out.push(Ok(done()));
+        }
+        out
+    }
+}
+
+impl PlainStream {
+    /// A chunk of a job that asked for `n` or `logprobs`: one event per
+    /// choice it carries (each choice's finish comes from the node), then at
+    /// the end the usage when asked for and `[DONE]`.
+    fn translate_structured(
+        &mut self,
+        text: &str,
+        fin: bool,
+        usage: Option<crate::proto::openai::Usage>,
+        usage_signature: Option<String>,
+        refunded: Option<Micros>,
+    ) -> Vec<Result<Event, Infallible>> {
+        let mut events = Vec::new();
+        if !text.is_empty() {
+            let chunk: StructuredChunk = match serde_json::from_str(text) {
+                Ok(c) => c,
+                Err(e) => return self.error(&format!("chunk is not a structured chunk: {e}")),
+            };
+            for choice in chunk.choices {
+                let mut c = ChatCompletionChunk::content(&self.id, self.created, &self.model, "");
+                c.choices = vec![choice];
+                events.push(c);
+            }
+        }
+        if fin {
+            self.done = true;
+            if self.include_usage {
+                let mut u = ChatCompletionChunk::usage(
+                    &self.id,
+                    self.created,
+                    &self.model,
+                    usage.unwrap_or_default(),
+                );
+                u.usage_signature = usage_signature;
+                events.push(u);
+            }
+            // The refund rides on the last chunk before `[DONE]`.
+            if let Some(last) = events.last_mut() {
+                last.refunded_micros = refunded.map(|m| m.0);
+            }
+        }
+        let mut out: Vec<_> = events.iter().map(data).collect();
+        if fin {
             out.push(Ok(done()));
         }
         out

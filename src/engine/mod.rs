@@ -18,7 +18,7 @@
 //! let mut events = engine.submit(req)?;
 //! while let Some(ev) = events.recv().await {
 //!     match ev {
-//!         GenerationEvent::Token { text } => print!("{text}"),
+//!         GenerationEvent::Token { text, .. } => print!("{text}"),
 //!         GenerationEvent::Done { finish_reason, prompt_tokens, completion_tokens, .. } => {
 //!             println!("\n{finish_reason:?} {prompt_tokens}+{completion_tokens}");
 //!         }
@@ -31,7 +31,10 @@
 //! - [`EngineHandle::submit`] never blocks: it validates, renders and tokenises
 //!   the prompt, then queues it; a full queue is [`SubmitError::QueueFull`].
 //! - Events arrive in order: zero or more `Token`, then exactly one `Done` or
-//!   `Error`. `Token` texts concatenated are the completion.
+//!   `Error`. `Token` texts concatenated are the completion; with logprobs
+//!   asked for, their entries concatenated are one per completion token.
+//! - [`EngineHandle::submit_n`] takes a request for `n` completions and gives
+//!   one receiver per completion, each with the events above.
 //! - Dropping the receiver cancels the request; its batch slot is freed before
 //!   the next step.
 //! - `Done` carries exact token counts: the prompt as tokenised, and every
@@ -42,6 +45,7 @@
 #[allow(unsafe_code)]
 pub mod cpu;
 pub mod grammar;
+pub mod logprobs;
 pub mod metrics;
 pub mod model;
 pub mod prefix;
@@ -166,6 +170,12 @@ pub struct GenerationRequest {
     /// Constrained decoding (`response_format`): the completion is one JSON
     /// value of this grammar, and generation ends when it is whole.
     pub grammar: Option<Arc<JsonGrammar>>,
+    /// Completions of the prompt (OpenAI's `n`), prefilled once; 1 unless
+    /// [`EngineHandle::submit_n`] takes the request.
+    pub n: u32,
+    /// `Some(k)`: each token's logprob and the `k` most likely alternatives
+    /// (OpenAI's `logprobs` with `top_logprobs`).
+    pub logprobs: Option<u8>,
 }
 
 /// Caps on request parameters: the protocol's, which are OpenAI's where it
@@ -184,6 +194,8 @@ impl GenerationRequest {
             stop: Vec::new(),
             ignore_eos: false,
             grammar: None,
+            n: 1,
+            logprobs: None,
         }
     }
 
@@ -213,6 +225,17 @@ impl GenerationRequest {
         self
     }
 
+    pub fn n(mut self, n: u32) -> Self {
+        self.n = n;
+        self
+    }
+
+    /// Report logprobs with `top` alternatives per token.
+    pub fn logprobs(mut self, top: u8) -> Self {
+        self.logprobs = Some(top);
+        self
+    }
+
     pub fn stop(mut self, s: impl Into<String>) -> Self {
         self.stop.push(s.into());
         self
@@ -236,6 +259,7 @@ impl GenerationRequest {
                 Some(u32::try_from(n).map_err(|_| bad(format!("max_tokens {n} is out of range")))?)
             }
         };
+        let choices = req.choice_params();
         Ok(GenerationRequest {
             prompt: Prompt::Chat(req.messages.clone()),
             max_tokens,
@@ -249,6 +273,8 @@ impl GenerationRequest {
                 .and_then(|v| v.as_bool())
                 .unwrap_or(false),
             grammar: req.response_grammar().map_err(|e| bad(e.to_string()))?,
+            n: choices.n,
+            logprobs: choices.logprobs,
         })
     }
 }
@@ -256,8 +282,14 @@ impl GenerationRequest {
 /// What a request's receiver gets.
 #[derive(Debug, Clone, PartialEq)]
 pub enum GenerationEvent {
-    /// The next piece of the completion (whole UTF-8 characters).
-    Token { text: String },
+    /// The next piece of the completion (whole UTF-8 characters), with the
+    /// logprobs of the tokens it completes when the request asked for them.
+    /// The text is empty only when the event carries logprobs alone (tokens
+    /// a stop string cut).
+    Token {
+        text: String,
+        logprobs: Vec<crate::proto::openai::TokenLogprob>,
+    },
     /// The end, with exact token counts.
     Done {
         finish_reason: FinishReason,

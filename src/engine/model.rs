@@ -292,6 +292,33 @@ impl KvCache {
         Ok(())
     }
 
+    /// A copy of this cache, for a sibling completion of the same prompt
+    /// (OpenAI's `n`): the prompt is computed once and its rows copied.
+    pub fn fork(&self, model: &Model) -> Result<KvCache, EngineError> {
+        match &self.store {
+            KvStore::Host(_) => {
+                let mut c = KvCache::new(model, self.cap)?;
+                let mut rows = Vec::new();
+                self.export(0, self.len, &mut rows)?;
+                c.append(&rows)?;
+                Ok(c)
+            }
+            KvStore::Tensors { k, v } => {
+                let copy = |t: &Vec<Tensor>| -> Result<Vec<Tensor>, EngineError> {
+                    t.iter().map(|x| x.copy().map_err(ce)).collect()
+                };
+                Ok(KvCache {
+                    store: KvStore::Tensors {
+                        k: copy(k)?,
+                        v: copy(v)?,
+                    },
+                    len: self.len,
+                    cap: self.cap,
+                })
+            }
+        }
+    }
+
     /// Forget every position (the buffers stay).
     pub fn clear(&mut self) {
         self.len = 0;

@@ -20,6 +20,7 @@ use rand_core::{OsRng, RngCore};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use super::grammar::{Constraint, Vocab};
+use super::logprobs;
 use super::metrics::Metrics;
 use super::model::{self, KvCache, Model, StepItem};
 use super::prefix::PrefixCache;
@@ -30,8 +31,8 @@ use super::{
     DeviceChoice, EngineConfig, EngineError, GenerationEvent, GenerationRequest, Prompt,
     SubmitError, MAX_STOP_LEN, MAX_STOP_SEQUENCES,
 };
-use crate::proto::limits::DEFAULT_MAX_TOKENS;
-use crate::proto::openai::{ChatMessage, FinishReason, JsonGrammar, ROLES};
+use crate::proto::limits::{DEFAULT_MAX_TOKENS, MAX_N, MAX_TOP_LOGPROBS};
+use crate::proto::openai::{ChatMessage, FinishReason, JsonGrammar, TokenLogprob, ROLES};
 
 /// The events of one request.
 pub type EventReceiver = UnboundedReceiver<GenerationEvent>;
@@ -150,6 +151,7 @@ impl Engine {
             max_batch,
             prefill_chunk: cfg.prefill_chunk.max(1),
             active: Vec::new(),
+            waiting: None,
             prefix,
             vocab: None,
             #[cfg(test)]
@@ -205,8 +207,18 @@ struct Job {
     stop: Vec<String>,
     ignore_eos: bool,
     grammar: Option<Arc<JsonGrammar>>,
-    tx: UnboundedSender<GenerationEvent>,
+    logprobs: Option<u8>,
+    /// One per completion (`n`); the first is the sequence prefilled, the
+    /// others fork from it once the prompt is in.
+    txs: Vec<UnboundedSender<GenerationEvent>>,
     submitted: Instant,
+}
+
+/// The seed of completion `i` of a request seeded `seed`: the first keeps it,
+/// so `n: 1` draws as before; the others are spread by splitmix64's constant
+/// so that neighbouring seeds do not share completions.
+fn choice_seed(seed: u64, i: usize) -> u64 {
+    seed.wrapping_add((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
 }
 
 impl EngineHandle {
@@ -277,9 +289,40 @@ impl EngineHandle {
             .map_err(|e| SubmitError::InvalidRequest(e.to_string()))
     }
 
-    /// Queue a generation. Never blocks; see the module documentation.
+    /// Queue a generation of one completion. Never blocks; see the module
+    /// documentation. A request for `n` > 1 goes through
+    /// [`EngineHandle::submit_n`].
     pub fn submit(&self, req: GenerationRequest) -> Result<EventReceiver, SubmitError> {
+        if req.n != 1 {
+            return Err(SubmitError::InvalidRequest(
+                "n > 1 needs one receiver per completion (submit_n)".into(),
+            ));
+        }
+        let mut rx = self.submit_n(req)?;
+        rx.pop().ok_or(SubmitError::Stopped)
+    }
+
+    /// Queue a generation of `req.n` completions of one prompt, one receiver
+    /// each, in choice order. The prompt is prefilled once; the completions
+    /// fork from its KV rows and decode side by side, so the request takes
+    /// `n` batch slots. Never blocks.
+    pub fn submit_n(&self, req: GenerationRequest) -> Result<Vec<EventReceiver>, SubmitError> {
         let bad = |m: String| SubmitError::InvalidRequest(m);
+        let n = req.n as usize;
+        if !(1..=MAX_N as usize).contains(&n) {
+            return Err(bad(format!("n must be between 1 and {MAX_N}")));
+        }
+        if n > self.shared.info.max_batch {
+            return Err(bad(format!(
+                "n must be at most {}, the sequences this engine decodes together",
+                self.shared.info.max_batch
+            )));
+        }
+        if req.logprobs.is_some_and(|k| k > MAX_TOP_LOGPROBS) {
+            return Err(bad(format!(
+                "top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}"
+            )));
+        }
         if !(req.temperature.is_finite() && (0.0..=2.0).contains(&req.temperature)) {
             return Err(bad("temperature must be between 0 and 2".into()));
         }
@@ -320,7 +363,7 @@ impl EngineHandle {
         let default = usize::try_from(DEFAULT_MAX_TOKENS).unwrap_or(usize::MAX);
         let max_tokens = req.max_tokens.map_or(default, |n| n as usize).min(room);
         let seed = req.seed.unwrap_or_else(|| OsRng.next_u64());
-        let (tx, rx) = unbounded_channel();
+        let (txs, rxs): (Vec<_>, Vec<_>) = (0..n).map(|_| unbounded_channel()).unzip();
         let job = Job {
             prompt,
             max_tokens,
@@ -332,13 +375,14 @@ impl EngineHandle {
             stop: req.stop,
             ignore_eos: req.ignore_eos,
             grammar: req.grammar,
-            tx,
+            logprobs: req.logprobs,
+            txs,
             submitted: Instant::now(),
         };
         let m = &self.shared.metrics;
         m.queue_depth.fetch_add(1, Ordering::Relaxed);
         match self.tx.try_send(job) {
-            Ok(()) => Ok(rx),
+            Ok(()) => Ok(rxs),
             Err(TrySendError::Full(_)) => {
                 m.queue_depth.fetch_sub(1, Ordering::Relaxed);
                 m.requests_rejected.fetch_add(1, Ordering::Relaxed);
@@ -378,6 +422,15 @@ struct Seq {
     /// whole.
     constraint: Option<Constraint>,
     max_tokens: usize,
+    /// `Some(k)`: report each sampled token's logprob and the `k` most
+    /// likely alternatives.
+    logprobs: Option<u8>,
+    /// Logprobs of tokens whose text has not been sent yet (held for a stop
+    /// string, or part of a character); they travel with that text.
+    pending_logprobs: Vec<TokenLogprob>,
+    /// The other completions of this request (receiver, seed), forked from
+    /// this sequence when its prompt is in.
+    forks: Vec<(UnboundedSender<GenerationEvent>, u64)>,
     tx: UnboundedSender<GenerationEvent>,
     submitted: Instant,
     last_token: Option<Instant>,
@@ -393,12 +446,67 @@ impl Seq {
 
     fn emit(&mut self, text: String) {
         if !text.is_empty() {
-            self.send(GenerationEvent::Token { text });
+            let logprobs = std::mem::take(&mut self.pending_logprobs);
+            self.send(GenerationEvent::Token { text, logprobs });
+        }
+    }
+
+    /// Batch slots this sequence holds: itself and the completions that
+    /// will fork from it.
+    fn width(&self) -> usize {
+        1 + self.forks.len()
+    }
+
+    /// Whether nobody waits for this sequence or its forks any more.
+    fn abandoned(&self) -> bool {
+        self.gone || (self.tx.is_closed() && self.forks.iter().all(|f| f.0.is_closed()))
+    }
+
+    /// A sibling completion: the same prompt and KV rows (copied), its own
+    /// receiver and seed. Called when the prompt is in and nothing sampled.
+    fn fork(&self, cache: KvCache, tx: UnboundedSender<GenerationEvent>, seed: u64) -> Seq {
+        let params = SamplingParams {
+            seed,
+            ..self.params
+        };
+        Seq {
+            prompt: self.prompt.clone(),
+            prefilled: self.prefilled,
+            cached: self.cached,
+            fed: Vec::new(),
+            cache,
+            input: Vec::new(),
+            generated: 0,
+            detok: Detokenizer::new(),
+            held: String::new(),
+            rng: Rng::new(seed),
+            params,
+            stop: self.stop.clone(),
+            ignore_eos: self.ignore_eos,
+            // Nothing is sampled yet: the copy is at the grammar's start.
+            constraint: self.constraint.clone(),
+            max_tokens: self.max_tokens,
+            logprobs: self.logprobs,
+            pending_logprobs: Vec::new(),
+            forks: Vec::new(),
+            tx,
+            submitted: self.submitted,
+            last_token: None,
+            gone: false,
         }
     }
 
     fn finish(&mut self, reason: FinishReason) {
         let held = std::mem::take(&mut self.held);
+        if held.is_empty() && !self.pending_logprobs.is_empty() {
+            // Tokens whose text a stop string cut still count, and so are
+            // reported.
+            let logprobs = std::mem::take(&mut self.pending_logprobs);
+            self.send(GenerationEvent::Token {
+                text: String::new(),
+                logprobs,
+            });
+        }
         self.emit(held);
         let ev = GenerationEvent::Done {
             finish_reason: reason,
@@ -418,6 +526,9 @@ struct Worker {
     max_batch: usize,
     prefill_chunk: usize,
     active: Vec<Seq>,
+    /// A request taken from the queue that needs more free slots (its `n`)
+    /// than the batch has now; it is admitted first.
+    waiting: Option<Job>,
     /// `None`: prefix caching is off (`prefix_cache_bytes` 0, or a backend
     /// whose KV rows are not copied).
     prefix: Option<PrefixCache>,
@@ -439,7 +550,7 @@ impl Worker {
                 return;
             }
             let before = self.active.len();
-            self.active.retain(|s| !(s.gone || s.tx.is_closed()));
+            self.active.retain(|s| !s.abandoned());
             let cancelled = before - self.active.len();
             if cancelled > 0 {
                 self.metrics
@@ -469,20 +580,35 @@ impl Worker {
     /// Take queued requests into free slots. Blocks only when nothing is
     /// running. Returns false when every handle is gone and nothing runs.
     fn admit(&mut self) -> bool {
-        while self.active.len() < self.max_batch {
-            let job = if self.active.is_empty() {
-                match self.rx.recv() {
-                    Ok(j) => j,
-                    Err(_) => return false,
-                }
+        loop {
+            let used: usize = self.active.iter().map(Seq::width).sum();
+            if used >= self.max_batch {
+                break;
+            }
+            let job = if let Some(j) = self.waiting.take() {
+                j
             } else {
-                match self.rx.try_recv() {
-                    Ok(j) => j,
-                    Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => break,
-                }
+                let j = if self.active.is_empty() {
+                    match self.rx.recv() {
+                        Ok(j) => j,
+                        Err(_) => return false,
+                    }
+                } else {
+                    match self.rx.try_recv() {
+                        Ok(j) => j,
+                        Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => break,
+                    }
+                };
+                self.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+                j
             };
-            self.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
-            if job.tx.is_closed() {
+            // A request for n completions waits, first in line, until n
+            // slots are free (submit refused n above the batch).
+            if used + job.txs.len() > self.max_batch && !self.active.is_empty() {
+                self.waiting = Some(job);
+                break;
+            }
+            if job.txs.iter().all(|t| t.is_closed()) {
                 self.metrics
                     .requests_cancelled
                     .fetch_add(1, Ordering::Relaxed);
@@ -493,9 +619,11 @@ impl Worker {
             let mut cache = match KvCache::new(&self.model, cap) {
                 Ok(c) => c,
                 Err(e) => {
-                    let _ = job.tx.send(GenerationEvent::Error {
-                        message: e.to_string(),
-                    });
+                    for tx in &job.txs {
+                        let _ = tx.send(GenerationEvent::Error {
+                            message: e.to_string(),
+                        });
+                    }
                     continue;
                 }
             };
@@ -514,6 +642,15 @@ impl Worker {
             self.metrics
                 .requests_started
                 .fetch_add(1, Ordering::Relaxed);
+            let mut txs = job.txs.into_iter();
+            let Some(tx) = txs.next() else {
+                continue;
+            };
+            let seed = job.params.seed;
+            let forks = txs
+                .enumerate()
+                .map(|(i, t)| (t, choice_seed(seed, i + 1)))
+                .collect();
             self.active.push(Seq {
                 prompt: job.prompt,
                 prefilled: cached,
@@ -531,7 +668,10 @@ impl Worker {
                 ignore_eos: job.ignore_eos && constraint.is_none(),
                 constraint,
                 max_tokens: job.max_tokens,
-                tx: job.tx,
+                logprobs: job.logprobs,
+                pending_logprobs: Vec::new(),
+                forks,
+                tx,
                 submitted: job.submitted,
                 last_token: None,
                 gone: false,
@@ -636,6 +776,7 @@ impl Worker {
         }
         let mut row = 0;
         let mut finished = Vec::new();
+        let mut born = Vec::new();
         for &(i, _, to, want) in &plan {
             let s = &mut self.active[i];
             if s.prefilled < s.prompt.len() {
@@ -653,7 +794,7 @@ impl Worker {
             if !want {
                 continue;
             }
-            let mut r = match logits.as_ref().map(|l| model::row(l, row)) {
+            let r = match logits.as_ref().map(|l| model::row(l, row)) {
                 Some(Ok(r)) => r,
                 Some(Err(e)) => {
                     s.send(GenerationEvent::Error {
@@ -671,36 +812,31 @@ impl Worker {
                 }
             };
             row += 1;
-            if let Some(c) = s.constraint.as_mut() {
-                if !c.mask(&mut r) {
-                    s.send(GenerationEvent::Error {
-                        message:
-                            "no token of this model's vocabulary continues the response_format"
-                                .into(),
-                    });
-                    s.gone = true;
-                    continue;
+            // The prompt is in and nothing is sampled yet: the other
+            // completions of the request start here from a copy of its rows,
+            // each drawing its first token from these same logits.
+            for (tx, seed) in std::mem::take(&mut s.forks) {
+                let cache = match s.cache.fork(&self.model) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = tx.send(GenerationEvent::Error {
+                            message: e.to_string(),
+                        });
+                        continue;
+                    }
+                };
+                let mut f = s.fork(cache, tx, seed);
+                // One that ends at its first token has sent its events.
+                if let Ok(Outcome::Continue) =
+                    sample_and_accept(&mut f, &r, &self.tokenizer, &self.metrics)
+                {
+                    born.push(f);
                 }
             }
-            let id = sampler::sample(&r, &s.params, &mut s.rng);
-            if let Some(c) = s.constraint.as_mut() {
-                if !c.accept(id) {
-                    s.send(GenerationEvent::Error {
-                        message: "internal error: the sampler left the response_format".into(),
-                    });
-                    s.gone = true;
-                    continue;
-                }
-            }
-            match accept(s, id, &self.tokenizer, &self.metrics) {
+            match sample_and_accept(s, &r, &self.tokenizer, &self.metrics) {
                 Ok(Outcome::Continue) => {}
                 Ok(Outcome::Finished) => finished.push(i),
-                Err(e) => {
-                    s.send(GenerationEvent::Error {
-                        message: e.to_string(),
-                    });
-                    s.gone = true;
-                }
+                Err(()) => {}
             }
         }
         if !finished.is_empty() {
@@ -721,6 +857,8 @@ impl Worker {
                 }
             }
         }
+        // Appended after the removals, whose indices refer to the old list.
+        self.active.extend(born);
         self.update_prefix_gauges();
     }
 
@@ -774,11 +912,61 @@ fn panic_message(payload: &(dyn Any + Send)) -> &str {
         .unwrap_or("(no message)")
 }
 
+/// Draw the next token of `s` from `logits` and take it in; an error has
+/// been sent to the sequence's receiver.
+fn sample_and_accept(
+    s: &mut Seq,
+    logits: &[f32],
+    tok: &TextTokenizer,
+    metrics: &Metrics,
+) -> Result<Outcome, ()> {
+    // `response_format`: only tokens that keep the output a prefix of a
+    // value the grammar allows may be drawn. The logprobs stay those of the
+    // model's own distribution, as for any other request.
+    let masked;
+    let draw: &[f32] = match s.constraint.as_mut() {
+        Some(c) => {
+            let mut r = logits.to_vec();
+            if !c.mask(&mut r) {
+                s.send(GenerationEvent::Error {
+                    message: "no token of this model's vocabulary continues the response_format"
+                        .into(),
+                });
+                s.gone = true;
+                return Err(());
+            }
+            masked = r;
+            &masked
+        }
+        None => logits,
+    };
+    let id = sampler::sample(draw, &s.params, &mut s.rng);
+    if let Some(c) = s.constraint.as_mut() {
+        if !c.accept(id) {
+            s.send(GenerationEvent::Error {
+                message: "internal error: the sampler left the response_format".into(),
+            });
+            s.gone = true;
+            return Err(());
+        }
+    }
+    let logprob = s
+        .logprobs
+        .map(|k| logprobs::entry(tok, logits, id, usize::from(k)));
+    accept(s, id, logprob, tok, metrics).map_err(|e| {
+        s.send(GenerationEvent::Error {
+            message: e.to_string(),
+        });
+        s.gone = true;
+    })
+}
+
 /// Take a sampled token into the sequence: stream its text, apply stop
 /// strings and the budget.
 fn accept(
     s: &mut Seq,
     id: u32,
+    logprob: Option<TokenLogprob>,
     tok: &TextTokenizer,
     metrics: &Metrics,
 ) -> Result<Outcome, EngineError> {
@@ -799,6 +987,9 @@ fn accept(
     }
     s.generated += 1;
     metrics.completion_tokens.fetch_add(1, Ordering::Relaxed);
+    // Every token counted in the usage has its entry; an end-of-turn token
+    // that ends the reply is neither counted nor reported.
+    s.pending_logprobs.extend(logprob);
     let delta = s.detok.push(tok, id)?;
     s.held.push_str(&delta);
     if s.stop.is_empty() {

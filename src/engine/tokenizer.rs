@@ -249,10 +249,53 @@ impl TextTokenizer {
         Ok(ids)
     }
 
+    /// The bytes of one token, for `logprobs`: a byte-level BPE token (GPT-2's
+    /// printable stand-ins for bytes) maps back to its bytes, so a token that
+    /// holds part of a character gives that part; any other token gives its
+    /// decoded text.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        if let Some(b) = self
+            .inner
+            .id_to_token(id)
+            .and_then(|p| byte_level_bytes(&p))
+        {
+            return b;
+        }
+        self.inner
+            .decode(&[id], false)
+            .map(String::into_bytes)
+            .unwrap_or_default()
+    }
+
     /// Decode, leaving out special tokens.
     pub fn decode(&self, ids: &[u32]) -> Result<String, EngineError> {
         self.inner.decode(ids, true).map_err(tok_err)
     }
+}
+
+/// Bytes GPT-2's byte-level alphabet writes as themselves; the other 68 are
+/// written as U+0100 onwards, in byte order.
+fn is_printable_byte(b: u8) -> bool {
+    matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF)
+}
+
+/// A byte-level BPE token's bytes; `None` when a character is outside that
+/// alphabet (the vocabulary is not byte-level).
+fn byte_level_bytes(piece: &str) -> Option<Vec<u8>> {
+    piece
+        .chars()
+        .map(|c| {
+            let c = c as u32;
+            match u8::try_from(c) {
+                Ok(b) if is_printable_byte(b) => Some(b),
+                Ok(_) => None,
+                Err(_) => {
+                    let n = c.checked_sub(256)? as usize;
+                    (0..=255u8).filter(|&b| !is_printable_byte(b)).nth(n)
+                }
+            }
+        })
+        .collect()
 }
 
 /// Turns a growing list of token ids into text deltas, holding back bytes that
@@ -287,5 +330,22 @@ impl Detokenizer {
         } else {
             Ok(String::new())
         }
+    }
+}
+
+#[cfg(test)]
+mod byte_level_tests {
+    use super::*;
+
+    #[test]
+    fn the_byte_level_alphabet_maps_back_to_bytes() {
+        assert_eq!(byte_level_bytes("\u{120}the"), Some(b" the".to_vec()));
+        assert_eq!(byte_level_bytes("\u{10A}"), Some(b"\n".to_vec()));
+        // "é" is 0xC3 0xA9: both printable stand-ins.
+        assert_eq!(
+            byte_level_bytes("\u{C3}\u{A9}"),
+            Some("é".as_bytes().to_vec())
+        );
+        assert_eq!(byte_level_bytes("\u{2581}the"), None);
     }
 }

@@ -37,7 +37,7 @@ use crate::proto::api::{
 use crate::proto::headers;
 use crate::proto::identity::{attestation_report_data, NodeId, NodeIdentity, KEY_VERSION};
 use crate::proto::limits::{MAX_RESPONSE_BYTES, SEEN_JOBS};
-use crate::proto::openai::Usage;
+use crate::proto::openai::{choices, Usage};
 use crate::proto::routes;
 
 /// Produces hardware evidence for 64 bytes of report data, or `None` when
@@ -732,9 +732,31 @@ async fn run_whole(
     mut events: mpsc::Receiver<ExecEvent>,
 ) -> Result<(), String> {
     let mut text = String::new();
+    let mut answers = choices::Answers::new(chat.choices.logprobs.is_some());
     let (finish, usage) = loop {
         match events.recv().await {
             Some(ExecEvent::Token(t)) => text.push_str(&t),
+            Some(ExecEvent::Piece {
+                index,
+                text: t,
+                logprobs,
+            }) => {
+                if index == 0 {
+                    text.push_str(&t);
+                }
+                answers.push(index, &t, logprobs);
+            }
+            Some(ExecEvent::ChoiceDone {
+                index,
+                finish,
+                completion_tokens,
+            }) => answers.done(
+                index,
+                finish,
+                0,
+                u32::try_from(completion_tokens).unwrap_or(u32::MAX),
+                0,
+            ),
             Some(ExecEvent::Done {
                 finish,
                 prompt_tokens,
@@ -744,7 +766,13 @@ async fn run_whole(
             None => return Err("engine: the generation ended without a result".into()),
         }
     };
-    let body = jobs::complete_body(&shared.identity, chat, &text, usage, finish)
+    // Every choice, for a job that asked for `n` or `logprobs`.
+    let all = if chat.choices.is_extended() {
+        answers.finish().map(|(c, _)| c)
+    } else {
+        None
+    };
+    let body = jobs::complete_choices_body(&shared.identity, chat, &text, usage, finish, all)
         .map_err(|e| e.to_string())?;
     let resp = shared
         .post(routes::JOB_COMPLETE, &chat.job_id, &body)
@@ -791,6 +819,17 @@ async fn run_stream(
         let event = events.recv().await;
         let next = match event {
             Some(ExecEvent::Token(t)) => chunks.push_token(&t).map_err(seal_err)?,
+            Some(ExecEvent::Piece {
+                index,
+                text,
+                logprobs,
+            }) => chunks
+                .push_piece(index, &text, logprobs)
+                .map_err(seal_err)?,
+            Some(ExecEvent::ChoiceDone { index, finish, .. }) => {
+                chunks.push_choice_end(index, finish);
+                None
+            }
             Some(ExecEvent::Done {
                 prompt_tokens,
                 completion_tokens,

@@ -8,7 +8,7 @@ use tokio::sync::mpsc;
 use super::executor::{ExecError, ExecEvent, Executor, ServedModel};
 use super::jobs::ChatJob;
 use crate::engine::{EngineHandle, GenerationEvent, GenerationRequest, SubmitError};
-use crate::proto::openai::ChatMessage;
+use crate::proto::openai::{ChatMessage, FinishReason};
 
 pub struct EngineExecutor {
     engine: EngineHandle,
@@ -35,7 +35,7 @@ pub(super) fn served_models(engine: &EngineHandle) -> Vec<ServedModel> {
 impl From<GenerationEvent> for ExecEvent {
     fn from(ev: GenerationEvent) -> Self {
         match ev {
-            GenerationEvent::Token { text } => ExecEvent::Token(text),
+            GenerationEvent::Token { text, .. } => ExecEvent::Token(text),
             // The grid's usage carries the three counts only.
             GenerationEvent::Done {
                 finish_reason,
@@ -57,7 +57,17 @@ impl From<GenerationEvent> for ExecEvent {
 impl From<ExecEvent> for GenerationEvent {
     fn from(ev: ExecEvent) -> Self {
         match ev {
-            ExecEvent::Token(text) => GenerationEvent::Token { text },
+            ExecEvent::Token(text) => GenerationEvent::Token {
+                text,
+                logprobs: Vec::new(),
+            },
+            ExecEvent::Piece { text, logprobs, .. } => GenerationEvent::Token { text, logprobs },
+            // A server that answers from an executor refuses `n` > 1, so a
+            // choice's end is the answer's `Done`, which follows.
+            ExecEvent::ChoiceDone { .. } => GenerationEvent::Token {
+                text: String::new(),
+                logprobs: Vec::new(),
+            },
             ExecEvent::Done {
                 finish,
                 prompt_tokens,
@@ -107,11 +117,21 @@ impl Executor for EngineExecutor {
         if let Some(g) = &job.grammar {
             req = req.grammar(g.clone());
         }
-        let mut events = self.engine.submit(req).map_err(|e| match e {
+        req.n = job.choices.n;
+        req.logprobs = job.choices.logprobs;
+        let extended = job.choices.is_extended();
+        let mut receivers = self.engine.submit_n(req).map_err(|e| match e {
             SubmitError::QueueFull { .. } => ExecError::Busy,
             other => ExecError::Invalid(other.to_string()),
         })?;
         let (tx, rx) = mpsc::channel(64);
+        if extended {
+            tokio::spawn(forward_choices(receivers, tx));
+            return Ok(rx);
+        }
+        let Some(mut events) = receivers.pop() else {
+            return Err(ExecError::Invalid("the engine gave no receiver".into()));
+        };
         tokio::spawn(async move {
             while let Some(ev) = events.recv().await {
                 let last = !matches!(ev, GenerationEvent::Token { .. });
@@ -125,4 +145,75 @@ impl Executor for EngineExecutor {
         });
         Ok(rx)
     }
+}
+
+/// A job that asked for `n` or `logprobs`: every choice's events, merged as
+/// they come, as `Piece` and `ChoiceDone`, then one `Done` with the usage of
+/// them all (the prompt once). The first error fails the job.
+async fn forward_choices(
+    receivers: Vec<crate::engine::EventReceiver>,
+    tx: mpsc::Sender<ExecEvent>,
+) {
+    use futures_util::StreamExt;
+    let n = receivers.len();
+    let streams = receivers.into_iter().zip(0u32..).map(|(rx, i)| {
+        futures_util::stream::unfold(rx, move |mut rx| async move {
+            rx.recv().await.map(|ev| ((i, ev), rx))
+        })
+        .boxed()
+    });
+    let mut merged = futures_util::stream::select_all(streams);
+    let (mut left, mut prompt, mut completion) = (n, 0u64, 0u64);
+    let mut first_finish = FinishReason::Stop;
+    while let Some((index, ev)) = merged.next().await {
+        let out = match ev {
+            GenerationEvent::Token { text, logprobs } => ExecEvent::Piece {
+                index,
+                text,
+                logprobs,
+            },
+            GenerationEvent::Done {
+                finish_reason,
+                prompt_tokens,
+                completion_tokens,
+                ..
+            } => {
+                left -= 1;
+                prompt = u64::from(prompt_tokens);
+                completion += u64::from(completion_tokens);
+                if index == 0 {
+                    first_finish = finish_reason;
+                }
+                ExecEvent::ChoiceDone {
+                    index,
+                    finish: finish_reason,
+                    completion_tokens: u64::from(completion_tokens),
+                }
+            }
+            GenerationEvent::Error { message } => {
+                let _ = tx.send(ExecEvent::Failed(message)).await;
+                return;
+            }
+        };
+        // The agent dropped its receiver: the job is cancelled, and dropping
+        // the merged receivers frees the engine's slots.
+        if tx.send(out).await.is_err() {
+            return;
+        }
+        if left == 0 {
+            let _ = tx
+                .send(ExecEvent::Done {
+                    finish: first_finish,
+                    prompt_tokens: prompt,
+                    completion_tokens: completion,
+                })
+                .await;
+            return;
+        }
+    }
+    let _ = tx
+        .send(ExecEvent::Failed(
+            "the generation ended without a result".into(),
+        ))
+        .await;
 }

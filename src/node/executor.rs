@@ -9,7 +9,7 @@
 use tokio::sync::mpsc;
 
 use super::jobs::ChatJob;
-use crate::proto::openai::FinishReason;
+use crate::proto::openai::{FinishReason, TokenLogprob};
 
 /// One model a node advertises.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,7 +24,21 @@ pub struct ServedModel {
 pub enum ExecEvent {
     /// The text of one decoded token (may be empty for partial UTF-8).
     Token(String),
-    /// Generation ended; the counts are exact, for metering.
+    /// A job that asked for `n` > 1 or `logprobs`: a piece of choice
+    /// `index`, with the logprobs of its tokens when asked for.
+    Piece {
+        index: u32,
+        text: String,
+        logprobs: Vec<TokenLogprob>,
+    },
+    /// Such a job's choice `index` ended; `Done` follows the last one.
+    ChoiceDone {
+        index: u32,
+        finish: FinishReason,
+        completion_tokens: u64,
+    },
+    /// Generation ended; the counts are exact, for metering (with `n`
+    /// choices, the completion tokens of them all).
     Done {
         finish: FinishReason,
         prompt_tokens: u64,
@@ -108,6 +122,13 @@ impl Executor for EchoExecutor {
     }
 
     fn start(&self, job: &ChatJob) -> Result<mpsc::Receiver<ExecEvent>, ExecError> {
+        // No model, no distribution: refused rather than answered with one
+        // choice and no logprobs.
+        if job.choices.is_extended() {
+            return Err(ExecError::Invalid(
+                "the echo engine answers one completion without logprobs".into(),
+            ));
+        }
         if job.model != self.model {
             return Err(ExecError::UnknownModel(job.model.clone()));
         }

@@ -28,7 +28,10 @@ use crate::proto::identity::{NodeIdentity, X25519Public};
 pub use crate::proto::job::TextMessage as Message;
 use crate::proto::job::{JobParams, JobPayload};
 use crate::proto::limits::TOKENS_PER_CHUNK;
-use crate::proto::openai::{FinishReason, JsonGrammar, Usage};
+use crate::proto::openai::choices::{self, StructuredChunk};
+use crate::proto::openai::{
+    Choice, ChoiceParams, ChunkChoice, Delta, FinishReason, JsonGrammar, TokenLogprob, Usage,
+};
 use crate::proto::ProtoError;
 
 /// Why a job cannot run; the text goes to `/fail` as the reason.
@@ -78,6 +81,9 @@ pub struct ChatJob {
     pub stop: Vec<String>,
     /// `response_format`: the grammar the output follows.
     pub grammar: Option<Arc<JsonGrammar>>,
+    /// `n`, `logprobs` and `top_logprobs` (sgl extension); `max_tokens` is
+    /// the budget of each of the `n` completions.
+    pub choices: ChoiceParams,
     pub reply: Reply,
 }
 
@@ -120,7 +126,7 @@ pub fn parse_job(
     if !payload.contains_key("enc") {
         let plain: JobPayload = serde_json::from_value(job.input_payload.clone())
             .map_err(|e| JobError::Invalid(e.to_string()))?;
-        return plain_job(&job.id, &job.model, &plain).map(|j| j.capped(cap));
+        return plain_job(&job.id, &job.model, &plain).and_then(|j| j.capped(cap));
     }
     let sealed: SealedInputPayload = serde_json::from_value(job.input_payload.clone())
         .map_err(|e| JobError::Decrypt(ProtoError::Json(e.to_string())))?;
@@ -150,18 +156,31 @@ pub fn parse_job(
             JobError::Invalid(why) => JobError::SealedInvalid(why),
             other => other,
         })
-        .map(|j| j.capped(cap))
+        .and_then(|j| {
+            j.capped(cap).map_err(|e| match e {
+                JobError::Invalid(why) => JobError::SealedInvalid(why),
+                other => other,
+            })
+        })
 }
 
 impl ChatJob {
-    /// At most `cap` completion tokens (the quoted cap, §7f), when given.
-    fn capped(mut self, cap: Option<u64>) -> ChatJob {
+    /// At most `cap` completion tokens (the quoted cap, §7f), when given:
+    /// the cap is the job's whole budget, so `n` completions get a share of
+    /// it each, and a cap smaller than `n` cannot be kept.
+    fn capped(mut self, cap: Option<u64>) -> Result<ChatJob, JobError> {
         if let Some(cap) = cap {
+            let n = u64::from(self.choices.n.max(1));
+            if cap < n {
+                return Err(JobError::Invalid(format!(
+                    "{n} completions do not fit the quoted budget of {cap} tokens"
+                )));
+            }
             self.max_tokens = self
                 .max_tokens
-                .min(crate::proto::job::job_max_tokens(Some(cap)));
+                .min(crate::proto::job::job_max_tokens(Some(cap / n)));
         }
-        self
+        Ok(self)
     }
 }
 
@@ -187,6 +206,7 @@ fn chat_job(
         seed,
         stop,
         grammar,
+        choices,
     } = payload
         .params()
         .map_err(|e| JobError::Invalid(e.to_string()))?;
@@ -200,6 +220,7 @@ fn chat_job(
         seed,
         stop,
         grammar,
+        choices,
         reply,
     })
 }
@@ -212,11 +233,26 @@ pub fn complete_body(
     usage: Usage,
     finish: FinishReason,
 ) -> Result<CompleteRequest, JobError> {
+    complete_choices_body(node, job, content, usage, finish, None)
+}
+
+/// [`complete_body`] with every choice of a job that asked for `n` or
+/// `logprobs` (sgl extension: `choices` beside `content`, which stays the
+/// first choice's text for the SDKs that read only it).
+pub fn complete_choices_body(
+    node: &NodeIdentity,
+    job: &ChatJob,
+    content: &str,
+    usage: Usage,
+    finish: FinishReason,
+    choices: Option<Vec<Choice>>,
+) -> Result<CompleteRequest, JobError> {
     let result = SealedReplyPlaintext {
         content: content.to_string(),
         model: job.model.clone(),
         usage,
         finish_reason: Some(finish_text(finish).to_string()),
+        choices,
     };
     let text = serde_json::to_string(&result)
         .map_err(|e| JobError::Seal(ProtoError::Json(e.to_string())))?;
@@ -268,6 +304,9 @@ pub struct StreamChunks<'n> {
     pending: String,
     pending_tokens: usize,
     tokens_sent: u64,
+    /// A job that asked for `n` or `logprobs`: chunks carry
+    /// [`StructuredChunk`] JSON instead of raw text.
+    structured: Option<Vec<ChunkChoice>>,
 }
 
 impl<'n> StreamChunks<'n> {
@@ -287,7 +326,62 @@ impl<'n> StreamChunks<'n> {
             pending: String::new(),
             pending_tokens: 0,
             tokens_sent: 0,
+            structured: job.choices.is_extended().then(Vec::new),
         })
+    }
+
+    /// Add a piece of choice `index` (a structured job's token text and
+    /// logprobs); returns a chunk to post when one is due.
+    pub fn push_piece(
+        &mut self,
+        index: u32,
+        text: &str,
+        logprobs: Vec<TokenLogprob>,
+    ) -> Result<Option<ChunkRequest>, JobError> {
+        let Some(pending) = self.structured.as_mut() else {
+            return self.push_token(text);
+        };
+        let tokens = logprobs.len().max(1);
+        match pending.last_mut() {
+            // Consecutive pieces of one choice make one delta.
+            Some(c) if c.index == index && c.finish_reason.is_none() => {
+                c.delta
+                    .content
+                    .get_or_insert_with(String::new)
+                    .push_str(text);
+                match c.logprobs.as_mut() {
+                    Some(lp) => lp.content.get_or_insert_with(Vec::new).extend(logprobs),
+                    None => c.logprobs = choices::delta_logprobs(logprobs),
+                }
+            }
+            _ => pending.push(ChunkChoice {
+                index,
+                delta: Delta {
+                    role: None,
+                    content: Some(text.to_string()),
+                },
+                logprobs: choices::delta_logprobs(logprobs),
+                finish_reason: None,
+            }),
+        }
+        self.pending_tokens += tokens;
+        if self.pending_tokens >= TOKENS_PER_CHUNK {
+            return self.flush();
+        }
+        Ok(None)
+    }
+
+    /// Choice `index` of a structured job ended; its finish reason goes
+    /// with the next chunk.
+    pub fn push_choice_end(&mut self, index: u32, finish: FinishReason) {
+        if let Some(pending) = self.structured.as_mut() {
+            pending.push(ChunkChoice {
+                index,
+                delta: Delta::default(),
+                logprobs: None,
+                finish_reason: Some(finish),
+            });
+        }
     }
 
     /// Add one decoded token's text; returns a chunk to post when one is due.
@@ -302,6 +396,20 @@ impl<'n> StreamChunks<'n> {
 
     /// Seal whatever is buffered (nothing when the buffer is empty).
     pub fn flush(&mut self) -> Result<Option<ChunkRequest>, JobError> {
+        if let Some(pending) = self.structured.as_mut() {
+            if pending.is_empty() {
+                self.tokens_sent += std::mem::take(&mut self.pending_tokens) as u64;
+                return Ok(None);
+            }
+            let chunk = StructuredChunk {
+                choices: std::mem::take(pending),
+            };
+            let text = serde_json::to_string(&chunk)
+                .map_err(|e| JobError::Seal(ProtoError::Json(e.to_string())))?;
+            let chunk = self.sealer.seal(&text).map_err(JobError::Seal)?;
+            self.tokens_sent += std::mem::take(&mut self.pending_tokens) as u64;
+            return Ok(Some(self.body(chunk, None)));
+        }
         if self.pending.is_empty() {
             self.tokens_sent += self.pending_tokens as u64;
             self.pending_tokens = 0;
@@ -617,6 +725,83 @@ mod tests {
         assert!(parse_job(&n, &j, true).is_err());
         let p = job(json!({"prompt": "x", "max_tokens": 50, "max_tokens_cap": 7}));
         assert_eq!(parse_job(&n, &p, true).unwrap().max_tokens, 7);
+    }
+
+    #[test]
+    fn n_completions_share_the_quoted_cap() {
+        let n = node();
+        let (mut j, _) = sealed_job(&n, json!({"prompt": "x", "max_tokens": 100, "n": 3}), None);
+        j.input_payload["max_tokens_cap"] = json!(60);
+        let chat = parse_job(&n, &j, true).unwrap();
+        assert_eq!((chat.choices.n, chat.max_tokens), (3, 20));
+        j.input_payload["max_tokens_cap"] = json!(2);
+        let e = parse_job(&n, &j, true).unwrap_err();
+        assert_eq!(e.fail_code(), Some(FAIL_BAD_SEALED_INPUT), "{e}");
+    }
+
+    #[test]
+    fn a_structured_stream_carries_each_choices_pieces_and_end() {
+        let n = node();
+        let nonce = "12drXXUifSrRnXLGbXg8E";
+        let inner = json!({"messages":[{"role":"user","content":"x"}],"stream":true,
+                           "nonce":nonce,"n":2,"logprobs":true});
+        let (j, key) = sealed_job(&n, inner, Some(true));
+        let chat = parse_job(&n, &j, true).unwrap();
+        let mut s = StreamChunks::new(&n, &chat).unwrap();
+        let lp = |t: &str| TokenLogprob {
+            token: t.into(),
+            logprob: -1.0,
+            bytes: Some(t.as_bytes().to_vec()),
+            top_logprobs: vec![],
+        };
+        let mut bodies = Vec::new();
+        for (i, t) in [(0, "Pa"), (1, "Lo"), (0, "ris"), (1, "ndon")] {
+            bodies.extend(s.push_piece(i, t, vec![lp(t)]).unwrap());
+        }
+        s.push_choice_end(0, FinishReason::Stop);
+        s.push_choice_end(1, FinishReason::Length);
+        bodies.extend(s.flush().unwrap());
+        bodies.push(s.finish(Usage::new(3, 4)).unwrap());
+        let mut opener = key.stream_opener(nonce).unwrap();
+        let mut answers = choices::Answers::new(true);
+        for b in &bodies {
+            let (seq, fin) = (b.seq.unwrap(), b.is_final.unwrap());
+            let text = opener
+                .open(
+                    seq,
+                    fin,
+                    b.ephemeral_public_key.as_deref(),
+                    b.ciphertext.as_deref().unwrap(),
+                )
+                .unwrap()
+                .to_string();
+            if text.is_empty() {
+                continue;
+            }
+            let chunk: StructuredChunk = serde_json::from_str(&text).unwrap();
+            for c in chunk.choices {
+                let lps = c.logprobs.and_then(|l| l.content).unwrap_or_default();
+                answers.push(c.index, c.delta.content.as_deref().unwrap_or(""), lps);
+                if let Some(f) = c.finish_reason {
+                    answers.done(c.index, f, 0, 2, 0);
+                }
+            }
+        }
+        let (got, _) = answers.finish().unwrap();
+        assert_eq!(got[0].message.content, "Paris");
+        assert_eq!(got[1].message.content, "London");
+        assert_eq!(got[1].finish_reason, Some(FinishReason::Length));
+        let toks: Vec<_> = got[0]
+            .logprobs
+            .as_ref()
+            .unwrap()
+            .content
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|t| t.token.clone())
+            .collect();
+        assert_eq!(toks, ["Pa", "ris"]);
     }
 
     #[test]

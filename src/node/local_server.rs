@@ -31,9 +31,10 @@ use crate::engine::{
     SubmitError,
 };
 use crate::proto::job::JobPayload;
+use crate::proto::openai::choices;
 use crate::proto::openai::{
-    AssistantMessage, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, Choice,
-    ErrorResponse, InvalidRequest, ModelEntry, ModelList, Usage,
+    ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ErrorResponse,
+    InvalidRequest, ModelEntry, ModelList,
 };
 use crate::proto::routes;
 
@@ -361,16 +362,28 @@ async fn chat_completions(
         );
     }
     let completion_id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
+    let choices = req.choice_params();
     let rx = match backend {
         Backend::Engine(engine) => {
             let gen = match GenerationRequest::from_openai(&req) {
                 Ok(g) => g,
                 Err(e) => return submit_error(e),
             };
-            match engine.submit(gen) {
-                Ok(rx) => Events::Engine(rx),
+            match engine.submit_n(gen) {
+                Ok(rx) => Events::engine(rx),
                 Err(e) => return submit_error(e),
             }
+        }
+        // The echo engine runs no model: it has no logprobs and one answer.
+        Backend::Executor(_) if choices.is_extended() => {
+            let param = if choices.n > 1 { "n" } else { "logprobs" };
+            let e = InvalidRequest::Unsupported {
+                param,
+                accepted: "1 completion without logprobs on the echo engine",
+            };
+            let status =
+                StatusCode::from_u16(InvalidRequest::STATUS).unwrap_or(StatusCode::BAD_REQUEST);
+            return (status, Json(e.to_response())).into_response();
         }
         Backend::Executor(x) => {
             // The payload a plain grid job would carry, read by the same
@@ -388,78 +401,96 @@ async fn chat_completions(
         }
     };
     let created = now_secs();
+    let wants_logprobs = choices.logprobs.is_some();
     if req.is_stream() {
         stream_response(rx, completion_id, created, id, req.include_usage())
     } else {
-        json_response(rx, completion_id, created, id).await
+        json_response(rx, completion_id, created, id, wants_logprobs).await
     }
 }
 
-/// A request's events, from whichever backend runs it. Dropping it drops the
-/// backend's receiver, which cancels the request and frees its slot.
+/// A request's events, from whichever backend runs it, each with the index
+/// of its choice. Dropping it drops the backend's receivers, which cancels
+/// the request and frees its slots.
 enum Events {
-    Engine(EventReceiver),
+    /// One receiver per choice, merged as events come.
+    Engine(futures_util::stream::SelectAll<IndexedEvents>),
     Executor(mpsc::Receiver<ExecEvent>),
 }
 
+type IndexedEvents =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = (u32, GenerationEvent)> + Send>>;
+
 impl Events {
-    async fn recv(&mut self) -> Option<GenerationEvent> {
+    fn engine(rxs: Vec<EventReceiver>) -> Self {
+        let streams = rxs.into_iter().zip(0u32..).map(|(rx, i)| {
+            let s = futures_util::stream::unfold(rx, move |mut rx| async move {
+                rx.recv().await.map(|ev| ((i, ev), rx))
+            });
+            Box::pin(s) as IndexedEvents
+        });
+        Events::Engine(futures_util::stream::select_all(streams))
+    }
+
+    /// The next event of any choice; `None` once every choice's receiver
+    /// has ended.
+    async fn recv(&mut self) -> Option<(u32, GenerationEvent)> {
+        use futures_util::StreamExt;
         match self {
-            Events::Engine(rx) => rx.recv().await,
-            Events::Executor(rx) => rx.recv().await.map(GenerationEvent::from),
+            Events::Engine(rx) => rx.next().await,
+            Events::Executor(rx) => rx.recv().await.map(|ev| (0, GenerationEvent::from(ev))),
         }
     }
 }
 
-async fn json_response(mut rx: Events, cid: String, created: u64, model: String) -> Response {
-    let mut text = String::new();
-    while let Some(ev) = rx.recv().await {
+async fn json_response(
+    mut rx: Events,
+    cid: String,
+    created: u64,
+    model: String,
+    wants_logprobs: bool,
+) -> Response {
+    let fail = |message: String| {
+        error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "engine_error",
+            message,
+        )
+    };
+    let mut answers = choices::Answers::new(wants_logprobs);
+    while let Some((index, ev)) = rx.recv().await {
         match ev {
-            GenerationEvent::Token { text: t } => text.push_str(&t),
+            GenerationEvent::Token { text, logprobs } => answers.push(index, &text, logprobs),
             GenerationEvent::Done {
                 finish_reason,
                 prompt_tokens,
                 completion_tokens,
                 cached_tokens,
-            } => {
-                let resp = ChatCompletionResponse {
-                    id: cid,
-                    object: "chat.completion".into(),
-                    created,
-                    model,
-                    choices: vec![Choice {
-                        index: 0,
-                        message: AssistantMessage {
-                            role: "assistant".into(),
-                            content: text,
-                        },
-                        finish_reason: Some(finish_reason),
-                    }],
-                    usage: Some(
-                        Usage::new(u64::from(prompt_tokens), u64::from(completion_tokens))
-                            .with_cached_tokens(u64::from(cached_tokens)),
-                    ),
-                    usage_signature: None,
-                    refunded_micros: None,
-                };
-                return Json(resp).into_response();
-            }
-            GenerationEvent::Error { message } => {
-                return error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "server_error",
-                    "engine_error",
-                    message,
-                );
-            }
+            } => answers.done(
+                index,
+                finish_reason,
+                prompt_tokens,
+                completion_tokens,
+                cached_tokens,
+            ),
+            GenerationEvent::Error { message } => return fail(message),
         }
     }
-    error(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "server_error",
-        "engine_error",
-        "the engine ended the request without an answer",
-    )
+    let Some((choices, usage)) = answers.finish() else {
+        return fail("the engine ended the request without an answer".into());
+    };
+    Json(ChatCompletionResponse {
+        id: cid,
+        object: "chat.completion".into(),
+        created,
+        model,
+        choices,
+        usage: Some(usage),
+        usage_signature: None,
+        refunded_micros: None,
+    })
+    .into_response()
 }
 
 struct StreamState {
@@ -470,6 +501,9 @@ struct StreamState {
     include_usage: bool,
     queue: VecDeque<Event>,
     finished: bool,
+    /// The usage of the choices done so far; the stream ends when each has
+    /// sent `Done`.
+    usage: choices::StreamUsage,
 }
 
 impl StreamState {
@@ -489,35 +523,45 @@ impl StreamState {
         self.finished = true;
     }
 
-    fn on_event(&mut self, ev: Option<GenerationEvent>) {
+    fn on_event(&mut self, ev: Option<(u32, GenerationEvent)>) {
         match ev {
-            Some(GenerationEvent::Token { text }) => {
-                let c = ChatCompletionChunk::content(&self.cid, self.created, &self.model, &text);
+            Some((index, GenerationEvent::Token { text, logprobs })) => {
+                let c = ChatCompletionChunk::content(&self.cid, self.created, &self.model, &text)
+                    .for_choice(index)
+                    .with_logprobs(choices::delta_logprobs(logprobs));
                 self.chunk(&c);
             }
-            Some(GenerationEvent::Done {
-                finish_reason,
-                prompt_tokens,
-                completion_tokens,
-                cached_tokens,
-            }) => {
+            Some((
+                index,
+                GenerationEvent::Done {
+                    finish_reason,
+                    prompt_tokens,
+                    completion_tokens,
+                    cached_tokens,
+                },
+            )) => {
                 let c = ChatCompletionChunk::finish(
                     &self.cid,
                     self.created,
                     &self.model,
                     finish_reason,
-                );
+                )
+                .for_choice(index);
                 self.chunk(&c);
-                if self.include_usage {
-                    let usage = Usage::new(u64::from(prompt_tokens), u64::from(completion_tokens))
-                        .with_cached_tokens(u64::from(cached_tokens));
-                    let c = ChatCompletionChunk::usage(&self.cid, self.created, &self.model, usage);
-                    self.chunk(&c);
+                let usage = self
+                    .usage
+                    .done(prompt_tokens, completion_tokens, cached_tokens);
+                if let Some(usage) = usage {
+                    if self.include_usage {
+                        let c =
+                            ChatCompletionChunk::usage(&self.cid, self.created, &self.model, usage);
+                        self.chunk(&c);
+                    }
+                    self.queue.push_back(Event::default().data("[DONE]"));
+                    self.finished = true;
                 }
-                self.queue.push_back(Event::default().data("[DONE]"));
-                self.finished = true;
             }
-            Some(GenerationEvent::Error { message }) => self.fail(message),
+            Some((_, GenerationEvent::Error { message })) => self.fail(message),
             None => self.fail("the engine ended the request without an answer".into()),
         }
     }
@@ -533,6 +577,10 @@ fn stream_response(
     model: String,
     include_usage: bool,
 ) -> Response {
+    let n = match &rx {
+        Events::Engine(s) => s.len() as u32,
+        Events::Executor(_) => 1,
+    };
     let mut st = StreamState {
         rx,
         cid,
@@ -541,9 +589,13 @@ fn stream_response(
         include_usage,
         queue: VecDeque::new(),
         finished: false,
+        usage: choices::StreamUsage::new(n),
     };
-    let role = ChatCompletionChunk::role(&st.cid, st.created, &st.model);
-    st.chunk(&role);
+    // OpenAI opens each choice with its role.
+    for index in 0..n {
+        let role = ChatCompletionChunk::role(&st.cid, st.created, &st.model).for_choice(index);
+        st.chunk(&role);
+    }
     let stream = futures_util::stream::unfold(st, |mut st| async move {
         loop {
             if let Some(ev) = st.queue.pop_front() {

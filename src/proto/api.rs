@@ -138,6 +138,10 @@ pub struct SealedReplyPlaintext {
     pub usage: Usage,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finish_reason: Option<String>,
+    /// sgl extension: every choice, OpenAI-shaped, when the job asked for
+    /// `n` > 1 or `logprobs`; `content` is then the first choice's text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub choices: Option<Vec<crate::proto::openai::Choice>>,
 }
 
 /// `GET /v1/providers` (§5.5).

@@ -15,15 +15,16 @@ use serde_json::Value;
 use thiserror::Error;
 
 use super::limits::{
-    DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, MAX_MAX_TOKENS, MAX_STOP, MAX_TEMPERATURE,
-    MIN_TEMPERATURE,
+    DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, MAX_MAX_TOKENS, MAX_N, MAX_STOP, MAX_TEMPERATURE,
+    MAX_TOP_LOGPROBS, MIN_TEMPERATURE,
+};
+use super::openai::{
+    check_messages, ChatCompletionRequest, ChatMessage, ChoiceParams, InvalidRequest,
 };
 use std::sync::Arc;
 
 use super::openai::response_format::{self, ResponseFormatError};
-use super::openai::{
-    check_messages, ChatCompletionRequest, ChatMessage, InvalidRequest, JsonGrammar,
-};
+use super::openai::JsonGrammar;
 
 /// The payload of a chat job. Absent fields are not written, so a payload
 /// built for a public node carries only what §3.4 shows.
@@ -90,6 +91,29 @@ pub struct JobPayload {
     /// would answer with text the client cannot parse.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub response_format: Option<Value>,
+    /// sgl extension: completions of the prompt (OpenAI's `n`), clamped to
+    /// [1, [`MAX_N`]]; anything but a count is ignored. Written only above 1.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "lenient::count"
+    )]
+    pub n: Option<u64>,
+    /// sgl extension: `true` asks for each token's logprob.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "lenient::flag"
+    )]
+    pub logprobs: Option<bool>,
+    /// sgl extension: alternatives per token with `logprobs`, clamped to
+    /// [0, [`MAX_TOP_LOGPROBS`]]; anything but a count is ignored.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "lenient::count"
+    )]
+    pub top_logprobs: Option<u64>,
 }
 
 /// A message after §6.7: its role and its text.
@@ -113,6 +137,8 @@ pub struct JobParams {
     pub stop: Vec<String>,
     /// The grammar `response_format` asks for; `None` for plain text.
     pub grammar: Option<Arc<JsonGrammar>>,
+    /// `n`, `logprobs` and `top_logprobs`, clamped.
+    pub choices: ChoiceParams,
 }
 
 /// Why a job's payload cannot run; the node fails the job with this reason.
@@ -174,6 +200,34 @@ impl JobPayload {
                 .get("response_format")
                 .filter(|v| !v.is_null())
                 .cloned(),
+            n: None,
+            logprobs: None,
+            top_logprobs: None,
+        }
+        .with_choices(req.choice_params())
+    }
+
+    /// Carry `n`, `logprobs` and `top_logprobs`; a payload that asks for one
+    /// completion without logprobs writes none of them, so it keeps the
+    /// shape public nodes know (§3.4).
+    pub fn with_choices(mut self, c: ChoiceParams) -> Self {
+        self.n = (c.n > 1).then_some(u64::from(c.n));
+        self.logprobs = c.logprobs.map(|_| true);
+        self.top_logprobs = c.logprobs.filter(|&k| k > 0).map(u64::from);
+        self
+    }
+
+    /// What the payload asks of `n`, `logprobs` and `top_logprobs`, clamped
+    /// to the caps (§6.7's leniency: a payload is not refused for them).
+    pub fn choices(&self) -> ChoiceParams {
+        let n = self.n.unwrap_or(1).clamp(1, u64::from(MAX_N)) as u32;
+        let top = self
+            .top_logprobs
+            .unwrap_or(0)
+            .min(u64::from(MAX_TOP_LOGPROBS)) as u8;
+        ChoiceParams {
+            n,
+            logprobs: (self.logprobs == Some(true)).then_some(top),
         }
     }
 
@@ -220,6 +274,7 @@ impl JobPayload {
                 .take(MAX_STOP)
                 .cloned()
                 .collect(),
+            choices: self.choices(),
         })
     }
 }
@@ -271,6 +326,11 @@ mod lenient {
             ),
             _ => None,
         })
+    }
+
+    /// A non-negative integer; anything else is absent.
+    pub fn count<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        Ok(Value::deserialize(d)?.as_u64())
     }
 
     /// A boolean; anything else is absent.
@@ -419,5 +479,45 @@ mod tests {
             bad.params(),
             Err(JobPayloadError::ResponseFormat(_))
         ));
+    }
+
+    #[test]
+    fn choices_travel_only_when_asked_for_and_read_leniently() {
+        let req: ChatCompletionRequest = serde_json::from_value(json!({
+            "model": "m", "messages": [{"role": "user", "content": "hi"}],
+            "n": 3, "logprobs": true, "top_logprobs": 2
+        }))
+        .unwrap();
+        let v = serde_json::to_value(JobPayload::from_openai(&req, 8, None)).unwrap();
+        assert_eq!(
+            (
+                v["n"].clone(),
+                v["logprobs"].clone(),
+                v["top_logprobs"].clone()
+            ),
+            (json!(3), json!(true), json!(2))
+        );
+        let back: JobPayload = serde_json::from_value(v).unwrap();
+        assert_eq!(
+            back.params().unwrap().choices,
+            ChoiceParams {
+                n: 3,
+                logprobs: Some(2)
+            }
+        );
+        let j = payload(json!({"prompt": "x", "n": 99, "logprobs": true, "top_logprobs": 50}))
+            .params()
+            .unwrap();
+        assert_eq!(
+            j.choices,
+            ChoiceParams {
+                n: MAX_N,
+                logprobs: Some(MAX_TOP_LOGPROBS)
+            }
+        );
+        let j = payload(json!({"prompt": "x", "n": "two", "logprobs": 1, "top_logprobs": -1}))
+            .params()
+            .unwrap();
+        assert_eq!(j.choices, ChoiceParams::default());
     }
 }

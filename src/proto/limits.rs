@@ -33,3 +33,9 @@ pub const TOKENS_PER_CHUNK: usize = 6;
 pub const SEEN_JOBS: usize = 1024;
 /// The node refuses coordinator answers larger than this (§1.2).
 pub const MAX_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
+
+/// At most this many completions of one prompt (OpenAI's `n`); they decode
+/// side by side, so an engine needs this many batch slots for one request.
+pub const MAX_N: u32 = 8;
+/// At most this many alternatives per token (OpenAI's cap on `top_logprobs`).
+pub const MAX_TOP_LOGPROBS: u8 = 20;

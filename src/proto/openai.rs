@@ -11,11 +11,13 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+pub mod choices;
 pub mod json_schema;
 pub mod response_format;
 mod unsupported;
 mod validate;
 
+pub use choices::{ChoiceLogprobs, ChoiceParams, TokenLogprob, TopLogprob};
 pub use json_schema::JsonGrammar;
 pub use unsupported::{first_unsupported, Unsupported, UNSUPPORTED};
 pub use validate::{check_messages, InvalidRequest, ROLES};
@@ -242,6 +244,9 @@ pub struct ChatCompletionResponse {
 pub struct Choice {
     pub index: u32,
     pub message: AssistantMessage,
+    /// Present when the request asked for `logprobs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<ChoiceLogprobs>,
     pub finish_reason: Option<FinishReason>,
 }
 
@@ -274,6 +279,9 @@ pub struct ChatCompletionChunk {
 pub struct ChunkChoice {
     pub index: u32,
     pub delta: Delta,
+    /// The logprobs of the tokens of this delta, when the request asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<ChoiceLogprobs>,
     pub finish_reason: Option<FinishReason>,
 }
 
@@ -312,6 +320,7 @@ impl ChatCompletionChunk {
             vec![ChunkChoice {
                 index: 0,
                 delta,
+                logprobs: None,
                 finish_reason: None,
             }],
         )
@@ -330,6 +339,7 @@ impl ChatCompletionChunk {
             vec![ChunkChoice {
                 index: 0,
                 delta,
+                logprobs: None,
                 finish_reason: None,
             }],
         )
@@ -340,6 +350,7 @@ impl ChatCompletionChunk {
         let choice = ChunkChoice {
             index: 0,
             delta: Delta::default(),
+            logprobs: None,
             finish_reason: Some(reason),
         };
         Self::with(id, created, model, vec![choice])

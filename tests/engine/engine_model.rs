@@ -56,7 +56,7 @@ async fn run_cached(engine: &EngineHandle, req: GenerationRequest) -> (Output, u
     let mut text = String::new();
     while let Some(ev) = rx.recv().await {
         match ev {
-            GenerationEvent::Token { text: t } => text.push_str(&t),
+            GenerationEvent::Token { text: t, .. } => text.push_str(&t),
             GenerationEvent::Done {
                 finish_reason,
                 prompt_tokens,
@@ -82,7 +82,7 @@ async fn run(engine: &EngineHandle, req: GenerationRequest) -> Output {
     let mut text = String::new();
     while let Some(ev) = rx.recv().await {
         match ev {
-            GenerationEvent::Token { text: t } => text.push_str(&t),
+            GenerationEvent::Token { text: t, .. } => text.push_str(&t),
             GenerationEvent::Done {
                 finish_reason,
                 prompt_tokens,

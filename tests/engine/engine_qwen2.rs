@@ -40,7 +40,7 @@ async fn qwen2_greedy_answer_names_paris_and_ends_at_im_end() {
     let mut text = String::new();
     let (finish, completion_tokens) = loop {
         match rx.recv().await.expect("stream ended without Done") {
-            GenerationEvent::Token { text: t } => text.push_str(&t),
+            GenerationEvent::Token { text: t, .. } => text.push_str(&t),
             GenerationEvent::Done {
                 finish_reason,
                 completion_tokens,

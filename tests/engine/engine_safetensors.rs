@@ -78,7 +78,7 @@ async fn answer(model: String) -> (String, u32) {
     let mut text = String::new();
     while let Some(ev) = rx.recv().await {
         match ev {
-            GenerationEvent::Token { text: t } => text.push_str(&t),
+            GenerationEvent::Token { text: t, .. } => text.push_str(&t),
             GenerationEvent::Done { prompt_tokens, .. } => return (text, prompt_tokens),
             GenerationEvent::Error { message } => panic!("{message}"),
         }

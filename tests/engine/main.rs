@@ -6,6 +6,7 @@
 mod engine_support;
 
 mod engine_backends;
+mod engine_choices;
 mod engine_device;
 mod engine_json;
 mod engine_model;

@@ -52,19 +52,27 @@ async fn openai_python_sdk_streams_and_non_streams() {
 /// SSE: the output parses and validates with the `jsonschema` package.
 #[tokio::test]
 async fn openai_python_sdk_json_mode() {
+    run_check("openai_json_mode_check.py", "JSON mode check").await;
+}
+
+/// `n`, `logprobs` and `top_logprobs` through the SDK, JSON and streamed.
+#[tokio::test]
+async fn openai_python_sdk_n_and_logprobs() {
+    run_check("openai_choices_check.py", "n and logprobs check").await;
+}
+
+/// Run `tests/py/<script>` against `sgl node serve` on the test model.
+async fn run_check(script: &str, what: &str) {
     if !openai_importable() || engine_support::model_path().is_none() {
         return;
     }
     let server = engine_support::Server::start(&[]).await;
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/py/openai_json_mode_check.py"
-    );
+    let script = format!("{}/tests/py/{script}", env!("CARGO_MANIFEST_DIR"));
     let out = tokio::task::spawn_blocking({
         let base = server.base.clone();
         move || {
             Command::new("python3")
-                .args([script, &base, engine_support::MODEL_ID])
+                .args([script.as_str(), &base, engine_support::MODEL_ID])
                 .output()
                 .expect("run python3")
         }
@@ -73,7 +81,7 @@ async fn openai_python_sdk_json_mode() {
     .unwrap();
     assert!(
         out.status.success(),
-        "JSON mode check failed:\nstdout: {}\nstderr: {}",
+        "{what} failed:\nstdout: {}\nstderr: {}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );

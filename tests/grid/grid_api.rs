@@ -74,9 +74,6 @@ fn hello() -> Value {
 /// does.
 fn unsupported() -> Vec<(&'static str, Value)> {
     vec![
-        ("n", json!(2)),
-        ("logprobs", json!(true)),
-        ("top_logprobs", json!(2)),
         (
             "tools",
             json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]),
@@ -281,7 +278,7 @@ async fn both_metrics_count_traffic_and_pass_promtool() {
     assert_eq!(resp.status(), 200);
     assert!(resp.text().await.unwrap().contains("[DONE]"));
     let mut bad = hello();
-    bad["n"] = json!(3);
+    bad["n"] = json!(9);
     assert_eq!(chat(coord, &bad).await.0, 400);
     let _ = reqwest::get(format!("{coord}/no/such/path/{}", "x".repeat(40))).await;
     let _ = reqwest::get(format!(

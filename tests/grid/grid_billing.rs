@@ -85,6 +85,7 @@ fn request(text: &str, stream: bool) -> ChatRequest {
         node: None,
         max_price: None,
         require_attestation: None,
+        choices: Default::default(),
     }
 }
 

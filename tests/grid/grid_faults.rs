@@ -113,6 +113,7 @@ fn request() -> ChatRequest {
         node: None,
         max_price: None,
         require_attestation: None,
+        choices: Default::default(),
     }
 }
 

@@ -51,6 +51,7 @@ fn request(stream: bool) -> ChatRequest {
         node: None,
         max_price: None,
         require_attestation: None,
+        choices: Default::default(),
     }
 }
 

@@ -17,8 +17,6 @@ def main() -> None:
     messages = [{"role": "user", "content": "hello"}]
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
     refused = {
-        "n": {"n": 2},
-        "logprobs": {"logprobs": True},
         "tools": {"tools": [tool]},
         "tool_choice": {"tool_choice": "required"},
         "frequency_penalty": {"frequency_penalty": 0.5},

@@ -22,7 +22,9 @@ use crate::proto::openai::JsonGrammar;
 /// Allowed-token sets kept per sequence.
 const MAX_CACHED_MASKS: usize = 256;
 
-/// The grammar state of one sequence.
+/// The grammar state of one sequence. A clone goes on from the same state
+/// (the completions of `n` fork before their first token).
+#[derive(Clone)]
 pub struct Constraint {
     grammar: Arc<JsonGrammar>,
     vocab: Arc<Vocab>,

@@ -4,8 +4,7 @@
 //! 400 `unsupported_parameter` naming it, never silently dropped.
 //!
 //! A value that asks for nothing beyond what the engine does anyway (OpenAI's
-//! default, such as `n: 1`, `logprobs: false` or
-//! `tool_choice: "none"`) is accepted, and `null` always is,
+//! default, such as `tool_choice: "none"`) is accepted, and `null` always is,
 //! as OpenAI reads it as absent. When an engine learns a parameter, its row
 //! goes, together with [`crate::proto::job::JobPayload::from_openai`] learning
 //! to carry it.
@@ -13,8 +12,9 @@
 //! The parameters an engine does implement are the typed fields of
 //! [`super::ChatCompletionRequest`] (`model`, `messages`, `temperature`,
 //! `top_p`, `max_tokens`, `max_completion_tokens`, `seed`, `stop`, `stream`,
-//! `stream_options`), and `response_format`, checked by
-//! [`super::response_format`]. Request metadata that asks nothing of the engine
+//! `stream_options`), `response_format`, checked by [`super::response_format`],
+//! and `n`, `logprobs` and `top_logprobs`, read and checked by
+//! [`super::choices`]. Request metadata that asks nothing of the engine
 //! (`user`, `metadata`, `safety_identifier`, `prompt_cache_key`) and keys that
 //! are not OpenAI's (the grid's `node`, `max_price`, `require_attestation`)
 //! are not in the table and are accepted, as is `parallel_tool_calls`, which
@@ -55,21 +55,6 @@ fn no_tool_call(v: &Value) -> bool {
 
 /// Shrinks as engines learn: see the module documentation.
 pub const UNSUPPORTED: &[Unsupported] = &[
-    Unsupported {
-        name: "n",
-        accepted: "1",
-        is_noop: |v| v.as_u64() == Some(1),
-    },
-    Unsupported {
-        name: "logprobs",
-        accepted: "false",
-        is_noop: is_false,
-    },
-    Unsupported {
-        name: "top_logprobs",
-        accepted: "0",
-        is_noop: |v| v.as_u64() == Some(0),
-    },
     Unsupported {
         name: "tools",
         accepted: "an empty list",

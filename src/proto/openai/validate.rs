@@ -16,7 +16,7 @@ use super::response_format::{self, ResponseFormatError};
 use super::{ChatCompletionRequest, ChatMessage, ErrorResponse, JsonGrammar};
 use crate::proto::limits::{
     DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, MAX_MAX_TOKENS, MAX_MESSAGES, MAX_MESSAGE_BYTES,
-    MAX_STOP, MAX_STOP_LEN, MAX_TEMPERATURE, MIN_TEMPERATURE,
+    MAX_N, MAX_STOP, MAX_STOP_LEN, MAX_TEMPERATURE, MAX_TOP_LOGPROBS, MIN_TEMPERATURE,
 };
 
 /// Roles a message may have. `developer` is OpenAI's newer name for
@@ -54,6 +54,14 @@ pub enum InvalidRequest {
     /// decoding does not follow; the parameter is the keyword at fault.
     #[error("{0}")]
     ResponseFormat(ResponseFormatError),
+    #[error("n must be an integer between 1 and {MAX_N}")]
+    N,
+    #[error("logprobs must be a boolean")]
+    Logprobs,
+    #[error("top_logprobs must be an integer between 0 and {MAX_TOP_LOGPROBS}")]
+    TopLogprobs,
+    #[error("logprobs must be set to true if top_logprobs is used")]
+    TopLogprobsWithoutLogprobs,
     #[error(
         "unsupported parameter: {param:?} is not implemented by this server's engine; send {accepted}, null, or leave it out"
     )]
@@ -93,6 +101,11 @@ impl InvalidRequest {
             InvalidRequest::TopP => "top_p".into(),
             InvalidRequest::MaxTokens => "max_tokens".into(),
             InvalidRequest::TooManyStops | InvalidRequest::StopLength => "stop".into(),
+            InvalidRequest::N => "n".into(),
+            InvalidRequest::Logprobs => "logprobs".into(),
+            InvalidRequest::TopLogprobs | InvalidRequest::TopLogprobsWithoutLogprobs => {
+                "top_logprobs".into()
+            }
             InvalidRequest::Unsupported { param, .. } => (*param).into(),
             InvalidRequest::ResponseFormat(e) => e.param(),
         }
@@ -169,6 +182,7 @@ impl ChatCompletionRequest {
         if stops.iter().any(|s| s.is_empty() || s.len() > MAX_STOP_LEN) {
             return Err(InvalidRequest::StopLength);
         }
+        super::choices::check(self)?;
         // What no engine implements is refused by name, never dropped.
         if let Some(p) = super::first_unsupported(&self.extra) {
             return Err(InvalidRequest::Unsupported {
@@ -268,12 +282,10 @@ mod tests {
             ok(json!({"messages": user(), "top_p": 0})),
             Err(InvalidRequest::TopP)
         );
+        assert_eq!(ok(json!({"messages": user(), "n": 2})), Ok(()));
         assert_eq!(
-            ok(json!({"messages": user(), "n": 2})),
-            Err(InvalidRequest::Unsupported {
-                param: "n",
-                accepted: "1"
-            })
+            ok(json!({"messages": user(), "n": 9})),
+            Err(InvalidRequest::N)
         );
         assert_eq!(ok(json!({"messages": user(), "n": 1})), Ok(()));
         assert_eq!(
@@ -306,9 +318,6 @@ mod tests {
     #[test]
     fn unimplemented_parameters_are_refused_by_name() {
         let refused = [
-            ("n", json!(2)),
-            ("logprobs", json!(true)),
-            ("top_logprobs", json!(3)),
             (
                 "tools",
                 json!([{"type": "function", "function": {"name": "f"}}]),

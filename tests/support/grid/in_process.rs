@@ -74,17 +74,21 @@ impl Agent {
     /// Start the agent on `dir`; `configure` adjusts its config (heartbeat,
     /// WebSocket, registration code, drain timeout).
     pub fn spawn(dir: tempfile::TempDir, configure: impl FnOnce(&mut AgentConfig)) -> Agent {
+        Self::spawn_with(dir, Arc::new(EchoExecutor::new(MODEL, 4)), configure)
+    }
+
+    /// [`Agent::spawn`] with another executor (the real engine).
+    pub fn spawn_with(
+        dir: tempfile::TempDir,
+        executor: Arc<dyn sgl::node::executor::Executor>,
+        configure: impl FnOnce(&mut AgentConfig),
+    ) -> Agent {
         let mut cfg = AgentConfig::new(dir.path().to_path_buf());
         configure(&mut cfg);
         let (stop, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(agent::run(
-            cfg,
-            Arc::new(EchoExecutor::new(MODEL, 4)),
-            None,
-            async move {
-                let _ = rx.await;
-            },
-        ));
+        let task = tokio::spawn(agent::run(cfg, executor, None, async move {
+            let _ = rx.await;
+        }));
         Agent { dir, stop, task }
     }
 
