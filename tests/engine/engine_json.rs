@@ -27,7 +27,7 @@ async fn run(engine: &EngineHandle, req: GenerationRequest) -> (String, FinishRe
     let mut text = String::new();
     while let Some(ev) = rx.recv().await {
         match ev {
-            GenerationEvent::Token { text: t } => text.push_str(&t),
+            GenerationEvent::Token { text: t, .. } => text.push_str(&t),
             GenerationEvent::Done {
                 finish_reason,
                 completion_tokens,

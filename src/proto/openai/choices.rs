@@ -14,7 +14,7 @@ use super::{AssistantMessage, ChatCompletionRequest, Choice, FinishReason, Inval
 use crate::proto::limits::{MAX_N, MAX_TOP_LOGPROBS};
 
 /// One token of `logprobs.content`: OpenAI's `ChatCompletionTokenLogprob`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct TokenLogprob {
     /// The token's text (its bytes read as UTF-8, lossily where a token holds
     /// part of a character).
@@ -31,7 +31,7 @@ pub struct TokenLogprob {
 }
 
 /// One alternative of [`TokenLogprob::top_logprobs`].
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct TopLogprob {
     pub token: String,
     pub logprob: f32,
@@ -39,7 +39,7 @@ pub struct TopLogprob {
 }
 
 /// `choices[i].logprobs` of a completion or of one streamed chunk.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct ChoiceLogprobs {
     pub content: Option<Vec<TokenLogprob>>,
     /// OpenAI's field for the tokens of a refusal; this engine never refuses.
