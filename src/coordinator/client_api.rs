@@ -109,7 +109,7 @@ pub async fn reserve(
     // The lock is scoped to this block: nothing below it awaits under it.
     let (resp, shared) = {
         let mut inner = grid.lock();
-        let node_id = choose_node(&grid, &inner, &req, &model, None)?;
+        let node_id = choose_node(&grid, &inner, &req, &model, None, &[])?;
         let token = format!("rsv_{}", super::state::random_token());
         let now = Instant::now();
         let reservation = Reservation {

@@ -23,6 +23,7 @@ use crate::money::TokenPrice;
 use crate::payments::RequestParts;
 use crate::proto::api::{ReserveRequest, SealedInputPayload, SealedReplyPlaintext};
 use crate::proto::e2e::{self, ResponseKey};
+use crate::proto::features;
 use crate::proto::identity::{NodeId, X25519Public};
 use crate::proto::job::JobPayload;
 use crate::proto::openai::{
@@ -124,7 +125,14 @@ fn pick(
         ..Default::default()
     };
     let mut inner = grid.lock();
-    let node_id = choose_node(grid, &inner, &route, &req.model, exclude)?;
+    let node_id = choose_node(
+        grid,
+        &inner,
+        &route,
+        &req.model,
+        exclude,
+        &features::required(req),
+    )?;
     let node = inner
         .node(&node_id)
         .ok_or_else(|| ClientError::internal("chosen node vanished"))?;

@@ -1,7 +1,8 @@
 //! Routing (PROTOCOL.md §5.1): which node takes a request — one that serves
 //! the model, is attested (to the level asked), on grid, online, with a
 //! published keybind, a free slot and a price under the cap, honouring a pin
-//! and an exclusion — and offering it the job.
+//! and an exclusion, whose engine implements the features the request needs
+//! — and offering it the job.
 
 use std::time::Instant;
 
@@ -15,16 +16,19 @@ use super::state::{Grid, Inner};
 use crate::money::MicrosPerM;
 use crate::proto::api::{AttestationLevel, ReserveRequest};
 use crate::proto::identity::NodeId;
+use crate::proto::openai::InvalidRequest;
 
 /// Pick a node for a model (§5.1): served, attested, on grid, online, with a
-/// published keybind, a free slot and a blended price under the cap; the
-/// cheapest, then the least loaded.
+/// published keybind, a free slot, a blended price under the cap and every
+/// feature in `needs` ([`crate::proto::features`]) advertised; the cheapest,
+/// then the least loaded.
 pub(crate) fn choose_node(
     grid: &Grid,
     inner: &Inner,
     req: &ReserveRequest,
     model: &str,
     exclude: Option<NodeId>,
+    needs: &[&'static str],
 ) -> Result<NodeId, ClientError> {
     let now = Instant::now();
     let require_hardware = match req.require_attestation.as_deref() {
@@ -66,6 +70,25 @@ pub(crate) fn choose_node(
                 && exclude != Some(n.id)
         })
         .collect();
+    // A node that does not advertise a feature would drop the parameter
+    // (a public node) or refuse it (the echo engine): never offered the job.
+    let capable: Vec<_> = usable
+        .iter()
+        .copied()
+        .filter(|n| needs.iter().all(|f| n.capabilities.has(f)))
+        .collect();
+    if capable.is_empty() && !usable.is_empty() {
+        // Name a feature no usable node has; else the first, which no node
+        // has together with the rest.
+        let missing = needs
+            .iter()
+            .find(|f| !usable.iter().any(|n| n.capabilities.has(f)))
+            .or(needs.first())
+            .copied()
+            .unwrap_or_default();
+        return Err(unsupported(model, missing));
+    }
+    let usable = capable;
     let attested: Vec<_> = usable
         .iter()
         .filter(|n| !require_hardware || n.level == AttestationLevel::Hardware)
@@ -112,6 +135,20 @@ pub(crate) fn choose_node(
         })
         .map(|n| n.id)
         .ok_or_else(ClientError::no_capacity)
+}
+
+/// 400: no online node serving `model` implements what `param` asks for;
+/// the body of the validator's refusals of an unimplemented parameter.
+fn unsupported(model: &str, param: &str) -> ClientError {
+    ClientError::new(
+        axum::http::StatusCode::BAD_REQUEST,
+        InvalidRequest::KIND,
+        InvalidRequest::UNSUPPORTED_CODE,
+        format!(
+            "unsupported parameter: {param:?} is not implemented by any node serving {model} now; leave it out or try later"
+        ),
+    )
+    .with_param(param)
 }
 
 /// Create a job for a reserved node and offer it; returns its events.

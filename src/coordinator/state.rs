@@ -1047,6 +1047,8 @@ impl Node {
                 streaming: true,
                 context_size: d.context_size,
                 signed_usage: Some(true),
+                // Known again from the node's next heartbeat.
+                features: Vec::new(),
             },
             max_concurrent_jobs: d.max_concurrent_jobs.max(1),
             last_seen,

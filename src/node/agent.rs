@@ -481,6 +481,12 @@ fn heartbeat_body(shared: &Shared) -> HeartbeatRequest {
             streaming: true,
             context_size: models.iter().map(|m| m.context_size).max(),
             signed_usage: Some(true),
+            features: shared
+                .executor
+                .features()
+                .into_iter()
+                .map(String::from)
+                .collect(),
         },
         active_job_ids: running,
         binary_hash: binary_hash(),

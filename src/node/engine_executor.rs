@@ -93,6 +93,10 @@ impl Executor for EngineExecutor {
         self.engine.info().max_batch.max(1) as u32
     }
 
+    fn features(&self) -> Vec<&'static str> {
+        crate::proto::features::ALL.to_vec()
+    }
+
     fn start(&self, job: &ChatJob) -> Result<mpsc::Receiver<ExecEvent>, ExecError> {
         if job.model != self.engine.info().id {
             return Err(ExecError::UnknownModel(job.model.clone()));

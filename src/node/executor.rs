@@ -65,6 +65,11 @@ pub trait Executor: Send + Sync + 'static {
     fn slots(&self) -> u32;
     /// Start a job. Events arrive on the receiver until `Done` or `Failed`.
     fn start(&self, job: &ChatJob) -> Result<mpsc::Receiver<ExecEvent>, ExecError>;
+    /// The request features ([`crate::proto::features`]) this executor
+    /// implements, advertised in the heartbeat; none unless it says so.
+    fn features(&self) -> Vec<&'static str> {
+        Vec::new()
+    }
 }
 
 /// The load-test engine (`--engine echo`): repeats the last user message

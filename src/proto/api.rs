@@ -486,6 +486,19 @@ pub struct Capabilities {
     /// sgl extension §7d.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signed_usage: Option<bool>,
+    /// sgl extension: the request features the node's engine implements
+    /// ([`super::features`]: `response_format`, `n`, `logprobs`). Absent on
+    /// public nodes, older `sgl` nodes and the echo engine; the coordinator
+    /// routes a request that needs one only to a node that lists it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub features: Vec<String>,
+}
+
+impl Capabilities {
+    /// Whether the node advertises `feature`.
+    pub fn has(&self, feature: &str) -> bool {
+        self.features.iter().any(|f| f == feature)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]

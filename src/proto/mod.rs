@@ -13,6 +13,7 @@ pub mod b58;
 pub mod e2e;
 pub mod envelope;
 mod error;
+pub mod features;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod headers;

@@ -18,6 +18,7 @@ mod grid_e2e;
 mod grid_edges;
 mod grid_explorer;
 mod grid_faults;
+mod grid_features;
 mod grid_json_mode;
 mod grid_node_kill;
 mod grid_openapi;
