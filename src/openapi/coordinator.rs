@@ -500,12 +500,23 @@ fn compute(d: &mut Doc) {
     let challenge = payment_required(d);
     let owner = &["apiKey", "apiKeyHeader", "walletSignature", "payment"];
     let listing = |what: &str| any_object(what);
+    d.add(
+        "get",
+        "/compute/plans",
+        Op::new("compute_plans", "compute", "Machine plans with prices")
+            .query(
+                "type",
+                "Only plans of this category",
+                json!({"type": "string", "enum": ["vps", "vhp", "vdc", "vcg"]}),
+            )
+            .json(
+                200,
+                "Machine plans with prices",
+                listing("Machine plans with prices"),
+            )
+            .errors(&[400, 404, 502, 503], &err),
+    );
     for (path, id, summary) in [
-        (
-            "/compute/plans",
-            "compute_plans",
-            "Machine plans with prices",
-        ),
         ("/compute/regions", "compute_regions", "Regions"),
         ("/compute/os", "compute_os", "Operating system images"),
     ] {
