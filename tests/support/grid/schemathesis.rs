@@ -35,7 +35,7 @@ pub async fn schemathesis(base: &str, headers: &[String], extra: &[&str]) -> Dur
         .args(["--generation-with-security-parameters", "false"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    if !extra.iter().any(|a| *a == "--max-examples") {
+    if !extra.contains(&"--max-examples") {
         cmd.args(["--max-examples", "25"]);
     }
     cmd.args(extra);
