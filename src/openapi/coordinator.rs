@@ -493,6 +493,32 @@ fn payments(d: &mut Doc) {
     );
 }
 
+/// `POST /compute/provision`'s order: its fields and an example from the
+/// Vultr catalogue, so that generated orders reach the provider. Which plans,
+/// regions and images exist, and the bounds of `prepaid_hours`, come from
+/// the catalogue and the server's flags.
+fn provision_body() -> Value {
+    let text =
+        |max: u32, what: &str| json!({"type": "string", "maxLength": max, "description": what});
+    json!({
+        "type": "object",
+        "required": ["plan", "region", "os_id"],
+        "properties": {
+            "plan": text(128, "A plan id from `GET /compute/plans`"),
+            "region": text(64, "A region id from `GET /compute/regions`"),
+            "os_id": {"type": "integer", "minimum": 0, "description": "An image id from `GET /compute/os`"},
+            "label": text(64, "A name for the machine (printable characters)"),
+            "prepaid_hours": {"type": "integer", "minimum": 0, "description": "Hours paid up front (the server's minimum when absent)"},
+            "ssh_public_key": text(8192, "An OpenSSH public key line (required for DigitalOcean)"),
+            "provider": {"type": "string", "enum": ["vultr", "digitalocean"]},
+            "network": text(64, "The payment network"),
+            "use_credits": {"type": "boolean", "description": "Pay from the wallet's credits"}
+        },
+        "example": {"plan": "vc2-1c-1gb", "region": "ewr", "os_id": 2284, "label": "build",
+            "prepaid_hours": 24, "use_credits": true}
+    })
+}
+
 /// The compute plane: the Machines API and code execution, each served
 /// only with its flag.
 fn compute(d: &mut Doc) {
@@ -500,12 +526,23 @@ fn compute(d: &mut Doc) {
     let challenge = payment_required(d);
     let owner = &["apiKey", "apiKeyHeader", "walletSignature", "payment"];
     let listing = |what: &str| any_object(what);
+    d.add(
+        "get",
+        "/compute/plans",
+        Op::new("compute_plans", "compute", "Machine plans with prices")
+            .query(
+                "type",
+                "Only plans of this category",
+                json!({"type": "string", "enum": ["vps", "vhp", "vdc", "vcg"]}),
+            )
+            .json(
+                200,
+                "Machine plans with prices",
+                listing("Machine plans with prices"),
+            )
+            .errors(&[400, 404, 502, 503], &err),
+    );
     for (path, id, summary) in [
-        (
-            "/compute/plans",
-            "compute_plans",
-            "Machine plans with prices",
-        ),
         ("/compute/regions", "compute_regions", "Regions"),
         ("/compute/os", "compute_os", "Operating system images"),
     ] {
@@ -527,10 +564,7 @@ fn compute(d: &mut Doc) {
             "Rent a machine, paid up front",
         )
         .auth(owner)
-        .body(
-            any_object("plan, region, os, hours, ssh_public_key, …"),
-            true,
-        )
+        .body(provision_body(), true)
         .json(200, "The machine", listing("The instance"))
         .payment_required(&challenge)
         .errors(&failing, &err),

@@ -30,7 +30,7 @@ const PAYEE_KEY: &str = "5de4111afa1a4b94908f83103eb1f1706367c2e68ca870fc3fb9a80
 /// Whether sandboxes can run here: bwrap, python3 and node present and a
 /// trivial bwrap namespace starts. Skips with a message otherwise, unless
 /// SGL_REQUIRE_SANDBOX=1, which fails the test instead.
-fn sandbox_available() -> bool {
+pub(crate) fn sandbox_available() -> bool {
     let tools = ["/usr/bin/bwrap", "/usr/bin/python3", "/usr/bin/node"];
     let missing: Vec<&str> = tools
         .iter()

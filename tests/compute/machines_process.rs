@@ -22,10 +22,16 @@ use crate::pay_common::server::PAY_TO;
 use crate::pay_common::signing::{self, PayParams};
 use crate::pay_common::stores::cli_databases;
 
-const SECRET: &str = "4242424242424242424242424242424242424242424242424242424242424242";
+pub(crate) const SECRET: &str = "4242424242424242424242424242424242424242424242424242424242424242";
 
 /// `sgl coordinator serve` with both providers on their stand-ins.
-fn coordinator(db: &str, port: u16, vultr: &StandIn, dig: &StandIn, extra: &[&str]) -> Proc {
+pub(crate) fn coordinator(
+    db: &str,
+    port: u16,
+    vultr: &StandIn,
+    dig: &StandIn,
+    extra: &[&str],
+) -> Proc {
     let listen = format!("127.0.0.1:{port}");
     let mut args = vec![
         "coordinator",

@@ -14,6 +14,8 @@ mod pay_common;
 mod exec_process;
 mod machines_api;
 #[cfg(feature = "coordinator")]
+mod machines_openapi;
+#[cfg(feature = "coordinator")]
 mod machines_process;
 mod machines_providers;
 mod sandbox_basic;

@@ -10,9 +10,10 @@ use crate::grid_support;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use grid_support::{python, Proc, SGL};
+use grid_support::schemathesis::{have_schemathesis, schemathesis};
+use grid_support::{Proc, SGL};
 
 /// The checked-in copy of a document.
 fn checked_in(name: &str) -> std::path::PathBuf {
@@ -98,12 +99,6 @@ fn the_checked_in_openapi_documents_are_current() {
     }
 }
 
-/// Whether schemathesis runs here: skipped with a message when not, unless
-/// SGL_REQUIRE_PY_CLIENTS=1.
-fn have_schemathesis() -> bool {
-    grid_support::python_has("schemathesis")
-}
-
 /// `GET /openapi.json` of a running server equals the checked-in file.
 async fn serves_the_checked_in_document(base: &str, name: &str) {
     let r = reqwest::get(format!("{base}/openapi.json")).await.unwrap();
@@ -112,45 +107,6 @@ async fn serves_the_checked_in_document(base: &str, name: &str) {
     let served = r.text().await.unwrap();
     let file = std::fs::read_to_string(checked_in(name)).unwrap();
     assert!(served == file, "{}", first_difference(&served, &file));
-}
-
-/// Run schemathesis's stateless phases against `base` with `headers`;
-/// fails the test with its report when it finds anything. Returns how long
-/// it ran.
-async fn schemathesis(base: &str, headers: &[String]) -> Duration {
-    let started = Instant::now();
-    let mut cmd = tokio::process::Command::new(python());
-    cmd.args(["-m", "schemathesis.cli", "run"])
-        .arg(format!("{base}/openapi.json"))
-        .args(["--phases", "examples,coverage,fuzzing"])
-        .args([
-            "--checks",
-            "not_a_server_error,status_code_conformance,content_type_conformance,\
-             response_schema_conformance",
-        ])
-        .args(["--max-examples", "25", "--workers", "2"])
-        .args(["--request-timeout", "30", "--no-color"])
-        // Only the credentials given here: a generated payment header would
-        // send the coordinator to a facilitator.
-        .args(["--generation-with-security-parameters", "false"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for h in headers {
-        cmd.args(["-H", h]);
-    }
-    let out = tokio::time::timeout(Duration::from_secs(600), cmd.output())
-        .await
-        .expect("schemathesis ran for more than ten minutes")
-        .expect("python runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let took = started.elapsed();
-    println!("{stdout}\n{stderr}\nschemathesis against {base}: {took:?}");
-    assert!(
-        out.status.success(),
-        "schemathesis found failures against {base}:\n{stdout}\n{stderr}"
-    );
-    took
 }
 
 #[cfg(all(feature = "coordinator", unix))]
@@ -201,7 +157,7 @@ async fn schemathesis_finds_nothing_on_the_coordinator() {
 
     serves_the_checked_in_document(&base, "coordinator").await;
     let auth = format!("Authorization: Bearer {key}");
-    schemathesis(&base, &[auth]).await;
+    schemathesis(&base, &[auth], &[]).await;
 }
 
 #[cfg(all(feature = "node", unix))]
@@ -226,5 +182,5 @@ async fn schemathesis_finds_nothing_on_node_serve() {
         .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
         .to_string();
     serves_the_checked_in_document(&base, "node").await;
-    schemathesis(&base, &[]).await;
+    schemathesis(&base, &[], &[]).await;
 }
