@@ -15,8 +15,10 @@
 # request), CREDIT_BLOCK_IDLE_MS (default 2000), CREDIT_SETTLE
 # (before-answer, the coordinator's default, or after-answer), PORT_BASE (default 18180),
 # JSON (a file for the bench's JSON report), BILLED=0 (send no key: the
-# unbilled baseline on the same grid). Build with --release for
-# figures worth quoting.
+# unbilled baseline on the same grid), REPLICA=1 (two coordinators with
+# --replica on the database: the node holds its WebSocket to the first,
+# the bench calls the second, so every job crosses PostgreSQL). Build with
+# --release for figures worth quoting.
 set -euo pipefail
 
 SGL=${SGL:-target/release/sgl}
@@ -29,6 +31,9 @@ CREDIT_SETTLE=${CREDIT_SETTLE:-before-answer}
 PORT_BASE=${PORT_BASE:-18180}
 COORD=127.0.0.1:$PORT_BASE
 LOCAL_PORT=$((PORT_BASE + 1))
+SECOND=127.0.0.1:$((PORT_BASE + 2))
+replica_args=()
+[ "${REPLICA:-0}" = 1 ] && replica_args=(--replica)
 PAYER=0x2222222222222222222222222222222222222222
 OPERATOR=0x1111111111111111111111111111111111111111
 
@@ -51,16 +56,26 @@ DB="${PG%/*}/$db_name"
 
 # Development mode keeps node registration open and needs no facilitator;
 # with a database, requests that carry an API key are billed to its credits.
-"$SGL" coordinator serve --dev --database-url "$DB" --listen "$COORD" \
-    --credit-block "$CREDIT_BLOCK" --credit-block-idle-ms "$CREDIT_BLOCK_IDLE_MS" \
-    --credit-settle "$CREDIT_SETTLE" \
-    >"$work/coordinator.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 1 100); do
-    curl -sf "http://$COORD/health" >/dev/null && break
-    sleep 0.2
-done
-curl -sf "http://$COORD/health" >/dev/null || { cat "$work/coordinator.log" >&2; exit 1; }
+coordinator() { # listen address, log name
+    "$SGL" coordinator serve --dev --database-url "$DB" --listen "$1" "${replica_args[@]}" \
+        --credit-block "$CREDIT_BLOCK" --credit-block-idle-ms "$CREDIT_BLOCK_IDLE_MS" \
+        --credit-settle "$CREDIT_SETTLE" \
+        >"$work/$2.log" 2>&1 &
+    pids+=($!)
+    for _ in $(seq 1 100); do
+        curl -sf "http://$1/health" >/dev/null && break
+        sleep 0.2
+    done
+    curl -sf "http://$1/health" >/dev/null || { cat "$work/$2.log" >&2; exit 1; }
+}
+coordinator "$COORD" coordinator
+# The bench's coordinator: the node's own, or with REPLICA=1 a second
+# replica that reaches the node only through the database.
+BENCH_COORD=$COORD
+if [ "${REPLICA:-0}" = 1 ]; then
+    coordinator "$SECOND" second
+    BENCH_COORD=$SECOND
+fi
 
 "$SGL" node init --config-dir "$work/node" --coordinator "http://$COORD" --wallet "$OPERATOR" >/dev/null
 "$SGL" node start --config-dir "$work/node" --engine echo --evidence none --max-batch 64 \
@@ -76,6 +91,8 @@ for _ in $(seq 1 150); do
     sleep 0.2
 done
 active || { cat "$work/node.log" >&2; exit 1; }
+# A replica learns of another's node from the database's notifications.
+[ "${REPLICA:-0}" = 1 ] && sleep 2
 
 KEY=$("$SGL" coordinator keys create --wallet "$PAYER" --label bench --database-url "$DB" | tr -d '[:space:]')
 "$SGL" coordinator credits grant --wallet "$PAYER" --amount 1000 --database-url "$DB" >/dev/null
@@ -86,7 +103,7 @@ key_args=(--api-key "$KEY")
 # BILLED=0: the same grid and database, requests without the key (free in
 # development mode): the baseline billing is measured against.
 [ "${BILLED:-1}" = 0 ] && key_args=()
-"$SGL" bench --url "http://127.0.0.1:$LOCAL_PORT" --compare-url "http://$COORD" \
+"$SGL" bench --url "http://127.0.0.1:$LOCAL_PORT" --compare-url "http://$BENCH_COORD" \
     "${key_args[@]}" --requests "$REQUESTS" --concurrency "$CONCURRENCY" "${json_args[@]}"
 
 echo

@@ -5,6 +5,8 @@
 use serde_json::{json, Map, Value};
 use utoipa::ToSchema;
 
+use crate::proto::routes;
+
 /// A document being assembled.
 #[derive(Default)]
 pub(super) struct Doc {
@@ -209,4 +211,26 @@ pub(super) fn any_object(description: &str) -> Value {
 /// A plain-text body.
 pub(super) fn text() -> Value {
     json!({"type": "string"})
+}
+
+/// `/metrics` and `/openapi.json`, which both servers answer alike.
+pub(super) fn add_metrics_and_document(d: &mut Doc) {
+    d.add(
+        "get",
+        routes::METRICS,
+        Op::new("metrics", "operations", "Prometheus metrics").answer(
+            200,
+            "The Prometheus text format",
+            &[("text/plain", text())],
+        ),
+    );
+    d.add(
+        "get",
+        routes::OPENAPI,
+        Op::new("openapi", "operations", "This document").json(
+            200,
+            "OpenAPI 3.1",
+            any_object("An OpenAPI document"),
+        ),
+    );
 }

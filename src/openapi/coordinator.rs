@@ -4,7 +4,7 @@
 
 use serde_json::{json, Value};
 
-use super::build::{any_object, text, Doc, Op};
+use super::build::{add_metrics_and_document, any_object, text, Doc, Op};
 use crate::proto::api::*;
 use crate::proto::openai::{
     ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ErrorResponse, ModelList,
@@ -660,24 +660,7 @@ fn operations(d: &mut Doc) {
         routes::HEALTH,
         Op::new("health", "operations", "Liveness").answer(200, "`ok`", &[("text/plain", text())]),
     );
-    d.add(
-        "get",
-        routes::METRICS,
-        Op::new("metrics", "operations", "Prometheus metrics").answer(
-            200,
-            "The Prometheus text format",
-            &[("text/plain", text())],
-        ),
-    );
-    d.add(
-        "get",
-        routes::OPENAPI,
-        Op::new("openapi", "operations", "This document").json(
-            200,
-            "OpenAPI 3.1",
-            any_object("An OpenAPI document"),
-        ),
-    );
+    add_metrics_and_document(d);
     d.add(
         "get",
         routes::EXPLORER,

@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 
-use super::build::{any_object, text, Doc, Op};
+use super::build::{add_metrics_and_document, Doc, Op};
 use crate::proto::openai::{
     ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ErrorResponse, ModelList,
 };
@@ -68,23 +68,6 @@ pub(super) fn document() -> Value {
                 health,
             ),
     );
-    d.add(
-        "get",
-        routes::METRICS,
-        Op::new("metrics", "operations", "Prometheus metrics").answer(
-            200,
-            "The Prometheus text format",
-            &[("text/plain", text())],
-        ),
-    );
-    d.add(
-        "get",
-        routes::OPENAPI,
-        Op::new("openapi", "operations", "This document").json(
-            200,
-            "OpenAPI 3.1",
-            any_object("An OpenAPI document"),
-        ),
-    );
+    add_metrics_and_document(&mut d);
     d.finish("SGL node local server", DESCRIPTION, json!({}))
 }

@@ -108,15 +108,7 @@ impl ReplicaDb {
 
     /// The live replica that holds the client stream of `job_id`.
     pub async fn job_owner(&self, job_id: &str) -> Result<Option<String>> {
-        let row: Option<(String,)> = sqlx::query_as(&format!(
-            "SELECT j.replica_id FROM grid_replica_jobs j \
-             JOIN grid_replicas r ON r.id = j.replica_id \
-             WHERE j.job_id = $1 AND r.lease_until > {NOW_MS}"
-        ))
-        .bind(job_id)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.map(|r| r.0))
+        self.live_owner("grid_replica_jobs", "job_id", job_id).await
     }
 
     /// The replicas holding the client streams of `job_ids`, as (job id,
@@ -132,12 +124,19 @@ impl ReplicaDb {
 
     /// The live replica that holds `node_id`.
     pub async fn node_owner(&self, node_id: &str) -> Result<Option<String>> {
+        self.live_owner("grid_node_sessions", "node_id", node_id).await
+    }
+
+    /// The replica named in `table`'s row whose `key` column is `id`, when
+    /// that replica's lease is still running: a row left by a dead replica
+    /// names nobody. `table` and `key` are this module's own constants.
+    async fn live_owner(&self, table: &str, key: &str, id: &str) -> Result<Option<String>> {
         let row: Option<(String,)> = sqlx::query_as(&format!(
-            "SELECT s.replica_id FROM grid_node_sessions s \
-             JOIN grid_replicas r ON r.id = s.replica_id \
-             WHERE s.node_id = $1 AND r.lease_until > {NOW_MS}"
+            "SELECT t.replica_id FROM {table} t \
+             JOIN grid_replicas r ON r.id = t.replica_id \
+             WHERE t.{key} = $1 AND r.lease_until > {NOW_MS}"
         ))
-        .bind(node_id)
+        .bind(id)
         .fetch_optional(&self.pool)
         .await?;
         Ok(row.map(|r| r.0))
