@@ -142,7 +142,7 @@ async fn replicas_reserve_on_one_chat_on_another_billed_once() {
             .await
             .unwrap();
         let status = r.status();
-        let body: Value = r.json().await.unwrap_or(Value::Null);
+        let mut body: Value = r.json().await.unwrap_or(Value::Null);
         assert_eq!(status, 200, "{base} (node held by {holder}): {body}");
         assert_eq!(body["job_id"], out.job_id.as_str());
         assert_eq!(body["node_id"], node.as_str());
@@ -150,6 +150,17 @@ async fn replicas_reserve_on_one_chat_on_another_billed_once() {
             .as_str()
             .unwrap_or_default()
             .is_empty());
+        // The evidence URL names the replica's own public URL (one shared
+        // URL in production); the rest must match.
+        let mut report: Value =
+            serde_json::from_str(body["attestation_report"].as_str().unwrap()).unwrap();
+        let evidence = report["evidence_url"].as_str().unwrap().to_string();
+        assert_eq!(
+            evidence,
+            format!("{base}/grid/nodes/{node}/attestation/evidence")
+        );
+        report["evidence_url"] = Value::Null;
+        body["attestation_report"] = report;
         proofs.push(body);
     }
     assert!(
