@@ -273,12 +273,24 @@ impl ReplicaDb {
     }
 
     /// Record a reservation unless `client` holds `per_client` live ones.
+    ///
+    /// The count and the insert are one decision per client: under READ
+    /// COMMITTED two concurrent inserts of one client (on two replicas, or
+    /// two connections of one) each count without the other's uncommitted
+    /// row and could both pass the limit. A transaction-scoped advisory
+    /// lock on the client serialises them; it is held only for this short
+    /// transaction, and other clients never wait on it.
     pub async fn put_reservation(
         &self,
         token_hash: &str,
         r: &StoredReservation,
         per_client: i64,
     ) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('sgl_reservations:' || $1, 0))")
+            .bind(&r.client)
+            .execute(&mut *tx)
+            .await?;
         let n = sqlx::query(&format!(
             "INSERT INTO grid_replica_reservations (token_hash, node_id, model, client, expires_at) \
              SELECT $1, $2, $3, $4, {NOW_MS} + $5 WHERE (SELECT COUNT(*) FROM \
@@ -290,9 +302,10 @@ impl ReplicaDb {
         .bind(&r.client)
         .bind(r.ttl_ms)
         .bind(per_client)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?
         .rows_affected();
+        tx.commit().await?;
         Ok(n == 1)
     }
 

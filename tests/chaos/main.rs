@@ -18,3 +18,5 @@ mod disk_full;
 mod ledger;
 mod refund_fault;
 mod replicas;
+mod replicas_db_loss;
+mod replicas_reserve;

@@ -44,7 +44,7 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 const CLIENTS: usize = 24;
 
 /// Prints the tail of each process log when the test fails.
-struct Logs(Vec<PathBuf>);
+pub(crate) struct Logs(pub(crate) Vec<PathBuf>);
 
 impl Drop for Logs {
     fn drop(&mut self) {
@@ -61,8 +61,13 @@ impl Drop for Logs {
 }
 
 fn replica(port: u16, db: &str, log: &Path) -> Proc {
+    replica_with(port, db, log, &[])
+}
+
+/// A replica on `port` over database `db`, with `extra` arguments.
+pub(crate) fn replica_with(port: u16, db: &str, log: &Path, extra: &[&str]) -> Proc {
     let listen = format!("127.0.0.1:{port}");
-    let args = [
+    let mut args = vec![
         "coordinator",
         "serve",
         "--dev",
@@ -76,6 +81,7 @@ fn replica(port: u16, db: &str, log: &Path) -> Proc {
         "--hold-lease",
         "2",
     ];
+    args.extend_from_slice(extra);
     let p = spawn_sgl(&args, Stdio::from(File::create(log).unwrap()));
     wait_until("a replica to listen", Duration::from_secs(30), || {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
@@ -84,7 +90,7 @@ fn replica(port: u16, db: &str, log: &Path) -> Proc {
 }
 
 /// An echo node in `dir` for `base`; its process and id.
-fn echo_node(dir: &Path, base: &str, log: &Path) -> (Proc, String) {
+pub(crate) fn echo_node(dir: &Path, base: &str, log: &Path) -> (Proc, String) {
     let d = dir.to_str().unwrap();
     node_init(d, base, OPERATOR);
     let args = [
@@ -108,7 +114,7 @@ fn echo_node(dir: &Path, base: &str, log: &Path) -> (Proc, String) {
 }
 
 /// (replica id, attached) of `node` in the shared tables.
-fn session(db: &str, node: &str) -> Option<(String, bool)> {
+pub(crate) fn session(db: &str, node: &str) -> Option<(String, bool)> {
     let out = std::process::Command::new("psql")
         .args([
             db,
@@ -127,7 +133,7 @@ fn session(db: &str, node: &str) -> Option<(String, bool)> {
     Some((replica.to_string(), attached == "t"))
 }
 
-fn stream_body(node: &str) -> Value {
+pub(crate) fn stream_body(node: &str) -> Value {
     let text: Vec<String> = (0..16).map(|i| format!("w{i}")).collect();
     json!({"model": MODEL, "node": node, "stream": true, "max_tokens": 64,
            "messages": [{"role": "user", "content": text.join(" ")}]})

@@ -333,3 +333,169 @@ async fn a_revoked_key_stops_within_the_cache_second() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// `--credit-settle after-answer`, with the settlement refused after the
+/// answer went out: the wallet's block was closed behind the process (its
+/// lease lapsed and another coordinator's reaper released it) and another
+/// process then spent the whole balance. The answer is not billed: the job
+/// gets a failed usage row at cost 0 (written behind, as the settlement),
+/// no ledger row, and the ledger stays exact. A second job whose block
+/// closed the same way while the balance still covers it is charged from
+/// the balance (a `debit` row) with its completed usage row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_whose_settlement_is_refused_behind_it_is_recorded_unpaid() {
+    each_backend("rsvbehind", |t: TestStore| async move {
+        let store = t.store.clone();
+        let payer = wallet("0x5454000000000000000000000000000000000054");
+        let deposit = Micros(10 * QUOTE.0);
+        store.top_up(&payer, deposit, "grant").await.unwrap();
+        let p = payments(&store);
+        p.enable_reservations(ReserveConfig {
+            block_quotes: 2,
+            order: SettleOrder::AfterAnswer,
+            ..Default::default()
+        });
+        let (key, _) = p.create_api_key(&payer, "behind").await.unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "x-api-key",
+            HeaderValue::from_str(key.secret.as_str()).unwrap(),
+        );
+        let uri: Uri = "/v1/chat/completions".parse().unwrap();
+        let parts = RequestParts {
+            method: &Method::POST,
+            uri: &uri,
+            headers: &headers,
+            body: b"{}",
+        };
+        let offer = p.offer(&headers, &uri, QUOTE, "behind");
+        let reference = p.reservations().unwrap().reference().to_string();
+        // 1. Block closed, balance still covers: charged from the balance.
+        let charge = p
+            .open_charge_reserving(&parts, &offer, "job-debited")
+            .await
+            .unwrap();
+        close_block(&store, &reference).await;
+        let cost = Micros(600);
+        let r = charge
+            .settle_recording(cost, Some(usage("job-debited", &payer)))
+            .await
+            .unwrap();
+        assert_eq!(r.charged, cost);
+        let row = row_of(&store, "job-debited").await;
+        assert_eq!((row.status.as_str(), row.cost), ("completed", cost));
+        let b = store.balance(&payer).await.unwrap();
+        assert_eq!(
+            (b.balance, b.held, b.total_spent),
+            (Micros(deposit.0 - cost.0), Micros::ZERO, cost)
+        );
+        // The closed block is forgotten: the next request opens another.
+        let start = Instant::now();
+        while !p.reservations().unwrap().holds().is_empty() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "the closed block is kept"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        // 2. Block closed, and the balance drained by another process.
+        let charge = p
+            .open_charge_reserving(&parts, &offer, "job-unpaid")
+            .await
+            .unwrap();
+        close_block(&store, &reference).await;
+        let left = store.balance(&payer).await.unwrap().balance;
+        store.debit(&payer, left, "elsewhere").await.unwrap();
+        // The answer goes out: the charge cannot know yet.
+        let r = charge
+            .settle_recording(QUOTE, Some(usage("job-unpaid", &payer)))
+            .await
+            .unwrap();
+        assert_eq!(r.charged, QUOTE);
+        let row = row_of(&store, "job-unpaid").await;
+        assert_eq!(row.status, "failed", "{row:?}");
+        assert_eq!(row.cost, Micros::ZERO);
+        assert_eq!(
+            (
+                row.operator_share,
+                row.platform_share,
+                row.stakers_share,
+                row.burn_share
+            ),
+            (Micros::ZERO, Micros::ZERO, Micros::ZERO, Micros::ZERO)
+        );
+
+        // The ledger: exact, and nothing of the unpaid job in it.
+        if let Some(r) = p.reservations() {
+            r.close().await;
+        }
+        no_open_holds(&store).await;
+        let b = store.balance(&payer).await.unwrap();
+        assert_eq!(b.balance, Micros::ZERO);
+        assert_eq!(b.held, Micros::ZERO);
+        assert_eq!(b.total_deposited, deposit);
+        assert_eq!(b.total_spent, deposit);
+        assert_eq!(
+            b.total_deposited.0,
+            b.balance.0 + b.held.0 + b.total_spent.0
+        );
+        let ledger = store.ledger(&payer, 100).await.unwrap();
+        assert!(
+            !ledger
+                .iter()
+                .any(|e| e.reference.as_deref() == Some("job-unpaid")),
+            "the unpaid job is in the ledger: {ledger:?}"
+        );
+        let debited: Vec<_> = ledger
+            .iter()
+            .filter(|e| e.reference.as_deref() == Some("job-debited"))
+            .collect();
+        assert_eq!(debited.len(), 1, "{ledger:?}");
+        assert_eq!(
+            (debited[0].kind.as_str(), debited[0].amount),
+            ("debit", cost)
+        );
+        let billed: u64 = store
+            .usage_rows(100)
+            .await
+            .unwrap()
+            .iter()
+            .filter(|r| r.payer_wallet.as_deref() == Some(payer.as_str()))
+            .map(|r| r.cost.0)
+            .sum();
+        // What grid jobs took is exactly their usage rows; the rest went
+        // to the other process's debit.
+        assert_eq!(billed, cost.0);
+        assert!(store
+            .settled_holds_without_usage()
+            .await
+            .unwrap()
+            .is_empty());
+        t
+    })
+    .await;
+}
+
+/// Close the one open block of `reference` behind its process's back, as
+/// a reaper does with a lapsed one.
+async fn close_block(store: &Store, reference: &str) {
+    let blocks = store.open_blocks(reference).await.unwrap();
+    assert_eq!(blocks.len(), 1, "one block: {blocks:?}");
+    store.release_hold(&blocks[0].0).await.unwrap();
+}
+
+/// The usage row of `job`, once the settlement behind its answer wrote it.
+async fn row_of(store: &Store, job: &str) -> UsageRow {
+    let start = Instant::now();
+    loop {
+        if let Some(r) = store.usage_for_job(job).await.unwrap() {
+            return r;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no usage row for {job}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -81,8 +81,20 @@ pub async fn job_attestation(
         return Err(not_found());
     }
     let node_id = NodeId::parse(&row.node_id).map_err(|_| not_found())?;
+    // A replica knows the nodes the live replicas hold, but not one whose
+    // holder died before it was mirrored here: the job's row is in the
+    // shared database, so its node is read from there too, and the proof
+    // is the same whichever replica is asked.
+    let stored = if grid.lock().node(&node_id).is_none() {
+        grid.stored_node(&node_id).await
+    } else {
+        None
+    };
     let inner = grid.lock();
-    let n = inner.node(&node_id).ok_or_else(not_found)?;
+    let n = inner
+        .node(&node_id)
+        .or(stored.as_ref())
+        .ok_or_else(not_found)?;
     let att = n.attestation.as_ref();
     let report = json!({
         "attestation_level": n.level,

@@ -4,7 +4,7 @@
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
@@ -24,13 +24,22 @@ use crate::proto::identity::NodeId;
 pub async fn gate(State(grid): State<Grid>, mut req: Request, next: Next) -> Response {
     req.headers_mut().remove(FORWARDED);
     match &grid.replica {
-        Some(r) if !r.healthy() => ClientError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "server_error",
-            "replica_unavailable",
-            "this coordinator replica lost its database; retry on another",
-        )
-        .into_response(),
+        Some(r) if !r.healthy() => {
+            let mut resp = ClientError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "replica_unavailable",
+                "this coordinator replica lost its database; retry on another",
+            )
+            .into_response();
+            // The connection closes with the answer: a client (a node's
+            // heartbeats above all) keeping it alive through a balancer
+            // that balances connections would otherwise stay on this
+            // replica, refused, instead of reconnecting to another.
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            resp
+        }
         _ => next.run(req).await,
     }
 }

@@ -142,6 +142,14 @@ impl Grid {
         true
     }
 
+    /// A node as the shared database has it, for reading only (not kept
+    /// here): `None` outside replica mode or when it is unknown.
+    pub async fn stored_node(&self, node_id: &NodeId) -> Option<Node> {
+        let rep = self.replica.as_ref()?;
+        let doc = rep.db.node_doc(&node_id.to_string()).await.ok()??;
+        Node::from_doc(&node_id.to_string(), &doc, Instant::now())
+    }
+
     /// A node's WebSocket opened here: it is alive now.
     pub fn touch(&self, node_id: &NodeId) {
         if let Some(n) = self.lock().nodes.get_mut(node_id) {

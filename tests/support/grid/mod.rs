@@ -8,6 +8,7 @@
 pub mod balancer;
 #[cfg(feature = "coordinator")]
 pub mod in_process;
+pub mod relay;
 pub mod schemathesis;
 
 use std::net::TcpListener;
