@@ -6,8 +6,9 @@
 //! sixteen keys at once and sums their lanes together in one transposing
 //! tree. Both versions perform exactly the same additions in the same order
 //! (lane `i` with `i + 8`, then `i + 4`, `i + 2`, `i + 1`, as [`super::dot`]),
-//! so the logits do not depend on which one ran. The AVX2 version takes one
-//! key at a time, its sixteen lanes in two vectors summed by the same tree.
+//! so the logits do not depend on which one ran. The AVX2 version holds a
+//! key's sixteen lanes in two vectors and sums eight keys' lanes together
+//! by the same tree.
 
 use super::dot;
 use super::qmat::{isa, Isa};
@@ -122,9 +123,12 @@ fn weighted_sum_with(
 mod avx2 {
     use std::arch::x86_64::*;
 
-    /// Scores of every key, one at a time: lanes `0..8` and `8..16` of the
-    /// plain loop's sixteen in two vectors, then the same tree. Returns how
-    /// many keys it did. `C` is the head size in vectors of sixteen.
+    /// Scores of every key: lanes `0..8` and `8..16` of the plain loop's
+    /// sixteen in two vectors, then the same tree, eight keys at a time
+    /// with their lanes summed together (a whole horizontal sum per key
+    /// costs more shuffles than the products), the rest one at a time.
+    /// Returns how many keys it did. `C` is the head size in vectors of
+    /// sixteen.
     ///
     /// # Safety
     /// As [`super::avx512::scores`], for AVX2 and FMA.
@@ -146,23 +150,66 @@ mod avx2 {
                 v[1] = _mm256_loadu_ps(q.as_ptr().add(16 * c + 8));
             }
         }
-        for (j, o) in out.iter_mut().enumerate() {
-            let key = j * stride + off;
-            let (mut lo, mut hi) = (zero, zero);
-            for (c, v) in qv.iter().enumerate() {
-                // SAFETY: the key's `16 * C` values lie inside `keys` (the
-                // caller's contract).
-                let (a, b) = unsafe {
-                    (
-                        _mm256_loadu_ps(keys.as_ptr().add(key + 16 * c)),
-                        _mm256_loadu_ps(keys.as_ptr().add(key + 16 * c + 8)),
-                    )
-                };
-                lo = _mm256_fmadd_ps(v[0], a, lo);
-                hi = _mm256_fmadd_ps(v[1], b, hi);
+        // Key `j`'s lanes `i` plus `i + 8` (the first step of the tree). A
+        // macro, not a closure: a closure need not inherit the function's
+        // target features.
+        macro_rules! half_sums {
+            ($j:expr) => {{
+                let key = $j * stride + off;
+                let (mut lo, mut hi) = (zero, zero);
+                for (c, v) in qv.iter().enumerate() {
+                    // SAFETY: the key's `16 * C` values lie inside `keys`
+                    // (the caller's contract), as `j < out.len()`.
+                    let (a, b) = unsafe {
+                        (
+                            _mm256_loadu_ps(keys.as_ptr().add(key + 16 * c)),
+                            _mm256_loadu_ps(keys.as_ptr().add(key + 16 * c + 8)),
+                        )
+                    };
+                    lo = _mm256_fmadd_ps(v[0], a, lo);
+                    hi = _mm256_fmadd_ps(v[1], b, hi);
+                }
+                _mm256_add_ps(lo, hi)
+            }};
+        }
+        let scale_v = _mm256_set1_ps(scale);
+        // After the tree below, lane 4h + t holds key 2t + h.
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        let blocks = out.len() / 8;
+        for b in 0..blocks {
+            let mut s8 = [zero; 8];
+            for (t, st) in s8.iter_mut().enumerate() {
+                *st = half_sums!(8 * b + t);
             }
+            // With i + 4: two keys a vector, one per 128-bit half.
+            let mut t4 = [zero; 4];
+            for (a, ta) in t4.iter_mut().enumerate() {
+                let (x, y) = (s8[2 * a], s8[2 * a + 1]);
+                *ta = _mm256_add_ps(
+                    _mm256_permute2f128_ps::<0x20>(x, y),
+                    _mm256_permute2f128_ps::<0x31>(x, y),
+                );
+            }
+            // With i + 2, then i + 1, within the halves.
+            let mut u2 = [zero; 2];
+            for (a, ua) in u2.iter_mut().enumerate() {
+                let (x, y) = (t4[2 * a], t4[2 * a + 1]);
+                *ua = _mm256_add_ps(
+                    _mm256_shuffle_ps::<0b01_00_01_00>(x, y),
+                    _mm256_shuffle_ps::<0b11_10_11_10>(x, y),
+                );
+            }
+            let f = _mm256_add_ps(
+                _mm256_shuffle_ps::<0b10_00_10_00>(u2[0], u2[1]),
+                _mm256_shuffle_ps::<0b11_01_11_01>(u2[0], u2[1]),
+            );
+            let s = _mm256_mul_ps(_mm256_permutevar8x32_ps(f, order), scale_v);
+            // SAFETY: `8 * b + 8 <= out.len()`, as `b < out.len() / 8`.
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(8 * b), s) };
+        }
+        for (j, o) in out.iter_mut().enumerate().skip(blocks * 8) {
             // Lane i with i + 8, i + 4, i + 2, i + 1.
-            let s8 = _mm256_add_ps(lo, hi);
+            let s8 = half_sums!(j);
             let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps::<1>(s8));
             let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
             let s1 = _mm_add_ss(s2, _mm_shuffle_ps::<0b01>(s2, s2));
