@@ -105,8 +105,10 @@ mod tests {
     fn tools_render_into_chatml() {
         use crate::proto::openai::{tools, ChatMessage};
         let spec = tools::parse(
-            Some(&serde_json::json!([{"type": "function", "function": {"name": "f",
-                "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}}}}])),
+            Some(
+                &serde_json::json!([{"type": "function", "function": {"name": "f",
+                "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}}}}]),
+            ),
             None,
         )
         .unwrap()

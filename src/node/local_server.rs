@@ -33,7 +33,7 @@ use crate::engine::{
 use crate::proto::job::JobPayload;
 use crate::proto::openai::{choices, tools};
 use crate::proto::openai::{
-    ChatCompletionChunk, Delta, ChatCompletionRequest, ChatCompletionResponse, ErrorResponse,
+    ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, Delta, ErrorResponse,
     InvalidRequest, ModelEntry, ModelList,
 };
 use crate::proto::routes;
@@ -384,7 +384,10 @@ async fn chat_completions(
             } else if choices.n > 1 {
                 ("n", "1 completion without logprobs on the echo engine")
             } else {
-                ("logprobs", "1 completion without logprobs on the echo engine")
+                (
+                    "logprobs",
+                    "1 completion without logprobs on the echo engine",
+                )
             };
             let e = InvalidRequest::Unsupported { param, accepted };
             let status =
@@ -410,7 +413,14 @@ async fn chat_completions(
     let wants_logprobs = choices.logprobs.is_some();
     let splitter = tools::DeltaSplitter::new(tools.clone());
     if req.is_stream() {
-        stream_response(rx, completion_id, created, id, req.include_usage(), splitter)
+        stream_response(
+            rx,
+            completion_id,
+            created,
+            id,
+            req.include_usage(),
+            splitter,
+        )
     } else {
         let answers = choices::Answers::new(wants_logprobs).with_tools(tools);
         json_response(rx, completion_id, created, id, answers).await

@@ -453,16 +453,24 @@ mod tests {
         let j = p.params().unwrap();
         assert!(j.tools.is_some() && j.grammar.is_some());
         assert_eq!(j.messages[0].role, "system");
-        assert!(j.messages[3].content.contains("<tool_response>\ndone\n</tool_response>"));
+        assert!(j.messages[3]
+            .content
+            .contains("<tool_response>\ndone\n</tool_response>"));
         // "none" or no tools: the payload keeps the shape public nodes know.
-        for extra in [json!({"tools": tools, "tool_choice": "none"}), json!({"tools": []})] {
+        for extra in [
+            json!({"tools": tools, "tool_choice": "none"}),
+            json!({"tools": []}),
+        ] {
             let mut body = json!({"messages": [{"role": "user", "content": "x"}]});
             for (k, x) in extra.as_object().unwrap() {
                 body[k] = x.clone();
             }
             let req: ChatCompletionRequest = serde_json::from_value(body).unwrap();
             let v = serde_json::to_value(JobPayload::from_openai(&req, 16, None)).unwrap();
-            assert!(v.get("tools").is_none() && v.get("tool_choice").is_none(), "{v}");
+            assert!(
+                v.get("tools").is_none() && v.get("tool_choice").is_none(),
+                "{v}"
+            );
             assert!(v["messages"][0].get("tool_calls").is_none(), "{v}");
         }
         // A malformed tool fails the job.

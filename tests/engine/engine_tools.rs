@@ -58,7 +58,10 @@ fn check_args(name: &str, args: &Value) {
                 o["city"].as_str().is_some_and(|c| c.chars().count() <= 30),
                 "{args}"
             );
-            assert!(o["unit"] == "celsius" || o["unit"] == "fahrenheit", "{args}");
+            assert!(
+                o["unit"] == "celsius" || o["unit"] == "fahrenheit",
+                "{args}"
+            );
         }
         "add" => {
             assert_eq!(o.len(), 2, "{args}");
@@ -130,14 +133,22 @@ async fn the_tools_reach_the_prompt_and_auto_answers_in_text_or_calls() {
         panic!("not a chat prompt")
     };
     assert_eq!(msgs[0].role, "system");
-    assert!(msgs[0].content.text().contains("<tools>\n{\"type\": \"function\", \"function\": {\"name\": \"get_weather\""));
+    assert!(msgs[0]
+        .content
+        .text()
+        .contains("<tools>\n{\"type\": \"function\", \"function\": {\"name\": \"get_weather\""));
     // Whatever the small model writes, the answer is text or declared calls.
     let (text, finish) = run(&engine, gen).await;
     let spec = req.tool_spec().unwrap();
     let (msg, finish) = tool_message(spec.as_ref(), text.clone(), Some(finish));
     for c in msg.tool_calls.iter().flatten() {
-        assert!(["get_weather", "add"].contains(&c.function.name.as_str()), "{text}");
-        assert!(serde_json::from_str::<Value>(&c.function.arguments).unwrap().is_object());
+        assert!(
+            ["get_weather", "add"].contains(&c.function.name.as_str()),
+            "{text}"
+        );
+        assert!(serde_json::from_str::<Value>(&c.function.arguments)
+            .unwrap()
+            .is_object());
         assert_ne!(finish, Some(FinishReason::Stop));
     }
     if msg.tool_calls.is_none() {

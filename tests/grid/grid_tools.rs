@@ -67,7 +67,8 @@ async fn plain_stream(base: &str, body: &Value) -> (Vec<(String, String)>, Strin
         .unwrap();
     assert_eq!(resp.status(), 200);
     let text = resp.text().await.unwrap();
-    let (mut calls, mut content, mut finish) = (Vec::<(String, String)>::new(), String::new(), String::new());
+    let (mut calls, mut content, mut finish) =
+        (Vec::<(String, String)>::new(), String::new(), String::new());
     for line in text.lines() {
         let Some(data) = line.strip_prefix("data: ") else {
             continue;
@@ -85,8 +86,12 @@ async fn plain_stream(base: &str, body: &Value) -> (Vec<(String, String)>, Strin
                     assert!(d["id"].as_str().unwrap().starts_with("call_"), "{d}");
                     assert_eq!(d["type"], "function", "{d}");
                 }
-                calls[i].0.push_str(d["function"]["name"].as_str().unwrap_or(""));
-                calls[i].1.push_str(d["function"]["arguments"].as_str().unwrap_or(""));
+                calls[i]
+                    .0
+                    .push_str(d["function"]["name"].as_str().unwrap_or(""));
+                calls[i]
+                    .1
+                    .push_str(d["function"]["arguments"].as_str().unwrap_or(""));
             }
             if let Some(f) = c["finish_reason"].as_str() {
                 finish = f.to_string();
@@ -169,7 +174,10 @@ async fn a_named_tool_call_through_plain_and_sealed_modes() {
             .await
             .unwrap();
         let payload = JobPayload {
-            messages: Some(vec![ChatMessage::new("user", "What is the weather in Rome?")]),
+            messages: Some(vec![ChatMessage::new(
+                "user",
+                "What is the weather in Rome?",
+            )]),
             temperature: Some(0.7),
             max_tokens: Some(100),
             seed: Some(4),

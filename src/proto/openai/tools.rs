@@ -175,7 +175,10 @@ fn valid_name(n: &str) -> bool {
 /// Read `tools` and `tool_choice` (either may be absent or `null`). `None`
 /// when the request asks for no tool: no tools, an empty list, or
 /// `tool_choice: "none"`.
-pub fn parse(tools: Option<&Value>, choice: Option<&Value>) -> Result<Option<ToolSpec>, ToolsError> {
+pub fn parse(
+    tools: Option<&Value>,
+    choice: Option<&Value>,
+) -> Result<Option<ToolSpec>, ToolsError> {
     let list = match tools {
         None | Some(Value::Null) => &[][..],
         Some(Value::Array(a)) => a.as_slice(),
@@ -230,7 +233,8 @@ pub fn parse(tools: Option<&Value>, choice: Option<&Value>) -> Result<Option<Too
             Some(_) => return Err(shape("function.parameters must be a JSON schema object")),
         };
         // Checked alone, so that an error names this tool.
-        JsonGrammar::from_schema(&parameters).map_err(|error| ToolsError::Schema { index, error })?;
+        JsonGrammar::from_schema(&parameters)
+            .map_err(|error| ToolsError::Schema { index, error })?;
         parsed.push(Tool {
             name,
             description,
@@ -296,7 +300,11 @@ fn forced_grammar(
     let callable: Vec<(usize, &Tool)> = match choice {
         ToolChoice::Auto => return Ok(None),
         ToolChoice::Required => tools.iter().enumerate().collect(),
-        ToolChoice::Named(n) => tools.iter().enumerate().filter(|(_, t)| &t.name == n).collect(),
+        ToolChoice::Named(n) => tools
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| &t.name == n)
+            .collect(),
     };
     let branches: Vec<Value> = callable
         .iter()
@@ -879,10 +887,16 @@ mod tests {
         let (d, f) = forced.end(0, FinishReason::Stop);
         assert_eq!(f, FinishReason::ToolCalls);
         let c = &d[0].tool_calls.as_ref().unwrap()[0];
-        assert_eq!(c.function.as_ref().unwrap().name.as_deref(), Some("get_time"));
+        assert_eq!(
+            c.function.as_ref().unwrap().name.as_deref(),
+            Some("get_time")
+        );
         assert!(c.id.as_deref().unwrap().starts_with("call_"));
         let mut none = DeltaSplitter::new(None);
-        assert_eq!(none.push(0, "<tool_call>")[0].content.as_deref(), Some("<tool_call>"));
+        assert_eq!(
+            none.push(0, "<tool_call>")[0].content.as_deref(),
+            Some("<tool_call>")
+        );
     }
 
     #[test]
@@ -900,7 +914,10 @@ mod tests {
         let roles: Vec<&str> = out.iter().map(|m| m.role.as_str()).collect();
         assert_eq!(roles, ["system", "user", "assistant", "user"]);
         let sys = out[0].content.text();
-        assert!(sys.starts_with("You are a helpful assistant.\n\n# Tools\n"), "{sys}");
+        assert!(
+            sys.starts_with("You are a helpful assistant.\n\n# Tools\n"),
+            "{sys}"
+        );
         assert!(
             sys.contains("<tools>\n{\"type\": \"function\", \"function\": {\"name\": \"get_weather\", \"description\": \"Weather of a city\", \"parameters\": {"),
             "{sys}"

@@ -413,8 +413,13 @@ mod tests {
         let e = with(json!({"tool_choice": {"type": "function", "function": {"name": "g"}}}))
             .validate()
             .unwrap_err();
-        assert_eq!((e.code(), e.param().as_str()), ("invalid_request", "tool_choice"));
-        let e = with(json!({"tool_choice": "always"})).validate().unwrap_err();
+        assert_eq!(
+            (e.code(), e.param().as_str()),
+            ("invalid_request", "tool_choice")
+        );
+        let e = with(json!({"tool_choice": "always"}))
+            .validate()
+            .unwrap_err();
         assert_eq!(e.param(), "tool_choice");
         let e = req(json!({"messages": user(), "tools": "f"}))
             .validate()
@@ -429,7 +434,10 @@ mod tests {
         assert_eq!(turn.validate(), Ok(()));
         let p = turn.prompt_messages().unwrap();
         assert_eq!(p.len(), 4);
-        assert!(p[3].content.text().contains("<tool_response>\n2\n</tool_response>"));
+        assert!(p[3]
+            .content
+            .text()
+            .contains("<tool_response>\n2\n</tool_response>"));
     }
 
     #[test]
