@@ -299,6 +299,7 @@ impl GridClient {
             key,
             nonce,
             choices: payload.choices(),
+            structured: payload.choices().is_extended() || payload.tools.is_some(),
             ed,
             node_id: res.node_id.clone(),
             node_ed25519_b58: res.node_ed25519_pubkey.clone(),
@@ -321,6 +322,8 @@ pub struct SealedReply {
     /// What the sealed payload asked of `n` and `logprobs`: the stream's
     /// chunks are structured ([`StructuredChunk`]) when it asked for either.
     choices: ChoiceParams,
+    /// `n`, `logprobs` or tools: structured chunks and choices.
+    structured: bool,
 }
 
 impl SealedReply {
@@ -379,7 +382,7 @@ impl SealedReply {
         let mut usage = None;
         let mut usage_signed = false;
         let mut error_event = false;
-        let structured = self.choices.is_extended();
+        let structured = self.structured;
         let mut answers = choices::Answers::new(self.choices.logprobs.is_some());
         while let Some(piece) = body.next().await {
             let piece = piece?;
@@ -429,6 +432,9 @@ impl SealedReply {
                     let chunk: StructuredChunk =
                         serde_json::from_str(&text).map_err(|e| ProtoError::Json(e.to_string()))?;
                     for ch in chunk.choices {
+                        if let Some(calls) = ch.delta.tool_calls {
+                            answers.push_calls(ch.index, calls);
+                        }
                         let piece = ch.delta.content.unwrap_or_default();
                         let lp = ch.logprobs.and_then(|l| l.content).unwrap_or_default();
                         answers.push(ch.index, &piece, lp);

@@ -369,11 +369,17 @@ async fn chat(proxy: &Proxy, body: Result<Bytes, BytesRejection>) -> Result<Resp
     // The proxy relays one stream of text: several choices or logprobs are
     // served in JSON only.
     let choices = req.choice_params();
-    if req.is_stream() && choices.is_extended() {
-        let param = if choices.n > 1 { "n" } else { "logprobs" };
+    if req.is_stream() && req.wants_structured_reply() {
+        let param = if choices.n > 1 {
+            "n"
+        } else if choices.logprobs.is_some() {
+            "logprobs"
+        } else {
+            "tools"
+        };
         return Err(InvalidRequest::Unsupported {
             param,
-            accepted: "1 completion without logprobs when streaming through sgl proxy",
+            accepted: "1 completion without logprobs or tools when streaming through sgl proxy",
         }
         .into());
     }
@@ -446,6 +452,7 @@ fn finish_reason(reported: Option<&str>, usage: Option<Usage>, max_tokens: u64) 
     match reported {
         Some("length") => FinishReason::Length,
         Some("stop") => FinishReason::Stop,
+        Some("tool_calls") => FinishReason::ToolCalls,
         _ if usage.is_some_and(|u| u.completion_tokens >= max_tokens) => FinishReason::Length,
         _ => FinishReason::Stop,
     }
@@ -469,10 +476,7 @@ fn json_response(out: ChatOutcome, checked: Checked, model: &str, max_tokens: u6
         } else {
             vec![Choice {
                 index: 0,
-                message: AssistantMessage {
-                    role: "assistant".into(),
-                    content: out.content,
-                },
+                message: AssistantMessage::text(out.content),
                 logprobs: None,
                 finish_reason: Some(finish_reason(
                     out.finish_reason.as_deref(),

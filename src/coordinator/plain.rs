@@ -309,9 +309,23 @@ pub async fn chat(
                 for c in &choices {
                     let role = ChatCompletionChunk::role(&id, created, &d.model);
                     all.push(role.for_choice(c.index));
-                    let text =
-                        ChatCompletionChunk::content(&id, created, &d.model, &c.message.content);
+                    let text = ChatCompletionChunk::content(
+                        &id,
+                        created,
+                        &d.model,
+                        c.message.text_or_empty(),
+                    );
                     all.push(text.for_choice(c.index).with_logprobs(c.logprobs.clone()));
+                    if let Some(calls) = &c.message.tool_calls {
+                        let deltas = calls.iter().zip(0u32..).map(|(t, i)| t.delta(i));
+                        let chunk = ChatCompletionChunk::tool_calls(
+                            &id,
+                            created,
+                            &d.model,
+                            deltas.collect(),
+                        );
+                        all.push(chunk.for_choice(c.index));
+                    }
                     let end = c.finish_reason.unwrap_or(finish);
                     all.push(
                         ChatCompletionChunk::finish(&id, created, &d.model, end)
@@ -357,6 +371,7 @@ pub async fn chat(
                 max_tokens,
                 include_usage: req.include_usage(),
                 choices: req.choice_params(),
+                structured: req.wants_structured_reply(),
                 opener,
                 rx: d.rx,
                 pending: Some(first),
@@ -382,13 +397,10 @@ fn reply_choices(
     finish: FinishReason,
 ) -> Vec<Choice> {
     match sent {
-        Some(c) if req.choice_params().is_extended() && !c.is_empty() => c,
+        Some(c) if req.wants_structured_reply() && !c.is_empty() => c,
         _ => vec![Choice {
             index: 0,
-            message: AssistantMessage {
-                role: "assistant".into(),
-                content,
-            },
+            message: AssistantMessage::text(content),
             logprobs: None,
             finish_reason: Some(finish),
         }],
@@ -399,6 +411,7 @@ pub(super) fn finish_reason(reported: Option<&str>, usage: Usage, max_tokens: u6
     match reported {
         Some("length") => FinishReason::Length,
         Some("stop") => FinishReason::Stop,
+        Some("tool_calls") => FinishReason::ToolCalls,
         _ if usage.completion_tokens >= max_tokens => FinishReason::Length,
         _ => FinishReason::Stop,
     }

@@ -157,6 +157,8 @@ pub(super) struct PlainStream {
     /// `n` > 1 or `logprobs`: the node's chunks carry structured choices
     /// ([`StructuredChunk`]) rather than raw text.
     pub choices: ChoiceParams,
+    /// `n`, `logprobs` or tools: structured chunks.
+    pub structured: bool,
     pub opener: StreamOpener,
     pub rx: mpsc::Receiver<JobEvent>,
     /// The first chunk (or the final one), already received.
@@ -228,7 +230,7 @@ impl PlainStream {
             Err(e) => return self.error(&format!("chunk does not open: {e}")),
         };
         let mut out = Vec::new();
-        if self.choices.is_extended() {
+        if self.structured {
             return self.translate_structured(&text, fin, c.usage, c.usage_signature, refunded);
         }
         if !text.is_empty() {

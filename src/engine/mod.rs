@@ -260,8 +260,11 @@ impl GenerationRequest {
             }
         };
         let choices = req.choice_params();
+        // Tools are shown to the model in its messages
+        // ([`crate::proto::openai::tools`]).
+        let messages = req.prompt_messages().map_err(|e| bad(e.to_string()))?;
         Ok(GenerationRequest {
-            prompt: Prompt::Chat(req.messages.clone()),
+            prompt: Prompt::Chat(messages),
             max_tokens,
             temperature: req.effective_temperature() as f32,
             top_p: req.top_p.unwrap_or(1.0) as f32,
@@ -272,7 +275,7 @@ impl GenerationRequest {
                 .get("ignore_eos")
                 .and_then(|v| v.as_bool())
                 .unwrap_or(false),
-            grammar: req.response_grammar().map_err(|e| bad(e.to_string()))?,
+            grammar: req.output_grammar().map_err(|e| bad(e.to_string()))?,
             n: choices.n,
             logprobs: choices.logprobs,
         })

@@ -98,6 +98,51 @@ mod tests {
         assert_eq!(s, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
     }
 
+    /// Tools reach ChatML (SmolLM2's format, and Qwen2.5's, whose own
+    /// template writes a system message, a call and a tool result exactly
+    /// so) in the Hermes format.
+    #[test]
+    fn tools_render_into_chatml() {
+        use crate::proto::openai::{tools, ChatMessage};
+        let spec = tools::parse(
+            Some(
+                &serde_json::json!([{"type": "function", "function": {"name": "f",
+                "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}}}}]),
+            ),
+            None,
+        )
+        .unwrap()
+        .unwrap();
+        let msgs: Vec<ChatMessage> = serde_json::from_value(serde_json::json!([
+            {"role": "user", "content": "go"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1",
+                "type": "function", "function": {"name": "f", "arguments": "{\"x\":1}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "ok"}
+        ]))
+        .unwrap();
+        let rendered: Vec<TemplateMessage> = tools::render_messages(&msgs, Some(&spec))
+            .into_iter()
+            .map(|m| msg(&m.role, &m.content.text()))
+            .collect();
+        let t = ChatTemplate::new(CHATML, "", "<|im_end|>").unwrap();
+        let s = t.render(&rendered).unwrap();
+        let want = concat!(
+            "<|im_start|>system\nYou are a helpful assistant.\n\n# Tools\n\n",
+            "You may call one or more functions to assist with the user query.\n\n",
+            "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n",
+            "{\"type\": \"function\", \"function\": {\"name\": \"f\", \"parameters\": ",
+            "{\"type\": \"object\", \"properties\": {\"x\": {\"type\": \"integer\"}}}}}\n</tools>\n\n",
+            "For each function call, return a json object with function name and arguments within ",
+            "<tool_call></tool_call> XML tags:\n<tool_call>\n",
+            "{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n",
+            "<|im_start|>user\ngo<|im_end|>\n",
+            "<|im_start|>assistant\n<tool_call>\n{\"name\": \"f\", \"arguments\": {\"x\": 1}}\n</tool_call><|im_end|>\n",
+            "<|im_start|>user\n<tool_response>\nok\n</tool_response><|im_end|>\n",
+            "<|im_start|>assistant\n",
+        );
+        assert_eq!(s, want);
+    }
+
     #[test]
     fn raise_exception_is_an_error_and_pycompat_methods_work() {
         let t = ChatTemplate::new(

@@ -738,7 +738,8 @@ async fn run_whole(
     mut events: mpsc::Receiver<ExecEvent>,
 ) -> Result<(), String> {
     let mut text = String::new();
-    let mut answers = choices::Answers::new(chat.choices.logprobs.is_some());
+    let mut answers =
+        choices::Answers::new(chat.choices.logprobs.is_some()).with_tools(chat.tools.clone());
     let (finish, usage) = loop {
         match events.recv().await {
             Some(ExecEvent::Token(t)) => text.push_str(&t),
@@ -772,12 +773,18 @@ async fn run_whole(
             None => return Err("engine: the generation ended without a result".into()),
         }
     };
-    // Every choice, for a job that asked for `n` or `logprobs`.
-    let all = if chat.choices.is_extended() {
+    // Every choice, for a job that asked for `n`, `logprobs` or tools.
+    let all = if chat.is_structured() {
         answers.finish().map(|(c, _)| c)
     } else {
         None
     };
+    // A first choice that called tools says so at the top too.
+    let finish = all
+        .as_ref()
+        .and_then(|c| c.first())
+        .and_then(|c| c.finish_reason)
+        .unwrap_or(finish);
     let body = jobs::complete_choices_body(&shared.identity, chat, &text, usage, finish, all)
         .map_err(|e| e.to_string())?;
     let resp = shared

@@ -123,7 +123,9 @@ impl Executor for EngineExecutor {
         }
         req.n = job.choices.n;
         req.logprobs = job.choices.logprobs;
-        let extended = job.choices.is_extended();
+        // Tool jobs go through the structured path, whose pieces the
+        // agent splits into content and calls.
+        let extended = job.is_structured();
         let mut receivers = self.engine.submit_n(req).map_err(|e| match e {
             SubmitError::QueueFull { .. } => ExecError::Busy,
             other => ExecError::Invalid(other.to_string()),

@@ -128,10 +128,10 @@ impl Executor for EchoExecutor {
 
     fn start(&self, job: &ChatJob) -> Result<mpsc::Receiver<ExecEvent>, ExecError> {
         // No model, no distribution: refused rather than answered with one
-        // choice and no logprobs.
-        if job.choices.is_extended() {
+        // choice and no logprobs, or with text where a call was asked for.
+        if job.is_structured() {
             return Err(ExecError::Invalid(
-                "the echo engine answers one completion without logprobs".into(),
+                "the echo engine answers one completion without logprobs or tools".into(),
             ));
         }
         if job.model != self.model {

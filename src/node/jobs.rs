@@ -30,7 +30,8 @@ use crate::proto::job::{JobParams, JobPayload};
 use crate::proto::limits::TOKENS_PER_CHUNK;
 use crate::proto::openai::choices::{self, StructuredChunk};
 use crate::proto::openai::{
-    Choice, ChoiceParams, ChunkChoice, Delta, FinishReason, JsonGrammar, TokenLogprob, Usage,
+    tools, Choice, ChoiceParams, ChunkChoice, Delta, FinishReason, JsonGrammar, TokenLogprob,
+    ToolSpec, Usage,
 };
 use crate::proto::ProtoError;
 
@@ -84,7 +85,18 @@ pub struct ChatJob {
     /// `n`, `logprobs` and `top_logprobs` (sgl extension); `max_tokens` is
     /// the budget of each of the `n` completions.
     pub choices: ChoiceParams,
+    /// `tools`: the messages already show them; the output's calls are
+    /// lifted out of its text.
+    pub tools: Option<Arc<ToolSpec>>,
     pub reply: Reply,
+}
+
+impl ChatJob {
+    /// Whether the answer travels as structured choices (sgl extension):
+    /// `n`, `logprobs` or tools.
+    pub fn is_structured(&self) -> bool {
+        self.choices.is_extended() || self.tools.is_some()
+    }
 }
 
 /// How the result travels back.
@@ -207,6 +219,7 @@ fn chat_job(
         stop,
         grammar,
         choices,
+        tools,
     } = payload
         .params()
         .map_err(|e| JobError::Invalid(e.to_string()))?;
@@ -221,6 +234,7 @@ fn chat_job(
         stop,
         grammar,
         choices,
+        tools,
         reply,
     })
 }
@@ -251,7 +265,7 @@ pub fn complete_choices_body(
         content: content.to_string(),
         model: job.model.clone(),
         usage,
-        finish_reason: Some(finish_text(finish).to_string()),
+        finish_reason: Some(finish.as_str().to_string()),
         choices,
     };
     let text = serde_json::to_string(&result)
@@ -286,13 +300,6 @@ pub fn complete_choices_body(
     }
 }
 
-fn finish_text(f: FinishReason) -> &'static str {
-    match f {
-        FinishReason::Stop => "stop",
-        FinishReason::Length => "length",
-    }
-}
-
 /// Builds the `/chunk` bodies of one stream job: deltas batched every
 /// [`TOKENS_PER_CHUNK`] tokens, each sealed and signed; the final chunk empty
 /// with the signed usage. `finish` consumes the stream.
@@ -307,6 +314,8 @@ pub struct StreamChunks<'n> {
     /// A job that asked for `n` or `logprobs`: chunks carry
     /// [`StructuredChunk`] JSON instead of raw text.
     structured: Option<Vec<ChunkChoice>>,
+    /// Lifts tool calls out of a structured job's text.
+    splitter: tools::DeltaSplitter,
 }
 
 impl<'n> StreamChunks<'n> {
@@ -326,7 +335,8 @@ impl<'n> StreamChunks<'n> {
             pending: String::new(),
             pending_tokens: 0,
             tokens_sent: 0,
-            structured: job.choices.is_extended().then(Vec::new),
+            structured: job.is_structured().then(Vec::new),
+            splitter: tools::DeltaSplitter::new(job.tools.clone()),
         })
     }
 
@@ -342,27 +352,17 @@ impl<'n> StreamChunks<'n> {
             return self.push_token(text);
         };
         let tokens = logprobs.len().max(1);
-        match pending.last_mut() {
-            // Consecutive pieces of one choice make one delta.
-            Some(c) if c.index == index && c.finish_reason.is_none() => {
-                c.delta
-                    .content
-                    .get_or_insert_with(String::new)
-                    .push_str(text);
-                match c.logprobs.as_mut() {
-                    Some(lp) => lp.content.get_or_insert_with(Vec::new).extend(logprobs),
-                    None => c.logprobs = choices::delta_logprobs(logprobs),
-                }
-            }
-            _ => pending.push(ChunkChoice {
-                index,
-                delta: Delta {
-                    role: None,
-                    content: Some(text.to_string()),
-                },
-                logprobs: choices::delta_logprobs(logprobs),
-                finish_reason: None,
-            }),
+        let mut deltas = self.splitter.push(index, text);
+        if deltas.is_empty() && !logprobs.is_empty() {
+            deltas.push(Delta {
+                content: Some(String::new()),
+                ..Delta::default()
+            });
+        }
+        let mut logprobs = Some(logprobs);
+        for delta in deltas {
+            let lps = logprobs.take().unwrap_or_default();
+            push_delta(pending, index, delta, lps);
         }
         self.pending_tokens += tokens;
         if self.pending_tokens >= TOKENS_PER_CHUNK {
@@ -374,7 +374,11 @@ impl<'n> StreamChunks<'n> {
     /// Choice `index` of a structured job ended; its finish reason goes
     /// with the next chunk.
     pub fn push_choice_end(&mut self, index: u32, finish: FinishReason) {
+        let (rest, finish) = self.splitter.end(index, finish);
         if let Some(pending) = self.structured.as_mut() {
+            for delta in rest {
+                push_delta(pending, index, delta, Vec::new());
+            }
             pending.push(ChunkChoice {
                 index,
                 delta: Delta::default(),
@@ -443,6 +447,39 @@ impl<'n> StreamChunks<'n> {
         let mut b = chunk_body(self.node, &self.job_id, chunk);
         b.usage = usage;
         b
+    }
+}
+
+/// Add a delta of choice `index` to a structured chunk: consecutive content
+/// of one choice makes one delta; a tool call is a delta of its own.
+fn push_delta(
+    pending: &mut Vec<ChunkChoice>,
+    index: u32,
+    delta: Delta,
+    logprobs: Vec<TokenLogprob>,
+) {
+    match pending.last_mut() {
+        Some(c)
+            if c.index == index
+                && c.finish_reason.is_none()
+                && c.delta.tool_calls.is_none()
+                && delta.tool_calls.is_none() =>
+        {
+            c.delta
+                .content
+                .get_or_insert_with(String::new)
+                .push_str(delta.content.as_deref().unwrap_or(""));
+            match c.logprobs.as_mut() {
+                Some(lp) => lp.content.get_or_insert_with(Vec::new).extend(logprobs),
+                None => c.logprobs = choices::delta_logprobs(logprobs),
+            }
+        }
+        _ => pending.push(ChunkChoice {
+            index,
+            delta,
+            logprobs: choices::delta_logprobs(logprobs),
+            finish_reason: None,
+        }),
     }
 }
 
@@ -788,8 +825,8 @@ mod tests {
             }
         }
         let (got, _) = answers.finish().unwrap();
-        assert_eq!(got[0].message.content, "Paris");
-        assert_eq!(got[1].message.content, "London");
+        assert_eq!(got[0].message.text_or_empty(), "Paris");
+        assert_eq!(got[1].message.text_or_empty(), "London");
         assert_eq!(got[1].finish_reason, Some(FinishReason::Length));
         let toks: Vec<_> = got[0]
             .logprobs

@@ -31,9 +31,9 @@ use crate::engine::{
     SubmitError,
 };
 use crate::proto::job::JobPayload;
-use crate::proto::openai::choices;
+use crate::proto::openai::{choices, tools};
 use crate::proto::openai::{
-    ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ErrorResponse,
+    ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, Delta, ErrorResponse,
     InvalidRequest, ModelEntry, ModelList,
 };
 use crate::proto::routes;
@@ -363,6 +363,8 @@ async fn chat_completions(
     }
     let completion_id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     let choices = req.choice_params();
+    // `validate` passed, so this reads.
+    let tools = req.tool_spec().ok().flatten();
     let rx = match backend {
         Backend::Engine(engine) => {
             let gen = match GenerationRequest::from_openai(&req) {
@@ -374,13 +376,20 @@ async fn chat_completions(
                 Err(e) => return submit_error(e),
             }
         }
-        // The echo engine runs no model: it has no logprobs and one answer.
-        Backend::Executor(_) if choices.is_extended() => {
-            let param = if choices.n > 1 { "n" } else { "logprobs" };
-            let e = InvalidRequest::Unsupported {
-                param,
-                accepted: "1 completion without logprobs on the echo engine",
+        // The echo engine runs no model: it has no logprobs, one answer
+        // and calls no tools.
+        Backend::Executor(_) if choices.is_extended() || tools.is_some() => {
+            let (param, accepted) = if tools.is_some() {
+                ("tools", "no tools on the echo engine")
+            } else if choices.n > 1 {
+                ("n", "1 completion without logprobs on the echo engine")
+            } else {
+                (
+                    "logprobs",
+                    "1 completion without logprobs on the echo engine",
+                )
             };
+            let e = InvalidRequest::Unsupported { param, accepted };
             let status =
                 StatusCode::from_u16(InvalidRequest::STATUS).unwrap_or(StatusCode::BAD_REQUEST);
             return (status, Json(e.to_response())).into_response();
@@ -402,10 +411,19 @@ async fn chat_completions(
     };
     let created = now_secs();
     let wants_logprobs = choices.logprobs.is_some();
+    let splitter = tools::DeltaSplitter::new(tools.clone());
     if req.is_stream() {
-        stream_response(rx, completion_id, created, id, req.include_usage())
+        stream_response(
+            rx,
+            completion_id,
+            created,
+            id,
+            req.include_usage(),
+            splitter,
+        )
     } else {
-        json_response(rx, completion_id, created, id, wants_logprobs).await
+        let answers = choices::Answers::new(wants_logprobs).with_tools(tools);
+        json_response(rx, completion_id, created, id, answers).await
     }
 }
 
@@ -448,7 +466,7 @@ async fn json_response(
     cid: String,
     created: u64,
     model: String,
-    wants_logprobs: bool,
+    mut answers: choices::Answers,
 ) -> Response {
     let fail = |message: String| {
         error(
@@ -458,7 +476,6 @@ async fn json_response(
             message,
         )
     };
-    let mut answers = choices::Answers::new(wants_logprobs);
     while let Some((index, ev)) = rx.recv().await {
         match ev {
             GenerationEvent::Token { text, logprobs } => answers.push(index, &text, logprobs),
@@ -504,6 +521,8 @@ struct StreamState {
     /// The usage of the choices done so far; the stream ends when each has
     /// sent `Done`.
     usage: choices::StreamUsage,
+    /// Lifts tool calls out of the text when the request has tools.
+    splitter: tools::DeltaSplitter,
 }
 
 impl StreamState {
@@ -512,6 +531,14 @@ impl StreamState {
             Ok(s) => self.queue.push_back(Event::default().data(s)),
             Err(e) => tracing::error!(%e, "cannot encode a chunk"),
         }
+    }
+
+    fn delta_chunk(&self, index: u32, delta: Delta) -> ChatCompletionChunk {
+        let mut c = ChatCompletionChunk::content(&self.cid, self.created, &self.model, "");
+        for ch in &mut c.choices {
+            ch.delta = delta.clone();
+        }
+        c.for_choice(index)
     }
 
     fn fail(&mut self, message: String) {
@@ -526,10 +553,18 @@ impl StreamState {
     fn on_event(&mut self, ev: Option<(u32, GenerationEvent)>) {
         match ev {
             Some((index, GenerationEvent::Token { text, logprobs })) => {
-                let c = ChatCompletionChunk::content(&self.cid, self.created, &self.model, &text)
-                    .for_choice(index)
-                    .with_logprobs(choices::delta_logprobs(logprobs));
-                self.chunk(&c);
+                let mut deltas = self.splitter.push(index, &text);
+                let mut logprobs = choices::delta_logprobs(logprobs);
+                if deltas.is_empty() && logprobs.is_some() {
+                    deltas.push(Delta {
+                        content: Some(String::new()),
+                        ..Delta::default()
+                    });
+                }
+                for d in deltas {
+                    let c = self.delta_chunk(index, d).with_logprobs(logprobs.take());
+                    self.chunk(&c);
+                }
             }
             Some((
                 index,
@@ -540,6 +575,11 @@ impl StreamState {
                     cached_tokens,
                 },
             )) => {
+                let (rest, finish_reason) = self.splitter.end(index, finish_reason);
+                for d in rest {
+                    let c = self.delta_chunk(index, d);
+                    self.chunk(&c);
+                }
                 let c = ChatCompletionChunk::finish(
                     &self.cid,
                     self.created,
@@ -576,6 +616,7 @@ fn stream_response(
     created: u64,
     model: String,
     include_usage: bool,
+    splitter: tools::DeltaSplitter,
 ) -> Response {
     let n = match &rx {
         Events::Engine(s) => s.len() as u32,
@@ -590,6 +631,7 @@ fn stream_response(
         queue: VecDeque::new(),
         finished: false,
         usage: choices::StreamUsage::new(n),
+        splitter,
     };
     // OpenAI opens each choice with its role.
     for index in 0..n {

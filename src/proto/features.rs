@@ -13,13 +13,20 @@ pub const N: &str = "n";
 /// `logprobs: true` (with or without `top_logprobs`).
 pub const LOGPROBS: &str = "logprobs";
 
+/// `tools` with a `tool_choice` other than `"none"`: the tools rendered
+/// into the prompt, calls parsed or forced.
+pub const TOOLS: &str = "tools";
+
 /// Every feature, in the order a refusal names the first missing one.
-pub const ALL: [&str; 3] = [RESPONSE_FORMAT, N, LOGPROBS];
+pub const ALL: [&str; 4] = [TOOLS, RESPONSE_FORMAT, N, LOGPROBS];
 
 /// The features a checked request needs; each is also the name of the
 /// parameter that asks for it.
 pub fn required(req: &ChatCompletionRequest) -> Vec<&'static str> {
     let mut needs = Vec::new();
+    if matches!(req.tool_spec(), Ok(Some(_))) {
+        needs.push(TOOLS);
+    }
     let structured = req
         .extra
         .get("response_format")
@@ -61,6 +68,9 @@ mod tests {
             [RESPONSE_FORMAT]
         );
         assert_eq!(required(&req(json!({"n": 2}))), [N]);
+        let tools = json!([{"type": "function", "function": {"name": "f"}}]);
+        assert_eq!(required(&req(json!({"tools": tools}))), [TOOLS]);
+        assert!(required(&req(json!({"tools": tools, "tool_choice": "none"}))).is_empty());
         assert_eq!(
             required(&req(json!({"logprobs": true, "top_logprobs": 3, "n": 4}))),
             [N, LOGPROBS]

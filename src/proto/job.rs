@@ -24,7 +24,8 @@ use super::openai::{
 use std::sync::Arc;
 
 use super::openai::response_format::{self, ResponseFormatError};
-use super::openai::JsonGrammar;
+use super::openai::tools::{self, ToolsError};
+use super::openai::{JsonGrammar, ToolSpec};
 
 /// The payload of a chat job. Absent fields are not written, so a payload
 /// built for a public node carries only what §3.4 shows.
@@ -114,6 +115,13 @@ pub struct JobPayload {
         deserialize_with = "lenient::count"
     )]
     pub top_logprobs: Option<u64>,
+    /// sgl extension: OpenAI's `tools`, as the client sent them. Like
+    /// `response_format`, a malformed one fails the job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<Value>,
+    /// sgl extension: OpenAI's `tool_choice`, as the client sent it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_choice: Option<Value>,
 }
 
 /// A message after §6.7: its role and its text.
@@ -139,6 +147,9 @@ pub struct JobParams {
     pub grammar: Option<Arc<JsonGrammar>>,
     /// `n`, `logprobs` and `top_logprobs`, clamped.
     pub choices: ChoiceParams,
+    /// The tools and how they are called; `None` when no call is asked for.
+    /// The messages already show them to the model.
+    pub tools: Option<Arc<ToolSpec>>,
 }
 
 /// Why a job's payload cannot run; the node fails the job with this reason.
@@ -150,6 +161,8 @@ pub enum JobPayloadError {
     Messages(#[from] InvalidRequest),
     #[error(transparent)]
     ResponseFormat(#[from] ResponseFormatError),
+    #[error(transparent)]
+    Tools(#[from] ToolsError),
 }
 
 /// A job's completion budget under §6.7: the one asked for, else the default,
@@ -179,11 +192,17 @@ impl JobPayload {
         max_tokens: u64,
         stream_nonce: Option<&str>,
     ) -> Self {
+        let present = |k: &str| req.extra.get(k).filter(|v| !v.is_null()).cloned();
         JobPayload {
             messages: Some(
                 req.messages
                     .iter()
-                    .map(|m| ChatMessage::new(&m.role, &m.content.text()))
+                    .map(|m| {
+                        let mut t = ChatMessage::new(&m.role, &m.content.text());
+                        t.tool_calls = m.tool_calls.clone().filter(|c| !c.is_empty());
+                        t.tool_call_id = m.tool_call_id.clone();
+                        t
+                    })
                     .collect(),
             ),
             prompt: None,
@@ -203,6 +222,18 @@ impl JobPayload {
             n: None,
             logprobs: None,
             top_logprobs: None,
+            // Only a request that asks for a call carries its tools, so a
+            // payload without one keeps the shape public nodes know (§3.4).
+            tools: req
+                .tool_spec()
+                .ok()
+                .flatten()
+                .and_then(|_| present("tools")),
+            tool_choice: req
+                .tool_spec()
+                .ok()
+                .flatten()
+                .and_then(|_| present("tool_choice")),
         }
         .with_choices(req.choice_params())
     }
@@ -239,9 +270,17 @@ impl JobPayload {
     /// Apply §6.7: `messages` or else `prompt`, the message caps, defaults
     /// and clamps; extra fields as far as they make sense.
     pub fn params(&self) -> Result<JobParams, JobPayloadError> {
+        let spec = tools::parse(self.tools.as_ref(), self.tool_choice.as_ref())?.map(Arc::new);
         let messages = match (&self.messages, &self.prompt) {
             (Some(m), _) => {
                 check_messages(m)?;
+                let rendered;
+                let m = if tools::needs_rendering(m, spec.as_deref()) {
+                    rendered = tools::render_messages(m, spec.as_deref());
+                    &rendered
+                } else {
+                    m
+                };
                 m.iter()
                     .map(|m| TextMessage {
                         role: m.role.clone(),
@@ -249,18 +288,27 @@ impl JobPayload {
                     })
                     .collect()
             }
-            (None, Some(p)) => vec![TextMessage {
-                role: "user".into(),
-                content: p.clone(),
-            }],
+            (None, Some(p)) => {
+                let m = [ChatMessage::new("user", p)];
+                tools::render_messages(&m, spec.as_deref())
+                    .into_iter()
+                    .map(|m| TextMessage {
+                        role: m.role,
+                        content: m.content.text(),
+                    })
+                    .collect()
+            }
             (None, None) => return Err(JobPayloadError::NoPrompt),
         };
         let grammar = match &self.response_format {
             Some(v) => response_format::parse(v)?,
             None => None,
         };
+        // A forced call's grammar wins over `response_format`'s.
+        let grammar = spec.as_ref().and_then(|s| s.grammar()).or(grammar);
         Ok(JobParams {
             grammar,
+            tools: spec,
             messages,
             temperature: job_temperature(self.temperature),
             max_tokens: job_max_tokens(self.max_tokens.or(self.max_completion_tokens)),
@@ -383,6 +431,51 @@ mod tests {
             .params()
             .unwrap();
         assert_eq!(j.max_tokens, 5);
+    }
+
+    #[test]
+    fn tools_travel_only_when_a_call_may_be_made() {
+        let tools = json!([{"type": "function", "function": {"name": "f"}}]);
+        let named = json!({"type": "function", "function": {"name": "f"}});
+        let req: ChatCompletionRequest = serde_json::from_value(json!({
+            "messages": [{"role": "user", "content": "x"},
+                {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1",
+                    "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "done"}],
+            "tools": tools, "tool_choice": named}))
+        .unwrap();
+        let p = JobPayload::from_openai(&req, 16, None);
+        let v = serde_json::to_value(&p).unwrap();
+        assert_eq!(v["tools"], tools);
+        assert_eq!(v["tool_choice"], named);
+        assert_eq!(v["messages"][1]["tool_calls"][0]["id"], "call_1");
+        assert_eq!(v["messages"][2]["tool_call_id"], "call_1");
+        let j = p.params().unwrap();
+        assert!(j.tools.is_some() && j.grammar.is_some());
+        assert_eq!(j.messages[0].role, "system");
+        assert!(j.messages[3]
+            .content
+            .contains("<tool_response>\ndone\n</tool_response>"));
+        // "none" or no tools: the payload keeps the shape public nodes know.
+        for extra in [
+            json!({"tools": tools, "tool_choice": "none"}),
+            json!({"tools": []}),
+        ] {
+            let mut body = json!({"messages": [{"role": "user", "content": "x"}]});
+            for (k, x) in extra.as_object().unwrap() {
+                body[k] = x.clone();
+            }
+            let req: ChatCompletionRequest = serde_json::from_value(body).unwrap();
+            let v = serde_json::to_value(JobPayload::from_openai(&req, 16, None)).unwrap();
+            assert!(
+                v.get("tools").is_none() && v.get("tool_choice").is_none(),
+                "{v}"
+            );
+            assert!(v["messages"][0].get("tool_calls").is_none(), "{v}");
+        }
+        // A malformed tool fails the job.
+        let bad = payload(json!({"prompt": "x", "tools": [{"type": "function"}]}));
+        assert!(matches!(bad.params(), Err(JobPayloadError::Tools(_))));
     }
 
     #[test]

@@ -14,11 +14,13 @@ use serde_json::{Map, Value};
 pub mod choices;
 pub mod json_schema;
 pub mod response_format;
+pub mod tools;
 mod unsupported;
 mod validate;
 
 pub use choices::{ChoiceLogprobs, ChoiceParams, TokenLogprob, TopLogprob};
 pub use json_schema::JsonGrammar;
+pub use tools::{ToolCall, ToolCallDelta, ToolSpec};
 pub use unsupported::{first_unsupported, Unsupported, UNSUPPORTED};
 pub use validate::{check_messages, InvalidRequest, ROLES};
 
@@ -100,6 +102,12 @@ pub struct ChatMessage {
     pub content: MessageContent,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// An assistant turn's earlier calls ([`tools`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCall>>,
+    /// A `tool` turn: the call it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl ChatMessage {
@@ -108,6 +116,8 @@ impl ChatMessage {
             role: role.to_string(),
             content: MessageContent::Text(content.to_string()),
             name: None,
+            tool_calls: None,
+            tool_call_id: None,
         }
     }
 }
@@ -219,6 +229,19 @@ impl Usage {
 pub enum FinishReason {
     Stop,
     Length,
+    /// The model called tools ([`tools`]).
+    ToolCalls,
+}
+
+impl FinishReason {
+    /// The name on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::ToolCalls => "tool_calls",
+        }
+    }
 }
 
 /// Non-stream `chat.completion`.
@@ -253,7 +276,27 @@ pub struct Choice {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct AssistantMessage {
     pub role: String,
-    pub content: String,
+    /// `null` when the answer is tool calls alone.
+    #[serde(default)]
+    pub content: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCall>>,
+}
+
+impl AssistantMessage {
+    /// A text answer.
+    pub fn text(content: String) -> Self {
+        AssistantMessage {
+            role: "assistant".into(),
+            content: Some(content),
+            tool_calls: None,
+        }
+    }
+
+    /// The text, empty when there is none.
+    pub fn text_or_empty(&self) -> &str {
+        self.content.as_deref().unwrap_or("")
+    }
 }
 
 /// Streamed `chat.completion.chunk`.
@@ -291,6 +334,8 @@ pub struct Delta {
     pub role: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
 }
 
 impl ChatCompletionChunk {
@@ -312,6 +357,7 @@ impl ChatCompletionChunk {
         let delta = Delta {
             role: Some("assistant".into()),
             content: Some(String::new()),
+            tool_calls: None,
         };
         Self::with(
             id,
@@ -331,6 +377,27 @@ impl ChatCompletionChunk {
         let delta = Delta {
             role: None,
             content: Some(text.to_string()),
+            tool_calls: None,
+        };
+        Self::with(
+            id,
+            created,
+            model,
+            vec![ChunkChoice {
+                index: 0,
+                delta,
+                logprobs: None,
+                finish_reason: None,
+            }],
+        )
+    }
+
+    /// A delta of whole tool calls.
+    pub fn tool_calls(id: &str, created: u64, model: &str, calls: Vec<ToolCallDelta>) -> Self {
+        let delta = Delta {
+            role: None,
+            content: None,
+            tool_calls: Some(calls),
         };
         Self::with(
             id,

@@ -12,5 +12,6 @@ mod engine_json;
 mod engine_model;
 mod engine_qwen2;
 mod engine_safetensors;
+mod engine_tools;
 mod openai_sdk;
 mod serve_http;

@@ -61,6 +61,14 @@ async fn openai_python_sdk_n_and_logprobs() {
     run_check("openai_choices_check.py", "n and logprobs check").await;
 }
 
+/// `tools` and `tool_choice` through the SDK: forced calls (required and
+/// named), JSON and streamed, validate with `jsonschema`; a follow-up turn
+/// with the tool's result is accepted.
+#[tokio::test]
+async fn openai_python_sdk_tools() {
+    run_check("openai_tools_check.py", "tools check").await;
+}
+
 /// Run `tests/py/<script>` against `sgl node serve` on the test model.
 async fn run_check(script: &str, what: &str) {
     if !openai_importable() || engine_support::model_path().is_none() {

@@ -1,5 +1,5 @@
-//! Routing by what a node's engine implements: `response_format`, `n` > 1
-//! and `logprobs` go only to a node that advertises them in
+//! Routing by what a node's engine implements: `tools`, `response_format`,
+//! `n` > 1 and `logprobs` go only to a node that advertises them in
 //! `capabilities.features`. With only the echo engine (which advertises
 //! none) each is a 400 `unsupported_parameter` naming the parameter, and a
 //! request without them is served; with the real model beside it, such a
@@ -64,6 +64,11 @@ fn extended() -> Vec<(&'static str, Value)> {
         (
             "response_format",
             json!({"response_format": {"type": "json_object"}}),
+        ),
+        (
+            "tools",
+            json!({"tools": [{"type": "function", "function": {"name": "f"}}],
+                   "tool_choice": {"type": "function", "function": {"name": "f"}}}),
         ),
     ]
 }

@@ -28,6 +28,7 @@ mod grid_prices;
 mod grid_proxy;
 mod grid_restart_state;
 mod grid_served_payments;
+mod grid_tools;
 mod grid_units;
 mod grid_x402;
 mod node_agent;

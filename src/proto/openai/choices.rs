@@ -7,8 +7,12 @@
 //! parameter without a typed field lands, so that the request type stays as
 //! it is; [`check`] is the one place their ranges are enforced.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+use super::tools::{self, ToolSpec};
 
 use super::{AssistantMessage, ChatCompletionRequest, Choice, FinishReason, InvalidRequest, Usage};
 use crate::proto::limits::{MAX_N, MAX_TOP_LOGPROBS};
@@ -152,6 +156,8 @@ pub fn delta_logprobs(tokens: Vec<TokenLogprob>) -> Option<ChoiceLogprobs> {
 #[derive(Debug, Default)]
 pub struct Answers {
     logprobs: bool,
+    /// Tools: each choice's text is split into content and calls.
+    tools: Option<Arc<ToolSpec>>,
     choices: Vec<Answer>,
     prompt_tokens: u64,
     cached_tokens: u64,
@@ -160,6 +166,9 @@ pub struct Answers {
 #[derive(Debug, Default, Clone)]
 struct Answer {
     text: String,
+    /// Calls that arrived already split out (a structured stream's
+    /// `delta.tool_calls`).
+    calls: Vec<super::ToolCall>,
     logprobs: Vec<TokenLogprob>,
     finish: Option<FinishReason>,
     completion_tokens: u64,
@@ -172,6 +181,12 @@ impl Answers {
             logprobs,
             ..Answers::default()
         }
+    }
+
+    /// Split each choice's text into content and the tool calls in it.
+    pub fn with_tools(mut self, tools: Option<Arc<ToolSpec>>) -> Self {
+        self.tools = tools;
+        self
     }
 
     fn at(&mut self, index: u32) -> &mut Answer {
@@ -187,6 +202,26 @@ impl Answers {
         let a = self.at(index);
         a.text.push_str(text);
         a.logprobs.extend(logprobs);
+    }
+
+    /// Whole calls of choice `index`, as a structured stream's
+    /// `delta.tool_calls` carry them.
+    pub fn push_calls(&mut self, index: u32, calls: Vec<super::ToolCallDelta>) {
+        let a = self.at(index);
+        for c in calls {
+            let f = c.function.unwrap_or(super::tools::FunctionCallDelta {
+                name: None,
+                arguments: None,
+            });
+            a.calls.push(super::ToolCall {
+                id: c.id.unwrap_or_default(),
+                kind: c.kind.unwrap_or_else(|| "function".into()),
+                function: super::tools::FunctionCall {
+                    name: f.name.unwrap_or_default(),
+                    arguments: f.arguments.unwrap_or_default(),
+                },
+            });
+        }
     }
 
     /// Choice `index` ended.
@@ -215,22 +250,60 @@ impl Answers {
         let usage =
             Usage::new(self.prompt_tokens, completion).with_cached_tokens(self.cached_tokens);
         let logprobs = self.logprobs;
+        let spec = self.tools;
         let choices = self
             .choices
             .into_iter()
             .zip(0u32..)
-            .map(|(a, index)| Choice {
-                index,
-                message: AssistantMessage {
-                    role: "assistant".into(),
-                    content: a.text,
-                },
-                logprobs: logprobs.then(|| ChoiceLogprobs::content(a.logprobs)),
-                finish_reason: a.finish,
+            .map(|(a, index)| {
+                let (message, finish) = if a.calls.is_empty() {
+                    tool_message(spec.as_ref(), a.text, a.finish)
+                } else {
+                    let t = a.text.trim();
+                    let message = AssistantMessage {
+                        role: "assistant".into(),
+                        content: (!t.is_empty()).then(|| t.to_string()),
+                        tool_calls: Some(a.calls),
+                    };
+                    (message, a.finish)
+                };
+                Choice {
+                    index,
+                    message,
+                    logprobs: logprobs.then(|| ChoiceLogprobs::content(a.logprobs)),
+                    finish_reason: finish,
+                }
             })
             .collect();
         Some((choices, usage))
     }
+}
+
+/// A whole completion as the assistant's message: with tools, the calls in
+/// its text lifted out and the finish reason `tool_calls` when it made any
+/// and was not cut short.
+pub fn tool_message(
+    spec: Option<&Arc<ToolSpec>>,
+    text: String,
+    finish: Option<FinishReason>,
+) -> (AssistantMessage, Option<FinishReason>) {
+    let Some(spec) = spec else {
+        return (AssistantMessage::text(text), finish);
+    };
+    let (content, calls) = tools::split_output(spec, &text);
+    if calls.is_empty() {
+        return (AssistantMessage::text(text), finish);
+    }
+    let finish = match finish {
+        Some(FinishReason::Length) => Some(FinishReason::Length),
+        _ => Some(FinishReason::ToolCalls),
+    };
+    let message = AssistantMessage {
+        role: "assistant".into(),
+        content,
+        tool_calls: Some(calls),
+    };
+    (message, finish)
 }
 
 /// The usage of a streamed answer of `n` choices, complete when each has

@@ -4,7 +4,7 @@
 //! 400 `unsupported_parameter` naming it, never silently dropped.
 //!
 //! A value that asks for nothing beyond what the engine does anyway (OpenAI's
-//! default, such as `tool_choice: "none"`) is accepted, and `null` always is,
+//! default, such as `function_call: "none"`) is accepted, and `null` always is,
 //! as OpenAI reads it as absent. When an engine learns a parameter, its row
 //! goes, together with [`crate::proto::job::JobPayload::from_openai`] learning
 //! to carry it.
@@ -13,12 +13,14 @@
 //! [`super::ChatCompletionRequest`] (`model`, `messages`, `temperature`,
 //! `top_p`, `max_tokens`, `max_completion_tokens`, `seed`, `stop`, `stream`,
 //! `stream_options`), `response_format`, checked by [`super::response_format`],
-//! and `n`, `logprobs` and `top_logprobs`, read and checked by
-//! [`super::choices`]. Request metadata that asks nothing of the engine
+//! `n`, `logprobs` and `top_logprobs`, read and checked by
+//! [`super::choices`], and `tools` and `tool_choice`, checked by
+//! [`super::tools`]. The legacy `functions` and `function_call` stay refused:
+//! clients that call functions send `tools`. Request metadata that asks nothing of the engine
 //! (`user`, `metadata`, `safety_identifier`, `prompt_cache_key`) and keys that
 //! are not OpenAI's (the grid's `node`, `max_price`, `require_attestation`)
-//! are not in the table and are accepted, as is `parallel_tool_calls`, which
-//! means nothing without `tools`.
+//! are not in the table and are accepted, as is `parallel_tool_calls` (the
+//! model may always make several calls).
 
 use serde_json::Value;
 
@@ -55,16 +57,6 @@ fn no_tool_call(v: &Value) -> bool {
 
 /// Shrinks as engines learn: see the module documentation.
 pub const UNSUPPORTED: &[Unsupported] = &[
-    Unsupported {
-        name: "tools",
-        accepted: "an empty list",
-        is_noop: is_empty_list,
-    },
-    Unsupported {
-        name: "tool_choice",
-        accepted: "\"none\" or \"auto\"",
-        is_noop: no_tool_call,
-    },
     Unsupported {
         name: "functions",
         accepted: "an empty list",

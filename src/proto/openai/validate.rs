@@ -13,6 +13,7 @@ use thiserror::Error;
 use std::sync::Arc;
 
 use super::response_format::{self, ResponseFormatError};
+use super::tools::{self, ToolSpec, ToolsError};
 use super::{ChatCompletionRequest, ChatMessage, ErrorResponse, JsonGrammar};
 use crate::proto::limits::{
     DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, MAX_MAX_TOKENS, MAX_MESSAGES, MAX_MESSAGE_BYTES,
@@ -54,6 +55,10 @@ pub enum InvalidRequest {
     /// decoding does not follow; the parameter is the keyword at fault.
     #[error("{0}")]
     ResponseFormat(ResponseFormatError),
+    /// `tools` or `tool_choice` is malformed, over its caps, or names a
+    /// function that is not declared.
+    #[error("{0}")]
+    Tools(ToolsError),
     #[error("n must be an integer between 1 and {MAX_N}")]
     N,
     #[error("logprobs must be a boolean")]
@@ -108,6 +113,7 @@ impl InvalidRequest {
             }
             InvalidRequest::Unsupported { param, .. } => (*param).into(),
             InvalidRequest::ResponseFormat(e) => e.param(),
+            InvalidRequest::Tools(e) => e.param(),
         }
     }
 
@@ -191,7 +197,40 @@ impl ChatCompletionRequest {
             });
         }
         self.response_grammar()?;
+        self.tool_spec()?;
         Ok(())
+    }
+
+    /// The tools the request declares and how it wants them called; `None`
+    /// when it asks for no call.
+    pub fn tool_spec(&self) -> Result<Option<Arc<ToolSpec>>, InvalidRequest> {
+        tools::parse(self.extra.get("tools"), self.extra.get("tool_choice"))
+            .map(|s| s.map(Arc::new))
+            .map_err(InvalidRequest::Tools)
+    }
+
+    /// The grammar the output follows: a forced tool call's, else
+    /// `response_format`'s.
+    pub fn output_grammar(&self) -> Result<Option<Arc<JsonGrammar>>, InvalidRequest> {
+        match self.tool_spec()?.and_then(|s| s.grammar()) {
+            Some(g) => Ok(Some(g)),
+            None => self.response_grammar(),
+        }
+    }
+
+    /// The messages a chat template gets ([`tools::render_messages`]).
+    pub fn prompt_messages(&self) -> Result<Vec<ChatMessage>, InvalidRequest> {
+        let spec = self.tool_spec()?;
+        if !tools::needs_rendering(&self.messages, spec.as_deref()) {
+            return Ok(self.messages.clone());
+        }
+        Ok(tools::render_messages(&self.messages, spec.as_deref()))
+    }
+
+    /// Whether the answer comes back as structured choices (sgl extension):
+    /// `n`, `logprobs` or tools.
+    pub fn wants_structured_reply(&self) -> bool {
+        self.choice_params().is_extended() || matches!(self.tool_spec(), Ok(Some(_)))
     }
 
     /// The grammar `response_format` asks the output to follow; `None` for
@@ -318,11 +357,6 @@ mod tests {
     #[test]
     fn unimplemented_parameters_are_refused_by_name() {
         let refused = [
-            (
-                "tools",
-                json!([{"type": "function", "function": {"name": "f"}}]),
-            ),
-            ("tool_choice", json!("required")),
             ("functions", json!([{"name": "f"}])),
             ("function_call", json!({"name": "f"})),
             ("logit_bias", json!({"50256": -100})),
@@ -357,6 +391,53 @@ mod tests {
             "parallel_tool_calls": true, "user": "u-1", "metadata": {"k": "v"},
         });
         assert_eq!(req(noops).validate(), Ok(()));
+    }
+
+    #[test]
+    fn tools_are_checked_and_the_fault_named() {
+        let tools = json!([{"type": "function", "function": {"name": "f",
+            "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}}}}]);
+        let with = |extra: serde_json::Value| {
+            let mut b = json!({"messages": user(), "tools": tools});
+            for (k, v) in extra.as_object().unwrap() {
+                b[k] = v.clone();
+            }
+            req(b)
+        };
+        assert_eq!(with(json!({})).validate(), Ok(()));
+        assert!(with(json!({"tool_choice": "required"}))
+            .output_grammar()
+            .unwrap()
+            .is_some());
+        assert!(with(json!({})).output_grammar().unwrap().is_none());
+        let e = with(json!({"tool_choice": {"type": "function", "function": {"name": "g"}}}))
+            .validate()
+            .unwrap_err();
+        assert_eq!(
+            (e.code(), e.param().as_str()),
+            ("invalid_request", "tool_choice")
+        );
+        let e = with(json!({"tool_choice": "always"}))
+            .validate()
+            .unwrap_err();
+        assert_eq!(e.param(), "tool_choice");
+        let e = req(json!({"messages": user(), "tools": "f"}))
+            .validate()
+            .unwrap_err();
+        assert_eq!(e.param(), "tools");
+        // A follow-up turn: the assistant's call and the tool's result.
+        let turn = req(json!({"messages": [
+            {"role": "user", "content": "x?"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1",
+                "type": "function", "function": {"name": "f", "arguments": "{\"x\": 1}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "2"}], "tools": tools}));
+        assert_eq!(turn.validate(), Ok(()));
+        let p = turn.prompt_messages().unwrap();
+        assert_eq!(p.len(), 4);
+        assert!(p[3]
+            .content
+            .text()
+            .contains("<tool_response>\n2\n</tool_response>"));
     }
 
     #[test]
