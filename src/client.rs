@@ -16,8 +16,8 @@ use crate::proto::identity::{
 };
 use crate::proto::job::JobPayload;
 use crate::proto::openai::choices::{self, StructuredChunk};
-use crate::proto::openai::{ChatMessage, Choice, ChoiceParams, Usage};
-use crate::proto::{routes, ProtoError};
+use crate::proto::openai::{response_format, ChatMessage, Choice, ChoiceParams, Usage};
+use crate::proto::{features, routes, ProtoError};
 
 pub mod proxy;
 
@@ -38,6 +38,10 @@ pub enum ClientError {
     Aborted(String),
     #[error("payment: {0}")]
     Payment(String),
+    /// The request needs a feature the reserved node was not shown to
+    /// implement (a coordinator that does not route by features).
+    #[error("unsupported: {0}")]
+    Unsupported(String),
 }
 
 /// How a wallet on this machine pays for chat requests.
@@ -207,19 +211,26 @@ impl GridClient {
         r
     }
 
-    /// Reserve a node and check the keybind of the key it will seal to.
+    /// Reserve a node that implements what the request asks for, and check
+    /// the keybind of the key it will seal to.
     pub async fn reserve(&self, req: &ChatRequest) -> Result<ReserveResponse, ClientError> {
         self.reserve_with(&ReserveRequest {
             model: Some(req.model.clone()),
             node: req.node.clone(),
             max_price: req.max_price,
             require_attestation: req.require_attestation.clone(),
+            features: choice_features(req.choices),
             ..Default::default()
         })
         .await
     }
 
-    /// [`GridClient::reserve`] for a reservation body as given.
+    /// [`GridClient::reserve`] for a reservation body as given. The node
+    /// reserved must advertise every feature the body asks for: a sealed
+    /// request is opaque to the coordinator, so this is the one place where
+    /// a node that would drop a parameter is kept from the prompt. A
+    /// coordinator that does not say what the node implements (one that
+    /// predates routing by features) fails such a reservation closed.
     pub async fn reserve_with(
         &self,
         body: &ReserveRequest,
@@ -234,6 +245,12 @@ impl GridClient {
                 .ok_or(ProtoError::Missing("node_x25519_pubkey_sig"))?,
         )?;
         verify_keybind(&res.node_id, &ed, &x, res.key_version.unwrap_or(1), &sig)?;
+        if let Some(missing) = body.features.iter().find(|f| !res.features.contains(f)) {
+            return Err(ClientError::Unsupported(format!(
+                "the request asks for {missing:?}, and the coordinator did not show that node {} implements it",
+                res.node_id
+            )));
+        }
         Ok(res)
     }
 
@@ -306,6 +323,35 @@ impl GridClient {
             model: model.to_string(),
         })
     }
+}
+
+/// The request features ([`crate::proto::features`]) that `n` and
+/// `logprobs` ask for, as a reservation names them.
+pub fn choice_features(c: ChoiceParams) -> Vec<String> {
+    let mut out = Vec::new();
+    if c.n > 1 {
+        out.push(features::N.to_string());
+    }
+    if c.logprobs.is_some() {
+        out.push(features::LOGPROBS.to_string());
+    }
+    out
+}
+
+/// The request features a sealed payload asks for: `response_format` other
+/// than text (a malformed one counts, since the node must refuse it rather
+/// than drop it), then those of `n` and `logprobs`.
+pub fn payload_features(p: &JobPayload) -> Vec<String> {
+    let mut out = Vec::new();
+    let structured = p
+        .response_format
+        .as_ref()
+        .is_some_and(|v| !matches!(response_format::parse(v), Ok(None)));
+    if structured {
+        out.push(features::RESPONSE_FORMAT.to_string());
+    }
+    out.extend(choice_features(p.choices()));
+    out
 }
 
 /// A sealed request the coordinator accepted, its reply still to be read,
@@ -642,5 +688,36 @@ impl GridClient {
             )));
         }
         Ok(verdict)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_payload_needs_the_features_it_asks_for() {
+        assert!(payload_features(&JobPayload::default()).is_empty());
+        let text = JobPayload {
+            response_format: Some(json!({"type": "text"})),
+            ..Default::default()
+        };
+        assert!(payload_features(&text).is_empty());
+        let all = JobPayload {
+            response_format: Some(json!({"type": "json_object"})),
+            ..Default::default()
+        }
+        .with_choices(ChoiceParams {
+            n: 3,
+            logprobs: Some(0),
+        });
+        assert_eq!(payload_features(&all), ["response_format", "n", "logprobs"]);
+        // A malformed format still needs a node that reads it (and refuses it).
+        let bad = JobPayload {
+            response_format: Some(json!({"type": "yaml"})),
+            ..Default::default()
+        };
+        assert_eq!(payload_features(&bad), ["response_format"]);
     }
 }

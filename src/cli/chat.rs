@@ -6,6 +6,9 @@ use std::io::{Read, Write};
 use anyhow::Context;
 use clap::Args;
 use sgl::client::{ChatRequest, GridClient};
+use sgl::proto::openai::ChoiceParams;
+
+use super::chat_output;
 
 /// Where the grid is and how this machine pays it; shared by `sgl chat` and
 /// `sgl proxy`.
@@ -124,6 +127,20 @@ pub struct ChatArgs {
     /// A system message put before the prompt.
     #[arg(long)]
     pub system: Option<String>,
+    /// Completions of the prompt, each printed (labelled); each may use
+    /// --max-tokens. Only a node that implements `n` is reserved.
+    #[arg(short = 'n', long = "n", default_value_t = 1, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(sgl::proto::limits::MAX_N)))]
+    pub choices: u32,
+    /// Print each generated token with its log probability. Only a node
+    /// that implements `logprobs` is reserved.
+    #[arg(long)]
+    pub logprobs: bool,
+    /// With each token, the K most likely tokens at that step (implies
+    /// --logprobs).
+    #[arg(long, value_name = "K",
+          value_parser = clap::value_parser!(u8).range(0..=i64::from(sgl::proto::limits::MAX_TOP_LOGPROBS)))]
+    pub top_logprobs: Option<u8>,
     /// Before sending, fetch the node's evidence and verify it with this
     /// machine's policy and pinned vendor roots: the chain, the policy, and
     /// that the keys the prompt is sealed to are the ones the evidence binds.
@@ -196,8 +213,16 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
         node: args.node.clone(),
         max_price: args.max_price,
         require_attestation: args.require_hardware.then(|| "hardware".to_string()),
-        choices: Default::default(),
+        choices: ChoiceParams {
+            n: args.choices,
+            logprobs: match (args.logprobs, args.top_logprobs) {
+                (_, Some(k)) => Some(k),
+                (true, None) => Some(0),
+                (false, None) => None,
+            },
+        },
     };
+    let extended = req.choices.is_extended();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -223,7 +248,8 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
         } else {
             None
         };
-        let print_live = args.stream && !args.json;
+        // Several choices or logprobs are printed whole once all have come.
+        let print_live = args.stream && !args.json && !extended;
         let out = client
             .chat(&res, &req, |delta| {
                 if print_live {
@@ -242,6 +268,7 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
                     "node_id": out.node_id,
                     "usage": out.usage,
                     "usage_signed": out.usage_signed,
+                    "choices": (!out.choices.is_empty()).then_some(&out.choices),
                     "attestation_level": res.attestation_level,
                     "signatures_verified": true,
                     "payment": out.payment,
@@ -255,6 +282,8 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
             );
         } else if print_live {
             println!();
+        } else if extended {
+            print!("{}", chat_output::choices_text(&out.choices));
         } else {
             println!("{}", out.content);
         }

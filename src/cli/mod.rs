@@ -6,6 +6,8 @@ mod attest;
 mod bench;
 #[cfg(feature = "node")]
 mod chat;
+#[cfg(feature = "node")]
+mod chat_output;
 #[cfg(feature = "compute-plane")]
 mod code_exec;
 #[cfg(feature = "compute-plane")]

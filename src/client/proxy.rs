@@ -145,6 +145,7 @@ impl ProxyError {
             ClientError::Protocol(m) => ProxyError::Verification(m),
             ClientError::Aborted(data) => ProxyError::Aborted(aborted_message(&data)),
             ClientError::Payment(m) => ProxyError::Payment(m),
+            ClientError::Unsupported(m) => ProxyError::Verification(m),
         }
     }
 
@@ -442,6 +443,11 @@ fn reservation(req: &ChatCompletionRequest, defaults: &RouteDefaults) -> Reserve
             .or(defaults.max_price),
         require_attestation: text("require_attestation")
             .or_else(|| defaults.require_attestation.clone()),
+        // Only a node that implements every parameter is given the prompt.
+        features: crate::proto::features::required(req)
+            .into_iter()
+            .map(String::from)
+            .collect(),
         ..Default::default()
     }
 }
@@ -668,6 +674,26 @@ mod tests {
         assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(e.body().error.kind, "server_error");
         assert!(e.body().error.message.contains("gateway down"));
+    }
+
+    #[test]
+    fn a_reservation_names_the_features_the_request_needs() {
+        let req: ChatCompletionRequest = serde_json::from_value(serde_json::json!({
+            "model": "m", "messages": [{"role": "user", "content": "hi"}],
+            "n": 2, "logprobs": true, "response_format": {"type": "json_object"}
+        }))
+        .unwrap();
+        let r = reservation(&req, &RouteDefaults::default());
+        assert_eq!(r.features, ["response_format", "n", "logprobs"]);
+        let plain: ChatCompletionRequest = serde_json::from_value(serde_json::json!({
+            "model": "m", "messages": [{"role": "user", "content": "hi"}], "n": 1
+        }))
+        .unwrap();
+        let r = reservation(&plain, &RouteDefaults::default());
+        assert!(r.features.is_empty());
+        // Written only when there are some: an older coordinator sees the
+        // body it knows.
+        assert!(serde_json::to_value(&r).unwrap().get("features").is_none());
     }
 
     #[test]

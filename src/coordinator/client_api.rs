@@ -74,6 +74,31 @@ fn too_many_reservations(wait: Duration) -> ClientError {
     .with_extra("retry_after_s", json!(secs.max(1)))
 }
 
+/// The features a reservation asks for (sgl extension), as the router names
+/// them. One this coordinator does not know is refused: no node could be
+/// shown to implement it, and a sealed request cannot be checked later.
+fn reserve_features(asked: &[String]) -> Result<Vec<&'static str>, ClientError> {
+    asked
+        .iter()
+        .map(|f| {
+            crate::proto::features::ALL
+                .iter()
+                .copied()
+                .find(|k| k == f)
+                .ok_or_else(|| {
+                    ClientError::invalid(
+                        "invalid_request",
+                        format!(
+                            "features: {f:?} is not a request feature this coordinator knows ({})",
+                            crate::proto::features::ALL.join(", ")
+                        ),
+                    )
+                    .with_param("features")
+                })
+        })
+        .collect()
+}
+
 pub async fn reserve(
     State(grid): State<Grid>,
     MaybePeer(peer): MaybePeer,
@@ -105,11 +130,12 @@ pub async fn reserve(
         )
         .with_param("image_count"));
     }
+    let needs = reserve_features(&req.features)?;
     let client = reservation_client(&grid, &method, &uri, &headers, peer).await;
     // The lock is scoped to this block: nothing below it awaits under it.
     let (resp, shared) = {
         let mut inner = grid.lock();
-        let node_id = choose_node(&grid, &inner, &req, &model, None, &[])?;
+        let node_id = choose_node(&grid, &inner, &req, &model, None, &needs)?;
         let token = format!("rsv_{}", super::state::random_token());
         let now = Instant::now();
         let reservation = Reservation {
@@ -161,6 +187,7 @@ pub async fn reserve(
                     &node_id.to_string()
                 )
             )),
+            features: node.capabilities.features.clone(),
         };
         (resp, shared)
     };

@@ -731,6 +731,19 @@ async fn run_job(shared: &Arc<Shared>, job: PendingJob) {
     }
 }
 
+/// A job's usage as the node reports it. The cached prompt tokens ride as
+/// OpenAI's `prompt_tokens_details.cached_tokens` (sgl extension on the
+/// grid), only when the cache supplied some, so that a usage without them
+/// keeps the shape the public SDKs know; the signature and the bill cover
+/// the prompt and completion counts alone.
+fn usage(prompt_tokens: u64, completion_tokens: u64, cached_tokens: u64) -> Usage {
+    let u = Usage::new(prompt_tokens, completion_tokens);
+    if cached_tokens == 0 {
+        return u;
+    }
+    u.with_cached_tokens(cached_tokens.min(prompt_tokens))
+}
+
 /// A non-stream job: collect the text, then one signed `/complete`.
 async fn run_whole(
     shared: &Shared,
@@ -768,7 +781,13 @@ async fn run_whole(
                 finish,
                 prompt_tokens,
                 completion_tokens,
-            }) => break (finish, Usage::new(prompt_tokens, completion_tokens)),
+                cached_tokens,
+            }) => {
+                break (
+                    finish,
+                    usage(prompt_tokens, completion_tokens, cached_tokens),
+                )
+            }
             Some(ExecEvent::Failed(why)) => return Err(format!("engine: {why}")),
             None => return Err("engine: the generation ended without a result".into()),
         }
@@ -846,6 +865,7 @@ async fn run_stream(
             Some(ExecEvent::Done {
                 prompt_tokens,
                 completion_tokens,
+                cached_tokens,
                 ..
             }) => {
                 if let Some(c) = chunks.flush().map_err(seal_err)? {
@@ -854,7 +874,7 @@ async fn run_stream(
                     }
                 }
                 let last = chunks
-                    .finish(Usage::new(prompt_tokens, completion_tokens))
+                    .finish(usage(prompt_tokens, completion_tokens, cached_tokens))
                     .map_err(seal_err)?;
                 post_chunk(shared, job_id, &last).await;
                 return Ok(());
@@ -897,6 +917,24 @@ async fn settle(shared: &Shared, chunks: StreamChunks<'_>, job_id: &str) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cached_tokens_ride_in_the_usage_only_when_there_are_some() {
+        let none = serde_json::to_value(usage(40, 3, 0)).unwrap();
+        assert!(none.get("prompt_tokens_details").is_none(), "{none}");
+        let some = usage(40, 3, 32);
+        assert_eq!(
+            some.prompt_tokens_details.map(|d| d.cached_tokens),
+            Some(32)
+        );
+        assert_eq!((some.prompt_tokens, some.total_tokens), (40, 43));
+        // Never more than the prompt, whatever an engine says.
+        let over = usage(40, 3, 64);
+        assert_eq!(
+            over.prompt_tokens_details.map(|d| d.cached_tokens),
+            Some(40)
+        );
+    }
 
     #[test]
     fn heartbeat_always_carries_active_job_ids() {

@@ -36,16 +36,16 @@ impl From<GenerationEvent> for ExecEvent {
     fn from(ev: GenerationEvent) -> Self {
         match ev {
             GenerationEvent::Token { text, .. } => ExecEvent::Token(text),
-            // The grid's usage carries the three counts only.
             GenerationEvent::Done {
                 finish_reason,
                 prompt_tokens,
                 completion_tokens,
-                ..
+                cached_tokens,
             } => ExecEvent::Done {
                 finish: finish_reason,
                 prompt_tokens: u64::from(prompt_tokens),
                 completion_tokens: u64::from(completion_tokens),
+                cached_tokens: u64::from(cached_tokens),
             },
             GenerationEvent::Error { message } => ExecEvent::Failed(message),
         }
@@ -72,12 +72,13 @@ impl From<ExecEvent> for GenerationEvent {
                 finish,
                 prompt_tokens,
                 completion_tokens,
+                cached_tokens,
             } => GenerationEvent::Done {
                 finish_reason: finish,
                 // Counts beyond u32 cannot come from a context of this size.
                 prompt_tokens: u32::try_from(prompt_tokens).unwrap_or(u32::MAX),
                 completion_tokens: u32::try_from(completion_tokens).unwrap_or(u32::MAX),
-                cached_tokens: 0,
+                cached_tokens: u32::try_from(cached_tokens).unwrap_or(u32::MAX),
             },
             ExecEvent::Failed(message) => GenerationEvent::Error { message },
         }
@@ -169,7 +170,7 @@ async fn forward_choices(
         .boxed()
     });
     let mut merged = futures_util::stream::select_all(streams);
-    let (mut left, mut prompt, mut completion) = (n, 0u64, 0u64);
+    let (mut left, mut prompt, mut completion, mut cached) = (n, 0u64, 0u64, 0u64);
     let mut first_finish = FinishReason::Stop;
     while let Some((index, ev)) = merged.next().await {
         let out = match ev {
@@ -182,10 +183,13 @@ async fn forward_choices(
                 finish_reason,
                 prompt_tokens,
                 completion_tokens,
-                ..
+                cached_tokens,
             } => {
                 left -= 1;
                 prompt = u64::from(prompt_tokens);
+                // The choices share one prefill: the prompt, and what the
+                // cache supplied of it, count once.
+                cached = cached.max(u64::from(cached_tokens));
                 completion += u64::from(completion_tokens);
                 if index == 0 {
                     first_finish = finish_reason;
@@ -212,6 +216,7 @@ async fn forward_choices(
                     finish: first_finish,
                     prompt_tokens: prompt,
                     completion_tokens: completion,
+                    cached_tokens: cached,
                 })
                 .await;
             return;

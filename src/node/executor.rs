@@ -43,6 +43,9 @@ pub enum ExecEvent {
         finish: FinishReason,
         prompt_tokens: u64,
         completion_tokens: u64,
+        /// Of `prompt_tokens`, those a cached prefix supplied (0 when none
+        /// or unknown); reported, never billed apart.
+        cached_tokens: u64,
     },
     /// Generation failed; the reason goes to `/fail`.
     Failed(String),
@@ -182,6 +185,7 @@ impl Executor for EchoExecutor {
             finish,
             prompt_tokens,
             completion_tokens,
+            cached_tokens: 0,
         };
         if !self.token_delay.is_zero() {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {

@@ -43,6 +43,11 @@ pub struct ReserveRequest {
     /// sgl extension §7c: `"hardware"` or `"self_reported"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub require_attestation: Option<String>,
+    /// sgl extension: the request features ([`super::features`]) the sealed
+    /// payload will ask for; only a node that advertises every one is
+    /// reserved, since the coordinator cannot read a sealed request.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub features: Vec<String>,
 }
 
 /// `POST /v1/reserve` response (§5.1, §7c).
@@ -63,6 +68,10 @@ pub struct ReserveResponse {
     pub attestation_level: Option<AttestationLevel>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub evidence_url: Option<String>,
+    /// sgl extension: the request features the reserved node advertises
+    /// (`capabilities.features`); absent when none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub features: Vec<String>,
 }
 
 /// How far a node's attestation reaches (§7a).
@@ -165,6 +174,10 @@ pub struct Provider {
     pub max_concurrent_jobs: u32,
     pub tee_type: String,
     pub online: bool,
+    /// sgl extension: the request features the node's engine implements
+    /// (`capabilities.features` of its heartbeat); absent when none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub features: Vec<String>,
 }
 
 /// `GET /grid/capacity`: the union of the OPENAPI and SDK shapes (§5.7).

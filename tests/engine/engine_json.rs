@@ -1,8 +1,8 @@
 //! Constrained decoding on the real SmolLM2-135M: `json_schema` and
-//! `json_object` outputs parse and validate, batched beside free text, end
-//! with the value, and a budget that cuts the value says `length`. Skipped
-//! (with a message) when the model is not cached; SGL_REQUIRE_MODEL=1 makes
-//! that a failure.
+//! `json_object` outputs parse and validate, batched beside free text and
+//! as `n` choices of one request, end with the value, and a budget that
+//! cuts the value says `length`. Skipped (with a message) when the model is
+//! not cached; SGL_REQUIRE_MODEL=1 makes that a failure.
 #![cfg(feature = "node")]
 
 use crate::engine_support;
@@ -144,6 +144,41 @@ async fn json_schema_output_parses_and_validates() {
     let (text, finish, _) = run(&engine, ask(&pick, 7)).await;
     assert_eq!(finish, FinishReason::Stop);
     assert!(text == "\"yes\"" || text == "\"no\"", "{text}");
+}
+
+/// `n` completions of one constrained prompt (the engine's `n` with a
+/// `json_schema`, as the grid sends it): each one's own grammar state, so
+/// every choice parses and validates, and at a temperature above 0 the
+/// choices are not all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn n_choices_of_a_json_schema_each_validate() {
+    let Some(engine) = load().await else { return };
+    let person = Arc::new(JsonGrammar::from_schema(&person_schema()).unwrap());
+    let mut req = ask(&person, 11).temperature(0.9);
+    req.n = 4;
+    let receivers = engine.submit_n(req).expect("submit");
+    assert_eq!(receivers.len(), 4);
+    let mut texts = Vec::new();
+    for mut rx in receivers {
+        let mut text = String::new();
+        let finish = loop {
+            match rx.recv().await.expect("a Done event") {
+                GenerationEvent::Token { text: t, .. } => text.push_str(&t),
+                GenerationEvent::Done { finish_reason, .. } => break finish_reason,
+                GenerationEvent::Error { message } => panic!("engine error: {message}"),
+            }
+        };
+        assert_eq!(finish, FinishReason::Stop, "{text}");
+        check_person(&serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}")));
+        texts.push(text);
+    }
+    let mut distinct = texts.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert!(
+        distinct.len() > 1,
+        "the choices are all the same: {texts:?}"
+    );
 }
 
 /// The cost of the mask: the same greedy generation length with and without

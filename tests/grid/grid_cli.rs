@@ -47,6 +47,17 @@ fn operator_and_client_commands_end_to_end() {
     assert_eq!(json["content"], "one two three");
     assert_eq!(json["usage_signed"], true);
     assert_eq!(json["signatures_verified"], true);
+    // The echo engine implements neither `n` nor `logprobs`: nothing is
+    // reserved, and the error names the parameter.
+    for flags in [&["-n", "2"][..], &["--logprobs"][..]] {
+        let mut args = vec!["chat", "--coordinator", &base];
+        args.extend_from_slice(flags);
+        args.push("two answers");
+        let refused = sgl(&args);
+        assert!(!refused.status.success(), "{flags:?}");
+        let err = String::from_utf8_lossy(&refused.stderr);
+        assert!(err.contains("unsupported_parameter"), "{flags:?}: {err}");
+    }
 
     ok(sgl(&["node", "off-grid", "--config-dir", d]));
     let refused = sgl(&["chat", "--coordinator", &base, "nobody serves"]);
@@ -167,4 +178,79 @@ async fn bench_compares_an_echo_node_with_the_coordinator_in_front_of_one() {
             assert!((added - (c - d)).abs() < 1e-9, "{run}");
         }
     }
+}
+
+/// `sgl chat -n`, `--logprobs` and `--top-logprobs` against a node running
+/// the real model: every choice printed under its label, each token on a
+/// line with its log probability and the alternatives asked for; the same
+/// in `--json` and with `--stream`. Skipped when the model is not cached,
+/// unless SGL_REQUIRE_MODEL=1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_prints_every_choice_and_the_logprobs() {
+    if engine_support::model_path().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let coord = CoordinatorProc::start(&["--in-memory"]);
+    node_init(d, &coord.base, OPERATOR);
+    let _node = node_start(d, &["--model", MODEL, "--evidence", "none"], Stdio::null());
+    wait_online(&coord.base, Duration::from_secs(180)).await;
+    let base = coord.base.as_str();
+    let chat = |extra: &[&str]| {
+        let mut args = vec!["chat", "--coordinator", base, "--max-tokens", "4"];
+        args.extend_from_slice(extra);
+        args.push("Name a fruit.");
+        ok(sgl(&args))
+    };
+
+    for stream in [false, true] {
+        let mut flags = vec!["-n", "3", "--temperature", "0.9"];
+        if stream {
+            flags.push("--stream");
+        }
+        let out = chat(&flags);
+        for i in 0..3 {
+            assert!(out.contains(&format!("--- choice {i} ---\n")), "{out}");
+        }
+        assert!(!out.contains("--- choice 3 ---"), "{out}");
+        assert!(!out.contains("logprobs:"), "{out}");
+    }
+
+    // One choice with logprobs: no label, a line per token: the token
+    // quoted, its logprob, then the two alternatives.
+    let out = chat(&["--top-logprobs", "2", "--temperature", "0"]);
+    assert!(!out.contains("--- choice"), "{out}");
+    let (_, tokens) = out
+        .split_once("logprobs:\n")
+        .unwrap_or_else(|| panic!("{out}"));
+    let lines: Vec<&str> = tokens.lines().collect();
+    assert!(!lines.is_empty() && lines.len() <= 4, "{out}");
+    for l in &lines {
+        let fields: Vec<&str> = l.trim_start().split('\t').collect();
+        assert_eq!(fields.len(), 3, "{l}");
+        assert!(
+            fields[0].starts_with('"') && fields[0].ends_with('"'),
+            "{l}"
+        );
+        let lp: f32 = fields[1].parse().unwrap_or_else(|_| panic!("{l}"));
+        assert!(lp <= 0.0, "{l}");
+        assert_eq!(fields[2].matches(", ").count(), 1, "two alternatives: {l}");
+    }
+
+    // --logprobs without alternatives, two choices, as JSON.
+    let v: serde_json::Value =
+        serde_json::from_str(&chat(&["--json", "-n", "2", "--logprobs"])).unwrap();
+    let choices = v["choices"].as_array().unwrap_or_else(|| panic!("{v}"));
+    assert_eq!(choices.len(), 2, "{v}");
+    for c in choices {
+        let lp = c["logprobs"]["content"].as_array().unwrap();
+        assert!(!lp.is_empty(), "{v}");
+        assert!(
+            lp.iter()
+                .all(|t| t["top_logprobs"] == serde_json::json!([])),
+            "{v}"
+        );
+    }
+    assert_eq!(v["content"], choices[0]["message"]["content"], "{v}");
 }

@@ -158,13 +158,6 @@ async fn json_schema_through_plain_and_sealed_modes() {
     // Sealed mode: the payload inside the envelope carries response_format.
     let grid = GridClient::new(base, None).unwrap();
     for stream in [false, true] {
-        let res = grid
-            .reserve_with(&sgl::proto::api::ReserveRequest {
-                model: Some(MODEL.into()),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
         let payload = JobPayload {
             messages: Some(vec![ChatMessage::new("user", "Describe Paris as JSON.")]),
             temperature: Some(0.7),
@@ -174,6 +167,16 @@ async fn json_schema_through_plain_and_sealed_modes() {
             response_format: Some(response_format()),
             ..Default::default()
         };
+        // Only a node that implements response_format is reserved.
+        let res = grid
+            .reserve_with(&sgl::proto::api::ReserveRequest {
+                model: Some(MODEL.into()),
+                features: sgl::client::payload_features(&payload),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert!(res.features.iter().any(|f| f == "response_format"));
         let mut live = String::new();
         let out = grid
             .send_sealed(&res, MODEL, payload)

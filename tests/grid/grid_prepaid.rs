@@ -153,6 +153,7 @@ impl Executor for GatedEcho {
                     finish,
                     prompt_tokens,
                     completion_tokens,
+                    cached_tokens: 0,
                 })
                 .await;
         });

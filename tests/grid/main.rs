@@ -12,6 +12,7 @@ mod pay_common;
 mod coordinator_flow;
 mod grid_api;
 mod grid_billing;
+mod grid_cached_tokens;
 mod grid_choices;
 mod grid_cli;
 mod grid_e2e;

@@ -63,6 +63,7 @@ pub async fn providers(
                     max_concurrent_jobs: n.max_concurrent_jobs,
                     tee_type: shown_tee_type(n),
                     online: !n.off_grid && grid.is_online(n, now),
+                    features: n.capabilities.features.clone(),
                 },
             )
         })
