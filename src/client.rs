@@ -338,11 +338,15 @@ pub fn choice_features(c: ChoiceParams) -> Vec<String> {
     out
 }
 
-/// The request features a sealed payload asks for: `response_format` other
+/// The request features a sealed payload asks for: `tools` (the payload
+/// carries them only when a call may be made), `response_format` other
 /// than text (a malformed one counts, since the node must refuse it rather
 /// than drop it), then those of `n` and `logprobs`.
 pub fn payload_features(p: &JobPayload) -> Vec<String> {
     let mut out = Vec::new();
+    if p.tools.is_some() {
+        out.push(features::TOOLS.to_string());
+    }
     let structured = p
         .response_format
         .as_ref()

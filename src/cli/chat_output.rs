@@ -14,7 +14,7 @@ pub fn choices_text(choices: &[Choice]) -> String {
         if labelled {
             let _ = writeln!(out, "--- choice {} ---", c.index);
         }
-        let _ = writeln!(out, "{}", c.message.content);
+        let _ = writeln!(out, "{}", c.message.text_or_empty());
         let tokens = c
             .logprobs
             .as_ref()
@@ -56,10 +56,7 @@ mod tests {
     fn choice(index: u32, text: &str, logprobs: Option<Vec<TokenLogprob>>) -> Choice {
         Choice {
             index,
-            message: AssistantMessage {
-                role: "assistant".into(),
-                content: text.into(),
-            },
+            message: AssistantMessage::text(text.into()),
             logprobs: logprobs.map(ChoiceLogprobs::content),
             finish_reason: Some(FinishReason::Stop),
         }
