@@ -148,7 +148,8 @@ impl ReplicaDb {
 
     /// The live replica that holds `node_id`.
     pub async fn node_owner(&self, node_id: &str) -> Result<Option<String>> {
-        self.live_owner("grid_node_sessions", "node_id", node_id).await
+        self.live_owner("grid_node_sessions", "node_id", node_id)
+            .await
     }
 
     /// The replica named in `table`'s row whose `key` column is `id`, when
