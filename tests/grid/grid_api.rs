@@ -74,11 +74,6 @@ fn hello() -> Value {
 /// does.
 fn unsupported() -> Vec<(&'static str, Value)> {
     vec![
-        (
-            "tools",
-            json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-        ),
-        ("tool_choice", json!("required")),
         ("functions", json!([{"name": "f", "parameters": {}}])),
         ("function_call", json!({"name": "f"})),
         ("logit_bias", json!({"1": 5})),

@@ -10,10 +10,10 @@
 #![cfg(feature = "coordinator")]
 
 use crate::engine_support;
+use crate::grid_choices::{coordinator, cost, plain, wallet};
 use crate::grid_support;
 use crate::pay_common;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,59 +21,12 @@ use grid_support::in_process::{invite, node_dir, Agent, FAST_HEARTBEAT};
 use grid_support::{MODEL, OPERATOR};
 use serde_json::{json, Value};
 use sgl::client::{ChatRequest, GridClient};
-use sgl::coordinator::{self, Config, Grid};
 use sgl::engine::{Engine, EngineConfig};
-use sgl::money::{Micros, MicrosPerM, TokenPrice};
+use sgl::money::Micros;
 use sgl::node::engine_executor::EngineExecutor;
 use sgl::payments::{Payments, PaymentsConfig};
-use sgl::store::{Store, WalletId};
 
 const PAYER: &str = "0x3333333333333333333333333333333333333333";
-/// 5 USD and 10 USD per 1M tokens.
-const PRICE: TokenPrice = TokenPrice::new(MicrosPerM(5_000_000), MicrosPerM(10_000_000));
-
-fn wallet(s: &str) -> WalletId {
-    WalletId::new_unchecked(s.to_ascii_lowercase())
-}
-
-/// The cost the ledger must show for a usage, rounded up to whole µUSD:
-/// every prompt token at the full price, cached or not.
-fn cost(prompt: u64, completion: u64) -> Micros {
-    Micros((prompt * 5_000_000 + completion * 10_000_000).div_ceil(1_000_000))
-}
-
-async fn coordinator(store: &Store) -> String {
-    let mut prices = HashMap::new();
-    prices.insert(MODEL.to_string(), PRICE);
-    let config = Config {
-        dev: false,
-        heartbeat_interval: Duration::from_millis(200),
-        reference_prices: prices,
-        ..Config::default()
-    };
-    let payments = Payments::new(
-        PaymentsConfig::new(Default::default(), "http://127.0.0.1:9"),
-        store.clone(),
-    )
-    .unwrap();
-    let grid = Grid::with_store(config, store.clone(), Some(payments))
-        .await
-        .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(coordinator::serve(grid, listener, std::future::pending()));
-    base
-}
-
-async fn plain(base: &str, key: &str, body: &Value) -> reqwest::Response {
-    reqwest::Client::new()
-        .post(format!("{base}/v1/chat/completions"))
-        .bearer_auth(key)
-        .json(body)
-        .send()
-        .await
-        .unwrap()
-}
 
 /// A system prompt of a few hundred tokens, as chat clients resend each turn.
 fn system() -> String {

@@ -30,18 +30,21 @@ use sgl::store::{Store, WalletId};
 
 const PAYER: &str = "0x2222222222222222222222222222222222222222";
 /// 5 USD and 10 USD per 1M tokens.
-const PRICE: TokenPrice = TokenPrice::new(MicrosPerM(5_000_000), MicrosPerM(10_000_000));
+pub(crate) const PRICE: TokenPrice = TokenPrice::new(MicrosPerM(5_000_000), MicrosPerM(10_000_000));
 
-fn wallet(s: &str) -> WalletId {
+pub(crate) fn wallet(s: &str) -> WalletId {
     WalletId::new_unchecked(s.to_ascii_lowercase())
 }
 
-/// The cost the ledger must show for a usage, rounded up to whole µUSD.
-fn cost(prompt: u64, completion: u64) -> Micros {
+/// The cost the ledger must show for a usage, rounded up to whole µUSD:
+/// every prompt token at the full price, cached or not.
+pub(crate) fn cost(prompt: u64, completion: u64) -> Micros {
     Micros((prompt * 5_000_000 + completion * 10_000_000).div_ceil(1_000_000))
 }
 
-async fn coordinator(store: &Store) -> String {
+/// A coordinator on `store` that bills the model at [`PRICE`] (a facilitator
+/// that is never called: API-key credits only). Its base URL.
+pub(crate) async fn coordinator(store: &Store) -> String {
     let mut prices = HashMap::new();
     prices.insert(MODEL.to_string(), PRICE);
     let config = Config {
@@ -64,7 +67,8 @@ async fn coordinator(store: &Store) -> String {
     base
 }
 
-async fn plain(base: &str, key: &str, body: &Value) -> reqwest::Response {
+/// A plain-mode chat request paid with API key `key`.
+pub(crate) async fn plain(base: &str, key: &str, body: &Value) -> reqwest::Response {
     reqwest::Client::new()
         .post(format!("{base}/v1/chat/completions"))
         .bearer_auth(key)

@@ -3,6 +3,8 @@
 Usage: openai_params_check.py BASE_URL MODEL
 Each is refused with 400 `unsupported_parameter` naming it (the SDK's
 BadRequestError with `code` and `param`); their no-op defaults are served.
+The servers under test run the echo engine, which has no `tools`; a
+`tool_choice` that requires a call with no tools is a 400 naming it.
 Exits non-zero (with an assertion message) when anything is off.
 """
 import sys
@@ -18,7 +20,6 @@ def main() -> None:
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
     refused = {
         "tools": {"tools": [tool]},
-        "tool_choice": {"tool_choice": "required"},
         "frequency_penalty": {"frequency_penalty": 0.5},
     }
     for name, kwargs in refused.items():
@@ -31,6 +32,15 @@ def main() -> None:
             assert name in str(e), (name, str(e))
         else:
             raise AssertionError(f"{name} was accepted at {base}")
+
+    try:
+        client.chat.completions.create(
+            model=model, messages=messages, max_tokens=8, tool_choice="required"
+        )
+    except openai.BadRequestError as e:
+        assert e.status_code == 400 and e.param == "tool_choice", (e.status_code, e.body)
+    else:
+        raise AssertionError(f"tool_choice required without tools was accepted at {base}")
 
     r = client.chat.completions.create(
         model=model,
