@@ -12,8 +12,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use grid_support::{
-    node_init, node_start, ok, sgl, sigterm, wait_node_active, wait_online, CoordinatorProc, MODEL,
-    OPERATOR, SGL,
+    node_init, node_start, ok, sgl, sigterm, wait_node_active, wait_online, CoordinatorProc,
+    ModelGrid, MODEL, OPERATOR, SGL,
 };
 
 #[test]
@@ -190,13 +190,8 @@ async fn chat_prints_every_choice_and_the_logprobs() {
     if engine_support::model_path().is_none() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().to_str().unwrap();
-    let coord = CoordinatorProc::start(&["--in-memory"]);
-    node_init(d, &coord.base, OPERATOR);
-    let _node = node_start(d, &["--model", MODEL, "--evidence", "none"], Stdio::null());
-    wait_online(&coord.base, Duration::from_secs(180)).await;
-    let base = coord.base.as_str();
+    let grid = ModelGrid::start(Stdio::null()).await;
+    let base = grid.coord.base.as_str();
     let chat = |extra: &[&str]| {
         let mut args = vec!["chat", "--coordinator", base, "--max-tokens", "4"];
         args.extend_from_slice(extra);

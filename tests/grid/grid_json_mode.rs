@@ -11,9 +11,8 @@ use crate::engine_support;
 use crate::grid_support;
 
 use std::process::Stdio;
-use std::time::Duration;
 
-use grid_support::{node_init, node_start, wait_online, CoordinatorProc, MODEL, OPERATOR};
+use grid_support::{ModelGrid, MODEL};
 use serde_json::{json, Value};
 use sgl::client::GridClient;
 use sgl::proto::job::JobPayload;
@@ -100,17 +99,8 @@ async fn json_schema_through_plain_and_sealed_modes() {
     if engine_support::model_path().is_none() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().to_str().unwrap();
-    let coord = CoordinatorProc::start(&["--in-memory"]);
-    node_init(d, &coord.base, OPERATOR);
-    let _node = node_start(
-        d,
-        &["--model", MODEL, "--evidence", "none"],
-        Stdio::inherit(),
-    );
-    wait_online(&coord.base, Duration::from_secs(180)).await;
-    let base = coord.base.as_str();
+    let grid = ModelGrid::start(Stdio::inherit()).await;
+    let base = grid.coord.base.as_str();
     let client = reqwest::Client::new();
 
     // Plain mode, JSON.

@@ -94,6 +94,29 @@ pub fn sigterm(p: &Child) {
     assert!(r.success());
 }
 
+/// A grid of the real model: a development coordinator in memory and one
+/// node serving [`MODEL`] with no evidence, online. Dropping it stops both
+/// and removes the node's directory.
+pub struct ModelGrid {
+    pub coord: CoordinatorProc,
+    pub node: Proc,
+    pub dir: tempfile::TempDir,
+}
+
+impl ModelGrid {
+    /// Start it and wait (up to three minutes: the model loads) until the
+    /// node is online.
+    pub async fn start(node_stderr: Stdio) -> ModelGrid {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_str().unwrap();
+        let coord = CoordinatorProc::start(&["--in-memory"]);
+        node_init(d, &coord.base, OPERATOR);
+        let node = node_start(d, &["--model", MODEL, "--evidence", "none"], node_stderr);
+        wait_online(&coord.base, Duration::from_secs(180)).await;
+        ModelGrid { coord, node, dir }
+    }
+}
+
 /// `sgl coordinator serve --dev` on a free loopback port, heartbeats every
 /// second, plus `args` (the store: `--in-memory` or `--database-url`).
 pub struct CoordinatorProc {
