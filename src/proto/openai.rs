@@ -359,17 +359,7 @@ impl ChatCompletionChunk {
             content: Some(String::new()),
             tool_calls: None,
         };
-        Self::with(
-            id,
-            created,
-            model,
-            vec![ChunkChoice {
-                index: 0,
-                delta,
-                logprobs: None,
-                finish_reason: None,
-            }],
-        )
+        Self::first_choice(id, created, model, delta)
     }
 
     /// A content delta.
@@ -379,17 +369,7 @@ impl ChatCompletionChunk {
             content: Some(text.to_string()),
             tool_calls: None,
         };
-        Self::with(
-            id,
-            created,
-            model,
-            vec![ChunkChoice {
-                index: 0,
-                delta,
-                logprobs: None,
-                finish_reason: None,
-            }],
-        )
+        Self::first_choice(id, created, model, delta)
     }
 
     /// A delta of whole tool calls.
@@ -399,17 +379,18 @@ impl ChatCompletionChunk {
             content: None,
             tool_calls: Some(calls),
         };
-        Self::with(
-            id,
-            created,
-            model,
-            vec![ChunkChoice {
-                index: 0,
-                delta,
-                logprobs: None,
-                finish_reason: None,
-            }],
-        )
+        Self::first_choice(id, created, model, delta)
+    }
+
+    /// A chunk of one delta for the only choice, unfinished.
+    fn first_choice(id: &str, created: u64, model: &str, delta: Delta) -> Self {
+        let choice = ChunkChoice {
+            index: 0,
+            delta,
+            logprobs: None,
+            finish_reason: None,
+        };
+        Self::with(id, created, model, vec![choice])
     }
 
     /// The closing event: an empty delta and the finish reason.
