@@ -226,13 +226,17 @@ async fn an_extended_request_goes_to_the_node_that_implements_it() {
         },
     );
     wait_online(&base, Duration::from_secs(30)).await;
+    // Both online, and the model's node has advertised its features (they
+    // come with its heartbeats: a node may be online a moment before).
     let start = Instant::now();
     loop {
         let v = providers(&base).await;
-        let online = v["providers"]
-            .as_array()
-            .map_or(0, |p| p.iter().filter(|p| p["online"] == true).count());
-        if online == 2 {
+        let list = v["providers"].as_array().cloned().unwrap_or_default();
+        let online = list.iter().filter(|p| p["online"] == true).count();
+        let advertised = list
+            .iter()
+            .any(|p| p["features"].as_array().is_some_and(|f| !f.is_empty()));
+        if online == 2 && advertised {
             break;
         }
         assert!(start.elapsed() < Duration::from_secs(30), "{v}");
