@@ -10,21 +10,14 @@
 #![cfg(feature = "coordinator")]
 
 use crate::engine_support;
-use crate::grid_choices::{coordinator, cost, plain, wallet};
+use crate::grid_choices::{billed_model_grid, cost, plain, wallet};
 use crate::grid_support;
 use crate::pay_common;
 
-use std::sync::Arc;
-use std::time::Duration;
-
-use grid_support::in_process::{invite, node_dir, Agent, FAST_HEARTBEAT};
-use grid_support::{MODEL, OPERATOR};
+use grid_support::MODEL;
 use serde_json::{json, Value};
 use sgl::client::{ChatRequest, GridClient};
-use sgl::engine::{Engine, EngineConfig};
 use sgl::money::Micros;
-use sgl::node::engine_executor::EngineExecutor;
-use sgl::payments::{Payments, PaymentsConfig};
 
 const PAYER: &str = "0x3333333333333333333333333333333333333333";
 
@@ -45,30 +38,7 @@ async fn a_repeated_prompt_reports_cached_tokens_and_is_billed_in_full() {
     };
     let t = pay_common::stores::sqlite_store().await;
     let store = t.store.clone();
-    let base = coordinator(&store).await;
-    let engine = tokio::task::spawn_blocking(move || {
-        Engine::load(EngineConfig::new(path, MODEL)).expect("load the model")
-    })
-    .await
-    .unwrap();
-    let code = invite(&store, OPERATOR).await;
-    let _node = Agent::spawn_with(
-        node_dir(&base),
-        Arc::new(EngineExecutor::new(engine)),
-        |cfg| {
-            cfg.heartbeat_interval = FAST_HEARTBEAT;
-            cfg.registration_code = Some(code);
-            cfg.drain_timeout = Duration::from_secs(2);
-        },
-    );
-    grid_support::wait_online(&base, Duration::from_secs(30)).await;
-    let p = Payments::new(
-        PaymentsConfig::new(Default::default(), "http://127.0.0.1:9"),
-        store.clone(),
-    )
-    .unwrap();
-    let (key, _) = p.create_api_key(&wallet(PAYER), "test").await.unwrap();
-    let key = key.secret.as_str().to_string();
+    let (base, _node, key) = billed_model_grid(&store, path, PAYER).await;
     store
         .top_up(&wallet(PAYER), Micros(1_000_000), "grant-1")
         .await

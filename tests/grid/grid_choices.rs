@@ -13,6 +13,7 @@ use crate::grid_support;
 use crate::pay_common;
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -65,6 +66,40 @@ pub(crate) async fn coordinator(store: &Store) -> String {
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(coordinator::serve(grid, listener, std::future::pending()));
     base
+}
+
+/// A coordinator on `store` that bills the model at [`PRICE`], one node of
+/// the real model at `path` online behind it, and a new API key of
+/// `payer`'s wallet (not funded): the base URL, the node, the key.
+pub(crate) async fn billed_model_grid(
+    store: &Store,
+    path: PathBuf,
+    payer: &str,
+) -> (String, Agent, String) {
+    let base = coordinator(store).await;
+    let engine = tokio::task::spawn_blocking(move || {
+        Engine::load(EngineConfig::new(path, MODEL)).expect("load the model")
+    })
+    .await
+    .unwrap();
+    let code = invite(store, OPERATOR).await;
+    let node = Agent::spawn_with(
+        node_dir(&base),
+        Arc::new(EngineExecutor::new(engine)),
+        |cfg| {
+            cfg.heartbeat_interval = FAST_HEARTBEAT;
+            cfg.registration_code = Some(code);
+            cfg.drain_timeout = Duration::from_secs(2);
+        },
+    );
+    grid_support::wait_online(&base, Duration::from_secs(30)).await;
+    let p = Payments::new(
+        PaymentsConfig::new(Default::default(), "http://127.0.0.1:9"),
+        store.clone(),
+    )
+    .unwrap();
+    let (key, _) = p.create_api_key(&wallet(payer), "test").await.unwrap();
+    (base, node, key.secret.as_str().to_string())
 }
 
 /// A plain-mode chat request paid with API key `key`.
@@ -120,30 +155,7 @@ async fn n_and_logprobs_through_plain_and_sealed_modes_are_billed_in_full() {
     };
     let t = pay_common::stores::sqlite_store().await;
     let store = t.store.clone();
-    let base = coordinator(&store).await;
-    let engine = tokio::task::spawn_blocking(move || {
-        Engine::load(EngineConfig::new(path, MODEL)).expect("load the model")
-    })
-    .await
-    .unwrap();
-    let code = invite(&store, OPERATOR).await;
-    let _node = Agent::spawn_with(
-        node_dir(&base),
-        Arc::new(EngineExecutor::new(engine)),
-        |cfg| {
-            cfg.heartbeat_interval = FAST_HEARTBEAT;
-            cfg.registration_code = Some(code);
-            cfg.drain_timeout = Duration::from_secs(2);
-        },
-    );
-    grid_support::wait_online(&base, Duration::from_secs(30)).await;
-    let p = Payments::new(
-        PaymentsConfig::new(Default::default(), "http://127.0.0.1:9"),
-        store.clone(),
-    )
-    .unwrap();
-    let (key, _) = p.create_api_key(&wallet(PAYER), "test").await.unwrap();
-    let key = key.secret.as_str().to_string();
+    let (base, _node, key) = billed_model_grid(&store, path, PAYER).await;
     // Enough for the quote of one completion of 8,192 tokens (about 82,000
     // µUSD) but not for eight of them.
     store
