@@ -17,6 +17,7 @@
 //! - [`openapi`]: the OpenAPI 3.1 documents of the coordinator and the
 //!   node's local server, from the wire types.
 //! - [`private_file`]: owner-only files and directories (keys, databases).
+//! - [`cpu`]: where a request's CPU-bound step runs (here, or the blocking pool).
 #![deny(unsafe_code)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
@@ -29,6 +30,7 @@ pub mod clock;
 pub mod compute;
 #[cfg(feature = "coordinator")]
 pub mod coordinator;
+pub mod cpu;
 #[cfg(feature = "node")]
 pub mod engine;
 #[cfg(any(feature = "node", feature = "coordinator"))]

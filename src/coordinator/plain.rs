@@ -4,6 +4,7 @@
 //! `chat.completion.chunk` SSE. Not end to end: the coordinator sees the text.
 //! A node that fails before any output is replaced once by another.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::{HeaderMap, Method, Uri};
@@ -63,7 +64,7 @@ struct Dispatched {
     node_id: NodeId,
     model: String,
     rx: mpsc::Receiver<JobEvent>,
-    key: ResponseKey,
+    key: Arc<ResponseKey>,
     nonce: Option<String>,
     first: JobEvent,
 }
@@ -171,8 +172,9 @@ async fn send(
         let inner = JobPayload::from_openai(req, max_tokens, nonce.as_deref());
         let inner = serde_json::to_vec(&inner).map_err(ClientError::internal)?;
         // Sealing encodes base58, whose cost grows with the square of the
-        // length: off the async threads, so other clients are not held up.
-        let (enc, key) = tokio::task::spawn_blocking(move || e2e::seal_input(&x25519, &inner))
+        // length: a long prompt is sealed off the async threads.
+        let channel = grid.seal_channel(&x25519).map_err(ClientError::internal)?;
+        let (enc, key) = crate::cpu::run(inner.len(), move || channel.seal(&inner))
             .await
             .map_err(ClientError::internal)?
             .map_err(ClientError::internal)?;
@@ -294,9 +296,10 @@ pub async fn chat(
             let sealed = done
                 .sealed_result
                 .ok_or_else(|| ClientError::node_failed("the node answered in plain"))?;
-            // Opening decodes base58: off the async threads.
+            // Opening decodes base58: a long reply off the async threads.
             let key = d.key;
-            let plain = tokio::task::spawn_blocking(move || key.open_output(&sealed))
+            let size = sealed.ciphertext.len();
+            let plain = crate::cpu::run(size, move || key.open_output(&sealed))
                 .await
                 .map_err(ClientError::internal)?
                 .map_err(|e| ClientError::node_failed(format!("reply does not open: {e}")))?;

@@ -149,10 +149,12 @@ pub async fn complete(
         }
         Some(Ok(())) => {}
     }
-    // The signature covers the whole result (up to the body limit): checked
-    // off the async threads.
+    // The signature covers the whole result (up to the body limit): a long
+    // one is checked off the async threads.
     let job = job_id.to_string();
-    let (req, checked) = tokio::task::spawn_blocking(move || {
+    let size = req.sealed_result.as_ref().map_or(0, |r| r.ciphertext.len())
+        + req.encrypted_result.as_ref().map_or(0, String::len);
+    let (req, checked) = crate::cpu::run(size, move || {
         let checked = verify_complete(&signer, &job, &req);
         (req, checked)
     })

@@ -21,6 +21,7 @@ use crate::clock::Clock;
 use crate::money::{MicrosPerM, TokenPrice};
 use crate::proto::api::{AttestationLevel, Capabilities, Evidence, PendingJob};
 use crate::proto::b58;
+use crate::proto::e2e::SealChannel;
 use crate::proto::identity::{Ed25519Public, NodeId, Signature, X25519Public};
 
 mod mirror;
@@ -155,6 +156,11 @@ pub struct Node {
     pub attestation: Option<AttestationRecord>,
     /// The document last written to the store (writes only on change).
     saved_doc: Option<String>,
+    /// Job counts changed since the document was last written: they are
+    /// written by the next [`Grid::reap`], not once a job (a write per job
+    /// was most of what PostgreSQL did under load). A crash loses at most a
+    /// second of counts, which are statistics, not money.
+    counts_dirty: bool,
     /// Set while another replica holds the node (see [`super::replica`]):
     /// this copy mirrors its stored document and is never written back.
     remote: Option<mirror::Remote>,
@@ -495,6 +501,9 @@ pub struct Grid {
     pub metrics: Arc<super::metrics::Metrics>,
     /// Replica mode (`--replica`): the other replicas on the database.
     pub replica: Option<Arc<super::replica::Replica>>,
+    /// The keys this coordinator seals plain requests with, one channel a
+    /// node key ([`Grid::seal_channel`]).
+    channels: Arc<Mutex<HashMap<X25519Public, Arc<SealChannel>>>>,
 }
 
 /// 32 random bytes as b58: tokens and opaque ids.
@@ -515,6 +524,7 @@ impl Grid {
             saver: None,
             metrics: Arc::default(),
             replica: None,
+            channels: Arc::default(),
         }
     }
 
@@ -533,6 +543,7 @@ impl Grid {
             saver: None,
             metrics: Arc::default(),
             replica: None,
+            channels: Arc::default(),
         };
         // Holds always end (§7f): the holds of jobs that are not running are
         // released before anything is served. A SQLite database belongs to
@@ -619,6 +630,25 @@ impl Grid {
         }
     }
 
+    /// The channel that seals this coordinator's plain requests to the node
+    /// key `node`: kept for [`crate::proto::e2e::KEEP_FOR`], so that a request costs one
+    /// AEAD seal rather than three scalar multiplications (§3.4 as the
+    /// client; the node cannot tell, see `proto::e2e::kept`).
+    pub fn seal_channel(
+        &self,
+        node: &X25519Public,
+    ) -> Result<Arc<SealChannel>, crate::proto::ProtoError> {
+        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = channels.get(node).filter(|c| !c.is_stale()) {
+            return Ok(Arc::clone(c));
+        }
+        // Drop the stale ones while here: nodes come and go.
+        channels.retain(|_, c| !c.is_stale());
+        let channel = Arc::new(SealChannel::new(node)?);
+        channels.insert(*node, Arc::clone(&channel));
+        Ok(channel)
+    }
+
     /// The store, when the grid has one.
     pub fn store(&self) -> Option<&Store> {
         self.store.as_ref()
@@ -634,6 +664,7 @@ impl Grid {
             // Another replica holds it and writes its document.
             return;
         }
+        node.counts_dirty = false;
         let doc = node.to_doc();
         if node.saved_doc.as_deref() == Some(doc.as_str()) {
             return;
@@ -734,6 +765,7 @@ impl Grid {
                 price_changed: HashMap::new(),
                 attestation: None,
                 saved_doc: None,
+                counts_dirty: false,
                 remote: None,
             },
         );
@@ -819,9 +851,9 @@ impl Grid {
                 Some(false) => n.jobs_failed += 1,
                 None => {}
             }
+            n.counts_dirty |= tally.is_some();
             operator_wallet = n.wallet_address.clone();
         }
-        self.persist(inner, &job.node_id);
         let meta = JobMeta {
             job_id: job.id.clone(),
             node_id: job.node_id.to_string(),
@@ -950,6 +982,15 @@ impl Grid {
         let now = Instant::now();
         let mut inner = self.lock();
         inner.reservations.retain(|_, r| r.expires > now);
+        let counted: Vec<NodeId> = inner
+            .nodes
+            .values()
+            .filter(|n| n.counts_dirty)
+            .map(|n| n.id)
+            .collect();
+        for id in counted {
+            self.persist(&mut inner, &id);
+        }
         let offline: Vec<NodeId> = inner
             .nodes
             .values()
@@ -1067,6 +1108,7 @@ impl Node {
             price_changed: HashMap::new(),
             attestation: d.attestation,
             saved_doc: Some(text.to_string()),
+            counts_dirty: false,
             remote: None,
         })
     }

@@ -688,12 +688,17 @@ async fn fail_coded(shared: &Shared, job_id: &str, reason: &str, code: Option<&s
 
 async fn run_job(shared: &Arc<Shared>, job: PendingJob) {
     // Opening the sealed input decodes base58, whose cost grows with the
-    // square of its length: off the async threads, which keep the
-    // heartbeat, the WebSocket and the other jobs going.
+    // square of its length: a long one off the async threads, which keep
+    // the heartbeat, the WebSocket and the other jobs going.
     let parsed = {
         let shared = Arc::clone(shared);
         let job = job.clone();
-        tokio::task::spawn_blocking(move || jobs::parse_job(&shared.identity, &job, true)).await
+        let size = job
+            .input_payload
+            .pointer("/enc/ciphertext")
+            .and_then(serde_json::Value::as_str)
+            .map_or(0, str::len);
+        crate::cpu::run(size, move || jobs::parse_job(&shared.identity, &job, true)).await
     };
     let chat = match parsed {
         Ok(Ok(c)) => c,

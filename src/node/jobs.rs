@@ -285,7 +285,8 @@ pub fn complete_choices_body(
         }),
         // A stream job that ended up answered in one piece still goes sealed.
         Reply::Sealed { reply_to } | Reply::Stream { reply_to, .. } => {
-            let sealed = e2e::seal_output(reply_to, text.as_bytes()).map_err(JobError::Seal)?;
+            let sealed =
+                e2e::seal_output_kept(node, reply_to, text.as_bytes()).map_err(JobError::Seal)?;
             let sig =
                 envelope::sign_result(node, &job.job_id, ResultKind::Sealed, &sealed.ciphertext);
             Ok(CompleteRequest {

@@ -279,14 +279,24 @@ pub fn check_request_nonce(nonce: &str) -> Result<(), ProtoError> {
 pub struct ResponseKey {
     secret: StaticSecret,
     public: X25519Public,
+    /// Output keys agreed lately: a node may keep its ephemeral key for the
+    /// replies to one response key (`kept`).
+    memo: KeyMemo,
 }
 
 impl ResponseKey {
     /// From a stored secret (tests, or a client that keeps its key).
     pub fn from_secret_bytes(secret: [u8; 32]) -> Self {
-        let secret = StaticSecret::from(secret);
+        Self::from_secret(StaticSecret::from(secret))
+    }
+
+    fn from_secret(secret: StaticSecret) -> Self {
         let public = X25519Public(PublicKey::from(&secret).to_bytes());
-        ResponseKey { secret, public }
+        ResponseKey {
+            secret,
+            public,
+            memo: KeyMemo::default(),
+        }
     }
 
     pub fn public(&self) -> X25519Public {
@@ -304,7 +314,7 @@ impl ResponseKey {
             Some(other) => return Err(ProtoError::UnsupportedEncoding(truncate(other))),
         };
         let eph = X25519Public::from_b58(&sealed.ephemeral_public_key)?;
-        let key = AeadKey::agree(&self.secret, &eph, HKDF_INFO_OUTPUT)?;
+        let key = self.memo.agree(&self.secret, &eph, HKDF_INFO_OUTPUT)?;
         // The sender re-encodes the decoded keys: canonical b58 of both.
         key.open(
             &blob,
@@ -393,13 +403,7 @@ pub fn seal_input_with_rng<R: RngCore + CryptoRng>(
         client_response_pubkey: resp_b58,
         algorithm: Some(ALG_V2.to_string()),
     };
-    Ok((
-        envelope,
-        ResponseKey {
-            secret: resp,
-            public: resp_pub,
-        },
-    ))
+    Ok((envelope, ResponseKey::from_secret(resp)))
 }
 
 // ------------------------------------------------------------------ node side
@@ -441,7 +445,11 @@ pub fn open_input(node: &NodeIdentity, enc: &EncEnvelope) -> Result<OpenedInput,
     let blob = decode_blob(&enc.ciphertext, MAX_CIPHERTEXT_CHARS)?;
     let eph = X25519Public::from_b58(&enc.client_ephemeral_pubkey)?;
     let reply_to = X25519Public::from_b58(&enc.client_response_pubkey)?;
-    let key = AeadKey::agree(node.x25519_secret(), &eph, HKDF_INFO_INPUT)?;
+    // A sender may keep its ephemeral key (the coordinator sealing plain
+    // requests does): the key agreed with it last time is remembered.
+    let key = node
+        .kept_inputs()
+        .agree(node.x25519_secret(), &eph, HKDF_INFO_INPUT)?;
     let aad = input_aad(
         &node.x25519_public().to_b58(),
         &enc.client_ephemeral_pubkey,
@@ -457,6 +465,18 @@ pub fn open_input(node: &NodeIdentity, enc: &EncEnvelope) -> Result<OpenedInput,
 /// Seal a non-stream reply to the client's response key (§3.5).
 pub fn seal_output(reply_to: &X25519Public, plaintext: &[u8]) -> Result<SealedResult, ProtoError> {
     seal_output_with_rng(&mut rand_core::OsRng, reply_to, plaintext)
+}
+
+/// [`seal_output`] by `node`, under the ephemeral key it keeps for the
+/// replies to `reply_to` ([`OutputKeys`]): one agreement per response key
+/// and [`KEEP_FOR`], not one per reply.
+pub fn seal_output_kept(
+    node: &NodeIdentity,
+    reply_to: &X25519Public,
+    plaintext: &[u8],
+) -> Result<SealedResult, ProtoError> {
+    node.kept_outputs()
+        .seal(&mut rand_core::OsRng, reply_to, plaintext)
 }
 
 /// [`seal_output`] with the randomness supplied. Draw order: ephemeral secret
@@ -683,6 +703,9 @@ impl StreamOpener {
         }
     }
 }
+
+mod kept;
+pub use kept::{KeyMemo, OutputKeys, SealChannel, KEEP_FOR};
 
 #[cfg(test)]
 mod vectors;

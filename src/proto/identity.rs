@@ -119,11 +119,31 @@ key_newtype!(
 impl Ed25519Public {
     /// Verify `sig` over `msg`. Strict verification: no malleable signatures.
     pub fn verify(&self, msg: &[u8], sig: &Signature) -> Result<(), ProtoError> {
-        let vk = VerifyingKey::from_bytes(&self.0).map_err(|_| ProtoError::BadSignature)?;
+        let vk = verifying_key(&self.0)?;
         let sig = ed25519_dalek::Signature::from_bytes(&sig.0);
         vk.verify_strict(msg, &sig)
             .map_err(|_| ProtoError::BadSignature)
     }
+}
+
+/// The verifying keys of the signers seen lately, most recent first:
+/// decompressing a key costs about as much as a third of a verification,
+/// and a coordinator checks two signatures of the same few nodes per job.
+static VERIFYING: std::sync::Mutex<std::collections::VecDeque<([u8; 32], VerifyingKey)>> =
+    std::sync::Mutex::new(std::collections::VecDeque::new());
+const VERIFYING_SLOTS: usize = 64;
+
+/// The decompressed key of `bytes`, remembered.
+fn verifying_key(bytes: &[u8; 32]) -> Result<VerifyingKey, ProtoError> {
+    let lock = || VERIFYING.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, vk)) = lock().iter().find(|(b, _)| b == bytes) {
+        return Ok(*vk);
+    }
+    let vk = VerifyingKey::from_bytes(bytes).map_err(|_| ProtoError::BadSignature)?;
+    let mut seen = lock();
+    seen.push_front((*bytes, vk));
+    seen.truncate(VERIFYING_SLOTS);
+    Ok(vk)
 }
 
 /// The node's secret identity: the ed25519 signing key and the X25519 secret
@@ -132,6 +152,12 @@ impl Ed25519Public {
 pub struct NodeIdentity {
     signing: SigningKey,
     x25519: StaticSecret,
+    /// The public half, computed once: every sealed job's AAD names it.
+    x25519_public: X25519Public,
+    /// Input keys agreed with senders' ephemeral keys lately.
+    inputs: super::e2e::KeyMemo,
+    /// Ephemeral keys kept for the replies to each response key.
+    outputs: super::e2e::OutputKeys,
 }
 
 impl NodeIdentity {
@@ -141,9 +167,13 @@ impl NodeIdentity {
         h.update(X25519_DERIVE_PREFIX);
         h.update(seed);
         let digest: Zeroizing<[u8; 32]> = Zeroizing::new(h.finalize().into());
+        let x25519 = StaticSecret::from(*digest);
         NodeIdentity {
             signing,
-            x25519: StaticSecret::from(*digest),
+            x25519_public: X25519Public(PublicKey::from(&x25519).to_bytes()),
+            x25519,
+            inputs: Default::default(),
+            outputs: Default::default(),
         }
     }
 
@@ -162,11 +192,19 @@ impl NodeIdentity {
     }
 
     pub fn x25519_public(&self) -> X25519Public {
-        X25519Public(PublicKey::from(&self.x25519).to_bytes())
+        self.x25519_public
     }
 
     pub(crate) fn x25519_secret(&self) -> &StaticSecret {
         &self.x25519
+    }
+
+    pub(crate) fn kept_inputs(&self) -> &super::e2e::KeyMemo {
+        &self.inputs
+    }
+
+    pub(crate) fn kept_outputs(&self) -> &super::e2e::OutputKeys {
+        &self.outputs
     }
 
     pub fn sign(&self, msg: &[u8]) -> Signature {
