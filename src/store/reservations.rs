@@ -198,6 +198,10 @@ impl Store {
         }
         let out = write_tx!(self, |tx, lock| {
             let mut out = vec![BlockSettled::Refused; items.len()];
+            // The batch's rows, written together after the balance moves:
+            // two statements for the batch rather than two a job.
+            let mut ledger: Vec<LedgerEntry<'_>> = Vec::with_capacity(items.len());
+            let mut usage: Vec<&UsageRow> = Vec::with_capacity(items.len());
             for group in &groups {
                 let first = &items[group[0]];
                 let mut total = Micros::ZERO;
@@ -240,15 +244,13 @@ impl Store {
                     let settled = if it.charged == Micros::ZERO {
                         BlockSettled::Recorded
                     } else if let Some(b) = from_hold {
-                        ledger_insert!(
-                            tx,
-                            &it.wallet,
-                            "settle",
-                            it.charged,
-                            b.balance,
-                            Some(it.reference.as_str()),
-                            now
-                        );
+                        ledger.push(LedgerEntry {
+                            wallet: &it.wallet,
+                            kind: "settle",
+                            amount: it.charged,
+                            balance_after: b.balance,
+                            reference: &it.reference,
+                        });
                         BlockSettled::Charged(b)
                     } else {
                         let row: Option<BalanceRow> = sqlx::query_as(
@@ -264,15 +266,13 @@ impl Store {
                         .await?;
                         match row.map(CreditBalance::from) {
                             Some(b) => {
-                                ledger_insert!(
-                                    tx,
-                                    &it.wallet,
-                                    "debit",
-                                    it.charged,
-                                    b.balance,
-                                    Some(it.reference.as_str()),
-                                    now
-                                );
+                                ledger.push(LedgerEntry {
+                                    wallet: &it.wallet,
+                                    kind: "debit",
+                                    amount: it.charged,
+                                    balance_after: b.balance,
+                                    reference: &it.reference,
+                                });
                                 BlockSettled::Debited(b)
                             }
                             None => BlockSettled::Refused,
@@ -280,12 +280,29 @@ impl Store {
                     };
                     if settled != BlockSettled::Refused {
                         if let Some(u) = &it.usage {
-                            usage_insert!(&mut *tx, u);
+                            usage.push(u);
                         }
                     }
                     out[i] = settled;
                 }
             }
+            for chunk in super::tx::statement_chunks(&ledger, LEDGER_ROWS_PER_STATEMENT) {
+                let sql = super::tx::values_sql("credit_ledger", LEDGER_COLUMNS, 6, chunk.len());
+                let mut q = sqlx::query(&sql);
+                for e in chunk {
+                    q = q
+                        .bind(e.wallet.as_str())
+                        .bind(e.kind)
+                        .bind(e.amount)
+                        .bind(e.balance_after)
+                        .bind(e.reference)
+                        .bind(now);
+                }
+                q.execute(&mut *tx)
+                    .await
+                    .map_err(super::tx::duplicate_as_reference)?;
+            }
+            usage_insert_many!(tx, &usage);
             for hold in give_back {
                 let closed: Result<CreditBalance> =
                     close_hold_in_tx!(tx, lock, hold.0.as_str(), HoldClose::Release, now);
@@ -318,6 +335,19 @@ impl Store {
             .collect())
     }
 }
+
+/// A ledger row of [`Store::settle_blocks`], written with its batch.
+struct LedgerEntry<'a> {
+    wallet: &'a WalletId,
+    kind: &'static str,
+    amount: Micros,
+    balance_after: Micros,
+    reference: &'a str,
+}
+
+const LEDGER_COLUMNS: &str = "wallet, kind, amount, balance_after, reference, created_at";
+/// Ledger rows to one `INSERT` (six parameters each).
+const LEDGER_ROWS_PER_STATEMENT: usize = 1024;
 
 /// `want` raised to at least `need`, both within [`MAX_BLOCK`].
 fn block_bounds(want: Micros, need: Micros) -> Result<(Micros, Micros)> {

@@ -499,3 +499,53 @@ async fn row_of(store: &Store, job: &str) -> UsageRow {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// One settlement batch larger than a statement takes (300 jobs: 256, 32,
+/// 8 and 4 rows to an `INSERT`) writes every job's ledger and usage row;
+/// a batch with a job already recorded writes nothing at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_settlement_batch_writes_every_row_and_a_duplicate_writes_none() {
+    each_backend("rsvbatch", |t: TestStore| async move {
+        let store = &t.store;
+        let payer = wallet("0x5353000000000000000000000000000000000053");
+        store
+            .top_up(&payer, Micros(1_000_000), "grant")
+            .await
+            .unwrap();
+        let (hold, taken) = store
+            .open_block(
+                &payer,
+                Micros(400_000),
+                Micros(400_000),
+                "reservation:batch",
+            )
+            .await
+            .unwrap();
+        assert_eq!(taken, Micros(400_000));
+        let charge = |i: usize| sgl::store::BlockCharge {
+            hold: hold.clone(),
+            wallet: payer.clone(),
+            charged: Micros(1_000),
+            reference: format!("job-{i}"),
+            usage: Some(priced(&payer, &format!("job-{i}"), 1_000)),
+        };
+        let batch: Vec<_> = (0..300).map(charge).collect();
+        let done = store.settle_blocks(&batch, &[]).await.unwrap();
+        assert!(done.iter().all(|d| matches!(d, BlockSettled::Charged(_))));
+        assert_eq!(store.usage_rows(1_000).await.unwrap().len(), 300);
+        let settles = store.ledger(&payer, 1_000).await.unwrap();
+        assert_eq!(settles.iter().filter(|e| e.kind == "settle").count(), 300);
+        let b = store.balance(&payer).await.unwrap();
+        assert_eq!((b.balance, b.held), (Micros(600_000), Micros(100_000)));
+        assert_eq!(b.total_spent, Micros(300_000));
+
+        // job-0 again, beside a new job: the whole batch is refused.
+        let again = vec![charge(300), charge(0)];
+        assert!(store.settle_blocks(&again, &[]).await.is_err());
+        assert_eq!(store.usage_rows(1_000).await.unwrap().len(), 300);
+        let after = store.balance(&payer).await.unwrap();
+        assert_eq!(after, b);
+        t
+    })
+    .await;
+}
