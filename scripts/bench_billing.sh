@@ -10,6 +10,9 @@
 #
 # Environment: SGL (the binary), SGL_BENCH_POSTGRES_URL (a PostgreSQL URL
 # whose user may create databases; default the test database's server),
+# SGL_BENCH_POSTGRES_OPTIONS (the coordinators' connection options; default
+# sslmode=disable: the database is on the same host, reached as over a unix
+# socket; empty keeps the driver's default, TLS whenever the server offers it),
 # REQUESTS (per concurrency, default 2000), CONCURRENCY (default 1,8),
 # CREDIT_BLOCK (quotes per reservation block, default 64; 0 = a hold per
 # request), CREDIT_BLOCK_IDLE_MS (default 2000), CREDIT_SETTLE
@@ -53,6 +56,8 @@ trap cleanup EXIT
 
 psql "$PG" -qc "CREATE DATABASE $db_name" >/dev/null
 DB="${PG%/*}/$db_name"
+PG_OPTIONS=${SGL_BENCH_POSTGRES_OPTIONS-sslmode=disable}
+[ -n "$PG_OPTIONS" ] && DB="$DB?$PG_OPTIONS"
 
 # Development mode keeps node registration open and needs no facilitator;
 # with a database, requests that carry an API key are billed to its credits.

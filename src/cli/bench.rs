@@ -467,6 +467,8 @@ struct LatencyRun {
     concurrency: usize,
     p50_ms: f64,
     p99_ms: f64,
+    /// The slowest request.
+    max_ms: f64,
     mean_ms: f64,
     requests_per_s: f64,
 }
@@ -565,6 +567,7 @@ async fn latency_run(
         concurrency,
         p50_ms: percentile(&times, 0.5) * 1e3,
         p99_ms: percentile(&times, 0.99) * 1e3,
+        max_ms: times.last().copied().unwrap_or_default() * 1e3,
         mean_ms: mean * 1e3,
         requests_per_s: args.requests as f64 / wall,
     })
@@ -605,14 +608,14 @@ async fn compare(args: &BenchArgs, url: &str, other: &str) -> anyhow::Result<()>
         runs,
     };
     println!(
-        "{:<40} {:>5} {:>10} {:>10} {:>10} {:>10}",
-        "endpoint", "conc", "p50 ms", "p99 ms", "mean ms", "req/s"
+        "{:<40} {:>5} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "endpoint", "conc", "p50 ms", "p99 ms", "max ms", "mean ms", "req/s"
     );
     for run in &report.runs {
         for r in [&run.direct, &run.compared] {
             println!(
-                "{:<40} {:>5} {:>10.2} {:>10.2} {:>10.2} {:>10.1}",
-                r.url, r.concurrency, r.p50_ms, r.p99_ms, r.mean_ms, r.requests_per_s
+                "{:<40} {:>5} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>10.1}",
+                r.url, r.concurrency, r.p50_ms, r.p99_ms, r.max_ms, r.mean_ms, r.requests_per_s
             );
         }
         println!(
