@@ -127,10 +127,17 @@ pub async fn route_node_call(State(grid): State<Grid>, req: Request, next: Next)
         body: text.to_string(),
     };
     let start = Instant::now();
+    // A job pushed here by its owner: the owner is known without a lookup,
+    // the first time round (a lookup follows if it does not answer).
+    let mut remembered = match &subject {
+        Subject::Job(job_id) => rep.pusher_of(job_id),
+        _ => None,
+    };
     loop {
-        let holder = match &subject {
-            Subject::Job(job_id) => rep.db.job_owner(job_id).await,
-            Subject::Node(node_id) => rep.db.node_owner(&node_id.to_string()).await,
+        let holder = match (&subject, remembered.take()) {
+            (Subject::Job(_), Some(owner)) => Ok(Some(owner)),
+            (Subject::Job(job_id), None) => rep.db.job_owner(job_id).await,
+            (Subject::Node(node_id), _) => rep.db.node_owner(&node_id.to_string()).await,
             _ => Ok(None),
         };
         let holder = match holder {
@@ -151,6 +158,9 @@ pub async fn route_node_call(State(grid): State<Grid>, req: Request, next: Next)
                         body,
                     )
                         .into_response();
+                }
+                if let Subject::Job(job_id) = &subject {
+                    rep.forget_pusher(job_id);
                 }
                 if start.elapsed() >= CALL_TIMEOUT {
                     return unavailable(

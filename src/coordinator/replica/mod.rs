@@ -77,8 +77,15 @@ enum Message {
     },
     /// The answer to a [`Message::Call`].
     Answer { id: u64, status: u16, body: String },
-    /// A job for a node whose WebSocket the receiving replica holds.
-    Push { node_id: String, job: PendingJob },
+    /// A job for a node whose WebSocket the receiving replica holds;
+    /// `from` is the sender, which holds the job's client (absent from a
+    /// replica of an earlier version).
+    Push {
+        node_id: String,
+        job: PendingJob,
+        #[serde(default)]
+        from: Option<String>,
+    },
     /// Jobs of the receiving replica's clients that their node's heartbeat
     /// (taken by the sender, its holder) lists as running.
     Listed {
@@ -102,8 +109,35 @@ pub struct Replica {
     healthy: AtomicBool,
     next_call: AtomicU64,
     calls: Mutex<HashMap<u64, oneshot::Sender<(u16, String)>>>,
+    /// The replicas that pushed the jobs this one relayed to its nodes
+    /// lately: where a node's calls about those jobs go, without a lookup
+    /// in the database.
+    pushed_by: Mutex<JobOwners>,
     /// The node API, for calls forwarded here.
     app: OnceLock<Router>,
+}
+
+/// Recent jobs' owners, oldest forgotten first.
+#[derive(Default)]
+struct JobOwners {
+    owner: HashMap<String, String>,
+    order: std::collections::VecDeque<String>,
+}
+
+/// The jobs whose owner a replica remembers: far more than run at once.
+const REMEMBERED_OWNERS: usize = 8192;
+
+impl JobOwners {
+    fn insert(&mut self, job_id: String, owner: String) {
+        if self.owner.insert(job_id.clone(), owner).is_none() {
+            self.order.push_back(job_id);
+        }
+        while self.order.len() > REMEMBERED_OWNERS {
+            if let Some(old) = self.order.pop_front() {
+                self.owner.remove(&old);
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Replica {
@@ -125,6 +159,7 @@ impl Replica {
             healthy: AtomicBool::new(true),
             next_call: AtomicU64::new(1),
             calls: Mutex::new(HashMap::new()),
+            pushed_by: Mutex::default(),
             app: OnceLock::new(),
         }))
     }
@@ -141,6 +176,20 @@ impl Replica {
 
     fn calls(&self) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<(u16, String)>>> {
         self.calls.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn pushed_by(&self) -> std::sync::MutexGuard<'_, JobOwners> {
+        self.pushed_by.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The replica that pushed `job_id` here, if this one remembers it.
+    pub(super) fn pusher_of(&self, job_id: &str) -> Option<String> {
+        self.pushed_by().owner.get(job_id).cloned()
+    }
+
+    /// Forget that `job_id` came from its pusher (it did not answer).
+    pub(super) fn forget_pusher(&self, job_id: &str) {
+        self.pushed_by().owner.remove(job_id);
     }
 
     /// Send `msg` to replica `to`.
@@ -188,6 +237,7 @@ impl Replica {
                 let msg = Message::Push {
                     node_id: node_id.to_string(),
                     job,
+                    from: Some(me.id().to_string()),
                 };
                 if let Err(e) = me.send(&to, &msg).await {
                     tracing::warn!(error = %e, %node_id, "could not pass a job to the node's replica");
@@ -217,10 +267,13 @@ impl Replica {
                     let _ = tx.send((status, body));
                 }
             }
-            Message::Push { node_id, job } => {
+            Message::Push { node_id, job, from } => {
                 let Ok(id) = NodeId::parse(&node_id) else {
                     return;
                 };
+                if let Some(from) = from {
+                    self.pushed_by().insert(job.id.clone(), from);
+                }
                 if !grid.lock().push_local(&id, job) {
                     // Offered again by its replica when the node attaches.
                     tracing::debug!(%node_id, "job for a node not attached here");
