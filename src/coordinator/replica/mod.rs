@@ -527,3 +527,36 @@ fn token_hash(token: &str) -> String {
 fn status_of(code: u16) -> StatusCode {
     StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{JobOwners, Message, REMEMBERED_OWNERS};
+
+    #[test]
+    fn job_owners_forget_the_oldest_first_and_keep_a_bounded_number() {
+        let mut owners = JobOwners::default();
+        for i in 0..REMEMBERED_OWNERS + 10 {
+            owners.insert(format!("job-{i}"), format!("replica-{}", i % 3));
+        }
+        assert_eq!(owners.owner.len(), REMEMBERED_OWNERS);
+        assert_eq!(owners.order.len(), REMEMBERED_OWNERS);
+        assert!(!owners.owner.contains_key("job-9"));
+        assert_eq!(owners.owner["job-10"], "replica-1");
+        // A job pushed again keeps one place.
+        owners.insert("job-10".into(), "replica-2".into());
+        assert_eq!(owners.order.len(), REMEMBERED_OWNERS);
+        assert_eq!(owners.owner["job-10"], "replica-2");
+    }
+
+    #[test]
+    fn a_push_without_its_sender_still_reads() {
+        let old = r#"{"t":"push","node_id":"n","job":{"id":"j","job_type":"inference","model":"m","input_payload":{}}}"#;
+        match serde_json::from_str::<Message>(old) {
+            Ok(Message::Push { from, job, .. }) => {
+                assert_eq!(from, None);
+                assert_eq!(job.id, "j");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
