@@ -155,3 +155,65 @@ async fn the_tools_reach_the_prompt_and_auto_answers_in_text_or_calls() {
         assert_eq!(msg.content.as_deref(), Some(text.as_str()));
     }
 }
+
+/// The second family's own template with tools: Qwen2.5's ChatML renders
+/// the tools system turn, a forced call on its weights decodes to one valid
+/// call, and an automatic answer is text or declared calls.
+#[tokio::test]
+async fn qwen2_renders_the_tools_and_answers_with_valid_calls() {
+    let Some(path) = engine_support::catalogue_model_path(engine_support::QWEN2_MODEL_ID) else {
+        return;
+    };
+    let cfg = EngineConfig::new(path, engine_support::QWEN2_MODEL_ID);
+    let engine = tokio::task::spawn_blocking(move || Engine::load(cfg).expect("load Qwen2"))
+        .await
+        .unwrap();
+    let request = |choice: Value| -> ChatCompletionRequest {
+        let req: ChatCompletionRequest = serde_json::from_value(json!({
+            "messages": [{"role": "user", "content": "What is the weather in Paris, in celsius?"}],
+            "tools": tools(), "tool_choice": choice,
+            "max_tokens": 60, "temperature": 0, "seed": 1,
+        }))
+        .unwrap();
+        req.validate().unwrap();
+        req
+    };
+
+    let auto = request(json!("auto"));
+    let gen = GenerationRequest::from_openai(&auto).unwrap();
+    let sgl::engine::Prompt::Chat(msgs) = &gen.prompt else {
+        panic!("not a chat prompt")
+    };
+    let rendered = engine.render_chat(msgs).unwrap();
+    assert!(rendered.starts_with("<|im_start|>system\n"), "{rendered:?}");
+    assert!(rendered.contains("<tools>"), "{rendered:?}");
+    assert!(
+        rendered.contains("\"name\": \"get_weather\""),
+        "{rendered:?}"
+    );
+    assert!(
+        rendered.ends_with("<|im_start|>assistant\n"),
+        "{rendered:?}"
+    );
+    let (text, finish) = run(&engine, gen).await;
+    let spec = auto.tool_spec().unwrap();
+    let (msg, _) = tool_message(spec.as_ref(), text.clone(), Some(finish));
+    for c in msg.tool_calls.iter().flatten() {
+        check_args(
+            &c.function.name,
+            &serde_json::from_str(&c.function.arguments).unwrap(),
+        );
+    }
+    if msg.tool_calls.is_none() {
+        assert_eq!(msg.content.as_deref(), Some(text.as_str()));
+    }
+
+    let forced = request(json!({"type": "function", "function": {"name": "get_weather"}}));
+    let gen = GenerationRequest::from_openai(&forced).unwrap();
+    assert!(gen.grammar.is_some());
+    let (text, finish) = run(&engine, gen).await;
+    assert_eq!(finish, FinishReason::Stop, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    assert_eq!(v["name"], "get_weather", "{text}");
+    check_args("get_weather", &v["arguments"]);
+}
