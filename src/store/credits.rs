@@ -61,14 +61,23 @@ pub struct LedgerEntry {
     pub created_at_ms: i64,
 }
 
+/// The columns of a ledger row, in the order the two inserts bind them.
+pub(super) const LEDGER_COLUMNS: &str =
+    "wallet, kind, amount, balance_after, reference, created_at";
+pub(super) const LEDGER_WIDTH: usize = 6;
+/// Ledger rows to one `INSERT` of [`ledger_insert_many!`].
+pub(super) const LEDGER_ROWS_PER_STATEMENT: usize = 1024;
+
 /// Append one ledger row inside the transaction `$tx`. A second top-up with
 /// the same reference trips the ledger's unique index.
 macro_rules! ledger_insert {
     ($tx:ident, $wallet:expr, $kind:expr, $amount:expr, $after:expr, $reference:expr, $now:expr) => {
-        sqlx::query(
-            "INSERT INTO credit_ledger (wallet, kind, amount, balance_after, reference, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
-        )
+        sqlx::query(&$crate::store::tx::values_sql(
+            "credit_ledger",
+            $crate::store::credits::LEDGER_COLUMNS,
+            $crate::store::credits::LEDGER_WIDTH,
+            1,
+        ))
         .bind($wallet.as_str())
         .bind($kind)
         .bind($amount)
@@ -78,6 +87,38 @@ macro_rules! ledger_insert {
         .execute(&mut *$tx)
         .await
         .map_err($crate::store::tx::duplicate_as_reference)?;
+    };
+}
+
+/// A ledger row to be written with others by [`ledger_insert_many!`].
+pub(super) struct NewLedgerRow<'a> {
+    pub wallet: &'a WalletId,
+    pub kind: &'static str,
+    pub amount: Micros,
+    pub balance_after: Micros,
+    pub reference: &'a str,
+}
+
+/// Append the [`NewLedgerRow`]s `$rows`, all at `$now`, inside the
+/// transaction `$tx`, many to a statement; a duplicate reference fails the
+/// whole insert, as one row alone would.
+macro_rules! ledger_insert_many {
+    ($tx:ident, $rows:expr, $now:expr) => {
+        insert_rows!(
+            $tx,
+            "credit_ledger",
+            $crate::store::credits::LEDGER_COLUMNS,
+            $crate::store::credits::LEDGER_WIDTH,
+            $crate::store::credits::LEDGER_ROWS_PER_STATEMENT,
+            $rows,
+            |q, e| q
+                .bind(e.wallet.as_str())
+                .bind(e.kind)
+                .bind(e.amount)
+                .bind(e.balance_after)
+                .bind(e.reference)
+                .bind($now)
+        );
     };
 }
 

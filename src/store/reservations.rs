@@ -18,7 +18,7 @@
 
 use crate::money::Micros;
 
-use super::credits::{checked_add, BalanceRow, HoldClose};
+use super::credits::{checked_add, BalanceRow, HoldClose, NewLedgerRow};
 use super::sql_money::storable;
 use super::{CreditBalance, HoldId, Result, Store, StoreError, UsageRow, WalletId};
 
@@ -200,7 +200,7 @@ impl Store {
             let mut out = vec![BlockSettled::Refused; items.len()];
             // The batch's rows, written together after the balance moves:
             // two statements for the batch rather than two a job.
-            let mut ledger: Vec<LedgerEntry<'_>> = Vec::with_capacity(items.len());
+            let mut ledger: Vec<NewLedgerRow<'_>> = Vec::with_capacity(items.len());
             let mut usage: Vec<&UsageRow> = Vec::with_capacity(items.len());
             for group in &groups {
                 let first = &items[group[0]];
@@ -244,7 +244,7 @@ impl Store {
                     let settled = if it.charged == Micros::ZERO {
                         BlockSettled::Recorded
                     } else if let Some(b) = from_hold {
-                        ledger.push(LedgerEntry {
+                        ledger.push(NewLedgerRow {
                             wallet: &it.wallet,
                             kind: "settle",
                             amount: it.charged,
@@ -266,7 +266,7 @@ impl Store {
                         .await?;
                         match row.map(CreditBalance::from) {
                             Some(b) => {
-                                ledger.push(LedgerEntry {
+                                ledger.push(NewLedgerRow {
                                     wallet: &it.wallet,
                                     kind: "debit",
                                     amount: it.charged,
@@ -286,22 +286,7 @@ impl Store {
                     out[i] = settled;
                 }
             }
-            for chunk in super::tx::statement_chunks(&ledger, LEDGER_ROWS_PER_STATEMENT) {
-                let sql = super::tx::values_sql("credit_ledger", LEDGER_COLUMNS, 6, chunk.len());
-                let mut q = sqlx::query(&sql);
-                for e in chunk {
-                    q = q
-                        .bind(e.wallet.as_str())
-                        .bind(e.kind)
-                        .bind(e.amount)
-                        .bind(e.balance_after)
-                        .bind(e.reference)
-                        .bind(now);
-                }
-                q.execute(&mut *tx)
-                    .await
-                    .map_err(super::tx::duplicate_as_reference)?;
-            }
+            ledger_insert_many!(tx, &ledger, now);
             usage_insert_many!(tx, &usage);
             for hold in give_back {
                 let closed: Result<CreditBalance> =
@@ -335,19 +320,6 @@ impl Store {
             .collect())
     }
 }
-
-/// A ledger row of [`Store::settle_blocks`], written with its batch.
-struct LedgerEntry<'a> {
-    wallet: &'a WalletId,
-    kind: &'static str,
-    amount: Micros,
-    balance_after: Micros,
-    reference: &'a str,
-}
-
-const LEDGER_COLUMNS: &str = "wallet, kind, amount, balance_after, reference, created_at";
-/// Ledger rows to one `INSERT` (six parameters each).
-const LEDGER_ROWS_PER_STATEMENT: usize = 1024;
 
 /// `want` raised to at least `need`, both within [`MAX_BLOCK`].
 fn block_bounds(want: Micros, need: Micros) -> Result<(Micros, Micros)> {

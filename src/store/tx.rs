@@ -87,30 +87,41 @@ macro_rules! usage_insert {
     }};
 }
 
-/// Insert the [`UsageRow`](super::UsageRow)s `$rows` (a slice of
-/// references) inside the transaction `$tx`, many to a statement: one round
-/// trip for a batch instead of one a row. A duplicate job fails the whole
-/// insert, as one row alone would.
-macro_rules! usage_insert_many {
-    ($tx:ident, $rows:expr) => {{
-        let rows: &[&$crate::store::UsageRow] = $rows;
-        for chunk in
-            $crate::store::tx::statement_chunks(rows, $crate::store::tx::USAGE_ROWS_PER_STATEMENT)
-        {
-            let sql = $crate::store::tx::values_sql(
-                "grid_usage",
-                $crate::store::grid::USAGE_COLUMNS,
-                $crate::store::tx::USAGE_WIDTH,
-                chunk.len(),
-            );
-            let mut q = sqlx::query(&sql);
-            for u in chunk {
-                q = usage_bind!(q, u);
+/// Insert `$rows` (a slice) into `$table` inside the transaction `$tx`,
+/// many to a statement ([`statement_chunks`] of at most `$max`): one round
+/// trip for a batch instead of one a row. `|$q, $row| $bind` binds one row's
+/// `$width` columns onto the query. A duplicate fails the whole insert, as
+/// one row alone would.
+macro_rules! insert_rows {
+    ($tx:ident, $table:expr, $columns:expr, $width:expr, $max:expr, $rows:expr,
+     |$q:ident, $row:ident| $bind:expr) => {
+        for chunk in $crate::store::tx::statement_chunks($rows, $max) {
+            let sql = $crate::store::tx::values_sql($table, $columns, $width, chunk.len());
+            let mut $q = sqlx::query(&sql);
+            for $row in chunk {
+                $q = $bind;
             }
-            q.execute(&mut *$tx)
+            $q.execute(&mut *$tx)
                 .await
                 .map_err($crate::store::tx::duplicate_as_reference)?;
         }
+    };
+}
+
+/// Insert the [`UsageRow`](super::UsageRow)s `$rows` (a slice of
+/// references) inside the transaction `$tx`, many to a statement.
+macro_rules! usage_insert_many {
+    ($tx:ident, $rows:expr) => {{
+        let rows: &[&$crate::store::UsageRow] = $rows;
+        insert_rows!(
+            $tx,
+            "grid_usage",
+            $crate::store::grid::USAGE_COLUMNS,
+            $crate::store::tx::USAGE_WIDTH,
+            $crate::store::tx::USAGE_ROWS_PER_STATEMENT,
+            rows,
+            |q, u| usage_bind!(q, u)
+        );
     }};
 }
 
