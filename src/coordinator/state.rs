@@ -660,11 +660,11 @@ impl Grid {
         let Some(node) = inner.nodes.get_mut(node_id) else {
             return;
         };
+        node.counts_dirty = false;
         if node.remote.is_some() {
             // Another replica holds it and writes its document.
             return;
         }
-        node.counts_dirty = false;
         let doc = node.to_doc();
         if node.saved_doc.as_deref() == Some(doc.as_str()) {
             return;
@@ -851,7 +851,8 @@ impl Grid {
                 Some(false) => n.jobs_failed += 1,
                 None => {}
             }
-            n.counts_dirty |= tally.is_some();
+            // Written by the next reap, when there is a store to write to.
+            n.counts_dirty |= tally.is_some() && self.saver.is_some();
             operator_wallet = n.wallet_address.clone();
         }
         let meta = JobMeta {
