@@ -113,6 +113,74 @@ pub(crate) fn echo_node(dir: &Path, base: &str, log: &Path) -> (Proc, String) {
     (p, v["node_id"].as_str().unwrap().to_string())
 }
 
+/// The PostgreSQL database of `tag` (replicas need one: `None`, with a
+/// message, without it; dropped with the value) and an API key of `payer`
+/// funded with 100 USD.
+pub(crate) fn postgres_with_key(
+    tag: &str,
+    dir: &Path,
+    payer: &str,
+) -> Option<(pay_common::stores::CliDatabase, String)> {
+    let Some(db) = pay_common::stores::cli_databases(tag, dir)
+        .into_iter()
+        .find(|d| d.backend == "postgres")
+    else {
+        eprintln!("skipping: no PostgreSQL");
+        return None;
+    };
+    let key = funded_api_key(&db.url, payer, "100");
+    Some((db, key))
+}
+
+/// One log file in `dir` for each of `names`.
+pub(crate) fn log_paths(dir: &Path, names: &[&str]) -> Vec<PathBuf> {
+    names.iter().map(|n| dir.join(format!("{n}.log"))).collect()
+}
+
+/// Wait (at most 60 s) until each of `bases` lists `n` providers online.
+pub(crate) async fn wait_online_at(bases: &[String], n: usize) {
+    let start = Instant::now();
+    for base in bases {
+        loop {
+            let v = providers(base).await;
+            let online = v["providers"]
+                .as_array()
+                .map_or(0, |p| p.iter().filter(|p| p["online"] == true).count());
+            if online == n {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "nodes not online at {base}: {v}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Wait (at most 30 s after `since`, looking every `poll`) until `node` is
+/// attached to a replica other than `from`; how long after `since` it was.
+pub(crate) async fn attached_elsewhere(
+    db: &str,
+    node: &str,
+    from: &str,
+    since: Instant,
+    poll: Duration,
+) -> Duration {
+    loop {
+        if let Some((holder, true)) = session(db, node) {
+            if holder != from {
+                return since.elapsed();
+            }
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(30),
+            "{node} never attached to another replica"
+        );
+        tokio::time::sleep(poll).await;
+    }
+}
+
 /// (replica id, attached) of `node` in the shared tables.
 pub(crate) fn session(db: &str, node: &str) -> Option<(String, bool)> {
     let out = std::process::Command::new("psql")
@@ -155,20 +223,12 @@ struct Outcome {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replica_killed_under_load_loses_only_its_own_streams() {
     let dir = tempfile::tempdir().unwrap();
-    let Some(db) = pay_common::stores::cli_databases("replicas", dir.path())
-        .into_iter()
-        .find(|d| d.backend == "postgres")
-    else {
-        eprintln!("skipping: no PostgreSQL");
+    let Some((db, key)) = postgres_with_key("replicas", dir.path(), PAYER) else {
         return;
     };
     let url = db.url.clone();
-    let key = funded_api_key(&url, PAYER, "100");
     let deposited = Micros(100_000_000);
-    let logs: Vec<PathBuf> = ["r1", "r2", "r3", "node1", "node2"]
-        .iter()
-        .map(|n| dir.path().join(format!("{n}.log")))
-        .collect();
+    let logs = log_paths(dir.path(), &["r1", "r2", "r3", "node1", "node2"]);
     let _dump = Logs(logs.clone());
 
     let ports = [free_port(), free_port(), free_port()];
@@ -191,23 +251,7 @@ async fn a_replica_killed_under_load_loses_only_its_own_streams() {
     let nodes = [node1.clone(), node2.clone()];
 
     // Both nodes routable from every replica.
-    let start = Instant::now();
-    for base in &bases {
-        loop {
-            let v = providers(base).await;
-            let online = v["providers"]
-                .as_array()
-                .map_or(0, |p| p.iter().filter(|p| p["online"] == true).count());
-            if online == 2 {
-                break;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "nodes not online at {base}: {v}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
+    wait_online_at(&bases, 2).await;
     let (holder1, attached1) = session(&url, &node1).expect("node 1 has a replica");
     let (holder2, attached2) = session(&url, &node2).expect("node 2 has a replica");
     assert!(attached1 && attached2, "both nodes attached");
@@ -311,18 +355,8 @@ async fn a_replica_killed_under_load_loses_only_its_own_streams() {
     drop(killed);
 
     // Node 1 attaches to another replica within two heartbeats.
-    let reattached = loop {
-        if let Some((holder, true)) = session(&url, &node1) {
-            if holder != holder1 {
-                break killed_at.elapsed();
-            }
-        }
-        assert!(
-            killed_at.elapsed() < Duration::from_secs(30),
-            "node 1 never attached to another replica"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let reattached =
+        attached_elsewhere(&url, &node1, &holder1, killed_at, Duration::from_millis(20)).await;
     eprintln!("node 1 attached to another replica {reattached:?} after the kill");
     assert!(
         reattached <= 2 * HEARTBEAT,

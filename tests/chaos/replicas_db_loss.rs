@@ -19,15 +19,16 @@
 
 use crate::grid_support;
 use crate::ledger;
-use crate::pay_common;
-use crate::replicas::{echo_node, replica_with, session, stream_body, Logs};
+use crate::replicas::{
+    attached_elsewhere, echo_node, log_paths, postgres_with_key, replica_with, session,
+    stream_body, wait_online_at, Logs,
+};
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use grid_support::balancer::Balancer;
+use grid_support::free_port;
 use grid_support::relay::Relay;
-use grid_support::{free_port, funded_api_key, providers};
 use serde_json::Value;
 use sgl::money::Micros;
 
@@ -93,11 +94,7 @@ fn leased(db: &str, id: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replicas_a_replica_that_loses_the_database_stops_taking_work() {
     let dir = tempfile::tempdir().unwrap();
-    let Some(db) = pay_common::stores::cli_databases("replicaloss", dir.path())
-        .into_iter()
-        .find(|d| d.backend == "postgres")
-    else {
-        eprintln!("skipping: no PostgreSQL");
+    let Some((db, key)) = postgres_with_key("replicaloss", dir.path(), PAYER) else {
         return;
     };
     let url = db.url.clone();
@@ -106,12 +103,8 @@ async fn replicas_a_replica_that_loses_the_database_stops_taking_work() {
     let (scheme_user, hostport) = head.rsplit_once('@').unwrap();
     let relay = Relay::start(hostport).await;
     let relayed = format!("{scheme_user}@127.0.0.1:{}/{name}", relay.port);
-    let key = funded_api_key(&url, PAYER, "100");
     let deposited = Micros(100_000_000);
-    let logs: Vec<PathBuf> = ["cut", "kept", "node"]
-        .iter()
-        .map(|n| dir.path().join(format!("{n}.log")))
-        .collect();
+    let logs = log_paths(dir.path(), &["cut", "kept", "node"]);
     let _dump = Logs(logs.clone());
 
     // Replica A reaches the database through the relay, B directly.
@@ -122,19 +115,7 @@ async fn replicas_a_replica_that_loses_the_database_stops_taking_work() {
     // The node's socket goes to A while A is healthy.
     let lb = Balancer::start_checked(vec![ports[0], ports[1]]).await;
     let (_node, node) = echo_node(&dir.path().join("n"), &lb.base, &logs[2]);
-    let start = Instant::now();
-    for base in [&a, &b] {
-        while !providers(base).await["providers"]
-            .as_array()
-            .is_some_and(|p| p.iter().any(|p| p["online"] == true))
-        {
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "node not online at {base}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
+    wait_online_at(&[a.clone(), b.clone()], 1).await;
     let (holder_a, attached) = session(&url, &node).expect("the node has a replica");
     assert!(attached, "the node is attached");
     let http = reqwest::Client::builder()
@@ -193,18 +174,7 @@ async fn replicas_a_replica_that_loses_the_database_stops_taking_work() {
     }
 
     // The node left A and attached to B, which serves it.
-    let moved = loop {
-        if let Some((holder, true)) = session(&url, &node) {
-            if holder != holder_a {
-                break cut_at.elapsed();
-            }
-        }
-        assert!(
-            cut_at.elapsed() < Duration::from_secs(30),
-            "the node never attached to the other replica"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let moved = attached_elsewhere(&url, &node, &holder_a, cut_at, Duration::from_millis(50)).await;
     eprintln!("the node attached to the other replica {moved:?} after the cut");
     let start = Instant::now();
     loop {

@@ -14,13 +14,13 @@
 
 use crate::grid_support;
 use crate::ledger;
-use crate::pay_common;
-use crate::replicas::{echo_node, replica_with, session, Logs};
+use crate::replicas::{
+    echo_node, log_paths, postgres_with_key, replica_with, session, wait_online_at, Logs,
+};
 
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use grid_support::{free_port, funded_api_key, providers, MODEL};
+use grid_support::{free_port, MODEL};
 use serde_json::{json, Value};
 use sgl::client::{ChatRequest, GridClient};
 use sgl::money::Micros;
@@ -47,20 +47,12 @@ fn request(text: &str, node: &str) -> ChatRequest {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replicas_reserve_on_one_chat_on_another_billed_once() {
     let dir = tempfile::tempdir().unwrap();
-    let Some(db) = pay_common::stores::cli_databases("replicarsv", dir.path())
-        .into_iter()
-        .find(|d| d.backend == "postgres")
-    else {
-        eprintln!("skipping: no PostgreSQL");
+    let Some((db, key)) = postgres_with_key("replicarsv", dir.path(), PAYER) else {
         return;
     };
     let url = db.url.clone();
-    let key = funded_api_key(&url, PAYER, "100");
     let deposited = Micros(100_000_000);
-    let logs: Vec<PathBuf> = ["a", "b", "c", "node"]
-        .iter()
-        .map(|n| dir.path().join(format!("{n}.log")))
-        .collect();
+    let logs = log_paths(dir.path(), &["a", "b", "c", "node"]);
     let _dump = Logs(logs.clone());
     let limit = PER_CLIENT.to_string();
     let ports = [free_port(), free_port(), free_port()];
@@ -71,19 +63,7 @@ async fn replicas_reserve_on_one_chat_on_another_billed_once() {
         .collect();
     let [a, b, c] = ports.map(|p| format!("http://127.0.0.1:{p}"));
     let (_node, node) = echo_node(&dir.path().join("n"), &b, &logs[3]);
-    let start = Instant::now();
-    for base in [&a, &b, &c] {
-        while !providers(base).await["providers"]
-            .as_array()
-            .is_some_and(|p| p.iter().any(|p| p["online"] == true))
-        {
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "node not online at {base}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
+    wait_online_at(&[a.clone(), b.clone(), c.clone()], 1).await;
     let (holder, attached) = session(&url, &node).expect("the node has a replica");
     assert!(attached, "the node is attached");
 
