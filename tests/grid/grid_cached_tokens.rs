@@ -10,7 +10,7 @@
 #![cfg(feature = "coordinator")]
 
 use crate::engine_support;
-use crate::grid_choices::{billed_model_grid, cost, plain, wallet};
+use crate::grid_choices::{billed_model_grid, cost, plain};
 use crate::grid_support;
 use crate::pay_common;
 
@@ -38,11 +38,7 @@ async fn a_repeated_prompt_reports_cached_tokens_and_is_billed_in_full() {
     };
     let t = pay_common::stores::sqlite_store().await;
     let store = t.store.clone();
-    let (base, _node, key) = billed_model_grid(&store, path, PAYER).await;
-    store
-        .top_up(&wallet(PAYER), Micros(1_000_000), "grant-1")
-        .await
-        .unwrap();
+    let (base, _node, key) = billed_model_grid(&store, path, PAYER, Micros(1_000_000)).await;
     let body = json!({"model": MODEL, "max_tokens": 6, "temperature": 0,
         "messages": [{"role": "system", "content": system()},
                      {"role": "user", "content": "When does it open?"}]});

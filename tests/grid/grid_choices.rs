@@ -70,11 +70,12 @@ pub(crate) async fn coordinator(store: &Store) -> String {
 
 /// A coordinator on `store` that bills the model at [`PRICE`], one node of
 /// the real model at `path` online behind it, and a new API key of
-/// `payer`'s wallet (not funded): the base URL, the node, the key.
+/// `payer`'s wallet, funded with `funds`: the base URL, the node, the key.
 pub(crate) async fn billed_model_grid(
     store: &Store,
     path: PathBuf,
     payer: &str,
+    funds: Micros,
 ) -> (String, Agent, String) {
     let base = coordinator(store).await;
     let engine = tokio::task::spawn_blocking(move || {
@@ -99,6 +100,10 @@ pub(crate) async fn billed_model_grid(
     )
     .unwrap();
     let (key, _) = p.create_api_key(&wallet(payer), "test").await.unwrap();
+    store
+        .top_up(&wallet(payer), funds, "grant-1")
+        .await
+        .unwrap();
     (base, node, key.secret.as_str().to_string())
 }
 
@@ -155,13 +160,9 @@ async fn n_and_logprobs_through_plain_and_sealed_modes_are_billed_in_full() {
     };
     let t = pay_common::stores::sqlite_store().await;
     let store = t.store.clone();
-    let (base, _node, key) = billed_model_grid(&store, path, PAYER).await;
     // Enough for the quote of one completion of 8,192 tokens (about 82,000
     // µUSD) but not for eight of them.
-    store
-        .top_up(&wallet(PAYER), Micros(200_000), "grant-1")
-        .await
-        .unwrap();
+    let (base, _node, key) = billed_model_grid(&store, path, PAYER, Micros(200_000)).await;
     let ask = json!([{"role": "user", "content": "Say something about the sea."}]);
 
     // The quote covers n × max_tokens.
