@@ -251,9 +251,10 @@ pub struct EngineArgs {
     /// A file holding a Jinja chat template to use instead of the model's.
     #[arg(long)]
     pub chat_template: Option<PathBuf>,
-    /// CPU kernels: auto (the fastest this CPU runs), avx512, avx2 or
-    /// portable. All compute the same numbers; forcing one tests or
-    /// measures it. A set the CPU lacks is refused.
+    /// CPU kernels: auto (the fastest this CPU runs), avx512, avxvnni
+    /// (AVX2 with AVX-VNNI), avx2 or portable. All compute the same
+    /// numbers; forcing one tests or measures it. A set the CPU lacks is
+    /// refused.
     #[arg(long, env = "SGL_KERNEL", default_value = "auto", value_parser = parse_kernel)]
     pub kernel: sgl::engine::cpu::qmat::KernelChoice,
     /// MiB of KV rows kept for prompts that start the same way (a chat's

@@ -47,7 +47,7 @@ fn scores_with(
                 _ => 0,
             }
         };
-    } else if set == Isa::Avx2 {
+    } else if set.avx2_family() {
         // SAFETY: as above, for AVX2 and FMA.
         done = unsafe {
             match hd {
@@ -100,7 +100,7 @@ fn weighted_sum_with(
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if set == Isa::Avx2 && (hd == 64 || hd == 128) {
+    if set.avx2_family() && (hd == 64 || hd == 128) {
         // SAFETY: as in `scores`.
         unsafe {
             if hd == 64 {
@@ -388,7 +388,7 @@ mod tests {
     /// blocks of sixteen.
     #[test]
     fn vector_loops_match_the_plain_ones_bit_for_bit() {
-        for set in [Isa::Portable, Isa::Avx2, Isa::Avx512] {
+        for set in [Isa::Portable, Isa::Avx2, Isa::AvxVnni, Isa::Avx512] {
             if !set.supported() {
                 eprintln!("this CPU cannot run the {set:?} loops; not checked");
                 continue;

@@ -18,6 +18,10 @@ pub enum Isa {
     /// AVX2 and FMA: every x86-64 server of the last decade, and the AMD
     /// EPYC (Zen 3) under most confidential VMs.
     Avx2,
+    /// AVX2 and FMA with AVX-VNNI's byte dot products (AMD Zen 5, Intel
+    /// cores since Alder Lake and Xeon 6 E-cores, which lack AVX-512): the
+    /// AVX2 set with its own matmul.
+    AvxVnni,
     /// AVX-512 F/BW/VL/VNNI, with AMX tiles for prefill where present.
     Avx512,
 }
@@ -27,6 +31,7 @@ impl Isa {
         match self {
             Isa::Portable => "portable",
             Isa::Avx2 => "avx2",
+            Isa::AvxVnni => "avxvnni",
             Isa::Avx512 => "avx512",
         }
     }
@@ -36,6 +41,7 @@ impl Isa {
         match self {
             Isa::Portable => true,
             Isa::Avx2 => cpu().avx2,
+            Isa::AvxVnni => cpu().avxvnni,
             Isa::Avx512 => cpu().avx512,
         }
     }
@@ -45,7 +51,14 @@ impl Isa {
             Isa::Portable => 1,
             Isa::Avx2 => 2,
             Isa::Avx512 => 3,
+            Isa::AvxVnni => 4,
         }
+    }
+
+    /// Whether the set runs the AVX2 quantisation and attention loops
+    /// (AVX-VNNI changes the matmul only).
+    pub fn avx2_family(self) -> bool {
+        matches!(self, Isa::Avx2 | Isa::AvxVnni)
     }
 }
 
@@ -64,6 +77,7 @@ impl std::str::FromStr for KernelChoice {
             "auto" | "" => Ok(KernelChoice::Auto),
             "portable" => Ok(KernelChoice::Only(Isa::Portable)),
             "avx2" => Ok(KernelChoice::Only(Isa::Avx2)),
+            "avxvnni" | "avx-vnni" => Ok(KernelChoice::Only(Isa::AvxVnni)),
             "avx512" => Ok(KernelChoice::Only(Isa::Avx512)),
             _ => Err(KernelError::Unknown(s.to_string())),
         }
@@ -72,14 +86,14 @@ impl std::str::FromStr for KernelChoice {
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
-    #[error("unknown kernel {0:?}: one of auto, avx512, avx2, portable")]
+    #[error("unknown kernel {0:?}: one of auto, avx512, avxvnni, avx2, portable")]
     Unknown(String),
     #[error("this CPU cannot run the {} kernels (it has: {})", .0.name(), available_names())]
     Unsupported(Isa),
 }
 
 fn available_names() -> String {
-    [Isa::Avx512, Isa::Avx2, Isa::Portable]
+    [Isa::Avx512, Isa::AvxVnni, Isa::Avx2, Isa::Portable]
         .into_iter()
         .filter(|i| i.supported())
         .map(Isa::name)
@@ -91,6 +105,7 @@ fn available_names() -> String {
 #[derive(Debug, Clone, Copy)]
 struct Cpu {
     avx2: bool,
+    avxvnni: bool,
     avx512: bool,
 }
 
@@ -105,6 +120,7 @@ fn cpu() -> Cpu {
             let avx2 = has!("avx2") && has!("fma");
             Cpu {
                 avx2,
+                avxvnni: avx2 && has!("avxvnni"),
                 avx512: avx2
                     && has!("avx512f")
                     && has!("avx512bw")
@@ -116,6 +132,7 @@ fn cpu() -> Cpu {
         {
             Cpu {
                 avx2: false,
+                avxvnni: false,
                 avx512: false,
             }
         }
@@ -126,6 +143,8 @@ fn cpu() -> Cpu {
 pub fn best_isa() -> Isa {
     if Isa::Avx512.supported() {
         Isa::Avx512
+    } else if Isa::AvxVnni.supported() {
+        Isa::AvxVnni
     } else if Isa::Avx2.supported() {
         Isa::Avx2
     } else {
@@ -144,6 +163,7 @@ pub fn isa() -> Isa {
         1 => Isa::Portable,
         2 => Isa::Avx2,
         3 => Isa::Avx512,
+        4 => Isa::AvxVnni,
         _ => {
             let chosen = from_env();
             // Another thread may have decided meanwhile; the first word wins.
@@ -192,9 +212,9 @@ pub fn simd_available() -> bool {
     isa() == Isa::Avx512
 }
 
-/// Whether the AVX2 kernels run.
+/// Whether the AVX2 kernels run (with or without AVX-VNNI).
 pub fn avx2_active() -> bool {
-    isa() == Isa::Avx2
+    isa().avx2_family()
 }
 
 /// Whether the AMX kernel can run here: the AVX-512 set runs, the CPU has

@@ -115,6 +115,7 @@ pub(crate) fn reference(w: &QMatrix, j: usize, x: &ActQ, r: usize) -> f32 {
 pub(crate) enum Kernel {
     Portable,
     Avx2,
+    AvxVnni,
     Vnni,
     Amx,
 }
@@ -128,6 +129,7 @@ impl Kernel {
         match isa() {
             Isa::Portable => Kernel::Portable,
             Isa::Avx2 => Kernel::Avx2,
+            Isa::AvxVnni => Kernel::AvxVnni,
             Isa::Avx512 if m >= AMX_MIN_ROWS && amx_available() => Kernel::Amx,
             Isa::Avx512 => Kernel::Vnni,
         }
@@ -138,6 +140,7 @@ impl Kernel {
         match self {
             Kernel::Portable => true,
             Kernel::Avx2 => Isa::Avx2.supported(),
+            Kernel::AvxVnni => Isa::AvxVnni.supported(),
             Kernel::Vnni => Isa::Avx512.supported(),
             Kernel::Amx => detect::amx_supported(),
         }
@@ -196,6 +199,8 @@ pub(crate) fn matmul_with(w: &QMatrix, x: &ActQ, out: &mut [f32], pool: &Pool, k
                     Kernel::Vnni => unsafe { vnni::panel(w, x, p, out_ptr.0) },
                     #[cfg(target_arch = "x86_64")]
                     Kernel::Avx2 => unsafe { avx2::panel(w, x, p, out_ptr.0) },
+                    #[cfg(target_arch = "x86_64")]
+                    Kernel::AvxVnni => unsafe { avx2::panel_vnni(w, x, p, out_ptr.0) },
                     #[cfg(target_arch = "x86_64")]
                     Kernel::Amx => {
                         if let Some(t) = amx.as_mut() {

@@ -242,7 +242,7 @@ fn quantize_row(x: &[f32], q: &mut [u8], d: &mut [f32], s: &mut [f32], c: &mut [
             // where it does); both blocks hold 32 values.
             Isa::Avx512 => unsafe { quantize_block_avx512(xb, qb) },
             // SAFETY: as above, for AVX2.
-            Isa::Avx2 => unsafe { quantize_block_avx2(xb, qb) },
+            Isa::Avx2 | Isa::AvxVnni => unsafe { quantize_block_avx2(xb, qb) },
             Isa::Portable => quantize_block(xb, qb),
         };
         #[cfg(not(target_arch = "x86_64"))]

@@ -53,7 +53,13 @@ fn check(w: &QMatrix, m: usize, seed: &mut u64, pool: &Pool) {
             want[r * n + j] = got;
         }
     }
-    for kernel in [Kernel::Portable, Kernel::Avx2, Kernel::Vnni, Kernel::Amx] {
+    for kernel in [
+        Kernel::Portable,
+        Kernel::Avx2,
+        Kernel::AvxVnni,
+        Kernel::Vnni,
+        Kernel::Amx,
+    ] {
         if !kernel.available() {
             eprintln!("this CPU cannot run the {kernel:?} kernel; not checked");
             continue;
@@ -166,7 +172,7 @@ fn vector_quantisation_gives_the_scalar_bits() {
 #[test]
 fn a_kernel_set_is_selected_only_where_the_cpu_runs_it() {
     let before = isa();
-    for set in [Isa::Portable, Isa::Avx2, Isa::Avx512] {
+    for set in [Isa::Portable, Isa::Avx2, Isa::AvxVnni, Isa::Avx512] {
         let r = select(KernelChoice::Only(set));
         if set.supported() {
             assert_eq!(r.ok(), Some(set));
@@ -181,6 +187,10 @@ fn a_kernel_set_is_selected_only_where_the_cpu_runs_it() {
     assert_eq!(
         "AVX2".parse::<KernelChoice>().ok(),
         Some(KernelChoice::Only(Isa::Avx2))
+    );
+    assert_eq!(
+        "avx-vnni".parse::<KernelChoice>().ok(),
+        Some(KernelChoice::Only(Isa::AvxVnni))
     );
     // Every set gives the same bits, so the other tests do not mind which
     // ran meanwhile; leave the process as it was.
