@@ -211,6 +211,7 @@ pub async fn serve_with(
     if let Some(h) = holds {
         h.abort();
     }
+    grid.flush_nodes(Duration::from_secs(5)).await;
     result
 }
 

@@ -10,7 +10,7 @@ use rand_core::{OsRng, RngCore};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::billing::{self, JobMeta, Outcome};
 use super::job::{Job, JobEvent};
@@ -496,7 +496,7 @@ pub struct Grid {
     pub payments: Option<Payments>,
     store: Option<Store>,
     /// Node documents to write, in order, by one writer task.
-    saver: Option<mpsc::UnboundedSender<(String, String, String)>>,
+    saver: Option<mpsc::UnboundedSender<Save>>,
     /// What `/metrics` reports.
     pub metrics: Arc<super::metrics::Metrics>,
     /// Replica mode (`--replica`): the other replicas on the database.
@@ -504,6 +504,14 @@ pub struct Grid {
     /// The keys this coordinator seals plain requests with, one channel a
     /// node key ([`Grid::seal_channel`]).
     channels: Arc<Mutex<HashMap<X25519Public, Arc<SealChannel>>>>,
+}
+
+/// What the node writer is given.
+enum Save {
+    /// A node's document: id, wallet, document.
+    Doc(String, String, String),
+    /// Told once every document sent before it is written.
+    Flush(oneshot::Sender<()>),
 }
 
 /// 32 random bytes as b58: tokens and opaque ids.
@@ -585,11 +593,18 @@ impl Grid {
             tracing::info!(nodes = inner.nodes.len(), "nodes restored from the store");
         }
         grid.restore_price_changes(&store).await?;
-        let (tx, mut rx) = mpsc::unbounded_channel::<(String, String, String)>();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Save>();
         tokio::spawn(async move {
-            while let Some((id, wallet, doc)) = rx.recv().await {
-                if let Err(e) = store.save_node(&id, &wallet, &doc).await {
-                    tracing::error!(node_id = %id, error = %e, "could not save the node");
+            while let Some(save) = rx.recv().await {
+                match save {
+                    Save::Doc(id, wallet, doc) => {
+                        if let Err(e) = store.save_node(&id, &wallet, &doc).await {
+                            tracing::error!(node_id = %id, error = %e, "could not save the node");
+                        }
+                    }
+                    Save::Flush(done) => {
+                        let _ = done.send(());
+                    }
                 }
             }
         });
@@ -670,7 +685,39 @@ impl Grid {
             return;
         }
         node.saved_doc = Some(doc.clone());
-        let _ = saver.send((node.id.to_string(), node.wallet_address.clone(), doc));
+        let _ = saver.send(Save::Doc(
+            node.id.to_string(),
+            node.wallet_address.clone(),
+            doc,
+        ));
+    }
+
+    /// Write the job counts not yet written (they go out once a second,
+    /// [`Grid::reap`]).
+    fn persist_counts(&self, inner: &mut Inner) {
+        let counted: Vec<NodeId> = inner
+            .nodes
+            .values()
+            .filter(|n| n.counts_dirty)
+            .map(|n| n.id)
+            .collect();
+        for id in counted {
+            self.persist(inner, &id);
+        }
+    }
+
+    /// A clean stop: write what the node documents lack, and wait (up to
+    /// `wait`) until every document sent is in the store, so that a
+    /// SIGTERM loses no job counts.
+    pub async fn flush_nodes(&self, wait: Duration) {
+        let Some(saver) = &self.saver else { return };
+        self.persist_counts(&mut self.lock());
+        let (done, written) = oneshot::channel();
+        if saver.send(Save::Flush(done)).is_ok()
+            && tokio::time::timeout(wait, written).await.is_err()
+        {
+            tracing::warn!("node documents not all written before the stop");
+        }
     }
 
     /// Lock the state. A poisoned lock means a handler panicked mid-update;
@@ -983,15 +1030,7 @@ impl Grid {
         let now = Instant::now();
         let mut inner = self.lock();
         inner.reservations.retain(|_, r| r.expires > now);
-        let counted: Vec<NodeId> = inner
-            .nodes
-            .values()
-            .filter(|n| n.counts_dirty)
-            .map(|n| n.id)
-            .collect();
-        for id in counted {
-            self.persist(&mut inner, &id);
-        }
+        self.persist_counts(&mut inner);
         let offline: Vec<NodeId> = inner
             .nodes
             .values()

@@ -1,8 +1,9 @@
 //! What survives a coordinator restart (PROTOCOL.md §7f): a single-use
 //! `--registration-code` stays used, and a price change inside the cooldown
-//! stays refused, when the same `sgl coordinator serve` process is stopped
-//! and started again on the same store. SQLite and a fresh PostgreSQL
-//! database (skipped when unreachable unless SGL_REQUIRE_POSTGRES=1).
+//! stays refused, and the job counts of the last second stay counted, when
+//! the same `sgl coordinator serve` process is stopped and started again on
+//! the same store. SQLite and a fresh PostgreSQL database (skipped when
+//! unreachable unless SGL_REQUIRE_POSTGRES=1).
 #![cfg(all(feature = "coordinator", unix))]
 
 use crate::grid_support;
@@ -11,7 +12,10 @@ use crate::pay_common;
 use std::process::Stdio;
 use std::time::Duration;
 
-use grid_support::{free_port, sigterm, spawn_sgl, wait_until, Proc, MODEL, OPERATOR};
+use grid_support::{
+    free_port, node_init, node_start, sigterm, spawn_sgl, wait_online, wait_until, CoordinatorProc,
+    Proc, MODEL, OPERATOR,
+};
 use serde_json::{json, Value};
 use sgl::proto::identity::NodeIdentity;
 
@@ -138,4 +142,58 @@ async fn restart_on(db: &str) {
     let (status, body) = register(&base, OTHER_CODE).await;
     assert_eq!(status, 403, "{body}");
     stop(coord);
+}
+
+/// A node's job counts are written once a second; a SIGTERM right after
+/// the last job writes them before the process leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_counts_of_the_last_second_survive_a_clean_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    for db in pay_common::stores::cli_databases("restart_counts", dir.path()) {
+        eprintln!("backend: {}", db.backend);
+        counts_on(&db.url, dir.path()).await;
+    }
+}
+
+async fn counts_on(db: &str, dir: &std::path::Path) {
+    let port = free_port();
+    let args = ["--database-url", db, "--no-billing"];
+    let coord = CoordinatorProc::on_port(port, &args);
+    let node_dir = tempfile::tempdir_in(dir).unwrap();
+    let d = node_dir.path().to_str().unwrap();
+    node_init(d, &coord.base, OPERATOR);
+    let mut node = node_start(
+        d,
+        &["--engine", "echo", "--evidence", "none"],
+        Stdio::null(),
+    );
+    wait_online(&coord.base, Duration::from_secs(60)).await;
+    let client = reqwest::Client::new();
+    const JOBS: u64 = 3;
+    for _ in 0..JOBS {
+        let r = client
+            .post(format!("{}/v1/chat/completions", coord.base))
+            .json(&json!({"model": MODEL, "max_tokens": 4,
+                "messages": [{"role": "user", "content": "count me"}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    }
+    // At once: well inside the second before the counts' next write.
+    let _ = node.0.kill();
+    let _ = node.0.wait();
+    stop(coord.proc);
+
+    let coord = CoordinatorProc::on_port(port, &args);
+    let explorer: Value = reqwest::get(format!("{}/grid/explorer.json", coord.base))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let nodes = explorer["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 1, "{explorer}");
+    assert_eq!(nodes[0]["jobs_completed"], JOBS, "{explorer}");
+    stop(coord.proc);
 }
