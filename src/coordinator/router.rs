@@ -183,12 +183,15 @@ pub(crate) fn dispatch(
     let mut inner = grid.lock();
     let pending = job.pending();
     inner.insert_job(job);
-    let push = inner.node(&node_id).and_then(|n| n.push().cloned());
+    let node = inner.node(&node_id);
+    let push = node.and_then(|n| n.push().cloned());
+    let here = node.is_some_and(|n| !n.is_remote());
     drop(inner);
     match (&grid.replica, push) {
         // The node's calls about the job may reach any replica: the job's
-        // replica is recorded before the node can make one.
-        (Some(replica), push) => {
+        // replica is recorded before the node can make one (by the push
+        // itself, for a node another replica holds).
+        (Some(replica), push) if here => {
             let (replica, job_id) = (replica.clone(), job_id.to_string());
             tokio::spawn(async move {
                 replica.record_job(&job_id).await;
@@ -197,10 +200,10 @@ pub(crate) fn dispatch(
                 }
             });
         }
-        (None, Some(push)) => {
+        (_, Some(push)) => {
             let _ = push.send(pending);
         }
-        (None, None) => {}
+        (_, None) => {}
     }
     rx
 }

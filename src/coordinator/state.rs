@@ -1061,6 +1061,11 @@ impl Grid {
 const SOCKET_LOSS_GRACE: Duration = Duration::from_secs(1);
 
 impl Node {
+    /// Whether another replica holds this node (this is its mirror).
+    pub fn is_remote(&self) -> bool {
+        self.remote.is_some()
+    }
+
     /// The WebSocket jobs are pushed to: the newest one open; for a node
     /// another replica holds, the way to that replica.
     pub fn push(&self) -> Option<&mpsc::UnboundedSender<PendingJob>> {

@@ -117,19 +117,6 @@ impl ReplicaDb {
         Ok(())
     }
 
-    /// Record that this replica holds the client stream of `job_id`.
-    pub async fn record_job(&self, job_id: &str) -> Result<()> {
-        sqlx::query(&format!(
-            "INSERT INTO grid_replica_jobs (job_id, replica_id, created_at) \
-             VALUES ($1, $2, {NOW_MS}) ON CONFLICT (job_id) DO NOTHING"
-        ))
-        .bind(job_id)
-        .bind(&self.id)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
     /// The live replica that holds the client stream of `job_id`.
     pub async fn job_owner(&self, job_id: &str) -> Result<Option<String>> {
         self.live_owner("grid_replica_jobs", "job_id", job_id).await
@@ -329,26 +316,47 @@ impl ReplicaDb {
         )
     }
 
-    /// Send `message` to replica `to` (NOTIFY; through the mail table
-    /// when it is too long for a payload, the payload then `#<row id>`).
-    pub async fn notify(&self, to: &str, message: &str) -> Result<()> {
-        let payload = if message.len() <= MAX_PAYLOAD {
-            message.to_string()
-        } else {
-            let (id,): (i64,) = sqlx::query_as(&format!(
-                "INSERT INTO grid_replica_mail (body, created_at) VALUES ($1, {NOW_MS}) RETURNING id"
-            ))
-            .bind(message)
-            .fetch_one(&self.pool)
-            .await?;
-            format!("#{id}")
-        };
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(Self::channel(to))
-            .bind(payload)
-            .execute(&self.pool)
-            .await?;
+    /// Record many jobs and send many messages in one statement, so one
+    /// commit carries them all: `jobs` are held here (their client
+    /// streams); `mail` is (replica, message) pairs, sent in order by
+    /// NOTIFY, through the mail table when a message is too long for a
+    /// payload (the payload then `#<row id>`). The rows are committed when
+    /// the notifications are delivered.
+    pub async fn post(&self, jobs: &[String], mail: &[(String, String)]) -> Result<()> {
+        let mut channels = Vec::with_capacity(mail.len());
+        let mut payloads = Vec::with_capacity(mail.len());
+        for (to, message) in mail {
+            channels.push(Self::channel(to));
+            payloads.push(self.payload(message).await?);
+        }
+        sqlx::query(&format!(
+            "WITH recorded AS (\
+               INSERT INTO grid_replica_jobs (job_id, replica_id, created_at) \
+               SELECT j, $2, {NOW_MS} FROM unnest($1::text[]) AS j \
+               ON CONFLICT (job_id) DO NOTHING) \
+             SELECT pg_notify(c, p) FROM unnest($3::text[], $4::text[]) AS m(c, p)"
+        ))
+        .bind(jobs)
+        .bind(&self.id)
+        .bind(&channels)
+        .bind(&payloads)
+        .execute(&self.pool)
+        .await?;
         Ok(())
+    }
+
+    /// The NOTIFY payload of `message`: itself, or the mail row holding it.
+    async fn payload(&self, message: &str) -> Result<String> {
+        if message.len() <= MAX_PAYLOAD {
+            return Ok(message.to_string());
+        }
+        let (id,): (i64,) = sqlx::query_as(&format!(
+            "INSERT INTO grid_replica_mail (body, created_at) VALUES ($1, {NOW_MS}) RETURNING id"
+        ))
+        .bind(message)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(format!("#{id}"))
     }
 
     /// The message a payload stands for (taking a mail row out).

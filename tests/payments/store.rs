@@ -518,3 +518,50 @@ async fn job_refunds_are_opened_with_the_settlement_and_credited_once() {
     })
     .await;
 }
+
+/// Replica mode's one statement for owner rows and messages: the rows are
+/// there when the messages arrive, the messages arrive in order, and one
+/// too long for a NOTIFY payload comes through the mail table whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_post_commits_its_rows_and_delivers_its_messages_in_order() {
+    let Some(pg) = pay_common::stores::postgres_store("replicapost").await else {
+        return;
+    };
+    let id = format!("post{}", std::process::id());
+    let db = pg
+        .store
+        .replica_db(&id, std::time::Duration::from_secs(3))
+        .unwrap();
+    db.renew().await.unwrap();
+    let mut listener = db.listen().await.unwrap();
+    let long = "x".repeat(20_000);
+    let mail: Vec<(String, String)> = ["first", long.as_str(), "third"]
+        .iter()
+        .map(|m| (id.clone(), m.to_string()))
+        .collect();
+    let jobs = vec!["job-a".to_string(), "job-b".to_string()];
+    db.post(&jobs, &mail).await.unwrap();
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), listener.recv())
+            .await
+            .expect("a message within 10 s")
+            .unwrap();
+        got.push(db.open_payload(n.payload()).await.unwrap().unwrap());
+    }
+    assert_eq!(got, ["first", long.as_str(), "third"]);
+    for job in &jobs {
+        assert_eq!(
+            db.job_owner(job).await.unwrap().as_deref(),
+            Some(id.as_str())
+        );
+    }
+    // A job recorded again keeps its owner; nothing to send is no error.
+    db.post(&jobs[..1], &[]).await.unwrap();
+    assert_eq!(
+        db.job_owner("job-a").await.unwrap().as_deref(),
+        Some(id.as_str())
+    );
+    drop(listener);
+    pay_common::stores::cleanup(pg).await;
+}

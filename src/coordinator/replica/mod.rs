@@ -21,11 +21,13 @@
 //!   A job whose replica is gone is unknown everywhere: the node is told
 //!   what it is told of a client that left.
 //!
-//! Replicas talk by LISTEN/NOTIFY on one channel each ([`Message`]); a
-//! forwarded call is answered once the holder has handled it, so the node
-//! sees the holder's own answer.
+//! Replicas talk by LISTEN/NOTIFY on one channel each ([`Message`]),
+//! written by one batching writer ([`mail`]); a forwarded call is answered
+//! once the holder has handled it, so the node sees the holder's own
+//! answer.
 
 mod forward;
+mod mail;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -40,6 +42,7 @@ use tokio::sync::{mpsc, oneshot};
 use tower::ServiceExt;
 
 pub use forward::{gate, route_node_call};
+use mail::Mailer;
 
 use super::state::{secret_hash, Grid, Reservation};
 use crate::proto::api::PendingJob;
@@ -106,6 +109,8 @@ struct Outgoing {
 /// One replica's side of replica mode.
 pub struct Replica {
     pub db: ReplicaDb,
+    /// Owner rows and messages to the other replicas, batched.
+    mail: Mailer,
     healthy: AtomicBool,
     next_call: AtomicU64,
     calls: Mutex<HashMap<u64, oneshot::Sender<(u16, String)>>>,
@@ -117,11 +122,14 @@ pub struct Replica {
     app: OnceLock<Router>,
 }
 
-/// Recent jobs' owners, oldest forgotten first.
+/// Recent jobs' owners, oldest forgotten first. Each entry has a number,
+/// so that a job forgotten and pushed again is not evicted early by its
+/// first place in the queue.
 #[derive(Default)]
 struct JobOwners {
-    owner: HashMap<String, String>,
-    order: std::collections::VecDeque<String>,
+    owner: HashMap<String, (String, u64)>,
+    order: std::collections::VecDeque<(String, u64)>,
+    next: u64,
 }
 
 /// The jobs whose owner a replica remembers: far more than run at once.
@@ -129,14 +137,28 @@ const REMEMBERED_OWNERS: usize = 8192;
 
 impl JobOwners {
     fn insert(&mut self, job_id: String, owner: String) {
-        if self.owner.insert(job_id.clone(), owner).is_none() {
-            self.order.push_back(job_id);
+        if let Some(known) = self.owner.get_mut(&job_id) {
+            known.0 = owner;
+            return;
         }
+        self.next += 1;
+        self.owner.insert(job_id.clone(), (owner, self.next));
+        self.order.push_back((job_id, self.next));
         while self.order.len() > REMEMBERED_OWNERS {
-            if let Some(old) = self.order.pop_front() {
-                self.owner.remove(&old);
+            if let Some((old, n)) = self.order.pop_front() {
+                if self.owner.get(&old).is_some_and(|(_, m)| *m == n) {
+                    self.owner.remove(&old);
+                }
             }
         }
+    }
+
+    fn get(&self, job_id: &str) -> Option<&String> {
+        self.owner.get(job_id).map(|(owner, _)| owner)
+    }
+
+    fn forget(&mut self, job_id: &str) {
+        self.owner.remove(job_id);
     }
 }
 
@@ -155,6 +177,7 @@ impl Replica {
         db.renew().await?;
         tracing::info!(replica = db.id(), "joined as a coordinator replica");
         Ok(Arc::new(Replica {
+            mail: Mailer::start(db.clone()),
             db,
             healthy: AtomicBool::new(true),
             next_call: AtomicU64::new(1),
@@ -184,18 +207,22 @@ impl Replica {
 
     /// The replica that pushed `job_id` here, if this one remembers it.
     pub(super) fn pusher_of(&self, job_id: &str) -> Option<String> {
-        self.pushed_by().owner.get(job_id).cloned()
+        self.pushed_by().get(job_id).cloned()
     }
 
     /// Forget that `job_id` came from its pusher (it did not answer).
     pub(super) fn forget_pusher(&self, job_id: &str) {
-        self.pushed_by().owner.remove(job_id);
+        self.pushed_by().forget(job_id);
     }
 
-    /// Send `msg` to replica `to`.
-    async fn send(&self, to: &str, msg: &Message) -> Result<(), crate::store::StoreError> {
-        let text = serde_json::to_string(msg).unwrap_or_default();
-        self.db.notify(to, &text).await
+    /// Send `msg` to replica `to`; back once it is committed.
+    async fn send(&self, to: &str, msg: &Message) -> Result<(), String> {
+        self.mail.notify_now(to, encode(msg)).await
+    }
+
+    /// Send `msg` to replica `to` without waiting (a failure is logged).
+    fn post(&self, to: &str, msg: &Message) {
+        self.mail.notify(to, encode(msg));
     }
 
     /// Have replica `to` handle a node call; its status and body. `None`
@@ -234,14 +261,14 @@ impl Replica {
         let to = to.to_string();
         tokio::spawn(async move {
             while let Some(job) = rx.recv().await {
+                let job_id = job.id.clone();
                 let msg = Message::Push {
                     node_id: node_id.to_string(),
                     job,
                     from: Some(me.id().to_string()),
                 };
-                if let Err(e) = me.send(&to, &msg).await {
-                    tracing::warn!(error = %e, %node_id, "could not pass a job to the node's replica");
-                }
+                // The owner row goes with the push (see `record_job`).
+                me.mail.push(&to, encode(&msg), job_id);
             }
         });
         tx
@@ -293,10 +320,7 @@ impl Replica {
                 body,
             } => {
                 let (status, body) = self.handle(method, uri, headers, body).await;
-                let answer = Message::Answer { id, status, body };
-                if let Err(e) = self.send(&from, &answer).await {
-                    tracing::warn!(error = %e, "could not answer a forwarded call");
-                }
+                self.post(&from, &Message::Answer { id, status, body });
             }
         }
     }
@@ -420,10 +444,12 @@ impl Replica {
         }
     }
 
-    /// Record the job before it is pushed, so that the node's calls about
-    /// it find this replica wherever they land.
+    /// Record the job before it is pushed to a node held here, so that
+    /// the node's calls about it find this replica wherever they land. A
+    /// job pushed to another replica's node is recorded by its push, in
+    /// the same commit.
     pub async fn record_job(&self, job_id: &str) {
-        if let Err(e) = self.db.record_job(job_id).await {
+        if let Err(e) = self.mail.record_now(job_id.to_string()).await {
             tracing::error!(error = %e, job_id, "could not record the job's replica");
         }
     }
@@ -452,9 +478,7 @@ impl Replica {
                     node_id: node_id.to_string(),
                     job_ids,
                 };
-                if let Err(e) = me.send(&to, &msg).await {
-                    tracing::warn!(error = %e, "could not pass listed jobs on");
-                }
+                me.post(&to, &msg);
             }
         });
     }
@@ -518,6 +542,11 @@ impl Replica {
     }
 }
 
+/// A message as its payload carries it.
+fn encode(msg: &Message) -> String {
+    serde_json::to_string(msg).unwrap_or_default()
+}
+
 /// What the shared table keeps of a reservation token.
 fn token_hash(token: &str) -> String {
     hex::encode(secret_hash(token))
@@ -540,12 +569,31 @@ mod tests {
         }
         assert_eq!(owners.owner.len(), REMEMBERED_OWNERS);
         assert_eq!(owners.order.len(), REMEMBERED_OWNERS);
-        assert!(!owners.owner.contains_key("job-9"));
-        assert_eq!(owners.owner["job-10"], "replica-1");
+        assert_eq!(owners.get("job-9"), None);
+        assert_eq!(owners.get("job-10").unwrap(), "replica-1");
         // A job pushed again keeps one place.
         owners.insert("job-10".into(), "replica-2".into());
         assert_eq!(owners.order.len(), REMEMBERED_OWNERS);
-        assert_eq!(owners.owner["job-10"], "replica-2");
+        assert_eq!(owners.get("job-10").unwrap(), "replica-2");
+    }
+
+    #[test]
+    fn a_job_forgotten_and_pushed_again_keeps_its_new_place() {
+        let mut owners = JobOwners::default();
+        owners.insert("again".into(), "replica-a".into());
+        owners.forget("again");
+        assert_eq!(owners.get("again"), None);
+        owners.insert("again".into(), "replica-b".into());
+        // Its first place reaches the front: only that stale place goes.
+        for i in 0..REMEMBERED_OWNERS - 1 {
+            owners.insert(format!("job-{i}"), "replica-c".into());
+        }
+        assert_eq!(owners.get("again").unwrap(), "replica-b");
+        assert_eq!(owners.get("job-0").unwrap(), "replica-c");
+        assert_eq!(owners.owner.len(), REMEMBERED_OWNERS);
+        // And its new place goes in its turn.
+        owners.insert("one-more".into(), "replica-c".into());
+        assert_eq!(owners.get("again"), None);
     }
 
     #[test]
